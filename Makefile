@@ -1,0 +1,28 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint bench lock clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@$(PY) -m client.demo
+
+test: setup
+	@bash scripts/test.sh
+
+lint: setup
+	@$(VENV)/bin/ruff check daemon client tests bench
+
+bench: setup
+	$(PY) bench/engine.py
+	$(PY) bench/lora.py
+	$(PY) bench/daemon.py
+
+lock:
+	bash scripts/lock.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,155 @@
+"""Typed errors shared by the daemon and the client (pure Python: the thin client imports it).
+
+Every error has a stable wire `code` (see docs/protocol.md). The daemon turns any EaselError into an
+error response; the client turns an error response back into the same class by its code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class EaselError(Exception):
+    """Base of every error easel reports to a user; `code` is what travels on the wire."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+class InvalidRequest(EaselError):
+    """A request field is missing, of the wrong type or out of range; `field` names it."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, field: str | None = None, **details: Any) -> None:
+        super().__init__(message, field=field, **details)
+        self.field = field
+
+
+class WeightsNotFound(EaselError):
+    """A real preset's weights are not on this machine (easel never downloads at run time)."""
+
+    code = "weights_not_found"
+
+
+class ModelCacheCorrupt(EaselError):
+    """The on-disk tiny-model cache could not be read; the engine rebuilds it."""
+
+    code = "model_cache_corrupt"
+
+
+class LoraError(EaselError):
+    """A LoRA file could not be used (unreadable, wrong format, unsupported, matched nothing)."""
+
+    code = "lora_error"
+
+
+class LoraNotFound(LoraError):
+    code = "lora_not_found"
+
+
+class LoraFormatError(LoraError):
+    """Not a safetensors file, corrupt, or a format easel does not read (pickle, s4nnc...)."""
+
+    code = "lora_format"
+
+
+class LoraUnsupported(LoraError):
+    """A recognised but unsupported LoRA variant (for example DoRA)."""
+
+    code = "lora_unsupported"
+
+
+class LoraZeroMatch(LoraError):
+    """A LoRA matched zero keys of the loaded model: never a silent no-op."""
+
+    code = "lora_zero_match"
+
+
+class PathNotAllowed(EaselError):
+    """A path resolves outside the configured LoRA or output roots."""
+
+    code = "path_not_allowed"
+
+
+class Busy(EaselError):
+    """The daemon's queue is full; retry later (backpressure)."""
+
+    code = "busy"
+
+
+class Cancelled(EaselError):
+    """The job was cancelled by its client (or its client went away)."""
+
+    code = "cancelled"
+
+
+class DeadlineExceeded(EaselError):
+    code = "deadline_exceeded"
+
+
+class ProtocolError(EaselError):
+    """A frame or message that does not follow docs/protocol.md."""
+
+    code = "protocol_error"
+
+
+class FrameTooLarge(ProtocolError):
+    code = "frame_too_large"
+
+
+class UnknownOperation(ProtocolError):
+    code = "unknown_op"
+
+
+class ShuttingDown(EaselError):
+    code = "shutting_down"
+
+
+class DaemonUnavailable(EaselError):
+    """Client side: no daemon answers on the socket (not running, wrong path, refused)."""
+
+    code = "daemon_unavailable"
+
+
+class Timeout(EaselError):
+    """Client side: the daemon did not answer in time."""
+
+    code = "timeout"
+
+
+class RenderFailed(EaselError):
+    code = "render_failed"
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+ERROR_CLASSES: dict[str, type[EaselError]] = {c.code: c for c in [EaselError, *_all_subclasses(EaselError)]}
+
+
+def error_from_wire(payload: dict[str, Any]) -> EaselError:
+    """Rebuild the typed exception an error response describes (unknown codes become EaselError)."""
+    code = str(payload.get("code", "internal"))
+    message = str(payload.get("message", "unknown error"))
+    details = payload.get("details") or {}
+    cls = ERROR_CLASSES.get(code, EaselError)
+    err = cls.__new__(cls)
+    EaselError.__init__(err, message, **(details if isinstance(details, dict) else {}))
+    if isinstance(err, InvalidRequest):
+        err.field = err.details.get("field")
+    if cls is EaselError and code != EaselError.code:
+        err.details["code"] = code
+    return err
