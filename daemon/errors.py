@@ -129,6 +129,18 @@ class RenderFailed(EaselError):
     code = "render_failed"
 
 
+class PackError(EaselError):
+    """A genre pack (visual_style.yaml or its content files) is malformed; `file` and `entry` name where."""
+
+    code = "pack_error"
+
+
+class VisualStyleError(PackError):
+    """A visual_style.yaml breaks a stack composition rule (SPEC.md "visual_style.yaml and stack composition")."""
+
+    code = "visual_style"
+
+
 def _all_subclasses(cls: type) -> list[type]:
     out = []
     for sub in cls.__subclasses__():
