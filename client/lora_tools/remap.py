@@ -1,0 +1,168 @@
+"""`easel lora remap`: translate a LoRA's keys and tensor layout with a keymap (mlx-examples -> kohya).
+
+The maths it must preserve: mlx-examples computes delta_W = scale * B^T @ A^T with A (in, r), B (r, out).
+kohya loaders compute delta_W = (alpha / rank) * up @ down. So down = A^T, up = B^T, alpha = scale * rank.
+For a fused layer whose parts share one down matrix (`replicate: N`), down is tiled N times along the rank
+axis and up is made block-diagonal (part i's rows only in rank slice i), rank N*r and alpha = scale * N*r:
+up @ down is the original delta, and a loader that splits the fused layer per part (keeping the whole
+down matrix, or slicing the rank axis) gets exactly that part's rows of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from client.lora_tools.keymap import RemapKeymap, RemapRule, load_keymap
+from client.lora_tools.st_io import StTensor, read_safetensors, scalar, serialize_safetensors
+from daemon.errors import LoraFormatError
+from daemon.fs import atomic_write_bytes
+
+
+@dataclass(frozen=True)
+class RemapResult:
+    """The translated tensors plus what the summary line and the metadata need."""
+
+    tensors: dict[str, StTensor]
+    source_keys: int
+    ranks: tuple[int, ...]  # distinct source ranks, sorted
+    modules: int
+    fused_modules: int
+
+
+@dataclass(frozen=True)
+class RemapSummary:
+    source: Path
+    output: Path
+    keys_translated: int
+    rank: int
+    bytes_written: int
+    keymap_name: str
+    keymap_version: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """The one-line summary the command prints."""
+        return f"{self.keys_translated} keys translated, rank {self.rank}, {self.bytes_written / 1e6:.2f} MB"
+
+
+def _down(a: StTensor, rule: RemapRule) -> StTensor:
+    m = a.array.T if rule.transpose else a.array  # (rank, in)
+    if rule.replicate > 1:
+        m = np.tile(m, (rule.replicate, 1))  # every rank slice is the original down matrix
+    return StTensor(a.dtype, np.ascontiguousarray(m))
+
+
+def _up(b: StTensor, rule: RemapRule, module: str) -> StTensor:
+    m = b.array.T if rule.transpose else b.array  # (out, rank)
+    if rule.replicate == 1:
+        return StTensor(b.dtype, np.ascontiguousarray(m))
+    out_dim, rank = m.shape
+    unit, rest = divmod(out_dim, sum(rule.parts))
+    if rest:
+        raise LoraFormatError(
+            f"{module}: output size {out_dim} does not split into parts {list(rule.parts)}", module=module
+        )
+    block = np.zeros((out_dim, rank * rule.replicate), dtype=m.dtype)
+    row = 0
+    for i, part in enumerate(rule.parts):
+        rows = part * unit
+        block[row : row + rows, i * rank : (i + 1) * rank] = m[row : row + rows]
+        row += rows
+    return StTensor(b.dtype, block)
+
+
+def remap_tensors(tensors: dict[str, StTensor], keymap: RemapKeymap) -> RemapResult:
+    """Translate every tensor; any key no rule owns is an error naming all of them (nothing is dropped)."""
+    if not tensors:
+        raise LoraFormatError("the file holds no tensors")
+    matched: dict[str, dict[str, tuple[RemapRule, str, StTensor]]] = {}
+    unknown: list[str] = []
+    for key in sorted(tensors):
+        found = keymap.find(key)
+        if found is None:
+            unknown.append(key)
+            continue
+        rule, fields = found
+        target = rule.target_name(fields)
+        matched.setdefault(keymap.module_of(target, rule.role), {})[rule.role] = (rule, target, tensors[key])
+    if unknown:
+        raise LoraFormatError(
+            f"{len(unknown)} source key(s) not covered by keymap {keymap.name} v{keymap.version}: "
+            + ", ".join(unknown),
+            unknown_keys=unknown,
+            keymap=str(keymap.path),
+        )
+    out: dict[str, StTensor] = {}
+    ranks: set[int] = set()
+    fused = 0
+    for module, roles in sorted(matched.items()):
+        missing = {"down", "up"} - set(roles)
+        if missing:
+            raise LoraFormatError(f"{module}: the file has no {' / '.join(sorted(missing))} matrix for it")
+        (down_rule, down_name, a), (up_rule, up_name, b) = roles["down"], roles["up"]
+        if a.array.ndim != 2 or b.array.ndim != 2:
+            raise LoraFormatError(f"{module}: LoRA matrices must be 2-D, got {a.array.shape} and {b.array.shape}")
+        down = _down(a, down_rule)
+        up = _up(b, up_rule, module)
+        rank_out = down.array.shape[0]
+        if up.array.shape[1] != rank_out:
+            raise LoraFormatError(
+                f"{module}: down and up ranks disagree ({a.array.shape} vs {b.array.shape})", module=module
+            )
+        ranks.add(rank_out // down_rule.replicate)
+        fused += down_rule.replicate > 1
+        out[down_name] = down
+        out[up_name] = up
+        out[module + keymap.suffixes["alpha"]] = scalar(keymap.source_scale * rank_out, a.dtype)
+    return RemapResult(out, len(tensors), tuple(sorted(ranks)), len(matched), fused)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remap_file(source: str | Path, output: str | Path, keymap: RemapKeymap | str | Path) -> RemapSummary:
+    """Read, translate, and write atomically: on any error no output file (not even a partial one) exists."""
+    source, output = Path(source), Path(output)
+    if not isinstance(keymap, RemapKeymap):
+        keymap = load_keymap(keymap)
+    if output.resolve() == source.resolve():
+        raise LoraFormatError(f"output {output} would overwrite the source file", path=str(output))
+    tensors, source_meta = read_safetensors(source)
+    result = remap_tensors(tensors, keymap)
+    rank = result.ranks[0] if len(result.ranks) == 1 else max(result.ranks)
+    metadata = {
+        "easel.remap.source": source.name,
+        "easel.remap.source_sha256": _sha256(source),
+        "easel.remap.keymap": keymap.name,
+        "easel.remap.keymap_version": str(keymap.version),
+        "easel.remap.rank": str(rank),
+        "easel.remap.ranks": ",".join(map(str, result.ranks)),
+        "easel.remap.source_scale": repr(keymap.source_scale),
+        "easel.remap.source_metadata": json.dumps(source_meta, sort_keys=True),
+        # kohya's own metadata names: the network it comes from and its nominal rank / alpha
+        "ss_network_module": "networks.lora_flux",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": repr(keymap.source_scale * rank),
+    }
+    data = serialize_safetensors(result.tensors, metadata)
+    atomic_write_bytes(output, data)
+    return RemapSummary(
+        source=source,
+        output=output,
+        keys_translated=result.source_keys,
+        rank=rank,
+        bytes_written=len(data),
+        keymap_name=keymap.name,
+        keymap_version=keymap.version,
+        metadata=metadata,
+    )
