@@ -113,6 +113,12 @@ class ShuttingDown(EaselError):
     code = "shutting_down"
 
 
+class PeerNotAllowed(EaselError):
+    """The connecting process runs as another user than the daemon (SO_PEERCRED check)."""
+
+    code = "peer_not_allowed"
+
+
 class DaemonUnavailable(EaselError):
     """Client side: no daemon answers on the socket (not running, wrong path, refused)."""
 

@@ -1,1 +1,63 @@
-"""daemon/protocol."""
+"""Wire protocol (pure Python, no MLX): length-prefixed msgpack frames and typed message schemas.
+
+See docs/protocol.md for the contract a client in any language follows.
+"""
+
+from daemon.protocol.framing import DEFAULT_MAX_FRAME, HEADER_SIZE, PeerClosed, encode_frame, read_frame, recv_frame
+from daemon.protocol.messages import (
+    OPS,
+    PROTOCOL_VERSION,
+    Cancel,
+    Error,
+    Event,
+    FileReport,
+    Inspect,
+    JobInfo,
+    Ping,
+    Render,
+    RenderResult,
+    Reply,
+    Request,
+    Result,
+    Shutdown,
+    Status,
+    StatusResult,
+    check_render,
+    check_request,
+    decode_reply,
+    decode_request,
+    encode,
+    error_reply,
+)
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "HEADER_SIZE",
+    "OPS",
+    "PROTOCOL_VERSION",
+    "Cancel",
+    "Error",
+    "Event",
+    "FileReport",
+    "Inspect",
+    "JobInfo",
+    "PeerClosed",
+    "Ping",
+    "Render",
+    "RenderResult",
+    "Reply",
+    "Request",
+    "Result",
+    "Shutdown",
+    "Status",
+    "StatusResult",
+    "check_render",
+    "check_request",
+    "decode_reply",
+    "decode_request",
+    "encode",
+    "encode_frame",
+    "error_reply",
+    "read_frame",
+    "recv_frame",
+]

@@ -1,0 +1,81 @@
+"""Frames on the socket: a 4-byte big-endian unsigned length, then that many bytes of msgpack.
+
+Pure Python. The async readers serve the daemon and AsyncRenderClient; the blocking ones serve RenderClient.
+A frame longer than the receiver's cap is refused before its body is read (the cap bounds memory per peer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+from daemon.errors import FrameTooLarge, ProtocolError
+
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024  # a 1024x1024 PNG returned as bytes fits with room to spare
+ABSOLUTE_MAX_FRAME = 2**32 - 1
+
+
+def encode_frame(payload: bytes, max_frame: int = ABSOLUTE_MAX_FRAME) -> bytes:
+    """Prefix `payload` with its length; refuse payloads the peer would refuse anyway."""
+    if len(payload) > max_frame:
+        raise FrameTooLarge(f"frame of {len(payload)} bytes exceeds the cap of {max_frame}", size=len(payload))
+    return HEADER.pack(len(payload)) + payload
+
+
+def _check_length(length: int, max_frame: int) -> None:
+    if length > max_frame:
+        raise FrameTooLarge(f"frame announces {length} bytes; the cap is {max_frame}", size=length, max_frame=max_frame)
+
+
+class PeerClosed(Exception):
+    """The peer closed the connection cleanly between frames (not an error)."""
+
+
+async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """Read one frame body. PeerClosed at a clean EOF; ProtocolError for a truncated frame."""
+    try:
+        header = await reader.readexactly(HEADER_SIZE)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            raise PeerClosed() from None
+        raise ProtocolError(
+            f"truncated frame header: got {len(exc.partial)} of {HEADER_SIZE} bytes before end of stream"
+        ) from None
+    (length,) = HEADER.unpack(header)
+    _check_length(length, max_frame)
+    try:
+        return await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        raise ProtocolError(
+            f"truncated frame: header announced {length} bytes, stream ended after {len(exc.partial)}",
+            expected=length,
+            received=len(exc.partial),
+        ) from None
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            if not buf:
+                raise PeerClosed()
+            raise ProtocolError(f"truncated frame: expected {n} bytes, stream ended after {len(buf)}")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """Blocking twin of read_frame (the socket's own timeout applies to each recv)."""
+    header = _recv_exactly(sock, HEADER_SIZE)
+    (length,) = HEADER.unpack(header)
+    _check_length(length, max_frame)
+    if length == 0:
+        return b""
+    try:
+        return _recv_exactly(sock, length)
+    except PeerClosed:
+        raise ProtocolError(f"truncated frame: header announced {length} bytes, stream ended") from None
