@@ -1,1 +1,53 @@
-"""daemon/telemetry."""
+"""OpenTelemetry for easel: set-up from OTEL_* variables, the daemon's spans and metrics, the span file.
+
+    tel = setup_telemetry("easel-daemon")      # reads OTEL_* / EASEL_TRACES_FILE
+    with server_span(tel, "render", trace_context=msg.get("trace_context")) as call: ...
+    with render_span(tel, spec, tier=tier, parent=call.context) as r: r.set_stack(report); ...
+    tel.shutdown()                             # flushes
+
+See daemon/telemetry/spans.py for the integration recipe and docs/operations.md for the variables.
+"""
+
+from daemon.telemetry.config import TelemetryConfig, TelemetryConfigError, config_from_env, default_traces_file
+from daemon.telemetry.jsonl import JsonlSpanExporter, span_to_record
+from daemon.telemetry.metrics import RENDER_DURATION_BUCKETS_S, Metrics
+from daemon.telemetry.setup import Telemetry, setup_telemetry
+from daemon.telemetry.spans import (
+    PHASES,
+    RENDER_SPAN,
+    LoraApplied,
+    RenderSpan,
+    ServerCall,
+    error_type,
+    extract_context,
+    inject_context,
+    render_span,
+    server_span,
+    stack_entries,
+    zero_match_message,
+)
+
+__all__ = [
+    "PHASES",
+    "RENDER_DURATION_BUCKETS_S",
+    "RENDER_SPAN",
+    "JsonlSpanExporter",
+    "LoraApplied",
+    "Metrics",
+    "RenderSpan",
+    "ServerCall",
+    "Telemetry",
+    "TelemetryConfig",
+    "TelemetryConfigError",
+    "config_from_env",
+    "default_traces_file",
+    "error_type",
+    "extract_context",
+    "inject_context",
+    "render_span",
+    "server_span",
+    "setup_telemetry",
+    "span_to_record",
+    "stack_entries",
+    "zero_match_message",
+]

@@ -1,0 +1,369 @@
+"""The spans the daemon emits: one server span per request, one `flux_mlx.render` span per render.
+
+Integration is a few lines in the server and the render worker:
+
+    with server_span(tel, "render", trace_context=msg.get("trace_context"), request_id=rid) as call:
+        job.parent = call.context                       # carried to the worker with the job
+        ...                                             # on an error response: call.set_error(err)
+
+    with render_span(tel, spec, tier=tier, parent=job.parent, enqueued_ns=job.enqueued_ns) as r:
+        with r.phase("stack_switch"):
+            report = patcher.apply(stack)
+        r.set_stack(report, switched=True)              # sets ERROR if any LoRA matched 0 keys
+        out = model.render(spec)
+        r.record_phases(out.timings)                    # text_encode, denoise, decode (seconds)
+        with r.phase("write"):
+            write_png(...)
+
+Span attributes follow SPEC.md ("Telemetry") and the OpenTelemetry RPC conventions; docs/operations.md
+lists them all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+from opentelemetry import context as context_api
+from opentelemetry import trace as trace_api
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from daemon.errors import EaselError
+from daemon.telemetry.setup import Telemetry
+
+RENDER_SPAN = "flux_mlx.render"
+RPC_SYSTEM = "easel"
+RPC_SERVICE = "easel.Daemon"
+PHASES = ("queue_wait", "stack_switch", "text_encode", "denoise", "decode", "write")
+
+_W3C = TraceContextTextMapPropagator()
+_MAX_TRACEPARENT = 55  # version-traceid-spanid-flags, W3C Trace Context level 1
+_MAX_TRACESTATE = 512
+
+
+def error_type(exc: BaseException | str) -> str:
+    """`error.type`: easel's stable wire code for its own errors, else the exception's qualified class name."""
+    if isinstance(exc, str):
+        return exc
+    if isinstance(exc, EaselError):
+        return exc.code
+    cls = type(exc)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def extract_context(trace_context: object) -> Context:
+    """The W3C context a request carried in its `trace_context` field; malformed or absent gives a root context.
+
+    Per W3C Trace Context, an invalid traceparent is ignored, never an error: tracing must not fail a request.
+    """
+    if not isinstance(trace_context, Mapping):
+        return Context()
+    carrier: dict[str, str] = {}
+    tp = trace_context.get("traceparent")
+    if isinstance(tp, str) and len(tp) <= _MAX_TRACEPARENT:
+        carrier["traceparent"] = tp
+        ts = trace_context.get("tracestate")
+        if isinstance(ts, str) and len(ts) <= _MAX_TRACESTATE:
+            carrier["tracestate"] = ts
+    return _W3C.extract(carrier) if carrier else Context()
+
+
+def inject_context(message: dict[str, Any], ctx: Context | None = None) -> dict[str, Any]:
+    """Put the current (or given) span's W3C context into `message["trace_context"]`; returns the message."""
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier, context=ctx)
+    if carrier:
+        message["trace_context"] = carrier
+    return message
+
+
+# --------------------------------------------------------------------------------------------------- server
+
+
+class ServerCall:
+    """Handle of one request's server span. `context` is what to carry to work done for it elsewhere."""
+
+    def __init__(self, span: Span, method: str) -> None:
+        self.span = span
+        self.method = method
+        self.context: Context = trace_api.set_span_in_context(span)
+        self.error_type: str | None = None
+
+    def set_error(self, error: BaseException | str, message: str | None = None) -> None:
+        """Mark the call failed (an error response was sent): `error.type`, response code, status ERROR."""
+        etype = error_type(error)
+        self.error_type = etype
+        self.span.set_attribute("error.type", etype)
+        self.span.set_attribute("rpc.response.status_code", etype)
+        if isinstance(error, BaseException):
+            self.span.record_exception(error)
+            message = message or str(error)
+        self.span.set_status(Status(StatusCode.ERROR, message or etype))
+
+
+@contextmanager
+def server_span(
+    tel: Telemetry,
+    method: str,
+    *,
+    trace_context: object = None,
+    request_id: object = None,
+    socket_path: str | None = None,
+) -> Iterator[ServerCall]:
+    """A SERVER span for one request, child of the caller's span when the request carried `trace_context`."""
+    full = f"{RPC_SERVICE}/{method}"
+    attrs: dict[str, Any] = {"rpc.system.name": RPC_SYSTEM, "rpc.method": full, "network.transport": "unix"}
+    if socket_path:
+        attrs["server.address"] = str(socket_path)
+    if isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
+        attrs["easel.request.id"] = str(request_id)
+    start = time.perf_counter()
+    span = tel.tracer.start_span(full, context=extract_context(trace_context), kind=SpanKind.SERVER, attributes=attrs)
+    call = ServerCall(span, method)
+    token = context_api.attach(call.context)
+    try:
+        yield call
+    except BaseException as exc:
+        call.set_error(exc)
+        raise
+    finally:
+        context_api.detach(token)
+        span.end()
+        metric_attrs = {"rpc.system.name": RPC_SYSTEM, "rpc.method": full}
+        if call.error_type:
+            metric_attrs["error.type"] = call.error_type
+            tel.metrics.error(call.error_type, full)
+        tel.metrics.rpc_duration.record(time.perf_counter() - start, metric_attrs)
+
+
+# --------------------------------------------------------------------------------------------------- render
+
+
+@dataclass(frozen=True)
+class LoraApplied:
+    """One file of an applied stack, as telemetry reports it (one entry per file, stack order)."""
+
+    name: str
+    file: str
+    scale: float
+    matched_keys: int
+    total_keys: int | None = None
+
+
+_FILE_FIELDS = ("path", "file", "lora_path")
+_MATCHED_FIELDS = ("keys_applied", "matched_keys", "applied_keys", "applied")
+_TOTAL_FIELDS = ("keys_total", "total_keys", "total")
+_LIST_FIELDS = ("files", "entries", "loras", "items")
+
+
+def _get(obj: object, names: Sequence[str]) -> Any:
+    for n in names:
+        value = obj.get(n) if isinstance(obj, Mapping) else getattr(obj, n, None)
+        if value is not None:
+            return value
+    return None
+
+
+def stack_entries(report: object) -> list[LoraApplied]:
+    """Normalise a patcher's stack report to LoraApplied entries.
+
+    Accepts LoraApplied entries, or per-file records (objects or mappings) naming the file `path`/`file`,
+    the `scale`, the applied count `keys_applied`/`matched_keys`, optionally `keys_total` and `name`
+    (default: the file's stem) — or a report object holding such records in `files`/`entries`/`loras`.
+    """
+    if report is None:
+        return []
+    if not isinstance(report, (Sequence, Mapping)) or isinstance(report, (str, bytes)):
+        inner = _get(report, _LIST_FIELDS)
+        if inner is None:
+            raise TypeError(f"cannot read a LoRA stack report from {type(report).__name__}")
+        report = inner
+    elif isinstance(report, Mapping):
+        inner = _get(report, _LIST_FIELDS)
+        if inner is None:
+            raise TypeError("a stack report mapping needs a files/entries/loras list")
+        report = inner
+    out: list[LoraApplied] = []
+    for item in report:  # type: ignore[union-attr]
+        if isinstance(item, LoraApplied):
+            out.append(item)
+            continue
+        file = _get(item, _FILE_FIELDS)
+        matched = _get(item, _MATCHED_FIELDS)
+        if file is None or matched is None:
+            raise TypeError(f"stack report entry {item!r} has no file path or applied-key count")
+        name = _get(item, ("name",)) or PurePath(str(file)).stem
+        total = _get(item, _TOTAL_FIELDS)
+        scale = _get(item, ("scale",))
+        out.append(
+            LoraApplied(
+                name=str(name),
+                file=str(file),
+                scale=float(scale if scale is not None else 1.0),
+                matched_keys=int(matched),
+                total_keys=int(total) if total is not None else None,
+            )
+        )
+    return out
+
+
+def zero_match_message(entries: Sequence[LoraApplied]) -> str | None:
+    """The ERROR message when any LoRA matched zero keys (names them all), else None."""
+    zeros = [e for e in entries if e.matched_keys == 0]
+    if not zeros:
+        return None
+    named = ", ".join(f"{e.name!r} ({e.file})" for e in zeros)
+    return f"LoRA {named} matched 0 keys" if len(zeros) == 1 else f"LoRAs {named} matched 0 keys"
+
+
+def _spec_value(spec: object, *names: str) -> Any:
+    return _get(spec, names)
+
+
+class RenderSpan:
+    """Handle of one render's span: set the applied stack, time phases."""
+
+    def __init__(self, tel: Telemetry, span: Span, start_ns: int) -> None:
+        self.tel = tel
+        self.span = span
+        self.start_ns = start_ns
+        self.context: Context = trace_api.set_span_in_context(span)
+        self.phases: dict[str, float] = {}
+        self.stack: list[LoraApplied] = []
+        self.failed = False
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.span.set_attribute(key, value)
+
+    def set_stack(self, report: object, *, switched: bool | None = None) -> list[LoraApplied]:
+        """Record the stack the patcher really applied; any zero in matched_keys sets status ERROR."""
+        entries = stack_entries(report)
+        self.stack = entries
+        s = self.span
+        s.set_attribute("render.lora.stack_size", len(entries))
+        s.set_attribute("render.lora.names", [e.name for e in entries])
+        s.set_attribute("render.lora.files", [e.file for e in entries])
+        s.set_attribute("render.lora.scales", [float(e.scale) for e in entries])
+        s.set_attribute("render.lora.matched_keys", [int(e.matched_keys) for e in entries])
+        if all(e.total_keys is not None for e in entries):
+            s.set_attribute("render.lora.total_keys", [int(e.total_keys or 0) for e in entries])
+        if switched is not None:
+            s.set_attribute("render.lora.stack_switched", switched)
+            if switched:
+                self.tel.metrics.stack_switched()
+        message = zero_match_message(entries)
+        if message:
+            for e in entries:
+                if e.matched_keys == 0:
+                    s.add_event("lora.zero_match", {"lora.name": e.name, "lora.file": e.file})
+            s.set_attribute("error.type", "lora_zero_match")
+            self._fail(message)
+        return entries
+
+    def _fail(self, message: str) -> None:
+        if not self.failed:  # the first cause is the one the status names
+            self.failed = True
+            self.span.set_status(Status(StatusCode.ERROR, message))
+
+    def record_phase(self, name: str, seconds: float, *, end_ns: int | None = None) -> None:
+        """A phase that already happened: a child span `flux_mlx.<name>` ending at `end_ns` (default now)."""
+        seconds = max(0.0, float(seconds))
+        end = end_ns if end_ns is not None else time.time_ns()
+        start = end - int(seconds * 1e9)
+        child = self.tel.tracer.start_span(
+            f"flux_mlx.{name}", context=self.context, start_time=start, attributes={"render.phase": name}
+        )
+        child.end(end_time=end)
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
+        self.span.set_attribute(f"render.phase.{name}.duration", self.phases[name])
+
+    def record_phases(self, timings: Mapping[str, float], *, end_ns: int | None = None) -> None:
+        """Phases that ran back to back, in `timings`' order, the last ending at `end_ns` (default now)."""
+        end = end_ns if end_ns is not None else time.time_ns()
+        items = [(k, max(0.0, float(v))) for k, v in timings.items()]
+        for name, seconds in reversed(items):
+            self.record_phase(name, seconds, end_ns=end)
+            end -= int(seconds * 1e9)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase as it runs (the phase is recorded even when it raises)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record_phase(name, time.perf_counter() - t0)
+
+
+@contextmanager
+def render_span(
+    tel: Telemetry,
+    spec: object,
+    *,
+    tier: str | None = None,
+    stack: object = None,
+    parent: Context | None = None,
+    enqueued_ns: int | None = None,
+    request_id: object = None,
+) -> Iterator[RenderSpan]:
+    """The `flux_mlx.render` span for one render.
+
+    `spec` is a RenderSpec (or any object/mapping with seed, preset or model, width, height, steps).
+    `parent` is the ServerCall.context the job carried (default: the current context). `enqueued_ns`
+    (time.time_ns() when the job was queued) starts the span there and records the `queue_wait` phase.
+    `stack` may be given now or later with `set_stack`. Exceptions are recorded, set status ERROR and
+    `error.type`, and propagate.
+    """
+    now = time.time_ns()
+    start = enqueued_ns if enqueued_ns is not None and enqueued_ns <= now else now
+    attrs: dict[str, Any] = {}
+    for key, names in (
+        ("render.seed", ("seed",)),
+        ("render.model", ("model", "preset")),
+        ("render.width", ("width",)),
+        ("render.height", ("height",)),
+        ("render.steps", ("steps",)),
+        ("render.guidance", ("guidance",)),
+    ):
+        value = _spec_value(spec, *names)
+        if value is not None:
+            attrs[key] = value
+    tier = tier if tier is not None else _spec_value(spec, "tier")
+    if tier is not None:
+        attrs["render.tier"] = str(tier)
+    if isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
+        attrs["easel.request.id"] = str(request_id)
+    span = tel.tracer.start_span(RENDER_SPAN, context=parent, start_time=start, attributes=attrs)
+    handle = RenderSpan(tel, span, start)
+    if enqueued_ns is not None:
+        handle.record_phase("queue_wait", (now - start) / 1e9, end_ns=now)
+    if stack is not None:
+        handle.set_stack(stack)
+    token = context_api.attach(handle.context)
+    error: str | None = None
+    try:
+        yield handle
+    except BaseException as exc:
+        error = error_type(exc)
+        span.record_exception(exc)
+        span.set_attribute("error.type", error)
+        handle._fail(str(exc) or error)
+        tel.metrics.error(error, RENDER_SPAN)
+        raise
+    finally:
+        context_api.detach(token)
+        end = time.time_ns()
+        span.end(end_time=end)
+        metric_attrs: dict[str, Any] = {k: attrs[k] for k in ("render.model", "render.tier") if k in attrs}
+        if handle.failed and not error:
+            error = "lora_zero_match"  # rendered under a warn policy: still an error to count
+            tel.metrics.error(error, RENDER_SPAN)
+        if error:
+            metric_attrs["error.type"] = error
+        tel.metrics.record_render((end - start) / 1e9, metric_attrs)
