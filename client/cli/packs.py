@@ -1,0 +1,69 @@
+"""`easel packs ...`: genre pack tools (list what a pack resolves to, generate the example LoRA files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+DEFAULT_PACKS = Path("genre_packs")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(packs)
+
+
+@click.group()
+def packs() -> None:
+    """Genre packs: example LoRA files and stack resolution."""
+
+
+@packs.command("make-loras")
+@click.option(
+    "--packs",
+    "packs_root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_PACKS,
+    show_default=True,
+    help="Directory holding the genre packs.",
+)
+@click.option(
+    "--root",
+    "lora_root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="LoRA root the packs' relative file: paths resolve against [default: $EASEL_LORA_ROOT or --packs].",
+)
+@click.option("--force", is_flag=True, help="Rewrite files even when they are already up to date.")
+def make_loras(packs_root: Path, lora_root: Path | None, force: bool) -> None:
+    """Generate the small tiny-preset LoRA files every example pack names (kohya naming, never committed)."""
+    from client.packs import make_pack_loras
+
+    made = make_pack_loras(packs_root, lora_root, force=force)
+    for g in made:
+        state = "wrote" if g.created else "up to date"
+        click.echo(f"{state:>10}  {g.path}  ({len(g.modules)} modules)")
+    click.echo(f"{sum(g.created for g in made)} written, {sum(not g.created for g in made)} already up to date")
+
+
+@packs.command("show")
+@click.option(
+    "--packs", "packs_root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_PACKS, show_default=True
+)
+@click.option("--genre", required=True)
+@click.option("--world", default=None)
+@click.option("--tier", default=None, help="Render tier to filter the stack for (default: show every entry).")
+@click.option("--root", "lora_root", type=click.Path(file_okay=False, path_type=Path), default=None)
+def show(packs_root: Path, genre: str, world: str | None, tier: str | None, lora_root: Path | None) -> None:
+    """Print the composed LoRA stack (and triggers) of a genre/world for a tier."""
+    from client.visual_style import load_visual_style
+
+    style = load_visual_style(packs_root / genre, world, tier=tier, lora_root=lora_root, check_files=False)
+    entries = style.stack.active
+    click.echo(f"{genre}/{world or '-'} tier={tier or 'any'}: {len(entries)} LoRA(s)")
+    for e in entries:
+        exists = "" if Path(e.path).is_file() else "  [missing: run `easel packs make-loras`]"
+        click.echo(f"  {e.name}  scale={e.scale}  tiers={','.join(e.applies_to or ['*'])}  {e.path}{exists}")
+    if tier is not None:
+        click.echo(f"  triggers: {', '.join(style.stack.triggers) or '-'}")
+        click.echo(f"  suffix:   {style.style_suffix() or '-'}")
