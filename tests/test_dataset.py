@@ -1,0 +1,161 @@
+"""`easel dataset check` / `easel dataset jsonl`: one test per problem class, on real image files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from client.cli import main as easel
+from client.dataset import check_dataset, render_report, write_jsonl
+
+
+def make_image(path: Path, seed: int, size: tuple[int, int] = (64, 48)) -> None:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def make_set(root: Path, n: int, caption: str = "sks style", size: tuple[int, int] = (64, 48)) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        make_image(root / f"img_{i:03d}.png", seed=i, size=size)
+        (root / f"img_{i:03d}.txt").write_text(caption + "\n")
+    return root
+
+
+def test_clean_set_passes(tmp_path: Path) -> None:
+    report = check_dataset(make_set(tmp_path / "d", 5), min_images=5, min_side=32)
+    assert report.ok and report.problems == []
+    assert report.resolutions == {"64x48": 5}
+    assert "OK" in render_report(report)
+
+
+def test_missing_caption_is_blocking(tmp_path: Path) -> None:
+    d = make_set(tmp_path / "d", 3)
+    (d / "img_001.txt").unlink()
+    report = check_dataset(d, min_images=1, min_side=1)
+    assert not report.ok
+    (problem,) = [p for p in report.problems if p.kind == "missing_caption"]
+    assert problem.paths == ("img_001.png",)
+
+
+def test_caption_without_image_is_blocking(tmp_path: Path) -> None:
+    d = make_set(tmp_path / "d", 2)
+    (d / "ghost.txt").write_text("sks style")
+    report = check_dataset(d, min_images=1, min_side=1)
+    assert not report.ok
+    assert [p.paths for p in report.problems if p.kind == "orphan_caption"] == [("ghost.txt",)]
+
+
+def test_minimum_count_default_150_and_configurable(tmp_path: Path) -> None:
+    d = make_set(tmp_path / "d", 4)
+    report = check_dataset(d, min_side=1)
+    assert report.min_images == 150 and "too_few_images" in report.kinds() and not report.ok
+    assert "4 usable" in render_report(report)
+    assert check_dataset(d, min_images=4, min_side=1).ok
+    assert not check_dataset(d, min_images=5, min_side=1).ok
+
+
+def test_corrupt_and_truncated_images_are_blocking(tmp_path: Path) -> None:
+    d = make_set(tmp_path / "d", 3)
+    (d / "img_000.png").write_bytes(b"not an image at all")
+    data = (d / "img_001.png").read_bytes()
+    (d / "img_001.png").write_bytes(data[: len(data) // 2])  # truncated PNG
+    report = check_dataset(d, min_images=1, min_side=1)
+    (problem,) = [p for p in report.problems if p.kind == "corrupt_image"]
+    assert set(problem.paths) == {"img_000.png", "img_001.png"}
+    assert not report.ok
+    assert [i.path for i in report.images] == ["img_002.png"]
+
+
+def test_exact_duplicates_are_reported_in_groups(tmp_path: Path) -> None:
+    d = make_set(tmp_path / "d", 3)
+    (d / "copy.png").write_bytes((d / "img_002.png").read_bytes())
+    (d / "copy.txt").write_text("sks style")
+    report = check_dataset(d, min_images=1, min_side=1)
+    (problem,) = [p for p in report.problems if p.kind == "duplicate_image"]
+    assert set(problem.paths) == {"copy.png", "img_002.png"}
+    assert "copy.png = img_002.png" in problem.message
+
+
+def test_resolution_summary_and_small_image_warning(tmp_path: Path) -> None:
+    d = make_set(tmp_path / "d", 2, size=(640, 512))
+    make_image(d / "big.png", seed=9, size=(1024, 768))
+    (d / "big.txt").write_text("sks style")
+    make_image(d / "tiny.png", seed=10, size=(100, 80))
+    (d / "tiny.txt").write_text("sks style")
+    report = check_dataset(d, min_images=1)
+    assert report.resolutions == {"100x80": 1, "1024x768": 1, "640x512": 2}
+    (small,) = [p for p in report.problems if p.kind == "small_image"]
+    assert not small.blocking and small.paths == ("tiny.png (100x80)",)
+    assert report.ok  # a warning does not fail the check
+    text = render_report(report)
+    assert "width 100-1024" in text and "640x512: 2" in text
+
+
+def test_trigger_caption_purity(tmp_path: Path) -> None:
+    d = make_set(tmp_path / "d", 3, caption="wst_style")
+    assert check_dataset(d, min_images=1, trigger="wst_style", min_side=1).ok
+    (d / "img_002.txt").write_text("wst_style, a cowboy at noon")
+    report = check_dataset(d, min_images=1, trigger="wst_style", min_side=1)
+    (problem,) = [p for p in report.problems if p.kind == "caption_impure"]
+    assert problem.paths == ("img_002.png: 'wst_style, a cowboy at noon'",)
+    assert not report.ok
+    assert check_dataset(d, min_images=1, min_side=1).ok  # purity only when asked
+
+
+def test_empty_caption_is_blocking(tmp_path: Path) -> None:
+    d = make_set(tmp_path / "d", 2)
+    (d / "img_000.txt").write_text("  \n")
+    report = check_dataset(d, min_images=1, min_side=1)
+    assert "empty_caption" in report.kinds() and not report.ok
+
+
+def test_cli_exit_status_and_json(tmp_path: Path) -> None:
+    d = make_set(tmp_path / "d", 3)
+    runner = CliRunner()
+    ok = runner.invoke(easel, ["dataset", "check", str(d), "--min-images", "3", "--min-side", "1"])
+    assert ok.exit_code == 0, ok.output
+    assert "OK" in ok.output
+    bad = runner.invoke(easel, ["dataset", "check", str(d)])  # default minimum 150
+    assert bad.exit_code == 1 and "too_few_images" in bad.output
+    js = runner.invoke(easel, ["dataset", "check", str(d), "--json", "--trigger", "other"])
+    assert js.exit_code == 1
+    data = json.loads(js.output)
+    assert data["ok"] is False and {p["kind"] for p in data["problems"]} >= {"caption_impure", "too_few_images"}
+
+
+def test_jsonl_in_mlx_examples_format(tmp_path: Path) -> None:
+    d = make_set(tmp_path / "d", 3, caption="a photo of\nsks dog")
+    result = write_jsonl(d)
+    assert result.written and result.pairs == 3 and result.path == d / "train.jsonl"
+    rows = [json.loads(line) for line in result.path.read_text().splitlines()]
+    assert rows[0] == {"image": "img_000.png", "prompt": "a photo of sks dog"}
+    assert [r["image"] for r in rows] == ["img_000.png", "img_001.png", "img_002.png"]
+    for r in rows:  # mlx-examples opens dataset_base / sample["image"]
+        assert (d / r["image"]).is_file()
+
+
+def test_jsonl_refuses_broken_pairs_and_writes_nothing(tmp_path: Path) -> None:
+    d = make_set(tmp_path / "d", 2)
+    (d / "img_001.txt").unlink()
+    runner = CliRunner()
+    result = runner.invoke(easel, ["dataset", "jsonl", str(d)])
+    assert result.exit_code != 0
+    assert "missing_caption" in result.output
+    assert not (d / "train.jsonl").exists()
+    (d / "img_001.txt").write_text("sks")
+    out = tmp_path / "elsewhere" / "train.jsonl"
+    result = runner.invoke(easel, ["dataset", "jsonl", str(d), "--out", str(out)])
+    assert result.exit_code == 0 and "2 pairs" in result.output and out.is_file()
+
+
+@pytest.mark.parametrize("name", ["notes.md", ".DS_Store"])
+def test_other_files_do_not_block(tmp_path: Path, name: str) -> None:
+    d = make_set(tmp_path / "d", 2)
+    (d / name).write_text("x")
+    assert check_dataset(d, min_images=2, min_side=1).ok
