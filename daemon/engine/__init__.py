@@ -1,5 +1,12 @@
 """The engine room: presets, the loaded mflux model, one render from spec to PNG.
 
-Importing this package is cheap and MLX-free (the client reads `tiers` and `request` from it);
-modules that touch MLX import `daemon.engine.runtime` first, which loads the optimised BLAS.
+Importing this package loads an optimised BLAS (ctypes only, no MLX) so that any MLX import below it runs
+on OpenBLAS; the pure modules `tiers` and `request` are what the thin client reads from here.
 """
+
+import os as _os
+
+# transformers (pulled in by mflux for tokenizers) warns at import that torch is absent; easel never needs it.
+_os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from daemon.engine import blas as _blas  # noqa: E402, F401  (side effect: BLAS preload before MLX)

@@ -59,8 +59,9 @@ def _require_finite(name: str, value: object) -> float:
     return float(value)
 
 
-def validate_spec(spec: RenderSpec, limits: Limits = Limits(), presets: tuple[str, ...] | None = None) -> RenderSpec:
+def validate_spec(spec: RenderSpec, limits: Limits | None = None, presets: tuple[str, ...] | None = None) -> RenderSpec:
     """Return `spec` if every field is in range, else raise InvalidRequest naming the field."""
+    limits = limits or Limits()
     if not isinstance(spec.prompt, str):
         raise InvalidRequest("prompt must be a string", field="prompt")
     if not spec.prompt.strip():
@@ -74,13 +75,9 @@ def validate_spec(spec: RenderSpec, limits: Limits = Limits(), presets: tuple[st
         if v % 16:
             raise InvalidRequest(f"{name} must be a multiple of 16, got {v}", field=name)
         if not limits.min_size <= v <= limits.max_size:
-            raise InvalidRequest(
-                f"{name} must be within {limits.min_size}..{limits.max_size}, got {v}", field=name
-            )
+            raise InvalidRequest(f"{name} must be within {limits.min_size}..{limits.max_size}, got {v}", field=name)
     if spec.width * spec.height > limits.max_pixels:
-        raise InvalidRequest(
-            f"{spec.width}x{spec.height} exceeds the pixel limit {limits.max_pixels}", field="width"
-        )
+        raise InvalidRequest(f"{spec.width}x{spec.height} exceeds the pixel limit {limits.max_pixels}", field="width")
     steps = _require_int("steps", spec.steps)
     if not limits.min_steps <= steps <= limits.max_steps:
         raise InvalidRequest(f"steps must be within {limits.min_steps}..{limits.max_steps}, got {steps}", field="steps")

@@ -1,0 +1,75 @@
+"""An optimised BLAS loaded into this process before MLX (imported by daemon/engine/__init__.py).
+
+MLX's CPU backend calls `cblas_sgemm` & co. through the dynamic linker; a BLAS library loaded first with
+RTLD_GLOBAL wins symbol resolution, so OpenBLAS replaces the slow generic BLAS bundled with the wheel
+(~25x on fp32 matmul on a 2-core x86 machine). This must happen before `mlx.core` is first imported:
+`daemon.engine` and `daemon.lora` import this module first, so any MLX user below them gets it.
+
+EASEL_BLAS selects: `auto` (default: OpenBLAS if found), `bundled` (MLX's own), or a library path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import os
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BlasInfo:
+    name: str  # "openblas", "bundled", "accelerate"
+    path: str | None
+    detail: str
+
+    def describe(self) -> str:
+        where = f" ({self.path})" if self.path else ""
+        return f"{self.name}{where}: {self.detail}"
+
+
+_OPENBLAS_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+
+def _find_openblas() -> str | None:
+    for cand in _OPENBLAS_CANDIDATES:
+        if os.path.exists(cand):
+            return cand
+    hits = sorted(glob.glob("/usr/lib/*/libopenblas*.so*"))
+    if hits:
+        return hits[0]
+    return ctypes.util.find_library("openblas")
+
+
+def _load_blas() -> BlasInfo:
+    if sys.platform == "darwin":
+        return BlasInfo("accelerate", None, "MLX uses Metal / Accelerate on macOS")
+    if "mlx.core" in sys.modules:
+        return BlasInfo("bundled", None, "MLX was imported before easel could load an optimised BLAS")
+    choice = os.environ.get("EASEL_BLAS", "auto").strip() or "auto"
+    if choice == "bundled":
+        return BlasInfo("bundled", None, "EASEL_BLAS=bundled: MLX's generic BLAS (slow on CPU)")
+    path = _find_openblas() if choice == "auto" else choice
+    if not path:
+        return BlasInfo(
+            "bundled", None, "no OpenBLAS found (install Debian's libopenblas0-pthread; CPU renders ~20x slower)"
+        )
+    try:
+        lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:
+        return BlasInfo("bundled", None, f"could not load {path}: {exc}")
+    detail = "loaded before MLX"
+    get_config = getattr(lib, "openblas_get_config", None)
+    if get_config is not None:
+        get_config.restype = ctypes.c_char_p
+        detail = get_config().decode(errors="replace").strip()
+    return BlasInfo("openblas" if get_config is not None else "custom", path, detail)
+
+
+BLAS: BlasInfo = _load_blas()

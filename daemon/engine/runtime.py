@@ -1,0 +1,29 @@
+"""The MLX side of this process: `mx` (after the BLAS preload) and the compute precision."""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+from daemon.engine.blas import BLAS, BlasInfo
+
+
+def compute_dtype() -> mx.Dtype:
+    """fp32 on CPU (faster than bf16 there, and exact enough for tests); bf16 on GPUs."""
+    forced = os.environ.get("EASEL_DTYPE")
+    if forced:
+        return {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[forced]
+    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+
+
+def configure_mflux_precision() -> mx.Dtype:
+    """mflux reads a class-level precision for activations; set it once for this process."""
+    from mflux.models.common.config.model_config import ModelConfig
+
+    dtype = compute_dtype()
+    ModelConfig.precision = dtype
+    return dtype
+
+
+__all__ = ["BLAS", "BlasInfo", "mx", "compute_dtype", "configure_mflux_precision"]
