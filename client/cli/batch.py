@@ -1,0 +1,125 @@
+"""`easel batch poi|portrait|creature --genre G --world W`: pre-render a world's content through the daemon."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from daemon.errors import EaselError
+
+DEFAULT_PACKS = Path("genre_packs")
+DEFAULT_OUT = Path("out/batch")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(batch)
+
+
+@click.group()
+def batch() -> None:
+    """Batch renders of a genre pack's POIs, portraits and creatures (resumable, shardable)."""
+
+
+def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--genre", required=True, help="Genre pack name (a directory under --packs)."),
+        click.option("--world", required=True, help="World of the genre (a directory under <genre>/worlds)."),
+        click.option(
+            "--packs",
+            "packs_root",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=DEFAULT_PACKS,
+            show_default=True,
+            help="Directory holding the genre packs.",
+        ),
+        click.option(
+            "--out",
+            "out_root",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=DEFAULT_OUT,
+            show_default=True,
+            help="Outputs go to OUT/<genre>/<world>/<kind>/.",
+        ),
+        click.option(
+            "--lora-root",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Root for relative LoRA file: paths [default: $EASEL_LORA_ROOT or --packs].",
+        ),
+        click.option("--tier", default=None, help="Render tier [default: landscape/portrait/scene by kind]."),
+        click.option("--shard", default=None, metavar="I/N", help="Render only share I of N (1-based)."),
+        click.option(
+            "--seed",
+            "base_seed",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Base of the per-item seeds (each item's seed is derived from it and the item).",
+        ),
+        click.option("--width", type=int, default=None),
+        click.option("--height", type=int, default=None),
+        click.option("--steps", type=int, default=None),
+        click.option("--guidance", type=float, default=None),
+        click.option("--preset", default=None, help="Model preset [default: the tier's, else the pack's]."),
+        click.option("--limit", type=int, default=None, help="Only the first N items (before sharding)."),
+        click.option("--dry-run", is_flag=True, help="Print prompts and stacks; render nothing."),
+        click.option("--no-resume", is_flag=True, help="Render items again even if already done."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+        click.option("--socket", default=None, help="Daemon socket [default: $EASEL_SOCKET or the default]."),
+        click.option("--timeout", type=float, default=None, help="Seconds to wait for one render."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _run(kind: str, **kw: Any) -> None:
+    from client.batch import describe_plan, parse_shard, plan_batch, run_batch, summary_lines
+
+    try:
+        plan = plan_batch(
+            kw["packs_root"], kw["genre"], kw["world"], kind, kw["out_root"],
+            tier=kw["tier"], shard=parse_shard(kw["shard"]), base_seed=kw["base_seed"],
+            width=kw["width"], height=kw["height"], steps=kw["steps"], guidance=kw["guidance"],
+            preset=kw["preset"], limit=kw["limit"], lora_root=kw["lora_root"],
+        )  # fmt: skip
+    except EaselError as err:
+        raise click.ClickException(f"[{err.code}] {err.message}") from None
+    if kw["dry_run"]:
+        click.echo(describe_plan(plan))
+        return
+    from client.batch import client_renderer
+    from client.client import RenderClient
+
+    client_kw: dict[str, Any] = {}
+    if kw["socket"]:
+        client_kw["socket_path"] = kw["socket"]
+    if kw["timeout"] is not None:
+        client_kw["timeout"] = kw["timeout"]
+    try:
+        with RenderClient(**client_kw) as client:
+            result = run_batch(plan, client_renderer(client), resume=not kw["no_resume"],
+                               progress=not kw["no_progress"])  # fmt: skip
+    except EaselError as err:
+        raise click.ClickException(f"[{err.code}] {err.message}") from None
+    for line in summary_lines(result):
+        click.echo(line)
+    if not result.ok:
+        sys.exit(1)
+
+
+def _kind_command(kind: str, help_text: str) -> click.Command:
+    @_options
+    def command(**kw: Any) -> None:
+        _run(kind, **kw)
+
+    return click.command(name=kind, help=help_text)(command)
+
+
+batch.add_command(_kind_command("poi", "Render a world's points of interest (tier landscape by default)."))
+batch.add_command(_kind_command("portrait", "Render a world's portraits (tier portrait by default)."))
+batch.add_command(_kind_command("creature", "Render a world's creatures (tier scene by default)."))

@@ -1,0 +1,295 @@
+"""Batch planning and running: prompts, seeds, shards, resume, dry-run, manifest and contact sheet.
+
+The renders here go through `PngRenderer`, an in-process stand-in for the daemon that writes a real PNG
+per job, so resume and failure handling can be exercised item by item in milliseconds; the same batch
+through a real daemon and the tiny model is tests/test_batch_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from client.batch import (
+    KINDS,
+    FileApplied,
+    Item,
+    Job,
+    RenderOutcome,
+    base_prompt,
+    compose_prompt,
+    item_seed,
+    load_items,
+    parse_shard,
+    plan_batch,
+    run_batch,
+    shard_items,
+)
+from client.cli import main as cli
+from client.packs import genre_dirs, make_pack_loras, world_names
+from daemon.errors import InvalidRequest, LoraZeroMatch, PackError
+
+PACKS = Path(__file__).resolve().parents[1] / "genre_packs"
+
+
+@pytest.fixture(scope="module")
+def packs(tmp_path_factory) -> Path:
+    """The example packs with their LoRA files generated, in a temporary directory."""
+    dst = tmp_path_factory.mktemp("packs") / "genre_packs"
+    shutil.copytree(PACKS, dst, ignore=shutil.ignore_patterns("lora"))
+    make_pack_loras(dst)
+    return dst
+
+
+class PngRenderer:
+    """Writes a small real PNG per job, reports every stack file as fully applied, counts calls."""
+
+    def __init__(self, fail_on: set[str] = frozenset(), interrupt_after: int | None = None) -> None:
+        self.calls: list[str] = []
+        self.fail_on = fail_on
+        self.interrupt_after = interrupt_after
+
+    def __call__(self, job: Job, on_progress) -> RenderOutcome:
+        if self.interrupt_after is not None and len(self.calls) >= self.interrupt_after:
+            raise KeyboardInterrupt
+        self.calls.append(job.item.id)
+        if job.item.id in self.fail_on:
+            raise LoraZeroMatch(f"{job.stack[0].path} matched zero keys", path=job.stack[0].path)
+        for step in range(1, job.steps + 1):
+            if on_progress:
+                on_progress(step, job.steps)
+        colour = tuple(job.seed.to_bytes(4, "big")[:3])
+        job.output_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (job.width // 8, job.height // 8), colour).save(job.output_path)
+        stack = tuple(FileApplied(e.path, e.scale, e.name, "kohya", 12, 12, 4) for e in job.stack)
+        return RenderOutcome(str(job.output_path), job.seed, stack, {"total": 0.01})
+
+
+def plan(packs: Path, out: Path, world: str = "dust_and_lead", kind: str = "poi", **kw):
+    return plan_batch(packs, "spaghetti_western", world, kind, out, width=64, height=64, steps=2, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+
+def test_visual_prompt_is_used_verbatim_else_name_and_description():
+    assert base_prompt(Item("poi", "a", "A", "desc", "exact words")) == "exact words"
+    assert base_prompt(Item("poi", "a", "Boot Hill", "a graveyard")) == "Boot Hill: a graveyard"
+
+
+def test_prompt_is_triggers_then_item_then_tier_suffix():
+    item = Item("poi", "a", "Boot Hill", "a graveyard")
+    assert compose_prompt(item, "film still", ["western", "smoke", "western"]) == (
+        "western, smoke, Boot Hill: a graveyard, film still"
+    )
+    assert compose_prompt(item, "", []) == "Boot Hill: a graveyard"
+
+
+def test_plan_prompts_use_the_tier_suffix_and_the_worlds_triggers(packs, tmp_path):
+    mccoy = plan(packs, tmp_path, "the_real_mccoy")
+    crossing = next(j for j in mccoy.jobs if j.item.id == "copper_creek_crossing")
+    assert crossing.prompt == (
+        "mccoy_country, cattle drive crossing a shallow copper-green creek, red canyon walls, dust and spray, "
+        "red canyon country at golden hour, 2.35:1 framing"
+    )
+    dust = plan(packs, tmp_path, "dust_and_lead", "portrait")
+    assert all(j.prompt.startswith("spaghetti_western, ") for j in dust.jobs)
+    assert all(j.prompt.endswith("extreme close-up, Techniscope film grain, sweat and stubble") for j in dust.jobs)
+
+
+def test_narrator_prose_never_reaches_a_prompt(packs, tmp_path):
+    for gdir in genre_dirs(packs):
+        for world in world_names(gdir):
+            wdir = gdir / "worlds" / world
+            prose = [c["atmosphere"] for c in yaml.safe_load((wdir / "world.yaml").read_text())["chapters"]]
+            for kind, (fname, key, _) in KINDS.items():
+                raw = yaml.safe_load((wdir / fname).read_text())[key]
+                prose += [
+                    v for item in raw for k, v in item.items() if k not in {"name", "description", "visual_prompt"}
+                ]
+                p = plan_batch(packs, gdir.name, world, kind, tmp_path)
+                for job in p.jobs:
+                    assert "NARRATOR-ONLY" not in job.prompt
+                    assert not any(text in job.prompt for text in prose)
+
+
+def test_item_errors_name_the_file_and_item(tmp_path):
+    (tmp_path / "pois.yaml").write_text(
+        yaml.safe_dump({"pois": [{"name": "A B"}, {"name": "a-b", "description": "x"}]})
+    )
+    with pytest.raises(PackError, match=r"pois\[0\].*description") as info:
+        load_items(tmp_path, "poi")
+    assert info.value.details["file"] == str(tmp_path / "pois.yaml")
+    (tmp_path / "pois.yaml").write_text(
+        yaml.safe_dump({"pois": [{"name": "A B", "description": "x"}, {"name": "a-b", "visual_prompt": "y"}]})
+    )
+    with pytest.raises(PackError, match="share the output name 'a_b'"):
+        load_items(tmp_path, "poi")
+    with pytest.raises(PackError, match="no such file"):
+        load_items(tmp_path, "creature")
+    with pytest.raises(InvalidRequest, match="unknown batch kind"):
+        load_items(tmp_path, "vehicle")
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+
+
+def test_seed_is_deterministic_per_item_and_independent_of_order_and_shard(packs, tmp_path):
+    whole = {j.item.id: j.seed for j in plan(packs, tmp_path).jobs}
+    again = {j.item.id: j.seed for j in plan(packs, tmp_path).jobs}
+    shards = {j.item.id: j.seed for i in (1, 2, 3) for j in plan(packs, tmp_path, shard=(i, 3)).jobs}
+    assert whole == again == shards
+    assert len(set(whole.values())) == len(whole)
+    assert all(0 <= s < 2**32 for s in whole.values())
+
+
+def test_seed_depends_on_world_kind_item_and_base():
+    s = item_seed("g", "w", "poi", "x")
+    assert s == item_seed("g", "w", "poi", "x")
+    assert len({s, item_seed("g", "w2", "poi", "x"), item_seed("g", "w", "portrait", "x"),
+                item_seed("g", "w", "poi", "y"), item_seed("g", "w", "poi", "x", base_seed=1)}) == 5  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ shards
+
+
+@given(st.lists(st.integers(), max_size=60), st.integers(min_value=1, max_value=12))
+def test_shards_are_a_disjoint_complete_balanced_partition(items, n):
+    tagged = list(enumerate(items))
+    parts = [shard_items(tagged, i, n) for i in range(1, n + 1)]
+    flat = [x for p in parts for x in p]
+    assert sorted(flat) == tagged  # complete, and no item twice
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@pytest.mark.parametrize("spec,expected", [("1/1", (1, 1)), ("2/4", (2, 4)), (" 3 / 3 ", (3, 3)), (None, (1, 1))])
+def test_parse_shard_accepts_i_of_n(spec, expected):
+    assert parse_shard(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["0/2", "3/2", "1/0", "a/b", "1-2", "1/2/3", "", "/2", "-1/2", "1.5/2"])
+def test_parse_shard_rejects_malformed_specs(spec):
+    with pytest.raises(InvalidRequest) as info:
+        parse_shard(spec)
+    assert info.value.field == "shard"
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def test_batch_writes_pngs_records_manifest_and_contact_sheet(packs, tmp_path):
+    p = plan(packs, tmp_path, "the_real_mccoy", "portrait")
+    r = PngRenderer()
+    result = run_batch(p, r, progress=False)
+    assert result.ok and result.count("rendered") == len(p.jobs) == 3
+    manifest = json.loads(p.manifest_path.read_text())
+    assert manifest["counts"] == {"rendered": 3, "skipped": 0, "failed": 0}
+    assert [e["name"] for e in manifest["stack"]] == ["the_real_mccoy_portrait", "the_real_mccoy_gunsmoke"]
+    for item, job in zip(manifest["items"], p.jobs, strict=True):
+        assert item["prompt"] == job.prompt and item["seed"] == job.seed
+        assert item["output_path"] == str(job.output_path) and Path(item["output_path"]).is_file()
+        assert [f["name"] for f in item["stack_applied"]] == ["the_real_mccoy_portrait", "the_real_mccoy_gunsmoke"]
+        assert all(f["keys_applied"] == 12 for f in item["stack_applied"])
+        assert json.loads(job.record_path.read_text())["fingerprint"] == job.fingerprint()
+    sheet = Image.open(p.contact_sheet_path)
+    assert sheet.format == "PNG" and sheet.width > 3 * 192
+    colours = np.unique(np.asarray(sheet.convert("RGB")).reshape(-1, 3), axis=0)
+    assert len(colours) > 10  # thumbnails and caption text, not a blank canvas
+
+
+def test_resume_after_an_interrupted_batch_renders_only_the_rest(packs, tmp_path):
+    p = plan(packs, tmp_path)
+    first = PngRenderer(interrupt_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(p, first, progress=False)
+    assert first.calls == [j.item.id for j in p.jobs[:2]]
+    second = PngRenderer()
+    result = run_batch(p, second, progress=False)
+    assert second.calls == [j.item.id for j in p.jobs[2:]]
+    assert result.count("skipped") == 2 and result.count("rendered") == len(p.jobs) - 2
+    third = PngRenderer()
+    assert run_batch(p, third, progress=False).count("skipped") == len(p.jobs) and third.calls == []
+    # skipped items keep their stack report in the manifest
+    manifest = json.loads(p.manifest_path.read_text())
+    assert all(item["stack_applied"] for item in manifest["items"])
+
+
+def test_resume_renders_again_what_changed_or_lost_its_record(packs, tmp_path):
+    p = plan(packs, tmp_path)
+    run_batch(p, PngRenderer(), progress=False)
+    p.jobs[0].record_path.unlink()
+    changed = plan(packs, tmp_path, base_seed=0, guidance=1.0)  # every fingerprint differs
+    r = PngRenderer()
+    run_batch(plan(packs, tmp_path), r, progress=False)
+    assert r.calls == [p.jobs[0].item.id]
+    r2 = PngRenderer()
+    run_batch(changed, r2, progress=False)
+    assert r2.calls == [j.item.id for j in changed.jobs]
+    r3 = PngRenderer()
+    run_batch(changed, r3, progress=False, resume=False)
+    assert len(r3.calls) == len(changed.jobs)
+
+
+def test_a_failed_item_is_recorded_and_the_batch_goes_on(packs, tmp_path):
+    p = plan(packs, tmp_path)
+    bad = p.jobs[1].item.id
+    result = run_batch(p, PngRenderer(fail_on={bad}), progress=False)
+    assert not result.ok and result.count("failed") == 1 and result.count("rendered") == len(p.jobs) - 1
+    manifest = json.loads(p.manifest_path.read_text())
+    failed = next(i for i in manifest["items"] if i["id"] == bad)
+    assert failed["status"] == "failed" and failed["error"]["code"] == "lora_zero_match"
+    assert not p.jobs[1].record_path.exists()
+    r = PngRenderer()
+    run_batch(p, r, progress=False)  # the next run retries only the failed item
+    assert r.calls == [bad]
+
+
+def test_shards_write_their_own_manifests_and_together_cover_the_world(packs, tmp_path):
+    ids = set()
+    for i in (1, 2):
+        p = plan(packs, tmp_path, shard=(i, 2))
+        run_batch(p, PngRenderer(), progress=False)
+        assert p.manifest_path.name == f"manifest.shard-{i}-of-2.json"
+        ids |= {item["id"] for item in json.loads(p.manifest_path.read_text())["items"]}
+    assert ids == {j.item.id for j in plan(packs, tmp_path).jobs}
+
+
+def test_stack_per_world_in_the_plan(packs, tmp_path):
+    dust = plan(packs, tmp_path, "dust_and_lead", "poi")
+    mccoy = plan(packs, tmp_path, "the_real_mccoy", "poi")
+    assert [e.name for e in dust.jobs[0].stack] == ["spaghetti_western_landscape"]
+    assert [e.name for e in mccoy.jobs[0].stack] == ["the_real_mccoy_landscape"]
+
+
+# ------------------------------------------------------------------------------------------------ cli
+
+
+def test_dry_run_prints_prompts_and_stacks_and_renders_nothing(packs, tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        cli,
+        ["batch", "poi", "--genre", "spaghetti_western", "--world", "the_real_mccoy", "--packs", str(packs),
+         "--out", str(out), "--dry-run", "--shard", "2/2"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "stack: the_real_mccoy_landscape@0.85" in res.output and "spaghetti_western_landscape" not in res.output
+    assert "2 of 4 items, shard 2/2" in res.output
+    assert "prompt: mccoy_country, cattle drive crossing" in res.output
+    assert not out.exists()
+
+
+def test_cli_malformed_shard_and_unknown_world_are_clear_errors(packs, tmp_path):
+    base = ["batch", "creature", "--genre", "gothic_horror", "--packs", str(packs), "--dry-run"]
+    res = CliRunner().invoke(cli, [*base, "--world", "ravenmoor", "--shard", "3/2"])
+    assert res.exit_code != 0 and "shard '3/2'" in res.output
+    res = CliRunner().invoke(cli, [*base, "--world", "atlantis"])
+    assert res.exit_code != 0 and "no world 'atlantis'" in res.output
