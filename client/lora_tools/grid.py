@@ -1,0 +1,91 @@
+"""`easel lora grid`: one labelled picture of a LoRA at several strengths over one or more prompts.
+
+Every cell is rendered by the running daemon at the same seed, so the only thing changing along a row is
+the LoRA's scale (and, with `baseline`, a first column without the LoRA for reference).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from client.lora_tools.images import labelled_sheet
+from client.lora_tools.verify import Renderer
+from daemon.fs import atomic_write_bytes
+
+DEFAULT_STRENGTHS = (0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    prompts: tuple[str, ...]
+    strengths: tuple[float, ...] = DEFAULT_STRENGTHS
+    seed: int = 7
+    baseline: bool = True
+    tier: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+
+    def fields(self) -> dict[str, Any]:
+        raw = {"seed": self.seed, "tier": self.tier, "width": self.width, "height": self.height, "steps": self.steps}
+        return {k: v for k, v in raw.items() if v is not None}
+
+    @property
+    def columns(self) -> list[str]:
+        return (["no LoRA"] if self.baseline else []) + [f"{s:g}" for s in self.strengths]
+
+
+def _image(result: Any) -> Image.Image:
+    if getattr(result, "image_bytes", None):
+        return Image.open(io.BytesIO(result.image_bytes)).convert("RGB")
+    with Image.open(result.image_path) as im:
+        return im.convert("RGB")
+
+
+def render_grid(
+    client: Renderer,
+    lora: str | os.PathLike[str],
+    spec: GridSpec,
+    on_cell: Callable[[int, int], None] | None = None,
+) -> Image.Image:
+    """Render rows (prompts) x columns (strengths) and assemble the labelled sheet."""
+    if not spec.prompts or not spec.strengths:
+        raise ValueError("a grid needs at least one prompt and one strength")
+    path = str(Path(lora).resolve())
+    stacks: list[tuple[list[str], list[float]]] = [([], [])] if spec.baseline else []
+    stacks += [([path], [s]) for s in spec.strengths]
+    total = len(spec.prompts) * len(stacks)
+    rows: list[list[Image.Image]] = []
+    done = 0
+    for prompt in spec.prompts:
+        row = []
+        for paths, scales in stacks:
+            r = client.send_render(prompt, lora_paths=paths, lora_scales=scales, return_bytes=True, **spec.fields())
+            row.append(_image(r))
+            done += 1
+            if on_cell:
+                on_cell(done, total)
+        rows.append(row)
+    return labelled_sheet(rows, spec.columns, list(spec.prompts), title=f"seed {spec.seed}")
+
+
+def write_grid(image: Image.Image, output: str | os.PathLike[str]) -> Path:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(output, buf.getvalue())
+    return Path(output)
+
+
+def parse_strengths(values: Sequence[str]) -> tuple[float, ...]:
+    """`0.3 0.5` or `0.3,0.5` (both forms, mixed) -> floats."""
+    out: list[float] = []
+    for v in values:
+        out.extend(float(x) for x in str(v).replace(",", " ").split())
+    return tuple(out)
