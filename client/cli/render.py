@@ -1,0 +1,127 @@
+"""`easel render`: one picture through the running daemon (or `--in-process`, straight through the engine)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import msgspec
+
+from client.client import RenderClient
+from daemon.errors import EaselError
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """`PATH[:SCALE]` -> (absolute path if it exists here, scale; default 1.0)."""
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            scale = float(tail)
+            path = head
+        except ValueError:
+            pass
+    p = Path(path).expanduser()
+    return (str(p.resolve()) if p.exists() else path), scale
+
+
+@click.command("render")
+@click.argument("prompt")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--tier", default=None, help="Render tier giving default size/steps/guidance.")
+@click.option("--width", type=int, default=None)
+@click.option("--height", type=int, default=None)
+@click.option("--steps", type=int, default=None)
+@click.option("--guidance", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--preset", default=None, help="Must match the daemon's preset (default: the daemon's).")
+@click.option("--lora", "loras", multiple=True, help="PATH[:SCALE], repeatable, in stack order.")
+@click.option("--zero-match", type=click.Choice(["error", "warn"]), default="error", show_default=True)
+@click.option("--priority", type=click.Choice(["interactive", "batch"]), default="interactive", show_default=True)
+@click.option("--deadline", type=float, default=None, help="Seconds after which the daemon abandons the job.")
+@click.option("-o", "--output", default=None, help="Output PNG (inside the daemon's output root).")
+@click.option("--timeout", type=float, default=900.0, show_default=True)
+@click.option("--in-process", is_flag=True, help="Load the model here and render without a daemon.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress line.")
+def render_command(
+    prompt, socket_path, tier, width, height, steps, guidance, seed, preset, loras, zero_match, priority,
+    deadline, output, timeout, in_process, as_json, quiet,
+) -> None:  # fmt: skip
+    """Render PROMPT and print where the PNG went and what the LoRA stack matched."""
+    stack = [parse_lora(s) for s in loras]
+    paths, scales = [p for p, _ in stack], [s for _, s in stack]
+    if output is not None and not Path(output).is_absolute():
+        output = str(Path(output).resolve())
+    fields = dict(tier=tier, width=width, height=height, steps=steps, guidance=guidance, seed=seed, preset=preset)
+    try:
+        if in_process:
+            result = _render_in_process(prompt, paths, scales, zero_match, output, fields)
+        else:
+
+            def progress(ev) -> None:
+                if not quiet and ev.event == "progress":
+                    click.echo(f"\rstep {ev.step}/{ev.steps}", nl=False, err=True)
+
+            with RenderClient(socket_path, render_timeout=timeout) as c:
+                result = c.send_render(
+                    prompt,
+                    lora_paths=paths,
+                    lora_scales=scales,
+                    zero_match=zero_match,
+                    priority=priority,
+                    deadline_s=deadline,
+                    output_path=output,
+                    on_progress=progress,
+                    **fields,
+                )
+            if not quiet:
+                click.echo("", err=True)
+    except EaselError as err:
+        click.echo(f"easel: {err.code}: {err.message}", err=True)
+        sys.exit(1)
+    data = msgspec.to_builtins(result)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"{result.image_path}  {result.width}x{result.height} seed {result.seed} steps {result.steps}")
+    for f in result.stack:
+        click.echo(f"  {f.name or Path(f.path).name} @ {f.scale:g}: {f.keys_applied}/{f.keys_total} keys, "
+                   f"{f.layers_patched} layers ({f.format})")  # fmt: skip
+    click.echo("  " + "  ".join(f"{k}={v:.2f}s" for k, v in result.timings.items()))
+
+
+def _render_in_process(prompt, paths, scales, zero_match, output, fields):
+    """The same request, rendered by this process with the engine (no socket): for comparison and debugging."""
+    import time
+
+    from daemon.config import DaemonConfig
+    from daemon.protocol.messages import Render, check_render
+    from daemon.service import RenderService
+
+    if output is None:
+        output = str(Path.cwd() / "easel-render.png")
+    roots = tuple({str(Path(p).resolve().parent) for p in paths}) or (str(Path.cwd()),)
+    config = DaemonConfig(
+        preset=fields.get("preset") or "tiny", lora_roots=roots, output_root=Path(output).resolve().parent
+    )
+    req = Render(
+        id=0,
+        prompt=prompt,
+        lora_paths=list(paths),
+        lora_scales=list(scales),
+        zero_match=zero_match,
+        output_path=output,
+        **{k: v for k, v in fields.items() if v is not None},
+    )
+    check_render(req)
+    t0 = time.perf_counter()
+    service = RenderService.load(config)
+    click.echo(f"model loaded in {time.perf_counter() - t0:.1f}s", err=True)
+    return service.run(service.prepare(req))
+
+
+def register(group: click.Group) -> None:
+    group.add_command(render_command)

@@ -1,0 +1,454 @@
+"""RenderClient and AsyncRenderClient: the daemon's protocol from the caller's side (no MLX, no mflux).
+
+Both twins share the request builders, the reply interpretation and the retry policy; they differ only in
+transport (a blocking socket vs asyncio streams). Errors come back as the daemon's typed exceptions
+(daemon.errors, rebuilt by wire code); a daemon that is absent, refuses or is too slow raises
+DaemonUnavailable or Timeout instead of hanging.
+
+    with RenderClient() as c:
+        r = c.send_render("a saloon at dusk", width=512, height=512, steps=4,
+                          lora_paths=["/loras/western.safetensors"], lora_scales=[0.8])
+        print(r.image_path, r.matched_keys)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from daemon.errors import Busy, DaemonUnavailable, EaselError, InvalidRequest, ProtocolError, Timeout, error_from_wire
+from daemon.protocol import framing
+from daemon.protocol.messages import (
+    Cancel,
+    Error,
+    Event,
+    Inspect,
+    Ping,
+    Render,
+    RenderResult,
+    Reply,
+    Result,
+    Shutdown,
+    Status,
+    StatusResult,
+    check_render,
+    decode_reply,
+    encode,
+)
+
+ProgressCallback = Callable[[Event], Any]
+
+DEFAULT_TIMEOUT_S = 10.0  # ping, status, inspect, cancel, shutdown
+DEFAULT_RENDER_TIMEOUT_S = 900.0  # one render, including its time in the queue
+
+
+def default_socket_path() -> Path:
+    """Same rule as the daemon: `$EASEL_SOCKET`, `$XDG_RUNTIME_DIR/easel/easel.sock`, `/tmp/easel-<uid>/...`."""
+    env = os.environ.get("EASEL_SOCKET")
+    if env:
+        return Path(env)
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return Path(runtime) / "easel" / "easel.sock"
+    return Path(f"/tmp/easel-{os.getuid()}") / "easel.sock"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries for `busy` only (a full queue); every other error is final. Exponential backoff + jitter."""
+
+    attempts: int = 6
+    initial_s: float = 0.25
+    max_s: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.max_s, self.initial_s * (2**attempt))
+        return base * (0.5 + random.random() / 2)
+
+
+def build_render(
+    prompt: str,
+    *,
+    lora_paths: Sequence[str | os.PathLike[str]] = (),
+    lora_scales: Sequence[float] = (),
+    lora_names: Sequence[str] | None = None,
+    id: int | str = 0,
+    **fields: Any,
+) -> Render:
+    """A checked Render message: wrong types, NaN/inf, mismatched stacks fail here, before any I/O."""
+    for old in ("lora_path", "lora_scale"):
+        if old in fields:
+            raise InvalidRequest(
+                f"`{old}` is not accepted: pass lists lora_paths=[...] and lora_scales=[...]", field=old
+            )
+    if isinstance(lora_paths, (str, os.PathLike)) or isinstance(lora_scales, (int, float)):
+        raise InvalidRequest("lora_paths and lora_scales must be lists (one entry per LoRA)", field="lora_paths")
+    raw: dict[str, Any] = {
+        "op": "render",
+        "id": id,
+        "prompt": prompt,
+        "lora_paths": [os.fspath(p) for p in lora_paths],
+        "lora_scales": list(lora_scales),
+        **{k: v for k, v in fields.items() if v is not None},
+    }
+    if lora_names is not None:
+        raw["lora_names"] = list(lora_names)
+    try:
+        req = msgspec.convert(raw, Render, strict=True)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"render: {exc}") from None
+    check_render(req)
+    return req
+
+
+def _connect_error(path: Path, exc: OSError) -> DaemonUnavailable:
+    if isinstance(exc, FileNotFoundError):
+        return DaemonUnavailable(f"no easel daemon socket at {path}; start one with `easel serve`", socket=str(path))
+    if isinstance(exc, ConnectionRefusedError):
+        return DaemonUnavailable(
+            f"nothing accepts connections on {path} (the daemon is not running; stale socket?)", socket=str(path)
+        )
+    if isinstance(exc, PermissionError):
+        return DaemonUnavailable(f"no permission to connect to {path}", socket=str(path))
+    return DaemonUnavailable(f"cannot connect to {path}: {exc}", socket=str(path))
+
+
+class _Shared:
+    """What both twins share: ids, request construction, reply interpretation."""
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None,
+        timeout: float,
+        render_timeout: float,
+        retry: RetryPolicy,
+        max_frame: int,
+    ) -> None:
+        self.socket_path = Path(socket_path) if socket_path is not None else default_socket_path()
+        self.timeout = timeout
+        self.render_timeout = render_timeout
+        self.retry = retry
+        self.max_frame = max_frame
+        self._ids = itertools.count(1)
+
+    def _next_id(self) -> int:
+        return next(self._ids)
+
+    @staticmethod
+    def _interpret(reply: Reply, on_progress: ProgressCallback | None) -> tuple[bool, Any]:
+        """(done, value) for one reply to our request; raises the typed error of an error reply."""
+        if isinstance(reply, Event):
+            if on_progress is not None:
+                on_progress(reply)
+            return False, None
+        if isinstance(reply, Error):
+            raise error_from_wire(msgspec.to_builtins(reply.error))
+        assert isinstance(reply, Result)
+        return True, reply.result
+
+    @staticmethod
+    def _typed(op: str, value: dict[str, Any]) -> Any:
+        if op == "render":
+            return msgspec.convert(value, RenderResult)
+        if op == "status":
+            return msgspec.convert(value, StatusResult)
+        return value
+
+
+class RenderClient(_Shared):
+    """Blocking client over one connection (opened lazily, reopened after a failure). Not thread-safe:
+    use one per thread, or AsyncRenderClient for concurrency on one connection."""
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        render_timeout: float = DEFAULT_RENDER_TIMEOUT_S,
+        retry: RetryPolicy = RetryPolicy(),
+        max_frame: int = framing.DEFAULT_MAX_FRAME,
+    ) -> None:
+        super().__init__(socket_path, timeout, render_timeout, retry, max_frame)
+        self._sock: socket.socket | None = None
+
+    def __enter__(self) -> RenderClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(str(self.socket_path))
+            except TimeoutError:
+                s.close()
+                raise Timeout(f"connecting to {self.socket_path} timed out after {self.timeout}s") from None
+            except OSError as exc:
+                s.close()
+                raise _connect_error(self.socket_path, exc) from None
+            self._sock = s
+        return self._sock
+
+    def _call(self, msg: Any, timeout: float, on_progress: ProgressCallback | None = None) -> Any:
+        sock = self._connect()
+        deadline = time.monotonic() + timeout
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(framing.encode_frame(encode(msg), self.max_frame))
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
+                reply = decode_reply(framing.recv_frame(sock, self.max_frame))
+                if reply.id != msg.id:
+                    if isinstance(reply, Error) and reply.id is None:  # a connection-level error
+                        raise error_from_wire(msgspec.to_builtins(reply.error))
+                    continue
+                done, value = self._interpret(reply, on_progress)
+                if done:
+                    return self._typed(type(msg).__struct_config__.tag, value)
+        except TimeoutError:
+            self.close()  # the stream position is unknown now; the daemon drops our jobs when we go
+            raise Timeout(f"no answer from the daemon within {timeout}s", op=type(msg).__struct_config__.tag) from None
+        except (framing.PeerClosed, ConnectionError, BrokenPipeError):
+            self.close()
+            raise DaemonUnavailable(f"the daemon at {self.socket_path} closed the connection") from None
+        except ProtocolError:
+            self.close()
+            raise
+
+    def _with_retry(self, fn: Callable[[], Any]) -> Any:
+        for attempt in range(self.retry.attempts):
+            try:
+                return fn()
+            except Busy:
+                if attempt == self.retry.attempts - 1:
+                    raise
+                time.sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")
+
+    # ---- operations -----------------------------------------------------------------------------
+
+    def ping(self) -> dict[str, Any]:
+        return self._call(Ping(id=self._next_id()), self.timeout)
+
+    def status(self) -> StatusResult:
+        return self._call(Status(id=self._next_id()), self.timeout)
+
+    def inspect(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        return self._call(Inspect(id=self._next_id(), path=os.fspath(path)), max(self.timeout, 60.0))
+
+    def cancel(self, target: int | str | None = None, *, job: str | None = None) -> dict[str, Any]:
+        return self._call(Cancel(id=self._next_id(), target=target, job=job), self.timeout)
+
+    def shutdown(self, drain_timeout_s: float | None = None) -> dict[str, Any]:
+        return self._call(Shutdown(id=self._next_id(), drain_timeout_s=drain_timeout_s), self.timeout)
+
+    def send_render(
+        self,
+        prompt: str,
+        *,
+        lora_paths: Sequence[str | os.PathLike[str]] = (),
+        lora_scales: Sequence[float] = (),
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> RenderResult:
+        """Render one picture; fields as in docs/protocol.md (width, height, steps, seed, tier, ...).
+        Retries with backoff while the daemon answers `busy`."""
+        req = build_render(
+            prompt, lora_paths=lora_paths, lora_scales=lora_scales, progress=on_progress is not None, **fields
+        )
+
+        def once() -> RenderResult:
+            msg = msgspec.structs.replace(req, id=self._next_id())
+            return self._call(msg, timeout or self.render_timeout, on_progress)
+
+        return self._with_retry(once)
+
+
+class AsyncRenderClient(_Shared):
+    """asyncio twin: many requests in flight on one connection, matched by id by a reader task."""
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        render_timeout: float = DEFAULT_RENDER_TIMEOUT_S,
+        retry: RetryPolicy = RetryPolicy(),
+        max_frame: int = framing.DEFAULT_MAX_FRAME,
+    ) -> None:
+        super().__init__(socket_path, timeout, render_timeout, retry, max_frame)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pump: asyncio.Task | None = None
+        self._waiting: dict[Any, asyncio.Queue] = {}
+        self._lock: asyncio.Lock | None = None
+        self._broken: EaselError | None = None
+
+    async def __aenter__(self) -> AsyncRenderClient:
+        await self._connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(BaseException):
+                await self._pump
+            self._pump = None
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+            self._writer = None
+
+    async def _connect(self) -> None:
+        if self._writer is not None and self._broken is None:
+            return
+        await self.close()
+        self._broken = None
+        try:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(self.socket_path), limit=2**16), self.timeout
+            )
+        except TimeoutError:
+            raise Timeout(f"connecting to {self.socket_path} timed out after {self.timeout}s") from None
+        except OSError as exc:
+            raise _connect_error(self.socket_path, exc) from None
+        self._lock = asyncio.Lock()
+        self._pump = asyncio.create_task(self._read_replies())
+
+    async def _read_replies(self) -> None:
+        assert self._reader is not None
+        try:
+            while True:
+                reply = decode_reply(await framing.read_frame(self._reader, self.max_frame))
+                q = self._waiting.get(reply.id)
+                if q is not None:
+                    q.put_nowait(reply)
+                elif isinstance(reply, Error) and reply.id is None:
+                    raise error_from_wire(msgspec.to_builtins(reply.error))
+        except asyncio.CancelledError:
+            raise
+        except (framing.PeerClosed, ConnectionError):
+            self._broken = DaemonUnavailable(f"the daemon at {self.socket_path} closed the connection")
+        except EaselError as err:
+            self._broken = err
+        for q in self._waiting.values():
+            q.put_nowait(None)
+
+    async def _call(self, msg: Any, timeout: float, on_progress: ProgressCallback | None = None) -> Any:
+        await self._connect()
+        q: asyncio.Queue = asyncio.Queue()
+        self._waiting[msg.id] = q
+        op = type(msg).__struct_config__.tag
+        try:
+            async with asyncio.timeout(timeout):
+                assert self._writer is not None and self._lock is not None
+                async with self._lock:
+                    self._writer.write(framing.encode_frame(encode(msg), self.max_frame))
+                    await self._writer.drain()
+                while True:
+                    reply = await q.get()
+                    if reply is None:
+                        raise self._broken or DaemonUnavailable("connection to the daemon lost")
+                    if isinstance(reply, Event):
+                        if on_progress is not None:
+                            ret = on_progress(reply)
+                            if asyncio.iscoroutine(ret):
+                                await ret
+                        continue
+                    done, value = self._interpret(reply, None)
+                    if done:
+                        return self._typed(op, value)
+        except TimeoutError:
+            if op == "render":  # do not leave a job behind that nobody waits for
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._send_only(Cancel(id=self._next_id(), target=msg.id)), 1.0)
+            raise Timeout(f"no answer from the daemon within {timeout}s", op=op) from None
+        except (ConnectionError, BrokenPipeError):
+            self._broken = DaemonUnavailable(f"the daemon at {self.socket_path} closed the connection")
+            raise self._broken from None
+        finally:
+            self._waiting.pop(msg.id, None)
+
+    async def _send_only(self, msg: Any) -> None:
+        assert self._writer is not None and self._lock is not None
+        async with self._lock:
+            self._writer.write(framing.encode_frame(encode(msg)))
+            await self._writer.drain()
+
+    async def _with_retry(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        for attempt in range(self.retry.attempts):
+            try:
+                return await fn()
+            except Busy:
+                if attempt == self.retry.attempts - 1:
+                    raise
+                await asyncio.sleep(self.retry.delay(attempt))
+        raise AssertionError("unreachable")
+
+    # ---- operations -----------------------------------------------------------------------------
+
+    async def ping(self) -> dict[str, Any]:
+        return await self._call(Ping(id=self._next_id()), self.timeout)
+
+    async def status(self) -> StatusResult:
+        return await self._call(Status(id=self._next_id()), self.timeout)
+
+    async def inspect(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        return await self._call(Inspect(id=self._next_id(), path=os.fspath(path)), max(self.timeout, 60.0))
+
+    async def cancel(self, target: int | str | None = None, *, job: str | None = None) -> dict[str, Any]:
+        return await self._call(Cancel(id=self._next_id(), target=target, job=job), self.timeout)
+
+    async def shutdown(self, drain_timeout_s: float | None = None) -> dict[str, Any]:
+        return await self._call(Shutdown(id=self._next_id(), drain_timeout_s=drain_timeout_s), self.timeout)
+
+    async def send_render(
+        self,
+        prompt: str,
+        *,
+        lora_paths: Sequence[str | os.PathLike[str]] = (),
+        lora_scales: Sequence[float] = (),
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+        request_id: int | str | None = None,
+        **fields: Any,
+    ) -> RenderResult:
+        """Render one picture; concurrent calls share the connection. `request_id` lets the caller
+        cancel it with `cancel(request_id)` from another task."""
+        req = build_render(
+            prompt, lora_paths=lora_paths, lora_scales=lora_scales, progress=on_progress is not None, **fields
+        )
+
+        async def once() -> RenderResult:
+            rid = request_id if request_id is not None else self._next_id()
+            return await self._call(msgspec.structs.replace(req, id=rid), timeout or self.render_timeout, on_progress)
+
+        return await self._with_retry(once)

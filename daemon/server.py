@@ -1,0 +1,478 @@
+"""The daemon process: an asyncio Unix-socket server over one render thread.
+
+The event loop only reads frames, validates, queues and answers; the blocking MLX render runs in one
+worker thread, so ping/status/cancel stay answered while a picture is being drawn. One connection may
+carry many requests (matched by `id`); replies to different requests may interleave.
+
+Shutdown (SIGTERM, SIGINT or the `shutdown` op): stop accepting connections and renders, let queued and
+running renders finish within the drain timeout, cancel what is left (a running render stops at its next
+step), close connections, remove the socket, return 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from daemon.config import DaemonConfig
+from daemon.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    EaselError,
+    FrameTooLarge,
+    InvalidRequest,
+    PeerNotAllowed,
+    ProtocolError,
+    RenderFailed,
+    ShuttingDown,
+)
+from daemon.protocol import framing
+from daemon.protocol.messages import (
+    PROTOCOL_VERSION,
+    Cancel,
+    Event,
+    Inspect,
+    JobInfo,
+    Ping,
+    Render,
+    Request,
+    Result,
+    Shutdown,
+    Status,
+    StatusResult,
+    decode_request,
+    encode,
+    error_reply,
+)
+from daemon.scheduler import PRIORITIES, Job, JobQueue, Shape, StepTimes, estimate_queue
+from daemon.security import (
+    bind_unix_socket,
+    clear_stale_socket,
+    ensure_private_dir,
+    peer_uid,
+    remove_socket,
+    socket_inode,
+)
+from daemon.service import Prepared, RenderService
+
+log = logging.getLogger("easel.server")
+
+
+def easel_version() -> str:
+    try:
+        return version("easel")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+_conn_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Connection:
+    """One client connection: serialised writes, and the render jobs it still waits for."""
+
+    writer: asyncio.StreamWriter
+    max_frame: int
+    conn_id: int = field(default_factory=lambda: next(_conn_ids))
+    jobs: dict[Any, Job] = field(default_factory=dict)  # request id -> job
+    closed: bool = False
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def send(self, msg: Any) -> None:
+        if self.closed:
+            return
+        data = framing.encode_frame(encode(msg))
+        async with self._lock:
+            try:
+                self.writer.write(data)
+                await self.writer.drain()
+            except (ConnectionError, RuntimeError):
+                self.closed = True
+
+
+class DaemonServer:
+    def __init__(self, config: DaemonConfig, service: RenderService) -> None:
+        self.config = config
+        self.service = service
+        self.queue = JobQueue(config.queue_capacity, config.policy)
+        self.times = StepTimes()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-render")
+        self.started = time.monotonic()
+        self.version = easel_version()
+        self.connections: set[Connection] = set()
+        self.jobs: dict[str, Job] = {}  # job id -> job (queued or running)
+        self.running: Job | None = None
+        self.renders_done = 0
+        self._stop = asyncio.Event()
+        self._drain_timeout = config.drain_timeout_s
+        self._server: asyncio.AbstractServer | None = None
+        self._job_seq = itertools.count(1)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def request_stop(self, drain_timeout_s: float | None = None) -> None:
+        if drain_timeout_s is not None:
+            self._drain_timeout = drain_timeout_s
+        self.queue.close()
+        self._stop.set()
+
+    async def serve(self, sock: socket.socket, on_ready: Any = None) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.request_stop)
+        self._server = await asyncio.start_unix_server(self._handle, sock=sock, limit=2**16)
+        worker = asyncio.create_task(self._worker(), name="easel-worker")
+        if on_ready is not None:
+            on_ready()
+        try:
+            await self._stop.wait()
+        finally:
+            await self._drain(worker)
+            self._server.close()
+            for conn in list(self.connections):
+                conn.closed = True
+                conn.writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            self.executor.shutdown(wait=True)
+            # telemetry: flush exporters here (daemon/telemetry)
+
+    async def _drain(self, worker: asyncio.Task) -> None:
+        """Stop accepting; finish queued + running work within the drain timeout; cancel the rest."""
+        self._server.close()  # no new connections; existing ones still get their results
+        self.queue.close()
+        done, _ = await asyncio.wait({worker}, timeout=self._drain_timeout)
+        if done:
+            return
+        log.warning("drain timeout (%.1fs) reached; cancelling %d queued job(s)", self._drain_timeout, len(self.queue))
+        for job in self.queue.jobs:
+            self.queue.remove(job)
+            await self._finish_error(job, ShuttingDown("the daemon shut down before this render started"))
+        if self.running is not None:
+            self.running.cancel_event.set()
+        await asyncio.wait({worker}, timeout=max(60.0, self._drain_timeout))
+
+    # ---- connections ----------------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(writer, self.config.max_frame)
+        sock = writer.get_extra_info("socket")
+        if not self.config.allow_any_uid and sock is not None:
+            uid = peer_uid(sock)
+            if uid is not None and uid != os.getuid():
+                await conn.send(error_reply(None, PeerNotAllowed(f"peer uid {uid} is not the daemon's uid", uid=uid)))
+                writer.close()
+                return
+        self.connections.add(conn)
+        try:
+            await self._read_loop(conn, reader)
+        finally:
+            conn.closed = True
+            self.connections.discard(conn)
+            for job in list(conn.jobs.values()):
+                self._cancel_job(job)
+            conn.jobs.clear()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _read_loop(self, conn: Connection, reader: asyncio.StreamReader) -> None:
+        while not conn.closed:
+            try:
+                payload = await framing.read_frame(reader, self.config.max_frame)
+            except framing.PeerClosed:
+                return
+            except (FrameTooLarge, ProtocolError) as err:  # the stream cannot be resynchronised: answer, close
+                await conn.send(error_reply(None, err))
+                return
+            except ConnectionError:
+                return
+            try:
+                req = decode_request(payload)
+            except EaselError as err:
+                await conn.send(error_reply(err.details.get("id"), err))
+                continue
+            # telemetry: the per-request span opens here (server dispatch), parented by req.trace_context
+            try:
+                await self._dispatch(conn, req)
+            except EaselError as err:
+                await conn.send(error_reply(req.id, err))
+            except Exception as exc:  # a bug must not take the daemon down
+                log.exception("request %r failed", req.id)
+                await conn.send(error_reply(req.id, EaselError(f"internal error: {type(exc).__name__}: {exc}")))
+
+    # ---- operations -----------------------------------------------------------------------------
+
+    async def _dispatch(self, conn: Connection, req: Request) -> None:
+        if isinstance(req, Ping):
+            await conn.send(Result(id=req.id, op="ping", result={"pong": True, "version": self.version}))
+        elif isinstance(req, Status):
+            await conn.send(Result(id=req.id, op="status", result=encode_status(self.status())))
+        elif isinstance(req, Render):
+            await self._submit(conn, req)
+        elif isinstance(req, Inspect):
+            loop = asyncio.get_running_loop()
+            report = await loop.run_in_executor(None, self.service.inspect, req.path)
+            await conn.send(Result(id=req.id, op="inspect", result=report))
+        elif isinstance(req, Cancel):
+            await conn.send(Result(id=req.id, op="cancel", result=await self._cancel(conn, req)))
+        elif isinstance(req, Shutdown):
+            await conn.send(Result(id=req.id, op="shutdown", result={"accepted": True}))
+            self.request_stop(req.drain_timeout_s)
+
+    async def _submit(self, conn: Connection, req: Render) -> None:
+        if self.queue.closed:
+            raise ShuttingDown("the daemon is shutting down and accepts no new renders")
+        if req.id in conn.jobs:
+            raise InvalidRequest(f"request id {req.id!r} is already in flight on this connection", field="id")
+        prepared = self.service.prepare(req)
+        spec = prepared.spec
+        now = time.monotonic()
+        job = Job(
+            job_id=f"{conn.conn_id}:{next(self._job_seq)}",
+            priority=PRIORITIES[req.priority],
+            stack_key=prepared.stack_key,
+            shape=Shape(spec.preset, spec.width, spec.height, spec.steps),
+            payload=(conn, req, prepared),
+            request_id=req.id,
+            conn_id=conn.conn_id,
+            deadline=now + req.deadline_s if req.deadline_s is not None else None,
+            enqueued_at=now,
+            stack_label=[f"{it.path.name}@{it.scale:g}" for it in prepared.stack],
+        )
+        position = self.queue.submit(job)
+        conn.jobs[req.id] = job
+        self.jobs[job.job_id] = job
+        if req.progress:
+            est = self._estimates().get(job.job_id, (None, None))
+            await conn.send(
+                Event(
+                    id=req.id,
+                    event="queued",
+                    position=position,
+                    estimated_start_s=est[0],
+                    estimated_finish_s=est[1],
+                )
+            )
+
+    async def _cancel(self, conn: Connection, req: Cancel) -> dict[str, Any]:
+        job = self.jobs.get(req.job) if req.job is not None else conn.jobs.get(req.target)
+        if job is None:
+            return {"cancelled": False, "state": "unknown"}
+        state = job.state
+        if state == "queued":
+            self.queue.remove(job)
+            await self._finish_error(job, Cancelled("cancelled while queued"))
+        else:
+            job.cancel_event.set()  # the render thread raises Cancelled at the next step
+        return {"cancelled": True, "state": state, "job": job.job_id}
+
+    def _cancel_job(self, job: Job) -> None:
+        """The job's client went away: drop it if queued, stop it at the next step if running."""
+        job.cancel_event.set()
+        if self.queue.remove(job):
+            self._forget(job)
+
+    def _forget(self, job: Job) -> None:
+        self.jobs.pop(job.job_id, None)
+        conn, req, _ = job.payload
+        if conn.jobs.get(req.id) is job:
+            del conn.jobs[req.id]
+
+    async def _finish_error(self, job: Job, err: EaselError) -> None:
+        conn, req, _ = job.payload
+        self._forget(job)
+        await conn.send(error_reply(req.id, err))
+
+    # ---- the render worker ----------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            job = await self.queue.take(self.service.active_key)
+            if job is None:
+                return
+            if job.cancel_event.is_set():
+                self._forget(job)
+                continue
+            conn, req, prepared = job.payload
+            now = time.monotonic()
+            if job.deadline is not None and now > job.deadline:
+                await self._finish_error(
+                    job,
+                    DeadlineExceeded(f"deadline of {req.deadline_s}s passed while queued", deadline_s=req.deadline_s),
+                )
+                continue
+            job.state, job.started_at, job.step = "running", now, 0
+            self.running = job
+            prepared.timings["queue_wait"] = now - job.enqueued_at
+            if req.progress:
+                await conn.send(Event(id=req.id, event="started", steps=job.shape.steps))
+            try:
+                result = await loop.run_in_executor(self.executor, self._run_job, job, prepared, loop)
+            except EaselError as err:
+                await self._finish_error(job, err)
+            except Exception as exc:
+                log.exception("render %s failed", job.job_id)
+                await self._finish_error(job, RenderFailed(f"render failed: {type(exc).__name__}: {exc}"))
+            else:
+                self.renders_done += 1
+                result.job = job.job_id
+                self._forget(job)
+                await conn.send(Result(id=req.id, op="render", result=encode_struct(result)))
+            finally:
+                self.running = None
+
+    def _run_job(self, job: Job, prepared: Prepared, loop: asyncio.AbstractEventLoop):
+        """In the render thread. `on_step` stops the render at the next step when cancelled or late."""
+        conn, req, _ = job.payload
+        t0 = time.perf_counter()
+
+        def on_step(i: int, n: int) -> None:
+            job.step = i
+            if job.cancel_event.is_set():
+                raise Cancelled(f"render cancelled at step {i} of {n}", step=i)
+            if job.deadline is not None and time.monotonic() > job.deadline:
+                raise DeadlineExceeded(f"deadline of {req.deadline_s}s passed at step {i} of {n}", step=i)
+            if req.progress:
+                ev = Event(id=req.id, event="progress", step=i, steps=n, elapsed_s=time.perf_counter() - t0)
+                asyncio.run_coroutine_threadsafe(conn.send(ev), loop)
+
+        result = self.service.run(prepared, on_step)
+        t = result.timings
+        t["total"] = time.perf_counter() - t0 + t.get("queue_wait", 0.0)
+        other = t.get("text_encode", 0.0) + t.get("decode", 0.0) + t.get("write", 0.0)
+        self.times.observe(job.shape, t.get("denoise", 0.0), other)
+        if result.stack_switched:
+            self.times.observe_switch(t.get("stack_switch", 0.0))
+        return result
+
+    # ---- status ---------------------------------------------------------------------------------
+
+    def _estimates(self) -> dict[str, tuple[float | None, float | None]]:
+        now = time.monotonic()
+        left: float | None = 0.0
+        active = self.service.active_key
+        if self.running is not None:
+            est = self.times.estimate(self.running.shape)
+            left = None if est is None else max(0.0, est - (now - (self.running.started_at or now)))
+            active = self.running.stack_key
+        return estimate_queue(self.queue.jobs, active, now, self.times, left, self.config.policy)
+
+    def _job_info(self, job: Job, now: float, est: tuple[float | None, float | None] | None) -> JobInfo:
+        _, req, _ = job.payload
+        return JobInfo(
+            job=job.job_id,
+            request_id=req.id,
+            priority=req.priority,
+            state=job.state,
+            width=job.shape.width,
+            height=job.shape.height,
+            steps=job.shape.steps,
+            stack=job.stack_label,
+            waited_s=(job.started_at or now) - job.enqueued_at,
+            step=job.step,
+            estimated_start_s=None if est is None else est[0],
+            estimated_finish_s=None if est is None else est[1],
+        )
+
+    def status(self) -> StatusResult:
+        now = time.monotonic()
+        ests = self._estimates()
+        in_flight = None
+        if self.running is not None:
+            est = self.times.estimate(self.running.shape)
+            left = None if est is None else max(0.0, est - (now - (self.running.started_at or now)))
+            in_flight = self._job_info(self.running, now, (0.0, left))
+        from daemon.scheduler import plan
+
+        ordered = plan(self.queue.jobs, self.service.active_key, now, self.config.policy)
+        svc = self.service.status()
+        return StatusResult(
+            version=self.version,
+            protocol=PROTOCOL_VERSION,
+            preset=self.service.preset_name,
+            model_loaded=True,
+            warm=self.service.warm,
+            uptime_s=now - self.started,
+            pid=os.getpid(),
+            socket=str(self.config.socket_path),
+            active_stack=svc["active_stack"],
+            lora_cache=svc["lora_cache"],
+            queue_depth=len(self.queue),
+            queue_capacity=self.queue.capacity,
+            queue=[self._job_info(j, now, ests.get(j.job_id)) for j in ordered],
+            step_times=self.times.table(),
+            shutting_down=self.queue.closed,
+            renders_done=self.renders_done,
+            stack_switches=self.service.stack_switches,
+            in_flight=in_flight,
+        )
+
+
+def encode_struct(s: Any) -> dict[str, Any]:
+    import msgspec
+
+    return msgspec.to_builtins(s, builtin_types=(bytes,))
+
+
+def encode_status(s: StatusResult) -> dict[str, Any]:
+    return encode_struct(s)
+
+
+def _event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run_daemon(config: DaemonConfig, *, service: RenderService | None = None, announce=print) -> int:
+    """`easel serve`: refuse if a daemon answers, load + warm the model, bind, serve until stopped."""
+    path = Path(config.socket_path)
+    ensure_private_dir(path.parent)
+    clear_stale_socket(path)  # refuse early (before minutes of model loading) if a daemon is live
+    if service is None:
+        t0 = time.perf_counter()
+        service = RenderService.load(config)
+        announce(f"easel: preset {service.preset_name} loaded in {time.perf_counter() - t0:.1f}s")
+    if config.warmup and not service.warm:
+        announce(f"easel: warmed up in {service.warm_up():.1f}s")
+    else:
+        service.warm = True
+    sock = bind_unix_socket(path)
+    inode = socket_inode(path)
+    _event_loop_policy()
+    try:
+        asyncio.run(_serve(config, service, sock, announce))
+    finally:
+        remove_socket(path, inode)
+        sock.close()
+    announce("easel: stopped")
+    return 0
+
+
+async def _serve(config: DaemonConfig, service: RenderService, sock: socket.socket, announce) -> None:
+    server = DaemonServer(config, service)
+    await server.serve(sock, on_ready=lambda: announce(f"easel: ready on {config.socket_path} (pid {os.getpid()})"))
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - `easel serve` is the entry point
+    from client.cli.serve import serve_command
+
+    return serve_command.main(argv if argv is not None else sys.argv[1:], standalone_mode=True)

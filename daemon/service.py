@@ -1,0 +1,321 @@
+"""The glue between the scheduler and the model room: a wire Render request becomes a prepared job
+(on the event loop: cheap checks, path confinement), then a picture (in the one render thread: stack
+switch, engine render, PNG write).
+
+`RenderService` takes its engine and LoRA patcher as arguments so the scheduler/protocol tests can run it
+over a small stand-in; `RenderService.load(config)` builds the real ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from daemon.config import DaemonConfig
+from daemon.engine.png import encode_png
+from daemon.engine.request import RenderSpec, validate_spec
+from daemon.engine.tiers import TIERS
+from daemon.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
+from daemon.fs import atomic_write_bytes
+from daemon.protocol.messages import FileReport, Render, RenderResult
+from daemon.security import confine
+
+log = logging.getLogger("easel.service")
+
+StepCallback = Callable[[int, int], None]
+StackKey = tuple  # ((path, scale, mtime_ns, size), ...): equal keys mean the live model needs no switch
+
+
+class Engine(Protocol):
+    """What the service needs from daemon.engine.model.LoadedModel."""
+
+    def render(self, spec: RenderSpec, on_step: StepCallback | None = None, limits: Any = ...) -> Any: ...
+
+
+@dataclass(frozen=True)
+class StackItem:
+    path: Path
+    scale: float
+    name: str | None = None
+
+
+@dataclass
+class Prepared:
+    """A validated render, ready for the worker. Everything here was checked on the event loop."""
+
+    spec: RenderSpec
+    stack: list[StackItem]
+    stack_key: StackKey
+    zero_match: str
+    output_path: Path | None
+    return_bytes: bool
+    trace_context: dict[str, str] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def stack_key(items: list[StackItem]) -> StackKey:
+    """Identity of a stack on the live model; a file changed on disk (mtime/size) is a different stack."""
+    key = []
+    for it in items:
+        st = it.path.stat()
+        key.append((str(it.path), float(it.scale), st.st_mtime_ns, st.st_size))
+    return tuple(key)
+
+
+def resolve_shape(req: Render, preset: str, default_steps: int, default_guidance: float) -> RenderSpec:
+    """Explicit fields over tier defaults over the engine's defaults (pure)."""
+    width, height, steps, guidance = 1024, 1024, default_steps, default_guidance
+    if req.tier is not None:
+        tier = TIERS.get(req.tier)
+        if tier is None:
+            raise InvalidRequest(f"unknown tier {req.tier!r}; known tiers: {', '.join(TIERS)}", field="tier")
+        width, height, steps, guidance = tier.width, tier.height, tier.steps, tier.guidance
+    if req.preset is not None and req.preset != preset:
+        raise InvalidRequest(
+            f"this daemon serves preset {preset!r}; the request asks for {req.preset!r}", field="preset"
+        )
+    return RenderSpec(
+        prompt=req.prompt,
+        width=req.width if req.width is not None else width,
+        height=req.height if req.height is not None else height,
+        steps=req.steps if req.steps is not None else steps,
+        guidance=req.guidance if req.guidance is not None else guidance,
+        seed=req.seed if req.seed is not None else random.randrange(2**32),
+        preset=preset,
+    )
+
+
+def file_report(entry: Any) -> FileReport:
+    """The patcher's per-file report as a wire struct (tolerant of extra attributes)."""
+    leftover = getattr(entry, "leftover", None) or []
+    if isinstance(leftover, dict):
+        leftover = list(leftover.items())
+    leftover = [": ".join(map(str, x)) if isinstance(x, (tuple, list)) else str(x) for x in leftover]
+    return FileReport(
+        path=str(entry.path),
+        scale=float(entry.scale),
+        format=str(getattr(entry, "format", "unknown")),
+        keys_total=int(getattr(entry, "keys_total", 0)),
+        keys_applied=int(getattr(entry, "keys_applied", 0)),
+        layers_patched=int(getattr(entry, "layers_patched", 0)),
+        name=getattr(entry, "name", None),
+        rank=getattr(entry, "rank", None),
+        alpha=None if getattr(entry, "alpha", None) is None else float(entry.alpha),
+        leftover=leftover[:200],
+    )
+
+
+class RenderService:
+    """Owns the live model's LoRA stack. `run` must only ever be called from the one render thread."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: DaemonConfig,
+        *,
+        patcher: Any = None,
+        cache: Any = None,
+        preset_name: str | None = None,
+        default_steps: int = 4,
+        default_guidance: float = 3.5,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.patcher = patcher
+        self.cache = cache
+        self.preset_name = preset_name or config.preset
+        self.default_steps = default_steps
+        self.default_guidance = default_guidance
+        self.active_key: StackKey = ()
+        self.active_report: list[FileReport] = []
+        self.warm = False
+        self.stack_switches = 0
+
+    @classmethod
+    def load(cls, config: DaemonConfig) -> RenderService:
+        """Load the preset's model and a patcher on its transformer, then warm up (slow: seconds to minutes)."""
+        from daemon.engine.model import load_model
+        from daemon.lora.cache import LoraCache
+        from daemon.lora.patcher import LoraPatcher
+
+        model = load_model(config.preset, model_path=config.model_path)
+        cache = LoraCache(config.lora_cache_bytes)
+        patcher = LoraPatcher(model.flux.transformer, cache)
+        svc = cls(
+            model,
+            config,
+            patcher=patcher,
+            cache=cache,
+            preset_name=model.preset.name,
+            default_steps=model.preset.default_steps,
+            default_guidance=model.preset.default_guidance,
+        )
+        return svc
+
+    # ---- on the event loop ----------------------------------------------------------------------
+
+    def prepare(self, req: Render) -> Prepared:
+        spec = resolve_shape(req, self.preset_name, self.default_steps, self.default_guidance)
+        validate_spec(spec, self.config.limits)
+        items = []
+        for i, (p, s) in enumerate(zip(req.lora_paths, req.lora_scales, strict=True)):
+            resolved = confine(p, self.config.lora_roots, what="LoRA", must_exist=True)
+            if not resolved.is_file():
+                raise LoraNotFound(f"lora_paths[{i}]: no LoRA file at {resolved}", path=p, index=i)
+            name = req.lora_names[i] if req.lora_names else None
+            items.append(StackItem(resolved, float(s), name))
+        out = None
+        if not req.return_bytes:
+            if req.output_path is None:
+                out = self.config.output_root / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.png"
+            else:
+                out = confine(req.output_path, [self.config.output_root], what="output")
+                if out.suffix.lower() != ".png":
+                    raise InvalidRequest(f"output_path must end in .png, got {req.output_path!r}", field="output_path")
+                if out.is_dir():
+                    raise InvalidRequest(f"output_path {out} is a directory", field="output_path")
+        return Prepared(
+            spec=spec,
+            stack=items,
+            stack_key=stack_key(items),
+            zero_match=req.zero_match,
+            output_path=out,
+            return_bytes=req.return_bytes,
+            trace_context=req.trace_context,
+        )
+
+    def status(self) -> dict[str, Any]:
+        cache = {}
+        if self.cache is not None:
+            stats = self.cache.stats()
+            cache = stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
+        return {
+            "active_stack": [{"path": k[0], "scale": k[1]} for k in self.active_key],
+            "lora_cache": cache,
+        }
+
+    # ---- in the render thread -------------------------------------------------------------------
+
+    def render_span(self, prepared: Prepared) -> contextlib.AbstractContextManager:
+        """Where the per-render telemetry span opens (daemon/telemetry replaces this)."""
+        return contextlib.nullcontext()
+
+    def switch_stack(self, prepared: Prepared) -> bool:
+        """Make the live model carry `prepared`'s stack. Returns True if the weights changed."""
+        if prepared.stack_key == self.active_key:
+            if prepared.zero_match == "error":
+                for rep in self.active_report:
+                    if rep.keys_applied == 0:
+                        raise LoraZeroMatch(f"LoRA {rep.path} matched zero keys of the loaded model", path=rep.path)
+            return False
+        if self.patcher is None:
+            raise InvalidRequest("this daemon was started without LoRA support", field="lora_paths")
+        if prepared.stack:
+            from daemon.lora.patcher import StackEntry
+
+            entries = [StackEntry(str(it.path), it.scale, name=it.name) for it in prepared.stack]
+            report = self.patcher.apply_stack(entries, zero_match=prepared.zero_match)
+            files = [file_report(f) for f in report.files]
+            for f, it in zip(files, prepared.stack, strict=False):
+                if f.name is None and it.name is not None:
+                    f.name = it.name
+        else:
+            self.patcher.clear()
+            files = []
+        self.active_key, self.active_report = prepared.stack_key, files
+        self.stack_switches += 1
+        return True
+
+    def run(self, prepared: Prepared, on_step: StepCallback | None = None) -> RenderResult:
+        t = prepared.timings
+        with self.render_span(prepared):
+            t0 = time.perf_counter()
+            switched = self.switch_stack(prepared)
+            t["stack_switch"] = time.perf_counter() - t0
+            out = self.engine.render(prepared.spec, on_step=on_step, limits=self.config.limits)
+            t.update(out.timings)
+            t0 = time.perf_counter()
+            meta = prepared.spec.to_metadata() | {
+                "lora_paths": [str(i.path) for i in prepared.stack],
+                "lora_scales": [i.scale for i in prepared.stack],
+                "matched_keys": [r.keys_applied for r in self.active_report],
+            }
+            data = encode_png(out.image, meta)
+            if prepared.output_path is not None:
+                atomic_write_bytes(prepared.output_path, data)
+            t["write"] = time.perf_counter() - t0
+        spec = prepared.spec
+        return RenderResult(
+            width=out.image.width,
+            height=out.image.height,
+            seed=spec.seed,
+            steps=spec.steps,
+            guidance=spec.guidance,
+            preset=spec.preset,
+            stack=list(self.active_report),
+            matched_keys=[r.keys_applied for r in self.active_report],
+            timings=t,
+            stack_switched=switched,
+            image_path=str(prepared.output_path) if prepared.output_path is not None else None,
+            image_bytes=data if prepared.return_bytes else None,
+        )
+
+    def warm_up(self) -> float:
+        """One small render so the first request does not pay for lazy initialisation."""
+        t0 = time.perf_counter()
+        size = self.config.warmup_size
+        spec = RenderSpec(
+            prompt="warm up", width=size, height=size, steps=self.config.warmup_steps, preset=self.preset_name
+        )
+        self.engine.render(spec)
+        self.warm = True
+        return time.perf_counter() - t0
+
+    def inspect(self, path: str) -> dict[str, Any]:
+        """A LoRA's report without rendering (read-only: the live model is not touched)."""
+        resolved = confine(path, self.config.lora_roots, what="LoRA", must_exist=True)
+        if not resolved.is_file():
+            raise LoraNotFound(f"no LoRA file at {resolved}", path=path)
+        inspect_lora = _inspect_fn()
+
+        transformer = getattr(getattr(self.engine, "flux", None), "transformer", None)
+        report = inspect_lora(str(resolved), transformer=transformer)
+        return _plain(report)
+
+
+def _inspect_fn() -> Callable[..., Any]:
+    """`inspect_lora(path, transformer=None)` from the LoRA room, wherever it lives."""
+    import importlib
+
+    for mod in ("daemon.lora", "daemon.lora.inspect", "daemon.lora.patcher"):
+        fn = getattr(importlib.import_module(mod), "inspect_lora", None)
+        if fn is not None:
+            return fn
+    raise RuntimeError("daemon.lora provides no inspect_lora()")
+
+
+def _plain(obj: Any) -> Any:
+    """Dataclasses / objects -> msgpack-native values."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return obj
+    if hasattr(obj, "__dict__"):
+        return {k: _plain(v) for k, v in vars(obj).items() if not k.startswith("_")}
+    return str(obj)

@@ -1,0 +1,163 @@
+"""Framing and message schemas: pure, no sockets beyond a socketpair, no model."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from daemon.errors import FrameTooLarge, InvalidRequest, ProtocolError, UnknownOperation
+from daemon.protocol import framing
+from daemon.protocol.messages import (
+    Cancel,
+    Error,
+    Event,
+    Ping,
+    Render,
+    Result,
+    decode_reply,
+    decode_request,
+    encode,
+    error_reply,
+)
+
+
+def pack(obj) -> bytes:
+    return msgspec.msgpack.encode(obj)
+
+
+def test_frame_header_is_4_byte_big_endian_length():
+    assert framing.encode_frame(b"abc") == b"\x00\x00\x00\x03abc"
+
+
+@given(st.binary(max_size=5000))
+def test_blocking_frames_roundtrip(payload):
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(framing.encode_frame(payload))
+        assert framing.recv_frame(b) == payload
+
+
+def _reader_with(data: bytes) -> asyncio.StreamReader:
+    r = asyncio.StreamReader()
+    r.feed_data(data)
+    r.feed_eof()
+    return r
+
+
+def test_async_reader_clean_eof_truncated_and_oversized():
+    async def go():
+        assert await framing.read_frame(_reader_with(framing.encode_frame(b"hi"))) == b"hi"
+        with pytest.raises(framing.PeerClosed):
+            await framing.read_frame(_reader_with(b""))
+        with pytest.raises(ProtocolError, match="truncated frame header"):
+            await framing.read_frame(_reader_with(b"\x00\x00"))
+        with pytest.raises(ProtocolError, match="announced 10 bytes"):
+            await framing.read_frame(_reader_with(b"\x00\x00\x00\x0aabc"))
+        with pytest.raises(FrameTooLarge):
+            await framing.read_frame(_reader_with(b"\xff\xff\xff\xff"), max_frame=1024)
+
+    asyncio.run(go())
+
+
+def test_encode_refuses_frame_over_cap():
+    with pytest.raises(FrameTooLarge):
+        framing.encode_frame(b"x" * 2000, max_frame=1024)
+
+
+def test_decode_ping_and_render():
+    assert decode_request(pack({"op": "ping", "id": 1})) == Ping(id=1)
+    req = decode_request(
+        pack({"op": "render", "id": "r1", "prompt": "a", "lora_paths": ["a.safetensors"], "lora_scales": [1]})
+    )
+    assert isinstance(req, Render) and req.lora_scales == [1.0] and req.priority == "interactive"
+    assert req.zero_match == "error" and req.return_bytes is False
+
+
+@pytest.mark.parametrize(
+    "payload, exc, field",
+    [
+        (b"\xc1", ProtocolError, None),  # 0xc1 is never valid msgpack
+        (pack([1, 2, 3]), ProtocolError, None),
+        (pack("ping"), ProtocolError, None),
+        (pack({"op": "ping"}), InvalidRequest, "id"),
+        (pack({"id": 1}), InvalidRequest, "op"),
+        (pack({"op": "fly", "id": 1}), UnknownOperation, None),
+        (pack({"op": "ping", "id": 1, "extra": 2}), InvalidRequest, None),
+        (pack({"op": "render", "id": 1, "prompt": 5}), InvalidRequest, "prompt"),
+        (pack({"op": "render", "id": 1, "prompt": "a", "steps": "4"}), InvalidRequest, "steps"),
+        (pack({"op": "render", "id": 1, "prompt": "a", "steps": True}), InvalidRequest, "steps"),
+        (pack({"op": "render", "id": 1, "prompt": "a", "steps": -1}), InvalidRequest, "steps"),
+        (pack({"op": "render", "id": 1, "prompt": "a", "seed": -5}), InvalidRequest, "seed"),
+        (pack({"op": "render", "id": 1, "prompt": "a", "guidance": math.nan}), InvalidRequest, "guidance"),
+        (pack({"op": "render", "id": 1, "prompt": "a", "guidance": math.inf}), InvalidRequest, "guidance"),
+        (pack({"op": "render", "id": 1, "prompt": "a", "deadline_s": -1.0}), InvalidRequest, "deadline_s"),
+        (pack({"op": "render", "id": 1, "prompt": "   "}), InvalidRequest, "prompt"),
+        (pack({"op": "render", "id": 1, "prompt": "a", "priority": "urgent"}), InvalidRequest, "priority"),
+        (pack({"op": "render", "id": 1, "prompt": "a", "zero_match": "ignore"}), InvalidRequest, "zero_match"),
+        (
+            pack({"op": "render", "id": 1, "prompt": "a", "lora_paths": ["a", "b"], "lora_scales": [1.0]}),
+            InvalidRequest,
+            "lora_scales",
+        ),
+        (
+            pack({"op": "render", "id": 1, "prompt": "a", "lora_paths": ["a"], "lora_scales": [math.nan]}),
+            InvalidRequest,
+            "lora_scales[0]",
+        ),
+        (
+            pack({"op": "render", "id": 1, "prompt": "a", "lora_paths": ["a"], "lora_scales": [-math.inf]}),
+            InvalidRequest,
+            "lora_scales[0]",
+        ),
+        (pack({"op": "render", "id": 1, "prompt": "a", "lora_paths": "a", "lora_scales": 1.0}), InvalidRequest, None),
+        (pack({"op": "render", "id": 1, "prompt": "a", "return_bytes": True, "output_path": "x.png"}), InvalidRequest,
+         "output_path"),
+        (pack({"op": "cancel", "id": 1}), InvalidRequest, "target"),
+    ],
+)  # fmt: skip
+def test_bad_messages_get_typed_errors(payload, exc, field):
+    with pytest.raises(exc) as info:
+        decode_request(payload)
+    assert type(info.value) is exc
+    if field is not None:
+        assert info.value.details.get("field") == field
+
+
+@pytest.mark.parametrize("old", ["lora_path", "lora_scale"])
+def test_singular_lora_fields_rejected_with_pointer_to_arrays(old):
+    with pytest.raises(InvalidRequest, match="lora_paths.*lora_scales") as info:
+        decode_request(pack({"op": "render", "id": 7, "prompt": "a", old: "x"}))
+    assert info.value.details["field"] == old and info.value.details["id"] == 7
+
+
+def test_error_keeps_request_id_when_readable():
+    with pytest.raises(InvalidRequest) as info:
+        decode_request(pack({"op": "render", "id": "abc", "prompt": 3}))
+    assert info.value.details["id"] == "abc"
+
+
+def test_replies_roundtrip():
+    for msg in (
+        Result(id=1, op="ping", result={"pong": True}),
+        Event(id="x", event="progress", step=1, steps=4),
+        error_reply(3, InvalidRequest("bad", field="steps")),
+    ):
+        assert decode_reply(encode(msg)) == msg
+    err = decode_reply(encode(error_reply(None, ProtocolError("nope"))))
+    assert isinstance(err, Error) and err.id is None and err.error.code == "protocol_error"
+
+
+def test_cancel_by_job_or_target():
+    assert decode_request(pack({"op": "cancel", "id": 2, "target": 1})) == Cancel(id=2, target=1)
+    assert decode_request(pack({"op": "cancel", "id": 2, "job": "1:3"})) == Cancel(id=2, job="1:3")
+
+
+def test_trace_context_is_carried():
+    tc = {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
+    assert decode_request(pack({"op": "ping", "id": 1, "trace_context": tc})).trace_context == tc

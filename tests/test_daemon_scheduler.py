@@ -1,0 +1,139 @@
+"""The scheduler's choice, queue bounds and time estimates (pure, no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from daemon.errors import Busy, ShuttingDown
+from daemon.scheduler import (
+    BATCH,
+    INTERACTIVE,
+    Job,
+    JobQueue,
+    Policy,
+    Shape,
+    StepTimes,
+    choose,
+    count_switches,
+    estimate_queue,
+    plan,
+)
+
+SHAPE = Shape("tiny", 64, 64, 2)
+
+
+def job(name, stack, priority=INTERACTIVE, at=0.0, shape=SHAPE):
+    return Job(job_id=name, priority=priority, stack_key=stack, shape=shape, enqueued_at=at)
+
+
+def live(name, stack):
+    """A job enqueued now (JobQueue.take measures waits against the real clock)."""
+    return Job(job_id=name, priority=INTERACTIVE, stack_key=stack, shape=SHAPE)
+
+
+def test_prefers_active_stack_over_older_job():
+    a1, b1, a2 = job("a1", "A"), job("b1", "B"), job("a2", "A")
+    assert choose([b1, a2], "A", now=1.0) is a2
+    assert choose([a1, b1, a2], "B", now=1.0) is b1
+
+
+def test_interactive_before_batch_even_on_other_stack():
+    b = job("batch", "A", BATCH)
+    i = job("inter", "B", INTERACTIVE)
+    assert choose([b, i], "A", now=0.0) is i
+
+
+def test_bypass_bound_prevents_starvation():
+    old = job("old", "B")
+    pol = Policy(max_bypass=3, max_wait_s=1e9)
+    q = [old] + [job(f"a{i}", "A") for i in range(10)]
+    order = [j.job_id for j in plan(q, "A", now=0.0, policy=pol)]
+    assert order.index("old") == 3  # passed over exactly max_bypass times, then it goes
+
+
+def test_wait_bound_prevents_starvation():
+    old = job("old", "B", BATCH, at=0.0)
+    fresh = job("new", "A", INTERACTIVE, at=99.0)
+    assert choose([old, fresh], "A", now=100.0, policy=Policy(max_wait_s=50)) is old
+    assert choose([old, fresh], "A", now=10.0, policy=Policy(max_wait_s=50)) is fresh
+
+
+def test_plan_groups_stacks_and_saves_switches():
+    rng = random.Random(1)
+    stacks = [rng.choice("ABC") for _ in range(30)]
+    q = [job(str(i), s) for i, s in enumerate(stacks)]
+    fifo = count_switches(stacks)
+    ours = count_switches([j.stack_key for j in plan(q, None, now=0.0, policy=Policy(max_bypass=100))])
+    assert ours == 3 < fifo
+
+
+@settings(max_examples=50)
+@given(st.lists(st.tuples(st.sampled_from("ABCD"), st.sampled_from([INTERACTIVE, BATCH])), min_size=1, max_size=40))
+def test_plan_is_a_permutation_and_bounded(items):
+    pol = Policy(max_bypass=4, max_wait_s=1e9)
+    q = [job(str(i), s, p) for i, (s, p) in enumerate(items)]
+    order = plan(q, None, now=0.0, policy=pol)
+    assert sorted(j.job_id for j in order) == sorted(j.job_id for j in q)
+    for pos, j in enumerate(order):  # no job is overtaken by more than max_bypass + 1 later arrivals
+        overtaken_by = sum(1 for k in order[:pos] if k.seq > j.seq)
+        assert overtaken_by <= pol.max_bypass + 1
+    assert not any(j.bypassed for j in q)  # plan does not touch the jobs
+
+
+def test_queue_busy_when_full_and_refuses_after_close():
+    async def go():
+        q = JobQueue(capacity=2)
+        q.submit(live("1", "A"))
+        q.submit(live("2", "B"))
+        with pytest.raises(Busy):
+            q.submit(live("3", "A"))
+        first = await q.take("B")
+        assert first.job_id == "2"
+        q.close()
+        with pytest.raises(ShuttingDown):
+            q.submit(live("4", "A"))
+        assert (await q.take("B")).job_id == "1"
+        assert await q.take("B") is None
+
+    asyncio.run(go())
+
+
+def test_queue_take_waits_for_submit_and_remove_drops():
+    async def go():
+        q = JobQueue(capacity=4)
+        t = asyncio.create_task(q.take(None))
+        await asyncio.sleep(0.01)
+        assert not t.done()
+        j1, j2 = live("1", "A"), live("2", "A")
+        q.submit(j1)
+        q.submit(j2)
+        assert await t is j1
+        assert q.remove(j2) and len(q) == 0 and not q.remove(j2)
+
+    asyncio.run(go())
+
+
+def test_step_times_exact_per_step_and_scaled():
+    t = StepTimes(smoothing=1.0)
+    assert t.estimate(SHAPE) is None
+    t.observe(Shape("tiny", 64, 64, 2), denoise_s=4.0, other_s=1.0)
+    assert t.estimate(Shape("tiny", 64, 64, 2)) == pytest.approx(5.0)
+    assert t.estimate(Shape("tiny", 64, 64, 4)) == pytest.approx(2.0 * 4 + 1.0)
+    assert t.estimate(Shape("tiny", 128, 64, 2)) == pytest.approx(10.0)  # twice the pixels
+    assert t.estimate(Shape("dev", 64, 64, 2)) is None
+
+
+def test_estimates_follow_the_plan_and_add_switch_cost():
+    t = StepTimes(smoothing=1.0)
+    t.observe(SHAPE, 2.0, 0.0)
+    t.observe_switch(1.0)
+    q = [job("b", "B"), job("a", "A")]
+    est = estimate_queue(q, "A", 0.0, t, running_left_s=3.0)
+    assert est["a"] == (3.0, 5.0)  # same stack as active: goes first, no switch
+    assert est["b"] == (5.0, 8.0)  # then a switch (1s) + render (2s)
+    assert estimate_queue(q, "A", 0.0, StepTimes(), 0.0)["b"] == (None, None)
