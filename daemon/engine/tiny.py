@@ -113,6 +113,9 @@ def _save_cache(flux: Flux1, path: Path, seed: int) -> None:
             str(tmp), component_weights(flux), metadata={"easel_tiny_version": TINY_VERSION, "seed": str(seed)}
         )
         os.replace(tmp, path)
+        for stale in path.parent.glob("tiny-v*.safetensors"):  # caches of other versions are dead weight (4 GB)
+            if stale != path and not stale.name.startswith(f"tiny-v{TINY_VERSION}-seed"):
+                stale.unlink(missing_ok=True)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -1,0 +1,17 @@
+"""Shared fixtures. The tiny model (~4 GB fp32) is loaded once per test session and shared."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The tiny preset, loaded (from the on-disk cache when present) once for the whole session.
+
+    Tests that patch it must restore it (the LoRA patcher's clear() does); tests must not keep references
+    to a modified model past their end.
+    """
+    from daemon.engine.model import load_model
+
+    return load_model("tiny")

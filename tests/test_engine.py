@@ -1,0 +1,236 @@
+"""Engine: validation, presets and weights lookup, the tiny model cache, determinism, PNG metadata."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from daemon.engine.png import read_metadata, write_png
+from daemon.engine.presets import PRESETS, get_preset, locate_weights
+from daemon.engine.request import Limits, RenderSpec, validate_spec
+from daemon.errors import InvalidRequest, WeightsNotFound
+
+GOOD = RenderSpec(prompt="a red fox in snow", width=64, height=64, steps=2, guidance=3.5, seed=7, preset="tiny")
+
+
+# ---------------------------------------------------------------- validation (no model)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"prompt": ""}, "prompt", "empty"),
+        ({"prompt": "   \n"}, "prompt", "empty"),
+        ({"prompt": 5}, "prompt", "string"),
+        ({"prompt": "x" * 5000}, "prompt", "limit"),
+        ({"width": 65}, "width", "multiple of 16"),
+        ({"height": 100}, "height", "multiple of 16"),
+        ({"width": 32}, "width", "within"),
+        ({"height": 4096}, "height", "within"),
+        ({"width": 64.0}, "width", "integer"),
+        ({"width": True}, "width", "integer"),
+        ({"steps": 0}, "steps", "within"),
+        ({"steps": 101}, "steps", "within"),
+        ({"steps": 2.5}, "steps", "integer"),
+        ({"guidance": -1.0}, "guidance", "within"),
+        ({"guidance": 31.0}, "guidance", "within"),
+        ({"guidance": math.nan}, "guidance", "finite"),
+        ({"guidance": math.inf}, "guidance", "finite"),
+        ({"guidance": "3.5"}, "guidance", "number"),
+        ({"seed": -1}, "seed", "within"),
+        ({"seed": 2**40}, "seed", "within"),
+        ({"preset": ""}, "preset", "non-empty"),
+    ],
+)
+def test_every_validation_error_names_its_field(change, field, words):
+    with pytest.raises(InvalidRequest) as info:
+        validate_spec(replace(GOOD, **change))
+    assert info.value.field == field
+    assert words in info.value.message
+    assert info.value.to_wire()["code"] == "invalid_request"
+
+
+def test_pixel_limit_and_unknown_preset():
+    with pytest.raises(InvalidRequest, match="pixel limit"):
+        validate_spec(replace(GOOD, width=2048, height=2048), Limits(max_pixels=1024 * 1024))
+    with pytest.raises(InvalidRequest, match="unknown preset 'nope'"):
+        validate_spec(replace(GOOD, preset="nope"), presets=tuple(PRESETS))
+    assert validate_spec(GOOD) is GOOD
+
+
+# ---------------------------------------------------------------- presets and weights (no model)
+
+
+def test_real_presets_are_registered():
+    assert {"dev", "schnell", "krea-dev", "tiny"} <= set(PRESETS)
+    assert get_preset("schnell").default_steps == 4
+    with pytest.raises(WeightsNotFound, match="unknown preset"):
+        get_preset("flux-9000")
+
+
+def test_missing_weights_error_says_where_and_how(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("EASEL_MODEL_PATH", raising=False)
+    monkeypatch.delenv("EASEL_MODEL_PATH_DEV", raising=False)
+    with pytest.raises(WeightsNotFound) as info:
+        locate_weights(get_preset("dev"))
+    msg = info.value.message
+    assert str(tmp_path / "hub" / "models--black-forest-labs--FLUX.1-dev") in msg
+    assert "--model-path" in msg and "EASEL_MODEL_PATH_DEV" in msg and "--preset tiny" in msg
+
+
+def test_incomplete_model_path_names_missing_parts(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    with pytest.raises(WeightsNotFound) as info:
+        locate_weights(get_preset("schnell"), tmp_path)
+    assert "missing vae, text_encoder" in info.value.message
+
+
+def test_load_model_real_preset_fails_fast_without_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    from daemon.engine.model import load_model
+
+    with pytest.raises(WeightsNotFound, match="no weights for preset 'krea-dev'"):
+        load_model("krea-dev")
+
+
+def test_complete_layout_is_found_in_hf_cache(tmp_path, monkeypatch):
+    snap = tmp_path / "models--black-forest-labs--FLUX.1-schnell" / "snapshots" / "abc123"
+    for d in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        (snap / d).mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert locate_weights(get_preset("schnell")) == snap
+
+
+# ---------------------------------------------------------------- PNG (no model)
+
+
+def test_png_metadata_round_trip_and_atomic_write(tmp_path):
+    from PIL import Image
+
+    img = Image.new("RGB", (32, 16), (10, 20, 30))
+    meta = GOOD.to_metadata() | {"lora_paths": ["a.safetensors"], "lora_scales": [0.5]}
+    out = tmp_path / "sub" / "x.png"
+    write_png(img, out, meta)
+    assert read_metadata(out) == json.loads(json.dumps(meta))
+    assert [p.name for p in out.parent.iterdir()] == ["x.png"]  # no temp file left behind
+    with Image.open(out) as back:
+        assert back.size == (32, 16)
+
+
+# ---------------------------------------------------------------- the tiny model
+
+
+@pytest.mark.model
+def test_tiny_architecture(tiny_model):
+    flux = tiny_model.flux
+    assert len(flux.transformer.transformer_blocks) == 1
+    assert len(flux.transformer.single_transformer_blocks) == 1
+    assert len(flux.t5_text_encoder.t5_blocks) == 1
+    assert len(flux.clip_text_encoder.text_model.encoder.layers) == 1
+    assert flux.transformer.transformer_blocks[0].attn.to_q.weight.shape == (3072, 3072)
+    assert str(tiny_model.dtype) == "mlx.core.float32"
+    from mlx.utils import tree_flatten
+
+    from daemon.engine.tiny import component_weights
+
+    n = sum(v.size for v in component_weights(flux).values())
+    assert 0.9e9 < n < 1.1e9, n
+    assert tree_flatten(flux.transformer.parameters())
+
+
+def _render(model, spec):
+    steps = []
+    out = model.render(spec, on_step=lambda i, n: steps.append((i, n)))
+    assert steps == [(i, spec.steps) for i in range(1, spec.steps + 1)]
+    assert set(out.timings) == {"text_encode", "denoise", "decode"}
+    return np.asarray(out.image)
+
+
+@pytest.mark.model
+def test_prompt_and_seed_change_the_image(tiny_model):
+    a = _render(tiny_model, GOOD)
+    assert a.shape == (64, 64, 3)
+    assert np.array_equal(a, _render(tiny_model, GOOD))
+    other_prompt = _render(tiny_model, replace(GOOD, prompt="a lighthouse at dusk"))
+    other_seed = _render(tiny_model, replace(GOOD, seed=8))
+    trigger = _render(tiny_model, replace(GOOD, prompt="spaghetti_western, " + GOOD.prompt))
+    for other in (other_prompt, other_seed, trigger):
+        assert np.abs(a.astype(int) - other.astype(int)).mean() > 2.0
+
+
+@pytest.mark.model
+def test_same_request_in_another_process_gives_same_pixels(tiny_model, tmp_path):
+    here = tmp_path / "here.png"
+    out = tiny_model.render(GOOD)
+    write_png(out.image, here, GOOD.to_metadata())
+    there = tmp_path / "there.png"
+    code = (
+        "from daemon.engine.model import load_model; from daemon.engine.request import RenderSpec;"
+        "from daemon.engine.png import write_png;"
+        f"s = RenderSpec(**{GOOD.to_metadata()!r}); m = load_model('tiny');"
+        f"write_png(m.render(s).image, {str(there)!r}, s.to_metadata())"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(here)), np.asarray(Image.open(there)))
+    assert read_metadata(there) == read_metadata(here) == json.loads(json.dumps(GOOD.to_metadata()))
+
+
+@pytest.mark.model
+def test_cancel_from_step_callback_stops_render(tiny_model):
+    from daemon.errors import Cancelled
+
+    seen = []
+
+    def stop_after_first(i, n):
+        seen.append(i)
+        raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        tiny_model.render(replace(GOOD, steps=4), on_step=stop_after_first)
+    assert seen == [1]
+    # the model still renders normally afterwards
+    assert _render(tiny_model, GOOD).shape == (64, 64, 3)
+
+
+@pytest.mark.model
+def test_wrong_preset_for_loaded_model_is_rejected(tiny_model):
+    with pytest.raises(InvalidRequest, match="preset 'tiny' loaded"):
+        tiny_model.render(replace(GOOD, preset="dev"))
+
+
+@pytest.mark.model
+def test_corrupt_cache_is_rebuilt(tiny_model, tmp_path, monkeypatch):
+    from mlx.utils import tree_flatten
+
+    from daemon.engine import tiny
+
+    real_cache = tiny.cache_path()
+    monkeypatch.setenv("EASEL_CACHE_DIR", str(tmp_path))
+    path = tiny.cache_path()
+    assert path.parent == tmp_path
+    # garbage and a truncated copy of a real cache (its header promises 4 GB, the file holds 1 MB)
+    path.write_bytes(b"\x00garbage" * 8)
+    with pytest.raises(Exception):  # noqa: B017 - any reader error is what the loader must survive
+        tiny._load_cache(path, tiny.TINY_SEED)
+    with open(real_cache, "rb") as fh:
+        path.write_bytes(fh.read(1 << 20))
+    flux, how = tiny.load_tiny()
+    assert how.startswith("rebuilt"), how
+    assert path.stat().st_size == real_cache.stat().st_size
+    want = dict(tree_flatten(tiny_model.flux.transformer.parameters()))
+    got = dict(tree_flatten(flux.transformer.parameters()))
+    for key in ("x_embedder.weight", "single_transformer_blocks.0.proj_mlp.weight", "proj_out.weight"):
+        assert np.array_equal(np.asarray(want[key]), np.asarray(got[key])), key
+    del flux, got
+    again, how = tiny.load_tiny()
+    assert how == "cache"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files left
