@@ -1,0 +1,195 @@
+"""Read a LoRA file as safetensors, and only as safetensors: nothing is ever unpickled.
+
+Why a small parser of our own: numpy (the only array library the thin install has) cannot hold bfloat16,
+the dtype most Flux LoRAs ship in, so `safetensors.numpy` refuses those files. The format is simple
+(an 8-byte little-endian header length, a JSON header, one flat data buffer) and fully validated here:
+offsets must tile the buffer exactly, so a truncated or padded-with-garbage file is caught.
+
+Files that are not safetensors are recognised from their first bytes and refused with a message
+naming what they look like (pickle, PyTorch zip checkpoint, Draw Things s4nnc/SQLite, GGUF, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from daemon.errors import LoraFormatError, LoraNotFound
+
+# Largest header any real file has is a few MB; refuse absurd lengths before allocating.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # widened to float32 below
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+
+
+@dataclass(frozen=True)
+class SafetensorsFile:
+    """A parsed safetensors file: float tensors as float32 numpy arrays, metadata as strings."""
+
+    path: str
+    tensors: dict[str, np.ndarray]
+    metadata: dict[str, str] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)  # key -> dtype as stored ("BF16", ...)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.nbytes) for t in self.tensors.values())
+
+
+def sniff(head: bytes, path: str) -> str | None:
+    """Name what a non-safetensors file looks like from its first bytes (None: could be safetensors)."""
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as zf:  # reads the zip directory only, never a member's pickle
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "a zip archive (corrupt)"
+        if any(n.endswith("data.pkl") for n in names):
+            return "a PyTorch checkpoint (zip archive with a pickle, data.pkl)"
+        if names and all(n.endswith(".npy") for n in names):
+            return "a numpy .npz archive"
+        return "a zip archive"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return f"a Python pickle (protocol {head[1]}, e.g. a .ckpt/.pt/.bin checkpoint)"
+    if head.startswith(b"SQLite format 3\x00"):
+        return "a SQLite database (a Draw Things s4nnc checkpoint)"
+    if head.startswith(b"GGUF"):
+        return "a GGUF model file"
+    if head.startswith(b"\x93NUMPY"):
+        return "a numpy .npy array"
+    if head.startswith(b"\x89HDF"):
+        return "an HDF5 file"
+    return None
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> SafetensorsFile:
+    """Parse and validate `path`; raise LoraNotFound / LoraFormatError naming the problem."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        fh = p.open("rb")
+    except FileNotFoundError as exc:
+        raise LoraNotFound(f"LoRA file not found: {p}", path=str(p)) from exc
+    except IsADirectoryError as exc:
+        raise LoraFormatError(f"{p} is a directory, not a LoRA file", path=str(p)) from exc
+    except OSError as exc:
+        raise LoraFormatError(f"cannot read {p}: {exc.strerror or exc}", path=str(p)) from exc
+    with fh:
+        head = fh.read(64)
+        looks_like = sniff(head, str(p))
+        if looks_like is not None:
+            raise LoraFormatError(
+                f"{p.name} is not a safetensors file: it looks like {looks_like}; easel reads safetensors only "
+                "and never unpickles (convert it to .safetensors first)",
+                path=str(p),
+                looks_like=looks_like,
+            )
+        if size < 8:
+            raise LoraFormatError(f"{p.name} is not a safetensors file ({size} bytes: too short)", path=str(p))
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if header_len > MAX_HEADER_BYTES or (len(head) > 8 and head[8:9] != b"{"):
+            raise LoraFormatError(
+                f"{p.name} is not a safetensors file (first bytes {head[:16]!r} are not a safetensors header)",
+                path=str(p),
+            )
+        if 8 + header_len > size:
+            raise LoraFormatError(
+                f"{p.name} is truncated: its header says {header_len} header bytes but the file has {size}",
+                path=str(p),
+            )
+        fh.seek(8)
+        raw_header = fh.read(header_len)
+        try:
+            header = json.loads(raw_header.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LoraFormatError(f"{p.name} has a corrupt safetensors header: {exc}", path=str(p)) from exc
+        if not isinstance(header, dict):
+            raise LoraFormatError(f"{p.name} has a corrupt safetensors header (not a JSON object)", path=str(p))
+        data_start = 8 + header_len
+        data_len = size - data_start
+        metadata = _metadata(header.pop("__metadata__", None), p)
+        specs = _tensor_specs(header, data_len, p)
+        tensors: dict[str, np.ndarray] = {}
+        dtypes: dict[str, str] = {}
+        if specs:
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                for key, (dtype, shape, begin, end) in specs.items():
+                    buf = mm[data_start + begin : data_start + end]
+                    tensors[key] = _to_array(buf, dtype, shape)
+                    dtypes[key] = dtype
+    return SafetensorsFile(path=str(p), tensors=tensors, metadata=metadata, dtypes=dtypes)
+
+
+def _metadata(raw: object, p: Path) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        raise LoraFormatError(f"{p.name} has corrupt metadata (must map strings to strings)", path=str(p))
+    return dict(raw)
+
+
+def _tensor_specs(header: dict, data_len: int, p: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    specs: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    for key, info in header.items():
+        try:
+            dtype = info["dtype"]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise LoraFormatError(f"{p.name}: corrupt header entry for tensor {key!r}", path=str(p)) from exc
+        if dtype not in _DTYPES:
+            raise LoraFormatError(f"{p.name}: tensor {key!r} has unsupported dtype {dtype}", path=str(p), key=key)
+        expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+        if begin < 0 or end < begin or end - begin != expected:
+            raise LoraFormatError(
+                f"{p.name}: tensor {key!r} offsets {begin}..{end} do not fit its shape {list(shape)}",
+                path=str(p),
+                key=key,
+            )
+        if end > data_len:
+            raise LoraFormatError(
+                f"{p.name} is truncated: tensor {key!r} ends at byte {end} of a {data_len}-byte data section",
+                path=str(p),
+                key=key,
+            )
+        specs[key] = (dtype, shape, begin, end)
+    # Offsets must tile the data section with no gap or overlap (the safetensors rule).
+    cursor = 0
+    for _key, (_d, _s, begin, end) in sorted(specs.items(), key=lambda kv: kv[1][2]):
+        if begin != cursor:
+            raise LoraFormatError(f"{p.name}: corrupt safetensors data layout (gap or overlap)", path=str(p))
+        cursor = end
+    if cursor != data_len:
+        raise LoraFormatError(
+            f"{p.name}: {data_len - cursor} trailing bytes after the last tensor (corrupt file)", path=str(p)
+        )
+    return specs
+
+
+def _to_array(buf: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    raw = np.frombuffer(buf, dtype=_DTYPES[dtype])
+    if dtype == "BF16":
+        arr = (raw.astype(np.uint32) << 16).view(np.float32)
+    elif raw.dtype.kind == "f":
+        arr = raw.astype(np.float32)
+    else:
+        arr = raw.copy()
+    return arr.reshape(shape)
