@@ -462,7 +462,7 @@ def describe_plan(plan: BatchPlan) -> str:
     return "\n".join(lines)
 
 
-def summary_lines(result: BatchResult) -> list[str]:
+def summary_lines(result: BatchResult, *, paths: bool = True) -> list[str]:
     plan = result.plan
     lines = [
         f"{plan.genre}/{plan.world} {plan.kind}: {result.count('rendered')} rendered, "
@@ -482,9 +482,9 @@ def summary_lines(result: BatchResult) -> list[str]:
     for r in result.items:
         if r.status == "failed" and r.error:
             lines.append(f"  FAILED {r.job.item.name}: [{r.error.get('code')}] {r.error.get('message')}")
-    if result.manifest_path:
+    if paths and result.manifest_path:
         lines.append(f"  manifest: {result.manifest_path}")
-    if result.contact_sheet_path:
+    if paths and result.contact_sheet_path:
         lines.append(f"  contact sheet: {result.contact_sheet_path}")
     return lines
 
@@ -528,7 +528,7 @@ def client_renderer(client: Any) -> Renderer:
                 on_progress(int(step), int(steps))
 
         result = client.send_render(
-            prompt=job.prompt,
+            job.prompt,
             tier=job.tier,
             width=job.width,
             height=job.height,
@@ -541,7 +541,7 @@ def client_renderer(client: Any) -> Renderer:
             lora_names=[e.name for e in job.stack],
             output_path=str(job.output_path),
             priority="batch",
-            progress=progress,
+            on_progress=progress,
         )
         return outcome_from_result(result, job)
 

@@ -129,7 +129,9 @@ class VisualStyle:
         return str(value or "")
 
     def tier_settings(self, tier: str | None = None) -> dict[str, Any]:
-        """Size, steps, guidance and preset for `tier`: engine defaults, then the pack's `tiers:` overrides."""
+        """Size, steps, guidance and preset for `tier`: engine defaults, then the pack's `tiers:` overrides.
+
+        `preset` is None unless the tier needs a particular model (text_overlay renders on schnell)."""
         tier = tier if tier is not None else self.tier
         if tier is None:
             raise VisualStyleError("tier_settings needs a tier", file=self.sources[-1] if self.sources else None)
@@ -140,9 +142,14 @@ class VisualStyle:
             out = {"width": base.width, "height": base.height, "steps": base.steps, "guidance": base.guidance}
             out["preset"] = base.preset
         out.update(overrides)
-        if out.get("preset") is None:
-            out["preset"] = self.fields.get("preferred_model")
         return out
+
+    @property
+    def preferred_model(self) -> str | None:
+        """The pack's preferred preset: which daemon to send to, not a per-request override (a daemon
+        serves one preset; only a tier that needs another model, such as text_overlay, names one)."""
+        value = self.fields.get("preferred_model")
+        return str(value) if value else None
 
     def to_dict(self) -> dict[str, Any]:
         """Merged fields plus the resolved `lora_stack` (what `resolve_lora_args` reads back)."""

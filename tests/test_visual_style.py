@@ -104,9 +104,9 @@ def test_tier_settings_overlay_engine_defaults_with_pack_overrides():
     g = {"preferred_model": "dev", "tiers": {"portrait": {"steps": 20}}}
     w = {"tiers": {"portrait": {"guidance": 4.0}}}
     style = compose_style(g, w, "portrait", check_files=False)
-    assert style.tier_settings() == {"width": 768, "height": 1024, "steps": 20, "guidance": 4.0, "preset": "dev"}
-    # text_overlay's own preset (schnell) wins over the pack's preferred model
-    assert style.tier_settings("text_overlay")["preset"] == "schnell"
+    assert style.tier_settings() == {"width": 768, "height": 1024, "steps": 20, "guidance": 4.0, "preset": None}
+    assert style.preferred_model == "dev"  # which daemon to use, never forced onto each request
+    assert style.tier_settings("text_overlay")["preset"] == "schnell"  # a tier that needs its own model
 
 
 def test_a_pack_may_define_a_new_tier_with_full_settings():

@@ -95,11 +95,9 @@ def _run(kind: str, **kw: Any) -> None:
     from client.batch import client_renderer
     from client.client import RenderClient
 
-    client_kw: dict[str, Any] = {}
-    if kw["socket"]:
-        client_kw["socket_path"] = kw["socket"]
+    client_kw: dict[str, Any] = {"socket_path": kw["socket"]}
     if kw["timeout"] is not None:
-        client_kw["timeout"] = kw["timeout"]
+        client_kw["render_timeout"] = kw["timeout"]
     try:
         with RenderClient(**client_kw) as client:
             result = run_batch(plan, client_renderer(client), resume=not kw["no_resume"],

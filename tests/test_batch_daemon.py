@@ -1,0 +1,139 @@
+"""Batches through the real daemon server, scheduler, protocol, socket and RenderClient.
+
+The daemon here renders with the stand-in engine of tests/daemon_standin.py (flat images, fixed key
+counts) so these run in seconds; tests/test_batch_e2e.py repeats the essentials on the tiny model with
+the real LoRA patcher.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from daemon_standin import InProcessDaemon, make_config
+from PIL import Image
+
+from client.batch import client_renderer, plan_batch, run_batch
+from client.cli import main as cli
+from client.client import RenderClient
+from client.demo import DemoSettings, print_report, render_worlds
+from client.packs import make_pack_loras
+
+PACKS = Path(__file__).resolve().parents[1] / "genre_packs"
+
+
+@pytest.fixture()
+def packs(tmp_path: Path) -> Path:
+    dst = tmp_path / "genre_packs"
+    shutil.copytree(PACKS, dst, ignore=shutil.ignore_patterns("lora"))
+    make_pack_loras(dst)
+    return dst
+
+
+@pytest.fixture()
+def daemon(tmp_path: Path, packs: Path):
+    config = make_config(tmp_path, lora_roots=(packs / "lora",), output_root=tmp_path / "out")
+    d = InProcessDaemon(config, step_s=0.005).start()
+    yield d
+    d.stop()
+
+
+def manifest_of(plan) -> dict:
+    return json.loads(plan.manifest_path.read_text())
+
+
+def test_batch_through_the_daemon_shows_each_worlds_own_stack(daemon, packs, tmp_path):
+    out = tmp_path / "out" / "batch"
+    with RenderClient(daemon.config.socket_path) as client:
+        render = client_renderer(client)
+        plans = {
+            w: plan_batch(packs, "spaghetti_western", w, "portrait", out, width=64, height=64, steps=2)
+            for w in ("dust_and_lead", "the_real_mccoy")
+        }
+        results = {w: run_batch(p, render, progress=False) for w, p in plans.items()}
+    assert all(r.ok for r in results.values())
+    dust, mccoy = manifest_of(plans["dust_and_lead"]), manifest_of(plans["the_real_mccoy"])
+    for item in dust["items"]:
+        assert [f["name"] for f in item["stack_applied"]] == ["spaghetti_western_portrait"]
+        assert item["stack_applied"][0]["keys_applied"] == 10  # what the daemon reported, per file
+    for item in mccoy["items"]:
+        names = [f["name"] for f in item["stack_applied"]]
+        assert names == ["the_real_mccoy_portrait", "the_real_mccoy_gunsmoke"]
+        assert not any(n.startswith("spaghetti_western") for n in names)
+        assert [f["scale"] for f in item["stack_applied"]] == [0.75, 0.4]
+        assert item["prompt"].startswith("mccoy_face, ")
+        with Image.open(item["output_path"]) as im:
+            assert im.size == (64, 64)
+    # the daemon saw the same stacks the manifests claim, as live-model switches
+    assert ("spaghetti_western_portrait.safetensors", 0.7) in daemon.patcher.switches[0]
+    assert (("the_real_mccoy_portrait.safetensors", 0.75), ("the_real_mccoy_gunsmoke.safetensors", 0.4)) in (
+        daemon.patcher.switches
+    )
+    # seeds reached the daemon unchanged
+    assert sorted(s.seed for s in daemon.engine.rendered) == sorted(j.seed for p in plans.values() for j in p.jobs)
+
+
+def test_second_run_through_the_daemon_renders_nothing(daemon, packs, tmp_path):
+    plan = plan_batch(packs, "gothic_horror", "drowned_abbey", "poi", tmp_path / "out" / "b", width=64, height=64,
+                      steps=1)  # fmt: skip
+    with RenderClient(daemon.config.socket_path) as client:
+        first = run_batch(plan, client_renderer(client), progress=False)
+        n = len(daemon.engine.rendered)
+        second = run_batch(plan, client_renderer(client), progress=False)
+    assert first.count("rendered") == len(plan.jobs) == n
+    assert second.count("skipped") == len(plan.jobs) and len(daemon.engine.rendered) == n
+
+
+def test_a_lora_the_daemon_rejects_is_a_failed_item_not_a_crash(daemon, packs, tmp_path):
+    zero = packs / "lora" / "gothic_horror" / "zero_match.safetensors"  # the stand-in patcher matches nothing
+    shutil.copy(packs / "lora" / "gothic_horror" / "gothic_portrait.safetensors", zero)
+    style = packs / "gothic_horror" / "worlds" / "ravenmoor" / "visual_style.yaml"
+    style.write_text(
+        "loras:\n  add:\n    - {name: zero_match, file: lora/gothic_horror/zero_match.safetensors, scale: 1.0,"
+        " applies_to: [portrait]}\n"
+    )
+    plan = plan_batch(packs, "gothic_horror", "ravenmoor", "portrait", tmp_path / "out" / "z", width=64, height=64,
+                      steps=1)  # fmt: skip
+    with RenderClient(daemon.config.socket_path) as client:
+        result = run_batch(plan, client_renderer(client), progress=False)
+    assert result.count("failed") == len(plan.jobs)
+    errors = [i["error"] for i in manifest_of(plan)["items"]]
+    assert all(e["code"] == "lora_zero_match" and "zero_match" in e["message"] for e in errors)
+
+
+def test_cli_batch_against_the_daemon_and_summary(daemon, packs, tmp_path):
+    args = ["batch", "creature", "--genre", "spaghetti_western", "--world", "the_real_mccoy", "--packs", str(packs),
+            "--out", str(tmp_path / "out" / "cli"), "--socket", str(daemon.config.socket_path), "--width", "64",
+            "--height", "64", "--steps", "1", "--no-progress"]  # fmt: skip
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert "2 rendered, 0 skipped (already done), 0 failed" in res.output
+    assert "the_real_mccoy_landscape @ 0.85: 10/10 keys applied" in res.output
+    assert "the_real_mccoy_gunsmoke @ 0.4: 10/10 keys applied" in res.output
+    assert "contact sheet:" in res.output
+    sheet = tmp_path / "out" / "cli" / "spaghetti_western" / "the_real_mccoy" / "creature" / "contact_sheet.png"
+    assert sheet.is_file()
+
+
+def test_cli_batch_without_a_daemon_is_a_clear_error_not_a_hang(packs, tmp_path):
+    args = ["batch", "poi", "--genre", "spaghetti_western", "--world", "dust_and_lead", "--packs", str(packs),
+            "--out", str(tmp_path / "o"), "--socket", str(tmp_path / "nobody.sock"), "--no-progress"]  # fmt: skip
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code != 0
+    assert "daemon_unavailable" in res.output and "easel serve" in res.output
+
+
+def test_demo_worlds_and_report_through_the_daemon(daemon, packs, tmp_path, capsys):
+    settings = DemoSettings(out=tmp_path / "out", size=64, steps=1, per_kind=1, progress=False)
+    with RenderClient(daemon.config.socket_path) as client:
+        results = render_worlds(client, settings, packs)
+    assert len(results) == 4 * 3 and all(r.ok for r in results)
+    print_report(results, packs)
+    text = capsys.readouterr().out
+    assert "spaghetti_western/dust_and_lead  (world loras: inherits)" in text
+    assert "spaghetti_western/the_real_mccoy  (world loras: exclude/add)" in text
+    assert "drowned_abbey_fog @ 0.8: 10/10 keys applied" in text
+    assert text.count("contact_sheet.png") == 12
