@@ -6,6 +6,7 @@ ExportTraceServiceRequest into the same shape, so a render prints the same which
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import os
@@ -87,6 +88,27 @@ def records_from_otlp(request: ExportTraceServiceRequest) -> list[Record]:
                     }
                 )
     return out
+
+
+def _hex_ids_to_base64(obj: dict[str, Any], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = obj.get(key)
+        if isinstance(value, str) and value:
+            obj[key] = base64.b64encode(bytes.fromhex(value)).decode()
+
+
+def otlp_json_to_request(body: bytes | str) -> ExportTraceServiceRequest:
+    """Decode OTLP/JSON. Unlike protobuf's JSON mapping (base64), OTLP/JSON writes trace and span ids as hex."""
+    doc = json.loads(body)
+    for rs in doc.get("resourceSpans") or doc.get("resource_spans") or []:
+        for ss in rs.get("scopeSpans") or rs.get("scope_spans") or []:
+            for span in ss.get("spans") or []:
+                _hex_ids_to_base64(span, ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"))
+                for link in span.get("links") or []:
+                    _hex_ids_to_base64(link, ("traceId", "spanId", "trace_id", "span_id"))
+    request = ExportTraceServiceRequest()
+    json_format.ParseDict(doc, request, ignore_unknown_fields=True)
+    return request
 
 
 def parse_record(line: str) -> Record | None:
@@ -174,13 +196,17 @@ def follow_file(
 ) -> Iterator[Record]:
     """Records appended to the span file; waits for it to appear, survives rotation and truncation.
 
-    With follow=False, yields what the file holds now and returns.
+    With follow=False, yields what the file holds now and returns. Whether to skip the file's history
+    is decided at the call, not at the first read, so nothing written in between is lost.
     """
-    stop = stop or threading.Event()
+    # Skip history only in a file that existed when we started; one that appears later is all news.
+    return _follow(path, not from_start and path.exists(), follow, stop or threading.Event(), poll_s)
+
+
+def _follow(path: Path, skip_existing: bool, follow: bool, stop: threading.Event, poll_s: float) -> Iterator[Record]:
     handle = None
     inode = None
     pending = ""
-    first_open = True
     while not stop.is_set():
         if handle is None:
             try:
@@ -191,9 +217,9 @@ def follow_file(
                 stop.wait(poll_s)
                 continue
             inode = os.fstat(handle.fileno()).st_ino
-            if first_open and not from_start:
+            if skip_existing:
                 handle.seek(0, os.SEEK_END)
-            first_open = False
+                skip_existing = False
         chunk = handle.read()
         if chunk:
             pending += chunk
@@ -264,10 +290,10 @@ class OtlpHttpReceiver:
                         body = gzip.decompress(body)
                     elif encoding == "deflate":
                         body = zlib.decompress(body)
-                    request = ExportTraceServiceRequest()
                     if is_json:
-                        json_format.Parse(body.decode(), request)
+                        request = otlp_json_to_request(body)
                     else:
+                        request = ExportTraceServiceRequest()
                         request.ParseFromString(body)
                 except Exception as exc:  # a bad body is the sender's problem: 400, keep serving
                     self._reply(400, f"cannot decode OTLP traces: {exc}".encode(), "text/plain")

@@ -63,8 +63,8 @@ def tail(
         path = file_ or default_traces_file()
         if no_follow and not path.exists():
             raise click.ClickException(f"no span file at {path} (set EASEL_TRACES_FILE on the daemon)")
-        click.echo(f"easel traces: following {path}", err=True)
         records = follow_file(path, from_start=from_start or no_follow, follow=not no_follow, stop=stop)
+        click.echo(f"easel traces: following {path}", err=True)
 
     for rec in records:
         if as_json:
