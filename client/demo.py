@@ -164,6 +164,27 @@ def print_report(results: Sequence[BatchResult], packs_root: Path = PACKS) -> No
         print(f"  {s}")
 
 
+def write_overview_sheet(results: Sequence[BatchResult], path: Path) -> Path | None:
+    """One sheet with every render of the demo, captioned world / item, so the worlds compare side by side."""
+    import io
+
+    from client.contact_sheet import Tile, render_sheet
+    from daemon.fs import atomic_write_bytes
+
+    tiles = [
+        Tile(None if i.status == "failed" else i.job.output_path, f"{r.plan.world} / {i.job.item.name}")
+        for r in results
+        for i in r.items
+    ]
+    if not tiles:
+        return None
+    sheet = render_sheet(tiles, "easel demo: every world (tiny preset, reduced size)", columns=len(tiles) // 4 or 1)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m client.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where renders, manifests and sheets go")
@@ -210,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             rc = daemon.stop()
             print(f"daemon stopped (exit code {rc})")
     print_report(results)
+    overview = write_overview_sheet(results, out / "contact_sheet.png")
+    if overview:
+        print(f"  overview of every world: {overview}")
     failed = sum(r.count("failed") for r in results)
     print(f"\ndone in {time.monotonic() - t0:.0f}s; {failed} failed render(s).")
     return 1 if failed else 0
