@@ -41,7 +41,7 @@ def parse_lora(spec: str) -> tuple[str, float]:
 @click.option("--zero-match", type=click.Choice(["error", "warn"]), default="error", show_default=True)
 @click.option("--priority", type=click.Choice(["interactive", "batch"]), default="interactive", show_default=True)
 @click.option("--deadline", type=float, default=None, help="Seconds after which the daemon abandons the job.")
-@click.option("-o", "--output", default=None, help="Output PNG (inside the daemon's output root).")
+@click.option("-o", "--output", default=None, help="Output PNG; relative paths are inside the daemon's output root.")
 @click.option("--timeout", type=float, default=900.0, show_default=True)
 @click.option("--in-process", is_flag=True, help="Load the model here and render without a daemon.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -53,8 +53,6 @@ def render_command(
     """Render PROMPT and print where the PNG went and what the LoRA stack matched."""
     stack = [parse_lora(s) for s in loras]
     paths, scales = [p for p, _ in stack], [s for _, s in stack]
-    if output is not None and not Path(output).is_absolute():
-        output = str(Path(output).resolve())
     fields = dict(tier=tier, width=width, height=height, steps=steps, guidance=guidance, seed=seed, preset=preset)
     try:
         if in_process:
@@ -101,8 +99,7 @@ def _render_in_process(prompt, paths, scales, zero_match, output, fields):
     from daemon.protocol.messages import Render, check_render
     from daemon.service import RenderService
 
-    if output is None:
-        output = str(Path.cwd() / "easel-render.png")
+    output = str(Path(output or "easel-render.png").resolve())  # in-process: relative to the working dir
     roots = tuple({str(Path(p).resolve().parent) for p in paths}) or (str(Path.cwd()),)
     config = DaemonConfig(
         preset=fields.get("preset") or "tiny", lora_roots=roots, output_root=Path(output).resolve().parent

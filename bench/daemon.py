@@ -1,0 +1,196 @@
+"""Daemon benchmark: render round trip vs in-process, ping latency under 20 clients, switches saved.
+
+One run, sequential so only one tiny model (4 GB) is in memory at a time:
+1. in-process: a subprocess loads the model and renders the request N times (RenderService.run);
+2. a real `easel serve` renders the same request N times through RenderClient (wall time per call);
+3. 20 client threads ping while the daemon renders (p50/p99 of the ping round trip);
+4. a queue of jobs over 3 stacks arriving interleaved (A B C A B C ...) behind a running job: stack
+   switches the daemon made vs the switches FIFO order would make (also simulated for 60 jobs).
+Last line: `bench daemon: roundtrip_vs_inprocess=... ping_p50_ms=... ping_p99_ms=... switches_saved=...`
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from client.client import RenderClient  # noqa: E402
+from daemon.scheduler import Job, Policy, Shape, count_switches, plan  # noqa: E402
+
+REPEATS = int(os.environ.get("EASEL_BENCH_REPEATS", "3"))
+REQ = dict(prompt="a lone rider at dusk", width=64, height=64, steps=2, seed=7)
+W = 3072
+LAYOUT = {
+    "transformer_blocks.0.attn.to_q": (W, W),
+    "transformer_blocks.0.attn.to_out.0": (W, W),
+    "single_transformer_blocks.0.proj_out": (W, 5 * W),
+}
+
+IN_PROCESS = """
+import json, sys, time
+from pathlib import Path
+from daemon.config import DaemonConfig
+from daemon.protocol.messages import Render
+from daemon.service import RenderService
+root, lora, repeats, req = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+cfg = DaemonConfig(socket_path=root / "unused.sock", lora_roots=(root,), output_root=root / "out")
+svc = RenderService.load(cfg)
+svc.warm_up()
+times = []
+for i in range(repeats):
+    t0 = time.perf_counter()
+    msg = Render(id=i, lora_paths=[lora], lora_scales=[0.8], output_path=f"inproc{i}.png", **req)
+    svc.run(svc.prepare(msg))
+    times.append(time.perf_counter() - t0)
+print(json.dumps(times))
+"""
+
+
+def make_loras(root: Path) -> list[str]:
+    from lora_factories import make_lora
+
+    mods = [["attn.to_q"], ["attn.to_out.0"], ["single_transformer_blocks.0.proj_out"]]
+    return [
+        str(make_lora("kohya", root / f"s{i}.safetensors", LAYOUT, rank=4, alpha=4, seed=i, modules=m))
+        for i, m in enumerate(mods)
+    ]
+
+
+def start_daemon(root: Path, sock: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", "from client.cli import main; main()", "serve", "--socket", str(sock)]
+    cmd += ["--lora-root", str(root), "--output-root", str(root / "out")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    for line in proc.stdout:
+        print("  " + line.rstrip(), flush=True)
+        if "ready on" in line:
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            return proc
+    raise RuntimeError(f"daemon exited with {proc.wait()}")
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def ping_storm(sock: Path, clients: int = 20, pings: int = 50) -> list[float]:
+    lat: list[float] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        mine = []
+        with RenderClient(sock) as c:
+            for _ in range(pings):
+                t0 = time.perf_counter()
+                c.ping()
+                mine.append(time.perf_counter() - t0)
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=run) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return lat
+
+
+def simulated_switches(n: int = 60, seed: int = 0) -> tuple[int, int]:
+    rng = random.Random(seed)
+    shape = Shape("tiny", 64, 64, 2)
+    jobs = [Job(job_id=str(i), priority=0, stack_key=rng.choice("ABC"), shape=shape, enqueued_at=0) for i in range(n)]
+    return count_switches(j.stack_key for j in jobs), count_switches(j.stack_key for j in plan(jobs, None, 0, Policy()))
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="easel-bench-") as tmp:
+        root = Path(tmp)
+        loras = make_loras(root)
+        sock = root / "run" / "easel.sock"
+
+        print(
+            f"in-process: {REPEATS} renders of {REQ['width']}x{REQ['height']}x{REQ['steps']} with one LoRA", flush=True
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", IN_PROCESS, str(root), loras[0], str(REPEATS), json.dumps(REQ)],
+            capture_output=True, text=True, cwd=ROOT, check=True,
+        )  # fmt: skip
+        inproc = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  seconds: {[round(t, 2) for t in inproc]}", flush=True)
+
+        proc = start_daemon(root, sock)
+        try:
+            with RenderClient(sock) as c:
+                c.send_render(lora_paths=[loras[0]], lora_scales=[0.8], **REQ)  # same state as in-process: stack live
+                via = []
+                for i in range(REPEATS):
+                    t0 = time.perf_counter()
+                    c.send_render(lora_paths=[loras[0]], lora_scales=[0.8], output_path=f"daemon{i}.png", **REQ)
+                    via.append(time.perf_counter() - t0)
+            print(f"through the daemon: seconds {[round(t, 2) for t in via]}", flush=True)
+            ratio = statistics.median(via) / statistics.median(inproc)
+
+            # pings from 20 clients while a render occupies the worker
+            busy = threading.Thread(
+                target=lambda: RenderClient(sock).send_render("busy", width=64, height=64, steps=4, seed=1)
+            )
+            busy.start()
+            time.sleep(0.5)
+            lat = ping_storm(sock)
+            busy.join()
+            p50, p99 = pct(lat, 0.5) * 1000, pct(lat, 0.99) * 1000
+            print(f"ping under 20 clients during a render: n={len(lat)} p50={p50:.2f}ms p99={p99:.2f}ms", flush=True)
+
+            # mixed queue over 3 stacks, interleaved arrival, behind a running job
+            with RenderClient(sock) as c:
+                before = c.status().stack_switches
+            order = [loras[i % 3] for i in range(6)]
+            results = []
+
+            def submit(path: str, i: int) -> None:
+                with RenderClient(sock) as c:
+                    results.append(c.send_render(f"mix {i}", lora_paths=[path], lora_scales=[1.0], width=64,
+                                                 height=64, steps=1, seed=i, priority="batch"))  # fmt: skip
+
+            blocker = threading.Thread(target=submit, args=(loras[0], 99))
+            blocker.start()
+            time.sleep(1.0)
+            threads = []
+            for i, p in enumerate(order):
+                t = threading.Thread(target=submit, args=(p, i))
+                t.start()
+                threads.append(t)
+                time.sleep(0.2)  # arrival order is the interleaved order
+            for t in [blocker, *threads]:
+                t.join()
+            with RenderClient(sock) as c:
+                made = c.status().stack_switches - before
+            fifo = count_switches([loras[0], *order], active_stack=None)  # the "busy" render left no stack live
+            saved = fifo - made
+            sim_fifo, sim_ours = simulated_switches()
+            print(f"mixed queue of {len(order)} jobs over 3 stacks: FIFO {fifo} switches, scheduler {made}", flush=True)
+            print(f"simulated 60 random jobs over 3 stacks: FIFO {sim_fifo}, scheduler {sim_ours}", flush=True)
+        finally:
+            proc.terminate()
+            rc = proc.wait(300)
+            print(f"daemon exited with {rc}", flush=True)
+    print(
+        f"bench daemon: roundtrip_vs_inprocess={ratio:.3f} ping_p50_ms={p50:.2f} ping_p99_ms={p99:.2f} "
+        f"switches_saved={saved}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The client's failure modes: each a clear typed error, none a hang; validation before any I/O."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import socket
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+from daemon_standin import InProcessDaemon, make_config
+
+from client.cli import main as cli
+from client.client import AsyncRenderClient, RenderClient, RetryPolicy, build_render, default_socket_path
+from daemon.errors import Busy, DaemonUnavailable, InvalidRequest, Timeout
+
+
+def test_socket_path_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("EASEL_SOCKET", str(tmp_path / "x.sock"))
+    assert default_socket_path() == tmp_path / "x.sock"
+    assert RenderClient().socket_path == tmp_path / "x.sock"
+    monkeypatch.delenv("EASEL_SOCKET")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert default_socket_path() == tmp_path / "easel" / "easel.sock"
+
+
+def test_daemon_not_running(tmp_path):
+    with pytest.raises(DaemonUnavailable, match="no easel daemon socket.*easel serve"):
+        RenderClient(tmp_path / "none.sock").ping()
+
+
+def test_stale_socket_is_refused_not_hung(tmp_path):
+    path = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.close()
+    with pytest.raises(DaemonUnavailable, match="nothing accepts connections"):
+        RenderClient(path).status()
+
+
+def test_wrong_path_that_is_not_a_socket(tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("hi")
+    with pytest.raises(DaemonUnavailable):
+        RenderClient(f).ping()
+
+
+@pytest.fixture
+def silent_server(tmp_path):
+    """Accepts connections and never answers."""
+    path = tmp_path / "silent.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(4)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(srv.accept()[0])
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield path
+    stop.set()
+    t.join()
+    for c in held:
+        c.close()
+    srv.close()
+
+
+def test_timeout_sync(silent_server):
+    t0 = time.monotonic()
+    with pytest.raises(Timeout, match="within 0.3s"):
+        RenderClient(silent_server, timeout=0.3).ping()
+    with pytest.raises(Timeout):
+        RenderClient(silent_server, render_timeout=0.3).send_render("x", width=64, height=64, steps=1)
+    assert time.monotonic() - t0 < 10
+
+
+def test_timeout_async(silent_server):
+    async def go():
+        async with AsyncRenderClient(silent_server, timeout=0.3) as c:
+            with pytest.raises(Timeout):
+                await c.status()
+
+    asyncio.run(go())
+
+
+def test_busy_is_reported_after_retries(tmp_path):
+    d = InProcessDaemon(make_config(tmp_path, queue_capacity=1), step_s=0.2).start()
+    try:
+
+        async def go():
+            async with AsyncRenderClient(d.config.socket_path, retry=RetryPolicy(attempts=1)) as c:
+                a = asyncio.create_task(c.send_render("a", width=64, height=64, steps=5))
+                await asyncio.sleep(0.1)
+                b = asyncio.create_task(c.send_render("b", width=64, height=64, steps=1))
+                await asyncio.sleep(0.1)
+                retry = RetryPolicy(attempts=2, initial_s=0.01)
+                with (
+                    RenderClient(d.config.socket_path, retry=retry) as sync,
+                    pytest.raises(Busy, match="queue is full"),
+                ):
+                    sync.send_render("c", width=64, height=64, steps=1)
+                await asyncio.gather(a, b)
+
+        asyncio.run(go())
+    finally:
+        d.stop(0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(lora_paths=["a", "b"], lora_scales=[1.0]), "lora_scales"),
+        (dict(lora_paths=["a"], lora_scales=[math.nan]), "lora_scales[0]"),
+        (dict(lora_paths=["a"], lora_scales=[math.inf]), "lora_scales[0]"),
+        (dict(lora_path="a"), "lora_path"),
+        (dict(lora_scale=0.5), "lora_scale"),
+        (dict(lora_paths="a.safetensors", lora_scales=[1.0]), "lora_paths"),
+        (dict(guidance=math.nan), "guidance"),
+        (dict(steps=0), "steps"),
+    ],
+)
+def test_send_render_validates_before_sending(tmp_path, kwargs, field):
+    c = RenderClient(tmp_path / "never-connected.sock")  # no daemon: a connection attempt would fail differently
+    with pytest.raises(InvalidRequest) as info:
+        c.send_render("x", **kwargs)
+    assert info.value.details.get("field") == field or field in str(info.value)
+
+
+def test_build_render_wrong_type():
+    with pytest.raises(InvalidRequest, match="steps"):
+        build_render("x", steps="four")
+
+
+def test_cli_status_and_render_without_daemon(tmp_path):
+    r = CliRunner().invoke(cli, ["status", "--socket", str(tmp_path / "no.sock")])
+    assert r.exit_code == 1 and "daemon_unavailable" in r.output and "easel serve" in r.output
+    r = CliRunner().invoke(cli, ["render", "x", "--socket", str(tmp_path / "no.sock"), "--width", "64"])
+    assert r.exit_code == 1 and "daemon_unavailable" in r.output
+
+
+def test_cli_render_status_stop_through_daemon(tmp_path):
+    d = InProcessDaemon(make_config(tmp_path), step_s=0.01).start()
+    sock = str(d.config.socket_path)
+    r = CliRunner().invoke(cli, ["render", "a barn", "--socket", sock, "--width", "64", "--height", "64",
+                                 "--steps", "2", "--seed", "4", "-o", "barn.png", "--quiet"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert str(d.config.output_root / "barn.png") in r.output and "seed 4" in r.output
+    r = CliRunner().invoke(cli, ["status", "--socket", sock])
+    assert r.exit_code == 0 and "preset tiny" in r.output and "queue 0/8" in r.output
+    r = CliRunner().invoke(cli, ["stop", "--socket", sock, "--wait", "20"])
+    assert r.exit_code == 0 and "stopped" in r.output
+    d.thread.join(20)
+    assert not d.thread.is_alive()
