@@ -24,6 +24,7 @@ from daemon.telemetry.spans import (
     render_span,
     server_span,
     stack_entries,
+    start_server_call,
     zero_match_message,
 )
 
@@ -49,5 +50,6 @@ __all__ = [
     "setup_telemetry",
     "span_to_record",
     "stack_entries",
+    "start_server_call",
     "zero_match_message",
 ]

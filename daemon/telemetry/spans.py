@@ -2,18 +2,24 @@
 
 Integration is a few lines in the server and the render worker:
 
-    with server_span(tel, "render", trace_context=msg.get("trace_context"), request_id=rid) as call:
-        job.parent = call.context                       # carried to the worker with the job
-        ...                                             # on an error response: call.set_error(err)
+    # server, when a request is decoded (a render is answered later, from the worker):
+    call = start_server_call(tel, req_op, trace_context=req.trace_context, request_id=req.id,
+                             socket_path=str(socket_path))
+    job.call = call                                     # carried with the job; call.context parents the render
+    ...                                                 # on an error reply: call.set_error(err)
+    call.end()                                          # after the reply (result or error) was sent
 
-    with render_span(tel, spec, tier=tier, parent=job.parent, enqueued_ns=job.enqueued_ns) as r:
+    # render worker:
+    with render_span(tel, spec, tier=tier, parent=job.call.context, enqueued_ns=job.enqueued_ns) as r:
         with r.phase("stack_switch"):
-            report = patcher.apply(stack)
-        r.set_stack(report, switched=True)              # sets ERROR if any LoRA matched 0 keys
+            report = patcher.apply_stack(entries)
+        r.set_stack(report.files, switched=True)        # sets ERROR if any LoRA matched 0 keys
         out = model.render(spec)
         r.record_phases(out.timings)                    # text_encode, denoise, decode (seconds)
         with r.phase("write"):
             write_png(...)
+
+For a request answered within one block, `with server_span(...) as call:` does start and end.
 
 Span attributes follow SPEC.md ("Telemetry") and the OpenTelemetry RPC conventions; docs/operations.md
 lists them all.
@@ -87,13 +93,20 @@ def inject_context(message: dict[str, Any], ctx: Context | None = None) -> dict[
 
 
 class ServerCall:
-    """Handle of one request's server span. `context` is what to carry to work done for it elsewhere."""
+    """Handle of one request's server span. `context` is what to carry to work done for it elsewhere.
 
-    def __init__(self, span: Span, method: str) -> None:
+    For a request answered later (a queued render), keep the handle with the job and call `end()` when
+    the reply is sent; `server_span` does both for a request answered in one block.
+    """
+
+    def __init__(self, tel: Telemetry, span: Span, method: str) -> None:
+        self.tel = tel
         self.span = span
         self.method = method
         self.context: Context = trace_api.set_span_in_context(span)
         self.error_type: str | None = None
+        self._t0 = time.perf_counter()
+        self._ended = False
 
     def set_error(self, error: BaseException | str, message: str | None = None) -> None:
         """Mark the call failed (an error response was sent): `error.type`, response code, status ERROR."""
@@ -106,6 +119,38 @@ class ServerCall:
             message = message or str(error)
         self.span.set_status(Status(StatusCode.ERROR, message or etype))
 
+    def end(self) -> None:
+        """End the span and record the call's duration (and its error, if any). Idempotent."""
+        if self._ended:
+            return
+        self._ended = True
+        self.span.end()
+        full = f"{RPC_SERVICE}/{self.method}"
+        attrs = {"rpc.system.name": RPC_SYSTEM, "rpc.method": full}
+        if self.error_type:
+            attrs["error.type"] = self.error_type
+            self.tel.metrics.error(self.error_type, full)
+        self.tel.metrics.rpc_duration.record(time.perf_counter() - self._t0, attrs)
+
+
+def start_server_call(
+    tel: Telemetry,
+    method: str,
+    *,
+    trace_context: object = None,
+    request_id: object = None,
+    socket_path: str | None = None,
+) -> ServerCall:
+    """Open a SERVER span for one request, child of the caller's span when it carried `trace_context`."""
+    full = f"{RPC_SERVICE}/{method}"
+    attrs: dict[str, Any] = {"rpc.system.name": RPC_SYSTEM, "rpc.method": full, "network.transport": "unix"}
+    if socket_path:
+        attrs["server.address"] = str(socket_path)
+    if isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
+        attrs["easel.request.id"] = str(request_id)
+    span = tel.tracer.start_span(full, context=extract_context(trace_context), kind=SpanKind.SERVER, attributes=attrs)
+    return ServerCall(tel, span, method)
+
 
 @contextmanager
 def server_span(
@@ -116,16 +161,8 @@ def server_span(
     request_id: object = None,
     socket_path: str | None = None,
 ) -> Iterator[ServerCall]:
-    """A SERVER span for one request, child of the caller's span when the request carried `trace_context`."""
-    full = f"{RPC_SERVICE}/{method}"
-    attrs: dict[str, Any] = {"rpc.system.name": RPC_SYSTEM, "rpc.method": full, "network.transport": "unix"}
-    if socket_path:
-        attrs["server.address"] = str(socket_path)
-    if isinstance(request_id, (str, int)) and not isinstance(request_id, bool):
-        attrs["easel.request.id"] = str(request_id)
-    start = time.perf_counter()
-    span = tel.tracer.start_span(full, context=extract_context(trace_context), kind=SpanKind.SERVER, attributes=attrs)
-    call = ServerCall(span, method)
+    """start_server_call + end() around a block; an exception leaving the block marks the call failed."""
+    call = start_server_call(tel, method, trace_context=trace_context, request_id=request_id, socket_path=socket_path)
     token = context_api.attach(call.context)
     try:
         yield call
@@ -134,12 +171,7 @@ def server_span(
         raise
     finally:
         context_api.detach(token)
-        span.end()
-        metric_attrs = {"rpc.system.name": RPC_SYSTEM, "rpc.method": full}
-        if call.error_type:
-            metric_attrs["error.type"] = call.error_type
-            tel.metrics.error(call.error_type, full)
-        tel.metrics.rpc_duration.record(time.perf_counter() - start, metric_attrs)
+        call.end()
 
 
 # --------------------------------------------------------------------------------------------------- render
