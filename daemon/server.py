@@ -78,6 +78,7 @@ def easel_version() -> str:
 
 
 _conn_ids = itertools.count(1)
+SEND_TIMEOUT_S = 30.0
 
 
 @dataclass(eq=False)
@@ -91,16 +92,27 @@ class Connection:
     closed: bool = False
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    _tasks: set[asyncio.Task] = field(default_factory=set)
+
     async def send(self, msg: Any) -> None:
+        """Write one reply. A peer that stops reading for SEND_TIMEOUT_S is disconnected, so a stuck
+        client can never stall the render worker or anyone else."""
         if self.closed:
             return
         data = framing.encode_frame(encode(msg))
         async with self._lock:
             try:
                 self.writer.write(data)
-                await self.writer.drain()
-            except (ConnectionError, RuntimeError):
+                await asyncio.wait_for(self.writer.drain(), SEND_TIMEOUT_S)
+            except (ConnectionError, RuntimeError, TimeoutError):
                 self.closed = True
+                self.writer.transport.abort()
+
+    def post(self, msg: Any) -> None:
+        """Queue a reply without waiting (replies of one connection keep their order: the lock is FIFO)."""
+        task = asyncio.get_running_loop().create_task(self.send(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 class DaemonServer:
@@ -143,6 +155,9 @@ class DaemonServer:
         finally:
             await self._drain(worker)
             self._server.close()
+            pending = [t for conn in self.connections for t in conn._tasks]
+            if pending:  # replies already posted (last results, cancellations) reach their clients first
+                await asyncio.wait(pending, timeout=SEND_TIMEOUT_S)
             for conn in list(self.connections):
                 conn.closed = True
                 conn.writer.close()
@@ -161,7 +176,7 @@ class DaemonServer:
         log.warning("drain timeout (%.1fs) reached; cancelling %d queued job(s)", self._drain_timeout, len(self.queue))
         for job in self.queue.jobs:
             self.queue.remove(job)
-            await self._finish_error(job, ShuttingDown("the daemon shut down before this render started"))
+            self._finish_error(job, ShuttingDown("the daemon shut down before this render started"))
         if self.running is not None:
             self.running.cancel_event.set()
         await asyncio.wait({worker}, timeout=max(60.0, self._drain_timeout))
@@ -224,15 +239,26 @@ class DaemonServer:
             await conn.send(Result(id=req.id, op="status", result=encode_status(self.status())))
         elif isinstance(req, Render):
             await self._submit(conn, req)
-        elif isinstance(req, Inspect):
-            loop = asyncio.get_running_loop()
-            report = await loop.run_in_executor(None, self.service.inspect, req.path)
-            await conn.send(Result(id=req.id, op="inspect", result=report))
+        elif isinstance(req, Inspect):  # reads a file: off the loop, and not holding up this connection
+            task = asyncio.get_running_loop().create_task(self._inspect(conn, req))
+            conn._tasks.add(task)
+            task.add_done_callback(conn._tasks.discard)
         elif isinstance(req, Cancel):
             await conn.send(Result(id=req.id, op="cancel", result=await self._cancel(conn, req)))
         elif isinstance(req, Shutdown):
             await conn.send(Result(id=req.id, op="shutdown", result={"accepted": True}))
             self.request_stop(req.drain_timeout_s)
+
+    async def _inspect(self, conn: Connection, req: Inspect) -> None:
+        try:
+            report = await asyncio.get_running_loop().run_in_executor(None, self.service.inspect, req.path)
+        except EaselError as err:
+            await conn.send(error_reply(req.id, err))
+        except Exception as exc:
+            log.exception("inspect %r failed", req.path)
+            await conn.send(error_reply(req.id, EaselError(f"inspect failed: {type(exc).__name__}: {exc}")))
+        else:
+            await conn.send(Result(id=req.id, op="inspect", result=report))
 
     async def _submit(self, conn: Connection, req: Render) -> None:
         if self.queue.closed:
@@ -257,6 +283,8 @@ class DaemonServer:
         position = self.queue.submit(job)
         conn.jobs[req.id] = job
         self.jobs[job.job_id] = job
+        if req.deadline_s is not None:
+            asyncio.get_running_loop().call_later(req.deadline_s, self._expire, job)
         if req.progress:
             est = self._estimates().get(job.job_id, (None, None))
             await conn.send(
@@ -276,7 +304,7 @@ class DaemonServer:
         state = job.state
         if state == "queued":
             self.queue.remove(job)
-            await self._finish_error(job, Cancelled("cancelled while queued"))
+            self._finish_error(job, Cancelled("cancelled while queued"))
         else:
             job.cancel_event.set()  # the render thread raises Cancelled at the next step
         return {"cancelled": True, "state": state, "job": job.job_id}
@@ -293,10 +321,16 @@ class DaemonServer:
         if conn.jobs.get(req.id) is job:
             del conn.jobs[req.id]
 
-    async def _finish_error(self, job: Job, err: EaselError) -> None:
+    def _finish_error(self, job: Job, err: EaselError) -> None:
         conn, req, _ = job.payload
         self._forget(job)
-        await conn.send(error_reply(req.id, err))
+        conn.post(error_reply(req.id, err))
+
+    def _expire(self, job: Job) -> None:
+        """A queued job's deadline passed: answer now instead of when it reaches the head of the queue."""
+        if job.state == "queued" and self.queue.remove(job):
+            _, req, _ = job.payload
+            self._finish_error(job, DeadlineExceeded(f"deadline of {req.deadline_s}s passed while queued"))
 
     # ---- the render worker ----------------------------------------------------------------------
 
@@ -312,7 +346,7 @@ class DaemonServer:
             conn, req, prepared = job.payload
             now = time.monotonic()
             if job.deadline is not None and now > job.deadline:
-                await self._finish_error(
+                self._finish_error(
                     job,
                     DeadlineExceeded(f"deadline of {req.deadline_s}s passed while queued", deadline_s=req.deadline_s),
                 )
@@ -321,19 +355,19 @@ class DaemonServer:
             self.running = job
             prepared.timings["queue_wait"] = now - job.enqueued_at
             if req.progress:
-                await conn.send(Event(id=req.id, event="started", steps=job.shape.steps))
+                conn.post(Event(id=req.id, event="started", steps=job.shape.steps))
             try:
                 result = await loop.run_in_executor(self.executor, self._run_job, job, prepared, loop)
             except EaselError as err:
-                await self._finish_error(job, err)
+                self._finish_error(job, err)
             except Exception as exc:
                 log.exception("render %s failed", job.job_id)
-                await self._finish_error(job, RenderFailed(f"render failed: {type(exc).__name__}: {exc}"))
+                self._finish_error(job, RenderFailed(f"render failed: {type(exc).__name__}: {exc}"))
             else:
                 self.renders_done += 1
                 result.job = job.job_id
                 self._forget(job)
-                await conn.send(Result(id=req.id, op="render", result=encode_struct(result)))
+                conn.post(Result(id=req.id, op="render", result=encode_struct(result)))
             finally:
                 self.running = None
 
@@ -350,7 +384,7 @@ class DaemonServer:
                 raise DeadlineExceeded(f"deadline of {req.deadline_s}s passed at step {i} of {n}", step=i)
             if req.progress:
                 ev = Event(id=req.id, event="progress", step=i, steps=n, elapsed_s=time.perf_counter() - t0)
-                asyncio.run_coroutine_threadsafe(conn.send(ev), loop)
+                loop.call_soon_threadsafe(conn.post, ev)
 
         result = self.service.run(prepared, on_step)
         t = result.timings

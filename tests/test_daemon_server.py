@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import stat
@@ -400,3 +401,35 @@ def test_peer_uid_is_ours(daemon):
     a, b = socket.socketpair(socket.AF_UNIX)
     with a, b:
         assert peer_uid(a) == os.getuid()
+
+
+def test_queued_deadline_answers_before_its_turn(daemon):
+    daemon.engine.step_s = 0.1
+
+    async def go():
+        async with AsyncRenderClient(daemon.config.socket_path) as c:
+            long = asyncio.create_task(c.send_render("long", width=64, height=64, steps=30, request_id="long"))
+            await asyncio.sleep(0.1)
+            with pytest.raises(DeadlineExceeded, match="while queued"):
+                await c.send_render("hurry", width=64, height=64, steps=1, deadline_s=0.2)
+            assert not long.done()  # answered while the long render was still running
+            await c.cancel("long")
+            with pytest.raises(Cancelled):
+                await long
+
+    asyncio.run(go())
+
+
+def test_client_that_stops_reading_does_not_stall_others(daemon):
+    """A peer that floods requests and never reads its replies only hurts itself."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(daemon.config.socket_path))
+    s.setblocking(False)
+    burst = frame({"op": "status", "id": 1}) * 2000
+    with contextlib.suppress(BlockingIOError):
+        s.sendall(burst)
+    with RenderClient(daemon.config.socket_path) as c:
+        assert c.ping()["pong"]
+        r = c.send_render("still served", width=64, height=64, steps=1)
+        assert r.steps == 1
+    s.close()
