@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 # Renders take seconds to minutes (tiny at 64x64 on CPU: ~4 s/step; dev at 1024^2: tens of seconds).
 RENDER_DURATION_BUCKETS_S = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -33,11 +33,17 @@ class Metrics:
         self.stack_switches = meter.create_counter(
             "easel.lora.stack.switches", unit="{switch}", description="LoRA stack changes on the live model"
         )
-        self.cache_hits = meter.create_counter("easel.lora.cache.hits", unit="{file}", description="LoRA cache hits")
-        self.cache_misses = meter.create_counter(
-            "easel.lora.cache.misses", unit="{file}", description="LoRA files read from disk"
+        # LoRA cache: observed from the cache's own cumulative stats at each export (observe_lora_cache).
+        self._cache_stats: Callable[[], object] | None = None
+        meter.create_observable_counter(
+            "easel.lora.cache.hits", [self._observe("hits")], unit="{file}", description="LoRA cache hits"
         )
-        self.cache_bytes = meter.create_gauge("easel.lora.cache.size", unit="By", description="Bytes held by the cache")
+        meter.create_observable_counter(
+            "easel.lora.cache.misses", [self._observe("misses")], unit="{file}", description="LoRA files read from disk"
+        )
+        meter.create_observable_gauge(
+            "easel.lora.cache.size", [self._observe("bytes")], unit="By", description="Bytes held by the LoRA cache"
+        )
         self.errors = meter.create_counter(
             "easel.errors", unit="{error}", description="Failed requests and renders, by error.type"
         )
@@ -51,14 +57,20 @@ class Metrics:
     def stack_switched(self, count: int = 1) -> None:
         self.stack_switches.add(count)
 
-    def cache_hit(self, count: int = 1) -> None:
-        self.cache_hits.add(count)
+    def observe_lora_cache(self, stats: Callable[[], object]) -> None:
+        """Report the LoRA cache from `stats()` (an object or mapping with cumulative `hits`, `misses`, `bytes`),
+        e.g. `tel.metrics.observe_lora_cache(cache.stats)`; read only when metrics are exported."""
+        self._cache_stats = stats
 
-    def cache_miss(self, count: int = 1) -> None:
-        self.cache_misses.add(count)
+    def _observe(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            if self._cache_stats is None:
+                return []
+            stats = self._cache_stats()
+            value = stats.get(field) if isinstance(stats, Mapping) else getattr(stats, field, None)
+            return [Observation(int(value))] if value is not None else []
 
-    def set_cache_bytes(self, nbytes: int) -> None:
-        self.cache_bytes.set(nbytes)
+        return callback
 
     def error(self, error_type: str, operation: str | None = None) -> None:
         attrs = {"error.type": error_type}
