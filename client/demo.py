@@ -178,7 +178,8 @@ def write_overview_sheet(results: Sequence[BatchResult], path: Path) -> Path | N
     ]
     if not tiles:
         return None
-    sheet = render_sheet(tiles, "easel demo: every world (tiny preset, reduced size)", columns=len(tiles) // 4 or 1)
+    per_world = max(1, len(tiles) // len({(r.plan.genre, r.plan.world) for r in results}))
+    sheet = render_sheet(tiles, "easel demo: every world (tiny preset, reduced size)", columns=min(per_world, 8))
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
@@ -192,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="denoising steps per render")
     ap.add_argument("--per-kind", type=int, default=1, help="items per world and kind")
     ap.add_argument("--fresh", action="store_true", help="render again items an earlier run already rendered")
+    ap.add_argument("--world", action="append", metavar="GENRE/WORLD", help="only these worlds (repeatable)")
+    ap.add_argument("--kind", action="append", choices=["poi", "portrait", "creature"], help="only these kinds")
     args = ap.parse_args(argv)
 
     out = args.out.absolute()
@@ -199,8 +202,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         import shutil
 
         shutil.rmtree(out / "batch", ignore_errors=True)
-    settings = DemoSettings(out=out, size=args.size, steps=args.steps, per_kind=args.per_kind)
     worlds = example_worlds()
+    if args.world:
+        unknown = [w for w in args.world if tuple(w.split("/", 1)) not in worlds]
+        if unknown:
+            ap.error(f"unknown world(s) {', '.join(unknown)}; examples: {', '.join('/'.join(w) for w in worlds)}")
+        worlds = [tuple(w.split("/", 1)) for w in args.world]
+    settings = DemoSettings(
+        out=out, size=args.size, steps=args.steps, per_kind=args.per_kind, worlds=tuple(worlds),
+        kinds=tuple(args.kind or DemoSettings.kinds),
+    )  # fmt: skip
     n = len(worlds) * len(settings.kinds) * settings.per_kind
     print(
         f"easel demo: {len(worlds)} worlds x {len(settings.kinds)} kinds x {settings.per_kind} item(s) = {n} renders "
