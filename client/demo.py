@@ -192,13 +192,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=64, help="render width and height (reduced for the CPU demo)")
     ap.add_argument("--steps", type=int, default=2, help="denoising steps per render")
     ap.add_argument("--per-kind", type=int, default=1, help="items per world and kind")
-    ap.add_argument("--fresh", action="store_true", help="render again items an earlier run already rendered")
+    ap.add_argument("--resume", action="store_true", help="keep what an earlier run rendered and skip those items")
     ap.add_argument("--world", action="append", metavar="GENRE/WORLD", help="only these worlds (repeatable)")
     ap.add_argument("--kind", action="append", choices=["poi", "portrait", "creature"], help="only these kinds")
     args = ap.parse_args(argv)
 
     out = args.out.absolute()
-    if args.fresh:
+    if not args.resume:  # the demo shows rendering: start from a clean batch directory unless asked not to
         import shutil
 
         shutil.rmtree(out / "batch", ignore_errors=True)
@@ -218,7 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"on the tiny preset at REDUCED size {settings.size}x{settings.size}, {settings.steps} steps "
         "(the packs' tier sizes are 768-1024 px; the tiny CPU model takes seconds per step even at 64 px)."
     )
-    print("items an earlier demo run rendered are skipped (resume); use --fresh to render them again.\n")
+    if args.resume:
+        print("--resume: items an earlier demo run rendered are skipped.")
+    print()
     made = make_pack_loras(PACKS)
     print(f"LoRA files for the packs: {sum(g.created for g in made)} generated, "
           f"{sum(not g.created for g in made)} already there, under {PACKS / 'lora'}")  # fmt: skip
