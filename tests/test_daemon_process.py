@@ -1,0 +1,262 @@
+"""A real `easel serve` process (tiny preset) on a real socket: one daemon for the whole module.
+
+It is started on a path holding a stale socket (which it must replace), with real kohya LoRA files from
+tests/lora_factories.py. The last test stops it with SIGTERM while a render is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from lora_factories import make_garbage, make_lora, make_pickle
+
+from client.client import AsyncRenderClient, RenderClient
+from daemon.engine.png import read_metadata
+from daemon.errors import Cancelled, LoraError, LoraFormatError, LoraNotFound, LoraZeroMatch, PathNotAllowed
+
+pytestmark = pytest.mark.model
+
+W = 3072
+LAYOUT = {  # the tiny transformer's shapes for the modules the test LoRAs touch
+    "transformer_blocks.0.attn.to_q": (W, W),
+    "transformer_blocks.0.attn.to_k": (W, W),
+    "transformer_blocks.0.attn.to_v": (W, W),
+    "transformer_blocks.0.attn.to_out.0": (W, W),
+    "single_transformer_blocks.0.proj_out": (W, 5 * W),
+}
+SERVE = [sys.executable, "-c", "from client.cli import main; main()", "serve"]
+SIZE = dict(width=64, height=64, steps=1)
+
+
+class Daemon:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.socket = root / "run" / "easel.sock"
+        self.loras = root / "loras"
+        self.out = root / "out"
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.proc: subprocess.Popen | None = None
+
+    def args(self) -> list[str]:
+        return [*SERVE, "--socket", str(self.socket), "--lora-root", str(self.loras), "--output-root", str(self.out)]
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [*self.args(), "--drain-timeout", "120"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"easel serve exited with {self.proc.returncode}") from None
+                continue
+            if "ready on" in line:
+                return
+        raise RuntimeError("easel serve did not become ready")
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip())
+
+    def client(self, **kw) -> RenderClient:
+        return RenderClient(self.socket, **kw)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+def _stale_socket(path: Path) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.close()  # the file stays, nobody listens: what a crashed daemon leaves behind
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    root = tmp_path_factory.mktemp("daemon")
+    d = Daemon(root)
+    d.loras.mkdir()
+    for i, mods in enumerate([["attn.to_out.0"], ["single_transformer_blocks.0.proj_out"], ["attn.to_q"]]):
+        make_lora("kohya", d.loras / f"l{i}.safetensors", LAYOUT, rank=4, alpha=4, seed=i, modules=mods)
+    _stale_socket(d.socket)
+    assert stat.S_ISSOCK(d.socket.lstat().st_mode)
+    d.start()
+    yield d
+    d.kill()
+
+
+def test_replaced_stale_socket_with_private_one(daemon):
+    st = daemon.socket.lstat()
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert stat.S_IMODE(daemon.socket.parent.stat().st_mode) == 0o700
+    with daemon.client() as c:
+        s = c.status()
+    assert s.preset == "tiny" and s.model_loaded and s.warm and s.pid == daemon.proc.pid
+
+
+def test_second_daemon_refuses_to_start(daemon):
+    r = subprocess.run(daemon.args(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "already serving" in r.stderr and "loaded" not in r.stdout  # refused before loading a model
+    with daemon.client() as c:
+        assert c.ping()["pong"]
+
+
+def test_concurrent_clients_with_interleaved_stacks(daemon):
+    L = [str(daemon.loras / f"l{i}.safetensors") for i in range(3)]
+    jobs = [
+        ("a lone rider", [L[0]], [0.8], 11),
+        ("a desert town", [L[1]], [1.0], 12),
+        ("a saloon", [L[0], L[2]], [0.5, 1.2], 13),
+    ]
+    results: dict[int, object] = {}
+
+    def run(i, prompt, paths, scales, seed):
+        with daemon.client() as c:
+            results[i] = c.send_render(
+                prompt, lora_paths=paths, lora_scales=scales, seed=seed, output_path=f"job{i}.png", **SIZE
+            )
+
+    threads = [threading.Thread(target=run, args=(i, *j)) for i, j in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert len(results) == 3
+    for i, (prompt, paths, scales, seed) in enumerate(jobs):
+        r = results[i]
+        assert r.seed == seed and [f.path for f in r.stack] == paths and [f.scale for f in r.stack] == scales
+        assert all(f.keys_applied == f.keys_total > 0 for f in r.stack) and r.matched_keys == [3] * len(paths)
+        meta = read_metadata(r.image_path)
+        assert (meta["prompt"], meta["seed"], meta["lora_paths"]) == (prompt, seed, paths)
+        assert Path(r.image_path).parent == daemon.out
+
+
+def test_bad_loras_get_typed_errors_and_model_unchanged(daemon, tmp_path):
+    good = str(daemon.loras / "l0.safetensors")
+    make_garbage(daemon.loras / "garbage.safetensors")
+    make_pickle(daemon.loras / "evil.ckpt")
+    wrong = {"transformer_blocks.0.attn.to_out.0": (64, 64)}  # another architecture's shapes
+    make_lora("kohya", daemon.loras / "wrong.safetensors", wrong, rank=4, seed=3, modules=["attn.to_out.0"])
+    nothing = {"transformer_blocks.7.attn.to_out.0": (W, W)}  # a block tiny does not have
+    make_lora("kohya", daemon.loras / "nothing.safetensors", nothing, rank=4, seed=4, modules=["attn.to_out.0"])
+    (tmp_path / "outside.safetensors").write_bytes((daemon.loras / "l1.safetensors").read_bytes())
+    (daemon.loras / "escape.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    cases = [
+        ("missing.safetensors", LoraNotFound),
+        ("garbage.safetensors", LoraFormatError),
+        ("evil.ckpt", LoraFormatError),
+        ("wrong.safetensors", LoraError),
+        ("nothing.safetensors", LoraZeroMatch),
+        ("escape.safetensors", PathNotAllowed),
+        ("../loras/../../outside.safetensors", PathNotAllowed),
+    ]
+    with daemon.client() as c:
+        c.send_render("before", lora_paths=[good], lora_scales=[1.0], seed=1, **SIZE)
+        before = c.status().active_stack
+        for name, exc in cases:
+            with pytest.raises(exc):
+                c.send_render("x", lora_paths=[good, name], lora_scales=[1.0, 1.0], **SIZE)
+        st = c.status()
+        assert st.active_stack == before  # a failed stack left the live model as it was
+        assert c.ping()["pong"]
+
+
+def test_cancel_running_render_stops_at_next_step(daemon):
+    async def go():
+        async with AsyncRenderClient(daemon.socket) as c:
+            steps = []
+            started = asyncio.Event()
+
+            def progress(ev):
+                if ev.event == "progress":
+                    steps.append(ev.step)
+                    started.set()
+
+            t = asyncio.create_task(
+                c.send_render("long", width=64, height=64, steps=30, on_progress=progress, request_id="long")
+            )
+            await asyncio.wait_for(started.wait(), 300)
+            assert (await c.cancel("long"))["state"] == "running"
+            with pytest.raises(Cancelled):
+                await t
+            return steps
+
+    steps = asyncio.run(go())
+    assert max(steps) < 30
+    with daemon.client() as c:
+        st = c.status()
+    assert st.in_flight is None and st.queue_depth == 0
+
+
+def test_disconnect_stops_running_render(daemon):
+    with daemon.client() as c:
+        done_before = c.status().renders_done
+
+    async def go():
+        c = AsyncRenderClient(daemon.socket)
+        started = asyncio.Event()
+        t = asyncio.create_task(
+            c.send_render(
+                "abandoned",
+                width=64,
+                height=64,
+                steps=30,
+                on_progress=lambda ev: ev.event == "progress" and started.set(),
+            )
+        )
+        await asyncio.wait_for(started.wait(), 300)
+        await c.close()
+        t.cancel()
+
+    asyncio.run(go())
+    with daemon.client() as c:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            st = c.status()
+            if st.in_flight is None:
+                break
+            time.sleep(0.2)
+    assert st.in_flight is None
+    assert st.renders_done == done_before  # the abandoned render never completed
+
+
+def test_sigterm_drains_in_flight_and_exits_0(daemon):
+    box = {}
+
+    def run():
+        with daemon.client() as c:
+            box["r"] = c.send_render("last light", seed=21, output_path="last.png", **SIZE)
+
+    t = threading.Thread(target=run)
+    t.start()
+    with daemon.client() as c:
+        deadline = time.monotonic() + 60
+        while c.status().in_flight is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(300) == 0
+    t.join(10)
+    assert box["r"].seed == 21 and Path(box["r"].image_path).exists()  # the in-flight render finished
+    assert not daemon.socket.exists()
