@@ -4,7 +4,7 @@ The naming of each format is written out here by hand (independently of keymaps/
 generator returns the ground truth: for each mflux layer, the weight delta the file means at scale 1
 (`(alpha/rank) * B @ A`, or the LoKr Kronecker product), computed in float64 numpy.
 
-    from tests.lora_factories import make_lora, generate_lora
+    from lora_factories import make_lora, generate_lora  # tests/ is on sys.path under pytest
     path = make_lora("kohya", tmp_path / "a.safetensors", transformer, rank=4, alpha=8, seed=1)
     gen = generate_lora("bfl", tmp_path / "b.safetensors", transformer, fused_style="stacked")
     gen.expected["transformer_blocks.0.attn.to_q"].dense()  # (out, in) delta at scale 1, float64
@@ -97,9 +97,9 @@ class ExpectedDelta:
     swap: bool = False
     rows: tuple[int, int] | None = None
 
-    def dense(self) -> np.ndarray:
-        """The (out, in) delta at scale 1 in float64."""
-        a, b = self.up.astype(np.float64), self.down.astype(np.float64)
+    def dense(self, dtype: type = np.float64) -> np.ndarray:
+        """The (out, in) delta at scale 1 (float64 by default; float32 is much faster for big layers)."""
+        a, b = self.up.astype(dtype), self.down.astype(dtype)
         if self.rows is not None and not self.swap:  # slice first: same numbers, far less work
             r0, r1 = self.rows
             if not self.kron:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import daemon.engine  # noqa: F401  (ctypes-only BLAS preload: any MLX import below runs on OpenBLAS)
 from daemon.lora.cache import CacheStats, LoraCache
 from daemon.lora.inspect import inspect_lora, preset_layout
 from daemon.lora.report import FileReport, StackEntry, StackReport

@@ -1,0 +1,70 @@
+"""`easel lora inspect FILE [--preset P] [--json]`: a LoRA file's format and key accounting, no render.
+
+Without --preset it reads the file only (numpy, no MLX); with --preset it resolves every key against
+that preset's layer layout (an mflux transformer built lazily: no weights are read), exactly as the
+daemon would when applying it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import click
+
+from daemon.errors import EaselError
+
+
+def format_report(report) -> str:
+    """The human-readable form of a FileReport."""
+    lines = [f"{report.path}"]
+    naming = f" (naming: {report.naming})" if report.naming and report.naming != report.format else ""
+    lines.append(f"  format:   {report.format}{naming}")
+    ranks = f" (ranks {', '.join(map(str, report.ranks))})" if len(report.ranks) > 1 else ""
+    lines.append(f"  rank:     {report.rank if report.rank is not None else '-'}{ranks}")
+    alpha = "none stored (factor 1)" if report.alpha is None else f"{report.alpha:g}"
+    if len(report.alphas) > 1:
+        alpha += f" (alphas {', '.join(f'{a:g}' for a in report.alphas)})"
+    lines.append(f"  alpha:    {alpha}")
+    lines.append(f"  size:     {report.nbytes / 1e6:.1f} MB of tensors")
+    if report.resolved:
+        lines.append(f"  keys:     {report.keys_applied}/{report.keys_total} applied")
+        lines.append(f"  layers:   {report.layers_patched} patched")
+        if report.fused_styles:
+            styles = ", ".join(f"{k} {v}" for k, v in sorted(report.fused_styles.items()))
+            lines.append(f"  modules:  {styles}")
+    else:
+        lines.append(f"  keys:     {report.keys_total} (not resolved: pass --preset to match against a model)")
+    if report.leftover:
+        lines.append(f"  leftover: {len(report.leftover)} key(s)")
+        by_reason = Counter(reason for _, reason in report.leftover)
+        for reason, count in by_reason.most_common():
+            example = next(k for k, r in report.leftover if r == reason)
+            lines.append(f"    {count:4d} x {reason}")
+            lines.append(f"           e.g. {example}")
+    return "\n".join(lines)
+
+
+@click.command("inspect")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--preset", default=None, help="Resolve keys against this preset's layers (tiny, dev, schnell...).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect_command(file: str, preset: str | None, as_json: bool) -> None:
+    """Show FILE's LoRA format, rank, alpha and which keys reach the model (and why others do not)."""
+    from daemon.lora import inspect_lora, preset_layout
+
+    try:
+        layout = preset_layout(preset) if preset else None
+        report = inspect_lora(file, layout=layout)
+    except EaselError as exc:
+        if as_json:
+            click.echo(json.dumps({"error": exc.to_wire()}, indent=2))
+        raise click.ClickException(exc.message) from exc
+    if as_json:
+        out = report.to_dict()
+        out["preset"] = preset
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(format_report(report))
+    if report.resolved and report.keys_applied == 0:
+        raise click.ClickException(f"{file} matches zero keys of the {preset} model")

@@ -1,0 +1,80 @@
+"""The parsed-LoRA cache: hits, re-reads on change, byte-bounded LRU eviction, stats."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from lora_factories import write_safetensors
+
+from daemon.errors import LoraNotFound
+from daemon.lora import LoraCache
+
+
+def _lora(path, rank=4, seed=0, width=256):
+    rng = np.random.default_rng(seed)
+    base = "lora_unet_double_blocks_0_img_attn_proj"
+    write_safetensors(
+        path,
+        {
+            f"{base}.lora_down.weight": rng.standard_normal((rank, width)),
+            f"{base}.lora_up.weight": rng.standard_normal((width, rank)),
+        },
+        {},
+    )
+    return path
+
+
+def test_hit_miss_and_same_object(tmp_path):
+    cache = LoraCache(max_bytes=10**8)
+    path = _lora(tmp_path / "a.safetensors")
+    first, sig = cache.get(path)
+    again, sig2 = cache.get(str(path))
+    assert again is first and sig == sig2
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.entries) == (1, 1, 1)
+    assert stats.bytes == first.nbytes > 0
+
+
+def test_reread_when_the_file_changes(tmp_path):
+    cache = LoraCache(max_bytes=10**8)
+    path = _lora(tmp_path / "a.safetensors", rank=4)
+    first, _ = cache.get(path)
+    _lora(path, rank=8, seed=1)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a distinct mtime even on coarse clocks
+    second, _ = cache.get(path)
+    assert second is not first
+    down = next(m for m in second.modules.values()).tensors["down"][1]
+    assert down.shape[0] == 8
+    assert cache.stats().misses == 2 and cache.stats().entries == 1
+    assert cache.stats().bytes == second.nbytes
+
+
+def test_lru_eviction_bounded_in_bytes(tmp_path):
+    paths = [_lora(tmp_path / f"{i}.safetensors", seed=i) for i in range(4)]
+    one = LoraCache(max_bytes=10**9).get(paths[0])[0].nbytes
+    cache = LoraCache(max_bytes=int(one * 2.5))
+    cache.get(paths[0])
+    cache.get(paths[1])
+    cache.get(paths[0])  # 0 is now most recent; 1 is the eviction candidate
+    cache.get(paths[2])
+    stats = cache.stats()
+    assert stats.entries == 2 and stats.evictions == 1 and stats.bytes <= cache.max_bytes
+    before = cache.stats().hits
+    cache.get(paths[0])
+    assert cache.stats().hits == before + 1  # 0 survived
+    cache.get(paths[1])
+    assert cache.stats().misses == 4  # 1 had been evicted
+
+
+def test_file_bigger_than_the_cache_is_served_not_kept(tmp_path):
+    cache = LoraCache(max_bytes=16)
+    parsed, _ = cache.get(_lora(tmp_path / "big.safetensors"))
+    assert parsed.modules and cache.stats().entries == 0 and cache.stats().bytes == 0
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(LoraNotFound):
+        LoraCache().get(tmp_path / "gone.safetensors")

@@ -1,0 +1,47 @@
+"""`easel lora inspect`: human and JSON reports, with and without a preset, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from lora_factories import generate_lora, make_s4nnc, write_safetensors
+
+from client.cli import main
+from daemon.lora import preset_layout
+
+
+@pytest.fixture(scope="module")
+def layout():
+    return preset_layout("tiny")
+
+
+def test_inspect_json_with_preset(tmp_path, layout):
+    gen = generate_lora("kohya", tmp_path / "k.safetensors", layout, rank=4, alpha=2.0, include_text_encoder=True)
+    result = CliRunner().invoke(main, ["lora", "inspect", str(gen.path), "--preset", "tiny", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["format"] == "kohya" and data["rank"] == 4 and data["alpha"] == 2.0
+    assert data["keys_applied"] == len(gen.keys) - len(gen.text_encoder_keys)
+    assert data["layers_patched"] == len(gen.expected)
+    assert {d["key"] for d in data["leftover"]} == set(gen.text_encoder_keys)
+
+
+def test_inspect_human_without_preset(tmp_path, layout):
+    gen = generate_lora("mlx_examples", tmp_path / "m.safetensors", layout, rank=8)
+    result = CliRunner().invoke(main, ["lora", "inspect", str(gen.path)])
+    assert result.exit_code == 0, result.output
+    assert "format:   mlx_examples" in result.output and "rank:     8" in result.output
+    assert "not resolved" in result.output
+
+
+def test_inspect_errors(tmp_path):
+    result = CliRunner().invoke(main, ["lora", "inspect", str(make_s4nnc(tmp_path / "x.ckpt"))])
+    assert result.exit_code == 1 and "s4nnc" in result.output
+    te = tmp_path / "te.safetensors"
+    import numpy as np
+
+    write_safetensors(te, {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": np.ones((2, 8))}, {})
+    result = CliRunner().invoke(main, ["lora", "inspect", str(te), "--preset", "tiny"])
+    assert result.exit_code == 1 and "zero keys" in result.output and "text encoder" in result.output

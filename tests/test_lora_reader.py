@@ -1,0 +1,117 @@
+"""The safetensors-only reader: what it refuses (with what message) and what it reads exactly."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from lora_factories import (
+    bf16_round,
+    make_garbage,
+    make_pickle,
+    make_s4nnc,
+    make_torch_zip,
+    make_truncated,
+    write_safetensors,
+)
+
+from daemon.errors import LoraFormatError, LoraNotFound
+from daemon.lora.reader import read_safetensors
+
+
+def _small(tmp_path, dtype="F32"):
+    rng = np.random.default_rng(3)
+    tensors = {"a.lora_down.weight": rng.standard_normal((4, 16)), "a.lora_up.weight": rng.standard_normal((8, 4))}
+    path = tmp_path / f"small_{dtype}.safetensors"
+    write_safetensors(path, tensors, {"ss_network_module": "networks.lora_flux"}, dtype=dtype)
+    return path, tensors
+
+
+def test_reads_f32_exactly_with_metadata(tmp_path):
+    path, tensors = _small(tmp_path)
+    sf = read_safetensors(path)
+    assert sf.metadata == {"ss_network_module": "networks.lora_flux"}
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(sf.tensors[key], value.astype(np.float32))
+        assert sf.dtypes[key] == "F32"
+
+
+def test_reads_bf16_and_f16_as_float32(tmp_path):
+    path, tensors = _small(tmp_path, "BF16")
+    sf = read_safetensors(path)
+    for key, value in tensors.items():
+        assert sf.tensors[key].dtype == np.float32
+        np.testing.assert_array_equal(sf.tensors[key], bf16_round(value.astype(np.float32)))
+    path16, tensors16 = _small(tmp_path, "F16")
+    sf16 = read_safetensors(path16)
+    for key, value in tensors16.items():
+        np.testing.assert_array_equal(sf16.tensors[key], value.astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("maker", "words"),
+    [
+        (make_pickle, "pickle"),
+        (make_torch_zip, "data.pkl"),
+        (make_s4nnc, "s4nnc"),
+        (make_garbage, "not a safetensors"),
+    ],
+)
+def test_refuses_non_safetensors_naming_what_it_looks_like(tmp_path, maker, words):
+    path = maker(tmp_path / "bad.bin")
+    with pytest.raises(LoraFormatError) as err:
+        read_safetensors(path)
+    assert words in err.value.message
+    assert err.value.code == "lora_format"
+
+
+def test_never_unpickles(tmp_path, monkeypatch):
+    import pickle
+
+    def boom(*_a, **_k):  # any unpickling attempt fails the test
+        raise AssertionError("reader unpickled something")
+
+    monkeypatch.setattr(pickle, "load", boom)
+    monkeypatch.setattr(pickle, "loads", boom)
+    for maker in (make_pickle, make_torch_zip):
+        with pytest.raises(LoraFormatError):
+            read_safetensors(maker(tmp_path / f"{maker.__name__}.pt"))
+
+
+def test_truncated_file_is_named_truncated(tmp_path):
+    src, _ = _small(tmp_path)
+    for keep in (0.9, 0.5, 0.05):
+        with pytest.raises(LoraFormatError, match="truncated|not a safetensors|corrupt"):
+            read_safetensors(make_truncated(src, tmp_path / f"cut{keep}.safetensors", keep))
+    with pytest.raises(LoraFormatError, match="truncated"):
+        read_safetensors(make_truncated(src, tmp_path / "cut.safetensors", 0.9))
+
+
+def test_corrupt_headers(tmp_path):
+    bad_json = tmp_path / "json.safetensors"
+    bad_json.write_bytes(struct.pack("<Q", 10) + b"{not json!")
+    with pytest.raises(LoraFormatError, match="corrupt safetensors header"):
+        read_safetensors(bad_json)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}).encode()
+    bad_offsets = tmp_path / "offsets.safetensors"
+    bad_offsets.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    with pytest.raises(LoraFormatError, match="do not fit"):
+        read_safetensors(bad_offsets)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    trailing = tmp_path / "trailing.safetensors"
+    trailing.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 12)
+    with pytest.raises(LoraFormatError, match="trailing"):
+        read_safetensors(trailing)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(LoraFormatError, match="too short"):
+        read_safetensors(empty)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(LoraNotFound):
+        read_safetensors(tmp_path / "nope.safetensors")
+    with pytest.raises(LoraFormatError, match="directory"):
+        read_safetensors(tmp_path)
