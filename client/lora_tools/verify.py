@@ -12,8 +12,10 @@ The numbers come from the daemon's own stack report and from its renders: nothin
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
+import html
 import io
 import json
 import os
@@ -98,6 +100,7 @@ class VerifyResult:
     images: dict[str, str] = field(default_factory=dict)  # role -> file name inside the report dir
     preset: str | None = None
     errors: list[str] = field(default_factory=list)
+    leftover: list[str] = field(default_factory=list)  # keys that did not reach the model, with reasons
 
     @property
     def passed(self) -> bool:
@@ -129,6 +132,7 @@ class VerifyResult:
         data = {"file": self.file, **self.block(), "checks": [asdict(c) | {"verdict": c.verdict} for c in self.checks]}
         data["images"] = self.images
         data["errors"] = self.errors
+        data["leftover"] = self.leftover
         return json.dumps(data, indent=2)
 
 
@@ -204,6 +208,7 @@ def run_verification(
     images: dict[str, Image.Image] = {}
     applied = total = None
     preset = None
+    leftover: list[str] = []
 
     def render(role: str, prompt: str, with_lora: bool) -> Image.Image | None:
         nonlocal applied, total, preset
@@ -224,6 +229,7 @@ def run_verification(
         preset = getattr(r, "preset", preset)
         if with_lora and r.stack:
             applied, total = _stack_counts(r)
+            leftover[:] = [str(x) for x in (r.stack[0].leftover or [])]
         image = _image_of(r)
         images[role] = image
         return image
@@ -260,6 +266,7 @@ def run_verification(
         ssim_trigger=ssim_trigger,
         preset=preset,
         errors=errors,
+        leftover=leftover,
     )
     write_report(result, images, out_dir)
     return result
@@ -334,6 +341,9 @@ def render_markdown(result: VerifyResult) -> str:
     ]
     if result.errors:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in result.errors]
+    if result.leftover:
+        lines += ["", f"## Keys that did not reach the model ({len(result.leftover)})", ""]
+        lines += [f"- {x}" for x in result.leftover[:20]] + (["- ..."] if len(result.leftover) > 20 else [])
     if result.images:
         lines += ["", "## Renders", ""]
         for role, name in result.images.items():
@@ -343,9 +353,6 @@ def render_markdown(result: VerifyResult) -> str:
 
 def render_html(result: VerifyResult, out_dir: Path) -> str:
     """A self-contained page: the same table, pictures embedded as data URIs."""
-    import base64
-    import html
-
     verdict = "PASS" if result.passed else "FAIL"
     rows = "".join(
         f"<tr class='{ch.verdict.lower()}'><td>{ch.number}</td><td>{html.escape(ch.name)}</td><td><b>{ch.verdict}</b>"
@@ -361,7 +368,8 @@ def render_html(result: VerifyResult, out_dir: Path) -> str:
                 f"<figure><img alt='{role}' src='data:image/png;base64,{data}'>"
                 f"<figcaption>{html.escape(role)}</figcaption></figure>"
             )
-    errors = "".join(f"<li>{html.escape(e)}</li>" for e in result.errors)
+    items = "".join(f"<li>{html.escape(e)}</li>" for e in result.errors + result.leftover[:20])
+    errors = f"<h2>Errors and keys that did not reach the model</h2><ul>{items}</ul>" if items else ""
     return (
         "<!doctype html><meta charset='utf-8'>"
         f"<title>LoRA verification {html.escape(Path(result.file).name)}: {verdict}</title>"
@@ -372,5 +380,5 @@ def render_html(result: VerifyResult, out_dir: Path) -> str:
         f"<p>sha256 <code>{result.sha256}</code><br>date {result.date}<br>preset {html.escape(str(result.preset))}, "
         f"seed {result.config.seed}, tier {html.escape(str(result.config.tier or 'default'))}</p>"
         f"<table><tr><th>#</th><th>check</th><th>verdict</th><th>value</th><th>needs</th><th>detail</th></tr>{rows}"
-        f"</table>{'<h2>Errors</h2><ul>' + errors + '</ul>' if errors else ''}<h2>Renders</h2>{pics}"
+        f"</table>{errors}<h2>Renders</h2>{pics}"
     )

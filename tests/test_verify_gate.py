@@ -1,0 +1,219 @@
+"""The verification gate and strength grids end to end on the tiny preset, through a real daemon.
+
+The daemon is the real one (server, scheduler, service, LoRA patcher, mflux engine) on a real Unix
+socket, run in-process on the session's shared tiny model so no second 4 GB copy is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.numpy import save_file
+
+from client.lora_tools.commands import grid as grid_command
+from client.lora_tools.commands import verify as verify_command
+from client.lora_tools.images import SheetLayout
+from client.lora_tools.remap import remap_file
+
+pytestmark = pytest.mark.model
+
+H = 3072
+SIZE = 64
+MODULES = {  # mlx-examples module -> (in, out): the tiny preset's shapes
+    "double_blocks.0.img_attn.qkv": (H, 3 * H),
+    "double_blocks.0.img_attn.proj": (H, H),
+    "double_blocks.0.txt_attn.qkv": (H, 3 * H),
+    "double_blocks.0.img_mlp.layers.2": (4 * H, H),
+    "single_blocks.0.linear1": (H, 7 * H),
+    "single_blocks.0.linear2": (5 * H, H),
+}
+
+
+class RealDaemon:
+    """DaemonServer + RenderService over the loaded tiny model, on a real socket, in a thread."""
+
+    def __init__(self, model, tmp: Path) -> None:
+        from daemon.config import DaemonConfig
+        from daemon.lora.cache import LoraCache
+        from daemon.lora.patcher import LoraPatcher
+        from daemon.service import RenderService
+
+        (tmp / "loras").mkdir(parents=True, exist_ok=True)
+        (tmp / "out").mkdir(exist_ok=True)
+        self.config = DaemonConfig(
+            socket_path=tmp / "run" / "easel.sock",
+            lora_roots=(tmp / "loras",),
+            output_root=tmp / "out",
+            warmup=False,
+        )
+        cache = LoraCache(self.config.lora_cache_bytes)
+        self.patcher = LoraPatcher(model.flux.transformer, cache)
+        self.service = RenderService(
+            model, self.config, patcher=self.patcher, cache=cache, preset_name="tiny", default_steps=1
+        )
+        self.service.warm = True
+        self._ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from daemon.security import bind_unix_socket
+        from daemon.server import DaemonServer
+
+        sock = bind_unix_socket(self.config.socket_path)
+
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            self.server = DaemonServer(self.config, self.service)
+            await self.server.serve(sock, on_ready=self._ready.set)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            sock.close()
+            self.config.socket_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RealDaemon:
+        self.thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError(f"daemon did not start: {self.error!r}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.server.request_stop, 10.0)
+        self.thread.join(60)
+        self.patcher.clear()  # leave the shared model as we found it
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_model, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("gate")
+    with RealDaemon(tiny_model, tmp) as d:
+        yield d, tmp / "loras"
+
+
+def _mlx_examples(path: Path, std: float, zero_up: bool = False) -> None:
+    rng = np.random.default_rng(5)
+    tensors = {}
+    for module, (d_in, d_out) in MODULES.items():
+        tensors[f"{module}.lora_a"] = (std * rng.standard_normal((d_in, 4))).astype(np.float32)
+        b = np.zeros((4, d_out), np.float32) if zero_up else (std * rng.standard_normal((4, d_out)))
+        tensors[f"{module}.lora_b"] = b.astype(np.float32)
+    save_file(tensors, str(path))
+
+
+def _kohya_lora(loras: Path, name: str, zero_up: bool = False) -> Path:
+    src = loras / f"{name}_mlx.safetensors"
+    _mlx_examples(src, std=0.08, zero_up=zero_up)
+    out = loras / f"{name}.safetensors"
+    remap_file(src, out, "mlx_examples_flux")
+    return out
+
+
+def _verify(sock: Path, lora: Path, report: Path, *extra: str):
+    args = [str(lora), "--socket", str(sock), "--width", str(SIZE), "--height", str(SIZE), "--steps", "1"]
+    return CliRunner().invoke(verify_command, [*args, "--report-dir", str(report), *extra])
+
+
+def test_good_lora_passes_and_promotes(daemon, tmp_path: Path) -> None:
+    d, loras = daemon
+    lora = _kohya_lora(loras, "good_style")
+    packs = tmp_path / "packs"
+    (packs / "noir").mkdir(parents=True)
+    (packs / "noir" / "visual_style.yaml").write_text("loras: []\n")
+    report = tmp_path / "report"
+    result = _verify(
+        d.config.socket_path, lora, report, "--trigger", "nr_style", "--promote", "--genre", "noir",
+        "--packs-root", str(packs),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "check 1 key match: PASS" in result.output and "good_style.safetensors: PASS" in result.output
+    md = (report / "report.md").read_text()
+    assert "— PASS" in md and f"{3 * len(MODULES)} of {3 * len(MODULES)} keys" in md
+    with Image.open(report / "contact.png") as im:  # no LoRA | LoRA + trigger | LoRA + control prompt
+        assert im.size == SheetLayout(1, 3, SIZE, SIZE).size
+    for role in ("base", "lora", "control"):
+        with Image.open(report / f"{role}.png") as im:
+            assert im.size == (SIZE, SIZE)
+    shipped = packs / "lora" / "noir" / "good_style.safetensors"
+    assert shipped.read_bytes() == lora.read_bytes()
+    (entry,) = yaml.safe_load((packs / "noir" / "loras.yaml").read_text())["loras"]
+    block = entry["verification"]
+    assert block["passed"] is True and block["keys_applied"] == block["keys_total"] == 3 * len(MODULES)
+    assert block["ssim_lora_vs_base"] < 0.999 and block["ssim_trigger_vs_control"] < 0.97
+    assert len(block["sha256"]) == 64 and block["date"]
+
+
+def test_zero_match_file_fails_check_1(daemon, tmp_path: Path) -> None:
+    d, loras = daemon
+    lora = loras / "deep_blocks_only.safetensors"  # kohya naming, but only blocks the tiny model lacks
+    rng = np.random.default_rng(1)
+    save_file(
+        {
+            "lora_unet_double_blocks_7_img_attn_proj.lora_down.weight": rng.standard_normal((4, H), np.float32),
+            "lora_unet_double_blocks_7_img_attn_proj.lora_up.weight": rng.standard_normal((H, 4), np.float32),
+            "lora_unet_double_blocks_7_img_attn_proj.alpha": np.array(4.0, np.float32),
+        },
+        str(lora),
+    )
+    report = tmp_path / "report"
+    result = _verify(d.config.socket_path, lora, report)
+    assert result.exit_code == 1, result.output
+    assert "check 1 key match: FAIL" in result.output
+    md = (report / "report.md").read_text()
+    assert "— FAIL" in md and "check 1 (key match)" in md and "0 of 3 keys" in md
+    leftover = md.split("did not reach the model (3)")[1]  # each key, with the engine's reason
+    assert "lora_unet_double_blocks_7_img_attn_proj.lora_down.weight" in leftover
+
+
+def test_all_zero_up_matrices_fail_check_2(daemon, tmp_path: Path) -> None:
+    d, loras = daemon
+    lora = _kohya_lora(loras, "zero_up", zero_up=True)
+    report = tmp_path / "report"
+    result = _verify(d.config.socket_path, lora, report)
+    assert result.exit_code == 1, result.output
+    assert "check 1 key match: PASS" in result.output  # every key applies; it just does nothing
+    assert "check 2 LoRA vs no LoRA: FAIL" in result.output
+    md = (report / "report.md").read_text()
+    assert "check 2 (LoRA vs no LoRA)" in md and "check 1 (key match)" not in md.split("Failed:")[1]
+    with Image.open(report / "contact.png") as im:  # no trigger: no LoRA | LoRA
+        assert im.size == SheetLayout(1, 2, SIZE, SIZE).size
+
+
+def test_strength_grid_is_one_labelled_picture(daemon, tmp_path: Path) -> None:
+    d, loras = daemon
+    lora = _kohya_lora(loras, "grid_style")
+    out = tmp_path / "grid.png"
+    args = [str(lora), "--socket", str(d.config.socket_path), "--width", str(SIZE), "--height", str(SIZE)]
+    args += [
+        "--steps",
+        "1",
+        "--strengths",
+        "0.5,1.0",
+        "--prompt",
+        "a red barn",
+        "--prompt",
+        "a harbour",
+        "-o",
+        str(out),
+    ]
+    result = CliRunner().invoke(grid_command, args)
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as im:
+        assert im.size == SheetLayout(2, 3, SIZE, SIZE).size  # 2 prompts x (no LoRA, 0.5, 1.0)
+        sheet = np.asarray(im.convert("RGB"))
+    cells = []
+    for col in range(3):
+        x, y = SheetLayout(2, 3, SIZE, SIZE).cell_origin(0, col)
+        cells.append(sheet[y : y + SIZE, x : x + SIZE].astype(int))
+    assert np.abs(cells[0] - cells[2]).max() > 0  # strength 1.0 differs from no LoRA
+    assert np.abs(cells[1] - cells[2]).max() > 0  # and from strength 0.5
