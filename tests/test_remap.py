@@ -266,3 +266,13 @@ def test_keymap_validation_names_the_problem(tmp_path: Path) -> None:
     bad.write_text("rules: []\n")
     with pytest.raises(LoraFormatError, match="version"):
         load_keymap(bad)
+
+
+def test_easel_lora_remap_is_wired_into_the_cli(tmp_path: Path) -> None:
+    from client.cli import main as easel
+
+    src = tmp_path / "in.safetensors"
+    save_file(mlx_examples_lora(2, 1, rank=4), str(src))
+    result = CliRunner().invoke(easel, ["lora", "remap", str(src), str(tmp_path / "out.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert "46 keys translated, rank 4" in result.output
