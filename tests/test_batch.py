@@ -293,3 +293,12 @@ def test_cli_malformed_shard_and_unknown_world_are_clear_errors(packs, tmp_path)
     assert res.exit_code != 0 and "shard '3/2'" in res.output
     res = CliRunner().invoke(cli, [*base, "--world", "atlantis"])
     assert res.exit_code != 0 and "no world 'atlantis'" in res.output
+
+
+def test_default_out_lies_inside_the_daemons_default_output_root(monkeypatch, tmp_path):
+    from client.cli.batch import default_out
+
+    monkeypatch.delenv("EASEL_OUTPUT_ROOT", raising=False)
+    assert default_out() == Path("easel-output") / "batch"
+    monkeypatch.setenv("EASEL_OUTPUT_ROOT", str(tmp_path))
+    assert default_out() == tmp_path / "batch"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,12 @@ import click
 from daemon.errors import EaselError
 
 DEFAULT_PACKS = Path("genre_packs")
-DEFAULT_OUT = Path("out/batch")
+
+
+def default_out() -> Path:
+    """Inside the daemon's default output root (`$EASEL_OUTPUT_ROOT`, else ./easel-output), which is the
+    only place a daemon started with defaults will write to."""
+    return Path(os.environ.get("EASEL_OUTPUT_ROOT") or "easel-output") / "batch"
 
 
 def register(group: click.Group) -> None:
@@ -40,9 +46,9 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--out",
             "out_root",
             type=click.Path(file_okay=False, path_type=Path),
-            default=DEFAULT_OUT,
-            show_default=True,
-            help="Outputs go to OUT/<genre>/<world>/<kind>/.",
+            default=None,
+            help="Outputs go to OUT/<genre>/<world>/<kind>/ [default: $EASEL_OUTPUT_ROOT/batch, else "
+            "./easel-output/batch]; must lie inside the daemon's output root.",
         ),
         click.option(
             "--lora-root",
@@ -82,7 +88,7 @@ def _run(kind: str, **kw: Any) -> None:
 
     try:
         plan = plan_batch(
-            kw["packs_root"], kw["genre"], kw["world"], kind, kw["out_root"],
+            kw["packs_root"], kw["genre"], kw["world"], kind, kw["out_root"] or default_out(),
             tier=kw["tier"], shard=parse_shard(kw["shard"]), base_seed=kw["base_seed"],
             width=kw["width"], height=kw["height"], steps=kw["steps"], guidance=kw["guidance"],
             preset=kw["preset"], limit=kw["limit"], lora_root=kw["lora_root"],
