@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import yaml
 
 from client.visual_style import LoraEntry, VisualStyle, apply_triggers, load_visual_style
-from daemon.errors import EaselError, InvalidRequest, PackError
+from daemon.errors import DaemonUnavailable, EaselError, InvalidRequest, PackError
 from daemon.fs import atomic_write_text
 
 KINDS: dict[str, tuple[str, str, str]] = {
@@ -289,7 +289,7 @@ class Renderer(Protocol):
 @dataclass
 class ItemResult:
     job: Job
-    status: str  # rendered | skipped | failed
+    status: str  # rendered | skipped | failed | pending (not attempted: the batch stopped early)
     outcome: RenderOutcome | None = None
     error: dict[str, Any] | None = None
     seconds: float = 0.0
@@ -308,7 +308,7 @@ class BatchResult:
 
     @property
     def ok(self) -> bool:
-        return self.count("failed") == 0
+        return self.count("failed") == 0 and self.count("pending") == 0
 
 
 def _outcome_from_record(rec: Mapping[str, Any]) -> RenderOutcome:
@@ -371,7 +371,8 @@ def run_batch(
 ) -> BatchResult:
     """Render every job not already finished; write the manifest and contact sheet at the end.
 
-    An item that fails is recorded with its typed error and the batch goes on (unless `stop_on_error`);
+    An item that fails is recorded with its typed error and the batch goes on (unless `stop_on_error`, or
+    the daemon is gone: then it stops at once instead of failing every remaining item);
     an interruption (Ctrl-C) leaves every finished item's files in place for the next run to skip.
     """
     from tqdm import tqdm
@@ -398,7 +399,7 @@ def run_batch(
                 results.append(ItemResult(job, "failed", None, err.to_wire(), time.monotonic() - t0))
                 bar.write(f"failed: {job.item.name}: [{err.code}] {err.message}")
                 bar.update(1)
-                if stop_on_error:
+                if stop_on_error or isinstance(err, DaemonUnavailable):  # no daemon: the rest would fail too
                     break
                 continue
             atomic_write_text(job.record_path, json.dumps(item_record(job, outcome, "rendered"), indent=2))
@@ -406,6 +407,7 @@ def run_batch(
             bar.update(1)
     finally:
         bar.close()
+    results += [ItemResult(job, "pending") for job in plan.jobs[len(results) :]]  # left after an early stop
     result = BatchResult(plan, results, time.monotonic() - started)
     result.manifest_path = write_manifest(result)
     if contact_sheet:
@@ -424,7 +426,7 @@ def manifest_dict(result: BatchResult) -> dict[str, Any]:
         "tier": plan.tier,
         "shard": list(plan.shard),
         "total_items": plan.total_items,
-        "counts": {s: result.count(s) for s in ("rendered", "skipped", "failed")},
+        "counts": {s: result.count(s) for s in ("rendered", "skipped", "failed", "pending")},
         "seconds": round(result.seconds, 3),
         "stack": [e.to_dict() for e in plan.style.stack.active],
         "triggers": list(plan.style.stack.triggers),
@@ -467,7 +469,7 @@ def summary_lines(result: BatchResult, *, paths: bool = True) -> list[str]:
     lines = [
         f"{plan.genre}/{plan.world} {plan.kind}: {result.count('rendered')} rendered, "
         f"{result.count('skipped')} skipped (already done), {result.count('failed')} failed "
-        f"in {result.seconds:.1f}s"
+        f"in {result.seconds:.1f}s" + (f", {result.count('pending')} not attempted" if result.count("pending") else "")
     ]
     seen: dict[str, FileApplied] = {}
     for r in result.items:

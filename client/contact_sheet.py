@@ -86,9 +86,8 @@ def write_contact_sheet(result: BatchResult) -> Path | None:
     plan = result.plan
     tiles = []
     for r in result.items:
-        failed = r.status == "failed"
-        caption = f"{r.job.item.name} #{r.job.seed}" + (" FAILED" if failed else "")
-        tiles.append(Tile(None if failed else r.job.output_path, caption))
+        mark = {"failed": " FAILED", "pending": " (not rendered)"}.get(r.status, "")
+        tiles.append(Tile(None if mark else r.job.output_path, f"{r.job.item.name} #{r.job.seed}{mark}"))
     stack = ", ".join(f"{e.name}@{e.scale:g}" for e in plan.style.stack.active) or "no LoRAs"
     title = f"{plan.genre}/{plan.world} {plan.kind} (tier {plan.tier}) - {stack}"
     sheet = render_sheet(tiles, title)

@@ -36,7 +36,7 @@ from client.batch import (
 )
 from client.cli import main as cli
 from client.packs import genre_dirs, make_pack_loras, world_names
-from daemon.errors import InvalidRequest, LoraZeroMatch, PackError
+from daemon.errors import DaemonUnavailable, InvalidRequest, LoraZeroMatch, PackError
 
 PACKS = Path(__file__).resolve().parents[1] / "genre_packs"
 
@@ -53,14 +53,17 @@ def packs(tmp_path_factory) -> Path:
 class PngRenderer:
     """Writes a small real PNG per job, reports every stack file as fully applied, counts calls."""
 
-    def __init__(self, fail_on: set[str] = frozenset(), interrupt_after: int | None = None) -> None:
+    def __init__(self, fail_on: set[str] = frozenset(), interrupt_after: int | None = None, gone_after=None) -> None:
         self.calls: list[str] = []
+        self.gone_after = gone_after
         self.fail_on = fail_on
         self.interrupt_after = interrupt_after
 
     def __call__(self, job: Job, on_progress) -> RenderOutcome:
         if self.interrupt_after is not None and len(self.calls) >= self.interrupt_after:
             raise KeyboardInterrupt
+        if self.gone_after is not None and len(self.calls) >= self.gone_after:
+            raise DaemonUnavailable("the daemon at /x.sock closed the connection")
         self.calls.append(job.item.id)
         if job.item.id in self.fail_on:
             raise LoraZeroMatch(f"{job.stack[0].path} matched zero keys", path=job.stack[0].path)
@@ -192,7 +195,7 @@ def test_batch_writes_pngs_records_manifest_and_contact_sheet(packs, tmp_path):
     result = run_batch(p, r, progress=False)
     assert result.ok and result.count("rendered") == len(p.jobs) == 3
     manifest = json.loads(p.manifest_path.read_text())
-    assert manifest["counts"] == {"rendered": 3, "skipped": 0, "failed": 0}
+    assert manifest["counts"] == {"rendered": 3, "skipped": 0, "failed": 0, "pending": 0}
     assert [e["name"] for e in manifest["stack"]] == ["the_real_mccoy_portrait", "the_real_mccoy_gunsmoke"]
     for item, job in zip(manifest["items"], p.jobs, strict=True):
         assert item["prompt"] == job.prompt and item["seed"] == job.seed
@@ -302,3 +305,13 @@ def test_default_out_lies_inside_the_daemons_default_output_root(monkeypatch, tm
     assert default_out() == Path("easel-output") / "batch"
     monkeypatch.setenv("EASEL_OUTPUT_ROOT", str(tmp_path))
     assert default_out() == tmp_path / "batch"
+
+
+def test_a_vanished_daemon_stops_the_batch_instead_of_failing_every_item(packs, tmp_path):
+    p = plan(packs, tmp_path)
+    result = run_batch(p, PngRenderer(gone_after=1), progress=False)
+    assert [r.status for r in result.items] == ["rendered", "failed"] + ["pending"] * (len(p.jobs) - 2)
+    assert result.items[1].error["code"] == "daemon_unavailable" and not result.ok
+    manifest = json.loads(p.manifest_path.read_text())
+    assert manifest["counts"] == {"rendered": 1, "skipped": 0, "failed": 1, "pending": len(p.jobs) - 2}
+    assert [i["id"] for i in manifest["items"]] == [j.item.id for j in p.jobs]  # every item is listed
