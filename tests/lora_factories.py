@@ -111,6 +111,42 @@ class ExpectedDelta:
             full = _swap(full)
         return full if self.rows is None else full[self.rows[0] : self.rows[1]]
 
+    def _full_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Indices into the un-sliced, un-swapped product for the given output rows of this layer."""
+        r0 = self.rows[0] if self.rows is not None else 0
+        idx = np.asarray(rows) + r0
+        if self.swap:
+            total = self.up.shape[0] * (self.down.shape[0] if self.kron else 1)
+            half = total // 2
+            idx = np.where(idx < total - half, idx + half, idx - (total - half))
+        return idx
+
+    def dense_rows(self, rows: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+        """Only the given output rows of the delta (cheap: no full product)."""
+        idx = self._full_rows(rows)
+        a, b = self.up.astype(dtype), self.down.astype(dtype)
+        if not self.kron:
+            return self.factor * (a[idx] @ b)
+        b1 = b.shape[0]
+        left, right = a[idx // b1], b[idx % b1]  # kron row i = outer(w1[i // b1], w2[i % b1]) flattened
+        return self.factor * (left[:, :, None] * right[:, None, :]).reshape(len(idx), -1)
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """x (n, in) @ delta.T (n, out), computed from the factors."""
+        x = x.astype(np.float64)
+        a, b = self.up.astype(np.float64), self.down.astype(np.float64)
+        if not self.kron:
+            full = (x @ b.T) @ a.T
+        else:
+            xs = x.reshape(len(x), a.shape[1], b.shape[1])
+            full = np.einsum("ij,njk->nik", a, xs @ b.T).reshape(len(x), -1)
+        if self.swap:
+            half = full.shape[1] // 2
+            full = np.concatenate([full[:, half:], full[:, :half]], axis=1)
+        if self.rows is not None:
+            full = full[:, self.rows[0] : self.rows[1]]
+        return self.factor * full
+
 
 @dataclass
 class GeneratedLora:

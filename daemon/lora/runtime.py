@@ -71,14 +71,23 @@ class StackedLoraLinear(nn.Module):
             y = y + (w1 @ t).reshape(*lead, w1.shape[0] * w2.shape[0])
         return y
 
-    def delta(self) -> mx.array:
-        """The dense weight delta this wrapper adds (for tests and the bake form)."""
+    def delta(self, rows: mx.array | None = None) -> mx.array:
+        """The dense weight delta this wrapper adds, or only the given output rows of it (for tests)."""
         out_dim, in_dim = base_shape(self.base)
-        d = mx.zeros((out_dim, in_dim), dtype=mx.float32)
+        n = out_dim if rows is None else int(rows.size)
+        d = mx.zeros((n, in_dim), dtype=mx.float32)
         if self.has_lowrank:
-            d = d + (self.lora_down.astype(mx.float32) @ self.lora_up.astype(mx.float32)).T
+            up = self.lora_up.astype(mx.float32)
+            up = up if rows is None else up[:, rows]
+            d = d + (self.lora_down.astype(mx.float32) @ up).T
         for w1, w2 in self.krons:
-            d = d + mx.kron(w1.astype(mx.float32), w2.astype(mx.float32))
+            w1, w2 = w1.astype(mx.float32), w2.astype(mx.float32)
+            if rows is None:
+                d = d + mx.kron(w1, w2)
+            else:  # row i of kron(w1, w2) is the outer product of w1[i // b1] and w2[i % b1]
+                b1 = w2.shape[0]
+                left, right = w1[rows // b1], w2[rows % b1]
+                d = d + (left[:, :, None] * right[:, None, :]).reshape(n, -1)
         return d
 
     def effective_weight(self) -> mx.array:
