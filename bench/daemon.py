@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ REQ = dict(prompt="a lone rider at dusk", width=64, height=64, steps=2, seed=7)
 W = 3072
 LAYOUT = {
     "transformer_blocks.0.attn.to_q": (W, W),
+    "transformer_blocks.0.attn.to_k": (W, W),
+    "transformer_blocks.0.attn.to_v": (W, W),
     "transformer_blocks.0.attn.to_out.0": (W, W),
     "single_transformer_blocks.0.proj_out": (W, 5 * W),
 }
@@ -48,6 +49,7 @@ root, lora, repeats, req = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), jso
 cfg = DaemonConfig(socket_path=root / "unused.sock", lora_roots=(root,), output_root=root / "out")
 svc = RenderService.load(cfg)
 svc.warm_up()
+svc.run(svc.prepare(Render(id=99, lora_paths=[lora], lora_scales=[0.8], **req)))  # untimed, as on the daemon side
 times = []
 for i in range(repeats):
     t0 = time.perf_counter()
@@ -125,8 +127,10 @@ def main() -> None:
         )
         out = subprocess.run(
             [sys.executable, "-c", IN_PROCESS, str(root), loras[0], str(REPEATS), json.dumps(REQ)],
-            capture_output=True, text=True, cwd=ROOT, check=True,
+            capture_output=True, text=True, cwd=ROOT,
         )  # fmt: skip
+        if out.returncode != 0:
+            raise SystemExit(f"in-process render failed:\n{out.stderr[-3000:]}")
         inproc = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"  seconds: {[round(t, 2) for t in inproc]}", flush=True)
 
@@ -140,7 +144,7 @@ def main() -> None:
                     c.send_render(lora_paths=[loras[0]], lora_scales=[0.8], output_path=f"daemon{i}.png", **REQ)
                     via.append(time.perf_counter() - t0)
             print(f"through the daemon: seconds {[round(t, 2) for t in via]}", flush=True)
-            ratio = statistics.median(via) / statistics.median(inproc)
+            ratio = min(via) / min(inproc)  # min: the machine is shared, so noise only ever adds time
 
             # pings from 20 clients while a render occupies the worker
             busy = threading.Thread(
