@@ -62,7 +62,17 @@ _BFL_SINGLE = [
     ("linear2", ["proj_out"]),
     ("modulation.lin", ["norm.linear"]),
 ]
-_BFL_GLOBAL = [("img_in", "x_embedder"), ("txt_in", "context_embedder"), ("final_layer.linear", "proj_out")]
+_BFL_GLOBAL = [
+    ("img_in", "x_embedder"),
+    ("txt_in", "context_embedder"),
+    ("final_layer.linear", "proj_out"),
+    ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+    ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+    ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+]
 _BFL_SWAPPED = ("final_layer.adaLN_modulation.1", "norm_out.linear")  # BFL (shift, scale) vs mflux (scale, shift)
 
 _XLABS_DOUBLE = [
@@ -201,10 +211,8 @@ def _groups(fmt: str, layout: Mapping[str, tuple[int, int]]) -> list[tuple[str, 
         out += [(s, [t], False) for s, t in _BFL_GLOBAL]
         out.append((_BFL_SWAPPED[0], [_BFL_SWAPPED[1]], True))
         return out
-    # diffusers vocabulary: one module per mflux layer, inside the blocks plus a few globals
-    names = [n for n in layout if n.startswith(("transformer_blocks.", "single_transformer_blocks."))]
-    names += ["x_embedder", "context_embedder", "norm_out.linear", "proj_out"]
-    for name in names:
+    # diffusers vocabulary: one module per mflux layer, every Linear of the model
+    for name in layout:
         renamed = name
         for old, new in _DIFFUSERS_RENAME.items():
             if name.endswith("." + old):

@@ -168,9 +168,11 @@ class LoraPatcher:
         to_eval: list[mx.array] = []
         for target, contributions in per_layer.items():
             slot = self._slot(target)
-            dtype = slot.original.weight.dtype if not isinstance(slot.original, nn.QuantizedLinear) else mx.float32
+            quantized = isinstance(slot.original, nn.QuantizedLinear)
+            # The activation dtype: a float32 side path on a bf16 model would promote every later block.
+            dtype = slot.original.scales.dtype if quantized else slot.original.weight.dtype
             if self.mode == "bake":
-                if isinstance(slot.original, nn.QuantizedLinear):
+                if quantized:
                     raise InvalidRequest(f"bake mode cannot patch quantized layer {target}", field="mode")
                 down, up, krons = build_layer_arrays(contributions, mx.float32)
                 w = slot.original_weight.astype(mx.float32)
