@@ -6,6 +6,7 @@ Importing this module stays cheap: the daemon's model stack is imported inside `
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,9 +91,14 @@ def serve_command(
         sys.stdout.flush()
 
     try:
-        sys.exit(run_daemon(DaemonConfig(**kwargs), announce=announce))
+        rc = run_daemon(DaemonConfig(**kwargs), announce=announce)
     except EaselError as err:
         _fail(err)
+    # Everything is drained, flushed and the socket removed. Skip interpreter teardown: native libraries
+    # (MLX / OpenBLAS threads) were seen to abort (SIGABRT) while being torn down after a clean stop.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 @click.command("status")
