@@ -20,13 +20,17 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
+from opentelemetry import context, trace
+from opentelemetry.trace import TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from client.telemetry import TRACER_NAME, client_span, inject_trace_context
 from daemon.errors import Busy, DaemonUnavailable, EaselError, InvalidRequest, ProtocolError, Timeout, error_from_wire
 from daemon.protocol import framing
 from daemon.protocol.messages import (
@@ -48,6 +52,8 @@ from daemon.protocol.messages import (
 )
 
 ProgressCallback = Callable[[Event], Any]
+
+_W3C = TraceContextTextMapPropagator()
 
 DEFAULT_TIMEOUT_S = 10.0  # ping, status, inspect, cancel, shutdown
 DEFAULT_RENDER_TIMEOUT_S = 900.0  # one render, including its time in the queue
@@ -134,8 +140,10 @@ class _Shared:
         render_timeout: float,
         retry: RetryPolicy,
         max_frame: int,
+        tracer_provider: TracerProvider | None,
     ) -> None:
         self.socket_path = Path(socket_path) if socket_path is not None else default_socket_path()
+        self._tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
         self.timeout = timeout
         self.render_timeout = render_timeout
         self.retry = retry
@@ -144,6 +152,21 @@ class _Shared:
 
     def _next_id(self) -> int:
         return next(self._ids)
+
+    @contextlib.contextmanager
+    def _traced(self, msg: Any) -> Iterator[Any]:
+        """A CLIENT span around one request; yields the message carrying that span's W3C context.
+
+        The span's parent is the caller's current span, or the `trace_context` the caller put in the
+        message itself. With no OpenTelemetry SDK set up this costs next to nothing."""
+        token = context.attach(_W3C.extract(msg.trace_context)) if msg.trace_context else None
+        try:
+            with client_span(type(msg).__struct_config__.tag, socket_path=str(self.socket_path), tracer=self._tracer):
+                carrier = inject_trace_context({}).get("trace_context")
+                yield msgspec.structs.replace(msg, trace_context=carrier) if carrier else msg
+        finally:
+            if token is not None:
+                context.detach(token)
 
     @staticmethod
     def _interpret(reply: Reply, on_progress: ProgressCallback | None) -> tuple[bool, Any]:
@@ -178,8 +201,9 @@ class RenderClient(_Shared):
         render_timeout: float = DEFAULT_RENDER_TIMEOUT_S,
         retry: RetryPolicy = RetryPolicy(),
         max_frame: int = framing.DEFAULT_MAX_FRAME,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
-        super().__init__(socket_path, timeout, render_timeout, retry, max_frame)
+        super().__init__(socket_path, timeout, render_timeout, retry, max_frame, tracer_provider)
         self._sock: socket.socket | None = None
 
     def __enter__(self) -> RenderClient:
@@ -210,6 +234,10 @@ class RenderClient(_Shared):
         return self._sock
 
     def _call(self, msg: Any, timeout: float, on_progress: ProgressCallback | None = None) -> Any:
+        with self._traced(msg) as traced:
+            return self._send(traced, timeout, on_progress)
+
+    def _send(self, msg: Any, timeout: float, on_progress: ProgressCallback | None) -> Any:
         sock = self._connect()
         deadline = time.monotonic() + timeout
         try:
@@ -299,8 +327,9 @@ class AsyncRenderClient(_Shared):
         render_timeout: float = DEFAULT_RENDER_TIMEOUT_S,
         retry: RetryPolicy = RetryPolicy(),
         max_frame: int = framing.DEFAULT_MAX_FRAME,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
-        super().__init__(socket_path, timeout, render_timeout, retry, max_frame)
+        super().__init__(socket_path, timeout, render_timeout, retry, max_frame, tracer_provider)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pump: asyncio.Task | None = None
@@ -363,6 +392,10 @@ class AsyncRenderClient(_Shared):
             q.put_nowait(None)
 
     async def _call(self, msg: Any, timeout: float, on_progress: ProgressCallback | None = None) -> Any:
+        with self._traced(msg) as traced:
+            return await self._send(traced, timeout, on_progress)
+
+    async def _send(self, msg: Any, timeout: float, on_progress: ProgressCallback | None) -> Any:
         await self._connect()
         q: asyncio.Queue = asyncio.Queue()
         self._waiting[msg.id] = q

@@ -73,3 +73,23 @@ def client_span(
             span.set_attribute("error.type", etype)
             span.set_status(Status(StatusCode.ERROR, str(exc) or etype))
             raise
+
+
+def setup_command_telemetry(service_name: str = "easel-client") -> None:
+    """For an `easel` command that talks to the daemon: export its client spans as the OTEL_* variables
+    say (as the process's global SDK), flushed when the command ends. Nothing configured: nothing set up."""
+    import click
+
+    from daemon.telemetry import config_from_env, setup_telemetry
+
+    config = config_from_env(service_name)
+    if config.disabled or not (config.trace_exporters or config.metric_exporters):
+        return
+    tel = setup_telemetry(config=config, set_global=True)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(tel.shutdown)
+    else:
+        import atexit
+
+        atexit.register(tel.shutdown)

@@ -66,6 +66,7 @@ from daemon.security import (
     socket_inode,
 )
 from daemon.service import Prepared, RenderService
+from daemon.telemetry import ServerCall, Telemetry, start_server_call
 
 log = logging.getLogger("easel.server")
 
@@ -119,6 +120,7 @@ class DaemonServer:
     def __init__(self, config: DaemonConfig, service: RenderService) -> None:
         self.config = config
         self.service = service
+        self.tel = service.tel
         self.queue = JobQueue(config.queue_capacity, config.policy)
         self.times = StepTimes()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-render")
@@ -164,7 +166,7 @@ class DaemonServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
             self.executor.shutdown(wait=True)
-            # telemetry: flush exporters here (daemon/telemetry)
+            self.tel.shutdown()  # flush spans and metrics; bounded by the exporters' own timeouts
 
     async def _drain(self, worker: asyncio.Task) -> None:
         """Stop accepting; finish queued + running work within the drain timeout; cancel the rest."""
@@ -189,7 +191,9 @@ class DaemonServer:
         if not self.config.allow_any_uid and sock is not None:
             uid = peer_uid(sock)
             if uid is not None and uid != os.getuid():
-                await conn.send(error_reply(None, PeerNotAllowed(f"peer uid {uid} is not the daemon's uid", uid=uid)))
+                err = PeerNotAllowed(f"peer uid {uid} is not the daemon's uid", uid=uid)
+                self.tel.metrics.error(err.code)
+                await conn.send(error_reply(None, err))
                 writer.close()
                 return
         self.connections.add(conn)
@@ -212,6 +216,7 @@ class DaemonServer:
             except framing.PeerClosed:
                 return
             except (FrameTooLarge, ProtocolError) as err:  # the stream cannot be resynchronised: answer, close
+                self.tel.metrics.error(err.code)
                 await conn.send(error_reply(None, err))
                 return
             except ConnectionError:
@@ -219,48 +224,69 @@ class DaemonServer:
             try:
                 req = decode_request(payload)
             except EaselError as err:
+                self.tel.metrics.error(err.code)
                 await conn.send(error_reply(err.details.get("id"), err))
                 continue
-            # telemetry: the per-request span opens here (server dispatch), parented by req.trace_context
+            call = start_server_call(
+                self.tel,
+                type(req).__struct_config__.tag,
+                trace_context=req.trace_context,
+                request_id=req.id,
+                socket_path=str(self.config.socket_path),
+            )
+            answered_later = False
             try:
-                await self._dispatch(conn, req)
+                answered_later = await self._dispatch(conn, req, call)
             except EaselError as err:
+                call.set_error(err)
                 await conn.send(error_reply(req.id, err))
             except Exception as exc:  # a bug must not take the daemon down
                 log.exception("request %r failed", req.id)
+                call.set_error(exc)
                 await conn.send(error_reply(req.id, EaselError(f"internal error: {type(exc).__name__}: {exc}")))
+            finally:
+                if not answered_later:  # a render / inspect ends its span when its reply is sent
+                    call.end()
 
     # ---- operations -----------------------------------------------------------------------------
 
-    async def _dispatch(self, conn: Connection, req: Request) -> None:
+    async def _dispatch(self, conn: Connection, req: Request, call: ServerCall) -> bool:
+        """Answer `req`, or hand it on; True when it was handed on (its reply, and `call.end()`, come later)."""
         if isinstance(req, Ping):
             await conn.send(Result(id=req.id, op="ping", result={"pong": True, "version": self.version}))
         elif isinstance(req, Status):
             await conn.send(Result(id=req.id, op="status", result=encode_status(self.status())))
         elif isinstance(req, Render):
-            await self._submit(conn, req)
+            await self._submit(conn, req, call)
+            return True
         elif isinstance(req, Inspect):  # reads a file: off the loop, and not holding up this connection
-            task = asyncio.get_running_loop().create_task(self._inspect(conn, req))
+            task = asyncio.get_running_loop().create_task(self._inspect(conn, req, call))
             conn._tasks.add(task)
             task.add_done_callback(conn._tasks.discard)
+            return True
         elif isinstance(req, Cancel):
             await conn.send(Result(id=req.id, op="cancel", result=await self._cancel(conn, req)))
         elif isinstance(req, Shutdown):
             await conn.send(Result(id=req.id, op="shutdown", result={"accepted": True}))
             self.request_stop(req.drain_timeout_s)
+        return False
 
-    async def _inspect(self, conn: Connection, req: Inspect) -> None:
+    async def _inspect(self, conn: Connection, req: Inspect, call: ServerCall) -> None:
         try:
             report = await asyncio.get_running_loop().run_in_executor(None, self.service.inspect, req.path)
         except EaselError as err:
+            call.set_error(err)
             await conn.send(error_reply(req.id, err))
         except Exception as exc:
             log.exception("inspect %r failed", req.path)
+            call.set_error(exc)
             await conn.send(error_reply(req.id, EaselError(f"inspect failed: {type(exc).__name__}: {exc}")))
         else:
             await conn.send(Result(id=req.id, op="inspect", result=report))
+        finally:
+            call.end()
 
-    async def _submit(self, conn: Connection, req: Render) -> None:
+    async def _submit(self, conn: Connection, req: Render, call: ServerCall) -> None:
         if self.queue.closed:
             raise ShuttingDown("the daemon is shutting down and accepts no new renders")
         if req.id in conn.jobs:
@@ -268,6 +294,7 @@ class DaemonServer:
         prepared = self.service.prepare(req)
         spec = prepared.spec
         now = time.monotonic()
+        prepared.call, prepared.enqueued_ns = call, time.time_ns()
         job = Job(
             job_id=f"{conn.conn_id}:{next(self._job_seq)}",
             priority=PRIORITIES[req.priority],
@@ -281,6 +308,7 @@ class DaemonServer:
             stack_label=[f"{it.path.name}@{it.scale:g}" for it in prepared.stack],
         )
         position = self.queue.submit(job)
+        self.tel.metrics.set_queue_depth(len(self.queue))
         conn.jobs[req.id] = job
         self.jobs[job.job_id] = job
         if req.deadline_s is not None:
@@ -313,18 +341,25 @@ class DaemonServer:
         """The job's client went away: drop it if queued, stop it at the next step if running."""
         job.cancel_event.set()
         if self.queue.remove(job):
-            self._forget(job)
+            self._forget(job, Cancelled("the client went away while the render was queued"))
 
-    def _forget(self, job: Job) -> None:
+    def _forget(self, job: Job, error: EaselError | None = None) -> None:
+        """The job is done with (answered, or its client left): drop it and end its server span."""
         self.jobs.pop(job.job_id, None)
-        conn, req, _ = job.payload
+        conn, req, prepared = job.payload
         if conn.jobs.get(req.id) is job:
             del conn.jobs[req.id]
+        self.tel.metrics.set_queue_depth(len(self.queue))
+        call, prepared.call = prepared.call, None
+        if call is not None:
+            if error is not None:
+                call.set_error(error)
+            call.end()
 
     def _finish_error(self, job: Job, err: EaselError) -> None:
         conn, req, _ = job.payload
-        self._forget(job)
         conn.post(error_reply(req.id, err))
+        self._forget(job, err)
 
     def _expire(self, job: Job) -> None:
         """A queued job's deadline passed: answer now instead of when it reaches the head of the queue."""
@@ -340,8 +375,9 @@ class DaemonServer:
             job = await self.queue.take(self.service.active_key)
             if job is None:
                 return
+            self.tel.metrics.set_queue_depth(len(self.queue))
             if job.cancel_event.is_set():
-                self._forget(job)
+                self._forget(job, Cancelled("the client went away while the render was queued"))
                 continue
             conn, req, prepared = job.payload
             now = time.monotonic()
@@ -366,8 +402,8 @@ class DaemonServer:
             else:
                 self.renders_done += 1
                 result.job = job.job_id
-                self._forget(job)
                 conn.post(Result(id=req.id, op="render", result=encode_struct(result)))
+                self._forget(job)
             finally:
                 self.running = None
 
@@ -476,15 +512,20 @@ def _event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run_daemon(config: DaemonConfig, *, service: RenderService | None = None, announce=print) -> int:
-    """`easel serve`: refuse if a daemon answers, load + warm the model, bind, serve until stopped."""
+def run_daemon(
+    config: DaemonConfig, *, service: RenderService | None = None, tel: Telemetry | None = None, announce=print
+) -> int:
+    """`easel serve`: refuse if a daemon answers, load + warm the model, bind, serve until stopped.
+    `tel` (spans and metrics) is flushed and shut down when the server stops."""
     path = Path(config.socket_path)
     ensure_private_dir(path.parent)
     clear_stale_socket(path)  # refuse early (before minutes of model loading) if a daemon is live
     if service is None:
         t0 = time.perf_counter()
-        service = RenderService.load(config)
+        service = RenderService.load(config, tel=tel)
         announce(f"easel: preset {service.preset_name} loaded in {time.perf_counter() - t0:.1f}s")
+    elif tel is not None:
+        service.use_telemetry(tel)
     if config.warmup and not service.warm:
         announce(f"easel: warmed up in {service.warm_up():.1f}s")
     else:

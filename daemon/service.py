@@ -27,6 +27,8 @@ from daemon.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
 from daemon.fs import atomic_write_bytes
 from daemon.protocol.messages import FileReport, Render, RenderResult
 from daemon.security import confine
+from daemon.telemetry import RenderSpan, ServerCall, Telemetry, TelemetryConfig, extract_context, setup_telemetry
+from daemon.telemetry import render_span as open_render_span
 
 log = logging.getLogger("easel.service")
 
@@ -58,7 +60,10 @@ class Prepared:
     output_path: Path | None
     return_bytes: bool
     trace_context: dict[str, str] | None = None
+    tier: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    call: ServerCall | None = None  # the request's server span (set by the server); parents the render span
+    enqueued_ns: int | None = None  # wall clock when queued: the render span starts there (queue_wait phase)
 
 
 def stack_key(items: list[StackItem]) -> StackKey:
@@ -126,6 +131,7 @@ class RenderService:
         preset_name: str | None = None,
         default_steps: int = 4,
         default_guidance: float = 3.5,
+        tel: Telemetry | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -138,9 +144,16 @@ class RenderService:
         self.active_report: list[FileReport] = []
         self.warm = False
         self.stack_switches = 0
+        self.use_telemetry(tel or setup_telemetry(config=TelemetryConfig("easel-daemon", disabled=True)))
+
+    def use_telemetry(self, tel: Telemetry) -> None:
+        """Report spans and metrics through `tel` (default: the API's no-op tracer and meter)."""
+        self.tel = tel
+        if self.cache is not None:
+            tel.metrics.observe_lora_cache(self.cache.stats)
 
     @classmethod
-    def load(cls, config: DaemonConfig) -> RenderService:
+    def load(cls, config: DaemonConfig, tel: Telemetry | None = None) -> RenderService:
         """Load the preset's model and a patcher on its transformer, then warm up (slow: seconds to minutes)."""
         from daemon.engine.model import load_model
         from daemon.lora.cache import LoraCache
@@ -157,6 +170,7 @@ class RenderService:
             preset_name=model.preset.name,
             default_steps=model.preset.default_steps,
             default_guidance=model.preset.default_guidance,
+            tel=tel,
         )
         return svc
 
@@ -190,6 +204,7 @@ class RenderService:
             output_path=out,
             return_bytes=req.return_bytes,
             trace_context=req.trace_context,
+            tier=req.tier,
         )
 
     def status(self) -> dict[str, Any]:
@@ -204,9 +219,13 @@ class RenderService:
 
     # ---- in the render thread -------------------------------------------------------------------
 
-    def render_span(self, prepared: Prepared) -> contextlib.AbstractContextManager:
-        """Where the per-render telemetry span opens (daemon/telemetry replaces this)."""
-        return contextlib.nullcontext()
+    def render_span(self, prepared: Prepared) -> contextlib.AbstractContextManager[RenderSpan]:
+        """The `flux_mlx.render` span: under the request's server span (or the trace context the request
+        carried, when run without a server), starting when the job was queued."""
+        parent = prepared.call.context if prepared.call is not None else extract_context(prepared.trace_context)
+        return open_render_span(
+            self.tel, prepared.spec, tier=prepared.tier, parent=parent, enqueued_ns=prepared.enqueued_ns
+        )
 
     def switch_stack(self, prepared: Prepared) -> bool:
         """Make the live model carry `prepared`'s stack. Returns True if the weights changed."""
@@ -236,10 +255,11 @@ class RenderService:
 
     def run(self, prepared: Prepared, on_step: StepCallback | None = None) -> RenderResult:
         t = prepared.timings
-        with self.render_span(prepared):
-            t0 = time.perf_counter()
-            switched = self.switch_stack(prepared)
-            t["stack_switch"] = time.perf_counter() - t0
+        with self.render_span(prepared) as span:
+            with span.phase("stack_switch"):
+                switched = self.switch_stack(prepared)
+            t["stack_switch"] = span.phases["stack_switch"]
+            span.set_stack(self.active_report, switched=switched)  # the patcher's own per-file counts
             out = self.engine.render(prepared.spec, on_step=on_step, limits=self.config.limits)
             t.update(out.timings)
             t0 = time.perf_counter()
@@ -252,6 +272,7 @@ class RenderService:
             if prepared.output_path is not None:
                 atomic_write_bytes(prepared.output_path, data)
             t["write"] = time.perf_counter() - t0
+            span.record_phases({k: v for k, v in t.items() if k not in ("queue_wait", "stack_switch")})
         spec = prepared.spec
         return RenderResult(
             width=out.image.width,

@@ -100,11 +100,13 @@ def _run(kind: str, **kw: Any) -> None:
         return
     from client.batch import client_renderer
     from client.client import RenderClient
+    from client.telemetry import setup_command_telemetry
 
     client_kw: dict[str, Any] = {"socket_path": kw["socket"]}
     if kw["timeout"] is not None:
         client_kw["render_timeout"] = kw["timeout"]
     try:
+        setup_command_telemetry()
         with RenderClient(**client_kw) as client:
             result = run_batch(plan, client_renderer(client), resume=not kw["no_resume"],
                                progress=not kw["no_progress"])  # fmt: skip

@@ -10,6 +10,7 @@ import click
 import msgspec
 
 from client.client import RenderClient
+from client.telemetry import setup_command_telemetry
 from daemon.errors import EaselError
 
 
@@ -63,6 +64,7 @@ def render_command(
                 if not quiet and ev.event == "progress":
                     click.echo(f"\rstep {ev.step}/{ev.steps}", nl=False, err=True)
 
+            setup_command_telemetry()
             with RenderClient(socket_path, render_timeout=timeout) as c:
                 result = c.send_render(
                     prompt,

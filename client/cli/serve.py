@@ -15,6 +15,7 @@ import click
 import msgspec
 
 from client.client import RenderClient, default_socket_path
+from client.telemetry import setup_command_telemetry
 from daemon.errors import EaselError
 
 _socket_option = click.option(
@@ -66,6 +67,7 @@ def serve_command(
     from daemon.config import DaemonConfig
     from daemon.engine.request import Limits
     from daemon.server import run_daemon
+    from daemon.telemetry import setup_telemetry
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     kwargs: dict = {"preset": preset, "model_path": model_path, "queue_capacity": queue_capacity}
@@ -91,7 +93,8 @@ def serve_command(
         sys.stdout.flush()
 
     try:
-        rc = run_daemon(DaemonConfig(**kwargs), announce=announce)
+        tel = setup_telemetry("easel-daemon")  # OTEL_* / EASEL_TRACES_FILE; flushed when the server stops
+        rc = run_daemon(DaemonConfig(**kwargs), tel=tel, announce=announce)
     except EaselError as err:
         _fail(err)
     # Everything is drained, flushed and the socket removed. Skip interpreter teardown: native libraries
@@ -108,6 +111,7 @@ def serve_command(
 def status_command(socket_path, as_json, timeout) -> None:
     """Show what the daemon is doing: preset, active stack, queue with estimates."""
     try:
+        setup_command_telemetry()
         with RenderClient(socket_path, timeout=timeout) as c:
             st = c.status()
     except EaselError as err:
@@ -143,6 +147,7 @@ def stop_command(socket_path, drain_timeout, wait_s) -> None:
     """Ask the daemon to drain and exit; wait until its socket is gone."""
     path = socket_path or default_socket_path()
     try:
+        setup_command_telemetry()
         with RenderClient(path) as c:
             c.shutdown(drain_timeout)
     except EaselError as err:

@@ -115,6 +115,7 @@ def verify(
     from client.client import RenderClient
     from client.lora_tools.promote import promote as do_promote
     from client.lora_tools.verify import DEFAULT_PROMPT, Thresholds, VerifyConfig, run_verification
+    from client.telemetry import setup_command_telemetry
 
     if promote and not genre:
         raise click.UsageError("--promote needs --genre")
@@ -132,6 +133,7 @@ def verify(
     )
     out_dir = report_dir or Path(f"verify-{Path(file).stem}")
     try:
+        setup_command_telemetry()
         with RenderClient(socket_path) as client:
             result = run_verification(client, file, config, out_dir)
     except EaselError as exc:
@@ -194,6 +196,7 @@ def grid(
     from client.client import RenderClient
     from client.lora_tools.grid import GridSpec, parse_strengths, render_grid, write_grid
     from client.lora_tools.verify import DEFAULT_PROMPT
+    from client.telemetry import setup_command_telemetry
 
     try:
         values = parse_strengths(strengths)
@@ -211,6 +214,7 @@ def grid(
     )
     target = output or Path(f"{Path(file).stem}-grid.png")
     try:
+        setup_command_telemetry()
         with RenderClient(socket_path) as client:
             image = render_grid(client, file, spec, on_cell=lambda i, n: click.echo(f"  rendered {i}/{n}", err=True))
     except EaselError as exc:
