@@ -22,6 +22,7 @@ from daemon.errors import LoraZeroMatch
 from daemon.security import bind_unix_socket
 from daemon.server import DaemonServer
 from daemon.service import RenderService
+from daemon.telemetry import Telemetry
 
 
 @dataclass
@@ -68,11 +69,13 @@ class StandinPatcher:
 class InProcessDaemon:
     """DaemonServer on a real Unix socket, in a background thread with its own event loop."""
 
-    def __init__(self, config: DaemonConfig, step_s: float = 0.05) -> None:
+    def __init__(self, config: DaemonConfig, step_s: float = 0.05, tel: Telemetry | None = None) -> None:
         self.config = config
         self.engine = StandinEngine(step_s)
         self.patcher = StandinPatcher()
-        self.service = RenderService(self.engine, config, patcher=self.patcher, preset_name="tiny", default_steps=2)
+        self.service = RenderService(
+            self.engine, config, patcher=self.patcher, preset_name="tiny", default_steps=2, tel=tel
+        )
         self.service.warm = True
         self.server: DaemonServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None

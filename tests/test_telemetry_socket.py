@@ -1,63 +1,51 @@
-"""One trace from client to render across the real Unix socket.
+"""One trace from client to render across the real Unix socket, with the daemon's own wiring.
 
-The real RenderClient sends a render carrying the W3C context of its CLIENT span; the real
-DaemonServer and RenderService (over the stand-in engine of tests/daemon_standin.py) receive it; the
-render's spans are opened with daemon.telemetry exactly as the service's `render_span` hook will open
-them. The assertion is on the trace's shape, so it holds whether or not the server span is wired in
-yet: every daemon span shares the client's trace id, and the top daemon span's parent is the client span.
+The real RenderClient (its CLIENT span from an in-memory tracer provider) talks to the real DaemonServer
+and RenderService over the stand-in engine and patcher of tests/daemon_standin.py; the daemon reports
+through a Telemetry with an in-memory exporter. The real model behind a real `easel serve` process is in
+tests/test_telemetry_daemon.py.
 """
 
 from __future__ import annotations
 
-import contextlib
+import time
 
 import pytest
 from daemon_standin import InProcessDaemon, make_config
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import SpanKind, StatusCode
 
 from client.client import RenderClient
 from client.telemetry import client_span
-from daemon.errors import LoraZeroMatch
-from daemon.telemetry import TelemetryConfig, extract_context, render_span, setup_telemetry
+from daemon.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
+from daemon.telemetry import TelemetryConfig, setup_telemetry
 
 
 @pytest.fixture
 def traced_daemon(tmp_path):
     daemon_spans = InMemorySpanExporter()
-    tel = setup_telemetry(config=TelemetryConfig(service_name="easel-daemon"), span_processors=[
-        SimpleSpanProcessor(daemon_spans)
-    ])  # fmt: skip
-    d = InProcessDaemon(make_config(tmp_path))
-    service = d.service
-    current: list = []
-    original_switch = service.switch_stack
-
-    @contextlib.contextmanager
-    def traced_render(prepared):
-        ctx = extract_context(prepared.trace_context)
-        with render_span(tel, prepared.spec, tier=getattr(prepared, "tier", None), parent=ctx) as r:
-            current.append(r)
-            try:
-                yield r
-            finally:
-                current.pop()
-                r.record_phases({k: v for k, v in prepared.timings.items() if k != "stack_switch"})
-
-    def traced_switch(prepared):
-        switched = original_switch(prepared)
-        current[-1].set_stack(service.active_report, switched=switched)
-        return switched
-
-    service.render_span = traced_render
-    service.switch_stack = traced_switch
+    metrics = InMemoryMetricReader()
+    tel = setup_telemetry(
+        config=TelemetryConfig(service_name="easel-daemon"),
+        span_processors=[SimpleSpanProcessor(daemon_spans)],
+        metric_readers=[metrics],
+    )
+    d = InProcessDaemon(make_config(tmp_path), tel=tel)
     d.start()
-    d.tel, d.daemon_spans = tel, daemon_spans
+    d.daemon_spans, d.metrics = daemon_spans, metrics
     yield d
     d.stop(drain_timeout_s=0)
-    tel.shutdown()
+
+
+@pytest.fixture
+def client_tracing():
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    return provider, spans
 
 
 def _lora(d, name: str) -> str:
@@ -66,59 +54,120 @@ def _lora(d, name: str) -> str:
     return str(p)
 
 
-def _client_tracer():
-    provider = TracerProvider()
-    spans = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    return provider.get_tracer("game-server"), spans
-
-
-def _daemon_trace(daemon_spans, trace_id: int):
-    spans = [s for s in daemon_spans.get_finished_spans() if s.context.trace_id == trace_id]
+def _trace(daemon_spans, trace_id: int, *names: str) -> dict[str, object]:
+    """The daemon's spans of one trace by name, once `names` (default: the server span) have ended.
+    The daemon ends a server span just after writing its reply, so the client can be a moment ahead."""
+    names = names or ("easel.Daemon/",)
+    deadline = time.monotonic() + 10
+    while True:
+        spans = {s.name: s for s in daemon_spans.get_finished_spans() if s.context.trace_id == trace_id}
+        if all(any(k.startswith(n) for k in spans) for n in names) or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert spans, "no daemon span joined the client's trace"
-    ids = {s.context.span_id for s in spans}
-    tops = [s for s in spans if s.parent is None or s.parent.span_id not in ids]
-    return spans, tops
+    return spans
 
 
-def test_client_and_daemon_spans_form_one_trace(traced_daemon):
-    tracer, client_spans = _client_tracer()
-    a = _lora(traced_daemon, "western.safetensors")
-    with RenderClient(traced_daemon.config.socket_path) as c:
-        message: dict = {}
-        with client_span("render", message, tracer=tracer) as span:
-            result = c.send_render(
-                "a saloon", width=64, height=64, steps=2, seed=11, lora_paths=[a], lora_scales=[0.75],
-                trace_context=message["trace_context"],
-            )  # fmt: skip
-        client_ctx = span.get_span_context()
-    assert result.matched_keys == [10]
-    spans, tops = _daemon_trace(traced_daemon.daemon_spans, client_ctx.trace_id)
-    assert len(tops) == 1 and tops[0].parent is not None
-    assert tops[0].parent.span_id == client_ctx.span_id  # the daemon's span hangs under the client span
-    (render,) = [s for s in spans if s.name == "flux_mlx.render"]
-    assert render.attributes["render.lora.matched_keys"] == (10,)
-    assert render.attributes["render.lora.files"] == (a,)
-    assert render.attributes["render.lora.scales"] == (0.75,)
-    assert render.attributes["render.seed"] == 11
-    assert "render.phase.denoise.duration" in render.attributes
+def test_client_server_and_render_spans_form_one_trace(traced_daemon, client_tracing):
+    provider, client_spans = client_tracing
+    a, b = _lora(traced_daemon, "western.safetensors"), _lora(traced_daemon, "dust.safetensors")
+    with RenderClient(traced_daemon.config.socket_path, tracer_provider=provider) as c:
+        result = c.send_render(
+            "a saloon", tier="landscape", width=64, height=64, steps=2, seed=11,
+            lora_paths=[a, b], lora_scales=[0.75, 0.5], lora_names=["western", "dust"],
+        )  # fmt: skip
     (cs,) = client_spans.get_finished_spans()
-    assert cs.context.trace_id == render.context.trace_id
+    assert cs.name == "easel.Daemon/render" and cs.kind == SpanKind.CLIENT
+    assert cs.attributes["server.address"] == str(traced_daemon.config.socket_path)
+    spans = _trace(traced_daemon.daemon_spans, cs.context.trace_id)
+    server, render = spans["easel.Daemon/render"], spans["flux_mlx.render"]
+    assert server.kind == SpanKind.SERVER and server.parent.span_id == cs.context.span_id
+    assert server.attributes["network.transport"] == "unix" and server.attributes["rpc.system.name"] == "easel"
+    assert render.parent.span_id == server.context.span_id
+    assert render.attributes["render.lora.matched_keys"] == tuple(result.matched_keys) == (10, 10)
+    assert render.attributes["render.lora.total_keys"] == (10, 10)
+    assert render.attributes["render.lora.names"] == ("western", "dust")
+    assert render.attributes["render.lora.files"] == (a, b)
+    assert render.attributes["render.lora.scales"] == (0.75, 0.5)
+    assert render.attributes["render.lora.stack_switched"] is True
+    assert render.attributes["render.tier"] == "landscape" and render.attributes["render.seed"] == 11
+    for phase in ("queue_wait", "stack_switch", "text_encode", "denoise", "decode", "write"):
+        assert f"render.phase.{phase}.duration" in render.attributes, phase
+        assert spans[f"flux_mlx.{phase}"].parent.span_id == render.context.span_id
+    # the server span covers the whole request: it ends after the render does
+    assert server.end_time >= render.end_time and render.status.status_code == StatusCode.UNSET
 
 
-def test_zero_match_over_the_socket_marks_the_render_span(traced_daemon):
-    tracer, _ = _client_tracer()
-    z = _lora(traced_daemon, "zero_style.safetensors")  # the stand-in patcher matches nothing in 'zero' files
-    with RenderClient(traced_daemon.config.socket_path) as c:
+def test_caller_span_and_explicit_trace_context_parent_the_client_span(traced_daemon, client_tracing):
+    provider, client_spans = client_tracing
+    tracer = provider.get_tracer("game-server")
+    with RenderClient(traced_daemon.config.socket_path, tracer_provider=provider) as c:
+        with tracer.start_as_current_span("quest-tick") as outer:
+            c.ping()
         message: dict = {}
-        with pytest.raises(LoraZeroMatch), client_span("render", message, tracer=tracer) as span:
-            c.send_render(
-                "x", width=64, height=64, steps=1, lora_paths=[z], lora_scales=[1.0],
-                trace_context=message["trace_context"],
-            )  # fmt: skip
-        trace_id = span.get_span_context().trace_id
-    spans, _ = _daemon_trace(traced_daemon.daemon_spans, trace_id)
-    (render,) = [s for s in spans if s.name == "flux_mlx.render"]
+        with client_span("frame", message, tracer=tracer) as carried:
+            pass  # a context carried by hand (from another thread or process), not the current span
+        c.send_render("x", width=64, height=64, steps=1, trace_context=message["trace_context"])
+    by_name = {s.name: s for s in client_spans.get_finished_spans()}
+    ping, render = by_name["easel.Daemon/ping"], by_name["easel.Daemon/render"]
+    assert ping.parent.span_id == outer.get_span_context().span_id
+    assert render.parent.span_id == carried.get_span_context().span_id
+    assert render.context.trace_id == carried.get_span_context().trace_id
+    for cs in (ping, render):
+        server = _trace(traced_daemon.daemon_spans, cs.context.trace_id)[cs.name]
+        assert server.parent.span_id == cs.context.span_id
+
+
+def test_error_replies_mark_the_server_span(traced_daemon, client_tracing):
+    provider, client_spans = client_tracing
+    with RenderClient(traced_daemon.config.socket_path, tracer_provider=provider) as c:
+        with pytest.raises(LoraNotFound):
+            c.send_render("x", width=64, height=64, steps=1, lora_paths=["missing.safetensors"], lora_scales=[1.0])
+        with pytest.raises(InvalidRequest):
+            c.send_render("x", width=64, height=64, steps=1, tier="no-such-tier")
+    cs = client_spans.get_finished_spans()
+    assert [s.attributes.get("error.type") for s in cs] == ["lora_not_found", "invalid_request"]
+    for s in cs:
+        server = _trace(traced_daemon.daemon_spans, s.context.trace_id)["easel.Daemon/render"]
+        assert server.status.status_code == StatusCode.ERROR
+        assert server.attributes["error.type"] == s.attributes["error.type"]
+
+
+def test_zero_match_over_the_socket_marks_the_render_span(traced_daemon, client_tracing):
+    provider, client_spans = client_tracing
+    z = _lora(traced_daemon, "zero_style.safetensors")  # the stand-in patcher matches nothing in 'zero' files
+    with RenderClient(traced_daemon.config.socket_path, tracer_provider=provider) as c:
+        with pytest.raises(LoraZeroMatch):
+            c.send_render("x", width=64, height=64, steps=1, lora_paths=[z], lora_scales=[1.0])
+        warned = c.send_render("x", width=64, height=64, steps=1, lora_paths=[z], lora_scales=[1.0], zero_match="warn")
+    assert warned.matched_keys == [0]
+    refused, rendered = client_spans.get_finished_spans()
+    render = _trace(traced_daemon.daemon_spans, refused.context.trace_id)["flux_mlx.render"]
     assert render.status.status_code == StatusCode.ERROR
     assert render.attributes["error.type"] == "lora_zero_match"
     assert "zero_style" in render.status.description
+    spans = _trace(traced_daemon.daemon_spans, rendered.context.trace_id)
+    render = spans["flux_mlx.render"]
+    assert render.attributes["render.lora.matched_keys"] == (0,)
+    assert render.status.status_code == StatusCode.ERROR and "'zero_style'" in render.status.description
+    assert spans["easel.Daemon/render"].status.status_code != StatusCode.ERROR  # the request itself succeeded
+
+
+def test_daemon_metrics_from_real_requests(traced_daemon):
+    a = _lora(traced_daemon, "western.safetensors")
+    with RenderClient(traced_daemon.config.socket_path) as c:
+        c.send_render("a", width=64, height=64, steps=1, lora_paths=[a], lora_scales=[1.0])
+        c.send_render("b", width=64, height=64, steps=1)
+        with pytest.raises(LoraNotFound):
+            c.send_render("x", width=64, height=64, steps=1, lora_paths=["missing.safetensors"], lora_scales=[1.0])
+    data = traced_daemon.metrics.get_metrics_data()
+    points: dict[str, list] = {}
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                points[m.name] = list(m.data.data_points)
+    assert sum(p.value for p in points["easel.lora.stack.switches"]) == 2  # western, then the empty stack
+    assert sum(p.count for p in points["easel.render.duration"]) == 2
+    assert [p.value for p in points["easel.queue.depth"]] == [0]
+    errors = {p.attributes["error.type"]: p.value for p in points["easel.errors"]}
+    assert errors == {"lora_not_found": 1}
