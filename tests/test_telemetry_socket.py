@@ -8,6 +8,7 @@ tests/test_telemetry_daemon.py.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -160,14 +161,44 @@ def test_daemon_metrics_from_real_requests(traced_daemon):
         c.send_render("b", width=64, height=64, steps=1)
         with pytest.raises(LoraNotFound):
             c.send_render("x", width=64, height=64, steps=1, lora_paths=["missing.safetensors"], lora_scales=[1.0])
-    data = traced_daemon.metrics.get_metrics_data()
-    points: dict[str, list] = {}
-    for rm in data.resource_metrics:
-        for sm in rm.scope_metrics:
-            for m in sm.metrics:
-                points[m.name] = list(m.data.data_points)
+    deadline = time.monotonic() + 10
+    while True:  # the last request's call ends (and counts its error) just after its reply was written
+        points: dict[str, list] = {}
+        for rm in traced_daemon.metrics.get_metrics_data().resource_metrics:
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    points[m.name] = list(m.data.data_points)
+        if "easel.errors" in points or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     assert sum(p.value for p in points["easel.lora.stack.switches"]) == 2  # western, then the empty stack
     assert sum(p.count for p in points["easel.render.duration"]) == 2
     assert [p.value for p in points["easel.queue.depth"]] == [0]
     errors = {p.attributes["error.type"]: p.value for p in points["easel.errors"]}
     assert errors == {"lora_not_found": 1}
+
+
+def test_a_dead_collector_neither_fails_renders_nor_stops_the_daemon_stopping(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tel = setup_telemetry(
+        "easel-daemon",
+        env={
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
+        },
+    )
+    d = InProcessDaemon(make_config(tmp_path), tel=tel).start()
+    a = _lora(d, "western.safetensors")
+    with RenderClient(d.config.socket_path) as c:
+        results = [
+            c.send_render("x", width=64, height=64, steps=1, seed=i, lora_paths=[a], lora_scales=[1.0])
+            for i in range(3)
+        ]
+        assert c.ping()["pong"]
+    assert [r.matched_keys for r in results] == [[10]] * 3
+    d.stop(drain_timeout_s=0)  # flushes into the dead collector: bounded by the export timeout, then returns
+    assert not d.thread.is_alive()
