@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VENV=${EASEL_VENV:-.venv}
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+PYTHONUNBUFFERED=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
 rc=$?
 if [ $rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi
 exit $rc
