@@ -8,7 +8,11 @@ tests/test_telemetry_daemon.py.
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -202,3 +206,18 @@ def test_a_dead_collector_neither_fails_renders_nor_stops_the_daemon_stopping(tm
     assert [r.matched_keys for r in results] == [[10]] * 3
     d.stop(drain_timeout_s=0)  # flushes into the dead collector: bounded by the export timeout, then returns
     assert not d.thread.is_alive()
+
+
+def test_easel_render_command_exports_its_client_span_into_the_daemons_trace(traced_daemon, tmp_path):
+    traces = tmp_path / "client-traces.jsonl"
+    a = _lora(traced_daemon, "western.safetensors")
+    env = {**os.environ, "EASEL_TRACES_FILE": str(traces), "OTEL_SERVICE_NAME": "quest-tool"}
+    cmd = [sys.executable, "-c", "from client.cli import main; main()", "render", "a saloon", "--quiet"]
+    cmd += ["--socket", str(traced_daemon.config.socket_path), "--lora", f"{a}:0.5", "--width", "64", "--height", "64"]
+    r = subprocess.run([*cmd, "--steps", "1"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (client,) = [json.loads(line) for line in traces.read_text().splitlines()]  # flushed when the command ended
+    assert client["name"] == "easel.Daemon/render" and client["kind"] == "CLIENT"
+    assert client["resource"]["service.name"] == "quest-tool"
+    server = _trace(traced_daemon.daemon_spans, int(client["trace_id"], 16))["easel.Daemon/render"]
+    assert f"{server.parent.span_id:016x}" == client["span_id"]
