@@ -76,14 +76,15 @@ def choose(
     policy: Policy = Policy(),
     bypassed: dict[Job, int] | None = None,
 ) -> Job:
-    """Pick the next job: starving jobs first (oldest, interactive first), else among the most urgent
-    priority class the oldest job on the active stack, else the oldest job of that class."""
+    """Pick the next job: starving jobs first, oldest first whatever their class (that is what bounds
+    every job's wait), else among the most urgent priority class the oldest job on the active stack, else
+    the oldest job of that class."""
     if not queue:
         raise ValueError("choose() on an empty queue")
     count = (lambda j: bypassed[j]) if bypassed is not None else (lambda j: j.bypassed)
     starving = [j for j in queue if _starving(j, count(j), now, policy)]
     if starving:
-        return min(starving, key=lambda j: (j.priority, j.seq))
+        return min(starving, key=lambda j: j.seq)
     top = min(j.priority for j in queue)
     cands = [j for j in queue if j.priority == top]
     same = [j for j in cands if j.stack_key == active_stack]
