@@ -50,6 +50,7 @@ from daemon.protocol.messages import (
     decode_reply,
     encode,
 )
+from daemon.security import default_socket_path  # one rule for both ends (pure)
 
 ProgressCallback = Callable[[Event], Any]
 
@@ -57,17 +58,6 @@ _W3C = TraceContextTextMapPropagator()
 
 DEFAULT_TIMEOUT_S = 10.0  # ping, status, inspect, cancel, shutdown
 DEFAULT_RENDER_TIMEOUT_S = 900.0  # one render, including its time in the queue
-
-
-def default_socket_path() -> Path:
-    """Same rule as the daemon: `$EASEL_SOCKET`, `$XDG_RUNTIME_DIR/easel/easel.sock`, `/tmp/easel-<uid>/...`."""
-    env = os.environ.get("EASEL_SOCKET")
-    if env:
-        return Path(env)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return Path(runtime) / "easel" / "easel.sock"
-    return Path(f"/tmp/easel-{os.getuid()}") / "easel.sock"
 
 
 @dataclass(frozen=True)
