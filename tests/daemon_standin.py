@@ -69,13 +69,21 @@ class StandinPatcher:
 class InProcessDaemon:
     """DaemonServer on a real Unix socket, in a background thread with its own event loop."""
 
-    def __init__(self, config: DaemonConfig, step_s: float = 0.05, tel: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        step_s: float = 0.05,
+        tel: Telemetry | None = None,
+        service: RenderService | None = None,
+    ) -> None:
+        """Stand-in engine and patcher by default; pass a real `service` to serve the real model."""
         self.config = config
-        self.engine = StandinEngine(step_s)
-        self.patcher = StandinPatcher()
-        self.service = RenderService(
-            self.engine, config, patcher=self.patcher, preset_name="tiny", default_steps=2, tel=tel
-        )
+        if service is None:
+            service = RenderService(
+                StandinEngine(step_s), config, patcher=StandinPatcher(), preset_name="tiny", default_steps=2, tel=tel
+            )
+        self.service = service
+        self.engine, self.patcher = service.engine, service.patcher
         self.service.warm = True
         self.server: DaemonServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None

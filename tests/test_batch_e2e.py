@@ -42,11 +42,9 @@ def real_daemon(tiny_model, packs, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("e2e_daemon")
     config = make_config(tmp, lora_roots=(packs / "lora",), output_root=tmp / "out")
-    d = InProcessDaemon(config)
     patcher = LoraPatcher(tiny_model.flux.transformer, LoraCache())
-    d.service = RenderService(tiny_model, config, patcher=patcher, preset_name=tiny_model.preset.name)
-    d.service.warm = True
-    d.start()
+    service = RenderService(tiny_model, config, patcher=patcher, preset_name=tiny_model.preset.name)
+    d = InProcessDaemon(config, service=service).start()
     try:
         yield d
     finally:

@@ -6,8 +6,6 @@ socket, run in-process on the session's shared tiny model so no second 4 GB copy
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -37,60 +35,29 @@ MODULES = {  # mlx-examples module -> (in, out): the tiny preset's shapes
 
 
 class RealDaemon:
-    """DaemonServer + RenderService over the loaded tiny model, on a real socket, in a thread."""
+    """The tests' in-process daemon harness serving the loaded tiny model with the real patcher."""
 
     def __init__(self, model, tmp: Path) -> None:
-        from daemon.config import DaemonConfig
+        from daemon_standin import InProcessDaemon, make_config
+
         from daemon.lora.cache import LoraCache
         from daemon.lora.patcher import LoraPatcher
         from daemon.service import RenderService
 
-        (tmp / "loras").mkdir(parents=True, exist_ok=True)
-        (tmp / "out").mkdir(exist_ok=True)
-        self.config = DaemonConfig(
-            socket_path=tmp / "run" / "easel.sock",
-            lora_roots=(tmp / "loras",),
-            output_root=tmp / "out",
-            warmup=False,
-        )
+        self.config = make_config(tmp, queue_capacity=64, drain_timeout_s=30.0)
         cache = LoraCache(self.config.lora_cache_bytes)
         self.patcher = LoraPatcher(model.flux.transformer, cache)
-        self.service = RenderService(
+        service = RenderService(
             model, self.config, patcher=self.patcher, cache=cache, preset_name="tiny", default_steps=1
         )
-        self.service.warm = True
-        self._ready = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        from daemon.security import bind_unix_socket
-        from daemon.server import DaemonServer
-
-        sock = bind_unix_socket(self.config.socket_path)
-
-        async def main() -> None:
-            self.loop = asyncio.get_running_loop()
-            self.server = DaemonServer(self.config, self.service)
-            await self.server.serve(sock, on_ready=self._ready.set)
-
-        try:
-            asyncio.run(main())
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            sock.close()
-            self.config.socket_path.unlink(missing_ok=True)
+        self._daemon = InProcessDaemon(self.config, service=service)
 
     def __enter__(self) -> RealDaemon:
-        self.thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError(f"daemon did not start: {self.error!r}")
+        self._daemon.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.server.request_stop, 10.0)
-        self.thread.join(60)
+        self._daemon.stop(10.0)
         self.patcher.clear()  # leave the shared model as we found it
 
 
