@@ -1,8 +1,10 @@
 """Daemon benchmark: render round trip vs in-process, ping latency under 20 clients, switches saved.
 
-One run, sequential so only one tiny model (4 GB) is in memory at a time:
-1. in-process: a subprocess loads the model and renders the request N times (RenderService.run);
-2. a real `easel serve` renders the same request N times through RenderClient (wall time per call);
+One run (two tiny models, 4 GB each, are in memory during the round-trip part):
+1+2. round trip: a subprocess holding the model in-process (RenderService.run, timed inside it) and a real
+   `easel serve` (RenderClient.send_render, wall time at the client) render the same request in turn,
+   ABBA-interleaved, N pairs. Both are loaded before the first timed render and only one renders at a time,
+   so drift in the machine's load falls on both sides alike; the ratio is median(daemon) / median(in-process).
 3. 20 client threads ping while the daemon renders (p50/p99 of the ping round trip);
 4. a queue of jobs over 3 stacks arriving interleaved (A B C A B C ...) behind a running job: stack
    switches the daemon made vs the switches FIFO order would make (also simulated for 60 jobs).
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from client.client import RenderClient  # noqa: E402
 from daemon.scheduler import Job, Policy, Shape, count_switches, plan  # noqa: E402
 
-REPEATS = int(os.environ.get("EASEL_BENCH_REPEATS", "3"))
+REPEATS = int(os.environ.get("EASEL_BENCH_REPEATS", "8"))
 REQ = dict(prompt="a lone rider at dusk", width=64, height=64, steps=2, seed=7)
 W = 3072
 LAYOUT = {
@@ -45,18 +48,18 @@ from pathlib import Path
 from daemon.config import DaemonConfig
 from daemon.protocol.messages import Render
 from daemon.service import RenderService
-root, lora, repeats, req = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+root, lora, req = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 cfg = DaemonConfig(socket_path=root / "unused.sock", lora_roots=(root,), output_root=root / "out")
 svc = RenderService.load(cfg)
 svc.warm_up()
 svc.run(svc.prepare(Render(id=99, lora_paths=[lora], lora_scales=[0.8], **req)))  # untimed, as on the daemon side
-times = []
-for i in range(repeats):
+print("ready", flush=True)
+for line in sys.stdin:  # one line per timed render; answers with the seconds it took
+    i = int(line)
     t0 = time.perf_counter()
     msg = Render(id=i, lora_paths=[lora], lora_scales=[0.8], output_path=f"inproc{i}.png", **req)
     svc.run(svc.prepare(msg))
-    times.append(time.perf_counter() - t0)
-print(json.dumps(times))
+    print(json.dumps(time.perf_counter() - t0), flush=True)
 """
 
 
@@ -122,29 +125,43 @@ def main() -> None:
         loras = make_loras(root)
         sock = root / "run" / "easel.sock"
 
-        print(
-            f"in-process: {REPEATS} renders of {REQ['width']}x{REQ['height']}x{REQ['steps']} with one LoRA", flush=True
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", IN_PROCESS, str(root), loras[0], str(REPEATS), json.dumps(REQ)],
-            capture_output=True, text=True, cwd=ROOT,
+        shape = f"{REQ['width']}x{REQ['height']}x{REQ['steps']}"
+        print(f"round trip: {REPEATS} ABBA pairs of {shape} renders with one LoRA", flush=True)
+        inproc_proc = subprocess.Popen(
+            [sys.executable, "-c", IN_PROCESS, str(root), loras[0], json.dumps(REQ)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
         )  # fmt: skip
-        if out.returncode != 0:
-            raise SystemExit(f"in-process render failed:\n{out.stderr[-3000:]}")
-        inproc = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"  seconds: {[round(t, 2) for t in inproc]}", flush=True)
-
+        if inproc_proc.stdout.readline().strip() != "ready":
+            raise SystemExit(f"in-process renderer failed to start (exit {inproc_proc.wait()})")
         proc = start_daemon(root, sock)
         try:
+            inproc, via, outside = [], [], []  # outside: client wall time beyond the daemon's own total
+
+            def in_process(i: int) -> None:
+                inproc_proc.stdin.write(f"{i}\n")
+                inproc_proc.stdin.flush()
+                inproc.append(json.loads(inproc_proc.stdout.readline()))
+
             with RenderClient(sock) as c:
                 c.send_render(lora_paths=[loras[0]], lora_scales=[0.8], **REQ)  # same state as in-process: stack live
-                via = []
-                for i in range(REPEATS):
+
+                def through_daemon(i: int) -> None:
                     t0 = time.perf_counter()
-                    c.send_render(lora_paths=[loras[0]], lora_scales=[0.8], output_path=f"daemon{i}.png", **REQ)
+                    res = c.send_render(lora_paths=[loras[0]], lora_scales=[0.8], output_path=f"daemon{i}.png", **REQ)
                     via.append(time.perf_counter() - t0)
-            print(f"through the daemon: seconds {[round(t, 2) for t in via]}", flush=True)
-            ratio = min(via) / min(inproc)  # min: the machine is shared, so noise only ever adds time
+                    outside.append(via[-1] - res.timings["total"])
+
+                for i in range(REPEATS):
+                    first, second = (in_process, through_daemon) if i % 2 == 0 else (through_daemon, in_process)
+                    first(i)
+                    second(i)
+            inproc_proc.stdin.close()
+            inproc_proc.wait(120)
+            print(f"  in-process seconds:         {[round(t, 3) for t in inproc]}", flush=True)
+            print(f"  through the daemon seconds: {[round(t, 3) for t in via]}", flush=True)
+            ratio = statistics.median(via) / statistics.median(inproc)
+            gap_ms = statistics.median(outside) * 1000
+            print(f"  client wall time beyond the daemon's timed total: median {gap_ms:.1f} ms", flush=True)
 
             # pings from 20 clients while a render occupies the worker
             busy = threading.Thread(
@@ -187,6 +204,8 @@ def main() -> None:
             print(f"mixed queue of {len(order)} jobs over 3 stacks: FIFO {fifo} switches, scheduler {made}", flush=True)
             print(f"simulated 60 random jobs over 3 stacks: FIFO {sim_fifo}, scheduler {sim_ours}", flush=True)
         finally:
+            if inproc_proc.poll() is None:
+                inproc_proc.kill()
             proc.terminate()
             rc = proc.wait(300)
             print(f"daemon exited with {rc}", flush=True)
