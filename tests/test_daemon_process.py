@@ -7,11 +7,13 @@ tests/lora_factories.py. The last test stops it with SIGTERM while a render is i
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import queue
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from lora_factories import make_garbage, make_lora, make_pickle
+from wire import frame, raw_exchange
 
 from client.client import AsyncRenderClient, RenderClient
 from daemon.engine.png import read_metadata
@@ -171,6 +174,7 @@ def test_bad_loras_get_typed_errors_and_model_unchanged(daemon, tmp_path):
         ("nothing.safetensors", LoraZeroMatch),
         ("escape.safetensors", PathNotAllowed),
         ("../loras/../../outside.safetensors", PathNotAllowed),
+        (str(tmp_path / "outside.safetensors"), PathNotAllowed),  # absolute, outside every root
     ]
     with daemon.client() as c:
         c.send_render("before", lora_paths=[good], lora_scales=[1.0], seed=1, **SIZE)
@@ -181,6 +185,55 @@ def test_bad_loras_get_typed_errors_and_model_unchanged(daemon, tmp_path):
         st = c.status()
         assert st.active_stack == before  # a failed stack left the live model as it was
         assert c.ping()["pong"]
+
+
+R = {"op": "render", "id": 1, "prompt": "a", "width": 64, "height": 64, "steps": 1}
+BAD_FRAMES = [
+    ("garbage bytes", b"\x00\x00\x00\x03\xc1\xc1\xc1", "protocol_error", ""),
+    ("not a map", frame([1, 2]), "protocol_error", ""),
+    ("unknown op", frame({"op": "teleport", "id": 1}), "unknown_op", "teleport"),
+    ("wrong type", frame({**R, "steps": "many"}), "invalid_request", "steps"),
+    ("NaN guidance", frame({**R, "guidance": math.nan}), "invalid_request", "guidance"),
+    ("inf guidance", frame({**R, "guidance": math.inf}), "invalid_request", "guidance"),
+    ("negative steps", frame({**R, "steps": -1}), "invalid_request", "steps"),
+    ("negative deadline", frame({**R, "deadline_s": -1.0}), "invalid_request", "deadline_s"),
+    ("NaN scale", frame({**R, "lora_paths": ["l0.safetensors"], "lora_scales": [math.nan]}), "invalid_request",
+     "lora_scales"),
+    ("inf scale", frame({**R, "lora_paths": ["l0.safetensors"], "lora_scales": [-math.inf]}), "invalid_request",
+     "lora_scales"),
+    ("length mismatch", frame({**R, "lora_paths": ["l0.safetensors"], "lora_scales": []}), "invalid_request",
+     "lora_scales"),
+    ("singular lora_path", frame({**R, "lora_path": "l0.safetensors"}), "invalid_request", "lora_paths"),
+    ("size over the limit", frame({**R, "width": 1 << 20}), "invalid_request", "width"),
+]  # fmt: skip
+
+
+def test_every_bad_input_class_gets_a_typed_error_and_daemon_keeps_serving(daemon):
+    for what, data, code, mentions in BAD_FRAMES:
+        [reply] = raw_exchange(daemon.socket, data)
+        assert reply.error.code == code, what
+        assert mentions in reply.error.message, (what, reply.error.message)
+    # connection-level faults: answered, then only that connection is closed
+    [reply] = raw_exchange(daemon.socket, b"\x00\x00\x01\x00abc", half_close=True)  # truncated frame
+    assert reply.error.code == "protocol_error" and "truncated" in reply.error.message
+    [reply] = raw_exchange(daemon.socket, struct.pack(">I", 2**31) + b"x" * 16, half_close=True)  # oversized
+    assert reply.error.code == "frame_too_large"
+    with daemon.client() as c:
+        assert c.ping()["pong"]
+        r = c.send_render("still serving", seed=3, **SIZE)
+        assert r.seed == 3 and Path(r.image_path).exists()
+
+
+def test_outputs_confined_to_the_output_root(daemon, tmp_path):
+    (daemon.out / "inside").mkdir(exist_ok=True)
+    (daemon.out / "inside" / "away").symlink_to(tmp_path)
+    with daemon.client() as c:
+        for out in ["../escape.png", str(tmp_path / "escape.png"), "inside/away/escape.png", "/etc/escape.png"]:
+            with pytest.raises(PathNotAllowed):
+                c.send_render("x", output_path=out, **SIZE)
+        r = c.send_render("x", output_path="inside/ok.png", **SIZE)
+    assert Path(r.image_path) == daemon.out / "inside" / "ok.png" and Path(r.image_path).exists()
+    assert not list(tmp_path.iterdir()) and not Path("/etc/escape.png").exists()
 
 
 def test_cancel_running_render_stops_at_next_step(daemon):

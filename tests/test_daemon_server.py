@@ -12,9 +12,9 @@ import struct
 import threading
 import time
 
-import msgspec
 import pytest
 from daemon_standin import InProcessDaemon, make_config
+from wire import frame, raw_exchange
 
 from client.client import AsyncRenderClient, RenderClient, RetryPolicy
 from daemon.errors import (
@@ -47,32 +47,7 @@ def lora(d: InProcessDaemon, name: str) -> str:
     return str(p)
 
 
-def raw_exchange(path, data: bytes, *, half_close=False) -> list:
-    """Send raw bytes, read every reply frame until the daemon closes or goes quiet."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(str(path))
-    s.sendall(data)
-    if half_close:
-        s.shutdown(socket.SHUT_WR)
-    replies = []
-    try:
-        while True:
-            replies.append(decode_reply(framing.recv_frame(s)))
-            if not half_close and replies:
-                break
-    except (framing.PeerClosed, TimeoutError, ConnectionError):
-        pass
-    finally:
-        s.close()
-    return replies
-
-
 R = {"op": "render", "id": 1, "prompt": "a"}
-
-
-def frame(obj) -> bytes:
-    return framing.encode_frame(msgspec.msgpack.encode(obj))
 
 
 def test_socket_is_0600_in_0700_dir(daemon):
