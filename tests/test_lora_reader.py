@@ -67,6 +67,18 @@ def test_refuses_non_safetensors_naming_what_it_looks_like(tmp_path, maker, word
     assert err.value.code == "lora_format"
 
 
+@pytest.mark.parametrize("header_len", [0x280, 0x380, 0x480, 0x580])
+def test_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path, header_len):
+    """A header of 640 bytes is stored as 80 02 00 ..., the same two bytes that open a pickle (protocol 2)."""
+    value = np.arange(6, dtype=np.float32).reshape(2, 3)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}).encode()
+    header += b" " * (header_len - len(header))  # the format allows trailing spaces in the header
+    path = tmp_path / "pickle_lookalike.safetensors"
+    path.write_bytes(struct.pack("<Q", header_len) + header + value.tobytes())
+    assert path.read_bytes()[0] == 0x80 and 2 <= path.read_bytes()[1] <= 5
+    np.testing.assert_array_equal(read_safetensors(path).tensors["w"], value)
+
+
 def test_never_unpickles(tmp_path, monkeypatch):
     import pickle
 

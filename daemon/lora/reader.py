@@ -80,6 +80,15 @@ def sniff(head: bytes, path: str) -> str | None:
     return None
 
 
+def _plausible_safetensors(head: bytes, size: int) -> bool:
+    """A header length that fits the file followed by a JSON object. Checked before sniffing because a
+    length such as 640 starts with the bytes 0x80 0x02, which is also how a pickle begins."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return header_len <= MAX_HEADER_BYTES and 8 + header_len <= size
+
+
 def read_safetensors(path: str | os.PathLike[str]) -> SafetensorsFile:
     """Parse and validate `path`; raise LoraNotFound / LoraFormatError naming the problem."""
     p = Path(path)
@@ -94,7 +103,7 @@ def read_safetensors(path: str | os.PathLike[str]) -> SafetensorsFile:
         raise LoraFormatError(f"cannot read {p}: {exc.strerror or exc}", path=str(p)) from exc
     with fh:
         head = fh.read(64)
-        looks_like = sniff(head, str(p))
+        looks_like = None if _plausible_safetensors(head, size) else sniff(head, str(p))
         if looks_like is not None:
             raise LoraFormatError(
                 f"{p.name} is not a safetensors file: it looks like {looks_like}; easel reads safetensors only "
