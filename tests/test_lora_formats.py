@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from lora_factories import FORMATS, generate_lora, make_dora, write_safetensors
@@ -126,6 +129,75 @@ def test_peft_metadata_alpha_is_used(tmp_path, layout):
     parsed = parse_lora(read_safetensors(gen.path), load_keymaps())
     terms, report = resolve(parsed, layout)
     assert report.alpha == 2.0 and {t.factor for t in terms} == {0.5}
+
+
+def _peft_file(path, layout, config: dict, modules: dict[str, int]) -> Path:
+    """A diffusers/PEFT file with one lora_A/lora_B pair per module (rank given) and `config` as its
+    adapter metadata, written the way diffusers' save_lora_weights prefixes it."""
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for module, rank in modules.items():
+        out_dim, in_dim = layout[module]
+        tensors[f"transformer.{module}.lora_A.weight"] = rng.standard_normal((rank, in_dim)).astype(np.float32)
+        tensors[f"transformer.{module}.lora_B.weight"] = rng.standard_normal((out_dim, rank)).astype(np.float32)
+    meta = {"lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})}
+    write_safetensors(path, tensors, meta)
+    return path
+
+
+def _factors(path, layout) -> dict[str, float]:
+    terms, _ = resolve(parse_lora(read_safetensors(path), load_keymaps()), layout)
+    return {t.target: t.factor for t in terms}
+
+
+def test_peft_rslora_scales_by_alpha_over_sqrt_rank(tmp_path, layout):
+    mods = {"transformer_blocks.0.attn.to_q": 16, "single_transformer_blocks.0.proj_out": 4}
+    rs = _peft_file(tmp_path / "rs.safetensors", layout, {"r": 16, "lora_alpha": 8, "use_rslora": True}, mods)
+    plain = _peft_file(tmp_path / "plain.safetensors", layout, {"r": 16, "lora_alpha": 8}, mods)
+    assert _factors(rs, layout) == {
+        "transformer_blocks.0.attn.to_q": 8 / 4.0,
+        "single_transformer_blocks.0.proj_out": 8 / 2.0,
+    }
+    assert _factors(plain, layout) == {
+        "transformer_blocks.0.attn.to_q": 0.5,
+        "single_transformer_blocks.0.proj_out": 2.0,
+    }
+
+
+def test_peft_alpha_pattern_overrides_per_module(tmp_path, layout):
+    mods = {
+        "transformer_blocks.0.attn.to_q": 4,
+        "transformer_blocks.0.attn.to_k": 4,
+        "transformer_blocks.0.attn.to_out.0": 4,
+        "single_transformer_blocks.0.proj_out": 4,
+    }
+    config = {
+        "r": 4,
+        "lora_alpha": 4,
+        "alpha_pattern": {
+            "transformer_blocks.0.attn.to_out.0": 2,  # the exact module name
+            "to_k": 12,  # a bare suffix: matches ...attn.to_k after a dot
+            "single_transformer_blocks\\.\\d+\\.proj_out": 8,  # a regex over the tail
+            "(": 99,  # malformed: matches nothing, as PEFT could not load it either
+        },
+    }
+    path = _peft_file(tmp_path / "pattern.safetensors", layout, config, mods)
+    assert _factors(path, layout) == {
+        "transformer_blocks.0.attn.to_q": 1.0,
+        "transformer_blocks.0.attn.to_k": 3.0,
+        "transformer_blocks.0.attn.to_out.0": 0.5,
+        "single_transformer_blocks.0.proj_out": 2.0,
+    }
+    report = inspect_lora(path, layout=layout)
+    assert report.alphas == [2.0, 4.0, 8.0, 12.0] and report.keys_applied == 8
+
+
+def test_peft_pattern_does_not_match_inside_a_name(tmp_path, layout):
+    """`to_q` must not catch `add_q_proj`-style names by substring: PEFT anchors at a dot boundary."""
+    mods = {"transformer_blocks.0.attn.add_q_proj": 4}
+    config = {"r": 4, "lora_alpha": 4, "alpha_pattern": {"q_proj": 40, "_proj": 400}}
+    path = _peft_file(tmp_path / "anchor.safetensors", layout, config, mods)
+    assert _factors(path, layout) == {"transformer_blocks.0.attn.add_q_proj": 1.0}
 
 
 def test_keymaps_are_versioned_data(tmp_path):

@@ -6,6 +6,8 @@ Pure numpy: this is what `easel lora inspect` runs without a model, and what the
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +19,35 @@ from daemon.lora.reader import SafetensorsFile
 REASON_TEXT_ENCODER = "text encoder key: not applied (easel patches the diffusion transformer only)"
 REASON_UNKNOWN_TENSOR = "tensor name not recognised by the {fmt} keymap"
 REASON_UNKNOWN_MODULE = "module not in the {fmt} keymap's {vocab} vocabulary"
+
+
+@dataclass(frozen=True)
+class PeftScaling:
+    """How a PEFT/diffusers adapter config scales its modules: lora_alpha / r, per-module overrides from
+    alpha_pattern, and rsLoRA (use_rslora: alpha / sqrt(r)). Patterns match as PEFT does: a key equal to
+    the module name, or a regex matching its tail after a dot (`to_q` matches `...attn.to_q`)."""
+
+    alpha: float | None = None
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    use_rslora: bool = False
+
+    def alpha_for(self, module: str) -> float | None:
+        for pattern, alpha in self.alpha_pattern:
+            if pattern == module:
+                return alpha
+        for pattern, alpha in self.alpha_pattern:
+            try:
+                if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
+                    return alpha
+            except re.error:
+                continue  # a malformed pattern matches nothing (PEFT would fail to load the adapter)
+        return self.alpha
+
+    def factor(self, alpha: float | None, rank: int) -> float:
+        """The multiplier on up @ down: alpha / r (or / sqrt(r) for rsLoRA); 1 when no alpha is known."""
+        if alpha is None:
+            return 1.0
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
 @dataclass
@@ -45,7 +76,7 @@ class ParsedLora:
     leftover: list[tuple[str, str]]
     keys_total: int
     nbytes: int
-    default_alpha: float | None = None  # from PEFT adapter metadata when no .alpha tensors exist
+    peft: PeftScaling = field(default_factory=PeftScaling)  # adapter config, when the file carries one
 
     @property
     def is_lokr(self) -> bool:
@@ -88,25 +119,35 @@ def detect_format(keys: list[str], metadata: dict[str, str], keymaps: KeymapSet)
     return best if _score(best, keys, metadata)[0] > 0 else None
 
 
-def _peft_alpha(metadata: dict[str, str]) -> float | None:
-    """lora_alpha of the PEFT/diffusers adapter config stored as JSON under `lora_adapter_metadata`.
+def peft_scaling(metadata: dict[str, str]) -> PeftScaling:
+    """The adapter config PEFT/diffusers store as JSON under `lora_adapter_metadata`.
 
-    diffusers writes it flat, prefixed by component for a pipeline save ("transformer.lora_alpha").
-    Per-module alpha_pattern and rsLoRA are not read (easel reports the global alpha it used).
+    diffusers writes it flat, prefixed by component for a pipeline save ("transformer.lora_alpha");
+    a plain PEFT save has the bare keys. Anything unreadable counts as no config (plain alpha / r).
     """
     raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return None
     try:
-        cfg = json.loads(raw)
+        cfg = json.loads(raw) if raw else None
     except json.JSONDecodeError:
-        return None
+        cfg = None
     if not isinstance(cfg, dict):
-        return None
-    for key in ("transformer.lora_alpha", "lora_alpha"):
-        if isinstance(cfg.get(key), int | float):
-            return float(cfg[key])
-    return None
+        return PeftScaling()
+
+    def field_(name: str) -> object:
+        return cfg.get(f"transformer.{name}", cfg.get(name))
+
+    alpha = field_("lora_alpha")
+    pattern = field_("alpha_pattern")
+    pairs = tuple(
+        (str(k), float(v))
+        for k, v in (pattern.items() if isinstance(pattern, dict) else ())
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    )
+    return PeftScaling(
+        alpha=float(alpha) if isinstance(alpha, int | float) and not isinstance(alpha, bool) else None,
+        alpha_pattern=pairs,
+        use_rslora=field_("use_rslora") is True,
+    )
 
 
 def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedLora:
@@ -156,5 +197,5 @@ def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedL
         leftover=leftover,
         keys_total=len(keys),
         nbytes=sf.nbytes,
-        default_alpha=_peft_alpha(sf.metadata),
+        peft=peft_scaling(sf.metadata),
     )

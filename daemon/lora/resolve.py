@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from daemon.lora.parse import ModuleTensors, ParsedLora
+from daemon.lora.parse import ModuleTensors, ParsedLora, PeftScaling
 from daemon.lora.report import FileReport
 
 Layout = Mapping[str, tuple[int, int]]  # mflux module path -> (out_features, in_features)
@@ -83,7 +83,12 @@ def _row_slices(outs: list[int]) -> list[slice]:
 
 
 def _lowrank_terms(
-    group: ModuleTensors, targets: tuple[str, ...], layout: Layout, transposed: bool, alpha: float | None
+    group: ModuleTensors,
+    targets: tuple[str, ...],
+    layout: Layout,
+    transposed: bool,
+    alpha: float | None,
+    scaling: PeftScaling,
 ) -> tuple[list[LowRankTerm], int, str]:
     if "down" not in group.tensors or "up" not in group.tensors:
         missing = "up" if "down" in group.tensors else "down"
@@ -110,7 +115,7 @@ def _lowrank_terms(
     k = len(targets)
     rows = _row_slices(outs)
     if r_down == r_up:
-        factor = (alpha / r_down) if alpha is not None else 1.0
+        factor = scaling.factor(alpha, r_down)
         style = "single" if k == 1 else "shared"
         parts = [(up[rs], down) for rs in rows]
         if k > 1 and r_down % k == 0:
@@ -129,7 +134,7 @@ def _lowrank_terms(
         ]
         return terms, r_down, style
     if k > 1 and r_down == k * r_up:
-        factor = (alpha / r_up) if alpha is not None else 1.0
+        factor = scaling.factor(alpha, r_up)
         terms = [
             LowRankTerm(t, np.ascontiguousarray(down[i * r_up : (i + 1) * r_up]), np.ascontiguousarray(up[rs]), factor)
             for i, (t, rs) in enumerate(zip(targets, rows, strict=True))
@@ -204,7 +209,7 @@ def resolve(parsed: ParsedLora, layout: Layout | None) -> tuple[list[Term], File
     for group in parsed.modules.values():
         targets = group.rule.target_paths(group.index)
         try:
-            alpha = _alpha(group, parsed.default_alpha)
+            alpha = _alpha(group, parsed.peft.alpha_for(group.module_key))
             if layout is None:
                 _describe_only(group, transposed, ranks)
                 if alpha is not None:
@@ -217,7 +222,7 @@ def resolve(parsed: ParsedLora, layout: Layout | None) -> tuple[list[Term], File
                 new, rank = _lokr_terms(group, targets, layout, alpha)
                 styles["lokr"] += 1
             else:
-                new, rank, style = _lowrank_terms(group, targets, layout, transposed, alpha)
+                new, rank, style = _lowrank_terms(group, targets, layout, transposed, alpha, parsed.peft)
                 styles[style] += 1
         except _Skip as skip:
             report.leftover.extend((k, str(skip)) for k in group.keys)
