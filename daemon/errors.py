@@ -73,6 +73,18 @@ class LoraZeroMatch(LoraError):
     code = "lora_zero_match"
 
 
+class PromoteError(LoraError):
+    """A LoRA could not be promoted into a genre pack (failed gate, changed file, bad manifest)."""
+
+    code = "lora_promote"
+
+
+class KeymapError(EaselError):
+    """A keymap YAML file is malformed (a packaging bug, not a user input error)."""
+
+    code = "keymap_error"
+
+
 class PathNotAllowed(EaselError):
     """A path resolves outside the configured LoRA or output roots."""
 

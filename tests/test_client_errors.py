@@ -160,3 +160,15 @@ def test_cli_render_status_stop_through_daemon(tmp_path):
     assert r.exit_code == 0 and "stopped" in r.output
     d.thread.join(20)
     assert not d.thread.is_alive()
+
+
+def test_every_error_code_is_documented_in_the_protocol():
+    """A client in another language is written from docs/protocol.md alone: every code must be there."""
+    from pathlib import Path
+
+    from daemon.errors import ERROR_CLASSES
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    missing = [code for code in ERROR_CLASSES if f"`{code}`" not in doc]
+    assert not missing, f"error codes not in docs/protocol.md: {missing}"
+    assert {"keymap_error", "lora_promote"} <= set(ERROR_CLASSES)  # one registry, not one per module

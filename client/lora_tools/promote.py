@@ -21,17 +21,11 @@ from typing import Any
 import yaml
 
 from client.lora_tools.verify import VerifyResult, file_sha256
-from daemon.errors import EaselError, LoraError
+from daemon.errors import EaselError, PromoteError
 from daemon.fs import atomic_write_text, atomic_writer
 
 MANIFEST_NAME = "loras.yaml"
 MANIFEST_VERSION = 1
-
-
-class PromoteError(LoraError):
-    """A LoRA could not be promoted (failed gate, changed file, bad manifest)."""
-
-    code = "lora_promote"
 
 
 @dataclass(frozen=True)

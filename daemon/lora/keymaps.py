@@ -19,18 +19,12 @@ from pathlib import Path
 
 import yaml
 
-from daemon.errors import EaselError
+from daemon.errors import KeymapError
 
 SUPPORTED_VERSIONS = {1}
 ROLES = {"down", "up", "alpha", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
 LAYOUTS = {"out_in", "in_out"}
 PERMUTES = {None, "swap_halves"}
-
-
-class KeymapError(EaselError):
-    """A keymap YAML file is malformed (a packaging bug, not a user input error)."""
-
-    code = "keymap_error"
 
 
 def default_keymap_dir() -> Path:
