@@ -165,6 +165,8 @@ class DaemonServer:
                 conn.writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
+            with contextlib.suppress(Exception):  # the render thread frees its MLX streams before it ends
+                await loop.run_in_executor(self.executor, self.service.release_thread)
             self.executor.shutdown(wait=True)
             self.tel.shutdown()  # flush spans and metrics; bounded by the exporters' own timeouts
 
@@ -538,6 +540,7 @@ def run_daemon(
     finally:
         remove_socket(path, inode)
         sock.close()
+        service.release_thread()  # this thread loaded and warmed the model
     announce("easel: stopped")
     return 0
 

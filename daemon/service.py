@@ -289,6 +289,12 @@ class RenderService:
             image_bytes=data if prepared.return_bytes else None,
         )
 
+    def release_thread(self) -> None:
+        """Free what the engine keeps for the calling thread; the last call a render thread makes."""
+        release = getattr(self.engine, "release_thread", None)
+        if release is not None:
+            release()
+
     def warm_up(self) -> float:
         """One small render so the first request does not pay for lazy initialisation."""
         t0 = time.perf_counter()

@@ -17,25 +17,12 @@ def tiny_model():
     return load_model("tiny")
 
 
-_EXIT_STATUS: list[int] = []
-
-
-def pytest_sessionfinish(session, exitstatus):
-    _EXIT_STATUS.append(int(exitstatus))
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    """Leave without running native destructors once pytest has reported everything.
-
-    After a session that rendered from several threads, MLX's CPU backend (with OpenBLAS preloaded) can crash
-    in its static destructors at interpreter exit (seen as a segfault after the final summary). Every result
-    is already written, so exit with pytest's own status instead of risking that teardown.
-    """
-    import os
+    """The main thread loaded and rendered the tiny model: free its MLX streams before the interpreter
+    goes (daemon.engine.runtime.release_thread_streams says why). Render threads free their own."""
     import sys
 
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if _EXIT_STATUS:
-        os._exit(_EXIT_STATUS[-1])
+    runtime = sys.modules.get("daemon.engine.runtime")
+    if runtime is not None:
+        runtime.release_thread_streams()

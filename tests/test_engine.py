@@ -234,3 +234,31 @@ def test_corrupt_cache_is_rebuilt(tiny_model, tmp_path, monkeypatch):
     again, how = tiny.load_tiny()
     assert how == "cache"
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files left
+
+
+RENDER_IN_THREADS = """
+import threading
+from daemon.engine.model import load_model
+from daemon.engine.request import RenderSpec
+m = load_model("tiny")
+spec = RenderSpec(prompt="x", width=64, height=64, steps=1, preset="tiny")
+def job():
+    m.render(spec)
+    m.release_thread()
+for _ in range(3):  # three short-lived render threads, as a daemon's executor or a caller's pool makes
+    t = threading.Thread(target=job)
+    t.start()
+    t.join()
+m.release_thread()
+print("rendered", flush=True)
+"""
+
+
+@pytest.mark.model
+def test_process_that_rendered_in_threads_exits_cleanly(tiny_model):
+    """Without release_thread, MLX 0.32 tears per-thread streams down after the interpreter and the
+    process aborts at exit ("terminate called without an active exception"; 3 runs in 4 here)."""
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", RENDER_IN_THREADS], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0 and "rendered" in out.stdout, out.stderr[-2000:]
+        assert "terminate called" not in out.stderr

@@ -6,7 +6,6 @@ Importing this module stays cheap: the daemon's model stack is imported inside `
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -97,11 +96,7 @@ def serve_command(
         rc = run_daemon(DaemonConfig(**kwargs), tel=tel, announce=announce)
     except EaselError as err:
         _fail(err)
-    # Everything is drained, flushed and the socket removed. Skip interpreter teardown: native libraries
-    # (MLX / OpenBLAS threads) were seen to abort (SIGABRT) while being torn down after a clean stop.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
+    sys.exit(rc)
 
 
 @click.command("status")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from daemon.engine.presets import Preset, get_preset, locate_weights
 from daemon.engine.request import Limits, RenderSpec, validate_spec
-from daemon.engine.runtime import BLAS, compute_dtype, configure_mflux_precision, mx
+from daemon.engine.runtime import BLAS, compute_dtype, configure_mflux_precision, mx, release_thread_streams
 from daemon.errors import InvalidRequest
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # mflux draws a progress bar per render; a daemon has no terminal
@@ -81,6 +81,10 @@ class LoadedModel:
     @property
     def transformer(self):
         return self.flux.transformer
+
+    def release_thread(self) -> None:
+        """Free the calling thread's MLX streams: each thread that loaded or rendered calls this as it ends."""
+        release_thread_streams()
 
     def describe(self) -> dict:
         return {

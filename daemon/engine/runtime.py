@@ -26,4 +26,19 @@ def configure_mflux_precision() -> mx.Dtype:
     return dtype
 
 
-__all__ = ["BLAS", "BlasInfo", "mx", "compute_dtype", "configure_mflux_precision"]
+def release_thread_streams() -> None:
+    """Destroy the MLX streams the calling thread created; call it in each thread that used MLX, just
+    before that thread (or the process) ends.
+
+    MLX keeps per-thread streams and, since 0.32, no longer cleans them up at exit by itself: left to the
+    process's static destructors they are torn down after the interpreter, which aborts ("terminate called
+    without an active exception") or segfaults. MLX's maintainers ask callers to run `mx.clear_streams()`
+    at the end of every thread that used it, the main thread included.
+    """
+    mx.synchronize()
+    clear = getattr(mx, "clear_streams", None)
+    if clear is not None:
+        clear()
+
+
+__all__ = ["BLAS", "BlasInfo", "mx", "compute_dtype", "configure_mflux_precision", "release_thread_streams"]
