@@ -22,7 +22,10 @@ import yaml
 from daemon.errors import KeymapError
 
 SUPPORTED_VERSIONS = {1}
-ROLES = {"down", "up", "alpha", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
+ROLES = {
+    "down", "up", "alpha", "up_bias", "diff", "diff_b",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+}  # fmt: skip
 LAYOUTS = {"out_in", "in_out"}
 PERMUTES = {None, "swap_halves"}
 

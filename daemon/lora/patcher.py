@@ -22,7 +22,7 @@ import mlx.nn as nn
 from daemon.errors import InvalidRequest, LoraZeroMatch
 from daemon.lora.cache import LoraCache, Signature
 from daemon.lora.report import FileReport, StackEntry, StackReport
-from daemon.lora.resolve import KronTerm, LowRankTerm, resolve
+from daemon.lora.resolve import Term, resolve
 from daemon.lora.runtime import StackedLoraLinear, build_layer_arrays, linear_layout
 
 ZeroMatchPolicy = Literal["error", "warn"]
@@ -37,6 +37,7 @@ class _Slot:
     key: str | int
     original: nn.Module
     original_weight: mx.array = field(default=None)  # bake mode: the untouched weight array
+    original_bias: mx.array | None = None  # bake mode: the untouched bias array (None: the layer has none)
 
 
 def _get(container: object, part: str) -> object:
@@ -50,6 +51,16 @@ def _set(container: object, key: str | int, value: object) -> None:
         container[int(key)] = value
     else:
         setattr(container, str(key), value)
+
+
+def _bake(slot: _Slot, weight: mx.array, bias: mx.array | None) -> None:
+    """Put `weight` (and `bias`, or no bias at all) into the original layer object."""
+    layer = slot.original
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = bias
+    elif "bias" in layer:
+        del layer["bias"]
 
 
 class LoraPatcher:
@@ -128,7 +139,7 @@ class LoraPatcher:
     ) -> tuple[list[FileReport], tuple[Signature, ...], dict[str, list], list[str]]:
         reports: list[FileReport] = []
         sigs: list[Signature] = []
-        per_layer: dict[str, list[tuple[float, LowRankTerm | KronTerm]]] = {}
+        per_layer: dict[str, list[tuple[float, Term]]] = {}
         warnings: list[str] = []
         for entry in stack:
             parsed, sig = self.cache.get(entry.path)
@@ -158,7 +169,9 @@ class LoraPatcher:
                 container = _get(container, part)
             module = _get(container, parts[-1])
             original = module.base if isinstance(module, StackedLoraLinear) else module
-            slot = _Slot(container, parts[-1], original, getattr(original, "weight", None))
+            slot = _Slot(
+                container, parts[-1], original, getattr(original, "weight", None), getattr(original, "bias", None)
+            )
             self._slots[target] = slot
         return slot
 
@@ -174,19 +187,25 @@ class LoraPatcher:
             if self.mode == "bake":
                 if quantized:
                     raise InvalidRequest(f"bake mode cannot patch quantized layer {target}", field="mode")
-                down, up, krons = build_layer_arrays(contributions, mx.float32)
+                parts = build_layer_arrays(contributions, mx.float32)
                 w = slot.original_weight.astype(mx.float32)
-                if down is not None:
-                    w = w + (down @ up).T
-                for w1, w2 in krons:
+                if parts.down is not None:
+                    w = w + (parts.down @ parts.up).T
+                if parts.dense is not None:
+                    w = w + parts.dense
+                for w1, w2 in parts.krons:
                     w = w + mx.kron(w1, w2)
-                value = w.astype(slot.original_weight.dtype)
-                to_eval.append(value)
+                bias = None
+                if parts.bias is not None:
+                    b0 = slot.original_bias
+                    bias = parts.bias if b0 is None else (b0.astype(mx.float32) + parts.bias).astype(b0.dtype)
+                    to_eval.append(bias)
+                value = (w.astype(slot.original_weight.dtype), bias)
+                to_eval.append(value[0])
             else:
-                down, up, krons = build_layer_arrays(contributions, dtype)
-                value = StackedLoraLinear(slot.original, down, up, krons)
-                to_eval.extend(a for a in (down, up) if a is not None)
-                to_eval.extend(a for pair in krons for a in pair)
+                parts = build_layer_arrays(contributions, dtype)
+                value = StackedLoraLinear(slot.original, parts)
+                to_eval.extend(parts.arrays())
             out[target] = value
         if to_eval:
             mx.eval(*to_eval)
@@ -195,14 +214,17 @@ class LoraPatcher:
     def _install(self, target: str, value: object | None) -> None:
         slot = self._slots[target]
         if self.mode == "bake":
-            slot.original.weight = slot.original_weight if value is None else value
+            weight, bias = (slot.original_weight, slot.original_bias) if value is None else value
+            _bake(slot, weight, slot.original_bias if bias is None else bias)
             _set(slot.container, slot.key, slot.original)
         else:
             _set(slot.container, slot.key, slot.original if value is None else value)
 
     def _current(self, target: str) -> object:
         slot = self._slots[target]
-        return slot.original.weight if self.mode == "bake" else _get(slot.container, str(slot.key))
+        if self.mode == "bake":
+            return slot.original.weight, getattr(slot.original, "bias", None)
+        return _get(slot.container, str(slot.key))
 
     def _commit(self, new_values: dict[str, object]) -> None:
         """Swap references in; on any failure, swap back everything already changed."""
@@ -218,7 +240,7 @@ class LoraPatcher:
             for target, previous in reversed(undo):
                 slot = self._slots[target]
                 if self.mode == "bake":
-                    slot.original.weight = previous
+                    _bake(slot, *previous)
                 else:
                     _set(slot.container, slot.key, previous)
             raise

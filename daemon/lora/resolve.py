@@ -12,6 +12,9 @@ The math, for one source module with down D (R_d, in), up U (sum(out_i), R_u), f
   k times, `replicate: k`); part i gets f * U[rows_i] @ D[i*R_u:(i+1)*R_u], f = alpha / R_u.
 - LoKr: delta = f * kron(w1, w2), f = alpha / dim where dim is the inner rank of the factorised w2
   (else of w1, else 1); on a fused layer each part takes the rows of w1 that produce its rows.
+- Full differences (LyCORIS "full", ComfyUI extractions): `.diff` is delta W itself and `.diff_b` a bias
+  delta, both unscaled by alpha; a PEFT `lora_B.bias` is a bias delta with the pair's factor. On a
+  fused layer each part takes its rows.
 """
 
 from __future__ import annotations
@@ -54,7 +57,31 @@ class KronTerm:
         return self.factor * np.kron(self.w1.astype(np.float64), self.w2.astype(np.float64))
 
 
-Term = LowRankTerm | KronTerm
+@dataclass(frozen=True)
+class DenseTerm:
+    """delta W (out, in) = factor * weight: a full-rank difference."""
+
+    target: str
+    weight: np.ndarray
+    factor: float
+
+    def delta(self) -> np.ndarray:
+        return self.factor * self.weight.astype(np.float64)
+
+
+@dataclass(frozen=True)
+class BiasTerm:
+    """delta b (out,) = factor * bias."""
+
+    target: str
+    bias: np.ndarray
+    factor: float
+
+    def delta(self) -> np.ndarray:
+        return self.factor * self.bias.astype(np.float64)
+
+
+Term = LowRankTerm | KronTerm | DenseTerm | BiasTerm
 
 
 class _Skip(Exception):
@@ -143,6 +170,69 @@ def _lowrank_terms(
     raise _Skip(f"rank mismatch: down has rank {r_down}, up has rank {r_up} (for {k} fused part(s))")
 
 
+def _row_terms(
+    group: ModuleTensors, role: str, targets: tuple[str, ...], layout: Layout, factor: float
+) -> list[DenseTerm] | list[BiasTerm]:
+    """A full-rank difference (`diff`) or a bias difference (`diff_b`, `up_bias`), split by output rows."""
+    key, arr = group.tensors[role]
+    outs = [layout[t][0] for t in targets]
+    in_dim = layout[targets[0]][1]
+    bias = role != "diff"
+    if bias:
+        if arr.size != sum(outs) or (arr.ndim != 1 and arr.shape != (sum(outs), 1)):
+            raise _Skip(f"{key} has shape {list(arr.shape)}; the model's bias for {'+'.join(targets)} is [{sum(outs)}]")
+        arr = arr.reshape(-1)
+    else:
+        arr = _matrix(arr, key)
+        if arr.shape != (sum(outs), in_dim):
+            raise _Skip(
+                f"shape mismatch: {key} is {arr.shape[0]}x{arr.shape[1]}, model layer(s) "
+                f"{'+'.join(targets)} are {sum(outs)}x{in_dim}"
+            )
+    if group.rule.permute == "swap_halves":
+        half = arr.shape[0] // 2
+        arr = np.concatenate([arr[half:], arr[:half]], axis=0)
+    make = BiasTerm if bias else DenseTerm
+    return [
+        make(t, np.ascontiguousarray(arr[rs], np.float32), factor)
+        for t, rs in zip(targets, _row_slices(outs), strict=True)
+    ]
+
+
+def _module_terms(
+    group: ModuleTensors,
+    targets: tuple[str, ...],
+    layout: Layout,
+    transposed: bool,
+    alpha: float | None,
+    scaling: PeftScaling,
+    styles: Counter[str],
+) -> tuple[list[Term], int | None]:
+    """Every term one source module contributes: its low-rank or LoKr part plus any full differences."""
+    roles = group.tensors
+    terms: list[Term] = []
+    rank: int | None = None
+    if any(r.startswith("lokr_") for r in roles):
+        terms, rank = _lokr_terms(group, targets, layout, alpha)
+        styles["lokr"] += 1
+    elif "down" in roles or "up" in roles:
+        terms, rank, style = _lowrank_terms(group, targets, layout, transposed, alpha, scaling)
+        styles[style] += 1
+    if "up_bias" in roles:
+        if not terms or not isinstance(terms[0], LowRankTerm):
+            raise _Skip(f"{roles['up_bias'][0]}: a LoRA up-matrix bias without its down/up pair")
+        terms = [*terms, *_row_terms(group, "up_bias", targets, layout, terms[0].factor)]
+    if "diff" in roles:
+        terms = [*terms, *_row_terms(group, "diff", targets, layout, 1.0)]
+        styles["full_diff"] += 1
+    if "diff_b" in roles:
+        terms = [*terms, *_row_terms(group, "diff_b", targets, layout, 1.0)]
+        styles["bias_diff"] += 1
+    if not terms:
+        raise _Skip(f"incomplete LoRA module {group.module_key}: only {', '.join(sorted(roles))}")
+    return terms, rank
+
+
 def _lokr_factor(group: ModuleTensors, name: str) -> tuple[np.ndarray, int | None]:
     t = group.tensors
     if name in t:
@@ -218,12 +308,7 @@ def resolve(parsed: ParsedLora, layout: Layout | None) -> tuple[list[Term], File
             missing = [t for t in targets if t not in layout]
             if missing:
                 raise _Skip(f"this model has no layer {missing[0]} (block beyond the model's depth or other model)")
-            if any(r.startswith("lokr_") for r in group.tensors):
-                new, rank = _lokr_terms(group, targets, layout, alpha)
-                styles["lokr"] += 1
-            else:
-                new, rank, style = _lowrank_terms(group, targets, layout, transposed, alpha, parsed.peft)
-                styles[style] += 1
+            new, rank = _module_terms(group, targets, layout, transposed, alpha, parsed.peft, styles)
         except _Skip as skip:
             report.leftover.extend((k, str(skip)) for k in group.keys)
             continue
