@@ -58,6 +58,7 @@ _W3C = TraceContextTextMapPropagator()
 
 DEFAULT_TIMEOUT_S = 10.0  # ping, status, inspect, cancel, shutdown
 DEFAULT_RENDER_TIMEOUT_S = 900.0  # one render, including its time in the queue
+PARTING_READ_S = 1.0  # how long to look for the daemon's last word on a connection it closed
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,8 @@ class RenderClient(_Shared):
                 sock.settimeout(left)
                 reply = decode_reply(framing.recv_frame(sock, self.max_frame))
                 if reply.id != msg.id:
-                    if isinstance(reply, Error) and reply.id is None:  # a connection-level error
+                    if isinstance(reply, Error) and reply.id is None:  # the daemon closes this connection
+                        self.close()
                         raise error_from_wire(msgspec.to_builtins(reply.error))
                     continue
                 done, value = self._interpret(reply, on_progress)
@@ -250,11 +252,24 @@ class RenderClient(_Shared):
             self.close()  # the stream position is unknown now; the daemon drops our jobs when we go
             raise Timeout(f"no answer from the daemon within {timeout}s", op=type(msg).__struct_config__.tag) from None
         except (framing.PeerClosed, ConnectionError, BrokenPipeError):
+            parting = self._parting_error(sock)
             self.close()
-            raise DaemonUnavailable(f"the daemon at {self.socket_path} closed the connection") from None
+            raise parting or DaemonUnavailable(f"the daemon at {self.socket_path} closed the connection") from None
         except ProtocolError:
             self.close()
             raise
+
+    def _parting_error(self, sock: socket.socket) -> EaselError | None:
+        """The reason the daemon sent as it closed this connection (`busy`, `peer_not_allowed`), if any:
+        a refused connection may be closed before our request is even written."""
+        try:
+            sock.settimeout(PARTING_READ_S)
+            reply = decode_reply(framing.recv_frame(sock, self.max_frame))
+        except (OSError, EaselError, framing.PeerClosed):
+            return None
+        if isinstance(reply, Error) and reply.id is None:
+            return error_from_wire(msgspec.to_builtins(reply.error))
+        return None
 
     def _with_retry(self, fn: Callable[[], Any]) -> Any:
         for attempt in range(self.retry.attempts):
@@ -415,7 +430,10 @@ class AsyncRenderClient(_Shared):
                     await asyncio.wait_for(self._send_only(Cancel(id=self._next_id(), target=msg.id)), 1.0)
             raise Timeout(f"no answer from the daemon within {timeout}s", op=op) from None
         except (ConnectionError, BrokenPipeError):
-            self._broken = DaemonUnavailable(f"the daemon at {self.socket_path} closed the connection")
+            if self._pump is not None:  # it reads the reason the daemon sent as it closed, if it sent one
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(self._pump), PARTING_READ_S)
+            self._broken = self._broken or DaemonUnavailable(f"the daemon at {self.socket_path} closed the connection")
             raise self._broken from None
         finally:
             self._waiting.pop(msg.id, None)

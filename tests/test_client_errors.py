@@ -12,6 +12,7 @@ import time
 import pytest
 from click.testing import CliRunner
 from daemon_standin import InProcessDaemon, make_config
+from wire import frame
 
 from client.cli import main as cli
 from client.client import AsyncRenderClient, RenderClient, RetryPolicy, build_render, default_socket_path
@@ -72,6 +73,55 @@ def silent_server(tmp_path):
     for c in held:
         c.close()
     srv.close()
+
+
+@pytest.fixture
+def refusing_server(tmp_path):
+    """Answers every connection at once with a connection-level `busy` (id null) and closes it, as the
+    daemon does beyond its connection limit (and with `peer_not_allowed` for another user's process)."""
+    path = tmp_path / "refusing.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(4)
+    stop = threading.Event()
+    refusal = frame({"type": "error", "id": None, "error": {"code": "busy", "message": "too many connections"}})
+
+    def refuse():
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn = srv.accept()[0]
+                conn.sendall(refusal)
+                conn.close()
+
+    t = threading.Thread(target=refuse, daemon=True)
+    t.start()
+    yield path
+    stop.set()
+    t.join()
+    srv.close()
+
+
+def test_refusal_sent_before_closing_reaches_the_caller_sync(refusing_server):
+    c = RenderClient(refusing_server)
+    c._connect()
+    time.sleep(0.2)  # the daemon has answered and closed before the request is written: EPIPE on send
+    with pytest.raises(Busy, match="too many connections"):
+        c.ping()
+    with pytest.raises(Busy, match="too many connections"):  # a fresh connection, the same clear answer
+        c.status()
+    c.close()
+
+
+def test_refusal_sent_before_closing_reaches_the_caller_async(refusing_server):
+    async def go():
+        async with AsyncRenderClient(refusing_server) as c:
+            await asyncio.sleep(0.2)
+            for _ in range(3):
+                with pytest.raises(Busy, match="too many connections"):
+                    await c.ping()
+
+    asyncio.run(go())
 
 
 def test_timeout_sync(silent_server):
