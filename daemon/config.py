@@ -36,6 +36,9 @@ class DaemonConfig:
     output_root: Path = field(default_factory=default_output_root)
     max_frame: int = DEFAULT_MAX_FRAME
     queue_capacity: int = 64
+    interactive_reserve: int | None = None  # queue slots batch jobs may not take; None: a quarter of the queue
+    max_connections: int = 128  # beyond this a new connection gets `busy` and is closed
+    frame_timeout_s: float = 30.0  # a frame must arrive whole within this many seconds of its first byte
     policy: Policy = Policy()
     limits: Limits = Limits()
     drain_timeout_s: float = 30.0
@@ -51,5 +54,13 @@ class DaemonConfig:
         object.__setattr__(self, "output_root", Path(self.output_root).expanduser().resolve())
         if self.queue_capacity < 1:
             raise ValueError("queue_capacity must be >= 1")
+        if self.interactive_reserve is None:
+            object.__setattr__(self, "interactive_reserve", self.queue_capacity // 4)
+        if not 0 <= self.interactive_reserve < self.queue_capacity:
+            raise ValueError(f"interactive_reserve must be in 0..{self.queue_capacity - 1}")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        if not self.frame_timeout_s > 0:
+            raise ValueError("frame_timeout_s must be > 0")
         if self.max_frame < 1024:
             raise ValueError("max_frame must be >= 1024 bytes")

@@ -203,8 +203,11 @@ def estimate_queue(
 class JobQueue:
     """The bounded asyncio queue the server submits to and the render worker takes from."""
 
-    def __init__(self, capacity: int = 64, policy: Policy = Policy()) -> None:
+    def __init__(self, capacity: int = 64, policy: Policy = Policy(), interactive_reserve: int = 0) -> None:
+        if not 0 <= interactive_reserve < capacity:
+            raise ValueError(f"interactive_reserve must be in 0..{capacity - 1}, got {interactive_reserve}")
         self.capacity = capacity
+        self.interactive_reserve = interactive_reserve
         self.policy = policy
         self._jobs: list[Job] = []
         self._wake = asyncio.Event()
@@ -217,12 +220,25 @@ class JobQueue:
     def jobs(self) -> list[Job]:
         return list(self._jobs)
 
+    @property
+    def batch_capacity(self) -> int:
+        """How many jobs the queue may hold before a batch job is refused: the last `interactive_reserve`
+        slots are kept for interactive renders, so a batch script can never lock the game server out."""
+        return self.capacity - self.interactive_reserve
+
     def submit(self, job: Job) -> int:
-        """Queue `job`; returns its 1-based position in arrival order. Busy when full."""
+        """Queue `job`; returns its 1-based position in arrival order. Busy when full for its class."""
         if self._closed:
             raise ShuttingDown("the daemon is shutting down and accepts no new renders")
-        if len(self._jobs) >= self.capacity:
-            raise Busy(f"the render queue is full ({self.capacity} jobs); retry later", queue_depth=len(self._jobs))
+        depth = len(self._jobs)
+        if depth >= self.capacity:
+            raise Busy(f"the render queue is full ({self.capacity} jobs); retry later", queue_depth=depth)
+        if job.priority != INTERACTIVE and depth >= self.batch_capacity:
+            raise Busy(
+                f"the render queue holds {depth} jobs; batch jobs may fill {self.batch_capacity} of its "
+                f"{self.capacity} slots (the rest is kept for interactive renders); retry later",
+                queue_depth=depth,
+            )
         self._jobs.append(job)
         self._wake.set()
         return len(self._jobs)

@@ -28,6 +28,7 @@ from typing import Any
 
 from daemon.config import DaemonConfig
 from daemon.errors import (
+    Busy,
     Cancelled,
     DeadlineExceeded,
     EaselError,
@@ -121,7 +122,7 @@ class DaemonServer:
         self.config = config
         self.service = service
         self.tel = service.tel
-        self.queue = JobQueue(config.queue_capacity, config.policy)
+        self.queue = JobQueue(config.queue_capacity, config.policy, config.interactive_reserve)
         self.times = StepTimes()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-render")
         self.started = time.monotonic()
@@ -189,15 +190,12 @@ class DaemonServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(writer, self.config.max_frame)
-        sock = writer.get_extra_info("socket")
-        if not self.config.allow_any_uid and sock is not None:
-            uid = peer_uid(sock)
-            if uid is not None and uid != os.getuid():
-                err = PeerNotAllowed(f"peer uid {uid} is not the daemon's uid", uid=uid)
-                self.tel.metrics.error(err.code)
-                await conn.send(error_reply(None, err))
-                writer.close()
-                return
+        refusal = self._refusal(writer.get_extra_info("socket"))
+        if refusal is not None:  # answered on the connection (id null), which is then closed
+            self.tel.metrics.error(refusal.code)
+            await conn.send(error_reply(None, refusal))
+            writer.close()
+            return
         self.connections.add(conn)
         try:
             await self._read_loop(conn, reader)
@@ -211,10 +209,24 @@ class DaemonServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    def _refusal(self, sock: socket.socket | None) -> EaselError | None:
+        """Why a new connection may not be served: another user's process, or too many connections."""
+        if not self.config.allow_any_uid and sock is not None:
+            uid = peer_uid(sock)
+            if uid is not None and uid != os.getuid():
+                return PeerNotAllowed(f"peer uid {uid} is not the daemon's uid", uid=uid)
+        if len(self.connections) >= self.config.max_connections:
+            return Busy(
+                f"the daemon already serves {len(self.connections)} connections (the limit); "
+                "close idle ones or retry later",
+                connections=len(self.connections),
+            )
+        return None
+
     async def _read_loop(self, conn: Connection, reader: asyncio.StreamReader) -> None:
         while not conn.closed:
             try:
-                payload = await framing.read_frame(reader, self.config.max_frame)
+                payload = await framing.read_frame(reader, self.config.max_frame, self.config.frame_timeout_s)
             except framing.PeerClosed:
                 return
             except (FrameTooLarge, ProtocolError) as err:  # the stream cannot be resynchronised: answer, close
@@ -487,6 +499,7 @@ class DaemonServer:
             lora_cache=svc["lora_cache"],
             queue_depth=len(self.queue),
             queue_capacity=self.queue.capacity,
+            interactive_reserve=self.queue.interactive_reserve,
             queue=[self._job_info(j, now, ests.get(j.job_id)) for j in ordered],
             step_times=self.times.table(),
             shutting_down=self.queue.closed,

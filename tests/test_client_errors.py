@@ -197,6 +197,14 @@ def test_cli_status_and_render_without_daemon(tmp_path):
     assert r.exit_code == 1 and "daemon_unavailable" in r.output
 
 
+def test_cli_serve_refuses_a_reserve_that_leaves_batch_no_room(tmp_path):
+    sock = tmp_path / "run" / "easel.sock"
+    args = ["serve", "--socket", str(sock), "--queue-capacity", "4", "--interactive-reserve", "4"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and "interactive_reserve must be in 0..3" in r.output
+    assert not sock.exists()  # refused before a socket or a model
+
+
 def test_cli_render_status_stop_through_daemon(tmp_path):
     d = InProcessDaemon(make_config(tmp_path), step_s=0.01).start()
     sock = str(d.config.socket_path)

@@ -65,6 +65,25 @@ def test_async_reader_clean_eof_truncated_and_oversized():
     asyncio.run(go())
 
 
+def test_async_reader_bounds_a_stalled_frame_not_an_idle_connection():
+    async def go():
+        idle = asyncio.StreamReader()
+        task = asyncio.create_task(framing.read_frame(idle, frame_timeout=0.05))
+        await asyncio.sleep(0.2)  # four timeouts long, and no byte yet: still waiting, no error
+        assert not task.done()
+        idle.feed_data(framing.encode_frame(b"late but whole"))
+        assert await asyncio.wait_for(task, 1) == b"late but whole"
+
+        for partial in (b"\x00\x00", b"\x00\x00\x00\x0aabc"):  # stalls inside the header, inside the body
+            stalled = asyncio.StreamReader()
+            stalled.feed_data(partial)
+            with pytest.raises(ProtocolError, match="stalled mid-frame") as err:
+                await asyncio.wait_for(framing.read_frame(stalled, frame_timeout=0.05), 1)
+            assert err.value.details["frame_timeout_s"] == 0.05
+
+    asyncio.run(go())
+
+
 def test_encode_refuses_frame_over_cap():
     with pytest.raises(FrameTooLarge):
         framing.encode_frame(b"x" * 2000, max_frame=1024)

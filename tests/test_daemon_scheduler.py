@@ -103,6 +103,27 @@ def test_queue_busy_when_full_and_refuses_after_close():
     asyncio.run(go())
 
 
+def test_batch_jobs_cannot_take_the_interactive_reserve():
+    q = JobQueue(capacity=4, interactive_reserve=2)
+    assert q.batch_capacity == 2
+    q.submit(job("b1", "A", BATCH))
+    q.submit(job("b2", "A", BATCH))
+    with pytest.raises(Busy, match="batch jobs may fill 2 of its 4 slots") as err:
+        q.submit(job("b3", "A", BATCH))
+    assert err.value.details["queue_depth"] == 2
+    q.submit(job("i1", "B"))  # the reserve is there for the game server
+    q.submit(job("i2", "B"))
+    with pytest.raises(Busy, match="queue is full"):
+        q.submit(job("i3", "B"))
+    assert [j.job_id for j in q.jobs] == ["b1", "b2", "i1", "i2"]
+
+
+@pytest.mark.parametrize("reserve", [-1, 4, 5])
+def test_interactive_reserve_must_leave_room_for_batch(reserve):
+    with pytest.raises(ValueError, match="interactive_reserve"):
+        JobQueue(capacity=4, interactive_reserve=reserve)
+
+
 def test_queue_take_waits_for_submit_and_remove_drops():
     async def go():
         q = JobQueue(capacity=4)

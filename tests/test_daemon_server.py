@@ -408,3 +408,83 @@ def test_client_that_stops_reading_does_not_stall_others(daemon):
         r = c.send_render("still served", width=64, height=64, steps=1)
         assert r.steps == 1
     s.close()
+
+
+def test_batch_flood_leaves_room_for_interactive_renders(tmp_path):
+    """A batch script that fills its share of the queue gets `busy`; the game server still gets in."""
+    d = InProcessDaemon(make_config(tmp_path, queue_capacity=4, interactive_reserve=2), step_s=0.05).start()
+    try:
+
+        async def go():
+            async with AsyncRenderClient(d.config.socket_path, retry=RetryPolicy(attempts=1)) as c:
+                batch = dict(width=64, height=64, steps=1, priority="batch")
+                running = asyncio.create_task(c.send_render("running", width=64, height=64, steps=20))
+                await asyncio.sleep(0.2)  # it runs; the queue is empty
+                queued = [asyncio.create_task(c.send_render(f"b{i}", **batch)) for i in range(2)]
+                await asyncio.sleep(0.1)
+                with pytest.raises(Busy, match="kept for interactive renders"):
+                    await c.send_render("b2", **batch)
+                st = await c.status()
+                assert (st.queue_depth, st.queue_capacity, st.interactive_reserve) == (2, 4, 2)
+                game = await c.send_render("the player's portrait", width=64, height=64, steps=1, seed=5)
+                assert game.seed == 5
+                await asyncio.gather(running, *queued)
+
+        asyncio.run(go())
+    finally:
+        d.stop(0)
+
+
+def test_connections_beyond_the_limit_get_busy_and_retry_gets_in(tmp_path):
+    d = InProcessDaemon(make_config(tmp_path, max_connections=2)).start()
+    path = d.config.socket_path
+    try:
+        holders = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+        for s in holders:
+            s.connect(str(path))
+        with RenderClient(path) as probe:  # wait until the daemon has taken both in
+            deadline = time.monotonic() + 5
+            while len(d.server.connections) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(Busy, match="connections"):
+                probe.ping()
+        [reply] = raw_exchange(path, frame({"op": "ping", "id": 1}))
+        assert reply.id is None and reply.error.code == "busy"
+
+        def free_a_slot():
+            time.sleep(0.3)
+            holders.pop().close()
+
+        threading.Thread(target=free_a_slot).start()
+        with RenderClient(path, retry=RetryPolicy(attempts=20, initial_s=0.05, max_s=0.1)) as c:
+            assert c.send_render("once a slot is free", width=64, height=64, steps=1, seed=9).seed == 9
+        for s in holders:
+            s.close()
+    finally:
+        d.stop(0)
+
+
+def test_peer_stalled_mid_frame_is_dropped_idle_peer_is_kept(tmp_path):
+    d = InProcessDaemon(make_config(tmp_path, frame_timeout_s=0.3)).start()
+    path = d.config.socket_path
+    try:
+        idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        idle.connect(str(path))
+        stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stalled.settimeout(5)
+        stalled.connect(str(path))
+        stalled.sendall(struct.pack(">I", 1000) + b"only part of the body")  # and then nothing, not even EOF
+        t0 = time.monotonic()
+        reply = decode_reply(framing.recv_frame(stalled))
+        assert reply.id is None and reply.error.code == ProtocolError.code
+        assert "stalled mid-frame" in reply.error.message and time.monotonic() - t0 < 3
+        assert stalled.recv(1) == b""  # and the daemon closed that connection
+        stalled.close()
+        time.sleep(0.5)  # the idle connection sat through more than one frame timeout: still served
+        idle.settimeout(5)
+        idle.sendall(frame({"op": "ping", "id": 7}))
+        reply = decode_reply(framing.recv_frame(idle))
+        assert reply.id == 7 and reply.result["pong"]
+        idle.close()
+    finally:
+        d.stop(0)

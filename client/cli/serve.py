@@ -49,6 +49,13 @@ def _fail(err: EaselError) -> None:
     help="Directory outputs must be written into (default $EASEL_OUTPUT_ROOT or ./easel-output).",
 )
 @click.option("--queue-capacity", type=click.IntRange(1), default=64, show_default=True)
+@click.option(
+    "--interactive-reserve",
+    type=click.IntRange(0),
+    default=None,
+    help="Queue slots batch jobs may not take, kept for interactive renders (default: a quarter of the queue).",
+)
+@click.option("--max-connections", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--drain-timeout", type=click.FloatRange(0), default=30.0, show_default=True, help="Seconds.")
 @click.option("--max-frame", type=click.IntRange(1024), default=None, help="Largest accepted frame in bytes.")
 @click.option("--max-size", type=click.IntRange(64), default=None, help="Largest width/height accepted.")
@@ -56,8 +63,8 @@ def _fail(err: EaselError) -> None:
 @click.option("--no-warmup", is_flag=True, help="Skip the warm-up render (ready sooner, first render slower).")
 @click.option("--log-level", default="WARNING", show_default=True)
 def serve_command(
-    preset, model_path, socket_path, lora_roots, output_root, queue_capacity, drain_timeout, max_frame,
-    max_size, max_steps, no_warmup, log_level,
+    preset, model_path, socket_path, lora_roots, output_root, queue_capacity, interactive_reserve, max_connections,
+    drain_timeout, max_frame, max_size, max_steps, no_warmup, log_level,
 ) -> None:  # fmt: skip
     """Run the render daemon in the foreground until SIGTERM/SIGINT or `easel stop`."""
     import dataclasses
@@ -70,6 +77,7 @@ def serve_command(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     kwargs: dict = {"preset": preset, "model_path": model_path, "queue_capacity": queue_capacity}
+    kwargs |= {"interactive_reserve": interactive_reserve, "max_connections": max_connections}
     kwargs["drain_timeout_s"] = drain_timeout
     kwargs["warmup"] = not no_warmup
     if socket_path is not None:
@@ -92,8 +100,12 @@ def serve_command(
         sys.stdout.flush()
 
     try:
+        config = DaemonConfig(**kwargs)
+    except ValueError as exc:  # options that are fine alone but not together (a reserve as big as the queue)
+        raise click.UsageError(str(exc)) from None
+    try:
         tel = setup_telemetry("easel-daemon")  # OTEL_* / EASEL_TRACES_FILE; flushed when the server stops
-        rc = run_daemon(DaemonConfig(**kwargs), tel=tel, announce=announce)
+        rc = run_daemon(config, tel=tel, announce=announce)
     except EaselError as err:
         _fail(err)
     sys.exit(rc)
@@ -124,7 +136,10 @@ def status_command(socket_path, as_json, timeout) -> None:
         j = st.in_flight
         left = "?" if j.estimated_finish_s is None else f"{j.estimated_finish_s:.1f}s"
         click.echo(f"rendering {j.job} ({j.width}x{j.height}, step {j.step}/{j.steps}), about {left} left")
-    click.echo(f"queue {st.queue_depth}/{st.queue_capacity}" + ("  (shutting down)" if st.shutting_down else ""))
+    reserve = f" ({st.interactive_reserve} kept for interactive)" if st.interactive_reserve else ""
+    click.echo(
+        f"queue {st.queue_depth}/{st.queue_capacity}{reserve}" + ("  (shutting down)" if st.shutting_down else "")
+    )
     for j in st.queue:
         start = "?" if j.estimated_start_s is None else f"{j.estimated_start_s:.1f}s"
         finish = "?" if j.estimated_finish_s is None else f"{j.estimated_finish_s:.1f}s"

@@ -34,15 +34,32 @@ class PeerClosed(Exception):
     """The peer closed the connection cleanly between frames (not an error)."""
 
 
-async def read_frame(reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
-    """Read one frame body. PeerClosed at a clean EOF; ProtocolError for a truncated frame."""
+async def read_frame(
+    reader: asyncio.StreamReader, max_frame: int = DEFAULT_MAX_FRAME, frame_timeout: float | None = None
+) -> bytes:
+    """Read one frame body. PeerClosed at a clean EOF; ProtocolError for a truncated frame, or for one
+    not complete within `frame_timeout` seconds of its first byte (waiting *between* frames is unbounded:
+    an idle connection is fine, a peer stalled mid-frame is not)."""
     try:
-        header = await reader.readexactly(HEADER_SIZE)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            raise PeerClosed() from None
+        first = await reader.readexactly(1)
+    except asyncio.IncompleteReadError:
+        raise PeerClosed() from None
+    try:
+        async with asyncio.timeout(frame_timeout):
+            return await _read_rest(reader, first, max_frame)
+    except TimeoutError:
         raise ProtocolError(
-            f"truncated frame header: got {len(exc.partial)} of {HEADER_SIZE} bytes before end of stream"
+            f"frame not complete {frame_timeout:g}s after its first byte arrived; the peer stalled mid-frame",
+            frame_timeout_s=frame_timeout,
+        ) from None
+
+
+async def _read_rest(reader: asyncio.StreamReader, first: bytes, max_frame: int) -> bytes:
+    try:
+        header = first + await reader.readexactly(HEADER_SIZE - 1)
+    except asyncio.IncompleteReadError as exc:
+        raise ProtocolError(
+            f"truncated frame header: got {1 + len(exc.partial)} of {HEADER_SIZE} bytes before end of stream"
         ) from None
     (length,) = HEADER.unpack(header)
     _check_length(length, max_frame)

@@ -178,6 +178,7 @@ class StatusResult(Struct, omit_defaults=True):
     lora_cache: dict[str, Any]
     queue_depth: int
     queue_capacity: int
+    interactive_reserve: int
     queue: list[JobInfo]
     step_times: list[dict[str, Any]]
     shutting_down: bool
