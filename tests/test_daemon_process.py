@@ -7,6 +7,7 @@ tests/lora_factories.py. The last test stops it with SIGTERM while a render is i
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import queue
@@ -234,6 +235,24 @@ def test_outputs_confined_to_the_output_root(daemon, tmp_path):
         r = c.send_render("x", output_path="inside/ok.png", **SIZE)
     assert Path(r.image_path) == daemon.out / "inside" / "ok.png" and Path(r.image_path).exists()
     assert not list(tmp_path.iterdir()) and not Path("/etc/escape.png").exists()
+
+
+def test_lora_inspect_asks_the_running_daemon(daemon, tmp_path):
+    """`easel lora inspect --daemon`: resolved against the model the daemon holds, under its confinement."""
+    from click.testing import CliRunner
+
+    from client.cli import main as cli
+
+    lora = daemon.loras / "l0.safetensors"
+    r = CliRunner().invoke(cli, ["lora", "inspect", "--daemon", "--socket", str(daemon.socket), "--json", str(lora)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert (rep["format"], rep["keys_applied"], rep["keys_total"], rep["preset"]) == ("kohya", 3, 3, "tiny")
+    assert rep["patched_layers"] == ["transformer_blocks.0.attn.to_out.0"] and rep["leftover"] == []
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(lora.read_bytes())
+    r = CliRunner().invoke(cli, ["lora", "inspect", "--daemon", "--socket", str(daemon.socket), str(outside)])
+    assert r.exit_code == 1 and "path_not_allowed" in r.output
 
 
 def test_cancel_running_render_stops_at_next_step(daemon):

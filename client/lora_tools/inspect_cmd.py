@@ -1,14 +1,18 @@
-"""`easel lora inspect FILE [--preset P] [--json]`: a LoRA file's format and key accounting, no render.
+"""`easel lora inspect FILE [--preset P | --daemon] [--json]`: a LoRA file's format and key accounting, no render.
 
 Without --preset it reads the file only (numpy, no MLX); with --preset it resolves every key against
 that preset's layer layout (an mflux transformer built lazily: no weights are read), exactly as the
-daemon would when applying it.
+daemon would when applying it. With --daemon the running daemon does it (its `inspect` operation)
+against the model it has loaded, under its own LoRA-root confinement.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -45,21 +49,52 @@ def format_report(report) -> str:
     return "\n".join(lines)
 
 
+def report_from_wire(raw: dict[str, Any]):
+    """The daemon's `inspect` result (a FileReport as msgpack values) back into a FileReport."""
+    from daemon.lora.report import FileReport
+
+    known = {f.name for f in dataclasses.fields(FileReport)}
+    fields = {k: v for k, v in raw.items() if k in known}
+    fields["leftover"] = [tuple(pair) for pair in fields.get("leftover", [])]
+    return FileReport(**fields)
+
+
+def _inspect_via_daemon(file: str, socket_path: Path | None):
+    from client.client import RenderClient
+
+    local = Path(file).expanduser()
+    with RenderClient(socket_path) as c:
+        model = c.status().preset
+        return report_from_wire(c.inspect(str(local.resolve()) if local.exists() else file)), model
+
+
 @click.command("inspect")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--preset", default=None, help="Resolve keys against this preset's layers (tiny, dev, schnell...).")
+@click.option(
+    "--daemon",
+    "via_daemon",
+    is_flag=True,
+    help="Ask the running daemon: resolve against the model it has loaded (its LoRA roots apply).",
+)
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect_command(file: str, preset: str | None, as_json: bool) -> None:
+def inspect_command(file: str, preset: str | None, via_daemon: bool, socket_path: Path | None, as_json: bool) -> None:
     """Show FILE's LoRA format, rank, alpha and which keys reach the model (and why others do not)."""
     from daemon.lora import inspect_lora, preset_layout
 
+    if via_daemon and preset:
+        raise click.UsageError("give --preset (resolve here) or --daemon (ask the daemon), not both")
     try:
-        layout = preset_layout(preset) if preset else None
-        report = inspect_lora(file, layout=layout)
+        if via_daemon:
+            report, preset = _inspect_via_daemon(file, socket_path)
+        else:
+            layout = preset_layout(preset) if preset else None
+            report = inspect_lora(file, layout=layout)
     except EaselError as exc:
         if as_json:
             click.echo(json.dumps({"error": exc.to_wire()}, indent=2))
-        raise click.ClickException(exc.message) from exc
+        raise click.ClickException(f"{exc.code}: {exc.message}") from exc
     if as_json:
         out = report.to_dict()
         out["preset"] = preset
