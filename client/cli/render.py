@@ -60,8 +60,10 @@ def render_command(
             result = _render_in_process(prompt, paths, scales, zero_match, output, fields)
         else:
 
+            live = not quiet and sys.stderr.isatty()  # a log file gets no carriage-return redraws
+
             def progress(ev) -> None:
-                if not quiet and ev.event == "progress":
+                if live and ev.event == "progress":
                     click.echo(f"\rstep {ev.step}/{ev.steps}", nl=False, err=True)
 
             setup_command_telemetry()
@@ -74,10 +76,10 @@ def render_command(
                     priority=priority,
                     deadline_s=deadline,
                     output_path=output,
-                    on_progress=progress,
+                    on_progress=progress if live else None,
                     **fields,
                 )
-            if not quiet:
+            if live:
                 click.echo("", err=True)
     except EaselError as err:
         click.echo(f"easel: {err.code}: {err.message}", err=True)
