@@ -9,8 +9,10 @@ test_daemon_process.py tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -134,3 +136,13 @@ def make_config(tmp: Path, **overrides) -> DaemonConfig:
     )
     base.update(overrides)
     return DaemonConfig(**base)
+
+
+@contextlib.contextmanager
+def serving(tmp: Path, *, step_s: float = 0.05, **overrides) -> Iterator[InProcessDaemon]:
+    """A stand-in daemon with `make_config(tmp, **overrides)` for one test, stopped (no drain) after it."""
+    d = InProcessDaemon(make_config(tmp, **overrides), step_s=step_s).start()
+    try:
+        yield d
+    finally:
+        d.stop(0)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from daemon_standin import InProcessDaemon, make_config
+from daemon_standin import InProcessDaemon, make_config, serving
 from wire import frame
 
 from client.cli import main as cli
@@ -143,8 +143,7 @@ def test_timeout_async(silent_server):
 
 
 def test_busy_is_reported_after_retries(tmp_path):
-    d = InProcessDaemon(make_config(tmp_path, queue_capacity=1), step_s=0.2).start()
-    try:
+    with serving(tmp_path, queue_capacity=1, step_s=0.2) as d:
 
         async def go():
             async with AsyncRenderClient(d.config.socket_path, retry=RetryPolicy(attempts=1)) as c:
@@ -161,8 +160,6 @@ def test_busy_is_reported_after_retries(tmp_path):
                 await asyncio.gather(a, b)
 
         asyncio.run(go())
-    finally:
-        d.stop(0)
 
 
 @pytest.mark.parametrize(

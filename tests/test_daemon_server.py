@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from daemon_standin import InProcessDaemon, make_config
+from daemon_standin import InProcessDaemon, make_config, serving
 from wire import frame, raw_exchange
 
 from client.client import AsyncRenderClient, RenderClient, RetryPolicy
@@ -171,8 +171,7 @@ def test_disconnect_drops_queued_and_stops_running(daemon):
 
 
 def test_busy_when_queue_full_then_retry_succeeds(tmp_path):
-    d = InProcessDaemon(make_config(tmp_path, queue_capacity=1), step_s=0.05).start()
-    try:
+    with serving(tmp_path, queue_capacity=1, step_s=0.05) as d:
 
         async def go():
             async with AsyncRenderClient(d.config.socket_path, retry=RetryPolicy(attempts=1)) as c:
@@ -197,8 +196,6 @@ def test_busy_when_queue_full_then_retry_succeeds(tmp_path):
         for t in threads:
             t.join(30)
         assert len(results) == 4  # every one got through by backing off on `busy`
-    finally:
-        d.stop(0)
 
 
 def test_deadline_exceeded_while_running(daemon):
@@ -412,8 +409,7 @@ def test_client_that_stops_reading_does_not_stall_others(daemon):
 
 def test_batch_flood_leaves_room_for_interactive_renders(tmp_path):
     """A batch script that fills its share of the queue gets `busy`; the game server still gets in."""
-    d = InProcessDaemon(make_config(tmp_path, queue_capacity=4, interactive_reserve=2), step_s=0.05).start()
-    try:
+    with serving(tmp_path, queue_capacity=4, interactive_reserve=2, step_s=0.05) as d:
 
         async def go():
             async with AsyncRenderClient(d.config.socket_path, retry=RetryPolicy(attempts=1)) as c:
@@ -431,14 +427,11 @@ def test_batch_flood_leaves_room_for_interactive_renders(tmp_path):
                 await asyncio.gather(running, *queued)
 
         asyncio.run(go())
-    finally:
-        d.stop(0)
 
 
 def test_connections_beyond_the_limit_get_busy_and_retry_gets_in(tmp_path):
-    d = InProcessDaemon(make_config(tmp_path, max_connections=2)).start()
-    path = d.config.socket_path
-    try:
+    with serving(tmp_path, max_connections=2) as d:
+        path = d.config.socket_path
         holders = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
         for s in holders:
             s.connect(str(path))
@@ -460,14 +453,11 @@ def test_connections_beyond_the_limit_get_busy_and_retry_gets_in(tmp_path):
             assert c.send_render("once a slot is free", width=64, height=64, steps=1, seed=9).seed == 9
         for s in holders:
             s.close()
-    finally:
-        d.stop(0)
 
 
 def test_peer_stalled_mid_frame_is_dropped_idle_peer_is_kept(tmp_path):
-    d = InProcessDaemon(make_config(tmp_path, frame_timeout_s=0.3)).start()
-    path = d.config.socket_path
-    try:
+    with serving(tmp_path, frame_timeout_s=0.3) as d:
+        path = d.config.socket_path
         idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         idle.connect(str(path))
         stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -486,5 +476,3 @@ def test_peer_stalled_mid_frame_is_dropped_idle_peer_is_kept(tmp_path):
         reply = decode_reply(framing.recv_frame(idle))
         assert reply.id == 7 and reply.result["pong"]
         idle.close()
-    finally:
-        d.stop(0)
