@@ -441,8 +441,11 @@ def test_connections_beyond_the_limit_get_busy_and_retry_gets_in(tmp_path):
                 time.sleep(0.01)
             with pytest.raises(Busy, match="connections"):
                 probe.ping()
-        [reply] = raw_exchange(path, frame({"op": "ping", "id": 1}))
-        assert reply.id is None and reply.error.code == "busy"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:  # the refusal comes unasked, then EOF
+            raw.settimeout(5)
+            raw.connect(str(path))
+            reply = decode_reply(framing.recv_frame(raw))
+            assert reply.id is None and reply.error.code == "busy" and raw.recv(1) == b""
 
         def free_a_slot():
             time.sleep(0.3)
