@@ -59,7 +59,6 @@ def render_command(
         if in_process:
             result = _render_in_process(prompt, paths, scales, zero_match, output, fields)
         else:
-
             live = not quiet and sys.stderr.isatty()  # a log file gets no carriage-return redraws
 
             def progress(ev) -> None:
