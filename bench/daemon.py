@@ -48,7 +48,7 @@ IN_PROCESS = """
 import json, sys, time
 from pathlib import Path
 from daemon.config import DaemonConfig
-from daemon.protocol.messages import Render
+from client.wire.messages import Render
 from daemon.service import RenderService
 root, lora, req = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 cfg = DaemonConfig(socket_path=root / "unused.sock", lora_roots=(root,), output_root=root / "out")

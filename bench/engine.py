@@ -17,7 +17,7 @@ import time
 CHILD = r"""
 import json, sys, time
 from daemon.engine.model import load_model
-from daemon.engine.request import RenderSpec
+from daemon.render_spec import RenderSpec
 from daemon.engine.runtime import BLAS
 steps, repeats = int(sys.argv[1]), int(sys.argv[2])
 m = load_model("tiny")

@@ -32,9 +32,9 @@ from lora_factories import generate_lora  # noqa: E402
 
 import daemon.engine  # noqa: E402, F401  (OpenBLAS before MLX)
 from daemon.engine.model import load_model  # noqa: E402
-from daemon.engine.request import RenderSpec  # noqa: E402
 from daemon.lora import LoraCache, StackEntry  # noqa: E402
 from daemon.lora.patcher import LoraPatcher  # noqa: E402
+from daemon.render_spec import RenderSpec  # noqa: E402
 
 RANK = 16
 REPEATS = int(os.environ.get("EASEL_BENCH_REPEATS", "3"))

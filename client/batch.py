@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 import yaml
 
+from client.fs import atomic_write_text
 from client.visual_style import LoraEntry, VisualStyle, apply_triggers, load_visual_style
-from daemon.errors import DaemonUnavailable, EaselError, InvalidRequest, PackError
-from daemon.fs import atomic_write_text
+from client.wire.errors import DaemonUnavailable, EaselError, InvalidRequest, PackError
 
 KINDS: dict[str, tuple[str, str, str]] = {
     # kind: (content file, top-level key, default render tier)

@@ -2,7 +2,7 @@
 
 Both twins share the request builders, the reply interpretation and the retry policy; they differ only in
 transport (a blocking socket vs asyncio streams). Errors come back as the daemon's typed exceptions
-(daemon.errors, rebuilt by wire code); a daemon that is absent, refuses or is too slow raises
+(client.wire.errors, rebuilt by wire code); a daemon that is absent, refuses or is too slow raises
 DaemonUnavailable or Timeout instead of hanging.
 
     with RenderClient() as c:
@@ -31,9 +31,18 @@ from opentelemetry.trace import TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from client.telemetry import TRACER_NAME, client_span, inject_trace_context
-from daemon.errors import Busy, DaemonUnavailable, EaselError, InvalidRequest, ProtocolError, Timeout, error_from_wire
-from daemon.protocol import framing
-from daemon.protocol.messages import (
+from client.wire import framing
+from client.wire.address import default_socket_path  # one rule for both ends
+from client.wire.errors import (
+    Busy,
+    DaemonUnavailable,
+    EaselError,
+    InvalidRequest,
+    ProtocolError,
+    Timeout,
+    error_from_wire,
+)
+from client.wire.messages import (
     Cancel,
     Error,
     Event,
@@ -50,7 +59,6 @@ from daemon.protocol.messages import (
     decode_reply,
     encode,
 )
-from daemon.security import default_socket_path  # one rule for both ends (pure)
 
 ProgressCallback = Callable[[Event], Any]
 

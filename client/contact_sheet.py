@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
 
-from daemon.fs import atomic_write_bytes
+from client.fs import atomic_write_bytes
 
 if TYPE_CHECKING:
     from client.batch import BatchResult

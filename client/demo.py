@@ -24,7 +24,7 @@ from pathlib import Path
 from client.batch import BatchResult, client_renderer, plan_batch, run_batch, summary_lines
 from client.client import RenderClient
 from client.packs import genre_dirs, make_pack_loras, world_names
-from daemon.errors import DaemonUnavailable, EaselError, Timeout
+from client.wire.errors import DaemonUnavailable, EaselError, Timeout
 
 REPO = Path(__file__).resolve().parents[1]
 PACKS = REPO / "genre_packs"
@@ -169,7 +169,7 @@ def write_overview_sheet(results: Sequence[BatchResult], path: Path) -> Path | N
     import io
 
     from client.contact_sheet import Tile, render_sheet
-    from daemon.fs import atomic_write_bytes
+    from client.fs import atomic_write_bytes
 
     tiles = [
         Tile(None if i.status == "failed" else i.job.output_path, f"{r.plan.world} / {i.job.item.name}")

@@ -20,8 +20,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load, load_file, save
 
+from client.fs import atomic_write_bytes
 from client.visual_style import STYLE_FILE, LoraEntry, default_lora_root, load_visual_style
-from daemon.fs import atomic_write_bytes
 
 WIDTH = 3072  # Flux's hidden size; mflux hard-codes it, the tiny preset keeps it
 MLP = 4 * WIDTH

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from daemon.engine.tiers import TIERS
-from daemon.errors import PackError, VisualStyleError
+from client.tiers import TIERS
+from client.wire.errors import PackError, VisualStyleError
 
 LORA_ROOT_ENV = "EASEL_LORA_ROOT"
 STYLE_FILE = "visual_style.yaml"

@@ -6,10 +6,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.engine.request import Limits
-from daemon.protocol.framing import DEFAULT_MAX_FRAME
+from client.wire.address import default_socket_path
+from client.wire.framing import DEFAULT_MAX_FRAME
+from daemon.render_spec import Limits
 from daemon.scheduler import Policy
-from daemon.security import default_socket_path
 
 
 def _env_paths(name: str) -> list[Path]:

@@ -16,7 +16,7 @@ from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.errors import Busy, ShuttingDown
+from client.wire.errors import Busy, ShuttingDown
 
 INTERACTIVE, BATCH = 0, 1
 PRIORITIES = {"interactive": INTERACTIVE, "batch": BATCH}

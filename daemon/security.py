@@ -20,26 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from daemon.errors import EaselError, PathNotAllowed
-
-
-class DaemonAlreadyRunning(EaselError):
-    code = "daemon_already_running"
-
-
-class UnsafeSocketPath(EaselError):
-    code = "unsafe_socket_path"
-
-
-def default_socket_path() -> Path:
-    """`$EASEL_SOCKET`, else `$XDG_RUNTIME_DIR/easel/easel.sock`, else `/tmp/easel-<uid>/easel.sock`."""
-    env = os.environ.get("EASEL_SOCKET")
-    if env:
-        return Path(env)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return Path(runtime) / "easel" / "easel.sock"
-    return Path(f"/tmp/easel-{os.getuid()}") / "easel.sock"
+from client.wire.errors import DaemonAlreadyRunning, PathNotAllowed, UnsafeSocketPath
 
 
 def ensure_private_dir(path: Path) -> None:

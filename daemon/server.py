@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,8 +25,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from daemon.config import DaemonConfig
-from daemon.errors import (
+from client.wire import framing
+from client.wire.errors import (
     Busy,
     Cancelled,
     DeadlineExceeded,
@@ -39,8 +38,7 @@ from daemon.errors import (
     RenderFailed,
     ShuttingDown,
 )
-from daemon.protocol import framing
-from daemon.protocol.messages import (
+from client.wire.messages import (
     PROTOCOL_VERSION,
     Cancel,
     Event,
@@ -57,6 +55,7 @@ from daemon.protocol.messages import (
     encode,
     error_reply,
 )
+from daemon.config import DaemonConfig
 from daemon.scheduler import PRIORITIES, Job, JobQueue, Shape, StepTimes, estimate_queue
 from daemon.security import (
     bind_unix_socket,
@@ -561,9 +560,3 @@ def run_daemon(
 async def _serve(config: DaemonConfig, service: RenderService, sock: socket.socket, announce) -> None:
     server = DaemonServer(config, service)
     await server.serve(sock, on_ready=lambda: announce(f"easel: ready on {config.socket_path} (pid {os.getpid()})"))
-
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - `easel serve` is the entry point
-    from client.cli.serve import serve_command
-
-    return serve_command.main(argv if argv is not None else sys.argv[1:], standalone_mode=True)

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from client.fs import atomic_write_bytes
+from client.lorafile.inspect import inspect_lora
+from client.tiers import TIERS
+from client.wire.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
+from client.wire.messages import FileReport, Render, RenderResult
 from daemon.config import DaemonConfig
 from daemon.engine.png import encode_png
-from daemon.engine.request import RenderSpec, validate_spec
-from daemon.engine.tiers import TIERS
-from daemon.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
-from daemon.fs import atomic_write_bytes
-from daemon.protocol.messages import FileReport, Render, RenderResult
+from daemon.render_spec import RenderSpec, validate_spec
 from daemon.security import confine
 from daemon.telemetry import RenderSpan, ServerCall, Telemetry, TelemetryConfig, extract_context, setup_telemetry
 from daemon.telemetry import render_span as open_render_span
@@ -311,22 +312,14 @@ class RenderService:
         resolved = confine(path, self.config.lora_roots, what="LoRA", must_exist=True)
         if not resolved.is_file():
             raise LoraNotFound(f"no LoRA file at {resolved}", path=path)
-        inspect_lora = _inspect_fn()
-
         transformer = getattr(getattr(self.engine, "flux", None), "transformer", None)
-        report = inspect_lora(str(resolved), transformer=transformer)
+        if transformer is None:
+            report = inspect_lora(str(resolved))
+        else:
+            from daemon.lora.inspect import inspect_against
+
+            report = inspect_against(str(resolved), transformer)
         return _plain(report)
-
-
-def _inspect_fn() -> Callable[..., Any]:
-    """`inspect_lora(path, transformer=None)` from the LoRA room, wherever it lives."""
-    import importlib
-
-    for mod in ("daemon.lora", "daemon.lora.inspect", "daemon.lora.patcher"):
-        fn = getattr(importlib.import_module(mod), "inspect_lora", None)
-        if fn is not None:
-            return fn
-    raise RuntimeError("daemon.lora provides no inspect_lora()")
 
 
 def _plain(obj: Any) -> Any:

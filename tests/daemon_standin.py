@@ -19,8 +19,8 @@ from types import SimpleNamespace
 
 from PIL import Image
 
+from client.wire.errors import LoraZeroMatch
 from daemon.config import DaemonConfig
-from daemon.errors import LoraZeroMatch
 from daemon.security import bind_unix_socket
 from daemon.server import DaemonServer
 from daemon.service import RenderService

@@ -36,7 +36,7 @@ from client.batch import (
 )
 from client.cli import main as cli
 from client.packs import genre_dirs, make_pack_loras, world_names
-from daemon.errors import DaemonUnavailable, InvalidRequest, LoraZeroMatch, PackError
+from client.wire.errors import DaemonUnavailable, InvalidRequest, LoraZeroMatch, PackError
 
 PACKS = Path(__file__).resolve().parents[1] / "genre_packs"
 

@@ -16,7 +16,7 @@ from wire import frame
 
 from client.cli import main as cli
 from client.client import AsyncRenderClient, RenderClient, RetryPolicy, build_render, default_socket_path
-from daemon.errors import Busy, DaemonUnavailable, InvalidRequest, Timeout
+from client.wire.errors import Busy, DaemonUnavailable, InvalidRequest, Timeout
 
 
 def test_socket_path_from_env(monkeypatch, tmp_path):
@@ -221,7 +221,7 @@ def test_every_error_code_is_documented_in_the_protocol():
     """A client in another language is written from docs/protocol.md alone: every code must be there."""
     from pathlib import Path
 
-    from daemon.errors import ERROR_CLASSES
+    from client.wire.errors import ERROR_CLASSES
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
     missing = [code for code in ERROR_CLASSES if f"`{code}`" not in doc]

@@ -20,8 +20,8 @@ import pytest
 from daemon_standin import InProcessDaemon, make_config
 
 from client.client import RenderClient
-from daemon.protocol import framing
-from daemon.protocol.messages import Error, Result, decode_reply
+from client.wire import framing
+from client.wire.messages import Error, Result, decode_reply
 
 OTHER_UID = 65534  # "nobody" on Debian; any uid that is not ours will do
 

@@ -26,8 +26,8 @@ from lora_factories import make_garbage, make_lora, make_pickle
 from wire import frame, raw_exchange
 
 from client.client import AsyncRenderClient, RenderClient
+from client.wire.errors import Cancelled, LoraError, LoraFormatError, LoraNotFound, LoraZeroMatch, PathNotAllowed
 from daemon.engine.png import read_metadata
-from daemon.errors import Cancelled, LoraError, LoraFormatError, LoraNotFound, LoraZeroMatch, PathNotAllowed
 
 pytestmark = pytest.mark.model
 

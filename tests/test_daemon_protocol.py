@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.errors import FrameTooLarge, InvalidRequest, ProtocolError, UnknownOperation
-from daemon.protocol import framing
-from daemon.protocol.messages import (
+from client.wire import framing
+from client.wire.errors import FrameTooLarge, InvalidRequest, ProtocolError, UnknownOperation
+from client.wire.messages import (
     Cancel,
     Error,
     Event,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.errors import Busy, ShuttingDown
+from client.wire.errors import Busy, ShuttingDown
 from daemon.scheduler import (
     BATCH,
     INTERACTIVE,

@@ -17,7 +17,8 @@ from daemon_standin import InProcessDaemon, make_config, serving
 from wire import frame, raw_exchange
 
 from client.client import AsyncRenderClient, RenderClient, RetryPolicy
-from daemon.errors import (
+from client.wire import framing
+from client.wire.errors import (
     Busy,
     Cancelled,
     DeadlineExceeded,
@@ -30,8 +31,7 @@ from daemon.errors import (
     ShuttingDown,
     UnknownOperation,
 )
-from daemon.protocol import framing
-from daemon.protocol.messages import decode_reply
+from client.wire.messages import decode_reply
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from client.wire.errors import InvalidRequest, WeightsNotFound
 from daemon.engine.png import read_metadata, write_png
 from daemon.engine.presets import PRESETS, get_preset, locate_weights
-from daemon.engine.request import Limits, RenderSpec, validate_spec
-from daemon.errors import InvalidRequest, WeightsNotFound
+from daemon.render_spec import Limits, RenderSpec, validate_spec
 
 GOOD = RenderSpec(prompt="a red fox in snow", width=64, height=64, steps=2, guidance=3.5, seed=7, preset="tiny")
 
@@ -172,7 +172,7 @@ def test_same_request_in_another_process_gives_same_pixels(tiny_model, tmp_path)
     write_png(out.image, here, GOOD.to_metadata())
     there = tmp_path / "there.png"
     code = (
-        "from daemon.engine.model import load_model; from daemon.engine.request import RenderSpec;"
+        "from daemon.engine.model import load_model; from daemon.render_spec import RenderSpec;"
         "from daemon.engine.png import write_png;"
         f"s = RenderSpec(**{GOOD.to_metadata()!r}); m = load_model('tiny');"
         f"write_png(m.render(s).image, {str(there)!r}, s.to_metadata())"
@@ -186,7 +186,7 @@ def test_same_request_in_another_process_gives_same_pixels(tiny_model, tmp_path)
 
 @pytest.mark.model
 def test_cancel_from_step_callback_stops_render(tiny_model):
-    from daemon.errors import Cancelled
+    from client.wire.errors import Cancelled
 
     seen = []
 
@@ -239,7 +239,7 @@ def test_corrupt_cache_is_rebuilt(tiny_model, tmp_path, monkeypatch):
 RENDER_IN_THREADS = """
 import threading
 from daemon.engine.model import load_model
-from daemon.engine.request import RenderSpec
+from daemon.render_spec import RenderSpec
 m = load_model("tiny")
 spec = RenderSpec(prompt="x", width=64, height=64, steps=1, preset="tiny")
 def job():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from lora_factories import write_safetensors
 
-from daemon.errors import LoraNotFound
+from client.wire.errors import LoraNotFound
 from daemon.lora import LoraCache
 
 

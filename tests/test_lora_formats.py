@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from lora_factories import FORMATS, generate_lora, make_dora, write_safetensors
 
-from daemon.errors import LoraUnsupported
+from client.lorafile.keymaps import load_keymaps
+from client.lorafile.parse import parse_lora
+from client.lorafile.reader import read_safetensors
+from client.lorafile.resolve import resolve
+from client.wire.errors import LoraUnsupported
 from daemon.lora import inspect_lora, preset_layout
-from daemon.lora.keymaps import load_keymaps
-from daemon.lora.parse import parse_lora
-from daemon.lora.reader import read_safetensors
-from daemon.lora.resolve import resolve
 
 EXPECTED_FORMAT = {
     "kohya": ("kohya", "kohya"),

@@ -20,7 +20,7 @@ from lora_factories import (
     write_safetensors,
 )
 
-from daemon.errors import LoraFormatError, LoraNotFound, LoraUnsupported, LoraZeroMatch
+from client.wire.errors import LoraFormatError, LoraNotFound, LoraUnsupported, LoraZeroMatch
 from daemon.lora import LoraCache, StackEntry
 
 pytestmark = pytest.mark.model

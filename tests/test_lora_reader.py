@@ -17,8 +17,8 @@ from lora_factories import (
     write_safetensors,
 )
 
-from daemon.errors import LoraFormatError, LoraNotFound
-from daemon.lora.reader import read_safetensors
+from client.lorafile.reader import read_safetensors
+from client.wire.errors import LoraFormatError, LoraNotFound
 
 
 def _small(tmp_path, dtype="F32"):

@@ -16,7 +16,7 @@ from client.lora_tools.commands import remap as remap_command
 from client.lora_tools.keymap import keymaps_dir, load_keymap
 from client.lora_tools.remap import remap_file
 from client.lora_tools.st_io import StTensor, read_safetensors, write_safetensors
-from daemon.errors import LoraFormatError
+from client.wire.errors import LoraFormatError
 
 W = 8  # a narrow stand-in for Flux's 3072 width: every shape keeps Flux's ratios
 DOUBLE = {  # mlx-examples module path -> (in, out)

@@ -84,11 +84,11 @@ def _probe_check(delta_apply, a: np.ndarray, b_rows: np.ndarray, rng: np.random.
 
 def test_engine_resolves_every_key_and_every_delta_matches(files) -> None:
     """The daemon's parser + resolver against the tiny preset's real layer layout (no weights needed)."""
+    from client.lorafile.keymaps import load_keymaps
+    from client.lorafile.parse import parse_lora
+    from client.lorafile.reader import read_safetensors
+    from client.lorafile.resolve import resolve
     from daemon.lora.inspect import preset_layout
-    from daemon.lora.keymaps import load_keymaps
-    from daemon.lora.parse import parse_lora
-    from daemon.lora.reader import read_safetensors
-    from daemon.lora.resolve import resolve
 
     tensors, _, remapped = files
     layout = preset_layout("tiny")
@@ -118,9 +118,9 @@ def test_patcher_applies_100_percent_and_render_changes(files, tiny_model) -> No
     """The live patcher on the loaded tiny model: per-layer dense delta == original, render differs."""
     import mlx.core as mx
 
-    from daemon.engine.request import RenderSpec
     from daemon.lora.patcher import LoraPatcher
     from daemon.lora.runtime import StackedLoraLinear
+    from daemon.render_spec import RenderSpec
 
     tensors, _, remapped = files
     transformer = tiny_model.flux.transformer

@@ -9,8 +9,8 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
+from client.telemetry.config import parse_resource_attributes
 from daemon.telemetry import JsonlSpanExporter, TelemetryConfigError, config_from_env, setup_telemetry
-from daemon.telemetry.config import parse_resource_attributes
 
 
 def test_defaults_export_nothing_and_name_the_service():

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from daemon.engine.request import RenderSpec
+from daemon.render_spec import RenderSpec
 from daemon.telemetry import JsonlSpanExporter, TelemetryConfig, render_span, server_span, setup_telemetry
 
 SPEC = RenderSpec(prompt="a canyon", width=64, height=64, steps=2, seed=3, preset="tiny")

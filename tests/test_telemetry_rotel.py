@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.engine.request import RenderSpec
+from daemon.render_spec import RenderSpec
 from daemon.telemetry import render_span, server_span, setup_telemetry
 
 rotel = pytest.importorskip("rotel", reason="rotel is in the dev extra (scripts/setup.sh installs it)")

@@ -24,8 +24,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from client.client import RenderClient
-from client.telemetry import client_span
-from daemon.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
+from client.telemetry.client_spans import client_span
+from client.wire.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
 from daemon.telemetry import TelemetryConfig, setup_telemetry
 
 

@@ -12,9 +12,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from client.telemetry import client_span, inject_trace_context
-from daemon.engine.request import RenderSpec
-from daemon.errors import LoraZeroMatch
+from client.telemetry.client_spans import client_span, inject_trace_context
+from client.wire.errors import LoraZeroMatch
+from daemon.render_spec import RenderSpec
 from daemon.telemetry import (
     RENDER_DURATION_BUCKETS_S,
     LoraApplied,

@@ -20,8 +20,8 @@ from click.testing import CliRunner
 
 from client.cli import main
 from client.traces import OtlpHttpReceiver, format_render, otlp_json_to_request, parse_record
-from daemon.engine.request import RenderSpec
-from daemon.errors import Cancelled
+from client.wire.errors import Cancelled
+from daemon.render_spec import RenderSpec
 from daemon.telemetry import render_span, server_span, setup_telemetry
 
 WAIT_S = 60

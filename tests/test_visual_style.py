@@ -18,7 +18,7 @@ from client.visual_style import (
     merge_fields,
     resolve_lora_args,
 )
-from daemon.errors import PackError, VisualStyleError
+from client.wire.errors import PackError, VisualStyleError
 
 
 def entry(name: str, tiers=("landscape",), scale=0.8, trigger=None, file=None) -> dict:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import msgspec
 
-from daemon.protocol import framing
-from daemon.protocol.messages import decode_reply
+from client.wire import framing
+from client.wire.messages import decode_reply
 
 
 def frame(obj) -> bytes:

@@ -1,17 +1,18 @@
-"""`easel`: one program, one subcommand module per job (each module in this package owns its commands).
+"""`easel`: one program; each module of this package owns one group of commands.
 
-Importing a subcommand module must stay cheap: heavy imports (MLX, mflux) happen inside the command.
+Commands are registered explicitly (a renamed module fails loudly, it never silently drops out). The
+commands that need the model stack (`easel serve`) live with the daemon and join through the
+`easel.commands` entry point declared in pyproject.toml, so this package never imports the daemon.
+Importing a command module stays cheap: heavy imports happen inside the command.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+from importlib.metadata import entry_points
 
 import click
 
-# Modules of this package that contribute commands; each defines `register(group)`.
-_COMMAND_MODULES = ("render", "serve", "batch", "lora", "dataset", "traces", "packs")
+from client.cli import batch, daemon_control, dataset, lora, packs, render, traces
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,7 +21,8 @@ def main() -> None:
     """easel: a Flux render daemon with per-request LoRA stacks, and its client."""
 
 
-for _name in _COMMAND_MODULES:
-    _qualified = f"{__name__}.{_name}"
-    if importlib.util.find_spec(_qualified) is not None:
-        importlib.import_module(_qualified).register(main)
+for _module in (render, daemon_control, batch, lora, dataset, traces, packs):
+    _module.register(main)
+
+for _ep in entry_points(group="easel.commands"):
+    main.add_command(_ep.load(), _ep.name)

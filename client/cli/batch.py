@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from daemon.errors import EaselError
+from client.wire.errors import EaselError
 
 DEFAULT_PACKS = Path("genre_packs")
 
@@ -100,7 +100,7 @@ def _run(kind: str, **kw: Any) -> None:
         return
     from client.batch import client_renderer
     from client.client import RenderClient
-    from client.telemetry import setup_command_telemetry
+    from client.telemetry.client_spans import setup_command_telemetry
 
     client_kw: dict[str, Any] = {"socket_path": kw["socket"]}
     if kw["timeout"] is not None:

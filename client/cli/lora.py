@@ -1,16 +1,10 @@
-"""`easel lora ...`: the LoRA command group.
-
-`inspect` comes from client/lora_tools/inspect_cmd.py; the author tools (remap, verify, grid) attach
-themselves through `client.lora_tools.commands.add_commands(group)` when that module is present.
-"""
+"""`easel lora ...`: the LoRA command group (inspect, and the author tools: remap, verify, grid)."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
 import click
 
+from client.lora_tools import commands
 from client.lora_tools.inspect_cmd import inspect_command
 
 
@@ -20,13 +14,8 @@ def lora() -> None:
 
 
 lora.add_command(inspect_command)
-
-# Other modules contribute commands to this group via add_commands(group).
-_CONTRIBUTORS = ("client.lora_tools.commands",)
+commands.add_commands(lora)
 
 
 def register(group: click.Group) -> None:
-    for name in _CONTRIBUTORS:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).add_commands(lora)
     group.add_command(lora)

@@ -10,8 +10,8 @@ import click
 import msgspec
 
 from client.client import RenderClient
-from client.telemetry import setup_command_telemetry
-from daemon.errors import EaselError
+from client.telemetry.client_spans import setup_command_telemetry
+from client.wire.errors import EaselError
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -95,32 +95,15 @@ def render_command(
 
 
 def _render_in_process(prompt, paths, scales, zero_match, output, fields):
-    """The same request, rendered by this process with the engine (no socket): for comparison and debugging."""
-    import time
+    """The same request rendered by this process through the engine: provided by the daemon package,
+    found through the `easel.renderers` entry point so the thin client never imports it."""
+    from importlib.metadata import entry_points
 
-    from daemon.config import DaemonConfig
-    from daemon.protocol.messages import Render, check_render
-    from daemon.service import RenderService
-
-    output = str(Path(output or "easel-render.png").resolve())  # in-process: relative to the working dir
-    roots = tuple({str(Path(p).resolve().parent) for p in paths}) or (str(Path.cwd()),)
-    config = DaemonConfig(
-        preset=fields.get("preset") or "tiny", lora_roots=roots, output_root=Path(output).resolve().parent
-    )
-    req = Render(
-        id=0,
-        prompt=prompt,
-        lora_paths=list(paths),
-        lora_scales=list(scales),
-        zero_match=zero_match,
-        output_path=output,
-        **{k: v for k, v in fields.items() if v is not None},
-    )
-    check_render(req)
-    t0 = time.perf_counter()
-    service = RenderService.load(config)
-    click.echo(f"model loaded in {time.perf_counter() - t0:.1f}s", err=True)
-    return service.run(service.prepare(req))
+    found = entry_points(group="easel.renderers", name="in-process")
+    if not found:
+        raise EaselError("--in-process needs the model stack: install easel with its daemon extra (easel[daemon])")
+    render_in_process = next(iter(found)).load()
+    return render_in_process(prompt, paths, scales, zero_match, output, fields, log=lambda s: click.echo(s, err=True))
 
 
 def register(group: click.Group) -> None:

@@ -58,7 +58,7 @@ def tail(
             raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         click.echo(f"easel traces: listening for OTLP/HTTP on http://{h}:{p}/v1/traces", err=True)
     else:
-        from daemon.telemetry.config import default_traces_file
+        from client.telemetry.config import default_traces_file
 
         path = file_ or default_traces_file()
         if no_follow and not path.exists():

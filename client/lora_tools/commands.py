@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from daemon.errors import EaselError
+from client.wire.errors import EaselError
 
 _socket_option = click.option(
     "--socket", "socket_path", default=None, help="Daemon socket (default: $EASEL_SOCKET or the runtime dir)."
@@ -115,7 +115,7 @@ def verify(
     from client.client import RenderClient
     from client.lora_tools.promote import promote as do_promote
     from client.lora_tools.verify import DEFAULT_PROMPT, Thresholds, VerifyConfig, run_verification
-    from client.telemetry import setup_command_telemetry
+    from client.telemetry.client_spans import setup_command_telemetry
 
     if promote and not genre:
         raise click.UsageError("--promote needs --genre")
@@ -196,7 +196,7 @@ def grid(
     from client.client import RenderClient
     from client.lora_tools.grid import GridSpec, parse_strengths, render_grid, write_grid
     from client.lora_tools.verify import DEFAULT_PROMPT
-    from client.telemetry import setup_command_telemetry
+    from client.telemetry.client_spans import setup_command_telemetry
 
     try:
         values = parse_strengths(strengths)

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from daemon.errors import EaselError
+from client.wire.errors import EaselError
 
 
 def format_report(report) -> str:
@@ -51,7 +51,7 @@ def format_report(report) -> str:
 
 def report_from_wire(raw: dict[str, Any]):
     """The daemon's `inspect` result (a FileReport as msgpack values) back into a FileReport."""
-    from daemon.lora.report import FileReport
+    from client.lorafile.report import FileReport
 
     known = {f.name for f in dataclasses.fields(FileReport)}
     fields = {k: v for k, v in raw.items() if k in known}

@@ -6,7 +6,6 @@ validates it into typed rules and matches source keys; the tensor work lives in 
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +13,15 @@ from typing import Any
 
 import yaml
 
-from daemon.errors import LoraFormatError
+from client.lorafile.keymaps import default_keymap_dir
+from client.wire.errors import LoraFormatError
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 
 
 def keymaps_dir() -> Path:
-    """Where the shipped keymaps live: $EASEL_KEYMAPS, else the repository's keymaps/ directory."""
-    env = os.environ.get("EASEL_KEYMAPS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "keymaps"
+    """Where the keymaps live: $EASEL_KEYMAPS, else the ones shipped with easel."""
+    return default_keymap_dir()
 
 
 @dataclass(frozen=True)

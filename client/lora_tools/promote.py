@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
+from client.fs import atomic_write_text, atomic_writer
 from client.lora_tools.verify import VerifyResult, file_sha256
-from daemon.errors import EaselError, PromoteError
-from daemon.fs import atomic_write_text, atomic_writer
+from client.wire.errors import EaselError, PromoteError
 
 MANIFEST_NAME = "loras.yaml"
 MANIFEST_VERSION = 1

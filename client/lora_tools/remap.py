@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from client.fs import atomic_write_bytes
 from client.lora_tools.keymap import RemapKeymap, RemapRule, load_keymap
 from client.lora_tools.st_io import StTensor, read_safetensors, scalar, serialize_safetensors
-from daemon.errors import LoraFormatError
-from daemon.fs import atomic_write_bytes
+from client.wire.errors import LoraFormatError
 
 
 @dataclass(frozen=True)

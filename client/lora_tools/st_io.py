@@ -16,8 +16,8 @@ import numpy as np
 import safetensors
 from safetensors import SafetensorError, safe_open, serialize
 
-from daemon.errors import LoraFormatError, LoraNotFound
-from daemon.fs import atomic_write_bytes
+from client.fs import atomic_write_bytes
+from client.wire.errors import LoraFormatError, LoraNotFound
 
 # safetensors dtype name -> numpy storage dtype (BF16 is stored as its bit pattern)
 _STORAGE: dict[str, np.dtype] = {

@@ -26,9 +26,9 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from client.fs import atomic_write_bytes, atomic_write_text
 from client.lora_tools.images import labelled_sheet, ssim
-from daemon.errors import EaselError, LoraError
-from daemon.fs import atomic_write_bytes, atomic_write_text
+from client.wire.errors import EaselError, LoraError
 
 DEFAULT_PROMPT = "a lone rider crossing a desert town at dusk"
 

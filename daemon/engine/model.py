@@ -16,10 +16,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from client.wire.errors import InvalidRequest
 from daemon.engine.presets import Preset, get_preset, locate_weights
-from daemon.engine.request import Limits, RenderSpec, validate_spec
 from daemon.engine.runtime import BLAS, compute_dtype, configure_mflux_precision, mx, release_thread_streams
-from daemon.errors import InvalidRequest
+from daemon.render_spec import Limits, RenderSpec, validate_spec
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # mflux draws a progress bar per render; a daemon has no terminal
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from daemon.fs import atomic_write_bytes
+from client.fs import atomic_write_bytes
 
 METADATA_KEY = "easel"
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.errors import WeightsNotFound
+from client.wire.errors import WeightsNotFound
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""LoRA stacking on the live model: read, recognise, resolve, patch, account, cache.
+"""LoRA stacking on the live MLX model: patch, switch, clear atomically; cache parsed files.
 
-Pure-numpy parts (reading, format recognition, resolution, cache, inspect) import without MLX;
-`LoraPatcher` and `StackEntry` load MLX on first use.
+What a LoRA file says (reading, formats, keymaps, resolution to terms, the per-file report) is the
+pure library `client.lorafile`; this room turns resolved terms into MLX arrays on the model's layers.
+`LoraPatcher` loads MLX on first use.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import daemon.engine  # noqa: F401  (ctypes-only BLAS preload: any MLX import below runs on OpenBLAS)
+from client.lorafile.inspect import inspect_lora
+from client.lorafile.report import FileReport, StackEntry, StackReport
 from daemon.lora.cache import CacheStats, LoraCache
-from daemon.lora.inspect import inspect_lora, preset_layout
-from daemon.lora.report import FileReport, StackEntry, StackReport
+from daemon.lora.inspect import inspect_against, preset_layout
 
 if TYPE_CHECKING:
     from daemon.lora.patcher import LoraPatcher
@@ -23,6 +25,7 @@ __all__ = [
     "LoraPatcher",
     "StackEntry",
     "StackReport",
+    "inspect_against",
     "inspect_lora",
     "preset_layout",
 ]

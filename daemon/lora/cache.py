@@ -8,10 +8,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.errors import LoraNotFound
-from daemon.lora.keymaps import KeymapSet, load_keymaps
-from daemon.lora.parse import ParsedLora, parse_lora
-from daemon.lora.reader import read_safetensors
+from client.lorafile.keymaps import KeymapSet, load_keymaps
+from client.lorafile.parse import ParsedLora, parse_lora
+from client.lorafile.reader import read_safetensors
+from client.wire.errors import LoraNotFound
 
 Signature = tuple[int, int]  # (size, mtime_ns)
 

@@ -1,8 +1,4 @@
-"""`inspect_lora`: a file's report (format, rank, alpha, keys, leftovers) without rendering anything.
-
-Without a model it reports what the file says; with a transformer (or a preset's layout) it also
-resolves every key against the model's layers, exactly as applying it would.
-"""
+"""Layer layouts read from mflux's own transformer, for matching a LoRA without rendering."""
 
 from __future__ import annotations
 
@@ -10,11 +6,8 @@ import functools
 import os
 from typing import Any
 
-from daemon.lora.keymaps import KeymapSet, load_keymaps
-from daemon.lora.parse import parse_lora
-from daemon.lora.reader import read_safetensors
-from daemon.lora.report import FileReport
-from daemon.lora.resolve import Layout, resolve
+from client.lorafile.inspect import inspect_lora
+from client.lorafile.report import FileReport
 
 # Block counts of each preset's transformer (mflux builds Flux.1 with 19 joint + 38 single blocks).
 _PRESET_BLOCKS = {"tiny": (1, 1)}
@@ -40,19 +33,8 @@ def preset_layout(preset: str) -> dict[str, tuple[int, int]]:
     return linear_layout(transformer)
 
 
-def inspect_lora(
-    path: str | os.PathLike[str],
-    transformer: Any = None,
-    *,
-    layout: Layout | None = None,
-    keymaps: KeymapSet | None = None,
-) -> FileReport:
-    """Report on one LoRA file; raises LoraFormatError / LoraUnsupported / LoraNotFound like applying it."""
-    if transformer is not None and layout is None:
-        from daemon.lora.runtime import linear_layout
+def inspect_against(path: str | os.PathLike[str], transformer: Any) -> FileReport:
+    """Resolve a LoRA file against a live transformer's own layers, exactly as applying it would."""
+    from daemon.lora.runtime import linear_layout
 
-        layout = linear_layout(transformer)
-    parsed = parse_lora(read_safetensors(path), keymaps or load_keymaps())
-    _terms, report = resolve(parsed, layout)
-    report.path = str(path)
-    return report
+    return inspect_lora(path, layout=linear_layout(transformer))

@@ -19,10 +19,10 @@ from typing import Literal
 import mlx.core as mx
 import mlx.nn as nn
 
-from daemon.errors import InvalidRequest, LoraZeroMatch
+from client.lorafile.report import FileReport, StackEntry, StackReport
+from client.lorafile.resolve import Term, resolve
+from client.wire.errors import InvalidRequest, LoraZeroMatch
 from daemon.lora.cache import LoraCache, Signature
-from daemon.lora.report import FileReport, StackEntry, StackReport
-from daemon.lora.resolve import Term, resolve
 from daemon.lora.runtime import StackedLoraLinear, build_layer_arrays, linear_layout
 
 ZeroMatchPolicy = Literal["error", "warn"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 
-from daemon.lora.resolve import BiasTerm, DenseTerm, KronTerm, LowRankTerm, Term
+from client.lorafile.resolve import BiasTerm, DenseTerm, KronTerm, LowRankTerm, Term
 
 
 def base_shape(module: nn.Module) -> tuple[int, int] | None:

@@ -8,10 +8,10 @@
 See daemon/telemetry/spans.py for the integration recipe and docs/operations.md for the variables.
 """
 
-from daemon.telemetry.config import TelemetryConfig, TelemetryConfigError, config_from_env, default_traces_file
-from daemon.telemetry.jsonl import JsonlSpanExporter, span_to_record
-from daemon.telemetry.metrics import RENDER_DURATION_BUCKETS_S, Metrics
-from daemon.telemetry.setup import Telemetry, setup_telemetry
+from client.telemetry.config import TelemetryConfig, TelemetryConfigError, config_from_env, default_traces_file
+from client.telemetry.jsonl import JsonlSpanExporter, span_to_record
+from client.telemetry.metrics import RENDER_DURATION_BUCKETS_S, Metrics
+from client.telemetry.setup import Telemetry, setup_telemetry
 from daemon.telemetry.spans import (
     PHASES,
     RENDER_SPAN,

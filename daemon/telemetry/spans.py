@@ -40,8 +40,8 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from daemon.errors import EaselError
-from daemon.telemetry.setup import Telemetry
+from client.telemetry.setup import Telemetry
+from client.wire.errors import EaselError
 
 RENDER_SPAN = "flux_mlx.render"
 RPC_SYSTEM = "easel"

@@ -23,9 +23,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.version import __version__ as sdk_version
 from opentelemetry.trace import Tracer
 
-from daemon.telemetry.config import OtlpTarget, TelemetryConfig, config_from_env
-from daemon.telemetry.jsonl import JsonlSpanExporter
-from daemon.telemetry.metrics import Metrics
+from client.telemetry.config import OtlpTarget, TelemetryConfig, config_from_env
+from client.telemetry.jsonl import JsonlSpanExporter
+from client.telemetry.metrics import Metrics
 
 log = logging.getLogger("easel.telemetry")
 

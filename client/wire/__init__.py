@@ -3,8 +3,8 @@
 See docs/protocol.md for the contract a client in any language follows.
 """
 
-from daemon.protocol.framing import DEFAULT_MAX_FRAME, HEADER_SIZE, PeerClosed, encode_frame, read_frame, recv_frame
-from daemon.protocol.messages import (
+from client.wire.framing import DEFAULT_MAX_FRAME, HEADER_SIZE, PeerClosed, encode_frame, read_frame, recv_frame
+from client.wire.messages import (
     OPS,
     PROTOCOL_VERSION,
     Cancel,

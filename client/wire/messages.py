@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from daemon.errors import EaselError, InvalidRequest, ProtocolError, UnknownOperation
+from client.wire.errors import EaselError, InvalidRequest, ProtocolError, UnknownOperation
 
 PROTOCOL_VERSION = 1
 MAX_STACK = 32  # LoRAs per request

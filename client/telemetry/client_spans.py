@@ -2,7 +2,7 @@
 
 The client library uses only the OpenTelemetry API: whatever SDK the application (the game server) set
 up receives these spans; with none set up they cost nothing. The `easel` commands set one up from the
-OTEL_* variables through daemon.telemetry.setup_telemetry(..., set_global=True).
+OTEL_* variables through client.telemetry.setup_telemetry(..., set_global=True).
 
     with client_span("render", message, socket_path=path) as span:   # adds message["trace_context"]
         response = send(message)
@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from daemon.errors import EaselError
+from client.wire.errors import EaselError
 
 RPC_SYSTEM = "easel"
 RPC_SERVICE = "easel.Daemon"
@@ -80,7 +80,8 @@ def setup_command_telemetry(service_name: str = "easel-client") -> None:
     say (as the process's global SDK), flushed when the command ends. Nothing configured: nothing set up."""
     import click
 
-    from daemon.telemetry import config_from_env, setup_telemetry
+    from client.telemetry.config import config_from_env
+    from client.telemetry.setup import setup_telemetry
 
     config = config_from_env(service_name)
     if config.disabled or not (config.trace_exporters or config.metric_exporters):

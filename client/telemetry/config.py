@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.errors import EaselError
+from client.wire.errors import EaselError
 
 TRACE_EXPORTERS = ("otlp", "console", "jsonl", "none")
 METRIC_EXPORTERS = ("otlp", "console", "none")

@@ -10,7 +10,7 @@ import asyncio
 import socket
 import struct
 
-from daemon.errors import FrameTooLarge, ProtocolError
+from client.wire.errors import FrameTooLarge, ProtocolError
 
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.errors import LoraFormatError, LoraNotFound
+from client.wire.errors import LoraFormatError, LoraNotFound
 
 # Largest header any real file has is a few MB; refuse absurd lengths before allocating.
 MAX_HEADER_BYTES = 100 * 1024 * 1024

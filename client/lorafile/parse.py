@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from daemon.errors import LoraUnsupported
-from daemon.lora.keymaps import FormatKeymap, KeymapSet, ModuleRule, load_keymaps
-from daemon.lora.reader import SafetensorsFile
+from client.lorafile.keymaps import FormatKeymap, KeymapSet, ModuleRule, load_keymaps
+from client.lorafile.reader import SafetensorsFile
+from client.wire.errors import LoraUnsupported
 
 REASON_TEXT_ENCODER = "text encoder key: not applied (easel patches the diffusion transformer only)"
 REASON_UNKNOWN_TENSOR = "tensor name not recognised by the {fmt} keymap"

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from daemon.lora.parse import ModuleTensors, ParsedLora, PeftScaling
-from daemon.lora.report import FileReport
+from client.lorafile.parse import ModuleTensors, ParsedLora, PeftScaling
+from client.lorafile.report import FileReport
 
 Layout = Mapping[str, tuple[int, int]]  # mflux module path -> (out_features, in_features)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from daemon.errors import InvalidRequest
+from client.wire.errors import InvalidRequest
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ A new trainer's naming is a new format YAML, not a code change. Pure (no MLX).
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import os
 import re
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from daemon.errors import KeymapError
+from client.wire.errors import KeymapError
 
 SUPPORTED_VERSIONS = {1}
 ROLES = {
@@ -30,10 +31,15 @@ LAYOUTS = {"out_in", "in_out"}
 PERMUTES = {None, "swap_halves"}
 
 
+def shipped_keymap_dir() -> Path:
+    """The keymaps installed with easel (package data of the `keymaps` package, a folder on disk)."""
+    return Path(str(importlib.resources.files("keymaps")))
+
+
 def default_keymap_dir() -> Path:
-    """`$EASEL_KEYMAPS` if set, else the repository's `keymaps/`."""
+    """`$EASEL_KEYMAPS` if set, else the keymaps shipped with easel."""
     env = os.environ.get("EASEL_KEYMAPS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "keymaps"
+    return Path(env) if env else shipped_keymap_dir()
 
 
 @dataclass(frozen=True)

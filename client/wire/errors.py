@@ -91,6 +91,14 @@ class PathNotAllowed(EaselError):
     code = "path_not_allowed"
 
 
+class DaemonAlreadyRunning(EaselError):
+    code = "daemon_already_running"
+
+
+class UnsafeSocketPath(EaselError):
+    code = "unsafe_socket_path"
+
+
 class Busy(EaselError):
     """The daemon's queue is full; retry later (backpressure)."""
 

@@ -1,0 +1,93 @@
+"""`easel status`, `easel stop`: talk to the running daemon about itself (`easel serve` is the daemon's own command)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import msgspec
+
+from client.client import RenderClient, default_socket_path
+from client.telemetry.client_spans import setup_command_telemetry
+from client.wire.errors import EaselError
+
+socket_option = click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Daemon socket (default: $EASEL_SOCKET, else $XDG_RUNTIME_DIR/easel/easel.sock).",
+)
+
+
+def _fail(err: EaselError) -> None:
+    click.echo(f"easel: {err.code}: {err.message}", err=True)
+    sys.exit(1)
+
+
+@click.command("status")
+@socket_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+def status_command(socket_path, as_json, timeout) -> None:
+    """Show what the daemon is doing: preset, active stack, queue with estimates."""
+    try:
+        setup_command_telemetry()
+        with RenderClient(socket_path, timeout=timeout) as c:
+            st = c.status()
+    except EaselError as err:
+        _fail(err)
+    if as_json:
+        click.echo(json.dumps(msgspec.to_builtins(st), indent=2))
+        return
+    click.echo(f"easel {st.version} (protocol {st.protocol}) pid {st.pid} on {st.socket}")
+    click.echo(f"preset {st.preset}  warm={st.warm}  uptime {st.uptime_s:.0f}s  renders {st.renders_done}")
+    stack = ", ".join(f"{Path(s['path']).name}@{s['scale']:g}" for s in st.active_stack) or "(none)"
+    click.echo(f"active stack: {stack}  (switches so far: {st.stack_switches})")
+    if st.lora_cache:
+        click.echo("lora cache: " + "  ".join(f"{k}={v}" for k, v in st.lora_cache.items()))
+    if st.in_flight is not None:
+        j = st.in_flight
+        left = "?" if j.estimated_finish_s is None else f"{j.estimated_finish_s:.1f}s"
+        click.echo(f"rendering {j.job} ({j.width}x{j.height}, step {j.step}/{j.steps}), about {left} left")
+    reserve = f" ({st.interactive_reserve} kept for interactive)" if st.interactive_reserve else ""
+    click.echo(
+        f"queue {st.queue_depth}/{st.queue_capacity}{reserve}" + ("  (shutting down)" if st.shutting_down else "")
+    )
+    for j in st.queue:
+        start = "?" if j.estimated_start_s is None else f"{j.estimated_start_s:.1f}s"
+        finish = "?" if j.estimated_finish_s is None else f"{j.estimated_finish_s:.1f}s"
+        stack = ",".join(j.stack) or "-"
+        click.echo(
+            f"  {j.job:>8} {j.priority:<11} {j.width}x{j.height}x{j.steps} [{stack}] start~{start} done~{finish}"
+        )
+
+
+@click.command("stop")
+@socket_option
+@click.option("--drain-timeout", type=click.FloatRange(0), default=None, help="Override the daemon's drain timeout.")
+@click.option("--wait", "wait_s", type=float, default=120.0, show_default=True, help="Seconds to wait for exit.")
+def stop_command(socket_path, drain_timeout, wait_s) -> None:
+    """Ask the daemon to drain and exit; wait until its socket is gone."""
+    path = socket_path or default_socket_path()
+    try:
+        setup_command_telemetry()
+        with RenderClient(path) as c:
+            c.shutdown(drain_timeout)
+    except EaselError as err:
+        _fail(err)
+    deadline = time.monotonic() + wait_s
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if path.exists():
+        click.echo(f"easel: asked the daemon to stop, but {path} is still there after {wait_s}s", err=True)
+        sys.exit(1)
+    click.echo("easel: daemon stopped")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(status_command)
+    group.add_command(stop_command)

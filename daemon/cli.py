@@ -1,0 +1,126 @@
+"""The commands that need the model stack: `easel serve`, and the renderer behind `easel render --in-process`.
+
+They join the `easel` program through entry points declared in pyproject.toml (`easel.commands`,
+`easel.renderers`), so the thin client's command line never imports the daemon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from client.cli.daemon_control import socket_option
+from client.wire.errors import EaselError
+from client.wire.messages import Render, check_render
+from daemon.config import DaemonConfig
+from daemon.render_spec import Limits
+
+
+def _fail(err: EaselError) -> None:
+    click.echo(f"easel: {err.code}: {err.message}", err=True)
+    sys.exit(1)
+
+
+@click.command("serve")
+@click.option("--preset", default="tiny", show_default=True, help="Model preset to keep loaded.")
+@click.option("--model-path", default=None, help="Local weights of a real preset.")
+@socket_option
+@click.option(
+    "--lora-root",
+    "lora_roots",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory LoRA paths must resolve into (repeatable; default $EASEL_LORA_ROOTS or the working dir).",
+)
+@click.option(
+    "--output-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory outputs must be written into (default $EASEL_OUTPUT_ROOT or ./easel-output).",
+)
+@click.option("--queue-capacity", type=click.IntRange(1), default=64, show_default=True)
+@click.option(
+    "--interactive-reserve",
+    type=click.IntRange(0),
+    default=None,
+    help="Queue slots batch jobs may not take, kept for interactive renders (default: a quarter of the queue).",
+)
+@click.option("--max-connections", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--drain-timeout", type=click.FloatRange(0), default=30.0, show_default=True, help="Seconds.")
+@click.option("--max-frame", type=click.IntRange(1024), default=None, help="Largest accepted frame in bytes.")
+@click.option("--max-size", type=click.IntRange(64), default=None, help="Largest width/height accepted.")
+@click.option("--max-steps", type=click.IntRange(1), default=None, help="Most steps accepted.")
+@click.option("--no-warmup", is_flag=True, help="Skip the warm-up render (ready sooner, first render slower).")
+@click.option("--log-level", default="WARNING", show_default=True)
+def serve_command(
+    preset, model_path, socket_path, lora_roots, output_root, queue_capacity, interactive_reserve, max_connections,
+    drain_timeout, max_frame, max_size, max_steps, no_warmup, log_level,
+) -> None:  # fmt: skip
+    """Run the render daemon in the foreground until SIGTERM/SIGINT or `easel stop`."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    kwargs: dict = {"preset": preset, "model_path": model_path, "queue_capacity": queue_capacity}
+    kwargs |= {"interactive_reserve": interactive_reserve, "max_connections": max_connections}
+    kwargs["drain_timeout_s"] = drain_timeout
+    kwargs["warmup"] = not no_warmup
+    if socket_path is not None:
+        kwargs["socket_path"] = socket_path
+    if lora_roots:
+        kwargs["lora_roots"] = tuple(lora_roots)
+    if output_root is not None:
+        kwargs["output_root"] = output_root
+    if max_frame is not None:
+        kwargs["max_frame"] = max_frame
+    limits = Limits()
+    if max_size is not None:
+        limits = dataclasses.replace(limits, max_size=max_size, max_pixels=max_size * max_size)
+    if max_steps is not None:
+        limits = dataclasses.replace(limits, max_steps=max_steps)
+    kwargs["limits"] = limits
+
+    def announce(line: str) -> None:
+        click.echo(line)
+        sys.stdout.flush()
+
+    try:
+        config = DaemonConfig(**kwargs)
+    except ValueError as exc:  # options that are fine alone but not together (a reserve as big as the queue)
+        raise click.UsageError(str(exc)) from None
+    try:
+        from daemon.server import run_daemon
+        from daemon.telemetry import setup_telemetry
+
+        tel = setup_telemetry("easel-daemon")  # OTEL_* / EASEL_TRACES_FILE; flushed when the server stops
+        rc = run_daemon(config, tel=tel, announce=announce)
+    except EaselError as err:
+        _fail(err)
+    sys.exit(rc)
+
+
+def render_in_process(prompt, paths, scales, zero_match, output, fields, *, log=print):
+    """The same request, rendered by this process with the engine (no socket): for comparison and debugging."""
+    output = str(Path(output or "easel-render.png").resolve())  # in-process: relative to the working dir
+    roots = tuple({str(Path(p).resolve().parent) for p in paths}) or (str(Path.cwd()),)
+    config = DaemonConfig(
+        preset=fields.get("preset") or "tiny", lora_roots=roots, output_root=Path(output).resolve().parent
+    )
+    req = Render(
+        id=0,
+        prompt=prompt,
+        lora_paths=list(paths),
+        lora_scales=list(scales),
+        zero_match=zero_match,
+        output_path=output,
+        **{k: v for k, v in fields.items() if v is not None},
+    )
+    check_render(req)
+    t0 = time.perf_counter()
+    from daemon.service import RenderService
+
+    service = RenderService.load(config)
+    log(f"model loaded in {time.perf_counter() - t0:.1f}s")
+    return service.run(service.prepare(req))
