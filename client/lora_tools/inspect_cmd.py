@@ -81,8 +81,11 @@ def _inspect_via_daemon(file: str, socket_path: Path | None):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect_command(file: str, preset: str | None, via_daemon: bool, socket_path: Path | None, as_json: bool) -> None:
     """Show FILE's LoRA format, rank, alpha and which keys reach the model (and why others do not)."""
-    from daemon.lora import inspect_lora, preset_layout
+    from client.lorafile.inspect import inspect_lora
+    from client.lorafile.layout import PRESET_SHAPES, preset_layout
 
+    if preset is not None and preset not in PRESET_SHAPES:
+        raise click.BadParameter(f"unknown preset {preset!r}; known: {', '.join(PRESET_SHAPES)}", param_hint="--preset")
     if via_daemon and preset:
         raise click.UsageError("give --preset (resolve here) or --daemon (ask the daemon), not both")
     try:

@@ -11,8 +11,8 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from daemon_standin import InProcessDaemon, make_config, serving
-from wire import frame
+from helpers.daemon_standin import InProcessDaemon, make_config, serving
+from helpers.wire_frames import frame
 
 from client.cli import main as cli
 from client.client import AsyncRenderClient, RenderClient, RetryPolicy, build_render, default_socket_path
@@ -223,7 +223,7 @@ def test_every_error_code_is_documented_in_the_protocol():
 
     from client.wire.errors import ERROR_CLASSES
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
     missing = [code for code in ERROR_CLASSES if f"`{code}`" not in doc]
     assert not missing, f"error codes not in docs/protocol.md: {missing}"
     assert {"keymap_error", "lora_promote"} <= set(ERROR_CLASSES)  # one registry, not one per module

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from lora_factories import generate_lora
+from helpers.lora_factories import generate_lora
 
 from daemon.lora import LoraCache, StackEntry
 

@@ -38,7 +38,7 @@ from client.cli import main as cli
 from client.packs import genre_dirs, make_pack_loras, world_names
 from client.wire.errors import DaemonUnavailable, InvalidRequest, LoraZeroMatch, PackError
 
-PACKS = Path(__file__).resolve().parents[1] / "genre_packs"
+PACKS = Path(__file__).resolve().parents[2] / "genre_packs"
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The patcher on the live tiny mflux transformer: exact per-layer math in every format, stacks,
 switching, clearing to bit-identical outputs, atomic failure, no-op re-apply, and the bake form.
 
-Every expected delta comes from tests/lora_factories.py's ground truth (numpy, float64), never from
+Every expected delta comes from tests/helpers/lora_factories.py's ground truth (numpy, float64), never from
 easel's own resolution code.
 """
 
@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 import pytest
-from lora_factories import (
+from helpers.lora_factories import (
     FORMATS,
     generate_lora,
     make_dora,

@@ -14,7 +14,7 @@ from client.cli import main as cli
 from client.packs import TINY_LORA_MODULES, choose_modules, genre_dirs, make_pack_loras, world_names
 from client.visual_style import load_visual_style
 
-PACKS = Path(__file__).resolve().parents[1] / "genre_packs"
+PACKS = Path(__file__).resolve().parents[2] / "genre_packs"
 
 
 @pytest.fixture()

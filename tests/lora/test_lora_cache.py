@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from lora_factories import write_safetensors
+from helpers.lora_factories import write_safetensors
 
 from client.wire.errors import LoraNotFound
 from daemon.lora import LoraCache

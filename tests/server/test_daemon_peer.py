@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from daemon_standin import InProcessDaemon, make_config
+from helpers.daemon_standin import InProcessDaemon, make_config
 
 from client.client import RenderClient
 from client.wire import framing

@@ -38,7 +38,7 @@ class RealDaemon:
     """The tests' in-process daemon harness serving the loaded tiny model with the real patcher."""
 
     def __init__(self, model, tmp: Path) -> None:
-        from daemon_standin import InProcessDaemon, make_config
+        from helpers.daemon_standin import InProcessDaemon, make_config
 
         from daemon.lora.cache import LoraCache
         from daemon.lora.patcher import LoraPatcher

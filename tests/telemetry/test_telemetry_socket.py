@@ -1,7 +1,7 @@
 """One trace from client to render across the real Unix socket, with the daemon's own wiring.
 
 The real RenderClient (its CLIENT span from an in-memory tracer provider) talks to the real DaemonServer
-and RenderService over the stand-in engine and patcher of tests/daemon_standin.py; the daemon reports
+and RenderService over the stand-in engine and patcher of tests/helpers/daemon_standin.py; the daemon reports
 through a Telemetry with an in-memory exporter. The real model behind a real `easel serve` process is in
 tests/test_telemetry_daemon.py.
 """
@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from daemon_standin import InProcessDaemon, make_config
+from helpers.daemon_standin import InProcessDaemon, make_config
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor

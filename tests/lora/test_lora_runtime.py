@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from lora_factories import write_safetensors
+from helpers.lora_factories import write_safetensors
 
 from daemon.lora import LoraCache, StackEntry
 

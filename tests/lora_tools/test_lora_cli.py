@@ -6,7 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from lora_factories import generate_lora, make_s4nnc, write_safetensors
+from helpers.lora_factories import generate_lora, make_s4nnc, write_safetensors
 
 from client.cli import main
 from daemon.lora import preset_layout

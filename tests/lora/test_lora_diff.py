@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from lora_factories import write_safetensors
+from helpers.lora_factories import write_safetensors
 
 from daemon.lora import LoraCache, LoraPatcher, StackEntry, inspect_lora
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lora_factories import FORMATS, generate_lora, make_dora, write_safetensors
+from helpers.lora_factories import FORMATS, generate_lora, make_dora, write_safetensors
 
 from client.lorafile.keymaps import load_keymaps
 from client.lorafile.parse import parse_lora

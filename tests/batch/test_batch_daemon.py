@@ -1,6 +1,6 @@
 """Batches through the real daemon server, scheduler, protocol, socket and RenderClient.
 
-The daemon here renders with the stand-in engine of tests/daemon_standin.py (flat images, fixed key
+The daemon here renders with the stand-in engine of tests/helpers/daemon_standin.py (flat images, fixed key
 counts) so these run in seconds; tests/test_batch_e2e.py repeats the essentials on the tiny model with
 the real LoRA patcher.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from daemon_standin import InProcessDaemon, make_config
+from helpers.daemon_standin import InProcessDaemon, make_config
 from PIL import Image
 
 from client.batch import client_renderer, plan_batch, run_batch
@@ -22,7 +22,7 @@ from client.client import RenderClient
 from client.demo import DemoSettings, print_report, render_worlds
 from client.packs import make_pack_loras
 
-PACKS = Path(__file__).resolve().parents[1] / "genre_packs"
+PACKS = Path(__file__).resolve().parents[2] / "genre_packs"
 
 
 @pytest.fixture()

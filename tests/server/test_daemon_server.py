@@ -1,5 +1,5 @@
 """The real server, scheduler, service and clients on a real Unix socket, over a stand-in engine
-(tests/daemon_standin.py) so ordering, cancellation and bad input are tested in seconds."""
+(tests/helpers/daemon_standin.py) so ordering, cancellation and bad input are tested in seconds."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import threading
 import time
 
 import pytest
-from daemon_standin import InProcessDaemon, make_config, serving
-from wire import frame, raw_exchange
+from helpers.daemon_standin import InProcessDaemon, make_config, serving
+from helpers.wire_frames import frame, raw_exchange
 
 from client.client import AsyncRenderClient, RenderClient, RetryPolicy
 from client.wire import framing

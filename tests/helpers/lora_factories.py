@@ -4,7 +4,7 @@ The naming of each format is written out here by hand (independently of keymaps/
 generator returns the ground truth: for each mflux layer, the weight delta the file means at scale 1
 (`(alpha/rank) * B @ A`, or the LoKr Kronecker product), computed in float64 numpy.
 
-    from lora_factories import make_lora, generate_lora  # tests/ is on sys.path under pytest
+    from helpers.lora_factories import make_lora, generate_lora  # tests/ is on sys.path under pytest
     path = make_lora("kohya", tmp_path / "a.safetensors", transformer, rank=4, alpha=8, seed=1)
     gen = generate_lora("bfl", tmp_path / "b.safetensors", transformer, fused_style="stacked")
     gen.expected["transformer_blocks.0.attn.to_q"].dense()  # (out, in) delta at scale 1, float64

@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 import pytest
-from lora_factories import (
+from helpers.lora_factories import (
     bf16_round,
     make_garbage,
     make_pickle,

@@ -13,7 +13,7 @@ from PIL import Image
 
 from client.demo import example_worlds, main, world_form
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_examples_cover_both_world_forms():

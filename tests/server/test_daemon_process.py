@@ -1,7 +1,7 @@
 """A real `easel serve` process (tiny preset) on a real socket: one daemon for the whole module.
 
 It is started on a path holding a stale socket (which it must replace), with real kohya LoRA files from
-tests/lora_factories.py. The last test stops it with SIGTERM while a render is in flight.
+tests/helpers/lora_factories.py. The last test stops it with SIGTERM while a render is in flight.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
-from lora_factories import make_garbage, make_lora, make_pickle
-from wire import frame, raw_exchange
+from helpers.lora_factories import make_garbage, make_lora, make_pickle
+from helpers.wire_frames import frame, raw_exchange
 
 from client.client import AsyncRenderClient, RenderClient
 from client.wire.errors import Cancelled, LoraError, LoraFormatError, LoraNotFound, LoraZeroMatch, PathNotAllowed

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from daemon_standin import InProcessDaemon, make_config
+from helpers.daemon_standin import InProcessDaemon, make_config
 from PIL import Image
 from safetensors import safe_open
 
@@ -23,7 +23,7 @@ from client.packs import make_pack_loras
 
 pytestmark = pytest.mark.model
 
-PACKS = Path(__file__).resolve().parents[1] / "genre_packs"
+PACKS = Path(__file__).resolve().parents[2] / "genre_packs"
 
 
 @pytest.fixture(scope="module")

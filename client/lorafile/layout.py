@@ -1,0 +1,79 @@
+"""The Flux.1 transformer's layer layout as pure data: every Linear layer's mflux module path and
+(out, in) shape, at any depth, without building the model.
+
+The thin client resolves a LoRA against a preset with it (`easel lora inspect --preset dev` needs no
+MLX). The daemon always matches against the live model's own layers instead; a test holds this table
+equal to the layout read from mflux's transformer for every preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HIDDEN = 3072  # 24 heads x 128
+MLP = 4 * HIDDEN  # 12288
+IN_CHANNELS = 64  # 16 latent channels x 2x2 patches
+CONTEXT = 4096  # T5-XXL width
+POOLED = 768  # CLIP-L pooled width
+TIME_FREQS = 256  # sinusoidal timestep features
+
+
+@dataclass(frozen=True)
+class FluxShape:
+    """How deep a Flux.1 transformer is and whether it embeds guidance (schnell does not)."""
+
+    double_blocks: int
+    single_blocks: int
+    guidance_embedder: bool = True
+
+
+# Each preset's transformer shape; the tiny preset is the full-width architecture one block deep.
+PRESET_SHAPES: dict[str, FluxShape] = {
+    "dev": FluxShape(19, 38),
+    "krea-dev": FluxShape(19, 38),
+    "schnell": FluxShape(19, 38, guidance_embedder=False),
+    "tiny": FluxShape(1, 1),
+}
+
+
+def flux_layout(shape: FluxShape) -> dict[str, tuple[int, int]]:
+    """Every Linear layer of a Flux.1 transformer of this shape: mflux path -> (out, in)."""
+    h = HIDDEN
+    layout: dict[str, tuple[int, int]] = {
+        "x_embedder": (h, IN_CHANNELS),
+        "context_embedder": (h, CONTEXT),
+        "time_text_embed.timestep_embedder.linear_1": (h, TIME_FREQS),
+        "time_text_embed.timestep_embedder.linear_2": (h, h),
+        "time_text_embed.text_embedder.linear_1": (h, POOLED),
+        "time_text_embed.text_embedder.linear_2": (h, h),
+    }
+    if shape.guidance_embedder:
+        layout["time_text_embed.guidance_embedder.linear_1"] = (h, TIME_FREQS)
+        layout["time_text_embed.guidance_embedder.linear_2"] = (h, h)
+    for i in range(shape.double_blocks):
+        p = f"transformer_blocks.{i}"
+        layout[f"{p}.norm1.linear"] = (6 * h, h)
+        layout[f"{p}.norm1_context.linear"] = (6 * h, h)
+        for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+            layout[f"{p}.attn.{name}"] = (h, h)
+        for ff in ("ff", "ff_context"):
+            layout[f"{p}.{ff}.linear1"] = (MLP, h)
+            layout[f"{p}.{ff}.linear2"] = (h, MLP)
+    for i in range(shape.single_blocks):
+        p = f"single_transformer_blocks.{i}"
+        layout[f"{p}.norm.linear"] = (3 * h, h)
+        for name in ("to_q", "to_k", "to_v"):
+            layout[f"{p}.attn.{name}"] = (h, h)
+        layout[f"{p}.proj_mlp"] = (MLP, h)
+        layout[f"{p}.proj_out"] = (h, h + MLP)
+    layout["norm_out.linear"] = (2 * h, h)
+    layout["proj_out"] = (IN_CHANNELS, h)
+    return layout
+
+
+def preset_layout(preset: str) -> dict[str, tuple[int, int]]:
+    """A preset's transformer layout; an unknown preset is a ValueError naming the known ones."""
+    try:
+        return flux_layout(PRESET_SHAPES[preset])
+    except KeyError:
+        raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(PRESET_SHAPES)}") from None

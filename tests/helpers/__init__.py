@@ -1,0 +1,2 @@
+"""Test helpers shared by every room: a stand-in daemon over the real socket, LoRA file factories,
+raw frame helpers."""
