@@ -44,21 +44,25 @@ from client.wire.errors import (
 )
 from client.wire.messages import (
     Cancel,
+    CancelResult,
     Error,
     Event,
     Inspect,
     Ping,
+    PingResult,
     Render,
     RenderResult,
     Reply,
     Result,
     Shutdown,
+    ShutdownResult,
     Status,
     StatusResult,
     check_render,
     decode_reply,
     encode,
 )
+from client.wire.report import FileReport
 
 ProgressCallback = Callable[[Event], Any]
 
@@ -177,15 +181,7 @@ class _Shared:
         if isinstance(reply, Error):
             raise error_from_wire(msgspec.to_builtins(reply.error))
         assert isinstance(reply, Result)
-        return True, reply.result
-
-    @staticmethod
-    def _typed(op: str, value: dict[str, Any]) -> Any:
-        if op == "render":
-            return msgspec.convert(value, RenderResult)
-        if op == "status":
-            return msgspec.convert(value, StatusResult)
-        return value
+        return True, reply.result  # already its op's struct (decode_reply)
 
 
 class RenderClient(_Shared):
@@ -255,7 +251,7 @@ class RenderClient(_Shared):
                     continue
                 done, value = self._interpret(reply, on_progress)
                 if done:
-                    return self._typed(type(msg).__struct_config__.tag, value)
+                    return value
         except TimeoutError:
             self.close()  # the stream position is unknown now; the daemon drops our jobs when we go
             raise Timeout(f"no answer from the daemon within {timeout}s", op=type(msg).__struct_config__.tag) from None
@@ -291,19 +287,19 @@ class RenderClient(_Shared):
 
     # ---- operations -----------------------------------------------------------------------------
 
-    def ping(self) -> dict[str, Any]:
+    def ping(self) -> PingResult:
         return self._call(Ping(id=self._next_id()), self.timeout)
 
     def status(self) -> StatusResult:
         return self._call(Status(id=self._next_id()), self.timeout)
 
-    def inspect(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+    def inspect(self, path: str | os.PathLike[str]) -> FileReport:
         return self._call(Inspect(id=self._next_id(), path=os.fspath(path)), max(self.timeout, 60.0))
 
-    def cancel(self, target: int | str | None = None, *, job: str | None = None) -> dict[str, Any]:
+    def cancel(self, target: int | str | None = None, *, job: str | None = None) -> CancelResult:
         return self._call(Cancel(id=self._next_id(), target=target, job=job), self.timeout)
 
-    def shutdown(self, drain_timeout_s: float | None = None) -> dict[str, Any]:
+    def shutdown(self, drain_timeout_s: float | None = None) -> ShutdownResult:
         return self._call(Shutdown(id=self._next_id(), drain_timeout_s=drain_timeout_s), self.timeout)
 
     def send_render(
@@ -431,7 +427,7 @@ class AsyncRenderClient(_Shared):
                         continue
                     done, value = self._interpret(reply, None)
                     if done:
-                        return self._typed(op, value)
+                        return value
         except TimeoutError:
             if op == "render":  # do not leave a job behind that nobody waits for
                 with contextlib.suppress(Exception):
@@ -464,19 +460,19 @@ class AsyncRenderClient(_Shared):
 
     # ---- operations -----------------------------------------------------------------------------
 
-    async def ping(self) -> dict[str, Any]:
+    async def ping(self) -> PingResult:
         return await self._call(Ping(id=self._next_id()), self.timeout)
 
     async def status(self) -> StatusResult:
         return await self._call(Status(id=self._next_id()), self.timeout)
 
-    async def inspect(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+    async def inspect(self, path: str | os.PathLike[str]) -> FileReport:
         return await self._call(Inspect(id=self._next_id(), path=os.fspath(path)), max(self.timeout, 60.0))
 
-    async def cancel(self, target: int | str | None = None, *, job: str | None = None) -> dict[str, Any]:
+    async def cancel(self, target: int | str | None = None, *, job: str | None = None) -> CancelResult:
         return await self._call(Cancel(id=self._next_id(), target=target, job=job), self.timeout)
 
-    async def shutdown(self, drain_timeout_s: float | None = None) -> dict[str, Any]:
+    async def shutdown(self, drain_timeout_s: float | None = None) -> ShutdownResult:
         return await self._call(Shutdown(id=self._next_id(), drain_timeout_s=drain_timeout_s), self.timeout)
 
     async def send_render(

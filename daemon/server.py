@@ -41,14 +41,17 @@ from client.wire.errors import (
 from client.wire.messages import (
     PROTOCOL_VERSION,
     Cancel,
+    CancelResult,
     Event,
     Inspect,
     JobInfo,
     Ping,
+    PingResult,
     Render,
     Request,
     Result,
     Shutdown,
+    ShutdownResult,
     Status,
     StatusResult,
     decode_request,
@@ -266,9 +269,9 @@ class DaemonServer:
     async def _dispatch(self, conn: Connection, req: Request, call: ServerCall) -> bool:
         """Answer `req`, or hand it on; True when it was handed on (its reply, and `call.end()`, come later)."""
         if isinstance(req, Ping):
-            await conn.send(Result(id=req.id, op="ping", result={"pong": True, "version": self.version}))
+            await conn.send(Result(id=req.id, op="ping", result=PingResult(pong=True, version=self.version)))
         elif isinstance(req, Status):
-            await conn.send(Result(id=req.id, op="status", result=encode_status(self.status())))
+            await conn.send(Result(id=req.id, op="status", result=self.status()))
         elif isinstance(req, Render):
             await self._submit(conn, req, call)
             return True
@@ -280,7 +283,7 @@ class DaemonServer:
         elif isinstance(req, Cancel):
             await conn.send(Result(id=req.id, op="cancel", result=await self._cancel(conn, req)))
         elif isinstance(req, Shutdown):
-            await conn.send(Result(id=req.id, op="shutdown", result={"accepted": True}))
+            await conn.send(Result(id=req.id, op="shutdown", result=ShutdownResult(accepted=True)))
             self.request_stop(req.drain_timeout_s)
         return False
 
@@ -338,17 +341,17 @@ class DaemonServer:
                 )
             )
 
-    async def _cancel(self, conn: Connection, req: Cancel) -> dict[str, Any]:
+    async def _cancel(self, conn: Connection, req: Cancel) -> CancelResult:
         job = self.jobs.get(req.job) if req.job is not None else conn.jobs.get(req.target)
         if job is None:
-            return {"cancelled": False, "state": "unknown"}
+            return CancelResult(cancelled=False, state="unknown")
         state = job.state
         if state == "queued":
             self.queue.remove(job)
             self._finish_error(job, Cancelled("cancelled while queued"))
         else:
             job.cancel_event.set()  # the render thread raises Cancelled at the next step
-        return {"cancelled": True, "state": state, "job": job.job_id}
+        return CancelResult(cancelled=True, state=state, job=job.job_id)
 
     def _cancel_job(self, job: Job) -> None:
         """The job's client went away: drop it if queued, stop it at the next step if running."""
@@ -415,7 +418,7 @@ class DaemonServer:
             else:
                 self.renders_done += 1
                 result.job = job.job_id
-                conn.post(Result(id=req.id, op="render", result=encode_struct(result)))
+                conn.post(Result(id=req.id, op="render", result=result))
                 self._forget(job)
             finally:
                 self.running = None
@@ -506,16 +509,6 @@ class DaemonServer:
             stack_switches=self.service.stack_switches,
             in_flight=in_flight,
         )
-
-
-def encode_struct(s: Any) -> dict[str, Any]:
-    import msgspec
-
-    return msgspec.to_builtins(s, builtin_types=(bytes,))
-
-
-def encode_status(s: StatusResult) -> dict[str, Any]:
-    return encode_struct(s)
 
 
 def _event_loop_policy() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import time
 import uuid
@@ -23,7 +22,8 @@ from client.fs import atomic_write_bytes
 from client.lorafile.inspect import inspect_lora
 from client.tiers import TIERS
 from client.wire.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
-from client.wire.messages import FileReport, Render, RenderResult
+from client.wire.messages import Render, RenderResult
+from client.wire.report import FileReport
 from daemon.config import DaemonConfig
 from daemon.engine.png import encode_png
 from daemon.render_spec import RenderSpec, validate_spec
@@ -96,26 +96,6 @@ def resolve_shape(req: Render, preset: str, default_steps: int, default_guidance
         guidance=req.guidance if req.guidance is not None else guidance,
         seed=req.seed if req.seed is not None else random.randrange(2**32),
         preset=preset,
-    )
-
-
-def file_report(entry: Any) -> FileReport:
-    """The patcher's per-file report as a wire struct (tolerant of extra attributes)."""
-    leftover = getattr(entry, "leftover", None) or []
-    if isinstance(leftover, dict):
-        leftover = list(leftover.items())
-    leftover = [": ".join(map(str, x)) if isinstance(x, (tuple, list)) else str(x) for x in leftover]
-    return FileReport(
-        path=str(entry.path),
-        scale=float(entry.scale),
-        format=str(getattr(entry, "format", "unknown")),
-        keys_total=int(getattr(entry, "keys_total", 0)),
-        keys_applied=int(getattr(entry, "keys_applied", 0)),
-        layers_patched=int(getattr(entry, "layers_patched", 0)),
-        name=getattr(entry, "name", None),
-        rank=getattr(entry, "rank", None),
-        alpha=None if getattr(entry, "alpha", None) is None else float(entry.alpha),
-        leftover=leftover[:200],
     )
 
 
@@ -243,7 +223,7 @@ class RenderService:
 
             entries = [StackEntry(str(it.path), it.scale, name=it.name) for it in prepared.stack]
             report = self.patcher.apply_stack(entries, zero_match=prepared.zero_match)
-            files = [file_report(f) for f in report.files]
+            files = [f.for_reply() for f in report.files]
             for f, it in zip(files, prepared.stack, strict=False):
                 if f.name is None and it.name is not None:
                     f.name = it.name
@@ -307,7 +287,7 @@ class RenderService:
         self.warm = True
         return time.perf_counter() - t0
 
-    def inspect(self, path: str) -> dict[str, Any]:
+    def inspect(self, path: str) -> FileReport:
         """A LoRA's report without rendering (read-only: the live model is not touched)."""
         resolved = confine(path, self.config.lora_roots, what="LoRA", must_exist=True)
         if not resolved.is_file():
@@ -319,23 +299,4 @@ class RenderService:
             from daemon.lora.inspect import inspect_against
 
             report = inspect_against(str(resolved), transformer)
-        return _plain(report)
-
-
-def _plain(obj: Any) -> Any:
-    """Dataclasses / objects -> msgpack-native values."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, os.PathLike):
-        return str(obj)
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
-        return obj
-    if hasattr(obj, "__dict__"):
-        return {k: _plain(v) for k, v in vars(obj).items() if not k.startswith("_")}
-    return str(obj)
+        return report.for_reply(with_layers=True)

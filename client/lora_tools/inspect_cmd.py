@@ -8,11 +8,9 @@ against the model it has loaded, under its own LoRA-root confinement.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -49,23 +47,13 @@ def format_report(report) -> str:
     return "\n".join(lines)
 
 
-def report_from_wire(raw: dict[str, Any]):
-    """The daemon's `inspect` result (a FileReport as msgpack values) back into a FileReport."""
-    from client.lorafile.report import FileReport
-
-    known = {f.name for f in dataclasses.fields(FileReport)}
-    fields = {k: v for k, v in raw.items() if k in known}
-    fields["leftover"] = [tuple(pair) for pair in fields.get("leftover", [])]
-    return FileReport(**fields)
-
-
 def _inspect_via_daemon(file: str, socket_path: Path | None):
     from client.client import RenderClient
 
     local = Path(file).expanduser()
     with RenderClient(socket_path) as c:
         model = c.status().preset
-        return report_from_wire(c.inspect(str(local.resolve()) if local.exists() else file)), model
+        return c.inspect(str(local.resolve()) if local.exists() else file), model
 
 
 @click.command("inspect")

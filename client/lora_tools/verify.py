@@ -229,7 +229,7 @@ def run_verification(
         preset = getattr(r, "preset", preset)
         if with_lora and r.stack:
             applied, total = _stack_counts(r)
-            leftover[:] = [str(x) for x in (r.stack[0].leftover or [])]
+            leftover[:] = [f"{key}: {reason}" for key, reason in r.stack[0].leftover]
         image = _image_of(r)
         images[role] = image
         return image

@@ -11,8 +11,8 @@ import os
 from client.lorafile.keymaps import KeymapSet, load_keymaps
 from client.lorafile.parse import parse_lora
 from client.lorafile.reader import read_safetensors
-from client.lorafile.report import FileReport
 from client.lorafile.resolve import Layout, resolve
+from client.wire.report import FileReport
 
 
 def inspect_lora(

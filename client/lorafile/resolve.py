@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from client.lorafile.parse import ModuleTensors, ParsedLora, PeftScaling
-from client.lorafile.report import FileReport
+from client.wire.report import FileReport, Leftover
 
 Layout = Mapping[str, tuple[int, int]]  # mflux module path -> (out_features, in_features)
 
@@ -282,11 +282,14 @@ def resolve(parsed: ParsedLora, layout: Layout | None) -> tuple[list[Term], File
     """Terms to apply and the file's accounting. With `layout=None`, only what the file says (inspect)."""
     report = FileReport(
         path=parsed.path,
+        scale=1.0,
         format=parsed.format,
         naming=parsed.keymap.name if parsed.format != "unknown" else None,
         keys_total=parsed.keys_total,
+        keys_applied=0,
+        layers_patched=0,
         nbytes=parsed.nbytes,
-        leftover=list(parsed.leftover),
+        leftover=[Leftover(k, r) for k, r in parsed.leftover],
         resolved=layout is not None,
     )
     terms: list[Term] = []
@@ -310,7 +313,7 @@ def resolve(parsed: ParsedLora, layout: Layout | None) -> tuple[list[Term], File
                 raise _Skip(f"this model has no layer {missing[0]} (block beyond the model's depth or other model)")
             new, rank = _module_terms(group, targets, layout, transposed, alpha, parsed.peft, styles)
         except _Skip as skip:
-            report.leftover.extend((k, str(skip)) for k in group.keys)
+            report.leftover.extend(Leftover(k, str(skip)) for k in group.keys)
             continue
         terms.extend(new)
         if rank is not None:

@@ -8,11 +8,27 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+# code -> class, filled as each EaselError subclass is defined (see EaselError.__init_subclass__).
+ERROR_CLASSES: dict[str, type[EaselError]] = {}
+
 
 class EaselError(Exception):
-    """Base of every error easel reports to a user; `code` is what travels on the wire."""
+    """Base of every error easel reports to a user; `code` is what travels on the wire.
+
+    Every subclass registers its code when it is defined (wherever that is), so a reply carrying any
+    code decodes back into its class, and two classes can never claim one code.
+    """
 
     code: ClassVar[str] = "internal"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} must define its own error code")
+        other = ERROR_CLASSES.get(cls.code)
+        if other is not None and other.__qualname__ != cls.__qualname__:
+            raise TypeError(f"error code {cls.code!r} of {cls.__name__} is already {other.__name__}'s")
+        ERROR_CLASSES[cls.code] = cls
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -21,6 +37,9 @@ class EaselError(Exception):
 
     def to_wire(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "details": self.details}
+
+
+ERROR_CLASSES[EaselError.code] = EaselError
 
 
 class InvalidRequest(EaselError):
@@ -162,20 +181,9 @@ class PackError(EaselError):
 
 
 class VisualStyleError(PackError):
-    """A visual_style.yaml breaks a stack composition rule (SPEC.md "visual_style.yaml and stack composition")."""
+    """A visual_style.yaml breaks a stack composition rule (exclude/add, tiers, names, files)."""
 
     code = "visual_style"
-
-
-def _all_subclasses(cls: type) -> list[type]:
-    out = []
-    for sub in cls.__subclasses__():
-        out.append(sub)
-        out.extend(_all_subclasses(sub))
-    return out
-
-
-ERROR_CLASSES: dict[str, type[EaselError]] = {c.code: c for c in [EaselError, *_all_subclasses(EaselError)]}
 
 
 def error_from_wire(payload: dict[str, Any]) -> EaselError:

@@ -16,6 +16,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from client.wire.errors import EaselError, InvalidRequest, ProtocolError, UnknownOperation
+from client.wire.report import FileReport
 
 PROTOCOL_VERSION = 1
 MAX_STACK = 32  # LoRAs per request
@@ -89,8 +90,11 @@ class _Reply(Struct, tag_field="type", omit_defaults=True, kw_only=True):
 
 
 class Result(_Reply, tag="result"):
+    """The answer to one request; `result` is the op's result struct (RESULT_TYPES), typed both ways:
+    the daemon sends the struct, `decode_result` turns the payload back into it."""
+
     op: str
-    result: dict[str, Any]
+    result: Any
 
 
 class ErrorBody(Struct):
@@ -119,19 +123,6 @@ Reply = Result | Error | Event
 
 
 # ---- result payloads (typed views of Result.result) ----------------------------------------------
-
-
-class FileReport(Struct, omit_defaults=True):
-    path: str
-    scale: float
-    format: str
-    keys_total: int
-    keys_applied: int
-    layers_patched: int
-    name: str | None = None
-    rank: int | None = None
-    alpha: float | None = None
-    leftover: list[str] = []
 
 
 class RenderResult(Struct, omit_defaults=True):
@@ -185,6 +176,32 @@ class StatusResult(Struct, omit_defaults=True):
     renders_done: int
     stack_switches: int
     in_flight: JobInfo | None = None
+
+
+class PingResult(Struct, omit_defaults=True):
+    pong: bool
+    version: str
+
+
+class CancelResult(Struct, omit_defaults=True):
+    cancelled: bool
+    state: str  # queued | running | unknown
+    job: str | None = None
+
+
+class ShutdownResult(Struct, omit_defaults=True):
+    accepted: bool
+
+
+# What `result` holds for each op. An inspect result is the file's report itself.
+RESULT_TYPES: dict[str, type[Struct]] = {
+    "ping": PingResult,
+    "status": StatusResult,
+    "render": RenderResult,
+    "inspect": FileReport,
+    "cancel": CancelResult,
+    "shutdown": ShutdownResult,
+}
 
 
 # ---- codec ---------------------------------------------------------------------------------------
@@ -307,10 +324,25 @@ def check_render(req: Render) -> None:
 
 
 def decode_reply(payload: bytes) -> Reply:
+    """One reply frame; a `result` reply comes back with its payload already typed (decode_result)."""
     try:
-        return _reply_decoder.decode(payload)
+        reply = _reply_decoder.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"malformed reply from the daemon: {exc}") from None
+    if isinstance(reply, Result):
+        reply.result = decode_result(reply.op, reply.result)
+    return reply
+
+
+def decode_result(op: str, value: Any) -> Any:
+    """A result payload (msgpack values) as its op's struct; a payload that does not fit is a ProtocolError."""
+    kind = RESULT_TYPES.get(op)
+    if kind is None:
+        raise ProtocolError(f"reply for unknown op {op!r}")
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"malformed {op} result from the daemon: {exc}") from None
 
 
 def error_reply(rid: RequestId | None, err: EaselError) -> Error:

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import daemon.engine  # noqa: F401  (ctypes-only BLAS preload: any MLX import below runs on OpenBLAS)
 from client.lorafile.inspect import inspect_lora
-from client.lorafile.report import FileReport, StackEntry, StackReport
+from client.wire.report import FileReport
 from daemon.lora.cache import CacheStats, LoraCache
 from daemon.lora.inspect import inspect_against, preset_layout
+from daemon.lora.stack import StackEntry, StackReport
 
 if TYPE_CHECKING:
     from daemon.lora.patcher import LoraPatcher

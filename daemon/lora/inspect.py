@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from client.lorafile.inspect import inspect_lora
-from client.lorafile.report import FileReport
+from client.wire.report import FileReport
 
 # Block counts of each preset's transformer (mflux builds Flux.1 with 19 joint + 38 single blocks).
 _PRESET_BLOCKS = {"tiny": (1, 1)}

@@ -19,11 +19,12 @@ from typing import Literal
 import mlx.core as mx
 import mlx.nn as nn
 
-from client.lorafile.report import FileReport, StackEntry, StackReport
 from client.lorafile.resolve import Term, resolve
 from client.wire.errors import InvalidRequest, LoraZeroMatch
+from client.wire.report import FileReport
 from daemon.lora.cache import LoraCache, Signature
 from daemon.lora.runtime import StackedLoraLinear, build_layer_arrays, linear_layout
+from daemon.lora.stack import StackEntry, StackReport
 
 ZeroMatchPolicy = Literal["error", "warn"]
 Mode = Literal["side", "bake"]

@@ -1,8 +1,8 @@
-"""OpenTelemetry for easel: set-up from OTEL_* variables, the daemon's spans and metrics, the span file.
+"""The daemon's spans (server calls, `flux_mlx.render`) on top of the shared set-up in client.telemetry.
 
     tel = setup_telemetry("easel-daemon")      # reads OTEL_* / EASEL_TRACES_FILE
     with server_span(tel, "render", trace_context=msg.get("trace_context")) as call: ...
-    with render_span(tel, spec, tier=tier, parent=call.context) as r: r.set_stack(report); ...
+    with render_span(tel, spec, tier=tier, parent=call.context) as r: r.set_stack(report.files); ...
     tel.shutdown()                             # flushes
 
 See daemon/telemetry/spans.py for the integration recipe and docs/operations.md for the variables.
@@ -15,7 +15,6 @@ from client.telemetry.setup import Telemetry, setup_telemetry
 from daemon.telemetry.spans import (
     PHASES,
     RENDER_SPAN,
-    LoraApplied,
     RenderSpan,
     ServerCall,
     error_type,
@@ -23,7 +22,6 @@ from daemon.telemetry.spans import (
     inject_context,
     render_span,
     server_span,
-    stack_entries,
     start_server_call,
     zero_match_message,
 )
@@ -33,7 +31,6 @@ __all__ = [
     "RENDER_DURATION_BUCKETS_S",
     "RENDER_SPAN",
     "JsonlSpanExporter",
-    "LoraApplied",
     "Metrics",
     "RenderSpan",
     "ServerCall",
@@ -49,7 +46,6 @@ __all__ = [
     "server_span",
     "setup_telemetry",
     "span_to_record",
-    "stack_entries",
     "start_server_call",
     "zero_match_message",
 ]

@@ -30,8 +30,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import PurePath
 from typing import Any
 
 from opentelemetry import context as context_api
@@ -42,6 +40,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from client.telemetry.setup import Telemetry
 from client.wire.errors import EaselError
+from client.wire.report import FileReport
+from daemon.render_spec import RenderSpec
 
 RENDER_SPAN = "flux_mlx.render"
 RPC_SYSTEM = "easel"
@@ -177,85 +177,13 @@ def server_span(
 # --------------------------------------------------------------------------------------------------- render
 
 
-@dataclass(frozen=True)
-class LoraApplied:
-    """One file of an applied stack, as telemetry reports it (one entry per file, stack order)."""
-
-    name: str
-    file: str
-    scale: float
-    matched_keys: int
-    total_keys: int | None = None
-
-
-_FILE_FIELDS = ("path", "file", "lora_path")
-_MATCHED_FIELDS = ("keys_applied", "matched_keys", "applied_keys", "applied")
-_TOTAL_FIELDS = ("keys_total", "total_keys", "total")
-_LIST_FIELDS = ("files", "entries", "loras", "items")
-
-
-def _get(obj: object, names: Sequence[str]) -> Any:
-    for n in names:
-        value = obj.get(n) if isinstance(obj, Mapping) else getattr(obj, n, None)
-        if value is not None:
-            return value
-    return None
-
-
-def stack_entries(report: object) -> list[LoraApplied]:
-    """Normalise a patcher's stack report to LoraApplied entries.
-
-    Accepts LoraApplied entries, or per-file records (objects or mappings) naming the file `path`/`file`,
-    the `scale`, the applied count `keys_applied`/`matched_keys`, optionally `keys_total` and `name`
-    (default: the file's stem) — or a report object holding such records in `files`/`entries`/`loras`.
-    """
-    if report is None:
-        return []
-    if not isinstance(report, (Sequence, Mapping)) or isinstance(report, (str, bytes)):
-        inner = _get(report, _LIST_FIELDS)
-        if inner is None:
-            raise TypeError(f"cannot read a LoRA stack report from {type(report).__name__}")
-        report = inner
-    elif isinstance(report, Mapping):
-        inner = _get(report, _LIST_FIELDS)
-        if inner is None:
-            raise TypeError("a stack report mapping needs a files/entries/loras list")
-        report = inner
-    out: list[LoraApplied] = []
-    for item in report:  # type: ignore[union-attr]
-        if isinstance(item, LoraApplied):
-            out.append(item)
-            continue
-        file = _get(item, _FILE_FIELDS)
-        matched = _get(item, _MATCHED_FIELDS)
-        if file is None or matched is None:
-            raise TypeError(f"stack report entry {item!r} has no file path or applied-key count")
-        name = _get(item, ("name",)) or PurePath(str(file)).stem
-        total = _get(item, _TOTAL_FIELDS)
-        scale = _get(item, ("scale",))
-        out.append(
-            LoraApplied(
-                name=str(name),
-                file=str(file),
-                scale=float(scale if scale is not None else 1.0),
-                matched_keys=int(matched),
-                total_keys=int(total) if total is not None else None,
-            )
-        )
-    return out
-
-
-def zero_match_message(entries: Sequence[LoraApplied]) -> str | None:
+def zero_match_message(files: Sequence[FileReport]) -> str | None:
     """The ERROR message when any LoRA matched zero keys (names them all), else None."""
-    zeros = [e for e in entries if e.matched_keys == 0]
+    zeros = [f for f in files if f.keys_applied == 0]
     if not zeros:
         return None
-    named = ", ".join(f"{e.name!r} ({e.file})" for e in zeros)
+    named = ", ".join(f"{f.display_name!r} ({f.path})" for f in zeros)
     return f"LoRA {named} matched 0 keys" if len(zeros) == 1 else f"LoRAs {named} matched 0 keys"
-
-
-def _spec_value(spec: object, *names: str) -> Any:
-    return _get(spec, names)
 
 
 class RenderSpan:
@@ -267,36 +195,39 @@ class RenderSpan:
         self.start_ns = start_ns
         self.context: Context = trace_api.set_span_in_context(span)
         self.phases: dict[str, float] = {}
-        self.stack: list[LoraApplied] = []
+        self.stack: list[FileReport] = []
         self.failed = False
 
     def set_attribute(self, key: str, value: Any) -> None:
         self.span.set_attribute(key, value)
 
-    def set_stack(self, report: object, *, switched: bool | None = None) -> list[LoraApplied]:
-        """Record the stack the patcher really applied; any zero in matched_keys sets status ERROR."""
-        entries = stack_entries(report)
-        self.stack = entries
+    def set_stack(self, files: Sequence[FileReport], *, switched: bool | None = None) -> list[FileReport]:
+        """Record the stack the patcher really applied (its per-file reports, in stack order); any zero
+        in matched_keys sets status ERROR."""
+        files = list(files)
+        for f in files:
+            if not isinstance(f, FileReport):
+                raise TypeError(f"a render span's stack is a list of FileReport, not {type(f).__name__}")
+        self.stack = files
         s = self.span
-        s.set_attribute("render.lora.stack_size", len(entries))
-        s.set_attribute("render.lora.names", [e.name for e in entries])
-        s.set_attribute("render.lora.files", [e.file for e in entries])
-        s.set_attribute("render.lora.scales", [float(e.scale) for e in entries])
-        s.set_attribute("render.lora.matched_keys", [int(e.matched_keys) for e in entries])
-        if all(e.total_keys is not None for e in entries):
-            s.set_attribute("render.lora.total_keys", [int(e.total_keys or 0) for e in entries])
+        s.set_attribute("render.lora.stack_size", len(files))
+        s.set_attribute("render.lora.names", [f.display_name for f in files])
+        s.set_attribute("render.lora.files", [f.path for f in files])
+        s.set_attribute("render.lora.scales", [float(f.scale) for f in files])
+        s.set_attribute("render.lora.matched_keys", [int(f.keys_applied) for f in files])
+        s.set_attribute("render.lora.total_keys", [int(f.keys_total) for f in files])
         if switched is not None:
             s.set_attribute("render.lora.stack_switched", switched)
             if switched:
                 self.tel.metrics.stack_switched()
-        message = zero_match_message(entries)
+        message = zero_match_message(files)
         if message:
-            for e in entries:
-                if e.matched_keys == 0:
-                    s.add_event("lora.zero_match", {"lora.name": e.name, "lora.file": e.file})
+            for f in files:
+                if f.keys_applied == 0:
+                    s.add_event("lora.zero_match", {"lora.name": f.display_name, "lora.file": f.path})
             s.set_attribute("error.type", "lora_zero_match")
             self._fail(message)
-        return entries
+        return files
 
     def _fail(self, message: str) -> None:
         if not self.failed:  # the first cause is the one the status names
@@ -336,17 +267,16 @@ class RenderSpan:
 @contextmanager
 def render_span(
     tel: Telemetry,
-    spec: object,
+    spec: RenderSpec,
     *,
     tier: str | None = None,
-    stack: object = None,
+    stack: Sequence[FileReport] | None = None,
     parent: Context | None = None,
     enqueued_ns: int | None = None,
     request_id: object = None,
 ) -> Iterator[RenderSpan]:
     """The `flux_mlx.render` span for one render.
 
-    `spec` is a RenderSpec (or any object/mapping with seed, preset or model, width, height, steps).
     `parent` is the ServerCall.context the job carried (default: the current context). `enqueued_ns`
     (time.time_ns() when the job was queued) starts the span there and records the `queue_wait` phase.
     `stack` may be given now or later with `set_stack`. Exceptions are recorded, set status ERROR and
@@ -354,19 +284,14 @@ def render_span(
     """
     now = time.time_ns()
     start = enqueued_ns if enqueued_ns is not None and enqueued_ns <= now else now
-    attrs: dict[str, Any] = {}
-    for key, names in (
-        ("render.seed", ("seed",)),
-        ("render.model", ("model", "preset")),
-        ("render.width", ("width",)),
-        ("render.height", ("height",)),
-        ("render.steps", ("steps",)),
-        ("render.guidance", ("guidance",)),
-    ):
-        value = _spec_value(spec, *names)
-        if value is not None:
-            attrs[key] = value
-    tier = tier if tier is not None else _spec_value(spec, "tier")
+    attrs: dict[str, Any] = {
+        "render.seed": spec.seed,
+        "render.model": spec.preset,
+        "render.width": spec.width,
+        "render.height": spec.height,
+        "render.steps": spec.steps,
+        "render.guidance": spec.guidance,
+    }
     if tier is not None:
         attrs["render.tier"] = str(tier)
     if isinstance(request_id, (str, int)) and not isinstance(request_id, bool):

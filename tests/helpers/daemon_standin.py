@@ -20,7 +20,9 @@ from types import SimpleNamespace
 from PIL import Image
 
 from client.wire.errors import LoraZeroMatch
+from client.wire.report import FileReport
 from daemon.config import DaemonConfig
+from daemon.lora.stack import StackReport
 from daemon.security import bind_unix_socket
 from daemon.server import DaemonServer
 from daemon.service import RenderService
@@ -58,11 +60,11 @@ class StandinPatcher:
             if applied == 0 and zero_match == "error":
                 raise LoraZeroMatch(f"LoRA {e.path} matched zero keys", path=e.path)
             files.append(
-                SimpleNamespace(path=e.path, scale=e.scale, name=e.name, format="kohya", keys_total=10,
-                                keys_applied=applied, layers_patched=applied // 2, leftover=[])
+                FileReport(path=e.path, scale=e.scale, name=e.name, format="kohya", keys_total=10,
+                           keys_applied=applied, layers_patched=applied // 2)
             )  # fmt: skip
         self.switches.append(tuple((Path(e.path).name, e.scale) for e in entries))
-        return SimpleNamespace(files=files)
+        return StackReport(files=files)
 
     def clear(self) -> None:
         self.switches.append(())

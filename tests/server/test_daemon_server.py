@@ -139,9 +139,9 @@ def test_cancel_queued_and_running(daemon):
             running = asyncio.create_task(c.send_render("r", width=64, height=64, steps=50, request_id="run"))
             queued = asyncio.create_task(c.send_render("q", width=64, height=64, steps=1, request_id="q"))
             await asyncio.sleep(0.35)
-            assert (await c.cancel("q"))["state"] == "queued"
-            assert (await c.cancel("run"))["state"] == "running"
-            assert (await c.cancel("nope"))["cancelled"] is False
+            assert (await c.cancel("q")).state == "queued"
+            assert (await c.cancel("run")).state == "running"
+            assert (await c.cancel("nope")).cancelled is False
             for t in (running, queued):
                 with pytest.raises(Cancelled):
                     await t
@@ -252,7 +252,7 @@ def test_bad_frames_get_typed_errors_and_daemon_keeps_serving(daemon, data, code
     replies = raw_exchange(daemon.config.socket_path, data)
     assert replies and replies[0].error.code == code
     with RenderClient(daemon.config.socket_path) as c:
-        assert c.ping()["pong"]
+        assert c.ping().pong
 
 
 def test_connection_level_errors_close_only_that_connection(daemon):
@@ -264,7 +264,7 @@ def test_connection_level_errors_close_only_that_connection(daemon):
     [r] = raw_exchange(daemon.config.socket_path, b"\x00\x00", half_close=True)
     assert r.error.code == ProtocolError.code
     with RenderClient(daemon.config.socket_path) as c:
-        assert c.ping()["pong"]
+        assert c.ping().pong
 
 
 def test_path_confinement(daemon, tmp_path):
@@ -326,7 +326,7 @@ def test_shutdown_drains_queued_work(tmp_path):
             jobs = [asyncio.create_task(c.send_render(f"d{i}", width=64, height=64, steps=2)) for i in range(3)]
             await asyncio.sleep(0.05)
             async with AsyncRenderClient(d.config.socket_path) as c2:
-                assert (await c2.shutdown())["accepted"]
+                assert (await c2.shutdown()).accepted
                 with pytest.raises(ShuttingDown):
                     await c2.send_render("late", width=64, height=64, steps=1)
             return await asyncio.gather(*jobs)
@@ -364,7 +364,7 @@ def test_unknown_op_via_client_keeps_connection(daemon):
     r1, r2 = decode_reply(framing.recv_frame(s)), decode_reply(framing.recv_frame(s))
     s.close()
     assert r1.id == 1 and r1.error.code == UnknownOperation.code
-    assert r2.id == 2 and r2.result["pong"] is True
+    assert r2.id == 2 and r2.result.pong is True
 
 
 def test_peer_uid_is_ours(daemon):
@@ -401,7 +401,7 @@ def test_client_that_stops_reading_does_not_stall_others(daemon):
     with contextlib.suppress(BlockingIOError):
         s.sendall(burst)
     with RenderClient(daemon.config.socket_path) as c:
-        assert c.ping()["pong"]
+        assert c.ping().pong
         r = c.send_render("still served", width=64, height=64, steps=1)
         assert r.steps == 1
     s.close()
@@ -477,5 +477,5 @@ def test_peer_stalled_mid_frame_is_dropped_idle_peer_is_kept(tmp_path):
         idle.settimeout(5)
         idle.sendall(frame({"op": "ping", "id": 7}))
         reply = decode_reply(framing.recv_frame(idle))
-        assert reply.id == 7 and reply.result["pong"]
+        assert reply.id == 7 and reply.result.pong
         idle.close()

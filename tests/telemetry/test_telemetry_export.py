@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 import pytest
+from helpers.reports import file_report
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
@@ -21,7 +22,7 @@ from daemon.render_spec import RenderSpec
 from daemon.telemetry import JsonlSpanExporter, TelemetryConfig, render_span, server_span, setup_telemetry
 
 SPEC = RenderSpec(prompt="a canyon", width=64, height=64, steps=2, seed=3, preset="tiny")
-STACK = [{"name": "canyon", "path": "/l/canyon.safetensors", "scale": 0.9, "keys_applied": 12, "keys_total": 12}]
+STACK = [file_report(name="canyon", path="/l/canyon.safetensors", scale=0.9, keys_applied=12, keys_total=12)]
 # Generous: the exporters' own request timeout is 0.5 s here; shutdown must come back well within this.
 SHUTDOWN_BOUND_S = 60
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.reports import file_report
 
 from daemon.render_spec import RenderSpec
 from daemon.telemetry import render_span, server_span, setup_telemetry
@@ -126,14 +127,8 @@ def test_rotel_receives_the_render_span_with_its_lora_attributes(collector, prot
     )
     spec = RenderSpec(prompt="a saloon at noon", width=64, height=64, steps=2, seed=99, preset="tiny")
     stack = [
-        {
-            "name": "spaghetti_western",
-            "path": "/loras/sw.safetensors",
-            "scale": 0.8,
-            "keys_applied": 38,
-            "keys_total": 38,
-        },
-        {"name": "mccoy", "path": "/loras/mccoy.safetensors", "scale": 0.85, "keys_applied": 0, "keys_total": 24},
+        file_report(name="spaghetti_western", path="/loras/sw.safetensors", scale=0.8, keys_applied=38, keys_total=38),
+        file_report(name="mccoy", path="/loras/mccoy.safetensors", scale=0.85, keys_applied=0, keys_total=24),
     ]
     with server_span(tel, "render") as call, render_span(tel, spec, tier="landscape", parent=call.context) as r:
         r.set_stack(stack, switched=True)

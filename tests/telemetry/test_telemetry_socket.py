@@ -202,7 +202,7 @@ def test_a_dead_collector_neither_fails_renders_nor_stops_the_daemon_stopping(tm
             c.send_render("x", width=64, height=64, steps=1, seed=i, lora_paths=[a], lora_scales=[1.0])
             for i in range(3)
         ]
-        assert c.ping()["pong"]
+        assert c.ping().pong
     assert [r.matched_keys for r in results] == [[10]] * 3
     d.stop(drain_timeout_s=0)  # flushes into the dead collector: bounded by the export timeout, then returns
     assert not d.thread.is_alive()

@@ -14,16 +14,15 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from client.telemetry.client_spans import client_span, inject_trace_context
 from client.wire.errors import LoraZeroMatch
+from client.wire.report import FileReport
 from daemon.render_spec import RenderSpec
 from daemon.telemetry import (
     RENDER_DURATION_BUCKETS_S,
-    LoraApplied,
     TelemetryConfig,
     extract_context,
     render_span,
     server_span,
     setup_telemetry,
-    stack_entries,
     zero_match_message,
 )
 
@@ -50,15 +49,39 @@ def _by_name(exporter: InMemorySpanExporter, name: str):
 
 
 SPEC = RenderSpec(prompt="a dusty town", width=512, height=320, steps=7, guidance=3.5, seed=1234, preset="tiny")
+
+
+def _report(name, path, scale, applied, total):
+    return FileReport(
+        name=name,
+        path=path,
+        scale=scale,
+        format="kohya",
+        keys_applied=applied,
+        keys_total=total,
+        layers_patched=applied,
+    )
+
+
 STACK = [
-    {
-        "name": "western_land",
-        "path": "/loras/western.safetensors",
-        "scale": 0.8,
-        "keys_applied": 120,
-        "keys_total": 120,
-    },
-    {"name": None, "path": "/loras/dust_and_lead.safetensors", "scale": 0.55, "keys_applied": 7, "keys_total": 96},
+    FileReport(
+        name="western_land",
+        path="/loras/western.safetensors",
+        scale=0.8,
+        format="kohya",
+        keys_applied=120,
+        keys_total=120,
+        layers_patched=120,
+    ),
+    FileReport(
+        name=None,
+        path="/loras/dust_and_lead.safetensors",
+        scale=0.55,
+        format="kohya",
+        keys_applied=7,
+        keys_total=96,
+        layers_patched=7,
+    ),
 ]
 
 
@@ -85,9 +108,33 @@ def test_render_span_carries_every_spec_attribute(tel):
 
 def test_any_zero_match_sets_error_naming_the_lora(tel):
     stack = [
-        LoraApplied("good", "/l/good.safetensors", 1.0, 40, 40),
-        LoraApplied("silent", "/l/silent.safetensors", 0.7, 0, 52),
-        LoraApplied("fine", "/l/fine.safetensors", 0.3, 3, 3),
+        FileReport(
+            name="good",
+            path="/l/good.safetensors",
+            scale=1.0,
+            format="kohya",
+            keys_applied=40,
+            keys_total=40,
+            layers_patched=40,
+        ),
+        FileReport(
+            name="silent",
+            path="/l/silent.safetensors",
+            scale=0.7,
+            format="kohya",
+            keys_applied=0,
+            keys_total=52,
+            layers_patched=0,
+        ),
+        FileReport(
+            name="fine",
+            path="/l/fine.safetensors",
+            scale=0.3,
+            format="kohya",
+            keys_applied=3,
+            keys_total=3,
+            layers_patched=3,
+        ),
     ]
     with render_span(tel, SPEC, tier="portrait") as r:
         r.set_stack(stack)
@@ -101,13 +148,25 @@ def test_any_zero_match_sets_error_naming_the_lora(tel):
 
 
 def test_two_zero_matches_are_both_named():
-    msg = zero_match_message([LoraApplied("a", "/a", 1, 0), LoraApplied("b", "/b", 1, 5), LoraApplied("c", "/c", 1, 0)])
+    msg = zero_match_message(
+        [
+            FileReport(name="a", path="/a", scale=1, format="kohya", keys_applied=0, keys_total=0, layers_patched=0),
+            FileReport(name="b", path="/b", scale=1, format="kohya", keys_applied=5, keys_total=5, layers_patched=5),
+            FileReport(name="c", path="/c", scale=1, format="kohya", keys_applied=0, keys_total=0, layers_patched=0),
+        ]
+    )
     assert msg is not None and "'a'" in msg and "'c'" in msg and "'b'" not in msg
 
 
 def test_no_zero_means_no_error(tel):
     with render_span(tel, SPEC, tier="scene") as r:
-        r.set_stack([LoraApplied("one", "/one", 1.0, 1, 1)])
+        r.set_stack(
+            [
+                FileReport(
+                    name="one", path="/one", scale=1.0, format="kohya", keys_applied=1, keys_total=1, layers_patched=1
+                )
+            ]
+        )
     (span,) = _by_name(tel.spans, "flux_mlx.render")
     assert span.status.status_code != StatusCode.ERROR
 
@@ -236,27 +295,24 @@ def test_inject_without_a_span_adds_nothing():
     assert "trace_context" not in inject_trace_context({"op": "ping", "id": 1})
 
 
-def test_stack_entries_reads_report_objects():
-    class FileReport:  # the shape daemon/protocol's FileReport has
-        def __init__(self, path, scale, keys_applied, keys_total, name=None):
-            self.path, self.scale, self.keys_applied, self.keys_total, self.name = (
-                path,
-                scale,
-                keys_applied,
-                keys_total,
-                name,
-            )
-
-    class Report:
-        files = [FileReport("/a/b/c.safetensors", 0.5, 3, 4), FileReport("/d.safetensors", 1.0, 0, 9, "dee")]
-
-    entries = stack_entries(Report())
-    assert entries == [
-        LoraApplied("c", "/a/b/c.safetensors", 0.5, 3, 4),
-        LoraApplied("dee", "/d.safetensors", 1.0, 0, 9),
+def test_set_stack_reads_the_patchers_file_reports():
+    """The span reads the one per-file report type; a name defaults to the file's stem."""
+    files = [
+        FileReport(
+            path="/a/b/c.safetensors", scale=0.5, format="kohya", keys_applied=3, keys_total=4, layers_patched=2
+        ),
+        FileReport(
+            path="/d.safetensors", scale=1.0, format="bfl", keys_applied=0, keys_total=9, layers_patched=0, name="dee"
+        ),
     ]
-    with pytest.raises(TypeError):
-        stack_entries([{"scale": 1.0}])
+    tel = setup_telemetry(config=TelemetryConfig(service_name="t", disabled=True))
+    with render_span(tel, SPEC, tier="scene") as r:
+        entries = r.set_stack(files)
+    assert entries == files
+    assert [f.display_name for f in entries] == ["c", "dee"]
+    assert zero_match_message(entries) == "LoRA 'dee' (/d.safetensors) matched 0 keys"
+    with pytest.raises(TypeError), render_span(tel, SPEC, tier="scene") as r:
+        r.set_stack([{"scale": 1.0}])
 
 
 def _metric_points(reader: InMemoryMetricReader) -> dict[str, list]:

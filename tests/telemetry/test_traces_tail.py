@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers.reports import file_report
 
 from client.cli import main
 from client.traces import OtlpHttpReceiver, format_render, otlp_json_to_request, parse_record
@@ -26,8 +27,8 @@ from daemon.telemetry import render_span, server_span, setup_telemetry
 
 WAIT_S = 60
 SPEC = RenderSpec(prompt="the main street", width=64, height=96, steps=3, seed=5, preset="tiny")
-GOOD = {"name": "western", "path": "/l/western.safetensors", "scale": 0.8, "keys_applied": 120, "keys_total": 120}
-DEAD = {"name": "dust", "path": "/l/dust.safetensors", "scale": 0.5, "keys_applied": 0, "keys_total": 96}
+GOOD = file_report(name="western", path="/l/western.safetensors", scale=0.8, keys_applied=120, keys_total=120)
+DEAD = file_report(name="dust", path="/l/dust.safetensors", scale=0.5, keys_applied=0, keys_total=96)
 
 
 def emit_renders(tel) -> None:

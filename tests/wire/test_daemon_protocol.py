@@ -18,6 +18,7 @@ from client.wire.messages import (
     Error,
     Event,
     Ping,
+    PingResult,
     Render,
     Result,
     decode_reply,
@@ -163,7 +164,7 @@ def test_error_keeps_request_id_when_readable():
 
 def test_replies_roundtrip():
     for msg in (
-        Result(id=1, op="ping", result={"pong": True}),
+        Result(id=1, op="ping", result=PingResult(pong=True, version="0.1.0")),
         Event(id="x", event="progress", step=1, steps=4),
         error_reply(3, InvalidRequest("bad", field="steps")),
     ):
