@@ -3,7 +3,10 @@
 # Idempotent: a second run only checks. Used by `make demo`, `make test` and CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${EASEL_VENV:-.venv}
+# EASEL_PROFILE=thin: the client alone (no MLX, no mflux) in .venv-thin, as a thin install has it;
+# the test run uses it to prove the client needs neither.
+PROFILE=${EASEL_PROFILE:-full}
+if [ "$PROFILE" = "thin" ]; then VENV=${EASEL_VENV:-.venv-thin}; else VENV=${EASEL_VENV:-.venv}; fi
 PY=${PYTHON:-python3}
 
 say() { printf '[setup] %s\n' "$*"; }
@@ -12,6 +15,7 @@ os=$(uname -s)
 if [ "$os" = "Linux" ]; then
     lock=requirements/linux-cpu.txt
     [ "${EASEL_CUDA:-0}" = "1" ] && lock=requirements/linux-cuda.txt
+    [ "$PROFILE" = "thin" ] && lock=requirements/linux-thin.txt
     # Debian packages: OpenBLAS (MLX's CPU backend is ~25x faster with it) and libpython3.11
     # (the rotel collector binary used by the telemetry tests links against it).
     need=()
@@ -28,6 +32,7 @@ if [ "$os" = "Linux" ]; then
         fi
     fi
 elif [ "$os" = "Darwin" ]; then
+    [ "$PROFILE" = "thin" ] && { echo "the thin profile is locked for Linux only" >&2; exit 1; }
     lock=requirements/macos-arm64.txt
 else
     echo "unsupported OS: $os" >&2; exit 1
@@ -52,6 +57,10 @@ $UV pip install --quiet --python "$VENV/bin/python" --no-deps -e .
 if [ "$os" = "Linux" ] && [ "${EASEL_CUDA:-0}" != "1" ]; then
     bad=$($UV pip list --python "$VENV/bin/python" 2>/dev/null | grep -i -E '^(torch|nvidia-|mlx-cuda)' || true)
     if [ -n "$bad" ]; then echo "CPU install pulled GPU packages: $bad" >&2; exit 1; fi
+fi
+if [ "$PROFILE" = "thin" ]; then
+    bad=$($UV pip list --python "$VENV/bin/python" 2>/dev/null | grep -i -E '^(mlx|mflux|torch)' || true)
+    if [ -n "$bad" ]; then echo "the thin install pulled the model stack: $bad" >&2; exit 1; fi
 fi
 echo "$want" > "$stamp"
 say "ready: $VENV"

@@ -22,6 +22,8 @@ from client.client import RenderClient
 from client.demo import DemoSettings, print_report, render_worlds
 from client.packs import make_pack_loras
 
+pytestmark = pytest.mark.mlx  # starts a daemon: needs the daemon extra
+
 PACKS = Path(__file__).resolve().parents[2] / "genre_packs"
 
 

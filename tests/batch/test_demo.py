@@ -13,6 +13,8 @@ from PIL import Image
 
 from client.demo import example_worlds, main, world_form
 
+pytestmark = pytest.mark.mlx  # starts a daemon: needs the daemon extra
+
 REPO = Path(__file__).resolve().parents[2]
 
 

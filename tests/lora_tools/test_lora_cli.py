@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from helpers.lora_factories import generate_lora, make_s4nnc, write_safetensors
 
 from client.cli import main
-from daemon.lora import preset_layout
+from client.lorafile.layout import preset_layout
 
 
 @pytest.fixture(scope="module")

@@ -85,10 +85,10 @@ def _probe_check(delta_apply, a: np.ndarray, b_rows: np.ndarray, rng: np.random.
 def test_engine_resolves_every_key_and_every_delta_matches(files) -> None:
     """The daemon's parser + resolver against the tiny preset's real layer layout (no weights needed)."""
     from client.lorafile.keymaps import load_keymaps
+    from client.lorafile.layout import preset_layout
     from client.lorafile.parse import parse_lora
     from client.lorafile.reader import read_safetensors
     from client.lorafile.resolve import resolve
-    from daemon.lora.inspect import preset_layout
 
     tensors, _, remapped = files
     layout = preset_layout("tiny")

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from helpers.lora_factories import FORMATS, generate_lora, make_dora, write_safetensors
 
+from client.lorafile.inspect import inspect_lora
 from client.lorafile.keymaps import load_keymaps
+from client.lorafile.layout import preset_layout
 from client.lorafile.parse import parse_lora
 from client.lorafile.reader import read_safetensors
 from client.lorafile.resolve import resolve
 from client.wire.errors import LoraUnsupported
-from daemon.lora import inspect_lora, preset_layout
 
 EXPECTED_FORMAT = {
     "kohya": ("kohya", "kohya"),

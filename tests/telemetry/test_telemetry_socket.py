@@ -28,6 +28,8 @@ from client.telemetry.client_spans import client_span
 from client.wire.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
 from daemon.telemetry import TelemetryConfig, setup_telemetry
 
+pytestmark = pytest.mark.mlx  # starts a daemon: needs the daemon extra
+
 
 @pytest.fixture
 def traced_daemon(tmp_path):
