@@ -25,4 +25,4 @@ lock:
 	bash scripts/lock.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-thin .pytest_cache
