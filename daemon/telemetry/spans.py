@@ -21,7 +21,7 @@ Integration is a few lines in the server and the render worker:
 
 For a request answered within one block, `with server_span(...) as call:` does start and end.
 
-Span attributes follow SPEC.md ("Telemetry") and the OpenTelemetry RPC conventions; docs/operations.md
+Span attributes follow the OpenTelemetry RPC conventions plus easel's own `render.*` set; docs/operations.md
 lists them all.
 """
 
