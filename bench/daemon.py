@@ -66,7 +66,7 @@ for line in sys.stdin:  # one line per timed render; answers with the seconds it
 
 
 def make_loras(root: Path) -> list[str]:
-    from lora_factories import make_lora
+    from helpers.lora_factories import make_lora
 
     mods = [["attn.to_q"], ["attn.to_out.0"], ["single_transformer_blocks.0.proj_out"]]
     return [

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from lora_factories import generate_lora  # noqa: E402
+from helpers.lora_factories import generate_lora  # noqa: E402
 
 import daemon.engine  # noqa: E402, F401  (OpenBLAS before MLX)
 from daemon.engine.model import load_model  # noqa: E402
