@@ -19,15 +19,18 @@ import numpy as np
 
 from client.fs import atomic_write_bytes
 from client.lora_tools.keymap import RemapKeymap, RemapRule, load_keymap
-from client.lora_tools.st_io import StTensor, read_safetensors, scalar, serialize_safetensors
+from client.lorafile.safetensors_io import dtype_name, read_safetensors, serialize_safetensors
 from client.wire.errors import LoraFormatError
+
+# Dtypes an alpha scalar is written in when its module is stored in them (fp8 is too coarse: float32).
+_ALPHA_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 @dataclass(frozen=True)
 class RemapResult:
-    """The translated tensors plus what the summary line and the metadata need."""
+    """The translated tensors (in their source dtypes) plus what the summary line and the metadata need."""
 
-    tensors: dict[str, StTensor]
+    tensors: dict[str, np.ndarray]
     source_keys: int
     ranks: tuple[int, ...]  # distinct source ranks, sorted
     modules: int
@@ -50,17 +53,17 @@ class RemapSummary:
         return f"{self.keys_translated} keys translated, rank {self.rank}, {self.bytes_written / 1e6:.2f} MB"
 
 
-def _down(a: StTensor, rule: RemapRule) -> StTensor:
-    m = a.array.T if rule.transpose else a.array  # (rank, in)
+def _down(a: np.ndarray, rule: RemapRule) -> np.ndarray:
+    m = a.T if rule.transpose else a  # (rank, in)
     if rule.replicate > 1:
         m = np.tile(m, (rule.replicate, 1))  # every rank slice is the original down matrix
-    return StTensor(a.dtype, np.ascontiguousarray(m))
+    return np.ascontiguousarray(m)
 
 
-def _up(b: StTensor, rule: RemapRule, module: str) -> StTensor:
-    m = b.array.T if rule.transpose else b.array  # (out, rank)
+def _up(b: np.ndarray, rule: RemapRule, module: str) -> np.ndarray:
+    m = b.T if rule.transpose else b  # (out, rank)
     if rule.replicate == 1:
-        return StTensor(b.dtype, np.ascontiguousarray(m))
+        return np.ascontiguousarray(m)
     out_dim, rank = m.shape
     unit, rest = divmod(out_dim, sum(rule.parts))
     if rest:
@@ -73,14 +76,20 @@ def _up(b: StTensor, rule: RemapRule, module: str) -> StTensor:
         rows = part * unit
         block[row : row + rows, i * rank : (i + 1) * rank] = m[row : row + rows]
         row += rows
-    return StTensor(b.dtype, block)
+    return block
 
 
-def remap_tensors(tensors: dict[str, StTensor], keymap: RemapKeymap) -> RemapResult:
+def _alpha(value: float, like: np.ndarray) -> np.ndarray:
+    """kohya's `.alpha`: a 0-d tensor in its module's float dtype (bf16 rounded to nearest even)."""
+    name = dtype_name(like.dtype)
+    return np.array(value, dtype=like.dtype if name in _ALPHA_DTYPES else np.float32)
+
+
+def remap_tensors(tensors: dict[str, np.ndarray], keymap: RemapKeymap) -> RemapResult:
     """Translate every tensor; any key no rule owns is an error naming all of them (nothing is dropped)."""
     if not tensors:
         raise LoraFormatError("the file holds no tensors")
-    matched: dict[str, dict[str, tuple[RemapRule, str, StTensor]]] = {}
+    matched: dict[str, dict[str, tuple[RemapRule, str, np.ndarray]]] = {}
     unknown: list[str] = []
     for key in sorted(tensors):
         found = keymap.find(key)
@@ -97,7 +106,7 @@ def remap_tensors(tensors: dict[str, StTensor], keymap: RemapKeymap) -> RemapRes
             unknown_keys=unknown,
             keymap=str(keymap.path),
         )
-    out: dict[str, StTensor] = {}
+    out: dict[str, np.ndarray] = {}
     ranks: set[int] = set()
     fused = 0
     for module, roles in sorted(matched.items()):
@@ -105,20 +114,18 @@ def remap_tensors(tensors: dict[str, StTensor], keymap: RemapKeymap) -> RemapRes
         if missing:
             raise LoraFormatError(f"{module}: the file has no {' / '.join(sorted(missing))} matrix for it")
         (down_rule, down_name, a), (up_rule, up_name, b) = roles["down"], roles["up"]
-        if a.array.ndim != 2 or b.array.ndim != 2:
-            raise LoraFormatError(f"{module}: LoRA matrices must be 2-D, got {a.array.shape} and {b.array.shape}")
+        if a.ndim != 2 or b.ndim != 2:
+            raise LoraFormatError(f"{module}: LoRA matrices must be 2-D, got {a.shape} and {b.shape}")
         down = _down(a, down_rule)
         up = _up(b, up_rule, module)
-        rank_out = down.array.shape[0]
-        if up.array.shape[1] != rank_out:
-            raise LoraFormatError(
-                f"{module}: down and up ranks disagree ({a.array.shape} vs {b.array.shape})", module=module
-            )
+        rank_out = down.shape[0]
+        if up.shape[1] != rank_out:
+            raise LoraFormatError(f"{module}: down and up ranks disagree ({a.shape} vs {b.shape})", module=module)
         ranks.add(rank_out // down_rule.replicate)
         fused += down_rule.replicate > 1
         out[down_name] = down
         out[up_name] = up
-        out[module + keymap.suffixes["alpha"]] = scalar(keymap.source_scale * rank_out, a.dtype)
+        out[module + keymap.suffixes["alpha"]] = _alpha(keymap.source_scale * rank_out, a)
     return RemapResult(out, len(tensors), tuple(sorted(ranks)), len(matched), fused)
 
 
@@ -137,8 +144,9 @@ def remap_file(source: str | Path, output: str | Path, keymap: RemapKeymap | str
         keymap = load_keymap(keymap)
     if output.resolve() == source.resolve():
         raise LoraFormatError(f"output {output} would overwrite the source file", path=str(output))
-    tensors, source_meta = read_safetensors(source)
-    result = remap_tensors(tensors, keymap)
+    source_file = read_safetensors(source, as_stored=True)
+    source_meta = source_file.metadata
+    result = remap_tensors(source_file.tensors, keymap)
     rank = result.ranks[0] if len(result.ranks) == 1 else max(result.ranks)
     metadata = {
         "easel.remap.source": source.name,

@@ -10,8 +10,8 @@ import os
 
 from client.lorafile.keymaps import KeymapSet, load_keymaps
 from client.lorafile.parse import parse_lora
-from client.lorafile.reader import read_safetensors
 from client.lorafile.resolve import Layout, resolve
+from client.lorafile.safetensors_io import read_safetensors
 from client.wire.report import FileReport
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from client.lorafile.keymaps import FormatKeymap, KeymapSet, ModuleRule, load_keymaps
-from client.lorafile.reader import SafetensorsFile
+from client.lorafile.safetensors_io import SafetensorsFile
 from client.wire.errors import LoraUnsupported
 
 REASON_TEXT_ENCODER = "text encoder key: not applied (easel patches the diffusion transformer only)"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from client.lorafile.keymaps import KeymapSet, load_keymaps
 from client.lorafile.parse import ParsedLora, parse_lora
-from client.lorafile.reader import read_safetensors
+from client.lorafile.safetensors_io import read_safetensors
 from client.wire.errors import LoraNotFound
 
 Signature = tuple[int, int]  # (size, mtime_ns)

@@ -21,13 +21,13 @@ import json
 import pickle
 import re
 import sqlite3
-import struct
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 FORMATS = (
@@ -408,35 +408,24 @@ def _add_text_encoder(fmt: str, tensors: dict[str, np.ndarray], rank: int, rng: 
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _bf16_bytes(arr: np.ndarray) -> bytes:
-    bits = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
-    return rounded.tobytes()
-
-
 def bf16_round(arr: np.ndarray) -> np.ndarray:
-    """What a float32 array becomes after a round trip through bfloat16."""
-    rounded = np.frombuffer(_bf16_bytes(arr), dtype=np.uint16).astype(np.uint32) << 16
-    return rounded.view(np.float32).reshape(np.shape(arr))
+    """What a float32 array becomes after a round trip through bfloat16 (round to nearest even)."""
+    return np.asarray(arr, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str], dtype: str = "F32") -> None:
-    """Write a safetensors file (F32 through the safetensors library; F16/BF16 by hand)."""
-    if dtype == "F32":
+    """Write a safetensors file, every tensor in `dtype` (F32, F16 or BF16, rounded to nearest even)."""
+    if dtype == "F32":  # through the safetensors library itself, independently of easel's writer
         from safetensors.numpy import save_file
 
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path), metadata)
         return
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    chunks, offset = [], 0
-    for key, value in tensors.items():
-        data = _bf16_bytes(value) if dtype == "BF16" else np.ascontiguousarray(value, dtype="<f2").tobytes()
-        header[key] = {"dtype": dtype, "shape": list(np.shape(value)), "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(chunks))
+    from client.lorafile.safetensors_io import DTYPES
+    from client.lorafile.safetensors_io import write_safetensors as write
+
+    wide = np.float32 if dtype == "BF16" else None  # bf16 as bf16_round makes it: from float32
+    cast = {k: np.asarray(v, dtype=wide).astype(DTYPES[dtype]) for k, v in tensors.items()}
+    write(path, cast, metadata)
 
 
 # -- files easel must refuse ---------------------------------------------------------------------

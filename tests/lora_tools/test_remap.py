@@ -6,6 +6,7 @@ import json
 import pickle
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -15,7 +16,7 @@ from safetensors.numpy import save_file
 from client.lora_tools.commands import remap as remap_command
 from client.lora_tools.keymap import keymaps_dir, load_keymap
 from client.lora_tools.remap import remap_file
-from client.lora_tools.st_io import StTensor, read_safetensors, write_safetensors
+from client.lorafile.safetensors_io import read_safetensors, write_safetensors
 from client.wire.errors import LoraFormatError
 
 W = 8  # a narrow stand-in for Flux's 3072 width: every shape keeps Flux's ratios
@@ -235,16 +236,17 @@ def test_missing_partner_matrix_is_an_error(tmp_path: Path) -> None:
 
 def test_bf16_bits_survive_and_alpha_is_bf16(tmp_path: Path) -> None:
     f32 = mlx_examples_lora(1, 0, rank=2, seed=3)
-    bf16 = {k: StTensor("BF16", (v.view(np.uint32) >> 16).astype(np.uint16)) for k, v in f32.items()}
+    bits = {k: (v.view(np.uint32) >> 16).astype(np.uint16) for k, v in f32.items()}  # bf16 bit patterns
     src = tmp_path / "bf16.safetensors"
-    write_safetensors(src, bf16, {})
+    write_safetensors(src, {k: b.view(ml_dtypes.bfloat16) for k, b in bits.items()}, {})
+    assert set(read_safetensors(src).dtypes.values()) == {"BF16"}
     remap_file(src, tmp_path / "out.safetensors", "mlx_examples_flux")
-    got, _ = read_safetensors(tmp_path / "out.safetensors")
-    down = got["lora_unet_double_blocks_0_img_attn_proj.lora_down.weight"]
-    assert down.dtype == "BF16"
-    np.testing.assert_array_equal(down.array, bf16["double_blocks.0.img_attn.proj.lora_a"].array.T)
-    alpha = got["lora_unet_double_blocks_0_img_attn_qkv.alpha"]
-    assert alpha.dtype == "BF16" and float(alpha.as_float64()) == 6.0
+    got = read_safetensors(tmp_path / "out.safetensors", as_stored=True)
+    name = "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight"
+    assert got.dtypes[name] == "BF16" and got.tensors[name].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(got.tensors[name].view(np.uint16), bits["double_blocks.0.img_attn.proj.lora_a"].T)
+    alpha = "lora_unet_double_blocks_0_img_attn_qkv.alpha"
+    assert got.dtypes[alpha] == "BF16" and float(got.tensors[alpha].astype(np.float64)) == 6.0
 
 
 def test_pickle_input_is_refused_without_unpickling(tmp_path: Path) -> None:

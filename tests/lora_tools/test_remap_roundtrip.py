@@ -87,8 +87,8 @@ def test_engine_resolves_every_key_and_every_delta_matches(files) -> None:
     from client.lorafile.keymaps import load_keymaps
     from client.lorafile.layout import preset_layout
     from client.lorafile.parse import parse_lora
-    from client.lorafile.reader import read_safetensors
     from client.lorafile.resolve import resolve
+    from client.lorafile.safetensors_io import read_safetensors
 
     tensors, _, remapped = files
     layout = preset_layout("tiny")

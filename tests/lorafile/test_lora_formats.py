@@ -13,8 +13,8 @@ from client.lorafile.inspect import inspect_lora
 from client.lorafile.keymaps import load_keymaps
 from client.lorafile.layout import preset_layout
 from client.lorafile.parse import parse_lora
-from client.lorafile.reader import read_safetensors
 from client.lorafile.resolve import resolve
+from client.lorafile.safetensors_io import read_safetensors
 from client.wire.errors import LoraUnsupported
 
 EXPECTED_FORMAT = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 
+import ml_dtypes
 import numpy as np
 import pytest
 from helpers.lora_factories import (
@@ -16,8 +17,10 @@ from helpers.lora_factories import (
     make_truncated,
     write_safetensors,
 )
+from safetensors import safe_open
 
-from client.lorafile.reader import read_safetensors
+from client.lorafile import safetensors_io
+from client.lorafile.safetensors_io import DTYPES, read_safetensors
 from client.wire.errors import LoraFormatError, LoraNotFound
 
 
@@ -127,3 +130,61 @@ def test_missing_file_and_directory(tmp_path):
         read_safetensors(tmp_path / "nope.safetensors")
     with pytest.raises(LoraFormatError, match="directory"):
         read_safetensors(tmp_path)
+
+
+def _by_hand(path, dtype: str, value: np.ndarray) -> None:
+    """One tensor, header written by hand (independently of easel's writer)."""
+    data = value.tobytes()
+    header = json.dumps({"w": {"dtype": dtype, "shape": list(value.shape), "data_offsets": [0, len(data)]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "np_dtype"), [("F8_E4M3", ml_dtypes.float8_e4m3fn), ("F8_E5M2", ml_dtypes.float8_e5m2)]
+)
+def test_reads_fp8_exactly(tmp_path, dtype, np_dtype):
+    value = np.array([[0.5, -1.75, 3.0], [448.0 if dtype == "F8_E4M3" else 57344.0, 0.0, -0.0625]], dtype=np_dtype)
+    path = tmp_path / f"{dtype}.safetensors"
+    _by_hand(path, dtype, value)
+    sf = read_safetensors(path)
+    assert sf.dtypes["w"] == dtype and sf.tensors["w"].dtype == np.float32
+    np.testing.assert_array_equal(sf.tensors["w"], value.astype(np.float32))
+    stored = read_safetensors(path, as_stored=True).tensors["w"]
+    assert stored.dtype == np_dtype
+    np.testing.assert_array_equal(stored.view(np.uint8), value.view(np.uint8))
+
+
+def test_unsupported_dtype_is_refused_naming_it(tmp_path):
+    path = tmp_path / "e8m0.safetensors"
+    _by_hand(path, "F8_E8M0", np.zeros(4, dtype=np.uint8))
+    with pytest.raises(LoraFormatError, match="unsupported dtype F8_E8M0") as err:
+        read_safetensors(path)
+    assert err.value.code == "lora_format"
+
+
+def test_writer_keeps_every_dtype_bit_for_bit(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name, dtype in DTYPES.items():
+        raw = rng.standard_normal((3, 5)) * 4
+        tensors[f"t.{name}"] = (raw > 0) if name == "BOOL" else raw.astype(np.float32).astype(dtype)
+    tensors["alpha"] = np.array(6.0, dtype=ml_dtypes.bfloat16)  # 0-d, as kohya's .alpha
+    path = tmp_path / "all.safetensors"
+    size = safetensors_io.write_safetensors(path, tensors, {"note": "every dtype"})
+    assert size == path.stat().st_size
+    (header_len,) = struct.unpack("<Q", path.read_bytes()[:8])
+    header = json.loads(path.read_bytes()[8 : 8 + header_len])
+    assert header.pop("__metadata__") == {"note": "every dtype"}
+    assert {k: v["dtype"] for k, v in header.items()} == {**{f"t.{n}": n for n in DTYPES}, "alpha": "BF16"}
+    got = read_safetensors(path, as_stored=True)
+    for key, value in tensors.items():
+        assert got.tensors[key].dtype == value.dtype and got.tensors[key].shape == value.shape
+        np.testing.assert_array_equal(got.tensors[key].reshape(-1).view(np.uint8), value.reshape(-1).view(np.uint8))
+    with safe_open(str(path), framework="numpy") as st:  # the safetensors library reads it too
+        np.testing.assert_array_equal(st.get_tensor("t.F32"), tensors["t.F32"])
+
+
+def test_writer_refuses_a_dtype_safetensors_cannot_hold(tmp_path):
+    with pytest.raises(LoraFormatError, match="cannot store"):
+        safetensors_io.write_safetensors(tmp_path / "c.safetensors", {"c": np.ones(2, dtype=np.complex64)}, {})
+    assert not (tmp_path / "c.safetensors").exists()

@@ -1,12 +1,15 @@
-"""Read a LoRA file as safetensors, and only as safetensors: nothing is ever unpickled.
+"""Read and write LoRA files as safetensors, and only as safetensors: nothing is ever unpickled.
 
-Why a small parser of our own: numpy (the only array library the thin install has) cannot hold bfloat16,
-the dtype most Flux LoRAs ship in, so `safetensors.numpy` refuses those files. The format is simple
-(an 8-byte little-endian header length, a JSON header, one flat data buffer) and fully validated here:
-offsets must tile the buffer exactly, so a truncated or padded-with-garbage file is caught.
+The one place easel touches safetensors bytes: the loader (`parse`), the cache and `easel lora remap`
+all read through `read_safetensors`, and the remapper writes through `write_safetensors`.
 
-Files that are not safetensors are recognised from their first bytes and refused with a message
-naming what they look like (pickle, PyTorch zip checkpoint, Draw Things s4nnc/SQLite, GGUF, ...).
+Why a parser of our own: the header is small and fully validated here (offsets must tile the data
+section exactly, so a truncated or padded-with-garbage file is caught), and numpy alone has no bfloat16,
+so `safetensors.numpy` refuses the dtype most Flux LoRAs ship in. bf16 and fp8 are numpy dtypes through
+`ml_dtypes`: read exactly, widened exactly, written back bit for bit.
+
+Files that are not safetensors are recognised from their first bytes and refused with a message naming
+what they look like (pickle, PyTorch zip checkpoint, Draw Things s4nnc/SQLite, GGUF, ...).
 """
 
 from __future__ import annotations
@@ -16,21 +19,28 @@ import mmap
 import os
 import struct
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
+import safetensors
 
+from client.fs import atomic_write_bytes
 from client.wire.errors import LoraFormatError, LoraNotFound
 
 # Largest header any real file has is a few MB; refuse absurd lengths before allocating.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-_DTYPES: dict[str, np.dtype] = {
+# safetensors dtype name -> the numpy dtype its bytes are (little-endian, as the format stores them).
+DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
-    "BF16": np.dtype("<u2"),  # widened to float32 below
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
     "I64": np.dtype("<i8"),
     "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"),
@@ -38,11 +48,16 @@ _DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 
 @dataclass(frozen=True)
 class SafetensorsFile:
-    """A parsed safetensors file: float tensors as float32 numpy arrays, metadata as strings."""
+    """A parsed safetensors file: its tensors as numpy arrays, its metadata as strings.
+
+    `tensors` holds float tensors widened to float32 (what the loader computes with) unless it was read
+    `as_stored`, when every tensor keeps its stored dtype (what the remapper writes back unchanged).
+    """
 
     path: str
     tensors: dict[str, np.ndarray]
@@ -89,8 +104,10 @@ def _plausible_safetensors(head: bytes, size: int) -> bool:
     return header_len <= MAX_HEADER_BYTES and 8 + header_len <= size
 
 
-def read_safetensors(path: str | os.PathLike[str]) -> SafetensorsFile:
-    """Parse and validate `path`; raise LoraNotFound / LoraFormatError naming the problem."""
+def read_safetensors(path: str | os.PathLike[str], *, as_stored: bool = False) -> SafetensorsFile:
+    """Parse and validate `path`; raise LoraNotFound / LoraFormatError naming the problem.
+
+    Float tensors come back as float32 unless `as_stored` (then bf16/fp8 stay ml_dtypes arrays)."""
     p = Path(path)
     try:
         size = p.stat().st_size
@@ -141,8 +158,9 @@ def read_safetensors(path: str | os.PathLike[str]) -> SafetensorsFile:
         if specs:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 for key, (dtype, shape, begin, end) in specs.items():
-                    buf = mm[data_start + begin : data_start + end]
-                    tensors[key] = _to_array(buf, dtype, shape)
+                    stored = np.frombuffer(mm[data_start + begin : data_start + end], dtype=DTYPES[dtype])
+                    widen = dtype in FLOAT_DTYPES and not as_stored
+                    tensors[key] = (stored.astype(np.float32) if widen else stored.copy()).reshape(shape)
                     dtypes[key] = dtype
     return SafetensorsFile(path=str(p), tensors=tensors, metadata=metadata, dtypes=dtypes)
 
@@ -164,9 +182,9 @@ def _tensor_specs(header: dict, data_len: int, p: Path) -> dict[str, tuple[str, 
             begin, end = (int(o) for o in info["data_offsets"])
         except (TypeError, KeyError, ValueError) as exc:
             raise LoraFormatError(f"{p.name}: corrupt header entry for tensor {key!r}", path=str(p)) from exc
-        if dtype not in _DTYPES:
+        if dtype not in DTYPES:
             raise LoraFormatError(f"{p.name}: tensor {key!r} has unsupported dtype {dtype}", path=str(p), key=key)
-        expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+        expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
         if begin < 0 or end < begin or end - begin != expected:
             raise LoraFormatError(
                 f"{p.name}: tensor {key!r} offsets {begin}..{end} do not fit its shape {list(shape)}",
@@ -193,12 +211,33 @@ def _tensor_specs(header: dict, data_len: int, p: Path) -> dict[str, tuple[str, 
     return specs
 
 
-def _to_array(buf: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    raw = np.frombuffer(buf, dtype=_DTYPES[dtype])
-    if dtype == "BF16":
-        arr = (raw.astype(np.uint32) << 16).view(np.float32)
-    elif raw.dtype.kind == "f":
-        arr = raw.astype(np.float32)
-    else:
-        arr = raw.copy()
-    return arr.reshape(shape)
+def dtype_name(dtype: np.dtype) -> str:
+    """The safetensors name of a numpy dtype (`BF16` for ml_dtypes.bfloat16); LoraFormatError if none."""
+    for name, known in DTYPES.items():
+        if known == dtype:
+            return name
+    raise LoraFormatError(f"safetensors cannot store numpy dtype {dtype}")
+
+
+def serialize_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """The bytes of a safetensors file holding `tensors` in their own dtypes (keys ordered by the library)."""
+    arrays = {name: np.require(a, requirements="C") for name, a in tensors.items()}  # alive for the pointers
+    names = {name: dtype_name(a.dtype) for name, a in arrays.items()}
+    spec = getattr(safetensors, "TensorSpec", None)
+    if spec is not None:  # safetensors >= 0.7 takes specs named like numpy's dtypes (ml_dtypes' included)
+        flat = {
+            name: spec(dtype=a.dtype.name, shape=a.shape, data_ptr=a.ctypes.data, data_len=a.nbytes)
+            for name, a in arrays.items()
+        }
+    else:  # older releases take dicts named like the header
+        flat = {name: {"dtype": names[name], "shape": list(a.shape), "data": a.tobytes()} for name, a in arrays.items()}
+    return bytes(safetensors.serialize(flat, metadata=dict(metadata)))
+
+
+def write_safetensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]
+) -> int:
+    """Write atomically (a reader never sees a partial file); returns the size in bytes."""
+    data = serialize_safetensors(tensors, metadata)
+    atomic_write_bytes(path, data)
+    return len(data)
