@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from client.fs import atomic_write_bytes
-from client.lora_tools.keymap import RemapKeymap, RemapRule, load_keymap
+from client.lorafile.keymaps import RemapKeymap, RemapRule, load_remap_keymap
 from client.lorafile.safetensors_io import dtype_name, read_safetensors, serialize_safetensors
 from client.wire.errors import LoraFormatError
 
@@ -96,8 +96,8 @@ def remap_tensors(tensors: dict[str, np.ndarray], keymap: RemapKeymap) -> RemapR
         if found is None:
             unknown.append(key)
             continue
-        rule, fields = found
-        target = rule.target_name(fields)
+        rule, index = found
+        target = rule.target_name(index)
         matched.setdefault(keymap.module_of(target, rule.role), {})[rule.role] = (rule, target, tensors[key])
     if unknown:
         raise LoraFormatError(
@@ -141,7 +141,7 @@ def remap_file(source: str | Path, output: str | Path, keymap: RemapKeymap | str
     """Read, translate, and write atomically: on any error no output file (not even a partial one) exists."""
     source, output = Path(source), Path(output)
     if not isinstance(keymap, RemapKeymap):
-        keymap = load_keymap(keymap)
+        keymap = load_remap_keymap(keymap)
     if output.resolve() == source.resolve():
         raise LoraFormatError(f"output {output} would overwrite the source file", path=str(output))
     source_file = read_safetensors(source, as_stored=True)

@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from client.lora_tools.commands import remap as remap_command
-from client.lora_tools.keymap import keymaps_dir, load_keymap
 from client.lora_tools.remap import remap_file
+from client.lorafile.keymaps import default_keymap_dir, load_keymaps, load_remap_keymap
 from client.lorafile.safetensors_io import read_safetensors, write_safetensors
 from client.wire.errors import LoraFormatError
 
@@ -88,7 +88,7 @@ def load(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_keymap_has_version_13_module_types_26_rules() -> None:
-    keymap = load_keymap(keymaps_dir() / "mlx_examples_flux.yaml")
+    keymap = load_remap_keymap(default_keymap_dir() / "mlx_examples_flux.yaml")
     assert keymap.version >= 1
     assert len(keymap.rules) == 26
     modules = {keymap.module_of(r.target, r.role) for r in keymap.rules}
@@ -181,7 +181,7 @@ def test_metadata_and_summary_line(tmp_path: Path) -> None:
         meta = st.metadata()
     assert meta["easel.remap.source"] == "in.safetensors"
     assert meta["easel.remap.keymap"] == "mlx_examples_flux"
-    assert meta["easel.remap.keymap_version"] == str(load_keymap("mlx_examples_flux").version)
+    assert meta["easel.remap.keymap_version"] == str(load_remap_keymap("mlx_examples_flux").version)
     assert meta["easel.remap.rank"] == "8"
     assert json.loads(meta["easel.remap.source_metadata"]) == {"lora_rank": "8", "lora_blocks": "-1"}
     assert len(meta["easel.remap.source_sha256"]) == 64
@@ -258,16 +258,54 @@ def test_pickle_input_is_refused_without_unpickling(tmp_path: Path) -> None:
 
 def test_keymap_validation_names_the_problem(tmp_path: Path) -> None:
     bad = tmp_path / "k.yaml"
-    bad.write_text(
-        "version: 1\ntarget_suffixes: {down: .d, up: .u, alpha: .a}\n"
-        "rules:\n  - {source: 'x.{block}.a', target: 'x_{block}.d', role: down, replicate: 3}\n"
-        "  - {source: 'x.{block}.b', target: 'x_{block}.u', role: up}\n"
-    )
-    with pytest.raises(LoraFormatError, match="disagree on replicate"):
-        load_keymap(bad)
+    head = "version: 1\nname: k\nsource_format: mlx_examples\n"
+    cases = {
+        "target_format: kohya\nmodules: ['double_blocks.{i}.*']\nfused: tile\n": (
+            r"k\.yaml: \$\.fused: expected one of replicate, got 'tile'"
+        ),
+        "target_format: kohyaa\nmodules: ['double_blocks.{i}.*']\n": r"\$\.target_format: unknown format 'kohyaa'",
+        "target_format: kohya\nmodules: ['double_blocks.{i}.*', 'final_block.*']\n": (
+            r"\$\.modules\[1\]: 'final_block\.\*' matches no module of the bfl vocabulary"
+        ),
+        # the old hand-kept rule list is refused: the rules come from the formats and the model file
+        "target_suffixes: {down: .d, up: .u, alpha: .a}\nrules: []\n": r"\$\.target_suffixes: unknown field",
+        "target_format: kohya\nmodules: 'double_blocks'\n": r"\$\.modules: expected `array`, got `str`",
+    }
+    for body, message in cases.items():
+        bad.write_text(head + body)
+        with pytest.raises(LoraFormatError, match=message) as err:
+            load_remap_keymap(bad)
+        assert err.value.code == "lora_format" and err.value.details["keymap"] == str(bad)
     bad.write_text("rules: []\n")
     with pytest.raises(LoraFormatError, match="version"):
-        load_keymap(bad)
+        load_remap_keymap(bad)
+    bad.write_text(head.replace("version: 1", "version: 2") + "target_format: kohya\nmodules: ['*']\n")
+    with pytest.raises(LoraFormatError, match=r"\$\.version: unsupported keymap version 2"):
+        load_remap_keymap(bad)
+
+
+def test_remap_rules_derive_from_the_loaders_vocabularies() -> None:
+    """One source of truth: the remap reads the loader's own formats, and each module's down and up rules
+    come from one vocabulary rule, so they cannot disagree on how the rank axis grows."""
+    keymap = load_remap_keymap("mlx_examples_flux")
+    keymaps = load_keymaps()
+    assert keymap.source == keymaps.by_name("mlx_examples") and keymap.target == keymaps.by_name("kohya")
+    block_rules = [r for r in keymaps.vocabularies["bfl"] if r.source.startswith(("double_blocks.", "single_blocks."))]
+    assert {r.module for r in keymap.rules} == set(block_rules) and len(block_rules) == 13
+    for rule in keymap.rules:
+        partner = next(p for p in keymap.rules if p.module == rule.module and p.role != rule.role)
+        assert (
+            (rule.replicate, rule.parts)
+            == (partner.replicate, partner.parts)
+            == (
+                len(rule.module.targets),
+                {1: (1,), 3: (1, 1, 1), 4: (1, 1, 1, 4)}[len(rule.module.targets)],
+            )
+        )
+    sources = {r.source for r in keymap.rules}
+    assert "double_blocks.{i}.img_mlp.layers.0.lora_a" in sources and "single_blocks.{i}.linear1.lora_b" in sources
+    targets = {r.target for r in keymap.rules}
+    assert "lora_unet_double_blocks_{i}_img_mlp_0.lora_down.weight" in targets
 
 
 def test_easel_lora_remap_is_wired_into_the_cli(tmp_path: Path) -> None:
