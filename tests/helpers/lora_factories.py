@@ -236,6 +236,8 @@ def _key_base(fmt: str, module: str, prefix: str | None) -> str:
         return (prefix if prefix is not None else "transformer.") + module
     if fmt == "peft":
         return (prefix if prefix is not None else "base_model.model.") + module
+    if fmt == "mlx_examples":  # MLX's nn.Sequential names its children `layers.N` (BFL's `img_mlp.0`)
+        module = module.replace("_mlp.", "_mlp.layers.").replace("adaLN_modulation.", "adaLN_modulation.layers.")
     return (prefix or "") + module  # xlabs, mlx_examples
 
 
