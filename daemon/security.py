@@ -33,7 +33,15 @@ def ensure_private_dir(path: Path) -> None:
         raise UnsafeSocketPath(
             f"socket directory {path} is owned by uid {st.st_uid}, not by us ({os.getuid()})", path=str(path)
         )
-    if stat.S_IMODE(st.st_mode) != 0o700:
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_ISVTX | stat.S_IWOTH):
+        # A shared directory such as /tmp: tightening it would lock every other user out of it.
+        raise UnsafeSocketPath(
+            f"socket directory {path} is shared (mode {mode:o}); put the socket in a directory of its own, "
+            f"e.g. {path / 'easel' / 'easel.sock'}",
+            path=str(path),
+        )
+    if mode != 0o700:
         os.chmod(path, 0o700)
 
 
