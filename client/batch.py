@@ -17,96 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
 from client.fs import atomic_write_text
-from client.visual_style import LoraEntry, VisualStyle, apply_triggers, load_visual_style
-from client.wire.errors import DaemonUnavailable, EaselError, InvalidRequest, PackError
+from client.packs import ContentItem, LoraEntry, VisualStyle, compose_prompt, load_items, load_visual_style
+from client.packs.schema import CONTENT_KINDS
+from client.wire.errors import DaemonUnavailable, EaselError, InvalidRequest
 
-KINDS: dict[str, tuple[str, str, str]] = {
-    # kind: (content file, top-level key, default render tier)
-    "poi": ("pois.yaml", "pois", "landscape"),
-    "portrait": ("portraits.yaml", "portraits", "portrait"),
-    "creature": ("creatures.yaml", "creatures", "scene"),
-}
 RECORD_VERSION = 1
-
-
-# ----------------------------------------------------------------------------------------------- items
-
-
-@dataclass(frozen=True)
-class Item:
-    """One thing to draw. Only name, description and visual_prompt can reach a prompt; other fields
-    (narrator prose such as `atmosphere`) are dropped when the item is read."""
-
-    kind: str
-    id: str
-    name: str
-    description: str
-    visual_prompt: str | None = None
-
-
-def slugify(name: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-    return slug or hashlib.sha256(name.encode()).hexdigest()[:12]
-
-
-def load_items(world_dir: str | Path, kind: str) -> list[Item]:
-    """The items of one kind in a world, in file order; errors name the file and the item."""
-    if kind not in KINDS:
-        raise InvalidRequest(f"unknown batch kind {kind!r}; known: {', '.join(KINDS)}", field="kind")
-    fname, key, _ = KINDS[kind]
-    path = Path(world_dir) / fname
-    if not path.is_file():
-        raise PackError(f"{path}: no such file ({kind} content of the world)", file=str(path))
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise PackError(f"{path}: not valid YAML: {exc}", file=str(path)) from exc
-    raw = data.get(key) if isinstance(data, Mapping) else None
-    if not isinstance(raw, list):
-        raise PackError(f"{path}: expected a top-level `{key}:` list", file=str(path))
-    items: list[Item] = []
-    seen: dict[str, str] = {}
-    for i, entry in enumerate(raw):
-        label = entry.get("name") if isinstance(entry, Mapping) else None
-        where = f"{path}: {key}[{i}]" + (f" ({label!r})" if label else "")
-        if not isinstance(entry, Mapping):
-            raise PackError(f"{where}: an item must be a mapping", file=str(path), entry=i)
-        name, desc, vp = entry.get("name"), entry.get("description"), entry.get("visual_prompt")
-        if not isinstance(name, str) or not name.strip():
-            raise PackError(f"{where}: `name` must be a non-empty string", file=str(path), entry=i)
-        if vp is not None and (not isinstance(vp, str) or not vp.strip()):
-            raise PackError(f"{where}: `visual_prompt` must be a non-empty string", file=str(path), entry=name)
-        if vp is None and (not isinstance(desc, str) or not desc.strip()):
-            raise PackError(f"{where}: needs a `description` (or a `visual_prompt`)", file=str(path), entry=name)
-        item_id = slugify(name)
-        if item_id in seen:
-            raise PackError(
-                f"{where}: {name!r} and {seen[item_id]!r} share the output name {item_id!r}",
-                file=str(path),
-                entry=name,
-            )
-        seen[item_id] = name
-        items.append(Item(kind, item_id, name.strip(), (desc or "").strip(), vp.strip() if vp else None))
-    return items
-
-
-# ---------------------------------------------------------------------------------------------- prompts
-
-
-def base_prompt(item: Item) -> str:
-    """`visual_prompt` verbatim when present, else "{name}: {description}"."""
-    return item.visual_prompt if item.visual_prompt else f"{item.name}: {item.description}"
-
-
-def compose_prompt(item: Item, style_suffix: str, triggers: Sequence[str]) -> str:
-    """Triggers (stack order, deduplicated), then the item's prompt, then the tier's style suffix."""
-    prompt = base_prompt(item)
-    if style_suffix.strip():
-        prompt = f"{prompt}, {style_suffix.strip()}"
-    return apply_triggers(prompt, triggers)
 
 
 def item_seed(genre: str, world: str, kind: str, item_id: str, base_seed: int = 0) -> int:
@@ -145,7 +61,7 @@ def shard_items(items: Sequence[Any], index: int, count: int) -> list[Any]:
 class Job:
     """One render of a batch: everything the request needs and where its outputs go."""
 
-    item: Item
+    item: ContentItem
     prompt: str
     seed: int
     tier: str
@@ -227,9 +143,9 @@ def plan_batch(
 ) -> BatchPlan:
     """Resolve every item of a world to a Job. Explicit size/steps/guidance/preset beat the pack's tier."""
     gdir = Path(packs_root) / genre
-    if kind not in KINDS:
-        raise InvalidRequest(f"unknown batch kind {kind!r}; known: {', '.join(KINDS)}", field="kind")
-    tier = tier or KINDS[kind][2]
+    if kind not in CONTENT_KINDS:
+        raise InvalidRequest(f"unknown batch kind {kind!r}; known: {', '.join(CONTENT_KINDS)}", field="kind")
+    tier = tier or CONTENT_KINDS[kind].default_tier
     style = load_visual_style(gdir, world, tier=tier, lora_root=lora_root, check_files=check_files)
     items = load_items(gdir / "worlds" / world, kind)
     if limit is not None:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from client.batch import BatchResult, client_renderer, plan_batch, run_batch, summary_lines
 from client.client import RenderClient
-from client.packs import genre_dirs, make_pack_loras, world_names
+from client.packs import genre_dirs, world_names
+from client.packs.example_loras import make_pack_loras
 from client.wire.errors import DaemonUnavailable, EaselError, Timeout
 
 REPO = Path(__file__).resolve().parents[1]

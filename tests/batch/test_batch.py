@@ -19,24 +19,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from client.batch import (
-    KINDS,
-    FileApplied,
-    Item,
-    Job,
-    RenderOutcome,
-    base_prompt,
-    compose_prompt,
-    item_seed,
-    load_items,
-    parse_shard,
-    plan_batch,
-    run_batch,
-    shard_items,
-)
+from client.batch import FileApplied, Job, RenderOutcome, item_seed, parse_shard, plan_batch, run_batch, shard_items
 from client.cli import main as cli
-from client.packs import genre_dirs, make_pack_loras, world_names
-from client.wire.errors import DaemonUnavailable, InvalidRequest, LoraZeroMatch, PackError
+from client.packs import ContentItem, PackError, base_prompt, compose_prompt, genre_dirs, load_items, world_names
+from client.packs.example_loras import make_pack_loras
+from client.packs.schema import CONTENT_KINDS as KINDS
+from client.wire.errors import DaemonUnavailable, InvalidRequest, LoraZeroMatch
 
 PACKS = Path(__file__).resolve().parents[2] / "genre_packs"
 
@@ -85,12 +73,12 @@ def plan(packs: Path, out: Path, world: str = "dust_and_lead", kind: str = "poi"
 
 
 def test_visual_prompt_is_used_verbatim_else_name_and_description():
-    assert base_prompt(Item("poi", "a", "A", "desc", "exact words")) == "exact words"
-    assert base_prompt(Item("poi", "a", "Boot Hill", "a graveyard")) == "Boot Hill: a graveyard"
+    assert base_prompt(ContentItem("poi", "a", "A", "desc", "exact words")) == "exact words"
+    assert base_prompt(ContentItem("poi", "a", "Boot Hill", "a graveyard")) == "Boot Hill: a graveyard"
 
 
 def test_prompt_is_triggers_then_item_then_tier_suffix():
-    item = Item("poi", "a", "Boot Hill", "a graveyard")
+    item = ContentItem("poi", "a", "Boot Hill", "a graveyard")
     assert compose_prompt(item, "film still", ["western", "smoke", "western"]) == (
         "western, smoke, Boot Hill: a graveyard, film still"
     )

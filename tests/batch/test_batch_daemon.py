@@ -20,7 +20,7 @@ from client.batch import client_renderer, plan_batch, run_batch
 from client.cli import main as cli
 from client.client import RenderClient
 from client.demo import DemoSettings, print_report, render_worlds
-from client.packs import make_pack_loras
+from client.packs.example_loras import make_pack_loras
 
 pytestmark = pytest.mark.mlx  # starts a daemon: needs the daemon extra
 

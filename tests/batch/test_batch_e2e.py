@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from client.batch import client_renderer, plan_batch, run_batch
 from client.client import RenderClient
-from client.packs import make_pack_loras
+from client.packs.example_loras import make_pack_loras
 
 pytestmark = pytest.mark.model
 
