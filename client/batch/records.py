@@ -15,12 +15,12 @@ import msgspec
 
 from client.batch.plan import BatchItem
 from client.fs import atomic_write_bytes
-from client.wire.messages import FileReport
+from client.wire.report import FileReport
 
 if TYPE_CHECKING:
     from client.batch.run import BatchResult
 
-RECORD_VERSION = 2  # 2: `stack_applied` holds the daemon's per-file reports as they are (FileReport)
+RECORD_VERSION = 2  # 2: `stack_applied` holds the per-file reports as they are (client.wire.report.FileReport)
 STATUSES = ("rendered", "skipped", "failed", "pending")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from client.batch.plan import BatchPlan
 from client.batch.records import finished_outcome
 from client.batch.run import BatchResult
-from client.wire.messages import FileReport
+from client.wire.report import FileReport
 
 
 def describe_plan(plan: BatchPlan) -> str:

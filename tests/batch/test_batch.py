@@ -26,7 +26,8 @@ from client.packs import ContentItem, PackError, base_prompt, compose_prompt, ge
 from client.packs.example_loras import make_pack_loras
 from client.packs.schema import CONTENT_KINDS as KINDS
 from client.wire.errors import DaemonUnavailable, InvalidRequest, LoraZeroMatch
-from client.wire.messages import Event, FileReport, RenderResult
+from client.wire.messages import Event, RenderResult
+from client.wire.report import FileReport
 
 PACKS = Path(__file__).resolve().parents[2] / "genre_packs"
 
