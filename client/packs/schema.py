@@ -70,6 +70,10 @@ class _StyleFields(_Schema):
     lora: NonBlank | None = None  # legacy flat form, see compose.migrate_flat
     lora_scale: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.lora_scale is not None and not math.isfinite(self.lora_scale):
+            raise ValueError(f"'lora_scale' must be a finite number, got {self.lora_scale!r}")
+
 
 class GenreStyle(_StyleFields):
     """`<genre>/visual_style.yaml`. A mapping under `loras:` is read only to be refused with a hint
@@ -180,7 +184,7 @@ def located(
     return error(where + problem + tail, json_path=json_path, file=source, entry=entry)
 
 
-_AT = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.S)
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>\$[^`]*)`| - at `key` in `(?P<key_in>\$[^`]*)`)?$", re.S)
 _SEGMENT = re.compile(r"\.(?P<field>\w+)|\[(?P<index>\d+)\]|\[(?P<any>\.\.\.)\]")
 _WORDS = {
     "float": "a number",
@@ -198,6 +202,10 @@ def schema_error(message: str, data: Any, schema: Any, source: str, error: type[
     """msgspec's message in the words a pack author uses, at the concrete path, naming the entry."""
     m = _AT.match(message)
     assert m is not None
+    if m.group("key_in"):  # a mapping's key itself is wrong (YAML allows any key; ours are names)
+        path, value, _, entry = _walk(data, schema, m.group("key_in"))
+        key = next((k for k in value if not isinstance(k, str)), None) if isinstance(value, Mapping) else None
+        return located(error, source, path, f"keys must be names (strings), got {_show(key)}", entry=entry)
     path, value, here, entry = _walk(data, schema, m.group("path") or "$")
     problem = _explain(m.group("msg"), value, here, path)
     return located(error, source, path, problem, entry=entry)

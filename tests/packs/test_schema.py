@@ -89,6 +89,10 @@ def test_flat_form_is_one_migration_step_to_a_one_entry_stack():
     assert migrate_flat(decode({"loras": [entry("a")]}, GenreStyle, source="g.yaml"), "g.yaml", ["x"]) is None
     with pytest.raises(VisualStyleError, match="both"):
         migrate_flat(decode({"lora": "a.safetensors", "loras": []}, GenreStyle, source="g.yaml"), "g.yaml", ["x"])
+    with pytest.raises(VisualStyleError, match=r"g.yaml: \$: 'lora_scale' must be a finite number, got nan"):
+        decode(
+            {"lora": "a.safetensors", "lora_scale": float("nan")}, GenreStyle, source="g.yaml", error=VisualStyleError
+        )
 
 
 def test_a_flat_world_over_a_flat_genre_replaces_its_lora():
@@ -162,3 +166,8 @@ def test_composing_a_stack_loads_no_numpy_mlx_or_blas():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[] False", out.stdout + out.stderr
+
+
+def test_a_key_that_is_not_a_name_is_named_where_it_is(tmp_path):
+    gdir = write_genre(tmp_path, {"tiers": {1: {"steps": 2}}})
+    assert load_error(gdir).message.endswith("visual_style.yaml: $.tiers: keys must be names (strings), got 1")
