@@ -21,9 +21,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.batch import BatchResult, client_renderer, plan_batch, run_batch, summary_lines
+from client.batch import BatchResult, plan_batch, run_batch, summary_lines
 from client.client import RenderClient
-from client.packs import genre_dirs, make_pack_loras, world_names
+from client.contact_sheet import Tile, render_sheet, write_contact_sheet, write_png
+from client.packs import genre_dirs, world_names
+from client.packs.example_loras import make_pack_loras
+from client.packs.load import read_world_style
 from client.wire.errors import DaemonUnavailable, EaselError, Timeout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,25 +130,23 @@ def example_worlds(packs_root: Path = PACKS) -> list[tuple[str, str]]:
 
 
 def render_worlds(client: RenderClient, settings: DemoSettings, packs_root: Path = PACKS) -> list[BatchResult]:
-    """One small batch per world and kind, through the daemon."""
+    """One small batch per world and kind, through the daemon, each with its contact sheet."""
     results = []
-    renderer = client_renderer(client)
     for genre, world in settings.worlds or example_worlds(packs_root):
         for kind in settings.kinds:
             plan = plan_batch(
                 packs_root, genre, world, kind, settings.out / "batch",
                 width=settings.size, height=settings.size, steps=settings.steps, limit=settings.per_kind,
             )  # fmt: skip
-            results.append(run_batch(plan, renderer, progress=settings.progress))
+            result = run_batch(plan, client, progress=settings.progress)
+            result.contact_sheet_path = write_contact_sheet(result)
+            results.append(result)
     return results
 
 
 def world_form(genre: str, world: str, packs_root: Path = PACKS) -> str:
-    import yaml
-
-    path = packs_root / genre / "worlds" / world / "visual_style.yaml"
-    data = yaml.safe_load(path.read_text()) if path.is_file() else None
-    return "exclude/add" if isinstance(data, dict) and data.get("loras") else "inherits"
+    """How the world's visual_style.yaml treats the genre's stack: `exclude/add`, or `inherits` it unchanged."""
+    return "exclude/add" if read_world_style(packs_root / genre, world).loras is not None else "inherits"
 
 
 def print_report(results: Sequence[BatchResult], packs_root: Path = PACKS) -> None:
@@ -166,13 +167,8 @@ def print_report(results: Sequence[BatchResult], packs_root: Path = PACKS) -> No
 
 def write_overview_sheet(results: Sequence[BatchResult], path: Path) -> Path | None:
     """One sheet with every render of the demo, captioned world / item, so the worlds compare side by side."""
-    import io
-
-    from client.contact_sheet import Tile, render_sheet
-    from client.fs import atomic_write_bytes
-
     tiles = [
-        Tile(None if i.status == "failed" else i.job.output_path, f"{r.plan.world} / {i.job.item.name}")
+        Tile(None if i.status == "failed" else i.item.output_path, f"{r.plan.world} / {i.item.content.name}")
         for r in results
         for i in r.items
     ]
@@ -180,10 +176,7 @@ def write_overview_sheet(results: Sequence[BatchResult], path: Path) -> Path | N
         return None
     per_world = max(1, len(tiles) // len({(r.plan.genre, r.plan.world) for r in results}))
     sheet = render_sheet(tiles, "easel demo: every world (tiny preset, reduced size)", columns=min(per_world, 8))
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return write_png(sheet, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -98,8 +98,8 @@ def _run(kind: str, **kw: Any) -> None:
     if kw["dry_run"]:
         click.echo(describe_plan(plan))
         return
-    from client.batch import client_renderer
     from client.client import RenderClient
+    from client.contact_sheet import write_contact_sheet
     from client.telemetry.client_spans import setup_command_telemetry
 
     client_kw: dict[str, Any] = {"socket_path": kw["socket"]}
@@ -108,10 +108,10 @@ def _run(kind: str, **kw: Any) -> None:
     try:
         setup_command_telemetry()
         with RenderClient(**client_kw) as client:
-            result = run_batch(plan, client_renderer(client), resume=not kw["no_resume"],
-                               progress=not kw["no_progress"])  # fmt: skip
+            result = run_batch(plan, client, resume=not kw["no_resume"], progress=not kw["no_progress"])
     except EaselError as err:
         raise click.ClickException(f"[{err.code}] {err.message}") from None
+    result.contact_sheet_path = write_contact_sheet(result)
     for line in summary_lines(result):
         click.echo(line)
     if not result.ok:

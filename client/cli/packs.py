@@ -37,7 +37,7 @@ def packs() -> None:
 @click.option("--force", is_flag=True, help="Rewrite files even when they are already up to date.")
 def make_loras(packs_root: Path, lora_root: Path | None, force: bool) -> None:
     """Generate the small tiny-preset LoRA files every example pack names (kohya naming, never committed)."""
-    from client.packs import make_pack_loras
+    from client.packs.example_loras import make_pack_loras
 
     made = make_pack_loras(packs_root, lora_root, force=force)
     for g in made:
@@ -56,14 +56,14 @@ def make_loras(packs_root: Path, lora_root: Path | None, force: bool) -> None:
 @click.option("--root", "lora_root", type=click.Path(file_okay=False, path_type=Path), default=None)
 def show(packs_root: Path, genre: str, world: str | None, tier: str | None, lora_root: Path | None) -> None:
     """Print the composed LoRA stack (and triggers) of a genre/world for a tier."""
-    from client.visual_style import load_visual_style
+    from client.packs import load_visual_style
 
     style = load_visual_style(packs_root / genre, world, tier=tier, lora_root=lora_root, check_files=False)
     entries = style.stack.active
     click.echo(f"{genre}/{world or '-'} tier={tier or 'any'}: {len(entries)} LoRA(s)")
     for e in entries:
         exists = "" if Path(e.path).is_file() else "  [missing: run `easel packs make-loras`]"
-        click.echo(f"  {e.name}  scale={e.scale}  tiers={','.join(e.applies_to or ['*'])}  {e.path}{exists}")
+        click.echo(f"  {e.name}  scale={e.scale}  tiers={','.join(e.applies_to)}  {e.path}{exists}")
     if tier is not None:
         click.echo(f"  triggers: {', '.join(style.stack.triggers) or '-'}")
         click.echo(f"  suffix:   {style.style_suffix() or '-'}")

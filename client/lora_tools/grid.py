@@ -15,9 +15,9 @@ from typing import Any
 
 from PIL import Image
 
+from client.contact_sheet import labelled_sheet
 from client.fs import atomic_write_bytes
-from client.lora_tools.images import labelled_sheet
-from client.lora_tools.verify import Renderer
+from client.renderer import Renderer
 
 DEFAULT_STRENGTHS = (0.3, 0.5, 0.7, 0.9, 1.0)
 

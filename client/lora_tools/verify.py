@@ -19,26 +19,19 @@ import html
 import io
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from PIL import Image
 
+from client.contact_sheet import labelled_sheet
 from client.fs import atomic_write_bytes, atomic_write_text
-from client.lora_tools.images import labelled_sheet, ssim
+from client.lora_tools.images import ssim
+from client.renderer import Renderer
 from client.wire.errors import EaselError, LoraError
 
 DEFAULT_PROMPT = "a lone rider crossing a desert town at dusk"
-
-
-class Renderer(Protocol):
-    """What verify and grid need from a client (client.client.RenderClient is one)."""
-
-    def send_render(
-        self, prompt: str, *, lora_paths: Sequence[str] = (), lora_scales: Sequence[float] = (), **fields: Any
-    ) -> Any: ...
 
 
 @dataclass(frozen=True)

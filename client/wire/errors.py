@@ -174,18 +174,6 @@ class RenderFailed(EaselError):
     code = "render_failed"
 
 
-class PackError(EaselError):
-    """A genre pack (visual_style.yaml or its content files) is malformed; `file` and `entry` name where."""
-
-    code = "pack_error"
-
-
-class VisualStyleError(PackError):
-    """A visual_style.yaml breaks a stack composition rule (exclude/add, tiers, names, files)."""
-
-    code = "visual_style"
-
-
 def error_from_wire(payload: dict[str, Any]) -> EaselError:
     """Rebuild the typed exception an error response describes (unknown codes become EaselError)."""
     code = str(payload.get("code", "internal"))

@@ -1,8 +1,8 @@
 """Batch planning and running: prompts, seeds, shards, resume, dry-run, manifest and contact sheet.
 
 The renders here go through `PngRenderer`, an in-process stand-in for the daemon that writes a real PNG
-per job, so resume and failure handling can be exercised item by item in milliseconds; the same batch
-through a real daemon and the tiny model is tests/test_batch_e2e.py.
+per item, so resume and failure handling can be exercised item by item in milliseconds; the same batch
+through a real daemon and the tiny model is tests/batch/test_batch_e2e.py.
 """
 
 from __future__ import annotations
@@ -19,24 +19,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from client.batch import (
-    KINDS,
-    FileApplied,
-    Item,
-    Job,
-    RenderOutcome,
-    base_prompt,
-    compose_prompt,
-    item_seed,
-    load_items,
-    parse_shard,
-    plan_batch,
-    run_batch,
-    shard_items,
-)
+from client.batch import item_seed, parse_shard, plan_batch, run_batch, shard_items
 from client.cli import main as cli
-from client.packs import genre_dirs, make_pack_loras, world_names
-from client.wire.errors import DaemonUnavailable, InvalidRequest, LoraZeroMatch, PackError
+from client.contact_sheet import write_contact_sheet
+from client.packs import ContentItem, PackError, base_prompt, compose_prompt, genre_dirs, load_items, world_names
+from client.packs.example_loras import make_pack_loras
+from client.packs.schema import CONTENT_KINDS as KINDS
+from client.wire.errors import DaemonUnavailable, InvalidRequest, LoraZeroMatch
+from client.wire.messages import Event, RenderResult
+from client.wire.report import FileReport
 
 PACKS = Path(__file__).resolve().parents[2] / "genre_packs"
 
@@ -51,7 +42,8 @@ def packs(tmp_path_factory) -> Path:
 
 
 class PngRenderer:
-    """Writes a small real PNG per job, reports every stack file as fully applied, counts calls."""
+    """A Renderer without a socket: writes a small real PNG per request, reports every stack file as fully
+    applied, counts calls (by item id, the output file's stem)."""
 
     def __init__(self, fail_on: set[str] = frozenset(), interrupt_after: int | None = None, gone_after=None) -> None:
         self.calls: list[str] = []
@@ -59,22 +51,30 @@ class PngRenderer:
         self.fail_on = fail_on
         self.interrupt_after = interrupt_after
 
-    def __call__(self, job: Job, on_progress) -> RenderOutcome:
+    def send_render(self, prompt, *, lora_paths=(), lora_scales=(), on_progress=None, **f) -> RenderResult:
+        out = Path(f["output_path"])
         if self.interrupt_after is not None and len(self.calls) >= self.interrupt_after:
             raise KeyboardInterrupt
         if self.gone_after is not None and len(self.calls) >= self.gone_after:
             raise DaemonUnavailable("the daemon at /x.sock closed the connection")
-        self.calls.append(job.item.id)
-        if job.item.id in self.fail_on:
-            raise LoraZeroMatch(f"{job.stack[0].path} matched zero keys", path=job.stack[0].path)
-        for step in range(1, job.steps + 1):
+        self.calls.append(out.stem)
+        if out.stem in self.fail_on:
+            raise LoraZeroMatch(f"{lora_paths[0]} matched zero keys", path=lora_paths[0])
+        for step in range(1, f["steps"] + 1):
             if on_progress:
-                on_progress(step, job.steps)
-        colour = tuple(job.seed.to_bytes(4, "big")[:3])
-        job.output_path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (job.width // 8, job.height // 8), colour).save(job.output_path)
-        stack = tuple(FileApplied(e.path, e.scale, e.name, "kohya", 12, 12, 4) for e in job.stack)
-        return RenderOutcome(str(job.output_path), job.seed, stack, {"total": 0.01})
+                on_progress(Event(id=1, event="progress", step=step, steps=f["steps"]))
+        colour = tuple(f["seed"].to_bytes(4, "big")[:3])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (f["width"] // 8, f["height"] // 8), colour).save(out)
+        stack = [
+            FileReport(path=p, scale=s, name=n, format="kohya", keys_total=12, keys_applied=12, layers_patched=4)
+            for p, s, n in zip(lora_paths, lora_scales, f["lora_names"], strict=True)
+        ]
+        return RenderResult(
+            width=f["width"], height=f["height"], seed=f["seed"], steps=f["steps"], guidance=f["guidance"],
+            preset="tiny", stack=stack, matched_keys=[12] * len(stack), timings={"total": 0.01},
+            stack_switched=False, image_path=str(out),
+        )  # fmt: skip
 
 
 def plan(packs: Path, out: Path, world: str = "dust_and_lead", kind: str = "poi", **kw):
@@ -85,12 +85,12 @@ def plan(packs: Path, out: Path, world: str = "dust_and_lead", kind: str = "poi"
 
 
 def test_visual_prompt_is_used_verbatim_else_name_and_description():
-    assert base_prompt(Item("poi", "a", "A", "desc", "exact words")) == "exact words"
-    assert base_prompt(Item("poi", "a", "Boot Hill", "a graveyard")) == "Boot Hill: a graveyard"
+    assert base_prompt(ContentItem("poi", "a", "A", "desc", "exact words")) == "exact words"
+    assert base_prompt(ContentItem("poi", "a", "Boot Hill", "a graveyard")) == "Boot Hill: a graveyard"
 
 
 def test_prompt_is_triggers_then_item_then_tier_suffix():
-    item = Item("poi", "a", "Boot Hill", "a graveyard")
+    item = ContentItem("poi", "a", "Boot Hill", "a graveyard")
     assert compose_prompt(item, "film still", ["western", "smoke", "western"]) == (
         "western, smoke, Boot Hill: a graveyard, film still"
     )
@@ -99,14 +99,14 @@ def test_prompt_is_triggers_then_item_then_tier_suffix():
 
 def test_plan_prompts_use_the_tier_suffix_and_the_worlds_triggers(packs, tmp_path):
     mccoy = plan(packs, tmp_path, "the_real_mccoy")
-    crossing = next(j for j in mccoy.jobs if j.item.id == "copper_creek_crossing")
+    crossing = next(j for j in mccoy.items if j.content.id == "copper_creek_crossing")
     assert crossing.prompt == (
         "mccoy_country, cattle drive crossing a shallow copper-green creek, red canyon walls, dust and spray, "
         "red canyon country at golden hour, 2.35:1 framing"
     )
     dust = plan(packs, tmp_path, "dust_and_lead", "portrait")
-    assert all(j.prompt.startswith("spaghetti_western, ") for j in dust.jobs)
-    assert all(j.prompt.endswith("extreme close-up, Techniscope film grain, sweat and stubble") for j in dust.jobs)
+    assert all(j.prompt.startswith("spaghetti_western, ") for j in dust.items)
+    assert all(j.prompt.endswith("extreme close-up, Techniscope film grain, sweat and stubble") for j in dust.items)
 
 
 def test_narrator_prose_never_reaches_a_prompt(packs, tmp_path):
@@ -120,7 +120,7 @@ def test_narrator_prose_never_reaches_a_prompt(packs, tmp_path):
                     v for item in raw for k, v in item.items() if k not in {"name", "description", "visual_prompt"}
                 ]
                 p = plan_batch(packs, gdir.name, world, kind, tmp_path)
-                for job in p.jobs:
+                for job in p.items:
                     assert "NARRATOR-ONLY" not in job.prompt
                     assert not any(text in job.prompt for text in prose)
 
@@ -147,9 +147,9 @@ def test_item_errors_name_the_file_and_item(tmp_path):
 
 
 def test_seed_is_deterministic_per_item_and_independent_of_order_and_shard(packs, tmp_path):
-    whole = {j.item.id: j.seed for j in plan(packs, tmp_path).jobs}
-    again = {j.item.id: j.seed for j in plan(packs, tmp_path).jobs}
-    shards = {j.item.id: j.seed for i in (1, 2, 3) for j in plan(packs, tmp_path, shard=(i, 3)).jobs}
+    whole = {j.content.id: j.seed for j in plan(packs, tmp_path).items}
+    again = {j.content.id: j.seed for j in plan(packs, tmp_path).items}
+    shards = {j.content.id: j.seed for i in (1, 2, 3) for j in plan(packs, tmp_path, shard=(i, 3)).items}
     assert whole == again == shards
     assert len(set(whole.values())) == len(whole)
     assert all(0 <= s < 2**32 for s in whole.values())
@@ -193,11 +193,12 @@ def test_batch_writes_pngs_records_manifest_and_contact_sheet(packs, tmp_path):
     p = plan(packs, tmp_path, "the_real_mccoy", "portrait")
     r = PngRenderer()
     result = run_batch(p, r, progress=False)
-    assert result.ok and result.count("rendered") == len(p.jobs) == 3
+    assert write_contact_sheet(result) == p.contact_sheet_path  # what `easel batch` draws after a run
+    assert result.ok and result.count("rendered") == len(p.items) == 3
     manifest = json.loads(p.manifest_path.read_text())
     assert manifest["counts"] == {"rendered": 3, "skipped": 0, "failed": 0, "pending": 0}
     assert [e["name"] for e in manifest["stack"]] == ["the_real_mccoy_portrait", "the_real_mccoy_gunsmoke"]
-    for item, job in zip(manifest["items"], p.jobs, strict=True):
+    for item, job in zip(manifest["items"], p.items, strict=True):
         assert item["prompt"] == job.prompt and item["seed"] == job.seed
         assert item["output_path"] == str(job.output_path) and Path(item["output_path"]).is_file()
         assert [f["name"] for f in item["stack_applied"]] == ["the_real_mccoy_portrait", "the_real_mccoy_gunsmoke"]
@@ -214,13 +215,13 @@ def test_resume_after_an_interrupted_batch_renders_only_the_rest(packs, tmp_path
     first = PngRenderer(interrupt_after=2)
     with pytest.raises(KeyboardInterrupt):
         run_batch(p, first, progress=False)
-    assert first.calls == [j.item.id for j in p.jobs[:2]]
+    assert first.calls == [j.content.id for j in p.items[:2]]
     second = PngRenderer()
     result = run_batch(p, second, progress=False)
-    assert second.calls == [j.item.id for j in p.jobs[2:]]
-    assert result.count("skipped") == 2 and result.count("rendered") == len(p.jobs) - 2
+    assert second.calls == [j.content.id for j in p.items[2:]]
+    assert result.count("skipped") == 2 and result.count("rendered") == len(p.items) - 2
     third = PngRenderer()
-    assert run_batch(p, third, progress=False).count("skipped") == len(p.jobs) and third.calls == []
+    assert run_batch(p, third, progress=False).count("skipped") == len(p.items) and third.calls == []
     # skipped items keep their stack report in the manifest
     manifest = json.loads(p.manifest_path.read_text())
     assert all(item["stack_applied"] for item in manifest["items"])
@@ -229,28 +230,28 @@ def test_resume_after_an_interrupted_batch_renders_only_the_rest(packs, tmp_path
 def test_resume_renders_again_what_changed_or_lost_its_record(packs, tmp_path):
     p = plan(packs, tmp_path)
     run_batch(p, PngRenderer(), progress=False)
-    p.jobs[0].record_path.unlink()
+    p.items[0].record_path.unlink()
     changed = plan(packs, tmp_path, base_seed=0, guidance=1.0)  # every fingerprint differs
     r = PngRenderer()
     run_batch(plan(packs, tmp_path), r, progress=False)
-    assert r.calls == [p.jobs[0].item.id]
+    assert r.calls == [p.items[0].content.id]
     r2 = PngRenderer()
     run_batch(changed, r2, progress=False)
-    assert r2.calls == [j.item.id for j in changed.jobs]
+    assert r2.calls == [j.content.id for j in changed.items]
     r3 = PngRenderer()
     run_batch(changed, r3, progress=False, resume=False)
-    assert len(r3.calls) == len(changed.jobs)
+    assert len(r3.calls) == len(changed.items)
 
 
 def test_a_failed_item_is_recorded_and_the_batch_goes_on(packs, tmp_path):
     p = plan(packs, tmp_path)
-    bad = p.jobs[1].item.id
+    bad = p.items[1].content.id
     result = run_batch(p, PngRenderer(fail_on={bad}), progress=False)
-    assert not result.ok and result.count("failed") == 1 and result.count("rendered") == len(p.jobs) - 1
+    assert not result.ok and result.count("failed") == 1 and result.count("rendered") == len(p.items) - 1
     manifest = json.loads(p.manifest_path.read_text())
     failed = next(i for i in manifest["items"] if i["id"] == bad)
     assert failed["status"] == "failed" and failed["error"]["code"] == "lora_zero_match"
-    assert not p.jobs[1].record_path.exists()
+    assert not p.items[1].record_path.exists()
     r = PngRenderer()
     run_batch(p, r, progress=False)  # the next run retries only the failed item
     assert r.calls == [bad]
@@ -263,14 +264,14 @@ def test_shards_write_their_own_manifests_and_together_cover_the_world(packs, tm
         run_batch(p, PngRenderer(), progress=False)
         assert p.manifest_path.name == f"manifest.shard-{i}-of-2.json"
         ids |= {item["id"] for item in json.loads(p.manifest_path.read_text())["items"]}
-    assert ids == {j.item.id for j in plan(packs, tmp_path).jobs}
+    assert ids == {j.content.id for j in plan(packs, tmp_path).items}
 
 
 def test_stack_per_world_in_the_plan(packs, tmp_path):
     dust = plan(packs, tmp_path, "dust_and_lead", "poi")
     mccoy = plan(packs, tmp_path, "the_real_mccoy", "poi")
-    assert [e.name for e in dust.jobs[0].stack] == ["spaghetti_western_landscape"]
-    assert [e.name for e in mccoy.jobs[0].stack] == ["the_real_mccoy_landscape"]
+    assert [e.name for e in dust.items[0].stack] == ["spaghetti_western_landscape"]
+    assert [e.name for e in mccoy.items[0].stack] == ["the_real_mccoy_landscape"]
 
 
 # ------------------------------------------------------------------------------------------------ cli
@@ -310,8 +311,30 @@ def test_default_out_lies_inside_the_daemons_default_output_root(monkeypatch, tm
 def test_a_vanished_daemon_stops_the_batch_instead_of_failing_every_item(packs, tmp_path):
     p = plan(packs, tmp_path)
     result = run_batch(p, PngRenderer(gone_after=1), progress=False)
-    assert [r.status for r in result.items] == ["rendered", "failed"] + ["pending"] * (len(p.jobs) - 2)
+    assert [r.status for r in result.items] == ["rendered", "failed"] + ["pending"] * (len(p.items) - 2)
     assert result.items[1].error["code"] == "daemon_unavailable" and not result.ok
     manifest = json.loads(p.manifest_path.read_text())
-    assert manifest["counts"] == {"rendered": 1, "skipped": 0, "failed": 1, "pending": len(p.jobs) - 2}
-    assert [i["id"] for i in manifest["items"]] == [j.item.id for j in p.jobs]  # every item is listed
+    assert manifest["counts"] == {"rendered": 1, "skipped": 0, "failed": 1, "pending": len(p.items) - 2}
+    assert [i["id"] for i in manifest["items"]] == [j.content.id for j in p.items]  # every item is listed
+
+
+def test_a_record_of_another_version_is_rendered_again_not_misread(packs, tmp_path):
+    p = plan(packs, tmp_path)
+    run_batch(p, PngRenderer(), progress=False)
+    record = json.loads(p.items[0].record_path.read_text())
+    assert record["record_version"] == 2 and record["stack_applied"][0]["layers_patched"] == 4
+    record["record_version"] = 1
+    p.items[0].record_path.write_text(json.dumps(record))
+    p.items[1].record_path.write_text("{not json")
+    r = PngRenderer()
+    run_batch(p, r, progress=False)
+    assert r.calls == [p.items[0].content.id, p.items[1].content.id]
+
+
+def test_progress_reaches_the_caller_as_steps(packs, tmp_path):
+    from client.batch import render_item
+
+    seen: list[tuple[int, int]] = []
+    item = plan(packs, tmp_path).items[0]
+    outcome = render_item(PngRenderer(), item, lambda step, steps: seen.append((step, steps)))
+    assert seen == [(1, 2), (2, 2)] and outcome.seed == item.seed and outcome.image_path == str(item.output_path)

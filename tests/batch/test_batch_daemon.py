@@ -1,7 +1,7 @@
 """Batches through the real daemon server, scheduler, protocol, socket and RenderClient.
 
 The daemon here renders with the stand-in engine of tests/helpers/daemon_standin.py (flat images, fixed key
-counts) so these run in seconds; tests/test_batch_e2e.py repeats the essentials on the tiny model with
+counts) so these run in seconds; tests/batch/test_batch_e2e.py repeats the essentials on the tiny model with
 the real LoRA patcher.
 """
 
@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from helpers.daemon_standin import InProcessDaemon, make_config
 from PIL import Image
 
-from client.batch import client_renderer, plan_batch, run_batch
+from client.batch import plan_batch, run_batch
 from client.cli import main as cli
 from client.client import RenderClient
 from client.demo import DemoSettings, print_report, render_worlds
-from client.packs import make_pack_loras
+from client.packs.example_loras import make_pack_loras
 
 pytestmark = pytest.mark.mlx  # starts a daemon: needs the daemon extra
 
@@ -50,12 +50,11 @@ def manifest_of(plan) -> dict:
 def test_batch_through_the_daemon_shows_each_worlds_own_stack(daemon, packs, tmp_path):
     out = tmp_path / "out" / "batch"
     with RenderClient(daemon.config.socket_path) as client:
-        render = client_renderer(client)
         plans = {
             w: plan_batch(packs, "spaghetti_western", w, "portrait", out, width=64, height=64, steps=2)
             for w in ("dust_and_lead", "the_real_mccoy")
         }
-        results = {w: run_batch(p, render, progress=False) for w, p in plans.items()}
+        results = {w: run_batch(p, client, progress=False) for w, p in plans.items()}
     assert all(r.ok for r in results.values())
     dust, mccoy = manifest_of(plans["dust_and_lead"]), manifest_of(plans["the_real_mccoy"])
     for item in dust["items"]:
@@ -75,18 +74,18 @@ def test_batch_through_the_daemon_shows_each_worlds_own_stack(daemon, packs, tmp
         daemon.patcher.switches
     )
     # seeds reached the daemon unchanged
-    assert sorted(s.seed for s in daemon.engine.rendered) == sorted(j.seed for p in plans.values() for j in p.jobs)
+    assert sorted(s.seed for s in daemon.engine.rendered) == sorted(j.seed for p in plans.values() for j in p.items)
 
 
 def test_second_run_through_the_daemon_renders_nothing(daemon, packs, tmp_path):
     plan = plan_batch(packs, "gothic_horror", "drowned_abbey", "poi", tmp_path / "out" / "b", width=64, height=64,
                       steps=1)  # fmt: skip
     with RenderClient(daemon.config.socket_path) as client:
-        first = run_batch(plan, client_renderer(client), progress=False)
+        first = run_batch(plan, client, progress=False)
         n = len(daemon.engine.rendered)
-        second = run_batch(plan, client_renderer(client), progress=False)
-    assert first.count("rendered") == len(plan.jobs) == n
-    assert second.count("skipped") == len(plan.jobs) and len(daemon.engine.rendered) == n
+        second = run_batch(plan, client, progress=False)
+    assert first.count("rendered") == len(plan.items) == n
+    assert second.count("skipped") == len(plan.items) and len(daemon.engine.rendered) == n
 
 
 def test_a_lora_the_daemon_rejects_is_a_failed_item_not_a_crash(daemon, packs, tmp_path):
@@ -100,8 +99,8 @@ def test_a_lora_the_daemon_rejects_is_a_failed_item_not_a_crash(daemon, packs, t
     plan = plan_batch(packs, "gothic_horror", "ravenmoor", "portrait", tmp_path / "out" / "z", width=64, height=64,
                       steps=1)  # fmt: skip
     with RenderClient(daemon.config.socket_path) as client:
-        result = run_batch(plan, client_renderer(client), progress=False)
-    assert result.count("failed") == len(plan.jobs)
+        result = run_batch(plan, client, progress=False)
+    assert result.count("failed") == len(plan.items)
     errors = [i["error"] for i in manifest_of(plan)["items"]]
     assert all(e["code"] == "lora_zero_match" and "zero_match" in e["message"] for e in errors)
 

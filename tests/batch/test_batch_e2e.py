@@ -17,9 +17,9 @@ from helpers.daemon_standin import InProcessDaemon, make_config
 from PIL import Image
 from safetensors import safe_open
 
-from client.batch import client_renderer, plan_batch, run_batch
+from client.batch import plan_batch, run_batch
 from client.client import RenderClient
-from client.packs import make_pack_loras
+from client.packs.example_loras import make_pack_loras
 
 pytestmark = pytest.mark.model
 
@@ -64,7 +64,7 @@ def test_batch_manifest_shows_each_worlds_stack_with_real_key_counts(real_daemon
         for w in ("dust_and_lead", "the_real_mccoy")
     }
     with RenderClient(real_daemon.config.socket_path, render_timeout=600) as client:
-        results = {w: run_batch(p, client_renderer(client), progress=False) for w, p in plans.items()}
+        results = {w: run_batch(p, client, progress=False) for w, p in plans.items()}
     assert all(r.ok for r in results.values()), [r.items[0].error for r in results.values()]
 
     manifests = {w: json.loads(p.manifest_path.read_text()) for w, p in plans.items()}
@@ -80,9 +80,9 @@ def test_batch_manifest_shows_each_worlds_stack_with_real_key_counts(real_daemon
         for f in applied:
             total = keys_in(f["path"])
             assert f["keys_total"] == total and f["keys_applied"] == total, f  # every key of every file landed
-            assert f["layers"] and f["layers"] > 0
+            assert f["layers_patched"] and f["layers_patched"] > 0  # the daemon's FileReport, as it is
             assert f["format"]
-        assert item["seed"] == plans[world].jobs[0].seed
+        assert item["seed"] == plans[world].items[0].seed
         with Image.open(item["output_path"]) as im:
             assert im.size == (64, 64)
             images[world] = np.asarray(im.convert("RGB"), dtype=np.int16)
@@ -94,6 +94,6 @@ def test_batch_manifest_shows_each_worlds_stack_with_real_key_counts(real_daemon
 
     # resumable through the real daemon: a second run renders nothing and keeps the reports
     with RenderClient(real_daemon.config.socket_path, render_timeout=600) as client:
-        again = run_batch(plans["the_real_mccoy"], client_renderer(client), progress=False)
+        again = run_batch(plans["the_real_mccoy"], client, progress=False)
     assert again.count("skipped") == 1 and again.count("rendered") == 0
     assert again.items[0].outcome.stack[0].keys_applied == keys_in(again.items[0].outcome.stack[0].path)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
-from client.contact_sheet import FONT_SIZE, THUMB, Tile, _font, render_sheet, wrap_to_width
+from client.contact_sheet import FONT_SIZE, THUMB, Tile, font, render_sheet, wrap_to_width
 
 TITLE = "spaghetti_western/the_real_mccoy portrait (tier portrait) - mccoy_style@0.9, sepia_film@0.6, grit@0.4"
 
 
 def _measure():
-    return ImageDraw.Draw(Image.new("RGB", (1, 1))), _font(FONT_SIZE)
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))), font(FONT_SIZE)
 
 
 def test_wrap_keeps_every_word_and_fits_the_width():
@@ -38,3 +38,15 @@ def test_one_item_sheet_grows_to_show_the_whole_title(tmp_path):
     draw, font = _measure()
     assert len(wrap_to_width(TITLE, one.width - 16, 4, font, draw)) > 2
     assert not wrap_to_width(TITLE, one.width - 16, 4, font, draw)[-1].endswith("…")
+
+
+def test_labelled_sheet_keeps_its_layout_and_marks_cut_labels():
+    from client.contact_sheet import LABEL_W, SheetLayout, labelled_sheet, wrap_to_width
+
+    cells = [[Image.new("RGB", (32, 32), (i * 40, 0, 0)) for i in range(3)]]
+    long_label = "a very long prompt " * 20
+    sheet = labelled_sheet(cells, ["no LoRA", "0.5", "1"], [long_label], title=TITLE)
+    assert sheet.size == SheetLayout(1, 3, 32, 32).size
+    draw, face = _measure()
+    lines = wrap_to_width(long_label, LABEL_W - 12, 32 // (FONT_SIZE + 2), face, draw)
+    assert lines[-1].endswith("…")  # cut where the cell ends, and visibly so

@@ -9,7 +9,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from client.lora_tools.images import SheetLayout, labelled_sheet, ssim
+from client.contact_sheet import SheetLayout, labelled_sheet
+from client.lora_tools.images import ssim
 from client.lora_tools.promote import PromoteError, promote
 from client.lora_tools.verify import (
     CheckResult,

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from client.cli import main as cli
-from client.packs import TINY_LORA_MODULES, choose_modules, genre_dirs, make_pack_loras, world_names
-from client.visual_style import load_visual_style
+from client.packs import genre_dirs, load_visual_style, world_names
+from client.packs.example_loras import TINY_LORA_MODULES, choose_modules, make_pack_loras
 
 PACKS = Path(__file__).resolve().parents[2] / "genre_packs"
 

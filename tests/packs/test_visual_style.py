@@ -1,4 +1,4 @@
-"""Stack composition rules of SPEC.md "visual_style.yaml and stack composition", each one and each error."""
+"""Stack composition rules of docs/genre_packs.md, each one and each error."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from client.visual_style import (
+from client.packs import (
+    PackError,
     StyleDoc,
+    VisualStyleError,
     VisualStyleWarning,
     apply_triggers,
     compose_lora_stack,
@@ -18,7 +20,6 @@ from client.visual_style import (
     merge_fields,
     resolve_lora_args,
 )
-from client.wire.errors import PackError, VisualStyleError
 
 
 def entry(name: str, tiers=("landscape",), scale=0.8, trigger=None, file=None) -> dict:

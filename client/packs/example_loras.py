@@ -1,4 +1,4 @@
-"""Genre pack discovery, and the small LoRA files the example packs name, generated for the tiny preset.
+"""The small LoRA files the example packs name, generated for the tiny preset.
 
 The example packs must render through real LoRA stacking without committing binaries, so this module writes
 real safetensors LoRAs in kohya sd-scripts naming (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`,
@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.numpy import load, load_file, save
 
 from client.fs import atomic_write_bytes
-from client.visual_style import STYLE_FILE, LoraEntry, default_lora_root, load_visual_style
+from client.packs.compose import LoraEntry
+from client.packs.load import default_lora_root, genre_dirs, load_visual_style, world_names
 
 WIDTH = 3072  # Flux's hidden size; mflux hard-codes it, the tiny preset keeps it
 MLP = 4 * WIDTH
@@ -89,17 +90,6 @@ def make_lora_bytes(name: str, *, rank: int = 4, alpha: float | None = None, tri
     if trigger:
         metadata["easel.trigger"] = trigger
     return save(tensors, metadata=metadata)
-
-
-def genre_dirs(packs_root: str | os.PathLike[str]) -> list[Path]:
-    """Genres are the directories under `packs_root` with a visual_style.yaml."""
-    root = Path(packs_root)
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / STYLE_FILE).is_file())
-
-
-def world_names(genre_dir: str | os.PathLike[str]) -> list[str]:
-    wdir = Path(genre_dir) / "worlds"
-    return sorted(p.name for p in wdir.iterdir() if p.is_dir()) if wdir.is_dir() else []
 
 
 def iter_pack_loras(

@@ -1,0 +1,151 @@
+"""What a batch leaves on disk: one record per finished item (so a re-run can skip it) and the manifest.
+
+A record sits beside its PNG and holds the item's fingerprint; an item whose PNG and record exist, with the
+same fingerprint and record version, is finished. Both are msgspec structs written as JSON, atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from client.batch.plan import BatchItem
+from client.fs import atomic_write_bytes
+from client.wire.report import FileReport
+
+if TYPE_CHECKING:
+    from client.batch.run import BatchResult
+
+RECORD_VERSION = 2  # 2: `stack_applied` holds the per-file reports as they are (client.wire.report.FileReport)
+STATUSES = ("rendered", "skipped", "failed", "pending")
+
+
+@dataclass(frozen=True)
+class RenderOutcome:
+    """What one finished render produced: the picture, its seed, and how each LoRA file reached the model."""
+
+    image_path: str
+    seed: int
+    stack: tuple[FileReport, ...]
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+class PlannedLora(msgspec.Struct):
+    """One LoRA of the item's planned stack."""
+
+    name: str
+    file: str
+    path: str
+    scale: float
+    trigger: str | None
+
+
+class ItemRecord(msgspec.Struct, kw_only=True):
+    """What the record file and the manifest say about one item."""
+
+    kind: str
+    id: str
+    name: str
+    status: str  # rendered | skipped | failed | pending
+    prompt: str
+    seed: int
+    tier: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    preset: str | None
+    stack: list[PlannedLora]
+    stack_applied: list[FileReport]  # the daemon's per-file report, in stack order
+    timings: dict[str, float]
+    output_path: str
+    fingerprint: str
+    error: dict[str, Any] | None  # the typed error's wire form (code, message, details)
+    record_version: int = RECORD_VERSION
+
+
+class Manifest(msgspec.Struct, kw_only=True):
+    genre: str
+    world: str
+    kind: str
+    tier: str
+    shard: tuple[int, int]
+    total_items: int
+    counts: dict[str, int]
+    seconds: float
+    stack: list[dict[str, Any]]
+    triggers: list[str]
+    items: list[ItemRecord]
+
+
+def item_record(
+    item: BatchItem, outcome: RenderOutcome | None, status: str, error: dict[str, Any] | None = None
+) -> ItemRecord:
+    return ItemRecord(
+        kind=item.content.kind,
+        id=item.content.id,
+        name=item.content.name,
+        status=status,
+        prompt=item.prompt,
+        seed=item.seed,
+        tier=item.tier,
+        width=item.width,
+        height=item.height,
+        steps=item.steps,
+        guidance=item.guidance,
+        preset=item.preset,
+        stack=[PlannedLora(e.name, e.file, e.path, e.scale, e.trigger) for e in item.stack],
+        stack_applied=list(outcome.stack) if outcome else [],
+        timings=dict(outcome.timings) if outcome else {},
+        output_path=str(item.output_path),
+        fingerprint=item.fingerprint(),
+        error=error,
+    )
+
+
+def _write_json(path: Path, obj: msgspec.Struct) -> None:
+    atomic_write_bytes(path, msgspec.json.format(msgspec.json.encode(obj), indent=2) + b"\n")
+
+
+def write_record(item: BatchItem, outcome: RenderOutcome) -> None:
+    _write_json(item.record_path, item_record(item, outcome, "rendered"))
+
+
+def finished_outcome(item: BatchItem) -> RenderOutcome | None:
+    """The outcome of an earlier run of this exact item, if its PNG and matching record are on disk."""
+    if not item.output_path.is_file() or not item.record_path.is_file():
+        return None
+    try:
+        rec = msgspec.json.decode(item.record_path.read_bytes(), type=ItemRecord)
+    except (OSError, msgspec.DecodeError):
+        return None  # unreadable, or written by another version: render again
+    if rec.record_version != RECORD_VERSION or rec.fingerprint != item.fingerprint():
+        return None
+    return RenderOutcome(rec.output_path, rec.seed, tuple(rec.stack_applied), rec.timings)
+
+
+def manifest(result: BatchResult) -> Manifest:
+    plan = result.plan
+    return Manifest(
+        genre=plan.genre,
+        world=plan.world,
+        kind=plan.kind,
+        tier=plan.tier,
+        shard=plan.shard,
+        total_items=plan.total_items,
+        counts={s: result.count(s) for s in STATUSES},
+        seconds=round(result.seconds, 3),
+        stack=[e.to_dict() for e in plan.style.stack.active],
+        triggers=list(plan.style.stack.triggers),
+        items=[item_record(r.item, r.outcome, r.status, r.error) for r in result.items],
+    )
+
+
+def write_manifest(result: BatchResult) -> Path:
+    path = result.plan.manifest_path
+    _write_json(path, manifest(result))
+    return path

@@ -1,0 +1,57 @@
+"""What a batch prints: the plan for `--dry-run`, and the summary after a run."""
+
+from __future__ import annotations
+
+from client.batch.plan import BatchPlan
+from client.batch.records import finished_outcome
+from client.batch.run import BatchResult
+from client.wire.report import FileReport
+
+
+def describe_plan(plan: BatchPlan) -> str:
+    """Prompts and stacks, one block per item, for `--dry-run`."""
+    i, n = plan.shard
+    lines = [
+        f"{plan.genre}/{plan.world} {plan.kind} (tier {plan.tier}): {len(plan.items)} of {plan.total_items} items"
+        + (f", shard {i}/{n}" if n > 1 else ""),
+        "stack: "
+        + (", ".join(f"{e.name}@{e.scale:g}" for e in plan.style.stack.active) or "(no LoRAs)")
+        + f"   triggers: {', '.join(plan.style.stack.triggers) or '-'}",
+    ]
+    for item in plan.items:
+        state = "done" if finished_outcome(item) else "todo"
+        lines.append(
+            f"- [{state}] {item.content.id}  seed={item.seed}  {item.width}x{item.height}  steps={item.steps}"
+            f"  guidance={item.guidance:g}  preset={item.preset or '(daemon default)'}"
+        )
+        lines.append(f"    prompt: {item.prompt}")
+        lines.append(f"    output: {item.output_path}")
+    return "\n".join(lines)
+
+
+def summary_lines(result: BatchResult, *, paths: bool = True) -> list[str]:
+    """Counts, then per LoRA of the stack the keys the daemon reported applied, then failures and files."""
+    plan = result.plan
+    lines = [
+        f"{plan.genre}/{plan.world} {plan.kind}: {result.count('rendered')} rendered, "
+        f"{result.count('skipped')} skipped (already done), {result.count('failed')} failed "
+        f"in {result.seconds:.1f}s" + (f", {result.count('pending')} not attempted" if result.count("pending") else "")
+    ]
+    seen: dict[str, FileReport] = {}
+    for r in result.items:
+        for f in r.outcome.stack if r.outcome else ():
+            seen.setdefault(f.path, f)
+    for e in plan.style.stack.active:
+        f = seen.get(e.path)
+        keys = f"{f.keys_applied}/{f.keys_total} keys applied" if f else "not rendered"
+        lines.append(f"  {e.name} @ {e.scale:g}: {keys}")
+    if not plan.style.stack.active:
+        lines.append("  (no LoRAs for this tier)")
+    for r in result.items:
+        if r.status == "failed" and r.error:
+            lines.append(f"  FAILED {r.item.content.name}: [{r.error.get('code')}] {r.error.get('message')}")
+    if paths and result.manifest_path:
+        lines.append(f"  manifest: {result.manifest_path}")
+    if paths and result.contact_sheet_path:
+        lines.append(f"  contact sheet: {result.contact_sheet_path}")
+    return lines

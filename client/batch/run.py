@@ -1,0 +1,124 @@
+"""Running a planned batch through a Renderer (in practice the daemon's RenderClient), item by item.
+
+Resumable: a finished item (client/batch/records.py) is skipped. A failed item is recorded with its typed
+error and the batch goes on; if the daemon is gone the batch stops and the rest are listed as pending.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.batch.plan import BatchItem, BatchPlan
+from client.batch.records import RenderOutcome, finished_outcome, write_manifest, write_record
+from client.renderer import Renderer
+from client.wire.errors import DaemonUnavailable, EaselError
+from client.wire.messages import Event
+
+
+@dataclass
+class ItemResult:
+    item: BatchItem
+    status: str  # rendered | skipped | failed | pending (not attempted: the batch stopped early)
+    outcome: RenderOutcome | None = None
+    error: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class BatchResult:
+    plan: BatchPlan
+    items: list[ItemResult]
+    seconds: float
+    manifest_path: Path | None = None
+    contact_sheet_path: Path | None = None  # set by whoever draws it (client.contact_sheet)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.items)
+
+    @property
+    def ok(self) -> bool:
+        return self.count("failed") == 0 and self.count("pending") == 0
+
+
+def render_item(
+    renderer: Renderer, item: BatchItem, on_progress: Callable[[int, int], None] | None = None
+) -> RenderOutcome:
+    """One item as a render request at batch priority; the typed result is the outcome as it is."""
+
+    def progress(event: Event) -> None:
+        if on_progress is not None and event.step is not None and event.steps:
+            on_progress(event.step, event.steps)
+
+    result = renderer.send_render(
+        item.prompt,
+        tier=item.tier,
+        width=item.width,
+        height=item.height,
+        steps=item.steps,
+        guidance=item.guidance,
+        seed=item.seed,
+        preset=item.preset,
+        lora_paths=item.lora_paths,
+        lora_scales=item.lora_scales,
+        lora_names=[e.name for e in item.stack],
+        output_path=str(item.output_path),
+        priority="batch",
+        on_progress=progress,
+    )
+    return RenderOutcome(result.image_path or str(item.output_path), result.seed, tuple(result.stack), result.timings)
+
+
+def run_batch(
+    plan: BatchPlan,
+    renderer: Renderer,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    stop_on_error: bool = False,
+) -> BatchResult:
+    """Render every item not already finished, then write the manifest.
+
+    An item that fails is recorded with its typed error and the batch goes on (unless `stop_on_error`, or
+    the daemon is gone: then it stops at once instead of failing every remaining item);
+    an interruption (Ctrl-C) leaves every finished item's files in place for the next run to skip.
+    """
+    from tqdm import tqdm
+
+    started = time.monotonic()
+    results: list[ItemResult] = []
+    bar = tqdm(total=len(plan.items), unit="img", disable=not progress, dynamic_ncols=True, leave=True)
+    try:
+        for item in plan.items:
+            bar.set_description(item.content.id[:24])
+            done = finished_outcome(item) if resume else None
+            if done is not None:
+                results.append(ItemResult(item, "skipped", done))
+                bar.update(1)
+                continue
+            t0 = time.monotonic()
+
+            def on_progress(step: int, steps: int, _bar=bar) -> None:
+                _bar.set_postfix_str(f"step {step}/{steps}")
+
+            try:
+                outcome = render_item(renderer, item, on_progress)
+            except EaselError as err:
+                results.append(ItemResult(item, "failed", None, err.to_wire(), time.monotonic() - t0))
+                bar.write(f"failed: {item.content.name}: [{err.code}] {err.message}")
+                bar.update(1)
+                if stop_on_error or isinstance(err, DaemonUnavailable):  # no daemon: the rest would fail too
+                    break
+                continue
+            write_record(item, outcome)
+            results.append(ItemResult(item, "rendered", outcome, None, time.monotonic() - t0))
+            bar.update(1)
+    finally:
+        bar.close()
+    results += [ItemResult(item, "pending") for item in plan.items[len(results) :]]  # left after an early stop
+    result = BatchResult(plan, results, time.monotonic() - started)
+    result.manifest_path = write_manifest(result)
+    return result
