@@ -10,19 +10,17 @@ deterministic in its name: regenerating gives the same bytes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import load, load_file, save
 
-from client.fs import atomic_write_bytes
+from client.lorafile.safetensors_io import read_safetensors, write_safetensors
 from client.packs.compose import LoraEntry
 from client.packs.load import default_lora_root, genre_dirs, load_visual_style, world_names
+from client.wire.errors import EaselError
 
 WIDTH = 3072  # Flux's hidden size; mflux hard-codes it, the tiny preset keeps it
 MLP = 4 * WIDTH
@@ -65,8 +63,10 @@ def choose_modules(name: str) -> tuple[str, ...]:
     return tuple(n for i, n in enumerate(names) if i in picked)
 
 
-def make_lora_bytes(name: str, *, rank: int = 4, alpha: float | None = None, trigger: str | None = None) -> bytes:
-    """A kohya-named rank-`rank` LoRA for the tiny preset as safetensors bytes.
+def make_lora_tensors(
+    name: str, *, rank: int = 4, alpha: float | None = None, trigger: str | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """A kohya-named rank-`rank` LoRA for the tiny preset: its tensors and metadata.
 
     down ~ N(0, 1/in) and up ~ N(0, 0.25^2): a weight delta of about 1e-2 per entry, enough to change a
     render visibly without blowing it up.
@@ -89,7 +89,7 @@ def make_lora_bytes(name: str, *, rank: int = 4, alpha: float | None = None, tri
     }
     if trigger:
         metadata["easel.trigger"] = trigger
-    return save(tensors, metadata=metadata)
+    return tensors, metadata
 
 
 def iter_pack_loras(
@@ -107,26 +107,19 @@ def iter_pack_loras(
                     yield entry
 
 
-def _same_lora(path: Path, data: bytes) -> bool:
-    """Same tensors and metadata (safetensors does not keep the header's key order, so bytes may differ)."""
+def _same_lora(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bool:
+    """Same tensors and metadata already on disk (safetensors orders keys itself, so bytes are no test)."""
     if not path.is_file():
         return False
     try:
-        with safe_open(str(path), "numpy") as fh:
-            meta, have = fh.metadata() or {}, {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-    except Exception:  # noqa: BLE001 - unreadable or truncated: rewrite it
+        have = read_safetensors(path, as_stored=True)
+    except EaselError:  # unreadable or truncated: rewrite it
         return False
-    want = load(data)
     return (
-        meta == _metadata_of(data)
-        and have.keys() == want.keys()
-        and all(np.array_equal(have[k], want[k]) for k in want)
+        have.metadata == metadata
+        and have.tensors.keys() == tensors.keys()
+        and all(np.array_equal(have.tensors[k], tensors[k]) for k in tensors)
     )
-
-
-def _metadata_of(data: bytes) -> dict[str, str]:
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + n]).get("__metadata__", {})
 
 
 def make_pack_loras(
@@ -139,14 +132,14 @@ def make_pack_loras(
     out: list[GeneratedLora] = []
     for entry in iter_pack_loras(packs_root, lora_root):
         path = Path(entry.path)
-        data = make_lora_bytes(entry.name, trigger=entry.trigger)
-        created = force or not _same_lora(path, data)
+        tensors, metadata = make_lora_tensors(entry.name, trigger=entry.trigger)
+        created = force or not _same_lora(path, tensors, metadata)
         if created:
-            atomic_write_bytes(path, data)
+            write_safetensors(path, tensors, metadata)
         out.append(GeneratedLora(path, entry.name, choose_modules(entry.name), created))
     return out
 
 
 def lora_key_count(path: str | os.PathLike[str]) -> int:
     """Number of tensors in a safetensors file (what `keys_total` counts)."""
-    return len(load_file(str(path)))
+    return len(read_safetensors(path).tensors)
