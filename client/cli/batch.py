@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import click
 
+from client import env
 from client.wire.errors import EaselError
 
 DEFAULT_PACKS = Path("genre_packs")
@@ -18,7 +18,7 @@ DEFAULT_PACKS = Path("genre_packs")
 def default_out() -> Path:
     """Inside the daemon's default output root (`$EASEL_OUTPUT_ROOT`, else ./easel-output), which is the
     only place a daemon started with defaults will write to."""
-    return Path(os.environ.get("EASEL_OUTPUT_ROOT") or "easel-output") / "batch"
+    return env.OUTPUT_ROOT.get() / "batch"
 
 
 def register(group: click.Group) -> None:

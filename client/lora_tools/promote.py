@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from client import env
 from client.fs import atomic_write_text, atomic_writer
 from client.lora_tools.verify import VerifyResult, file_sha256
 from client.wire.errors import EaselError, PromoteError
@@ -76,7 +77,8 @@ def promote(
     genre_dir = packs / genre
     if not (genre_dir / "visual_style.yaml").is_file():
         raise PromoteError(f"no genre {genre!r} in {packs} (no {genre_dir / 'visual_style.yaml'})", genre=genre)
-    root = Path(lora_root) if lora_root is not None else Path(os.environ.get("EASEL_LORA_ROOT") or packs)
+    roots = env.LORA_ROOTS.get()
+    root = Path(lora_root) if lora_root is not None else (roots[0] if roots else packs)
     name = name or source.stem
     relative = Path("lora") / genre / f"{name}.safetensors"
     shipped = root / relative
