@@ -7,7 +7,8 @@ renamed option keeps its old spelling as a hidden alias, so scripts written for 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,13 +29,21 @@ class EaselOption(click.Option):
         super().__init__([*(param_decls or ()), *hidden_aliases], **kwargs)
         self.hidden_aliases = hidden_aliases
 
-    def get_help_spec(self, ctx: click.Context) -> str:
-        shown = [o for o in self.opts if o not in self.hidden_aliases]
-        opts, self.opts = self.opts, shown
+    @contextlib.contextmanager
+    def _only_shown_names(self) -> Iterator[None]:
+        opts, self.opts = self.opts, [o for o in self.opts if o not in self.hidden_aliases]
         try:
-            return super().get_help_spec(ctx)
+            yield
         finally:
             self.opts = opts
+
+    def get_help_spec(self, ctx: click.Context) -> str:
+        with self._only_shown_names():
+            return super().get_help_spec(ctx)
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:  # "Invalid value for '--packs'"
+        with self._only_shown_names():
+            return super().get_error_hint(ctx)
 
 
 class ConfigDefault:

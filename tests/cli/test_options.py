@@ -109,3 +109,6 @@ def test_old_spellings_parse_and_stay_out_of_help(tmp_path):
     for path in (("packs", "show"), ("packs", "make-loras"), ("lora", "verify"), ("batch", "poi")):
         out = CliRunner().invoke(main, [*path, "--help"]).stdout
         assert "--packs " in out and "--packs-root" not in out and "--root" not in out, path
+    (tmp_path / "file").write_text("")
+    bad = CliRunner().invoke(main, [*args, "--packs-root", str(tmp_path / "file")], prog_name="easel")
+    assert bad.exit_code == 2 and "Invalid value for '--packs':" in bad.stderr and "--packs-root" not in bad.stderr
