@@ -1,7 +1,8 @@
 """`easel lora verify --promote`: ship a verified LoRA into a genre pack and record its verification.
 
 The shipped place follows the packs' convention: `<lora_root>/lora/<genre>/<name>.safetensors`, where the
-LoRA root is `$EASEL_LORA_ROOT` or the packs directory (visual_style `file:` paths are relative to it).
+LoRA root is the first of `$EASEL_LORA_ROOTS`, else the packs directory (visual_style `file:` paths are
+relative to it).
 The genre's LoRA manifest, `<packs_root>/<genre>/loras.yaml`, keeps one entry per shipped LoRA with the
 verification block (matched keys, SSIMs, date, sha256 of the shipped bytes). Both writes are atomic, and
 a lock on the genre directory serialises concurrent promotions of the same genre.
