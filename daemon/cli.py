@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from client.cli.daemon_control import socket_option
+from client.cli.errors import fail
 from client.wire.errors import EaselError
 from client.wire.messages import Render, check_render
 from daemon.config import DaemonConfig
@@ -22,8 +23,7 @@ from daemon.render_spec import Limits
 
 
 def _fail(err: EaselError) -> None:
-    click.echo(f"easel: {err.code}: {err.message}", err=True)
-    sys.exit(1)
+    fail(err)
 
 
 @click.command("serve")

@@ -6,6 +6,10 @@ commands that need the model stack (`easel serve`) live with the daemon and join
 such a command is imported only when it runs (or when help lists it), so `easel batch` or
 `easel render` never load the daemon's modules. Importing a command module stays cheap: heavy imports
 happen inside the command.
+
+Every command fails the same way (client/cli/errors.py: `easel: <code>: <message>` and one exit status per
+class of error) and shares its common options (client/cli/options.py); EASEL_* variables are read through
+client/env.py.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from importlib.metadata import EntryPoint, entry_points
 import click
 
 from client.cli import batch, daemon_control, dataset, lora, packs, render, traces
+from client.cli.errors import EaselGroup
 
 
-class _EaselGroup(click.Group):
+class _Program(EaselGroup):
     """The top-level group: this package's commands, plus entry-point commands loaded on first use."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -35,7 +40,7 @@ class _EaselGroup(click.Group):
         return command
 
 
-@click.group(cls=_EaselGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Program, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="easel")
 def main() -> None:
     """easel: a Flux render daemon with per-request LoRA stacks, and its client."""

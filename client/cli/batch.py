@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,22 +9,23 @@ from typing import Any
 
 import click
 
-from client.wire.errors import EaselError
-
-DEFAULT_PACKS = Path("genre_packs")
+from client import env
+from client.cli.errors import EaselGroup, ExitStatus
+from client.cli.options import lora_root_option, option, packs_option, size_options, socket_option, timeout_option
+from client.client import DEFAULT_RENDER_TIMEOUT_S
 
 
 def default_out() -> Path:
     """Inside the daemon's default output root (`$EASEL_OUTPUT_ROOT`, else ./easel-output), which is the
     only place a daemon started with defaults will write to."""
-    return Path(os.environ.get("EASEL_OUTPUT_ROOT") or "easel-output") / "batch"
+    return env.OUTPUT_ROOT.get() / "batch"
 
 
 def register(group: click.Group) -> None:
     group.add_command(batch)
 
 
-@click.group()
+@click.group(cls=EaselGroup)
 def batch() -> None:
     """Batch renders of a genre pack's POIs, portraits and creatures (resumable, shardable)."""
 
@@ -34,28 +34,16 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--genre", required=True, help="Genre pack name (a directory under --packs)."),
         click.option("--world", required=True, help="World of the genre (a directory under <genre>/worlds)."),
-        click.option(
-            "--packs",
-            "packs_root",
-            type=click.Path(file_okay=False, path_type=Path),
-            default=DEFAULT_PACKS,
-            show_default=True,
-            help="Directory holding the genre packs.",
-        ),
-        click.option(
+        packs_option,
+        option(
             "--out",
             "out_root",
             type=click.Path(file_okay=False, path_type=Path),
             default=None,
-            help="Outputs go to OUT/<genre>/<world>/<kind>/ [default: $EASEL_OUTPUT_ROOT/batch, else "
+            help=f"Outputs go to OUT/<genre>/<world>/<kind>/ [default: ${env.OUTPUT_ROOT.name}/batch, else "
             "./easel-output/batch]; must lie inside the daemon's output root.",
         ),
-        click.option(
-            "--lora-root",
-            type=click.Path(file_okay=False, path_type=Path),
-            default=None,
-            help="Root for relative LoRA file: paths [default: $EASEL_LORA_ROOT or --packs].",
-        ),
+        lora_root_option,
         click.option("--tier", default=None, help="Render tier [default: landscape/portrait/scene by kind]."),
         click.option("--shard", default=None, metavar="I/N", help="Render only share I of N (1-based)."),
         click.option(
@@ -66,17 +54,15 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Base of the per-item seeds (each item's seed is derived from it and the item).",
         ),
-        click.option("--width", type=int, default=None),
-        click.option("--height", type=int, default=None),
-        click.option("--steps", type=int, default=None),
+        size_options,
         click.option("--guidance", type=float, default=None),
         click.option("--preset", default=None, help="Model preset [default: the tier's, else the pack's]."),
         click.option("--limit", type=int, default=None, help="Only the first N items (before sharding)."),
         click.option("--dry-run", is_flag=True, help="Print prompts and stacks; render nothing."),
         click.option("--no-resume", is_flag=True, help="Render items again even if already done."),
         click.option("--no-progress", is_flag=True, help="No progress bar."),
-        click.option("--socket", default=None, help="Daemon socket [default: $EASEL_SOCKET or the default]."),
-        click.option("--timeout", type=float, default=None, help="Seconds to wait for one render."),
+        socket_option,
+        timeout_option(DEFAULT_RENDER_TIMEOUT_S, "Seconds to wait for one render, time in the queue included."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -86,15 +72,12 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _run(kind: str, **kw: Any) -> None:
     from client.batch import describe_plan, parse_shard, plan_batch, run_batch, summary_lines
 
-    try:
-        plan = plan_batch(
-            kw["packs_root"], kw["genre"], kw["world"], kind, kw["out_root"] or default_out(),
-            tier=kw["tier"], shard=parse_shard(kw["shard"]), base_seed=kw["base_seed"],
-            width=kw["width"], height=kw["height"], steps=kw["steps"], guidance=kw["guidance"],
-            preset=kw["preset"], limit=kw["limit"], lora_root=kw["lora_root"],
-        )  # fmt: skip
-    except EaselError as err:
-        raise click.ClickException(f"[{err.code}] {err.message}") from None
+    plan = plan_batch(
+        kw["packs_root"], kw["genre"], kw["world"], kind, kw["out_root"] or default_out(),
+        tier=kw["tier"], shard=parse_shard(kw["shard"]), base_seed=kw["base_seed"],
+        width=kw["width"], height=kw["height"], steps=kw["steps"], guidance=kw["guidance"],
+        preset=kw["preset"], limit=kw["limit"], lora_root=kw["lora_root"],
+    )  # fmt: skip
     if kw["dry_run"]:
         click.echo(describe_plan(plan))
         return
@@ -102,20 +85,14 @@ def _run(kind: str, **kw: Any) -> None:
     from client.contact_sheet import write_contact_sheet
     from client.telemetry.client_spans import setup_command_telemetry
 
-    client_kw: dict[str, Any] = {"socket_path": kw["socket"]}
-    if kw["timeout"] is not None:
-        client_kw["render_timeout"] = kw["timeout"]
-    try:
-        setup_command_telemetry()
-        with RenderClient(**client_kw) as client:
-            result = run_batch(plan, client, resume=not kw["no_resume"], progress=not kw["no_progress"])
-    except EaselError as err:
-        raise click.ClickException(f"[{err.code}] {err.message}") from None
+    setup_command_telemetry()
+    with RenderClient(kw["socket_path"], render_timeout=kw["timeout"]) as client:
+        result = run_batch(plan, client, resume=not kw["no_resume"], progress=not kw["no_progress"])
     result.contact_sheet_path = write_contact_sheet(result)
     for line in summary_lines(result):
         click.echo(line)
     if not result.ok:
-        sys.exit(1)
+        sys.exit(ExitStatus.FAILED)
 
 
 def _kind_command(kind: str, help_text: str) -> click.Command:
@@ -123,9 +100,9 @@ def _kind_command(kind: str, help_text: str) -> click.Command:
     def command(**kw: Any) -> None:
         _run(kind, **kw)
 
-    return click.command(name=kind, help=help_text)(command)
+    return batch.command(name=kind, help=help_text)(command)
 
 
-batch.add_command(_kind_command("poi", "Render a world's points of interest (tier landscape by default)."))
-batch.add_command(_kind_command("portrait", "Render a world's portraits (tier portrait by default)."))
-batch.add_command(_kind_command("creature", "Render a world's creatures (tier scene by default)."))
+_kind_command("poi", "Render a world's points of interest (tier landscape by default).")
+_kind_command("portrait", "Render a world's portraits (tier portrait by default).")
+_kind_command("creature", "Render a world's creatures (tier scene by default).")

@@ -3,43 +3,33 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import click
 import msgspec
 
+from client.cli.errors import EaselCommand
+from client.cli.options import json_option, socket_option, timeout_option
 from client.client import RenderClient, default_socket_path
 from client.telemetry.client_spans import setup_command_telemetry
-from client.wire.errors import EaselError
+from client.wire.errors import Timeout
 
-socket_option = click.option(
-    "--socket",
-    "socket_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Daemon socket (default: $EASEL_SOCKET, else $XDG_RUNTIME_DIR/easel/easel.sock).",
-)
+STATUS_TIMEOUT_S = 5.0  # `easel status` answers quickly or says so: shorter than the library's default
+
+# socket_option is defined in client/cli/options.py; daemon/cli.py still imports it from here
+__all__ = ["register", "socket_option", "status_command", "stop_command"]
 
 
-def _fail(err: EaselError) -> None:
-    click.echo(f"easel: {err.code}: {err.message}", err=True)
-    sys.exit(1)
-
-
-@click.command("status")
+@click.command("status", cls=EaselCommand)
 @socket_option
-@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
-@click.option("--timeout", type=float, default=5.0, show_default=True)
+@json_option("Print the raw status as JSON.")
+@timeout_option(STATUS_TIMEOUT_S, "Seconds to wait for the daemon's answer.")
 def status_command(socket_path, as_json, timeout) -> None:
     """Show what the daemon is doing: preset, active stack, queue with estimates."""
-    try:
-        setup_command_telemetry()
-        with RenderClient(socket_path, timeout=timeout) as c:
-            st = c.status()
-    except EaselError as err:
-        _fail(err)
+    setup_command_telemetry()
+    with RenderClient(socket_path, timeout=timeout) as c:
+        st = c.status()
     if as_json:
         click.echo(json.dumps(msgspec.to_builtins(st), indent=2))
         return
@@ -66,25 +56,21 @@ def status_command(socket_path, as_json, timeout) -> None:
         )
 
 
-@click.command("stop")
+@click.command("stop", cls=EaselCommand)
 @socket_option
 @click.option("--drain-timeout", type=click.FloatRange(0), default=None, help="Override the daemon's drain timeout.")
 @click.option("--wait", "wait_s", type=float, default=120.0, show_default=True, help="Seconds to wait for exit.")
 def stop_command(socket_path, drain_timeout, wait_s) -> None:
     """Ask the daemon to drain and exit; wait until its socket is gone."""
     path = socket_path or default_socket_path()
-    try:
-        setup_command_telemetry()
-        with RenderClient(path) as c:
-            c.shutdown(drain_timeout)
-    except EaselError as err:
-        _fail(err)
+    setup_command_telemetry()
+    with RenderClient(path) as c:
+        c.shutdown(drain_timeout)
     deadline = time.monotonic() + wait_s
     while path.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     if path.exists():
-        click.echo(f"easel: asked the daemon to stop, but {path} is still there after {wait_s}s", err=True)
-        sys.exit(1)
+        raise Timeout(f"asked the daemon to stop, but {path} is still there after {wait_s}s")
     click.echo("easel: daemon stopped")
 
 

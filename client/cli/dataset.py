@@ -6,8 +6,11 @@ import sys
 
 import click
 
+from client.cli.errors import EaselGroup, ExitStatus
+from client.cli.options import ConfigDefault, json_option
 
-@click.group("dataset")
+
+@click.group("dataset", cls=EaselGroup)
 def dataset_group() -> None:
     """Check a LoRA training set and write the train.jsonl mlx-examples expects."""
 
@@ -17,7 +20,7 @@ def dataset_group() -> None:
 @click.option(
     "--min-images",
     type=click.IntRange(min=0),
-    default=150,
+    default=ConfigDefault(lambda: _dataset().DEFAULT_MIN_IMAGES),
     show_default=True,
     help="Minimum number of image/caption pairs (150 for style LoRAs).",
 )
@@ -25,18 +28,18 @@ def dataset_group() -> None:
 @click.option(
     "--min-side",
     type=click.IntRange(min=1),
-    default=512,
+    default=ConfigDefault(lambda: _dataset().DEFAULT_MIN_SIDE),
     show_default=True,
     help="Warn about images whose shorter side is below this many pixels.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option("Print the report as JSON.")
 def check(directory: str, min_images: int, trigger: str | None, min_side: int, as_json: bool) -> None:
     """Report every problem of the dataset in DIRECTORY; exit 1 if any is blocking."""
     from client.dataset import check_dataset, render_report
 
     report = check_dataset(directory, min_images=min_images, trigger=trigger, min_side=min_side)
     click.echo(report.to_json() if as_json else render_report(report))
-    sys.exit(0 if report.ok else 1)
+    sys.exit(ExitStatus.OK if report.ok else ExitStatus.FAILED)
 
 
 @dataset_group.command("jsonl")
@@ -57,6 +60,12 @@ def jsonl(directory: str, output: str | None) -> None:
         click.echo(render_report(result.report), err=True)
         raise click.ClickException(f"{result.path} not written: fix the errors above first")
     click.echo(f"{result.path}: {result.pairs} pairs")
+
+
+def _dataset():
+    import client.dataset
+
+    return client.dataset
 
 
 def register(group: click.Group) -> None:

@@ -6,34 +6,22 @@ from pathlib import Path
 
 import click
 
-DEFAULT_PACKS = Path("genre_packs")
+from client.cli.errors import EaselGroup
+from client.cli.options import lora_root_option, packs_option
 
 
 def register(group: click.Group) -> None:
     group.add_command(packs)
 
 
-@click.group()
+@click.group(cls=EaselGroup)
 def packs() -> None:
     """Genre packs: example LoRA files and stack resolution."""
 
 
 @packs.command("make-loras")
-@click.option(
-    "--packs",
-    "packs_root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=DEFAULT_PACKS,
-    show_default=True,
-    help="Directory holding the genre packs.",
-)
-@click.option(
-    "--root",
-    "lora_root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="LoRA root the packs' relative file: paths resolve against [default: $EASEL_LORA_ROOT or --packs].",
-)
+@packs_option
+@lora_root_option
 @click.option("--force", is_flag=True, help="Rewrite files even when they are already up to date.")
 def make_loras(packs_root: Path, lora_root: Path | None, force: bool) -> None:
     """Generate the small tiny-preset LoRA files every example pack names (kohya naming, never committed)."""
@@ -47,13 +35,11 @@ def make_loras(packs_root: Path, lora_root: Path | None, force: bool) -> None:
 
 
 @packs.command("show")
-@click.option(
-    "--packs", "packs_root", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_PACKS, show_default=True
-)
+@packs_option
 @click.option("--genre", required=True)
 @click.option("--world", default=None)
 @click.option("--tier", default=None, help="Render tier to filter the stack for (default: show every entry).")
-@click.option("--root", "lora_root", type=click.Path(file_okay=False, path_type=Path), default=None)
+@lora_root_option
 def show(packs_root: Path, genre: str, world: str | None, tier: str | None, lora_root: Path | None) -> None:
     """Print the composed LoRA stack (and triggers) of a genre/world for a tier."""
     from client.packs import load_visual_style

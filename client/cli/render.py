@@ -9,7 +9,9 @@ from pathlib import Path
 import click
 import msgspec
 
-from client.client import RenderClient
+from client.cli.errors import EaselCommand
+from client.cli.options import json_option, size_options, socket_option, timeout_option
+from client.client import DEFAULT_RENDER_TIMEOUT_S, RenderClient
 from client.telemetry.client_spans import setup_command_telemetry
 from client.wire.errors import EaselError
 
@@ -28,13 +30,11 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return (str(p.resolve()) if p.exists() else path), scale
 
 
-@click.command("render")
+@click.command("render", cls=EaselCommand)
 @click.argument("prompt")
-@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@socket_option
 @click.option("--tier", default=None, help="Render tier giving default size/steps/guidance.")
-@click.option("--width", type=int, default=None)
-@click.option("--height", type=int, default=None)
-@click.option("--steps", type=int, default=None)
+@size_options
 @click.option("--guidance", type=float, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--preset", default=None, help="Must match the daemon's preset (default: the daemon's).")
@@ -43,9 +43,9 @@ def parse_lora(spec: str) -> tuple[str, float]:
 @click.option("--priority", type=click.Choice(["interactive", "batch"]), default="interactive", show_default=True)
 @click.option("--deadline", type=float, default=None, help="Seconds after which the daemon abandons the job.")
 @click.option("-o", "--output", default=None, help="Output PNG; relative paths are inside the daemon's output root.")
-@click.option("--timeout", type=float, default=900.0, show_default=True)
+@timeout_option(DEFAULT_RENDER_TIMEOUT_S, "Seconds to wait for the render, time in the queue included.")
 @click.option("--in-process", is_flag=True, help="Load the model here and render without a daemon.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option()
 @click.option("--quiet", is_flag=True, help="No progress line.")
 def render_command(
     prompt, socket_path, tier, width, height, steps, guidance, seed, preset, loras, zero_match, priority,
@@ -55,34 +55,30 @@ def render_command(
     stack = [parse_lora(s) for s in loras]
     paths, scales = [p for p, _ in stack], [s for _, s in stack]
     fields = dict(tier=tier, width=width, height=height, steps=steps, guidance=guidance, seed=seed, preset=preset)
-    try:
-        if in_process:
-            result = _render_in_process(prompt, paths, scales, zero_match, output, fields)
-        else:
-            live = not quiet and sys.stderr.isatty()  # a log file gets no carriage-return redraws
+    if in_process:
+        result = _render_in_process(prompt, paths, scales, zero_match, output, fields)
+    else:
+        live = not quiet and sys.stderr.isatty()  # a log file gets no carriage-return redraws
 
-            def progress(ev) -> None:
-                if live and ev.event == "progress":
-                    click.echo(f"\rstep {ev.step}/{ev.steps}", nl=False, err=True)
+        def progress(ev) -> None:
+            if live and ev.event == "progress":
+                click.echo(f"\rstep {ev.step}/{ev.steps}", nl=False, err=True)
 
-            setup_command_telemetry()
-            with RenderClient(socket_path, render_timeout=timeout) as c:
-                result = c.send_render(
-                    prompt,
-                    lora_paths=paths,
-                    lora_scales=scales,
-                    zero_match=zero_match,
-                    priority=priority,
-                    deadline_s=deadline,
-                    output_path=output,
-                    on_progress=progress if live else None,
-                    **fields,
-                )
-            if live:
-                click.echo("", err=True)
-    except EaselError as err:
-        click.echo(f"easel: {err.code}: {err.message}", err=True)
-        sys.exit(1)
+        setup_command_telemetry()
+        with RenderClient(socket_path, render_timeout=timeout) as c:
+            result = c.send_render(
+                prompt,
+                lora_paths=paths,
+                lora_scales=scales,
+                zero_match=zero_match,
+                priority=priority,
+                deadline_s=deadline,
+                output_path=output,
+                on_progress=progress if live else None,
+                **fields,
+            )
+        if live:
+            click.echo("", err=True)
     data = msgspec.to_builtins(result)
     if as_json:
         click.echo(json.dumps(data, indent=2))

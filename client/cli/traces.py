@@ -9,6 +9,10 @@ from pathlib import Path
 
 import click
 
+from client import env
+from client.cli.errors import EaselGroup
+from client.cli.options import json_option
+
 
 def _parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
@@ -17,7 +21,7 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-@click.group("traces")
+@click.group("traces", cls=EaselGroup)
 def traces() -> None:
     """Look at what the renderer is doing, span by span."""
 
@@ -27,10 +31,10 @@ def traces() -> None:
     "--file",
     "file_",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Span file to follow (default: EASEL_TRACES_FILE, else ~/.local/state/easel/traces.jsonl).",
+    help=f"Span file to follow [default: ${env.TRACES_FILE.name}, else ~/.local/state/easel/traces.jsonl].",
 )
 @click.option("--listen", metavar="HOST:PORT", help="Receive OTLP/HTTP instead (e.g. 127.0.0.1:4318; port 0 = any).")
-@click.option("--json", "as_json", is_flag=True, help="Print every span as one JSON line (for scripts).")
+@json_option("Print every span as one JSON line (for scripts).")
 @click.option("--from-start", is_flag=True, help="Start at the beginning of the span file, not its end.")
 @click.option("--no-follow", is_flag=True, help="Print what the span file holds and exit.")
 @click.option("--color/--no-color", default=None, help="Colour the status (default: only on a terminal).")
@@ -62,7 +66,7 @@ def tail(
 
         path = file_ or default_traces_file()
         if no_follow and not path.exists():
-            raise click.ClickException(f"no span file at {path} (set EASEL_TRACES_FILE on the daemon)")
+            raise click.ClickException(f"no span file at {path} (set {env.TRACES_FILE.name} on the daemon)")
         records = follow_file(path, from_start=from_start or no_follow, follow=not no_follow, stop=stop)
         click.echo(f"easel traces: following {path}", err=True)
 

@@ -1,4 +1,5 @@
-"""`easel lora inspect FILE [--preset P | --daemon] [--json]`: a LoRA file's format and key accounting, no render.
+"""What `easel lora inspect` prints (its command is in client/cli/lora.py): a LoRA file's format and key
+accounting, no render.
 
 Without --preset it reads the file only (numpy, no MLX); with --preset it resolves every key against
 that preset's layer layout (an mflux transformer built lazily: no weights are read), exactly as the
@@ -8,13 +9,8 @@ against the model it has loaded, under its own LoRA-root confinement.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
-
-import click
-
-from client.wire.errors import EaselError
 
 
 def format_report(report) -> str:
@@ -47,50 +43,11 @@ def format_report(report) -> str:
     return "\n".join(lines)
 
 
-def _inspect_via_daemon(file: str, socket_path: Path | None):
+def inspect_via_daemon(file: str, socket_path: Path | None):
+    """The running daemon's report of `file`, resolved against the model it has loaded, and that model's preset."""
     from client.client import RenderClient
 
     local = Path(file).expanduser()
     with RenderClient(socket_path) as c:
         model = c.status().preset
         return c.inspect(str(local.resolve()) if local.exists() else file), model
-
-
-@click.command("inspect")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--preset", default=None, help="Resolve keys against this preset's layers (tiny, dev, schnell...).")
-@click.option(
-    "--daemon",
-    "via_daemon",
-    is_flag=True,
-    help="Ask the running daemon: resolve against the model it has loaded (its LoRA roots apply).",
-)
-@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect_command(file: str, preset: str | None, via_daemon: bool, socket_path: Path | None, as_json: bool) -> None:
-    """Show FILE's LoRA format, rank, alpha and which keys reach the model (and why others do not)."""
-    from client.lorafile.inspect import inspect_lora
-    from client.lorafile.layout import PRESET_SHAPES, preset_layout
-
-    if preset is not None and preset not in PRESET_SHAPES:
-        raise click.BadParameter(f"unknown preset {preset!r}; known: {', '.join(PRESET_SHAPES)}", param_hint="--preset")
-    if via_daemon and preset:
-        raise click.UsageError("give --preset (resolve here) or --daemon (ask the daemon), not both")
-    try:
-        if via_daemon:
-            report, preset = _inspect_via_daemon(file, socket_path)
-        else:
-            layout = preset_layout(preset) if preset else None
-            report = inspect_lora(file, layout=layout)
-    except EaselError as exc:
-        if as_json:
-            click.echo(json.dumps({"error": exc.to_wire()}, indent=2))
-        raise click.ClickException(f"{exc.code}: {exc.message}") from exc
-    if as_json:
-        out = report.to_dict()
-        out["preset"] = preset
-        click.echo(json.dumps(out, indent=2))
-    else:
-        click.echo(format_report(report))
-    if report.resolved and report.keys_applied == 0:
-        raise click.ClickException(f"{file} matches zero keys of the {preset} model")

@@ -1,7 +1,8 @@
 """`easel lora verify --promote`: ship a verified LoRA into a genre pack and record its verification.
 
 The shipped place follows the packs' convention: `<lora_root>/lora/<genre>/<name>.safetensors`, where the
-LoRA root is `$EASEL_LORA_ROOT` or the packs directory (visual_style `file:` paths are relative to it).
+LoRA root is the first of `$EASEL_LORA_ROOTS`, else the packs directory (visual_style `file:` paths are
+relative to it).
 The genre's LoRA manifest, `<packs_root>/<genre>/loras.yaml`, keeps one entry per shipped LoRA with the
 verification block (matched keys, SSIMs, date, sha256 of the shipped bytes). Both writes are atomic, and
 a lock on the genre directory serialises concurrent promotions of the same genre.
@@ -20,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from client import env
 from client.fs import atomic_write_text, atomic_writer
 from client.lora_tools.verify import VerifyResult, file_sha256
 from client.wire.errors import EaselError, PromoteError
@@ -76,7 +78,8 @@ def promote(
     genre_dir = packs / genre
     if not (genre_dir / "visual_style.yaml").is_file():
         raise PromoteError(f"no genre {genre!r} in {packs} (no {genre_dir / 'visual_style.yaml'})", genre=genre)
-    root = Path(lora_root) if lora_root is not None else Path(os.environ.get("EASEL_LORA_ROOT") or packs)
+    roots = env.LORA_ROOTS.get()
+    root = Path(lora_root) if lora_root is not None else (roots[0] if roots else packs)
     name = name or source.stem
     relative = Path("lora") / genre / f"{name}.safetensors"
     shipped = root / relative

@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 import msgspec
 import yaml
 
+from client import env
 from client.lorafile.layout import FluxShape, flux_layout
 from client.wire.errors import EaselError, KeymapError, LoraFormatError
 
@@ -54,8 +55,7 @@ def shipped_keymap_dir() -> Path:
 
 def default_keymap_dir() -> Path:
     """`$EASEL_KEYMAPS` if set, else the keymaps shipped with easel."""
-    env = os.environ.get("EASEL_KEYMAPS")
-    return Path(env) if env else shipped_keymap_dir()
+    return env.KEYMAPS.get() or shipped_keymap_dir()
 
 
 # -- the schemas: what a keymap file may contain -------------------------------------------------------

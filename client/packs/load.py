@@ -11,13 +11,13 @@ from typing import Any
 
 import yaml
 
+from client import env
 from client.packs.compose import StyleDoc, VisualStyle, compose_style, decode_style
 from client.packs.errors import PackError, VisualStyleError
 from client.packs.prompts import ContentItem
 from client.packs.schema import CONTENT_KINDS, WorldStyle, decode, located
 from client.wire.errors import InvalidRequest
 
-LORA_ROOT_ENV = "EASEL_LORA_ROOT"
 STYLE_FILE = "visual_style.yaml"
 
 
@@ -47,9 +47,10 @@ def world_names(genre_dir: str | os.PathLike[str]) -> list[str]:
 
 
 def default_lora_root(genre_dir: str | os.PathLike[str]) -> Path:
-    """`$EASEL_LORA_ROOT`, else the directory holding the genre packs (so `lora/<genre>/x.safetensors` works)."""
-    env = os.environ.get(LORA_ROOT_ENV)
-    return Path(env) if env else Path(genre_dir).absolute().parent
+    """The first of `$EASEL_LORA_ROOTS`, else the directory holding the genre packs (so `lora/<genre>/x.safetensors`
+    works)."""
+    roots = env.LORA_ROOTS.get()
+    return roots[0] if roots else Path(genre_dir).absolute().parent
 
 
 def _world_dir(genre_dir: Path, world: str) -> Path:

@@ -21,7 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.wire.errors import EaselError
+from client import env as easel_env
+from client.wire.errors import EaselError, InvalidEnvVar
 
 TRACE_EXPORTERS = ("otlp", "console", "jsonl", "none")
 METRIC_EXPORTERS = ("otlp", "console", "none")
@@ -31,7 +32,7 @@ DEFAULT_HTTP_ENDPOINT = "http://localhost:4318"
 DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
 DEFAULT_EXPORT_TIMEOUT_S = 3.0
 DEFAULT_METRIC_INTERVAL_MS = 60_000
-DEFAULT_TRACES_FILE_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_TRACES_FILE_MAX_BYTES = easel_env.TRACES_FILE_MAX_BYTES.default
 
 
 class TelemetryConfigError(EaselError):
@@ -68,8 +69,9 @@ class TelemetryConfig:
 def default_traces_file(env: Mapping[str, str] | None = None) -> Path:
     """EASEL_TRACES_FILE, else $XDG_STATE_HOME/easel/traces.jsonl (~/.local/state/easel/traces.jsonl)."""
     env = os.environ if env is None else env
-    if env.get("EASEL_TRACES_FILE"):
-        return Path(env["EASEL_TRACES_FILE"]).expanduser()
+    explicit = easel_env.TRACES_FILE.get(env)
+    if explicit is not None:
+        return explicit
     state = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".local" / "state")
     return Path(state).expanduser() / "easel" / "traces.jsonl"
 
@@ -170,6 +172,14 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _easel(var: easel_env.EnvVar[int], env: Mapping[str, str]) -> int:
+    """An EASEL_TRACES_* value from the registry; a bad one is a telemetry configuration error, like OTEL_*'s."""
+    try:
+        return var.get(env)
+    except InvalidEnvVar as exc:
+        raise TelemetryConfigError(exc.message, **exc.details) from None
+
+
 def config_from_env(service_name: str, env: Mapping[str, str] | None = None) -> TelemetryConfig:
     """Resolve the telemetry configuration; `service_name` is the default OTEL_SERVICE_NAME overrides."""
     env = os.environ if env is None else env
@@ -183,7 +193,7 @@ def config_from_env(service_name: str, env: Mapping[str, str] | None = None) -> 
         env.get(v, "").strip() for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     )
     trace_default: tuple[str, ...] = ("otlp",) if otlp_configured else ()
-    if env.get("EASEL_TRACES_FILE", "").strip():
+    if easel_env.TRACES_FILE.is_set(env):
         trace_default = (*trace_default, "jsonl")
     traces = _exporters(env, "OTEL_TRACES_EXPORTER", TRACE_EXPORTERS, trace_default)
     metrics_configured = any(
@@ -198,6 +208,6 @@ def config_from_env(service_name: str, env: Mapping[str, str] | None = None) -> 
         traces_otlp=_otlp_target(env, "TRACES") if "otlp" in traces else None,
         metrics_otlp=_otlp_target(env, "METRICS") if "otlp" in metrics else None,
         traces_file=default_traces_file(env) if "jsonl" in traces else None,
-        traces_file_max_bytes=_positive_int(env, "EASEL_TRACES_FILE_MAX_BYTES", DEFAULT_TRACES_FILE_MAX_BYTES),
+        traces_file_max_bytes=_easel(easel_env.TRACES_FILE_MAX_BYTES, env),
         metric_interval_ms=_positive_int(env, "OTEL_METRIC_EXPORT_INTERVAL", DEFAULT_METRIC_INTERVAL_MS),
     )

@@ -174,6 +174,12 @@ class RenderFailed(EaselError):
     code = "render_failed"
 
 
+class InvalidEnvVar(EaselError):
+    """An EASEL_* environment variable holds a value easel cannot use; `variable` names it (client/env.py)."""
+
+    code = "invalid_env"
+
+
 def error_from_wire(payload: dict[str, Any]) -> EaselError:
     """Rebuild the typed exception an error response describes (unknown codes become EaselError)."""
     code = str(payload.get("code", "internal"))

@@ -17,6 +17,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+from client import env
+
 
 @dataclass(frozen=True)
 class BlasInfo:
@@ -52,7 +54,7 @@ def _load_blas() -> BlasInfo:
         return BlasInfo("accelerate", None, "MLX uses Metal / Accelerate on macOS")
     if "mlx.core" in sys.modules:
         return BlasInfo("bundled", None, "MLX was imported before easel could load an optimised BLAS")
-    choice = os.environ.get("EASEL_BLAS", "auto").strip() or "auto"
+    choice = env.BLAS.get()
     if choice == "bundled":
         return BlasInfo("bundled", None, "EASEL_BLAS=bundled: MLX's generic BLAS (slow on CPU)")
     path = _find_openblas() if choice == "auto" else choice

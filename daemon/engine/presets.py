@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from client import env
 from client.wire.errors import WeightsNotFound
 
 
@@ -25,7 +26,7 @@ class Preset:
 
     @property
     def env_var(self) -> str:
-        return "EASEL_MODEL_PATH_" + self.name.upper().replace("-", "_")
+        return env.PRESET_MODEL_PATH.for_key(self.name).name
 
 
 PRESETS: dict[str, Preset] = {
@@ -74,7 +75,7 @@ def locate_weights(preset: Preset, model_path: str | os.PathLike[str] | None = N
     """Find a real preset's weights on this machine, or raise WeightsNotFound saying where we looked."""
     looked: list[str] = []
     candidates: list[tuple[str, Path]] = []
-    explicit = model_path or os.environ.get(preset.env_var) or os.environ.get("EASEL_MODEL_PATH")
+    explicit = model_path or env.PRESET_MODEL_PATH.for_key(preset.name).get() or env.MODEL_PATH.get()
     if explicit:
         candidates.append(("model path", Path(explicit).expanduser()))
     elif preset.repo_id:
@@ -93,7 +94,7 @@ def locate_weights(preset: Preset, model_path: str | os.PathLike[str] | None = N
             continue
         return root
     hint = (
-        f"Point easel at the weights with --model-path DIR, {preset.env_var}=DIR or EASEL_MODEL_PATH=DIR "
+        f"Point easel at the weights with --model-path DIR, {preset.env_var}=DIR or {env.MODEL_PATH.name}=DIR "
         f"(a diffusers-layout folder with {', '.join(REQUIRED_SUBDIRS)}), or download them on a machine with "
         f"network access: `huggingface-cli download {preset.repo_id}` (gated: accept the licence first). "
         "On a machine without weights use --preset tiny."

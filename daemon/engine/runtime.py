@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 
+from client import env
 from daemon.engine.blas import BLAS, BlasInfo
 
 
 def compute_dtype() -> mx.Dtype:
     """fp32 on CPU (faster than bf16 there, and exact enough for tests); bf16 on GPUs."""
-    forced = os.environ.get("EASEL_DTYPE")
-    if forced:
+    forced = env.DTYPE.get()
+    if forced is not None:
         return {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[forced]
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 

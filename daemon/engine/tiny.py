@@ -22,6 +22,7 @@ from mflux.models.flux.variants.txt2img.flux import Flux1
 from mlx import nn
 from mlx.utils import tree_flatten
 
+from client import env
 from daemon.engine.runtime import configure_mflux_precision, mx
 from daemon.engine.tokenizers import clip_stand_in, t5_stand_in
 
@@ -43,8 +44,7 @@ TEXT_PATH_GAINS = {
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("EASEL_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "easel"
+    return env.CACHE_DIR.get()
 
 
 def cache_path(seed: int = TINY_SEED) -> Path:

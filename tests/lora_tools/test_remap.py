@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from client.lora_tools.commands import remap as remap_command
+from client.cli.lora import remap as remap_command
 from client.lora_tools.remap import remap_file
 from client.lorafile.keymaps import default_keymap_dir, load_keymaps, load_remap_keymap
 from client.lorafile.safetensors_io import read_safetensors, write_safetensors

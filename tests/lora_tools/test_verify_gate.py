@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.numpy import save_file
 
+from client.cli.lora import grid as grid_command
+from client.cli.lora import verify as verify_command
 from client.contact_sheet import SheetLayout
-from client.lora_tools.commands import grid as grid_command
-from client.lora_tools.commands import verify as verify_command
 from client.lora_tools.remap import remap_file
 
 pytestmark = pytest.mark.model

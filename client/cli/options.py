@@ -1,0 +1,135 @@
+"""The options several `easel` commands share, each defined once.
+
+Defaults come from where the setting is owned (the client's timeouts from client.client, a gate's
+thresholds from its config class, variables from client.env), never written a second time here. A
+renamed option keeps its old spelling as a hidden alias, so scripts written for it keep working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from client import env
+from client.cli.errors import JSON_META_KEY
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_PACKS = Path("genre_packs")
+
+
+class EaselOption(click.Option):
+    """A click option that may have hidden aliases (old spellings that parse but are not shown in help)."""
+
+    def __init__(self, param_decls: Any = None, *, hidden_aliases: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__([*(param_decls or ()), *hidden_aliases], **kwargs)
+        self.hidden_aliases = hidden_aliases
+
+    @contextlib.contextmanager
+    def _only_shown_names(self) -> Iterator[None]:
+        opts, self.opts = self.opts, [o for o in self.opts if o not in self.hidden_aliases]
+        try:
+            yield
+        finally:
+            self.opts = opts
+
+    def get_help_spec(self, ctx: click.Context) -> str:
+        with self._only_shown_names():
+            return super().get_help_spec(ctx)
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:  # "Invalid value for '--packs'"
+        with self._only_shown_names():
+            return super().get_error_hint(ctx)
+
+
+class ConfigDefault:
+    """A default read from its owner when click needs it (to parse, or to show in help), so the owner's module
+    is imported only then and the value is written in one place: `ConfigDefault(lambda: Thresholds().min_ratio)`."""
+
+    def __init__(self, read: Callable[[], Any]) -> None:
+        self._read = read
+
+    def __call__(self) -> Any:
+        return self._read()
+
+    def __bool__(self) -> bool:  # click asks a flag's default whether it is on, to show it in help
+        return bool(self._read())
+
+    def __str__(self) -> str:  # what `--help` shows as the default
+        value = self._read()
+        return ", ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
+def option(*decls: str, **kwargs: Any) -> Callable[[F], F]:
+    """click.option with EaselOption (hidden aliases)."""
+    return click.option(*decls, cls=EaselOption, **kwargs)
+
+
+def socket_option(fn: F) -> F:
+    """`--socket PATH` -> `socket_path` (None: `$EASEL_SOCKET`, else the user's runtime directory)."""
+    return option(
+        "--socket",
+        "socket_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=f"Daemon socket [default: ${env.SOCKET.name}, else $XDG_RUNTIME_DIR/easel/easel.sock].",
+    )(fn)
+
+
+def _remember_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[JSON_META_KEY] = True  # an error is then printed as JSON on stdout too (client.cli.errors)
+    return value
+
+
+def json_option(help: str = "Print the result as JSON.") -> Callable[[F], F]:  # noqa: A002
+    """`--json` -> `as_json`; with it an error is also printed to stdout as `{"error": {...}}`."""
+    return option("--json", "as_json", is_flag=True, callback=_remember_json, help=help)
+
+
+def timeout_option(default: Any, help: str) -> Callable[[F], F]:  # noqa: A002
+    """`--timeout SECONDS` -> `timeout`."""
+    return option("--timeout", type=float, default=default, show_default=True, help=help)
+
+
+def packs_option(fn: F) -> F:
+    """`--packs DIR` -> `packs_root` (old spelling `--packs-root` still parses)."""
+    return option(
+        "--packs",
+        "packs_root",
+        hidden_aliases=("--packs-root",),
+        type=click.Path(file_okay=False, path_type=Path),
+        default=DEFAULT_PACKS,
+        show_default=True,
+        help="Directory holding the genre packs.",
+    )(fn)
+
+
+def lora_root_option(fn: F) -> F:
+    """`--lora-root DIR` -> `lora_root`: where genre packs' relative `file:` paths resolve (old spelling `--root`)."""
+    return option(
+        "--lora-root",
+        "lora_root",
+        hidden_aliases=("--root",),
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help=f"Root the genre packs' relative LoRA file: paths resolve against [default: the first of "
+        f"${env.LORA_ROOTS.name}, else --packs].",
+    )(fn)
+
+
+def size_options(fn: F) -> F:
+    """`--width`, `--height`, `--steps`: override the tier's size and step count."""
+    for opt in reversed(
+        (
+            option("--width", type=int, default=None, help="Width in pixels [default: the tier's]."),
+            option("--height", type=int, default=None, help="Height in pixels [default: the tier's]."),
+            option("--steps", type=int, default=None, help="Denoising steps [default: the tier's]."),
+        )
+    ):
+        fn = opt(fn)
+    return fn

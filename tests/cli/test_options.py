@@ -1,0 +1,114 @@
+"""Options shared by the commands are defined once (client/cli/options.py), old spellings still parse, and
+defaults are read from the classes that own them rather than written a second time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from client.cli import main
+from client.cli.options import EaselOption
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def command(*path: str) -> click.Command:
+    cmd: click.Command = main
+    for name in path:
+        cmd = cmd.commands[name]  # type: ignore[attr-defined]
+    return cmd
+
+
+def default_of(cmd: click.Command, name: str):
+    (param,) = [p for p in cmd.params if p.name == name]
+    return param.get_default(click.Context(cmd))
+
+
+def options_named(flag: str):
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            ctx = click.Context(cmd)
+            for name in cmd.list_commands(ctx):
+                yield from walk(cmd.get_command(ctx, name), (*path, name))
+        for p in cmd.params:
+            if isinstance(p, click.Option) and flag in p.opts:
+                yield path, p
+
+    return list(walk(main, ()))
+
+
+@pytest.mark.parametrize("flag", ["--socket", "--json", "--packs", "--lora-root", "--width", "--height", "--steps"])
+def test_a_shared_option_is_one_definition_on_every_command(flag):
+    found = options_named(flag)
+    assert len(found) >= 2, found
+    kinds = {(p.name, type(p.type), p.is_flag, p.help, tuple(p.opts)) for path, p in found if path[0] != "serve"}
+    if flag == "--json":  # each command says what its JSON is; the option is the same
+        kinds = {k[:3] + k[4:] for k in kinds}
+    assert len(kinds) == 1, kinds
+    assert all(isinstance(p, EaselOption) for path, p in found if path[0] != "serve")
+
+
+def test_json_options_remember_json_mode():
+    for _path, p in options_named("--json"):
+        assert p.callback is not None and p.callback.__name__ == "_remember_json"
+
+
+def test_defaults_come_from_their_owners():
+    from client.client import DEFAULT_RENDER_TIMEOUT_S
+    from client.dataset import DEFAULT_MIN_IMAGES, DEFAULT_MIN_SIDE
+    from client.lora_tools.grid import GridSpec
+    from client.lora_tools.verify import VerifyConfig
+
+    assert default_of(command("render"), "timeout") == DEFAULT_RENDER_TIMEOUT_S
+    assert default_of(command("batch", "poi"), "timeout") == DEFAULT_RENDER_TIMEOUT_S
+    cfg = VerifyConfig()
+    verify = command("lora", "verify")
+    assert default_of(verify, "min_match") == cfg.thresholds.min_match_ratio
+    assert default_of(verify, "max_ssim_lora") == cfg.thresholds.max_ssim_lora
+    assert default_of(verify, "max_ssim_trigger") == cfg.thresholds.max_ssim_trigger
+    assert (default_of(verify, "seed"), default_of(verify, "scale")) == (cfg.seed, cfg.scale)
+    spec, grid = GridSpec(prompts=()), command("lora", "grid")
+    assert (default_of(grid, "seed"), default_of(grid, "baseline")) == (spec.seed, spec.baseline)
+    from client.lora_tools.grid import parse_strengths
+
+    assert parse_strengths(default_of(grid, "strengths")) == spec.strengths
+    check = command("dataset", "check")
+    assert (default_of(check, "min_images"), default_of(check, "min_side")) == (DEFAULT_MIN_IMAGES, DEFAULT_MIN_SIDE)
+
+
+def test_help_shows_the_owners_defaults():
+    from client.lora_tools.verify import Thresholds
+
+    out = CliRunner().invoke(main, ["lora", "verify", "--help"], terminal_width=200).stdout
+    assert f"[default: {Thresholds().min_match_ratio};" in out and f"[default: {Thresholds().max_ssim_lora}]" in out
+    out = CliRunner().invoke(main, ["render", "--help"], terminal_width=200).stdout
+    assert "[default: 900.0]" in out
+    out = CliRunner().invoke(main, ["lora", "grid", "--help"], terminal_width=200).stdout
+    assert "[default: 0.3 0.5 0.7 0.9 1.0]" in out and "[default: baseline]" in out
+
+
+def test_importing_the_cli_does_not_import_what_the_defaults_live_in():
+    """Defaults are read lazily: `easel --help` does not load the verify gate, PIL or the dataset checks."""
+    code = "import sys, client.cli; print(sorted(m for m in ('PIL', 'client.lora_tools.verify', 'client.dataset') if m in sys.modules))"  # noqa: E501
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_old_spellings_parse_and_stay_out_of_help(tmp_path):
+    packs = str(REPO / "genre_packs")
+    args = ["packs", "show", "--genre", "spaghetti_western"]
+    new = CliRunner().invoke(main, [*args, "--packs", packs, "--lora-root", str(tmp_path)])
+    old = CliRunner().invoke(main, [*args, "--packs-root", packs, "--root", str(tmp_path)])
+    assert new.exit_code == old.exit_code == 0, old.output
+    assert new.stdout == old.stdout and str(tmp_path / "lora") in new.stdout
+    for path in (("packs", "show"), ("packs", "make-loras"), ("lora", "verify"), ("batch", "poi")):
+        out = CliRunner().invoke(main, [*path, "--help"]).stdout
+        assert "--packs " in out and "--packs-root" not in out and "--root" not in out, path
+    (tmp_path / "file").write_text("")
+    bad = CliRunner().invoke(main, [*args, "--packs-root", str(tmp_path / "file")], prog_name="easel")
+    assert bad.exit_code == 2 and "Invalid value for '--packs':" in bad.stderr and "--packs-root" not in bad.stderr
