@@ -78,10 +78,18 @@ def as_other_user(sock_path: Path) -> list | str:
     return replies
 
 
+def _traversable_tmp() -> str:
+    """A temp parent every user may traverse (/tmp is 0700 on some machines)."""
+    for cand in ("/tmp", "/var/tmp", "/dev/shm"):
+        if os.path.isdir(cand) and os.stat(cand).st_mode & 0o001:
+            return cand
+    pytest.skip("no temp directory other users may traverse")
+
+
 @pytest.fixture
 def base():
     """A directory the other user may traverse (pytest's tmp_path lives under a 0700 directory)."""
-    path = Path(tempfile.mkdtemp(prefix="easel-peer-", dir="/tmp"))
+    path = Path(tempfile.mkdtemp(prefix="easel-peer-", dir=_traversable_tmp()))
     path.chmod(0o711)
     yield path
     shutil.rmtree(path, ignore_errors=True)
