@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client.wire.errors import Busy, ShuttingDown
+from client.wire.messages import StepTime
 
 INTERACTIVE, BATCH = 0, 1
 PRIORITIES = {"interactive": INTERACTIVE, "batch": BATCH}
@@ -168,10 +169,10 @@ class StepTimes:
             ratio = px / (near[1] * near[2])
             return (self._per_step[near] * shape.steps + self._overhead[near]) * ratio
 
-    def table(self) -> list[dict[str, Any]]:
+    def table(self) -> list[StepTime]:
         with self._lock:
             return [
-                {"preset": k[0], "width": k[1], "height": k[2], "step_s": v, "overhead_s": self._overhead[k]}
+                StepTime(preset=k[0], width=k[1], height=k[2], step_s=v, overhead_s=self._overhead[k])
                 for k, v in self._per_step.items()
             ]
 

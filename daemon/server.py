@@ -487,7 +487,6 @@ class DaemonServer:
         from daemon.scheduler import plan
 
         ordered = plan(self.queue.jobs, self.service.active_key, now, self.config.policy)
-        svc = self.service.status()
         return StatusResult(
             version=self.version,
             protocol=PROTOCOL_VERSION,
@@ -497,8 +496,8 @@ class DaemonServer:
             uptime_s=now - self.started,
             pid=os.getpid(),
             socket=str(self.config.socket_path),
-            active_stack=svc["active_stack"],
-            lora_cache=svc["lora_cache"],
+            active_stack=self.service.active_stack(),
+            lora_cache=self.service.lora_cache_stats(),
             queue_depth=len(self.queue),
             queue_capacity=self.queue.capacity,
             interactive_reserve=self.queue.interactive_reserve,

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
+
 from client.fs import atomic_write_bytes
 from client.lorafile.inspect import inspect_lora
 from client.tiers import TIERS
 from client.wire.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
-from client.wire.messages import Render, RenderResult
+from client.wire.messages import ActiveLora, LoraCacheStats, Render, RenderResult
 from client.wire.report import FileReport
 from daemon.config import DaemonConfig
 from daemon.engine.png import encode_png
@@ -188,15 +190,13 @@ class RenderService:
             tier=req.tier,
         )
 
-    def status(self) -> dict[str, Any]:
-        cache = {}
-        if self.cache is not None:
-            stats = self.cache.stats()
-            cache = stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
-        return {
-            "active_stack": [{"path": k[0], "scale": k[1]} for k in self.active_key],
-            "lora_cache": cache,
-        }
+    def active_stack(self) -> list[ActiveLora]:
+        return [ActiveLora(path=k[0], scale=k[1]) for k in self.active_key]
+
+    def lora_cache_stats(self) -> LoraCacheStats | None:
+        if self.cache is None:
+            return None
+        return msgspec.convert(self.cache.stats(), LoraCacheStats, from_attributes=True)
 
     # ---- in the render thread -------------------------------------------------------------------
 

@@ -35,10 +35,10 @@ def status_command(socket_path, as_json, timeout) -> None:
         return
     click.echo(f"easel {st.version} (protocol {st.protocol}) pid {st.pid} on {st.socket}")
     click.echo(f"preset {st.preset}  warm={st.warm}  uptime {st.uptime_s:.0f}s  renders {st.renders_done}")
-    stack = ", ".join(f"{Path(s['path']).name}@{s['scale']:g}" for s in st.active_stack) or "(none)"
+    stack = ", ".join(f"{Path(s.path).name}@{s.scale:g}" for s in st.active_stack) or "(none)"
     click.echo(f"active stack: {stack}  (switches so far: {st.stack_switches})")
-    if st.lora_cache:
-        click.echo("lora cache: " + "  ".join(f"{k}={v}" for k, v in st.lora_cache.items()))
+    if st.lora_cache is not None:
+        click.echo("lora cache: " + "  ".join(f"{k}={v}" for k, v in msgspec.structs.asdict(st.lora_cache).items()))
     if st.in_flight is not None:
         j = st.in_flight
         left = "?" if j.estimated_finish_s is None else f"{j.estimated_finish_s:.1f}s"

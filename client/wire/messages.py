@@ -156,6 +156,34 @@ class JobInfo(Struct, omit_defaults=True):
     estimated_finish_s: float | None = None
 
 
+class ActiveLora(Struct):
+    """One file of the LoRA stack on the live model."""
+
+    path: str
+    scale: float
+
+
+class LoraCacheStats(Struct):
+    """The daemon's parsed-LoRA cache: cumulative hits/misses/evictions, what it holds now, its bound."""
+
+    hits: int
+    misses: int
+    evictions: int
+    entries: int
+    bytes: int
+    max_bytes: int
+
+
+class StepTime(Struct):
+    """A render speed the daemon measured: seconds per denoising step and fixed overhead at one size."""
+
+    preset: str
+    width: int
+    height: int
+    step_s: float
+    overhead_s: float
+
+
 class StatusResult(Struct, omit_defaults=True):
     version: str
     protocol: int
@@ -165,17 +193,17 @@ class StatusResult(Struct, omit_defaults=True):
     uptime_s: float
     pid: int
     socket: str
-    active_stack: list[dict[str, Any]]
-    lora_cache: dict[str, Any]
+    active_stack: list[ActiveLora]
     queue_depth: int
     queue_capacity: int
     interactive_reserve: int
     queue: list[JobInfo]
-    step_times: list[dict[str, Any]]
+    step_times: list[StepTime]
     shutting_down: bool
     renders_done: int
     stack_switches: int
     in_flight: JobInfo | None = None
+    lora_cache: LoraCacheStats | None = None  # absent when the daemon keeps no LoRA cache
 
 
 class PingResult(Struct, omit_defaults=True):

@@ -314,6 +314,22 @@ def test_disconnect_stops_running_render(daemon):
     assert st.renders_done == done_before  # the abandoned render never completed
 
 
+def test_easel_status_shows_the_live_stack_and_the_lora_cache(daemon):
+    from click.testing import CliRunner
+
+    from client.cli import main as cli
+
+    with daemon.client() as c:
+        c.send_render("status check", lora_paths=[str(daemon.loras / "l0.safetensors")], lora_scales=[0.5], **SIZE)
+        st = c.status()
+    assert [(s.path, s.scale) for s in st.active_stack] == [(str(daemon.loras / "l0.safetensors"), 0.5)]
+    assert st.lora_cache is not None and st.lora_cache.entries >= 1 and st.lora_cache.max_bytes == 2 * 1024**3
+    r = CliRunner().invoke(cli, ["status", "--socket", str(daemon.socket)])
+    assert r.exit_code == 0, r.output
+    assert "active stack: l0.safetensors@0.5" in r.output
+    assert "lora cache: hits=" in r.output and f"max_bytes={2 * 1024**3}" in r.output
+
+
 def test_sigterm_drains_in_flight_and_exits_0(daemon):
     box = {}
 

@@ -227,7 +227,7 @@ def test_status_estimates_from_measured_times(daemon):
             return st
 
     st = asyncio.run(go())
-    assert st.step_times and st.step_times[0]["width"] == 64
+    assert st.step_times and st.step_times[0].width == 64
     starts = [j.estimated_start_s for j in st.queue]
     assert all(s is not None for s in starts) and starts == sorted(starts)
     assert all(j.estimated_finish_s > j.estimated_start_s for j in st.queue)
