@@ -6,6 +6,7 @@ They join the `easel` program through entry points declared in pyproject.toml (`
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import sys
@@ -18,7 +19,7 @@ from client.cli.daemon_control import socket_option
 from client.cli.errors import fail
 from client.wire.errors import EaselError
 from client.wire.messages import Render, check_render
-from daemon.config import DaemonConfig
+from daemon.config import DaemonConfig, ServerConfig, ServiceConfig, default_of
 from daemon.render_spec import Limits
 
 
@@ -27,7 +28,9 @@ def _fail(err: EaselError) -> None:
 
 
 @click.command("serve")
-@click.option("--preset", default="tiny", show_default=True, help="Model preset to keep loaded.")
+@click.option(
+    "--preset", default=default_of(ServiceConfig, "preset"), show_default=True, help="Model preset to keep loaded."
+)
 @click.option("--model-path", default=None, help="Local weights of a real preset.")
 @socket_option
 @click.option(
@@ -43,18 +46,41 @@ def _fail(err: EaselError) -> None:
     default=None,
     help="Directory outputs must be written into (default $EASEL_OUTPUT_ROOT or ./easel-output).",
 )
-@click.option("--queue-capacity", type=click.IntRange(1), default=64, show_default=True)
+@click.option(
+    "--queue-capacity", type=click.IntRange(1), default=default_of(ServiceConfig, "queue_capacity"), show_default=True
+)
 @click.option(
     "--interactive-reserve",
     type=click.IntRange(0),
-    default=None,
+    default=default_of(ServiceConfig, "interactive_reserve"),
     help="Queue slots batch jobs may not take, kept for interactive renders (default: a quarter of the queue).",
 )
-@click.option("--max-connections", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--drain-timeout", type=click.FloatRange(0), default=30.0, show_default=True, help="Seconds.")
-@click.option("--max-frame", type=click.IntRange(1024), default=None, help="Largest accepted frame in bytes.")
-@click.option("--max-size", type=click.IntRange(64), default=None, help="Largest width/height accepted.")
-@click.option("--max-steps", type=click.IntRange(1), default=None, help="Most steps accepted.")
+@click.option(
+    "--max-connections", type=click.IntRange(1), default=default_of(ServerConfig, "max_connections"), show_default=True
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(0),
+    default=default_of(ServerConfig, "drain_timeout_s"),
+    show_default=True,
+    help="Seconds queued and running renders get on SIGTERM/SIGINT or `easel stop`; a second signal stops at once.",
+)
+@click.option(
+    "--max-frame",
+    type=click.IntRange(1024),
+    default=default_of(ServerConfig, "max_frame"),
+    show_default=True,
+    help="Largest accepted frame in bytes.",
+)
+@click.option(
+    "--max-size",
+    type=click.IntRange(64),
+    default=None,
+    help=f"Largest width/height accepted (default {Limits.max_size}).",
+)
+@click.option(
+    "--max-steps", type=click.IntRange(1), default=None, help=f"Most steps accepted (default {Limits.max_steps})."
+)
 @click.option("--no-warmup", is_flag=True, help="Skip the warm-up render (ready sooner, first render slower).")
 @click.option("--log-level", default="WARNING", show_default=True)
 def serve_command(
@@ -63,35 +89,32 @@ def serve_command(
 ) -> None:  # fmt: skip
     """Run the render daemon in the foreground until SIGTERM/SIGINT or `easel stop`."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    kwargs: dict = {"preset": preset, "model_path": model_path, "queue_capacity": queue_capacity}
-    kwargs |= {"interactive_reserve": interactive_reserve, "max_connections": max_connections}
-    kwargs["drain_timeout_s"] = drain_timeout
-    kwargs["warmup"] = not no_warmup
+    server: dict = {"max_connections": max_connections, "drain_timeout_s": drain_timeout, "max_frame": max_frame}
     if socket_path is not None:
-        kwargs["socket_path"] = socket_path
+        server["socket_path"] = socket_path
+    service: dict = {"preset": preset, "model_path": model_path, "queue_capacity": queue_capacity}
+    service |= {"interactive_reserve": interactive_reserve, "warmup": not no_warmup}
     if lora_roots:
-        kwargs["lora_roots"] = tuple(lora_roots)
+        service["lora_roots"] = tuple(lora_roots)
     if output_root is not None:
-        kwargs["output_root"] = output_root
-    if max_frame is not None:
-        kwargs["max_frame"] = max_frame
+        service["output_root"] = output_root
     limits = Limits()
     if max_size is not None:
         limits = dataclasses.replace(limits, max_size=max_size, max_pixels=max_size * max_size)
     if max_steps is not None:
         limits = dataclasses.replace(limits, max_steps=max_steps)
-    kwargs["limits"] = limits
+    service["limits"] = limits
 
     def announce(line: str) -> None:
         click.echo(line)
         sys.stdout.flush()
 
     try:
-        config = DaemonConfig(**kwargs)
+        config = DaemonConfig(server=ServerConfig(**server), service=ServiceConfig(**service))
     except ValueError as exc:  # options that are fine alone but not together (a reserve as big as the queue)
         raise click.UsageError(str(exc)) from None
     try:
-        from daemon.server import run_daemon
+        from daemon.startup import run_daemon
         from daemon.telemetry import setup_telemetry
 
         tel = setup_telemetry("easel-daemon")  # OTEL_* / EASEL_TRACES_FILE; flushed when the server stops
@@ -102,11 +125,14 @@ def serve_command(
 
 
 def render_in_process(prompt, paths, scales, zero_match, output, fields, *, log=print):
-    """The same request, rendered by this process with the engine (no socket): for comparison and debugging."""
+    """The same request, rendered by this process through the daemon's own runner and engine (no socket):
+    for comparison and debugging."""
     output = str(Path(output or "easel-render.png").resolve())  # in-process: relative to the working dir
     roots = tuple({str(Path(p).resolve().parent) for p in paths}) or (str(Path.cwd()),)
-    config = DaemonConfig(
-        preset=fields.get("preset") or "tiny", lora_roots=roots, output_root=Path(output).resolve().parent
+    config = ServiceConfig(
+        preset=fields.get("preset") or default_of(ServiceConfig, "preset"),
+        lora_roots=roots,
+        output_root=Path(output).resolve().parent,
     )
     req = Render(
         id=0,
@@ -119,8 +145,20 @@ def render_in_process(prompt, paths, scales, zero_match, output, fields, *, log=
     )
     check_render(req)
     t0 = time.perf_counter()
+    from daemon.runner import RenderRunner
     from daemon.service import RenderService
 
     service = RenderService.load(config)
     log(f"model loaded in {time.perf_counter() - t0:.1f}s")
-    return service.run(service.prepare(req))
+
+    async def render_once():
+        runner = RenderRunner(service, config)
+        try:
+            return await runner.render(req)
+        finally:
+            await runner.close()
+
+    try:
+        return asyncio.run(render_once())
+    finally:
+        service.release_thread()  # this thread loaded the model

@@ -1,10 +1,16 @@
-"""Daemon settings: one frozen dataclass, filled from command-line options and EASEL_* variables."""
+"""Daemon settings, in two types: what the socket server needs (`ServerConfig`) and what the render
+service and its runner need (`ServiceConfig`). A runner without a socket (`easel render --in-process`,
+a replica in another serving system) takes only the second. `DaemonConfig` is the pair `easel serve`
+runs with. `easel serve`'s option defaults are read from these classes (`default_of`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from client.wire.address import default_socket_path
 from client.wire.framing import DEFAULT_MAX_FRAME
@@ -28,28 +34,46 @@ def default_output_root() -> Path:
 
 
 @dataclass(frozen=True)
-class DaemonConfig:
+class ServerConfig:
+    """The socket server: where it listens, whom it serves, how much it reads, how long it drains."""
+
+    socket_path: Path = field(default_factory=default_socket_path)
+    max_connections: int = 128  # beyond this a new connection gets `busy` and is closed
+    max_frame: int = DEFAULT_MAX_FRAME
+    frame_timeout_s: float = 30.0  # a frame must arrive whole within this many seconds of its first byte
+    drain_timeout_s: float = 30.0
+    allow_any_uid: bool = False  # only for deliberately shared sockets; same-uid is the default
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "socket_path", Path(self.socket_path).expanduser().absolute())
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        if not self.frame_timeout_s > 0:
+            raise ValueError("frame_timeout_s must be > 0")
+        if self.max_frame < 1024:
+            raise ValueError("max_frame must be >= 1024 bytes")
+        if not self.drain_timeout_s >= 0:
+            raise ValueError("drain_timeout_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """The model, the files a request may touch, the render limits, and the runner's queue."""
+
     preset: str = "tiny"
     model_path: str | None = None
-    socket_path: Path = field(default_factory=default_socket_path)
     lora_roots: tuple[Path, ...] = field(default_factory=lambda: tuple(default_lora_roots()))
     output_root: Path = field(default_factory=default_output_root)
-    max_frame: int = DEFAULT_MAX_FRAME
+    limits: Limits = Limits()
+    lora_cache_bytes: int = 2 * 1024**3
     queue_capacity: int = 64
     interactive_reserve: int | None = None  # queue slots batch jobs may not take; None: a quarter of the queue
-    max_connections: int = 128  # beyond this a new connection gets `busy` and is closed
-    frame_timeout_s: float = 30.0  # a frame must arrive whole within this many seconds of its first byte
     policy: Policy = Policy()
-    limits: Limits = Limits()
-    drain_timeout_s: float = 30.0
-    lora_cache_bytes: int = 2 * 1024**3
-    allow_any_uid: bool = False  # only for deliberately shared sockets; same-uid is the default
     warmup: bool = True
     warmup_size: int = 64
     warmup_steps: int = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "socket_path", Path(self.socket_path).expanduser().absolute())
         object.__setattr__(self, "lora_roots", tuple(Path(p).expanduser().resolve() for p in self.lora_roots))
         object.__setattr__(self, "output_root", Path(self.output_root).expanduser().resolve())
         if self.queue_capacity < 1:
@@ -58,9 +82,47 @@ class DaemonConfig:
             object.__setattr__(self, "interactive_reserve", self.queue_capacity // 4)
         if not 0 <= self.interactive_reserve < self.queue_capacity:
             raise ValueError(f"interactive_reserve must be in 0..{self.queue_capacity - 1}")
-        if self.max_connections < 1:
-            raise ValueError("max_connections must be >= 1")
-        if not self.frame_timeout_s > 0:
-            raise ValueError("frame_timeout_s must be > 0")
-        if self.max_frame < 1024:
-            raise ValueError("max_frame must be >= 1024 bytes")
+
+
+_SERVER_FIELDS = frozenset(f.name for f in dataclasses.fields(ServerConfig))
+_SERVICE_FIELDS = frozenset(f.name for f in dataclasses.fields(ServiceConfig))
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """What one `easel serve` process runs with: its socket server's settings and its service's."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+
+    @classmethod
+    def from_settings(cls, **settings: Any) -> DaemonConfig:
+        """Both halves from one flat set of settings (each name belongs to exactly one of them)."""
+        unknown = set(settings) - _SERVER_FIELDS - _SERVICE_FIELDS
+        if unknown:
+            raise TypeError(f"unknown daemon settings: {', '.join(sorted(unknown))}")
+        return cls(
+            server=ServerConfig(**{k: v for k, v in settings.items() if k in _SERVER_FIELDS}),
+            service=ServiceConfig(**{k: v for k, v in settings.items() if k in _SERVICE_FIELDS}),
+        )
+
+    # Where a client finds this daemon and its files (read-only shortcuts into the two halves).
+    @property
+    def socket_path(self) -> Path:
+        return self.server.socket_path
+
+    @property
+    def lora_roots(self) -> tuple[Path, ...]:
+        return self.service.lora_roots
+
+    @property
+    def output_root(self) -> Path:
+        return self.service.output_root
+
+
+def default_of(config_type: type, name: str) -> Any:
+    """A config field's plain default, for a command-line option's default (so it is written once)."""
+    f = config_type.__dataclass_fields__[name]
+    if f.default is dataclasses.MISSING:
+        raise ValueError(f"{config_type.__name__}.{name} has no plain default")
+    return f.default

@@ -1,7 +1,8 @@
 """Which render runs next: few LoRA-stack switches, interactive before batch, nobody starves.
 
 The choice is a pure function of the queue (`choose`), so it is unit-tested without a model and the
-bench can compare it with FIFO. `JobQueue` wraps it for asyncio (bounded: a full queue answers Busy).
+bench can compare it with FIFO. `JobQueue` wraps it for asyncio (bounded: a full queue answers Busy);
+daemon.runner drives it.
 `StepTimes` learns how long renders take from the daemon's own measurements, and `plan` replays the
 choice over the current queue to estimate when each queued job will start and finish.
 """
@@ -46,24 +47,16 @@ _seq = itertools.count()
 
 @dataclass(eq=False)
 class Job:
-    """One queued render. `payload` is whatever the service needs to run it (opaque here)."""
+    """What the scheduler knows of a queued render. The runner's job (daemon.runner.RenderJob) extends it
+    with the request and its lifecycle; the choice below reads only these fields."""
 
     job_id: str
     priority: int
     stack_key: Hashable
     shape: Shape
-    payload: Any = None
-    request_id: Any = None
-    conn_id: int = 0
-    deadline: float | None = None  # time.monotonic() value
     enqueued_at: float = field(default_factory=time.monotonic)
     seq: int = field(default_factory=lambda: next(_seq))
     bypassed: int = 0
-    cancel_event: threading.Event = field(default_factory=threading.Event)
-    state: str = "queued"
-    step: int | None = None
-    started_at: float | None = None
-    stack_label: list[str] = field(default_factory=list)
 
 
 def _starving(job: Job, bypassed: int, now: float, policy: Policy) -> bool:
@@ -202,7 +195,7 @@ def estimate_queue(
 
 
 class JobQueue:
-    """The bounded asyncio queue the server submits to and the render worker takes from."""
+    """The bounded asyncio queue the runner submits to and its render worker takes from."""
 
     def __init__(self, capacity: int = 64, policy: Policy = Policy(), interactive_reserve: int = 0) -> None:
         if not 0 <= interactive_reserve < capacity:

@@ -1,12 +1,13 @@
-"""The daemon process: an asyncio Unix-socket server over one render thread.
+"""The socket server: connections, framing and a dispatch table over a RenderRunner.
 
-The event loop only reads frames, validates, queues and answers; the blocking MLX render runs in one
-worker thread, so ping/status/cancel stay answered while a picture is being drawn. One connection may
-carry many requests (matched by `id`); replies to different requests may interleave.
+The event loop only reads frames, validates, hands renders to the runner (daemon/runner.py) and answers;
+the runner's render thread draws. One connection may carry many requests (matched by `id`); replies to
+different requests may interleave. `RenderReplies` turns one render's runner events into reply frames.
 
-Shutdown (SIGTERM, SIGINT or the `shutdown` op): stop accepting connections and renders, let queued and
-running renders finish within the drain timeout, cancel what is left (a running render stops at its next
-step), close connections, remove the socket, return 0.
+Stopping (`request_stop`: SIGTERM, SIGINT or the `shutdown` op): stop accepting connections and renders,
+let queued and running renders finish within the drain timeout, cancel what is left (a running render
+stops at its next step), close connections. `force_stop` (a second signal) cuts the drain short.
+Process start-up (socket, model, signals, announce lines) is daemon/startup.py.
 """
 
 from __future__ import annotations
@@ -16,27 +17,22 @@ import contextlib
 import itertools
 import logging
 import os
-import signal
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
 from client.wire import framing
 from client.wire.errors import (
     Busy,
     Cancelled,
-    DeadlineExceeded,
     EaselError,
     FrameTooLarge,
     InvalidRequest,
     PeerNotAllowed,
     ProtocolError,
-    RenderFailed,
-    ShuttingDown,
 )
 from client.wire.messages import (
     PROTOCOL_VERSION,
@@ -44,10 +40,11 @@ from client.wire.messages import (
     CancelResult,
     Event,
     Inspect,
-    JobInfo,
     Ping,
     PingResult,
     Render,
+    RenderResult,
+    Reply,
     Request,
     Result,
     Shutdown,
@@ -58,17 +55,9 @@ from client.wire.messages import (
     encode,
     error_reply,
 )
-from daemon.config import DaemonConfig
-from daemon.scheduler import PRIORITIES, Job, JobQueue, Shape, StepTimes, estimate_queue
-from daemon.security import (
-    bind_unix_socket,
-    clear_stale_socket,
-    ensure_private_dir,
-    peer_uid,
-    remove_socket,
-    socket_inode,
-)
-from daemon.service import Prepared, RenderService
+from daemon.config import ServerConfig
+from daemon.runner import Estimate, RenderJob, RenderRunner
+from daemon.security import peer_uid
 from daemon.telemetry import ServerCall, Telemetry, start_server_call
 
 log = logging.getLogger("easel.server")
@@ -83,6 +72,7 @@ def easel_version() -> str:
 
 _conn_ids = itertools.count(1)
 SEND_TIMEOUT_S = 30.0
+FORCED_SEND_TIMEOUT_S = 1.0  # after a forced stop, replies already posted get this long to go out
 
 
 @dataclass(eq=False)
@@ -92,7 +82,7 @@ class Connection:
     writer: asyncio.StreamWriter
     max_frame: int
     conn_id: int = field(default_factory=lambda: next(_conn_ids))
-    jobs: dict[Any, Job] = field(default_factory=dict)  # request id -> job
+    jobs: dict[Any, RenderJob] = field(default_factory=dict)  # request id -> job
     closed: bool = False
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -114,79 +104,146 @@ class Connection:
 
     def post(self, msg: Any) -> None:
         """Queue a reply without waiting (replies of one connection keep their order: the lock is FIFO)."""
-        task = asyncio.get_running_loop().create_task(self.send(msg))
+        self.spawn(self.send(msg))
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        """Run `work` for this connection in the background; shutdown waits for it before closing."""
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
 
+class RenderReplies:
+    """A runner listener for one render request: its events become reply frames on its connection, and
+    its answer ends the request's server span."""
+
+    def __init__(self, conn: Connection, req: Render, call: ServerCall) -> None:
+        self.conn, self.req, self.call = conn, req, call
+
+    def queued(self, job: RenderJob, position: int, estimate: Estimate) -> None:
+        if self.req.progress:
+            self.conn.post(
+                Event(
+                    id=self.req.id,
+                    event="queued",
+                    position=position,
+                    estimated_start_s=estimate.start_s,
+                    estimated_finish_s=estimate.finish_s,
+                )
+            )
+
+    def started(self, job: RenderJob) -> None:
+        if self.req.progress:
+            self.conn.post(Event(id=self.req.id, event="started", steps=job.shape.steps))
+
+    def progress(self, job: RenderJob, step: int, steps: int, elapsed_s: float) -> None:
+        if self.req.progress:
+            self.conn.post(Event(id=self.req.id, event="progress", step=step, steps=steps, elapsed_s=elapsed_s))
+
+    def finished(self, job: RenderJob, result: RenderResult) -> None:
+        self.conn.post(Result(id=self.req.id, op="render", result=result))
+        self._done(job)
+
+    def failed(self, job: RenderJob, error: EaselError) -> None:
+        self.conn.post(error_reply(self.req.id, error))
+        self._done(job, error)
+
+    def _done(self, job: RenderJob, error: EaselError | None = None) -> None:
+        if self.conn.jobs.get(self.req.id) is job:
+            del self.conn.jobs[self.req.id]
+        if error is not None:
+            self.call.set_error(error)
+        self.call.end()
+
+
+Handler = Callable[[Connection, Any, ServerCall], Awaitable[Reply | None]]
+
+
 class DaemonServer:
-    def __init__(self, config: DaemonConfig, service: RenderService) -> None:
+    def __init__(self, config: ServerConfig, runner: RenderRunner) -> None:
         self.config = config
-        self.service = service
-        self.tel = service.tel
-        self.queue = JobQueue(config.queue_capacity, config.policy, config.interactive_reserve)
-        self.times = StepTimes()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-render")
+        self.runner = runner
         self.started = time.monotonic()
         self.version = easel_version()
         self.connections: set[Connection] = set()
-        self.jobs: dict[str, Job] = {}  # job id -> job (queued or running)
-        self.running: Job | None = None
-        self.renders_done = 0
+        self.forced = False
         self._stop = asyncio.Event()
+        self._forced = asyncio.Event()
         self._drain_timeout = config.drain_timeout_s
         self._server: asyncio.AbstractServer | None = None
-        self._job_seq = itertools.count(1)
+        # op -> handler: returns the reply to send now, or None when it answers by itself (then or later)
+        # and ends the call itself
+        self._handlers: dict[type, Handler] = {
+            Ping: self._ping,
+            Status: self._status,
+            Render: self._render,
+            Inspect: self._inspect,
+            Cancel: self._cancel,
+            Shutdown: self._shutdown,
+        }
+
+    @property
+    def tel(self) -> Telemetry:
+        return self.runner.service.tel
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def drain_timeout_s(self) -> float:
+        return self._drain_timeout
+
     def request_stop(self, drain_timeout_s: float | None = None) -> None:
+        """Begin a graceful stop: no new renders from now on, then the drain (see `serve`)."""
         if drain_timeout_s is not None:
             self._drain_timeout = drain_timeout_s
-        self.queue.close()
+        self.runner.stop_accepting()
         self._stop.set()
 
-    async def serve(self, sock: socket.socket, on_ready: Any = None) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, self.request_stop)
+    def force_stop(self) -> None:
+        """Stop now: answer queued and running renders (shutting_down / cancelled) and stop waiting for them."""
+        self.forced = True
+        self.runner.abort(force=True)
+        self._forced.set()
+        self._stop.set()
+
+    async def serve(self, sock: socket.socket, on_ready: Callable[[], None] | None = None) -> None:
+        """Serve on the bound, listening `sock` until a stop is requested, then drain and close."""
         self._server = await asyncio.start_unix_server(self._handle, sock=sock, limit=2**16)
-        worker = asyncio.create_task(self._worker(), name="easel-worker")
+        self.runner.start()
         if on_ready is not None:
             on_ready()
         try:
             await self._stop.wait()
         finally:
-            await self._drain(worker)
-            self._server.close()
-            pending = [t for conn in self.connections for t in conn._tasks]
-            if pending:  # replies already posted (last results, cancellations) reach their clients first
-                await asyncio.wait(pending, timeout=SEND_TIMEOUT_S)
-            for conn in list(self.connections):
-                conn.closed = True
-                conn.writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
-            with contextlib.suppress(Exception):  # the render thread frees its MLX streams before it ends
-                await loop.run_in_executor(self.executor, self.service.release_thread)
-            self.executor.shutdown(wait=True)
-            self.tel.shutdown()  # flush spans and metrics; bounded by the exporters' own timeouts
+            await self._close()
 
-    async def _drain(self, worker: asyncio.Task) -> None:
-        """Stop accepting; finish queued + running work within the drain timeout; cancel the rest."""
+    async def _close(self) -> None:
         self._server.close()  # no new connections; existing ones still get their results
-        self.queue.close()
-        done, _ = await asyncio.wait({worker}, timeout=self._drain_timeout)
-        if done:
+        await self.runner.drain(self._drain_timeout)
+        pending = [t for conn in self.connections for t in conn._tasks]
+        # replies already posted (last results, cancellations) reach their clients first
+        await self._wait_unless_forced(pending, SEND_TIMEOUT_S)
+        for conn in list(self.connections):
+            conn.closed = True
+            conn.writer.close()
+        await self._wait_unless_forced([asyncio.ensure_future(self._server.wait_closed())], 5.0)
+        await self.runner.close()
+
+    async def _wait_unless_forced(self, tasks: list[asyncio.Future], timeout_s: float) -> None:
+        """Wait for `tasks` up to `timeout_s`, or FORCED_SEND_TIMEOUT_S once a stop is forced."""
+        if not tasks:
             return
-        log.warning("drain timeout (%.1fs) reached; cancelling %d queued job(s)", self._drain_timeout, len(self.queue))
-        for job in self.queue.jobs:
-            self.queue.remove(job)
-            self._finish_error(job, ShuttingDown("the daemon shut down before this render started"))
-        if self.running is not None:
-            self.running.cancel_event.set()
-        await asyncio.wait({worker}, timeout=max(60.0, self._drain_timeout))
+        settled = asyncio.ensure_future(asyncio.wait(tasks, timeout=timeout_s))
+        forced = asyncio.ensure_future(self._forced.wait())
+        await asyncio.wait({settled, forced}, return_when=asyncio.FIRST_COMPLETED)
+        if not settled.done():
+            await asyncio.wait({settled}, timeout=FORCED_SEND_TIMEOUT_S)
+        settled.cancel()  # stops waiting; the tasks themselves go on (or end with the loop)
+        forced.cancel()
 
     # ---- connections ----------------------------------------------------------------------------
 
@@ -204,8 +261,8 @@ class DaemonServer:
         finally:
             conn.closed = True
             self.connections.discard(conn)
-            for job in list(conn.jobs.values()):
-                self._cancel_job(job)
+            for job in list(conn.jobs.values()):  # dropped if queued, stopped at its next step if running
+                self.runner.cancel(job, Cancelled("the client went away while the render was queued"))
             conn.jobs.clear()
             writer.close()
             with contextlib.suppress(Exception):
@@ -243,53 +300,56 @@ class DaemonServer:
                 self.tel.metrics.error(err.code)
                 await conn.send(error_reply(err.details.get("id"), err))
                 continue
-            call = start_server_call(
-                self.tel,
-                type(req).__struct_config__.tag,
-                trace_context=req.trace_context,
-                request_id=req.id,
-                socket_path=str(self.config.socket_path),
-            )
-            answered_later = False
-            try:
-                answered_later = await self._dispatch(conn, req, call)
-            except EaselError as err:
-                call.set_error(err)
-                await conn.send(error_reply(req.id, err))
-            except Exception as exc:  # a bug must not take the daemon down
-                log.exception("request %r failed", req.id)
-                call.set_error(exc)
-                await conn.send(error_reply(req.id, EaselError(f"internal error: {type(exc).__name__}: {exc}")))
-            finally:
-                if not answered_later:  # a render / inspect ends its span when its reply is sent
-                    call.end()
+            await self._dispatch(conn, req)
+
+    async def _dispatch(self, conn: Connection, req: Request) -> None:
+        """Answer `req` through its op's handler, under its server span; errors become error replies."""
+        call = start_server_call(
+            self.tel,
+            type(req).__struct_config__.tag,
+            trace_context=req.trace_context,
+            request_id=req.id,
+            socket_path=str(self.config.socket_path),
+        )
+        answered_later = False
+        try:
+            reply = await self._handlers[type(req)](conn, req, call)
+            if reply is None:  # a render / inspect ends its span when its reply is sent
+                answered_later = True
+            else:
+                await conn.send(reply)
+        except EaselError as err:
+            call.set_error(err)
+            await conn.send(error_reply(req.id, err))
+        except Exception as exc:  # a bug must not take the daemon down
+            log.exception("request %r failed", req.id)
+            call.set_error(exc)
+            await conn.send(error_reply(req.id, EaselError(f"internal error: {type(exc).__name__}: {exc}")))
+        finally:
+            if not answered_later:
+                call.end()
 
     # ---- operations -----------------------------------------------------------------------------
 
-    async def _dispatch(self, conn: Connection, req: Request, call: ServerCall) -> bool:
-        """Answer `req`, or hand it on; True when it was handed on (its reply, and `call.end()`, come later)."""
-        if isinstance(req, Ping):
-            await conn.send(Result(id=req.id, op="ping", result=PingResult(pong=True, version=self.version)))
-        elif isinstance(req, Status):
-            await conn.send(Result(id=req.id, op="status", result=self.status()))
-        elif isinstance(req, Render):
-            await self._submit(conn, req, call)
-            return True
-        elif isinstance(req, Inspect):  # reads a file: off the loop, and not holding up this connection
-            task = asyncio.get_running_loop().create_task(self._inspect(conn, req, call))
-            conn._tasks.add(task)
-            task.add_done_callback(conn._tasks.discard)
-            return True
-        elif isinstance(req, Cancel):
-            await conn.send(Result(id=req.id, op="cancel", result=await self._cancel(conn, req)))
-        elif isinstance(req, Shutdown):
-            await conn.send(Result(id=req.id, op="shutdown", result=ShutdownResult(accepted=True)))
-            self.request_stop(req.drain_timeout_s)
-        return False
+    async def _ping(self, conn: Connection, req: Ping, call: ServerCall) -> Reply:
+        return Result(id=req.id, op="ping", result=PingResult(pong=True, version=self.version))
+
+    async def _status(self, conn: Connection, req: Status, call: ServerCall) -> Reply:
+        return Result(id=req.id, op="status", result=self.status())
+
+    async def _render(self, conn: Connection, req: Render, call: ServerCall) -> None:
+        if req.id in conn.jobs and not self.runner.shutting_down:
+            raise InvalidRequest(f"request id {req.id!r} is already in flight on this connection", field="id")
+        job = self.runner.submit(req, RenderReplies(conn, req, call), owner=conn.conn_id, trace_parent=call.context)
+        conn.jobs[req.id] = job
 
     async def _inspect(self, conn: Connection, req: Inspect, call: ServerCall) -> None:
+        """Reads a file: off the loop, and not holding up this connection."""
+        conn.spawn(self._inspect_reply(conn, req, call))
+
+    async def _inspect_reply(self, conn: Connection, req: Inspect, call: ServerCall) -> None:
         try:
-            report = await asyncio.get_running_loop().run_in_executor(None, self.service.inspect, req.path)
+            report = await asyncio.get_running_loop().run_in_executor(None, self.runner.service.inspect, req.path)
         except EaselError as err:
             call.set_error(err)
             await conn.send(error_reply(req.id, err))
@@ -302,253 +362,41 @@ class DaemonServer:
         finally:
             call.end()
 
-    async def _submit(self, conn: Connection, req: Render, call: ServerCall) -> None:
-        if self.queue.closed:
-            raise ShuttingDown("the daemon is shutting down and accepts no new renders")
-        if req.id in conn.jobs:
-            raise InvalidRequest(f"request id {req.id!r} is already in flight on this connection", field="id")
-        prepared = self.service.prepare(req)
-        spec = prepared.spec
-        now = time.monotonic()
-        prepared.call, prepared.enqueued_ns = call, time.time_ns()
-        job = Job(
-            job_id=f"{conn.conn_id}:{next(self._job_seq)}",
-            priority=PRIORITIES[req.priority],
-            stack_key=prepared.stack_key,
-            shape=Shape(spec.preset, spec.width, spec.height, spec.steps),
-            payload=(conn, req, prepared),
-            request_id=req.id,
-            conn_id=conn.conn_id,
-            deadline=now + req.deadline_s if req.deadline_s is not None else None,
-            enqueued_at=now,
-            stack_label=[f"{it.path.name}@{it.scale:g}" for it in prepared.stack],
-        )
-        position = self.queue.submit(job)
-        self.tel.metrics.set_queue_depth(len(self.queue))
-        conn.jobs[req.id] = job
-        self.jobs[job.job_id] = job
-        if req.deadline_s is not None:
-            asyncio.get_running_loop().call_later(req.deadline_s, self._expire, job)
-        if req.progress:
-            est = self._estimates().get(job.job_id, (None, None))
-            await conn.send(
-                Event(
-                    id=req.id,
-                    event="queued",
-                    position=position,
-                    estimated_start_s=est[0],
-                    estimated_finish_s=est[1],
-                )
-            )
-
-    async def _cancel(self, conn: Connection, req: Cancel) -> CancelResult:
-        job = self.jobs.get(req.job) if req.job is not None else conn.jobs.get(req.target)
+    async def _cancel(self, conn: Connection, req: Cancel, call: ServerCall) -> Reply:
+        job = self.runner.get(req.job) if req.job is not None else conn.jobs.get(req.target)
         if job is None:
-            return CancelResult(cancelled=False, state="unknown")
-        state = job.state
-        if state == "queued":
-            self.queue.remove(job)
-            self._finish_error(job, Cancelled("cancelled while queued"))
+            result = CancelResult(cancelled=False, state="unknown")
         else:
-            job.cancel_event.set()  # the render thread raises Cancelled at the next step
-        return CancelResult(cancelled=True, state=state, job=job.job_id)
+            result = CancelResult(cancelled=True, state=self.runner.cancel(job), job=job.job_id)
+        return Result(id=req.id, op="cancel", result=result)
 
-    def _cancel_job(self, job: Job) -> None:
-        """The job's client went away: drop it if queued, stop it at the next step if running."""
-        job.cancel_event.set()
-        if self.queue.remove(job):
-            self._forget(job, Cancelled("the client went away while the render was queued"))
-
-    def _forget(self, job: Job, error: EaselError | None = None) -> None:
-        """The job is done with (answered, or its client left): drop it and end its server span."""
-        self.jobs.pop(job.job_id, None)
-        conn, req, prepared = job.payload
-        if conn.jobs.get(req.id) is job:
-            del conn.jobs[req.id]
-        self.tel.metrics.set_queue_depth(len(self.queue))
-        call, prepared.call = prepared.call, None
-        if call is not None:
-            if error is not None:
-                call.set_error(error)
-            call.end()
-
-    def _finish_error(self, job: Job, err: EaselError) -> None:
-        conn, req, _ = job.payload
-        conn.post(error_reply(req.id, err))
-        self._forget(job, err)
-
-    def _expire(self, job: Job) -> None:
-        """A queued job's deadline passed: answer now instead of when it reaches the head of the queue."""
-        if job.state == "queued" and self.queue.remove(job):
-            _, req, _ = job.payload
-            self._finish_error(job, DeadlineExceeded(f"deadline of {req.deadline_s}s passed while queued"))
-
-    # ---- the render worker ----------------------------------------------------------------------
-
-    async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            job = await self.queue.take(self.service.active_key)
-            if job is None:
-                return
-            self.tel.metrics.set_queue_depth(len(self.queue))
-            if job.cancel_event.is_set():
-                self._forget(job, Cancelled("the client went away while the render was queued"))
-                continue
-            conn, req, prepared = job.payload
-            now = time.monotonic()
-            if job.deadline is not None and now > job.deadline:
-                self._finish_error(
-                    job,
-                    DeadlineExceeded(f"deadline of {req.deadline_s}s passed while queued", deadline_s=req.deadline_s),
-                )
-                continue
-            job.state, job.started_at, job.step = "running", now, 0
-            self.running = job
-            prepared.timings["queue_wait"] = now - job.enqueued_at
-            if req.progress:
-                conn.post(Event(id=req.id, event="started", steps=job.shape.steps))
-            try:
-                result = await loop.run_in_executor(self.executor, self._run_job, job, prepared, loop)
-            except EaselError as err:
-                self._finish_error(job, err)
-            except Exception as exc:
-                log.exception("render %s failed", job.job_id)
-                self._finish_error(job, RenderFailed(f"render failed: {type(exc).__name__}: {exc}"))
-            else:
-                self.renders_done += 1
-                result.job = job.job_id
-                conn.post(Result(id=req.id, op="render", result=result))
-                self._forget(job)
-            finally:
-                self.running = None
-
-    def _run_job(self, job: Job, prepared: Prepared, loop: asyncio.AbstractEventLoop):
-        """In the render thread. `on_step` stops the render at the next step when cancelled or late."""
-        conn, req, _ = job.payload
-        t0 = time.perf_counter()
-
-        def on_step(i: int, n: int) -> None:
-            job.step = i
-            if job.cancel_event.is_set():
-                raise Cancelled(f"render cancelled at step {i} of {n}", step=i)
-            if job.deadline is not None and time.monotonic() > job.deadline:
-                raise DeadlineExceeded(f"deadline of {req.deadline_s}s passed at step {i} of {n}", step=i)
-            if req.progress:
-                ev = Event(id=req.id, event="progress", step=i, steps=n, elapsed_s=time.perf_counter() - t0)
-                loop.call_soon_threadsafe(conn.post, ev)
-
-        result = self.service.run(prepared, on_step)
-        t = result.timings
-        t["total"] = time.perf_counter() - t0 + t.get("queue_wait", 0.0)
-        other = t.get("text_encode", 0.0) + t.get("decode", 0.0) + t.get("write", 0.0)
-        self.times.observe(job.shape, t.get("denoise", 0.0), other)
-        if result.stack_switched:
-            self.times.observe_switch(t.get("stack_switch", 0.0))
-        return result
+    async def _shutdown(self, conn: Connection, req: Shutdown, call: ServerCall) -> None:
+        await conn.send(Result(id=req.id, op="shutdown", result=ShutdownResult(accepted=True)))
+        call.end()
+        self.request_stop(req.drain_timeout_s)  # once the reply is out
 
     # ---- status ---------------------------------------------------------------------------------
 
-    def _estimates(self) -> dict[str, tuple[float | None, float | None]]:
-        now = time.monotonic()
-        left: float | None = 0.0
-        active = self.service.active_key
-        if self.running is not None:
-            est = self.times.estimate(self.running.shape)
-            left = None if est is None else max(0.0, est - (now - (self.running.started_at or now)))
-            active = self.running.stack_key
-        return estimate_queue(self.queue.jobs, active, now, self.times, left, self.config.policy)
-
-    def _job_info(self, job: Job, now: float, est: tuple[float | None, float | None] | None) -> JobInfo:
-        _, req, _ = job.payload
-        return JobInfo(
-            job=job.job_id,
-            request_id=req.id,
-            priority=req.priority,
-            state=job.state,
-            width=job.shape.width,
-            height=job.shape.height,
-            steps=job.shape.steps,
-            stack=job.stack_label,
-            waited_s=(job.started_at or now) - job.enqueued_at,
-            step=job.step,
-            estimated_start_s=None if est is None else est[0],
-            estimated_finish_s=None if est is None else est[1],
-        )
-
     def status(self) -> StatusResult:
-        now = time.monotonic()
-        ests = self._estimates()
-        in_flight = None
-        if self.running is not None:
-            est = self.times.estimate(self.running.shape)
-            left = None if est is None else max(0.0, est - (now - (self.running.started_at or now)))
-            in_flight = self._job_info(self.running, now, (0.0, left))
-        from daemon.scheduler import plan
-
-        ordered = plan(self.queue.jobs, self.service.active_key, now, self.config.policy)
+        run = self.runner.status()
         return StatusResult(
             version=self.version,
             protocol=PROTOCOL_VERSION,
-            preset=self.service.preset_name,
+            preset=run.preset,
             model_loaded=True,
-            warm=self.service.warm,
-            uptime_s=now - self.started,
+            warm=run.warm,
+            uptime_s=time.monotonic() - self.started,
             pid=os.getpid(),
             socket=str(self.config.socket_path),
-            active_stack=self.service.active_stack(),
-            lora_cache=self.service.lora_cache_stats(),
-            queue_depth=len(self.queue),
-            queue_capacity=self.queue.capacity,
-            interactive_reserve=self.queue.interactive_reserve,
-            queue=[self._job_info(j, now, ests.get(j.job_id)) for j in ordered],
-            step_times=self.times.table(),
-            shutting_down=self.queue.closed,
-            renders_done=self.renders_done,
-            stack_switches=self.service.stack_switches,
-            in_flight=in_flight,
+            active_stack=run.active_stack,
+            lora_cache=run.lora_cache,
+            queue_depth=run.queue_depth,
+            queue_capacity=run.queue_capacity,
+            interactive_reserve=run.interactive_reserve,
+            queue=run.queue,
+            step_times=run.step_times,
+            shutting_down=run.shutting_down,
+            renders_done=run.renders_done,
+            stack_switches=run.stack_switches,
+            in_flight=run.in_flight,
         )
-
-
-def _event_loop_policy() -> None:
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-def run_daemon(
-    config: DaemonConfig, *, service: RenderService | None = None, tel: Telemetry | None = None, announce=print
-) -> int:
-    """`easel serve`: refuse if a daemon answers, load + warm the model, bind, serve until stopped.
-    `tel` (spans and metrics) is flushed and shut down when the server stops."""
-    path = Path(config.socket_path)
-    ensure_private_dir(path.parent)
-    clear_stale_socket(path)  # refuse early (before minutes of model loading) if a daemon is live
-    if service is None:
-        t0 = time.perf_counter()
-        service = RenderService.load(config, tel=tel)
-        announce(f"easel: preset {service.preset_name} loaded in {time.perf_counter() - t0:.1f}s")
-    elif tel is not None:
-        service.use_telemetry(tel)
-    if config.warmup and not service.warm:
-        announce(f"easel: warmed up in {service.warm_up():.1f}s")
-    else:
-        service.warm = True
-    sock = bind_unix_socket(path)
-    inode = socket_inode(path)
-    _event_loop_policy()
-    try:
-        asyncio.run(_serve(config, service, sock, announce))
-    finally:
-        remove_socket(path, inode)
-        sock.close()
-        service.release_thread()  # this thread loaded and warmed the model
-    announce("easel: stopped")
-    return 0
-
-
-async def _serve(config: DaemonConfig, service: RenderService, sock: socket.socket, announce) -> None:
-    server = DaemonServer(config, service)
-    await server.serve(sock, on_ready=lambda: announce(f"easel: ready on {config.socket_path} (pid {os.getpid()})"))

@@ -1,9 +1,10 @@
-"""The glue between the scheduler and the model room: a wire Render request becomes a prepared job
+"""The glue between the runner and the model room: a wire Render request becomes a prepared render
 (on the event loop: cheap checks, path confinement), then a picture (in the one render thread: stack
 switch, engine render, PNG write).
 
-`RenderService` takes its engine and LoRA patcher as arguments so the scheduler/protocol tests can run it
-over a small stand-in; `RenderService.load(config)` builds the real ones.
+`RenderService` takes its engine and LoRA patcher as arguments so the runner/protocol tests can run it
+over a small stand-in; `RenderService.load(config)` builds the real ones. It knows nothing of queues or
+sockets: daemon.runner schedules its renders, daemon.server carries them over the wire.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
+from opentelemetry.context import Context
 
 from client.fs import atomic_write_bytes
 from client.lorafile.inspect import inspect_lora
@@ -26,11 +28,11 @@ from client.tiers import TIERS
 from client.wire.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
 from client.wire.messages import ActiveLora, LoraCacheStats, Render, RenderResult
 from client.wire.report import FileReport
-from daemon.config import DaemonConfig
+from daemon.config import ServiceConfig
 from daemon.engine.png import encode_png
 from daemon.render_spec import RenderSpec, validate_spec
 from daemon.security import confine
-from daemon.telemetry import RenderSpan, ServerCall, Telemetry, TelemetryConfig, extract_context, setup_telemetry
+from daemon.telemetry import RenderSpan, Telemetry, TelemetryConfig, extract_context, setup_telemetry
 from daemon.telemetry import render_span as open_render_span
 
 log = logging.getLogger("easel.service")
@@ -52,9 +54,9 @@ class StackItem:
     name: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prepared:
-    """A validated render, ready for the worker. Everything here was checked on the event loop."""
+    """A validated render, ready for the render thread. Everything here was checked on the event loop."""
 
     spec: RenderSpec
     stack: list[StackItem]
@@ -64,9 +66,6 @@ class Prepared:
     return_bytes: bool
     trace_context: dict[str, str] | None = None
     tier: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    call: ServerCall | None = None  # the request's server span (set by the server); parents the render span
-    enqueued_ns: int | None = None  # wall clock when queued: the render span starts there (queue_wait phase)
 
 
 def stack_key(items: list[StackItem]) -> StackKey:
@@ -107,7 +106,7 @@ class RenderService:
     def __init__(
         self,
         engine: Engine,
-        config: DaemonConfig,
+        config: ServiceConfig,
         *,
         patcher: Any = None,
         cache: Any = None,
@@ -136,7 +135,7 @@ class RenderService:
             tel.metrics.observe_lora_cache(self.cache.stats)
 
     @classmethod
-    def load(cls, config: DaemonConfig, tel: Telemetry | None = None) -> RenderService:
+    def load(cls, config: ServiceConfig, tel: Telemetry | None = None) -> RenderService:
         """Load the preset's model and a patcher on its transformer, then warm up (slow: seconds to minutes)."""
         from daemon.engine.model import load_model
         from daemon.lora.cache import LoraCache
@@ -200,13 +199,14 @@ class RenderService:
 
     # ---- in the render thread -------------------------------------------------------------------
 
-    def render_span(self, prepared: Prepared) -> contextlib.AbstractContextManager[RenderSpan]:
-        """The `flux_mlx.render` span: under the request's server span (or the trace context the request
-        carried, when run without a server), starting when the job was queued."""
-        parent = prepared.call.context if prepared.call is not None else extract_context(prepared.trace_context)
-        return open_render_span(
-            self.tel, prepared.spec, tier=prepared.tier, parent=parent, enqueued_ns=prepared.enqueued_ns
-        )
+    def render_span(
+        self, prepared: Prepared, parent: Context | None = None, enqueued_ns: int | None = None
+    ) -> contextlib.AbstractContextManager[RenderSpan]:
+        """The `flux_mlx.render` span: under `parent` (the request's server span), else under the trace
+        context the request carried; starting at `enqueued_ns` when the render waited in a queue."""
+        if parent is None:
+            parent = extract_context(prepared.trace_context)
+        return open_render_span(self.tel, prepared.spec, tier=prepared.tier, parent=parent, enqueued_ns=enqueued_ns)
 
     def switch_stack(self, prepared: Prepared) -> bool:
         """Make the live model carry `prepared`'s stack. Returns True if the weights changed."""
@@ -234,16 +234,28 @@ class RenderService:
         self.stack_switches += 1
         return True
 
-    def run(self, prepared: Prepared, on_step: StepCallback | None = None) -> RenderResult:
-        t = prepared.timings
-        with self.render_span(prepared) as span:
+    def run(
+        self,
+        prepared: Prepared,
+        on_step: StepCallback | None = None,
+        *,
+        parent: Context | None = None,
+        enqueued_ns: int | None = None,
+    ) -> RenderResult:
+        """Render `prepared` (in the render thread). `parent` and `enqueued_ns` place the render span in
+        its request's trace and time its wait in the queue (`queue_wait`, counted in `total`)."""
+        t0 = time.perf_counter()
+        t: dict[str, float] = {}
+        with self.render_span(prepared, parent, enqueued_ns) as span:
+            if "queue_wait" in span.phases:
+                t["queue_wait"] = span.phases["queue_wait"]
             with span.phase("stack_switch"):
                 switched = self.switch_stack(prepared)
             t["stack_switch"] = span.phases["stack_switch"]
             span.set_stack(self.active_report, switched=switched)  # the patcher's own per-file counts
             out = self.engine.render(prepared.spec, on_step=on_step, limits=self.config.limits)
             t.update(out.timings)
-            t0 = time.perf_counter()
+            t_write = time.perf_counter()
             meta = prepared.spec.to_metadata() | {
                 "lora_paths": [str(i.path) for i in prepared.stack],
                 "lora_scales": [i.scale for i in prepared.stack],
@@ -252,8 +264,9 @@ class RenderService:
             data = encode_png(out.image, meta)
             if prepared.output_path is not None:
                 atomic_write_bytes(prepared.output_path, data)
-            t["write"] = time.perf_counter() - t0
+            t["write"] = time.perf_counter() - t_write
             span.record_phases({k: v for k, v in t.items() if k not in ("queue_wait", "stack_switch")})
+        t["total"] = time.perf_counter() - t0 + t.get("queue_wait", 0.0)
         spec = prepared.spec
         return RenderResult(
             width=out.image.width,

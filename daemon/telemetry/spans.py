@@ -5,12 +5,12 @@ Integration is a few lines in the server and the render worker:
     # server, when a request is decoded (a render is answered later, from the worker):
     call = start_server_call(tel, req_op, trace_context=req.trace_context, request_id=req.id,
                              socket_path=str(socket_path))
-    job.call = call                                     # carried with the job; call.context parents the render
+    runner.submit(req, listener, trace_parent=call.context)  # call.context parents the render span
     ...                                                 # on an error reply: call.set_error(err)
     call.end()                                          # after the reply (result or error) was sent
 
     # render worker:
-    with render_span(tel, spec, tier=tier, parent=job.call.context, enqueued_ns=job.enqueued_ns) as r:
+    with render_span(tel, spec, tier=tier, parent=job.trace_parent, enqueued_ns=job.enqueued_ns) as r:
         with r.phase("stack_switch"):
             report = patcher.apply_stack(entries)
         r.set_stack(report.files, switched=True)        # sets ERROR if any LoRA matched 0 keys

@@ -43,7 +43,7 @@ def real_daemon(tiny_model, packs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e_daemon")
     config = make_config(tmp, lora_roots=(packs / "lora",), output_root=tmp / "out")
     patcher = LoraPatcher(tiny_model.flux.transformer, LoraCache())
-    service = RenderService(tiny_model, config, patcher=patcher, preset_name=tiny_model.preset.name)
+    service = RenderService(tiny_model, config.service, patcher=patcher, preset_name=tiny_model.preset.name)
     d = InProcessDaemon(config, service=service).start()
     try:
         yield d

@@ -1,8 +1,9 @@
 """An in-process daemon over a stand-in engine, for fast scheduler/protocol tests without the model.
 
-The server, scheduler, service, security checks and client are the real ones; only the MLX render
-(`StandinEngine`: sleeps per step, honours on_step, returns a flat image) and the LoRA patcher
-(`StandinPatcher`: records which stack is live) are replaced. The real model runs in the
+The server, runner, scheduler, service, security checks and client are the real ones; only the MLX
+render (`StandinEngine`: sleeps per step, honours on_step, returns a flat image) and the LoRA patcher
+(`StandinPatcher`: records which stack is live) are replaced. `standin_service` alone drives a
+RenderRunner with no socket (tests/server/test_runner.py). The real model runs in the
 test_daemon_process.py tests.
 """
 
@@ -21,8 +22,9 @@ from PIL import Image
 
 from client.wire.errors import LoraZeroMatch
 from client.wire.report import FileReport
-from daemon.config import DaemonConfig
+from daemon.config import DaemonConfig, ServiceConfig
 from daemon.lora.stack import StackReport
+from daemon.runner import RenderRunner
 from daemon.security import bind_unix_socket
 from daemon.server import DaemonServer
 from daemon.service import RenderService
@@ -70,8 +72,16 @@ class StandinPatcher:
         self.switches.append(())
 
 
+def standin_service(config: ServiceConfig, step_s: float = 0.05, tel: Telemetry | None = None) -> RenderService:
+    """The real RenderService over the stand-in engine and patcher (tiny preset, 2 steps by default)."""
+    return RenderService(
+        StandinEngine(step_s), config, patcher=StandinPatcher(), preset_name="tiny", default_steps=2, tel=tel
+    )
+
+
 class InProcessDaemon:
-    """DaemonServer on a real Unix socket, in a background thread with its own event loop."""
+    """DaemonServer and its RenderRunner on a real Unix socket, in a background thread with its own
+    event loop (as daemon/startup.py runs them, less the model loading and the signal handlers)."""
 
     def __init__(
         self,
@@ -83,13 +93,12 @@ class InProcessDaemon:
         """Stand-in engine and patcher by default; pass a real `service` to serve the real model."""
         self.config = config
         if service is None:
-            service = RenderService(
-                StandinEngine(step_s), config, patcher=StandinPatcher(), preset_name="tiny", default_steps=2, tel=tel
-            )
+            service = standin_service(config.service, step_s, tel)
         self.service = service
         self.engine, self.patcher = service.engine, service.patcher
         self.service.warm = True
         self.server: DaemonServer | None = None
+        self.runner: RenderRunner | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -100,8 +109,12 @@ class InProcessDaemon:
 
         async def main() -> None:
             self.loop = asyncio.get_running_loop()
-            self.server = DaemonServer(self.config, self.service)
-            await self.server.serve(sock, on_ready=self._ready.set)
+            self.runner = RenderRunner(self.service, self.config.service)
+            self.server = DaemonServer(self.config.server, self.runner)
+            try:
+                await self.server.serve(sock, on_ready=self._ready.set)
+            finally:
+                self.service.tel.shutdown()  # flushed when serving ends, as `easel serve` does
 
         try:
             asyncio.run(main())
@@ -137,7 +150,7 @@ def make_config(tmp: Path, **overrides) -> DaemonConfig:
         warmup=False,
     )
     base.update(overrides)
-    return DaemonConfig(**base)
+    return DaemonConfig.from_settings(**base)
 
 
 @contextlib.contextmanager

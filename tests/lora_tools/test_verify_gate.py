@@ -45,10 +45,10 @@ class RealDaemon:
         from daemon.service import RenderService
 
         self.config = make_config(tmp, queue_capacity=64, drain_timeout_s=30.0)
-        cache = LoraCache(self.config.lora_cache_bytes)
+        cache = LoraCache(self.config.service.lora_cache_bytes)
         self.patcher = LoraPatcher(model.flux.transformer, cache)
         service = RenderService(
-            model, self.config, patcher=self.patcher, cache=cache, preset_name="tiny", default_steps=1
+            model, self.config.service, patcher=self.patcher, cache=cache, preset_name="tiny", default_steps=1
         )
         self._daemon = InProcessDaemon(self.config, service=service)
 

@@ -1,0 +1,117 @@
+"""The render runner over the real tiny model (the session's shared copy) with the real LoRA patcher,
+no socket; and `easel render --in-process`, the user-facing path through the same runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.lora_factories import make_lora
+
+from client.wire.errors import Cancelled
+from client.wire.messages import Render
+from daemon.config import ServiceConfig
+from daemon.engine.png import read_metadata
+from daemon.runner import RenderRunner
+
+pytestmark = pytest.mark.model
+
+W = 3072
+LAYOUT = {  # the tiny transformer's shapes for the modules the test LoRAs touch
+    "transformer_blocks.0.attn.to_q": (W, W),
+    "transformer_blocks.0.attn.to_k": (W, W),
+    "transformer_blocks.0.attn.to_v": (W, W),
+    "transformer_blocks.0.attn.to_out.0": (W, W),
+}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Progress:
+    """A listener that wants to know when the render reached its first step."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.stepped, self.answer, self.steps = asyncio.Event(), loop.create_future(), []
+
+    def queued(self, job, position, estimate):
+        pass
+
+    def started(self, job):
+        pass
+
+    def progress(self, job, step, steps, elapsed_s):
+        self.steps.append(step)
+        self.stepped.set()
+
+    def finished(self, job, result):
+        self.answer.set_result(result)
+
+    def failed(self, job, error):
+        self.answer.set_exception(error)
+
+
+def test_runner_renders_real_stacks_and_cancels_a_real_render(tiny_model, tmp_path):
+    from daemon.lora.cache import LoraCache
+    from daemon.lora.patcher import LoraPatcher
+    from daemon.service import RenderService
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    a = make_lora("kohya", loras / "a.safetensors", LAYOUT, rank=4, alpha=4, seed=1, modules=["attn.to_q"])
+    b = make_lora("kohya", loras / "b.safetensors", LAYOUT, rank=4, alpha=4, seed=2, modules=["attn.to_out.0"])
+    config = ServiceConfig(lora_roots=(loras,), output_root=tmp_path / "out", warmup=False)
+    cache = LoraCache(config.lora_cache_bytes)
+    patcher = LoraPatcher(tiny_model.flux.transformer, cache)
+    service = RenderService(tiny_model, config, patcher=patcher, cache=cache, preset_name="tiny", default_steps=1)
+
+    async def main():
+        runner = RenderRunner(service, config)
+        try:
+            size = dict(width=64, height=64, steps=1)
+            first, second = await asyncio.gather(
+                runner.render(Render(id=1, prompt="rider", lora_paths=[str(a)], lora_scales=[0.8], seed=3, **size)),
+                runner.render(Render(id=2, prompt="town", lora_paths=[str(b)], lora_scales=[1.0], seed=4, **size)),
+            )
+            listener = Progress()
+            job = runner.submit(Render(id=3, prompt="long", width=64, height=64, steps=30), listener)
+            await asyncio.wait_for(listener.stepped.wait(), 300)
+            assert runner.cancel(job) == "running"
+            with pytest.raises(Cancelled):
+                await listener.answer
+            return first, second, listener.steps, runner.status()
+        finally:
+            await runner.close()
+
+    try:
+        first, second, steps, st = asyncio.run(main())
+    finally:
+        patcher.clear()  # the session's model goes back exactly as it was
+    for r, path, seed in ((first, a, 3), (second, b, 4)):
+        assert [f.path for f in r.stack] == [str(path)] and r.matched_keys == [3] and r.seed == seed
+        assert all(f.keys_applied == f.keys_total == 3 for f in r.stack)
+        assert read_metadata(r.image_path)["lora_paths"] == [str(path)]
+        assert r.job.startswith("local:") and r.timings["total"] >= r.timings["denoise"]
+    assert max(steps) < 30 and st.renders_done == 2 and st.in_flight is None and st.queue_depth == 0
+    assert st.lora_cache is not None and st.lora_cache.entries == 2 and st.stack_switches >= 2
+    assert [s.width for s in st.step_times] == [64]
+
+
+def test_easel_render_in_process_goes_through_the_runner(tmp_path):
+    lora = make_lora("kohya", tmp_path / "style.safetensors", LAYOUT, rank=4, alpha=4, seed=5, modules=["attn.to_q"])
+    out = tmp_path / "inproc.png"
+    cmd = [sys.executable, "-c", "from client.cli import main; main()", "render", "a saloon", "--in-process"]
+    cmd += ["--lora", f"{lora}:0.7", "--width", "64", "--height", "64", "--steps", "1", "--seed", "8", "-o", str(out)]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{out}  64x64 seed 8 steps 1")
+    assert "style.safetensors @ 0.7: 3/3 keys" in r.stdout
+    assert "queue_wait=" in r.stdout and "total=" in r.stdout  # the runner's timings: it queued, then rendered
+    meta = read_metadata(str(out))
+    assert (meta["prompt"], meta["seed"], meta["lora_paths"], meta["matched_keys"]) == ("a saloon", 8, [str(lora)], [3])
