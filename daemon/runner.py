@@ -185,7 +185,10 @@ class RenderRunner:
         forced abort the render thread gets `forced_grace_s` to reach its next step; a render still
         inside a step then is left behind (`busy` stays True)."""
         self.abort()
-        if self._worker is not None and not self._worker.done():
+        if self._worker is None:  # never started: no render thread to free
+            self._executor.shutdown(wait=True)
+            return
+        if not self._worker.done():
             await asyncio.wait({self._worker}, timeout=forced_grace_s if self._forced.is_set() else None)
         if self.busy:
             self._executor.shutdown(wait=False)
