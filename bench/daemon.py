@@ -47,11 +47,11 @@ LAYOUT = {
 IN_PROCESS = """
 import json, sys, time
 from pathlib import Path
-from daemon.config import DaemonConfig
+from daemon.config import ServiceConfig
 from client.wire.messages import Render
 from daemon.service import RenderService
 root, lora, req = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
-cfg = DaemonConfig(socket_path=root / "unused.sock", lora_roots=(root,), output_root=root / "out")
+cfg = ServiceConfig(lora_roots=(root,), output_root=root / "out")
 svc = RenderService.load(cfg)
 svc.warm_up()
 svc.run(svc.prepare(Render(id=99, lora_paths=[lora], lora_scales=[0.8], **req)))  # untimed, as on the daemon side
