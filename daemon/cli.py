@@ -15,16 +15,12 @@ from pathlib import Path
 
 import click
 
-from client.cli.daemon_control import socket_option
 from client.cli.errors import fail
+from client.cli.options import socket_option
 from client.wire.errors import EaselError
 from client.wire.messages import Render, check_render
 from daemon.config import DaemonConfig, ServerConfig, ServiceConfig, default_of
 from daemon.render_spec import Limits
-
-
-def _fail(err: EaselError) -> None:
-    fail(err)
 
 
 @click.command("serve")
@@ -120,7 +116,7 @@ def serve_command(
         tel = setup_telemetry("easel-daemon")  # OTEL_* / EASEL_TRACES_FILE; flushed when the server stops
         rc = run_daemon(config, tel=tel, announce=announce)
     except EaselError as err:
-        _fail(err)
+        fail(err)
     sys.exit(rc)
 
 
