@@ -7,30 +7,26 @@ runs with. `easel serve`'s option defaults are read from these classes (`default
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client import env
 from client.wire.address import default_socket_path
 from client.wire.framing import DEFAULT_MAX_FRAME
 from daemon.render_spec import Limits
 from daemon.scheduler import Policy
 
 
-def _env_paths(name: str) -> list[Path]:
-    return [Path(p).expanduser() for p in os.environ.get(name, "").split(os.pathsep) if p]
-
-
 def default_lora_roots() -> list[Path]:
-    """`$EASEL_LORA_ROOTS` (os.pathsep-separated), else the working directory."""
-    return _env_paths("EASEL_LORA_ROOTS") or [Path.cwd()]
+    """`$EASEL_LORA_ROOTS` (through the registry, which still honours the old `EASEL_LORA_ROOT`), else the
+    working directory."""
+    return list(env.LORA_ROOTS.get()) or [Path.cwd()]
 
 
 def default_output_root() -> Path:
     """`$EASEL_OUTPUT_ROOT`, else `./easel-output`."""
-    env = os.environ.get("EASEL_OUTPUT_ROOT")
-    return Path(env).expanduser() if env else Path.cwd() / "easel-output"
+    return Path.cwd() / env.OUTPUT_ROOT.get()
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,7 @@ from client.wire.errors import Timeout
 
 STATUS_TIMEOUT_S = 5.0  # `easel status` answers quickly or says so: shorter than the library's default
 
-# socket_option is defined in client/cli/options.py; daemon/cli.py still imports it from here
-__all__ = ["register", "socket_option", "status_command", "stop_command"]
+__all__ = ["register", "status_command", "stop_command"]
 
 
 @click.command("status", cls=EaselCommand)
