@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import msgspec
 from opentelemetry.context import Context
 
 from client.fs import atomic_write_bytes
@@ -195,7 +194,7 @@ class RenderService:
     def lora_cache_stats(self) -> LoraCacheStats | None:
         if self.cache is None:
             return None
-        return msgspec.convert(self.cache.stats(), LoraCacheStats, from_attributes=True)
+        return self.cache.stats()
 
     # ---- in the render thread -------------------------------------------------------------------
 

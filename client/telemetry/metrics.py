@@ -7,6 +7,8 @@ from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from client.wire.messages import LoraCacheStats
+
 # Renders take seconds to minutes (tiny at 64x64 on CPU: ~4 s/step; dev at 1024^2: tens of seconds).
 RENDER_DURATION_BUCKETS_S = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 # RPC calls: from sub-millisecond pings to whole renders.
@@ -34,7 +36,7 @@ class Metrics:
             "easel.lora.stack.switches", unit="{switch}", description="LoRA stack changes on the live model"
         )
         # LoRA cache: observed from the cache's own cumulative stats at each export (observe_lora_cache).
-        self._cache_stats: Callable[[], object] | None = None
+        self._cache_stats: Callable[[], LoraCacheStats] | None = None
         meter.create_observable_counter(
             "easel.lora.cache.hits", [self._observe("hits")], unit="{file}", description="LoRA cache hits"
         )
@@ -57,9 +59,9 @@ class Metrics:
     def stack_switched(self, count: int = 1) -> None:
         self.stack_switches.add(count)
 
-    def observe_lora_cache(self, stats: Callable[[], object]) -> None:
-        """Report the LoRA cache from `stats()` (an object or mapping with cumulative `hits`, `misses`, `bytes`),
-        e.g. `tel.metrics.observe_lora_cache(cache.stats)`; read only when metrics are exported."""
+    def observe_lora_cache(self, stats: Callable[[], LoraCacheStats]) -> None:
+        """Report the LoRA cache from `stats()` (cumulative `hits`, `misses`, `bytes`), e.g.
+        `tel.metrics.observe_lora_cache(cache.stats)`; read only when metrics are exported."""
         self._cache_stats = stats
 
     def _observe(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
@@ -67,8 +69,7 @@ class Metrics:
             if self._cache_stats is None:
                 return []
             stats = self._cache_stats()
-            value = stats.get(field) if isinstance(stats, Mapping) else getattr(stats, field, None)
-            return [Observation(int(value))] if value is not None else []
+            return [Observation(int(getattr(stats, field)))]
 
         return callback
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import daemon.engine  # noqa: F401  (ctypes-only BLAS preload: any MLX import below runs on OpenBLAS)
 from client.lorafile.inspect import inspect_lora
 from client.wire.report import FileReport
-from daemon.lora.cache import CacheStats, LoraCache
+from daemon.lora.cache import LoraCache
 from daemon.lora.inspect import inspect_against, preset_layout
 from daemon.lora.stack import StackEntry, StackReport
 
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from daemon.lora.patcher import LoraPatcher
 
 __all__ = [
-    "CacheStats",
     "FileReport",
     "LoraCache",
     "LoraPatcher",

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 from client.lorafile.keymaps import KeymapSet, load_keymaps
 from client.lorafile.parse import ParsedLora, parse_lora
 from client.lorafile.safetensors_io import read_safetensors
 from client.wire.errors import LoraNotFound
+from client.wire.messages import LoraCacheStats
 
 Signature = tuple[int, int]  # (size, mtime_ns)
 
@@ -25,19 +25,6 @@ def file_signature(path: str) -> Signature:
     except OSError as exc:
         raise LoraNotFound(f"cannot stat LoRA file {path}: {exc.strerror or exc}", path=path) from exc
     return st.st_size, st.st_mtime_ns
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    hits: int
-    misses: int
-    evictions: int
-    entries: int
-    bytes: int
-    max_bytes: int
-
-    def to_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
 
 
 class LoraCache:
@@ -94,9 +81,10 @@ class LoraCache:
             self._entries.clear()
             self._bytes = 0
 
-    def stats(self) -> CacheStats:
+    def stats(self) -> LoraCacheStats:
+        """Cumulative hits/misses/evictions and what the cache holds now, as `status` and metrics report them."""
         with self._lock:
-            return CacheStats(
+            return LoraCacheStats(
                 hits=self._hits,
                 misses=self._misses,
                 evictions=self._evictions,

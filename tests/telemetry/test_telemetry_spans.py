@@ -331,9 +331,9 @@ def test_metrics_render_duration_errors_switches_queue_cache(tel):
     with pytest.raises(LoraZeroMatch), render_span(tel, SPEC, tier="landscape"):
         raise LoraZeroMatch("x")
     tel.metrics.set_queue_depth(3)
-    from daemon.lora.cache import CacheStats
+    from client.wire.messages import LoraCacheStats
 
-    stats = CacheStats(hits=2, misses=1, evictions=0, entries=1, bytes=4096, max_bytes=2**30)  # the real shape
+    stats = LoraCacheStats(hits=2, misses=1, evictions=0, entries=1, bytes=4096, max_bytes=2**30)  # the real type
     tel.metrics.observe_lora_cache(lambda: stats)
     pts = _metric_points(tel.reader)
     hist = pts["easel.render.duration"]
