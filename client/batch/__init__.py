@@ -9,9 +9,9 @@ The contact sheet of a batch is drawn by client.contact_sheet.
 """
 
 from client.batch.plan import BatchItem, BatchPlan, item_seed, parse_shard, plan_batch, shard_items
-from client.batch.records import RenderOutcome, finished_outcome, write_manifest
+from client.batch.records import BatchResult, ItemResult, RenderOutcome, finished_outcome, write_manifest
 from client.batch.report import describe_plan, summary_lines
-from client.batch.run import BatchResult, ItemResult, render_item, run_batch
+from client.batch.run import render_item, run_batch
 
 __all__ = [
     "BatchItem",

@@ -9,16 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
-from client.batch.plan import BatchItem
+from client.batch.plan import BatchItem, BatchPlan
 from client.fs import atomic_write_bytes
 from client.wire.report import FileReport
-
-if TYPE_CHECKING:
-    from client.batch.run import BatchResult
 
 RECORD_VERSION = 2  # 2: `stack_applied` holds the per-file reports as they are (client.wire.report.FileReport)
 STATUSES = ("rendered", "skipped", "failed", "pending")
@@ -32,6 +29,31 @@ class RenderOutcome:
     seed: int
     stack: tuple[FileReport, ...]
     timings: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ItemResult:
+    item: BatchItem
+    status: str  # rendered | skipped | failed | pending (not attempted: the batch stopped early)
+    outcome: RenderOutcome | None = None
+    error: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class BatchResult:
+    plan: BatchPlan
+    items: list[ItemResult]
+    seconds: float
+    manifest_path: Path | None = None
+    contact_sheet_path: Path | None = None  # set by whoever draws it (client.contact_sheet)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.items)
+
+    @property
+    def ok(self) -> bool:
+        return self.count("failed") == 0 and self.count("pending") == 0
 
 
 class PlannedLora(msgspec.Struct):

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from client.batch.plan import BatchPlan
-from client.batch.records import finished_outcome
-from client.batch.run import BatchResult
+from client.batch.records import BatchResult, finished_outcome
 from client.wire.report import FileReport
 
 

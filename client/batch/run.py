@@ -8,40 +8,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from client.batch.plan import BatchItem, BatchPlan
-from client.batch.records import RenderOutcome, finished_outcome, write_manifest, write_record
+from client.batch.records import (
+    BatchResult,
+    ItemResult,
+    RenderOutcome,
+    finished_outcome,
+    write_manifest,
+    write_record,
+)
 from client.renderer import Renderer
 from client.wire.errors import DaemonUnavailable, EaselError
 from client.wire.messages import Event
-
-
-@dataclass
-class ItemResult:
-    item: BatchItem
-    status: str  # rendered | skipped | failed | pending (not attempted: the batch stopped early)
-    outcome: RenderOutcome | None = None
-    error: dict[str, Any] | None = None
-    seconds: float = 0.0
-
-
-@dataclass
-class BatchResult:
-    plan: BatchPlan
-    items: list[ItemResult]
-    seconds: float
-    manifest_path: Path | None = None
-    contact_sheet_path: Path | None = None  # set by whoever draws it (client.contact_sheet)
-
-    def count(self, status: str) -> int:
-        return sum(r.status == status for r in self.items)
-
-    @property
-    def ok(self) -> bool:
-        return self.count("failed") == 0 and self.count("pending") == 0
 
 
 def render_item(
