@@ -24,6 +24,7 @@ import re
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as dataclasses_field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -78,12 +79,22 @@ class ModuleRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return tuple(t.replace("{i}", str(index)) if index is not None else t for t in self.targets)
 
 
+class ParameterRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One named parameter that is not a Linear layer's (an RMSNorm scale): source name -> mflux name."""
+
+    source: str
+    target: str
+
+
 class ModelFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`models/<model>.yaml`."""
 
     version: int
     vocabularies: Annotated[dict[str, list[ModuleRule]], msgspec.Meta(min_length=1)]
     model: str | None = None  # default: the file's stem
+    # Per vocabulary, the parameters outside its Linear modules (norm scales): a checkpoint in that naming
+    # carries them, a LoRA may carry diffs of them.
+    parameters: dict[str, list[ParameterRule]] = {}
 
 
 class MetadataHint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -312,6 +323,7 @@ class KeymapSet:
     model: str
     model_version: int
     vocabularies: dict[str, tuple[ModuleRule, ...]]
+    parameters: dict[str, tuple[ParameterRule, ...]] = dataclasses_field(default_factory=dict)
 
     def by_name(self, name: str) -> FormatKeymap:
         for fmt in self.formats:
@@ -376,7 +388,11 @@ def _load_keymaps_cached(directory: str, model: str) -> KeymapSet:
     if len(set(names)) != len(names):
         raise KeymapError(f"duplicate format names in {root / 'formats'}: {names}", path=str(root))
     return KeymapSet(
-        formats=tuple(formats), model=model_name, model_version=model_file.version, vocabularies=vocabularies
+        formats=tuple(formats),
+        model=model_name,
+        model_version=model_file.version,
+        vocabularies=vocabularies,
+        parameters={v: tuple(rules) for v, rules in model_file.parameters.items()},
     )
 
 
