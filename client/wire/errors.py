@@ -58,6 +58,48 @@ class WeightsNotFound(EaselError):
     code = "weights_not_found"
 
 
+class ModelLoadError(EaselError):
+    """A checkpoint could not be loaded as the model easel builds; nothing was half-loaded."""
+
+    code = "model_load_error"
+
+
+class ModelPartMissing(ModelLoadError):
+    """A component folder, a tokenizer or a part a single-file setup names is not there."""
+
+    code = "model_part_missing"
+
+
+class ModelShardMissing(ModelLoadError):
+    """A shard that a checkpoint's index file names is not on disk (an incomplete download or copy)."""
+
+    code = "model_shard_missing"
+
+
+class ModelShardTruncated(ModelLoadError):
+    """A weights file is shorter than its header says, or its header is unreadable (an interrupted copy)."""
+
+    code = "model_shard_truncated"
+
+
+class ModelMismatch(ModelLoadError):
+    """The checkpoint's tensors do not fit the model: wrong shapes, missing or unknown names (another model)."""
+
+    code = "model_mismatch"
+
+
+class ModelVersionMismatch(ModelLoadError):
+    """A quantized mflux-saved folder written by an mflux version whose quantized layout this one cannot read."""
+
+    code = "model_version_mismatch"
+
+
+class ModelTooLarge(ModelLoadError):
+    """The model would not fit in the memory available; `--quantize` or `--force` are the ways on."""
+
+    code = "model_too_large"
+
+
 class ModelCacheCorrupt(EaselError):
     """The on-disk tiny-model cache could not be read; the engine rebuilds it."""
 

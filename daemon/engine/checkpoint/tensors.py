@@ -1,0 +1,176 @@
+"""The weights files of one checkpoint part: headers checked before a byte of data is read, then lazy arrays.
+
+Everything a bad file can be is found from its header and size alone, so a daemon never starts half-built:
+an index naming a shard that is not there (`model_shard_missing`), a file shorter than its header says or
+with an unreadable header (`model_shard_truncated`), a tensor named twice across shards. The data is then
+opened with `mx.load`, which maps tensors lazily: nothing is read until the part is evaluated, after its
+names and shapes have been checked against the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.wire.errors import ModelMismatch, ModelPartMissing, ModelShardMissing, ModelShardTruncated
+from daemon.engine.runtime import mx
+
+# Bytes per element of each safetensors dtype a checkpoint may hold.
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "U32": 4,
+            "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
+FP8_DTYPES = frozenset({"F8_E4M3"})
+INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # as stored: "BF16", "F8_E4M3", ...
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE.get(self.dtype, 4)
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+def read_header(path: Path) -> FileHeader:
+    """Parse and check one safetensors header against the file's size."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ModelShardTruncated(f"{path}: {size} bytes, too short for a safetensors header", path=str(path))
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER_BYTES or 8 + length > size:
+                raise ModelShardTruncated(
+                    f"{path}: its header claims {length} bytes but the file has {size}: "
+                    "an interrupted download or copy, or not a safetensors file",
+                    path=str(path),
+                )
+            raw = json.loads(fh.read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ModelShardTruncated(f"{path}: unreadable safetensors header ({exc})", path=str(path)) from None
+    except FileNotFoundError:
+        raise ModelShardMissing(f"{path}: no such file", path=str(path)) from None
+    if not isinstance(raw, dict):
+        raise ModelShardTruncated(f"{path}: the safetensors header is not a JSON object", path=str(path))
+    metadata = raw.pop("__metadata__", None) or {}
+    data_size = size - 8 - length
+    tensors: dict[str, TensorInfo] = {}
+    end_max = 0
+    for name, info in raw.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelShardTruncated(f"{path}: malformed header entry for {name!r}", path=str(path)) from None
+        if end - start != math.prod(shape) * ITEMSIZE.get(dtype, -1):
+            raise ModelShardTruncated(
+                f"{path}: tensor {name!r} ({dtype} {list(shape)}) has {end - start} bytes of data", path=str(path)
+            )
+        end_max = max(end_max, end)
+        tensors[name] = TensorInfo(name, dtype, shape, path)
+    if end_max > data_size:
+        raise ModelShardTruncated(
+            f"{path}: the header needs {end_max + 8 + length} bytes, the file has {size} "
+            f"({end_max - data_size} missing): an interrupted download or copy",
+            path=str(path),
+        )
+    return FileHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+def folder_files(folder: Path, part: str) -> tuple[Path, ...]:
+    """The weights files of a component folder: the shards its index names, else every *.safetensors."""
+    if not folder.is_dir():
+        raise ModelPartMissing(f"{part}: no folder {folder}", part=part, path=str(folder))
+    for index_name in INDEX_NAMES:
+        index_path = folder / index_name
+        if index_path.is_file():
+            return _indexed_shards(index_path, part)
+    files = tuple(sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("._")))
+    if not files:
+        raise ModelPartMissing(f"{part}: no *.safetensors weights in {folder}", part=part, path=str(folder))
+    return files
+
+
+def _indexed_shards(index_path: Path, part: str) -> tuple[Path, ...]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelShardTruncated(f"{index_path}: unreadable index ({exc})", path=str(index_path)) from None
+    bad = [n for n in names if not isinstance(n, str) or Path(n).name != n]
+    if bad:
+        raise ModelShardTruncated(f"{index_path}: names files outside its folder: {bad[:3]}", path=str(index_path))
+    missing = [n for n in names if not (index_path.parent / n).is_file()]
+    if missing:
+        raise ModelShardMissing(
+            f"{part}: {index_path.name} names {len(names)} shard(s) and {len(missing)} are not in "
+            f"{index_path.parent}: {', '.join(missing)} (an incomplete download or copy)",
+            part=part,
+            missing=missing,
+        )
+    return tuple(index_path.parent / n for n in names)
+
+
+@dataclass(frozen=True)
+class PartFiles:
+    """All headers of one part's files, merged (a name in two files is an error)."""
+
+    part: str
+    files: tuple[Path, ...]
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]  # the first file's
+
+    @classmethod
+    def read(cls, part: str, files: tuple[Path, ...]) -> PartFiles:
+        tensors: dict[str, TensorInfo] = {}
+        metadata: dict[str, str] = {}
+        for n, path in enumerate(files):
+            header = read_header(path)
+            if n == 0:
+                metadata = header.metadata
+            for name, info in header.tensors.items():
+                if name in tensors:
+                    raise ModelMismatch(
+                        f"{part}: tensor {name!r} is in both {tensors[name].file.name} and {path.name}", part=part
+                    )
+                tensors[name] = info
+        return cls(part, files, tensors, metadata)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def float_dtypes(self) -> set[str]:
+        return {t.dtype for t in self.tensors.values() if t.dtype in ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")}
+
+    def load_lazy(self, dtype: mx.Dtype) -> dict[str, mx.array]:
+        """Every tensor as a lazy MLX array; floats cast to `dtype` (fp8 widened exactly), integers kept."""
+        out: dict[str, mx.array] = {}
+        for path in self.files:
+            for name, array in mx.load(str(path)).items():
+                stored = self.tensors[name].dtype
+                if stored in FP8_DTYPES:
+                    array = mx.from_fp8(array, dtype=dtype)
+                elif stored == "F8_E5M2":
+                    raise ModelMismatch(
+                        f"{path}: tensor {name!r} is F8_E5M2, which easel does not read", part=self.part
+                    )
+                elif mx.issubdtype(array.dtype, mx.floating) and array.dtype != dtype:
+                    array = array.astype(dtype)
+                out[name] = array
+        return out
