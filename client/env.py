@@ -189,7 +189,8 @@ PRESET_MODEL_PATH: EnvVar[Path | None] = _register(
     EnvVar(
         "EASEL_MODEL_PATH_<PRESET>",
         _path,
-        doc="Weights folder (diffusers layout) of one real preset, e.g. `EASEL_MODEL_PATH_KREA_DEV`.",
+        doc="Checkpoint of one real preset (a Hugging Face or mflux-saved folder, or an `easel-model.yaml`), "
+        "e.g. `EASEL_MODEL_PATH_KREA_DEV`.",
         values="path",
         default_doc="`EASEL_MODEL_PATH`, else the Hugging Face cache",
         read_by=DAEMON,
@@ -200,7 +201,7 @@ MODEL_PATH: EnvVar[Path | None] = _register(
     EnvVar(
         "EASEL_MODEL_PATH",
         _path,
-        doc="Weights folder of a real preset when `--model-path` and its own variable are not set.",
+        doc="Checkpoint of a real preset when `--model-path` and its own variable are not set.",
         values="path",
         default_doc="the Hugging Face cache (`HF_HUB_CACHE` / `HF_HOME`)",
         read_by=DAEMON,
@@ -211,11 +212,38 @@ CACHE_DIR: EnvVar[Path] = _register(
     EnvVar(
         "EASEL_CACHE_DIR",
         _path,
-        doc="Where the tiny preset's generated weights are cached (about 4 GB; a corrupt cache is rebuilt).",
+        doc="Where the tiny preset's miniature checkpoint is written on first use (about 2 GB; an incomplete "
+        "one is written again).",
         values="path",
         default_doc="`~/.cache/easel`",
         read_by=DAEMON,
         default_factory=_default_cache_dir,
+    )
+)
+
+
+def _byte_size(raw: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    text = raw.strip().lower().removesuffix("ib").removesuffix("b")
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise ValueError("a size in bytes, e.g. 12G or 12884901888") from None
+    if value <= 0:
+        raise ValueError("a positive size")
+    return int(value)
+
+
+MEMORY_LIMIT: EnvVar[int | None] = _register(
+    EnvVar(
+        "EASEL_MEMORY_LIMIT",
+        _byte_size,
+        doc="Memory the daemon may use for its model: a load that would need more is refused (`model_too_large`) "
+        "unless forced. Set it below the machine's free memory to leave room for a game.",
+        values="bytes, or with K/M/G/T (e.g. `12G`)",
+        default_doc="the memory the system reports available",
+        read_by=DAEMON,
     )
 )
 

@@ -27,7 +27,20 @@ from daemon.render_spec import Limits
 @click.option(
     "--preset", default=default_of(ServiceConfig, "preset"), show_default=True, help="Model preset to keep loaded."
 )
-@click.option("--model-path", default=None, help="Local weights of a real preset.")
+@click.option(
+    "--model-path",
+    default=None,
+    help="A checkpoint: a Hugging Face snapshot, an mflux-saved folder, or an easel-model.yaml (docs/models.md).",
+)
+@click.option(
+    "--transformer",
+    "transformer_path",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="A single-file transformer (BFL names, bf16/fp16/fp8) used with --model-path's other parts.",
+)
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the weights at load.")
+@click.option("--force", "force_load", is_flag=True, help="Load even if the memory estimate says it will not fit.")
 @socket_option
 @click.option(
     "--lora-root",
@@ -80,7 +93,8 @@ from daemon.render_spec import Limits
 @click.option("--no-warmup", is_flag=True, help="Skip the warm-up render (ready sooner, first render slower).")
 @click.option("--log-level", default="WARNING", show_default=True)
 def serve_command(
-    preset, model_path, socket_path, lora_roots, output_root, queue_capacity, interactive_reserve, max_connections,
+    preset, model_path, transformer_path, quantize, force_load,
+    socket_path, lora_roots, output_root, queue_capacity, interactive_reserve, max_connections,
     drain_timeout, max_frame, max_size, max_steps, no_warmup, log_level,
 ) -> None:  # fmt: skip
     """Run the render daemon in the foreground until SIGTERM/SIGINT or `easel stop`."""
@@ -89,6 +103,8 @@ def serve_command(
     if socket_path is not None:
         server["socket_path"] = socket_path
     service: dict = {"preset": preset, "model_path": model_path, "queue_capacity": queue_capacity}
+    service |= {"transformer_path": transformer_path, "quantize": int(quantize) if quantize else None}
+    service["force_load"] = force_load
     service |= {"interactive_reserve": interactive_reserve, "warmup": not no_warmup}
     if lora_roots:
         service["lora_roots"] = tuple(lora_roots)

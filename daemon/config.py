@@ -57,7 +57,10 @@ class ServiceConfig:
     """The model, the files a request may touch, the render limits, and the runner's queue."""
 
     preset: str = "tiny"
-    model_path: str | None = None
+    model_path: str | None = None  # a checkpoint folder or an easel-model.yaml (docs/models.md)
+    transformer_path: str | None = None  # a single-file transformer over the model path's other parts
+    quantize: int | None = None  # 4 or 8: quantize at load (an mflux-saved quantized folder is already)
+    force_load: bool = False  # load even when the memory estimate says it will not fit
     lora_roots: tuple[Path, ...] = field(default_factory=lambda: tuple(default_lora_roots()))
     output_root: Path = field(default_factory=default_output_root)
     limits: Limits = Limits()

@@ -32,7 +32,7 @@ import msgspec
 from opentelemetry.context import Context
 
 from client.wire.errors import Cancelled, DeadlineExceeded, EaselError, RenderFailed, ShuttingDown
-from client.wire.messages import ActiveLora, JobInfo, LoraCacheStats, Render, RenderResult, StepTime
+from client.wire.messages import ActiveLora, JobInfo, LoraCacheStats, ModelInfo, Render, RenderResult, StepTime
 from daemon.config import ServiceConfig
 from daemon.scheduler import PRIORITIES, Job, JobQueue, Shape, StepTimes, estimate_queue, plan
 from daemon.service import Prepared, RenderService
@@ -106,6 +106,7 @@ class RunnerStatus:
     shutting_down: bool
     renders_done: int
     stack_switches: int
+    model: ModelInfo | None = None
 
 
 class RenderRunner:
@@ -421,6 +422,7 @@ class RenderRunner:
             shutting_down=self.queue.closed,
             renders_done=self.renders_done,
             stack_switches=svc.stack_switches,
+            model=svc.model_info(),
         )
 
 

@@ -399,4 +399,5 @@ class DaemonServer:
             renders_done=run.renders_done,
             stack_switches=run.stack_switches,
             in_flight=run.in_flight,
+            model=run.model,
         )

@@ -174,6 +174,20 @@ class LoraCacheStats(Struct):
     max_bytes: int
 
 
+class ModelInfo(Struct, omit_defaults=True):
+    """The model the daemon holds: where it came from, how it was read, what it costs in memory."""
+
+    preset: str
+    source: str  # the checkpoint folder or parts file (or the cached miniature checkpoint)
+    layout: str  # hf | mflux | single-file
+    dtype: str  # what the weights compute in (float32 on CPU, bfloat16 on GPUs)
+    device: str
+    resident_bytes: int  # the weights as held in memory
+    load_s: float
+    depth: dict[str, list[int]]  # transformer [joint, single], t5 [blocks], clip [layers]
+    quantization: int | None = None  # bits; absent when the weights are not quantized
+
+
 class StepTime(Struct):
     """A render speed the daemon measured: seconds per denoising step and fixed overhead at one size."""
 
@@ -204,6 +218,7 @@ class StatusResult(Struct, omit_defaults=True):
     stack_switches: int
     in_flight: JobInfo | None = None
     lora_cache: LoraCacheStats | None = None  # absent when the daemon keeps no LoRA cache
+    model: ModelInfo | None = None
 
 
 class PingResult(Struct, omit_defaults=True):

@@ -1,0 +1,82 @@
+"""Before a byte of weights is read: how much memory the model will hold, and whether this machine has it.
+
+The estimate is exact for the weights: it sums the parameters of the modules as they will be (built
+lazily, quantized structure included) at the dtype they will hold; activations come on top and are
+covered by a fixed headroom. The memory available is the operating system's figure (psutil), which on
+Apple silicon is the unified memory the GPU shares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+from mlx import nn
+from mlx.utils import tree_flatten
+
+from client import env
+from client.wire.errors import ModelTooLarge
+from daemon.engine.checkpoint.parts import QUANT_GROUP_SIZE, quantizable
+from daemon.engine.runtime import mx
+
+HEADROOM_BYTES = 2 << 30  # activations, the prompt cache, the LoRA side path: a render's working set
+GIB = 1 << 30
+
+
+def resident_bytes(modules: list[nn.Module], *, itemsize: int, bits: int | None) -> int:
+    """The weights' bytes once loaded: float parameters at `itemsize`, stored-quantized layers as stored, and
+    when quantizing at load each quantizable layer at `bits` (packed weight + a scale and a bias per group)."""
+    total = 0
+    for module in modules:
+        for _, v in tree_flatten(module.parameters()):
+            total += v.size * (itemsize if mx.issubdtype(v.dtype, mx.floating) else v.itemsize)
+        if bits is None:
+            continue
+        for path, leaf in module.named_modules():
+            if quantizable(path, leaf):
+                n = leaf.weight.size
+                total += n * bits // 8 + 2 * (n // QUANT_GROUP_SIZE) * itemsize - n * itemsize
+    return total
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    weights_bytes: int
+    available_bytes: int
+    by_bits: dict[int | None, int]  # the same model at fp / 8 / 4 bits
+
+    @property
+    def needed_bytes(self) -> int:
+        return self.weights_bytes + HEADROOM_BYTES
+
+    @property
+    def fits(self) -> bool:
+        return self.needed_bytes <= self.available_bytes
+
+
+def available_bytes() -> int:
+    """What the system reports available, capped by EASEL_MEMORY_LIMIT when set."""
+    free = int(psutil.virtual_memory().available)
+    limit = env.MEMORY_LIMIT.get()
+    return min(free, limit) if limit else free
+
+
+def check_fits(plan: MemoryPlan, *, what: str, bits: int | None, force: bool) -> None:
+    if plan.fits or force:
+        return
+    options = [b for b in (8, 4) if b != bits and plan.by_bits[b] + HEADROOM_BYTES <= plan.available_bytes]
+    options = [b for b in options if bits is None or b < bits]
+    advice = (
+        f"--quantize {options[0]} would need {(plan.by_bits[options[0]] + HEADROOM_BYTES) / GIB:.1f} GiB"
+        if options
+        else "no quantization easel offers fits either (4-bit needs "
+        f"{(plan.by_bits[4] + HEADROOM_BYTES) / GIB:.1f} GiB)"
+    )
+    raise ModelTooLarge(
+        f"{what} needs {plan.needed_bytes / GIB:.1f} GiB ({plan.weights_bytes / GIB:.1f} GiB of weights + "
+        f"{HEADROOM_BYTES / GIB:.0f} GiB to render) and {plan.available_bytes / GIB:.1f} GiB is available: "
+        f"{advice}; --force loads it anyway",
+        needed_bytes=plan.needed_bytes,
+        available_bytes=plan.available_bytes,
+        suggested_quantize=options[0] if options else None,
+    )

@@ -1,0 +1,58 @@
+"""`easel model save`: a loaded (optionally quantized) model written as an mflux-saved folder.
+
+mflux's own `ModelSaver` writes it, so the folder is exactly what `mflux-save` makes and mflux reads back
+(per-component shards, an index, `quantization_level` / `mflux_version` metadata, the tokenizers). easel
+writes it into a temporary folder beside the destination and renames it into place, so an interrupted save
+leaves no folder that looks complete. Float weights are written in the dtype the source stored (bf16 for
+every released FLUX.1), not the CPU's fp32 compute dtype: the saved folder is no larger than the source.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from mflux.models.flux.weights.flux_weight_definition import FluxWeightDefinition
+
+from client.wire.errors import EaselError
+from daemon.engine.checkpoint.load import LoadedCheckpoint
+from daemon.engine.runtime import mx
+
+_STORED = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
+_COMPONENTS = {"transformer": "transformer", "t5": "t5_encoder", "clip": "clip_encoder", "vae": "vae"}
+
+
+class SaveTargetExists(EaselError):
+    """`easel model save` never writes over an existing folder."""
+
+    code = "save_target_exists"
+
+
+def save_checkpoint(loaded: LoadedCheckpoint, dst: Path) -> Path:
+    from mflux.models.common.weights.saving.model_saver import ModelSaver
+
+    dst = dst.expanduser().resolve()
+    if dst.exists():
+        raise SaveTargetExists(f"{dst} exists; easel model save writes a new folder", path=str(dst))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dtypes = {}
+    for part, name in _COMPONENTS.items():
+        stored = loaded.source.parts[part].files.float_dtypes & set(_STORED)
+        if len(stored) == 1:
+            dtypes[name] = _STORED[stored.pop()]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".saving", dir=dst.parent))
+    try:
+        ModelSaver.save_model(
+            model=loaded.flux,
+            bits=loaded.bits,
+            base_path=str(tmp),
+            weight_definition=FluxWeightDefinition,
+            dtypes=dtypes,
+        )
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst

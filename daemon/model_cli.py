@@ -1,0 +1,122 @@
+"""`easel model`: look at a checkpoint before loading it, save it quantized, write the miniature checkpoint.
+
+Joins the `easel` program through the `easel.commands` entry point, like `easel serve`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from client.cli.errors import EaselCommand, EaselGroup
+from client.cli.options import json_option
+
+GIB = 1 << 30
+
+
+@click.group("model", cls=EaselGroup)
+def model_group() -> None:
+    """Checkpoints: inspect one (no weights read), save one quantized, write the miniature one."""
+
+
+def _source(path: str, transformer: str | None):
+    from daemon.engine.checkpoint.source import resolve_source
+
+    return resolve_source(Path(path), transformer_file=Path(transformer) if transformer else None)
+
+
+def _config(preset: str):
+    from mflux.models.common.config.model_config import ModelConfig
+
+    from daemon.engine.presets import get_preset
+
+    return getattr(ModelConfig, get_preset(preset).mflux_config)()
+
+
+_preset = click.option("--preset", default="dev", show_default=True, help="The preset whose model this is.")
+_transformer = click.option(
+    "--transformer", type=click.Path(dir_okay=False, exists=True), default=None, help="A single-file transformer."
+)
+_quantize = click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize to this many bits.")
+
+
+@model_group.command("info", cls=EaselCommand)
+@click.argument("path", type=click.Path(exists=True))
+@_preset
+@_transformer
+@_quantize
+@json_option()
+def info_command(path: str, preset: str, transformer: str | None, quantize: str | None, as_json: bool) -> None:
+    """What PATH is, what loading it would hold in memory, and whether it fits: headers only, no weights read."""
+    import daemon.engine  # noqa: F401  (BLAS before MLX)
+    from daemon.engine.checkpoint.load import plan_load
+
+    plan = plan_load(_source(path, transformer), _config(preset), quantize=int(quantize) if quantize else None)
+    summary = plan.summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{summary['source']}: {summary['layout']} layout, {summary['stored_bytes'] / GIB:.2f} GiB on disk")
+    for part, p in summary["parts"].items():
+        depth = f" depth {p['depth']}" if p["depth"] else ""
+        click.echo(f"  {part:<11} {p['naming']:<5} {','.join(p['stored_dtypes']):<12} {len(p['files'])} file(s){depth}")
+    by = summary["resident_bytes_by_quantization"]
+    click.echo(
+        f"resident as {summary['dtype']}: {by['None'] / GIB:.2f} GiB; 8-bit {by['8'] / GIB:.2f} GiB; "
+        f"4-bit {by['4'] / GIB:.2f} GiB (+2 GiB to render)"
+    )
+    verdict = "fits" if summary["fits"] else "does NOT fit"
+    click.echo(
+        f"this load ({summary['quantization'] or 'no'} quantization) needs {summary['needed_bytes'] / GIB:.2f} GiB; "
+        f"{summary['available_bytes'] / GIB:.2f} GiB available: {verdict}"
+    )
+
+
+@model_group.command("save", cls=EaselCommand)
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path())
+@_preset
+@_transformer
+@_quantize
+@click.option("--force", is_flag=True, help="Load even if the memory estimate says it will not fit.")
+def save_command(src: str, dst: str, preset: str, transformer: str | None, quantize: str | None, force: bool) -> None:
+    """Load SRC (any layout) and write it to DST as an mflux-saved folder, quantized with --quantize."""
+    import daemon.engine  # noqa: F401
+    from daemon.engine.checkpoint.load import load_checkpoint
+    from daemon.engine.checkpoint.save import save_checkpoint
+
+    t0 = time.perf_counter()
+    loaded = load_checkpoint(
+        _source(src, transformer), _config(preset), quantize=int(quantize) if quantize else None, force=force
+    )
+    t1 = time.perf_counter()
+    out = save_checkpoint(loaded, Path(dst))
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    click.echo(
+        f"{out}: mflux layout, {loaded.bits or 'no'} quantization, {size / GIB:.2f} GiB "
+        f"(loaded in {t1 - t0:.1f}s, written in {time.perf_counter() - t1:.1f}s)"
+    )
+
+
+@model_group.command("make-mini", cls=EaselCommand)
+@click.argument("dst", type=click.Path())
+@click.option("--layout", type=click.Choice(["hf", "mflux", "single-file"]), default="hf", show_default=True)
+@_quantize
+@click.option("--fp8", is_flag=True, help="single-file layout: store the transformer as fp8 e4m3.")
+def make_mini_command(dst: str, layout: str, quantize: str | None, fp8: bool) -> None:
+    """Write the miniature checkpoint (FLUX.1-dev's files at 1 + 1 blocks, random weights) to DST."""
+    import daemon.engine  # noqa: F401
+    from daemon.engine.checkpoint.mini import write_mini
+
+    t0 = time.perf_counter()
+    out = write_mini(
+        Path(dst),
+        layout=layout,  # type: ignore[arg-type]
+        quantize=int(quantize) if quantize else None,
+        transformer_dtype="fp8" if fp8 else "bf16",
+    )
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    click.echo(f"{out}: {layout} layout, {size / GIB:.2f} GiB, written in {time.perf_counter() - t0:.1f}s")
