@@ -25,7 +25,7 @@ from client.fs import atomic_write_bytes
 from client.lorafile.inspect import inspect_lora
 from client.tiers import TIERS
 from client.wire.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
-from client.wire.messages import ActiveLora, LoraCacheStats, Render, RenderResult
+from client.wire.messages import ActiveLora, LoraCacheStats, ModelInfo, Render, RenderResult
 from client.wire.report import FileReport
 from daemon.config import ServiceConfig
 from daemon.engine.png import encode_png
@@ -190,6 +190,10 @@ class RenderService:
 
     def active_stack(self) -> list[ActiveLora]:
         return [ActiveLora(path=k[0], scale=k[1]) for k in self.active_key]
+
+    def model_info(self) -> ModelInfo | None:
+        info = getattr(self.model, "info", None)  # stand-in engines in tests may not describe themselves
+        return info if isinstance(info, ModelInfo) else None
 
     def lora_cache_stats(self) -> LoraCacheStats | None:
         if self.cache is None:
