@@ -192,7 +192,7 @@ class RenderService:
         return [ActiveLora(path=k[0], scale=k[1]) for k in self.active_key]
 
     def model_info(self) -> ModelInfo | None:
-        info = getattr(self.model, "info", None)  # stand-in engines in tests may not describe themselves
+        info = getattr(self.engine, "info", None)  # stand-in engines in tests may not describe themselves
         return info if isinstance(info, ModelInfo) else None
 
     def lora_cache_stats(self) -> LoraCacheStats | None:
