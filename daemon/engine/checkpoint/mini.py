@@ -168,6 +168,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "transformer": {
         "_class_name": "FluxTransformer2DModel",
         "_diffusers_version": _DIFFUSERS_VERSION,
+        "_name_or_path": "../checkpoints/flux-dev/transformer",
         "attention_head_dim": 128,
         "guidance_embeds": True,
         "in_channels": 64,
@@ -179,6 +180,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "pooled_projection_dim": 768,
     },
     "text_encoder": {
+        "_name_or_path": "openai/clip-vit-large-patch14",
         "architectures": ["CLIPTextModel"],
         "attention_dropout": 0.0,
         "bos_token_id": 0,
@@ -201,6 +203,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "vocab_size": 49408,
     },
     "text_encoder_2": {
+        "_name_or_path": "google/t5-v1_1-xxl",
         "architectures": ["T5EncoderModel"],
         "classifier_dropout": 0.0,
         "d_ff": 10240,
@@ -223,7 +226,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "pad_token_id": 0,
         "relative_attention_max_distance": 128,
         "relative_attention_num_buckets": 32,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": True,
         "torch_dtype": "bfloat16",
         "transformers_version": _TRANSFORMERS_VERSION,
         "use_cache": True,
