@@ -22,7 +22,7 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,14 +53,16 @@ TEXT_PATH_GAINS = {
     "transformer.transformer_blocks.0.attn.add_v_proj.weight": 8.0,
 }
 
-# mflux's component attribute -> (snapshot folder, mflux mapping getter name, weight file stem, shard count).
+# mflux's component attribute -> (snapshot folder, part name in checkpoint.names, weight file stem, shard count).
 # Shard counts are the real FLUX.1-dev snapshot's (diffusers 10 GB shards, transformers 5 GB shards).
 COMPONENTS: dict[str, tuple[str, str, str, int]] = {
-    "transformer": ("transformer", "get_transformer_mapping", "diffusion_pytorch_model", 3),
-    "t5_text_encoder": ("text_encoder_2", "get_t5_encoder_mapping", "model", 2),
-    "clip_text_encoder": ("text_encoder", "get_clip_encoder_mapping", "model", 1),
-    "vae": ("vae", "get_vae_mapping", "diffusion_pytorch_model", 1),
+    "transformer": ("transformer", "transformer", "diffusion_pytorch_model", 3),
+    "t5_text_encoder": ("text_encoder_2", "t5", "model", 2),
+    "clip_text_encoder": ("text_encoder", "clip", "model", 1),
+    "vae": ("vae", "vae", "diffusion_pytorch_model", 1),
 }
+MINI_DEPTH = 1  # blocks of each kind, T5 blocks, CLIP layers
+_NAMES_DEPTH = {"transformer": MINI_DEPTH, "t5": MINI_DEPTH, "clip": MINI_DEPTH, "vae": 0}  # the VAE has no depth
 
 # The state-dict order of the real models (module registration order of diffusers' FluxTransformer2DModel
 # and transformers' T5EncoderModel), which is the order their writers fill shards in. Sections are
@@ -330,63 +332,26 @@ def draw_weights(seed: int) -> dict[str, dict[str, mx.array]]:
 
 def read_hf_as_mflux(root: Path) -> dict[str, dict[str, mx.array]]:
     """An hf-layout miniature checkpoint's tensors under mflux's names and layouts (mflux's mapping, forward)."""
-    from mlx.utils import tree_flatten
+    from daemon.engine.checkpoint.names import hf_to_mflux
 
     out: dict[str, dict[str, mx.array]] = {}
-    for part, module in _build_modules(MINI_SEED).items():  # only the parameter names are used
-        folder, _, stem, count = COMPONENTS[part]
+    for part, (folder, name, stem, _) in COMPONENTS.items():
         hf: dict[str, mx.array] = {}
         for file in sorted((root / folder).glob(f"{stem}*.safetensors")):
             hf.update(mx.load(str(file)))
-        flat = {}
-        names = hf_names(part, [path for path, _ in tree_flatten(module.parameters())])
-        for hf_key, (mflux_path, _, forward) in names.items():
-            value = hf[hf_key]
-            flat[mflux_path] = forward(value) if forward else value
+        flat, unknown = hf_to_mflux(name, hf, _NAMES_DEPTH[name])
+        if unknown:
+            raise KeyError(f"{root / folder}: tensors mflux does not map: {unknown[:5]}")
         out[part] = flat
     return out
 
 
-def _inverse_transform(transform: Callable | None) -> Callable[[mx.array], mx.array] | None:
-    """The inverse of the one transform FLUX.1's mapping uses: mflux keeps convs NHWC (O,H,W,I), diffusers OIHW."""
-    from mflux.models.common.weights.mapping.weight_transforms import WeightTransforms
+def to_hf_names(part: str, flat: dict[str, mx.array]) -> dict[str, mx.array]:
+    """One component's mflux-named tensors under their Hugging Face names (mflux's mapping, inverted)."""
+    from daemon.engine.checkpoint.names import mflux_to_hf
 
-    if transform is None:
-        return None
-    if transform is WeightTransforms.transpose_conv2d_weight:
-        return lambda a: a.transpose(0, 3, 1, 2) if a.ndim == 4 else a
-    raise NotImplementedError(f"no inverse for mflux weight transform {transform!r}")
-
-
-def hf_names(part: str, mflux_paths: list[str]) -> dict[str, tuple[str, Callable | None, Callable | None]]:
-    """{hf key: (mflux path, mflux -> hf transform, hf -> mflux transform)} for a component, by inverting
-    mflux's own mapping.
-
-    T5's relative_attention_bias is one hf tensor (block 0) copied to every mflux block; it inverts to block
-    0's copy. Every mflux path must be reached: a parameter the mapping does not name is an error here.
-    """
-    from mflux.models.common.weights.mapping.weight_mapper import WeightMapper
-    from mflux.models.flux.weights.flux_weight_mapping import FluxWeightMapping
-
-    getter = getattr(FluxWeightMapping, COMPONENTS[part][1])
-    # The block count mflux's loader would detect: 1 for the miniature transformer and T5; none for the VAE,
-    # whose up/down blocks then expand to their fixed four.
-    flat = WeightMapper._build_flat_mapping(getter(), num_blocks=0 if part == "vae" else 1)
-    wanted = set(mflux_paths)
-    out: dict[str, tuple[str, Callable | None, Callable | None]] = {}
-    reached: set[str] = set()
-    for hf_key, targets in flat.items():
-        for mflux_path, transform in targets:
-            if mflux_path not in wanted:
-                continue
-            reached.add(mflux_path)
-            if hf_key in out:  # a one-to-many source: keep the lowest block's copy
-                continue
-            out[hf_key] = (mflux_path, _inverse_transform(transform), transform)
-    missing = wanted - reached
-    if missing:
-        raise AssertionError(f"mflux's {part} mapping does not name {sorted(missing)[:5]}")
-    return out
+    name = COMPONENTS[part][1]
+    return mflux_to_hf(name, flat, _NAMES_DEPTH[name])
 
 
 def _order_key(part: str, hf_key: str) -> tuple:
@@ -469,15 +434,11 @@ def _materialize(lazy: dict[str, mx.array], dtype: str) -> dict[str, np.ndarray]
 
 
 def _hf_component_tensors(part: str, flat: dict[str, mx.array]) -> list[tuple[str, mx.array]]:
-    """(hf key, lazy array in hf layout) for one component, in the real state-dict order."""
-    names = hf_names(part, list(flat))
-    ordered = sorted(names, key=lambda k: _order_key(part, k))
-    out = []
-    for hf_key in ordered:
-        mflux_path, transform, _ = names[hf_key]
-        value = flat.pop(mflux_path)  # consumed: once a shard is written nothing else holds its arrays
-        out.append((hf_key, transform(value) if transform else value))
-    return out
+    """(hf key, lazy array in hf layout) for one component, in the real state-dict order; `flat` is consumed,
+    so once a shard is written nothing else holds its arrays."""
+    named = to_hf_names(part, flat)
+    flat.clear()
+    return [(key, named.pop(key)) for key in sorted(named, key=lambda k: _order_key(part, k))]
 
 
 def _write_hf_component(root: Path, part: str, flat: dict[str, mx.array]) -> None:
