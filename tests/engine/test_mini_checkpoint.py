@@ -68,6 +68,14 @@ def tensor_headers(path: Path) -> dict[str, dict]:
     return {k: v for k, v in header(path).items() if k != "__metadata__"}
 
 
+def raw_bytes(path: Path, name: str) -> bytes:
+    with path.open("rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        begin, end = json.loads(fh.read(length))[name]["data_offsets"]
+        fh.seek(8 + length + begin)
+        return fh.read(end - begin)
+
+
 def files_under(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
@@ -210,6 +218,97 @@ def test_quantized_mflux_layout_records_its_bits_and_packs_linear_layers(mini_ca
         assert json.loads((root / "mflux_model.json").read_text())["quantize"] == 8
         vae = tensor_headers(root / "vae" / "0.safetensors")
         assert vae["decoder.conv_in.conv2d.weight"]["dtype"] == "BF16"  # convolutions stay unquantized
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- single-file (ComfyUI) layout
+
+
+@pytest.fixture(scope="module")
+def single_file_root(mini_cache, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("single") / "comfy"
+    with cache_at(mini_cache):
+        write_mini(root, layout="single-file")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def bfl_as_mflux(file: Path, hf_root: Path) -> dict[str, mx.array]:
+    from daemon.engine.checkpoint import bfl
+
+    rows = {k: v.shape[0] for k, v in mflux_flat("transformer", load_folder(hf_root / "transformer")).items()}
+    renamed = bfl.bfl_transformer_to_mflux(mx.load(str(file)), rows.get)
+    assert renamed.unknown == [] and renamed.problems == []
+    return renamed.tensors
+
+
+def test_single_file_layout_is_comfyuis_folders_and_a_parts_yaml(single_file_root):
+    import yaml
+
+    spec = yaml.safe_load((single_file_root / "easel-model.yaml").read_text())
+    assert set(spec) == {"transformer", "vae", "clip", "t5", "tokenizers"}
+    assert spec["transformer"] == "models/unet/flux1-dev.safetensors"
+    assert spec["vae"] == "models/vae/ae.safetensors"
+    assert spec["clip"] == "models/text_encoders/clip_l.safetensors"
+    assert spec["t5"] == "models/text_encoders/t5xxl_fp16.safetensors"
+    for key in ("transformer", "vae", "clip", "t5"):
+        assert (single_file_root / spec[key]).is_file()
+    tokenizers = single_file_root / spec["tokenizers"]
+    assert (tokenizers / "tokenizer" / "vocab.json").is_file() and (
+        tokenizers / "tokenizer_2" / "spiece.model"
+    ).is_file()
+    dtypes = {
+        key: {v["dtype"] for v in tensor_headers(single_file_root / spec[key]).values()}
+        for key in ("transformer", "vae", "clip", "t5")
+    }
+    assert dtypes == {"transformer": {"BF16"}, "vae": {"F32"}, "clip": {"F16"}, "t5": {"F16"}}
+    names = set(tensor_headers(single_file_root / spec["transformer"]))
+    assert {
+        "img_in.weight",
+        "txt_in.weight",
+        "double_blocks.0.img_attn.qkv.weight",
+        "single_blocks.0.linear1.weight",
+    } <= names
+    assert {"final_layer.adaLN_modulation.1.weight", "guidance_in.in_layer.weight"} <= names
+    assert "encoder.down.0.block.0.conv1.weight" in tensor_headers(single_file_root / spec["vae"])
+
+
+def test_single_file_values_are_the_hf_layouts(single_file_root, hf_root):
+    from daemon.engine.checkpoint import bfl
+
+    expected = mflux_flat("transformer", load_folder(hf_root / "transformer"))
+    stored = bfl_as_mflux(single_file_root / "models/unet/flux1-dev.safetensors", hf_root)
+    assert set(stored) == set(expected)
+    for key, value in expected.items():
+        assert mx.array_equal(stored[key], value).item(), key
+    vae_expected = mflux_flat("vae", load_folder(hf_root / "vae"))
+    vae_stored, unknown = bfl.bfl_vae_to_mflux(mx.load(str(single_file_root / "models/vae/ae.safetensors")))
+    assert unknown == [] and set(vae_stored) == set(vae_expected)
+    for key, value in vae_expected.items():
+        assert vae_stored[key].dtype == mx.float32
+        assert mx.array_equal(vae_stored[key], value.astype(mx.float32)).item(), key
+    for folder, name in (("text_encoder", "clip_l"), ("text_encoder_2", "t5xxl_fp16")):
+        hf = load_folder(hf_root / folder)
+        stored_te = mx.load(str(single_file_root / f"models/text_encoders/{name}.safetensors"))
+        assert set(stored_te) == set(hf)  # Hugging Face transformers names, as ComfyUI's files have
+        for key, value in hf.items():
+            assert mx.array_equal(stored_te[key], value.astype(mx.float16)).item(), key
+
+
+def test_single_file_fp8_transformer(mini_cache, hf_root, tmp_path):
+    import ml_dtypes
+
+    root = tmp_path / "fp8"
+    try:
+        with cache_at(mini_cache):
+            write_mini(root, layout="single-file", transformer_dtype="fp8")
+        file = root / "models/unet/flux1-dev.safetensors"
+        assert {v["dtype"] for v in tensor_headers(file).values()} == {"F8_E4M3"}
+        expected = mflux_flat("transformer", load_folder(hf_root / "transformer"))
+        raw = np.frombuffer(raw_bytes(file, "img_in.weight"), dtype=ml_dtypes.float8_e4m3fn)
+        want = np.asarray(expected["x_embedder.weight"].astype(mx.float32)).astype(ml_dtypes.float8_e4m3fn)
+        assert np.array_equal(raw.reshape(want.shape).view(np.uint8), want.view(np.uint8))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
