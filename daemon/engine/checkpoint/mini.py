@@ -22,7 +22,6 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -695,8 +694,3 @@ def mini_checkpoint(seed: int = MINI_SEED) -> Path:
             return root
         raise
     return root
-
-
-def iter_layout_files(root: Path) -> Iterator[Path]:
-    """Every file under `root`, sorted, for listings and size reports."""
-    yield from sorted(p for p in root.rglob("*") if p.is_file())
