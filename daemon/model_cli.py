@@ -66,7 +66,7 @@ def info_command(path: str, preset: str, transformer: str | None, quantize: str 
     by = summary["resident_bytes_by_quantization"]
     click.echo(
         f"resident as {summary['dtype']}: {by['None'] / GIB:.2f} GiB; 8-bit {by['8'] / GIB:.2f} GiB; "
-        f"4-bit {by['4'] / GIB:.2f} GiB (+2 GiB to render)"
+        f"4-bit {by['4'] / GIB:.2f} GiB (+1 GiB and a tenth of that to render)"
     )
     verdict = "fits" if summary["fits"] else "does NOT fit"
     click.echo(

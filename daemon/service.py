@@ -140,7 +140,13 @@ class RenderService:
         from daemon.lora.cache import LoraCache
         from daemon.lora.patcher import LoraPatcher
 
-        model = load_model(config.preset, model_path=config.model_path)
+        model = load_model(
+            config.preset,
+            model_path=config.model_path,
+            transformer=config.transformer_path,
+            quantize=config.quantize,
+            force=config.force_load,
+        )
         cache = LoraCache(config.lora_cache_bytes)
         patcher = LoraPatcher(model.flux.transformer, cache)
         svc = cls(

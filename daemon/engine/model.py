@@ -17,11 +17,11 @@ from pathlib import Path
 from PIL import Image
 
 from client.wire.errors import InvalidRequest
+from client.wire.messages import ModelInfo
+from daemon.engine.checkpoint.load import LoadedCheckpoint
 from daemon.engine.presets import Preset, get_preset, locate_weights
-from daemon.engine.runtime import BLAS, compute_dtype, configure_mflux_precision, mx, release_thread_streams
+from daemon.engine.runtime import BLAS, mx, release_thread_streams
 from daemon.render_spec import Limits, RenderSpec, validate_spec
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # mflux draws a progress bar per render; a daemon has no terminal
 
 log = logging.getLogger("easel.engine")
 
@@ -69,14 +69,15 @@ class _PhaseRelay:
 class LoadedModel:
     """A preset's model in memory. Not thread-safe: one render at a time (the daemon's worker)."""
 
-    def __init__(self, preset: Preset, flux, source: str, load_seconds: float) -> None:
+    def __init__(self, preset: Preset, loaded: LoadedCheckpoint, load_seconds: float) -> None:
         self.preset = preset
-        self.flux = flux
-        self.source = source
+        self.flux = loaded.flux
+        self.checkpoint = loaded
+        self.source = str(loaded.source.root)
         self.load_seconds = load_seconds
-        self.dtype = compute_dtype()
-        self._relay = _PhaseRelay(flux)
-        flux.callbacks.register(self._relay)
+        self.dtype = loaded.dtype
+        self._relay = _PhaseRelay(self.flux)
+        self.flux.callbacks.register(self._relay)
 
     @property
     def transformer(self):
@@ -86,15 +87,20 @@ class LoadedModel:
         """Free the calling thread's MLX streams: each thread that loaded or rendered calls this as it ends."""
         release_thread_streams()
 
-    def describe(self) -> dict:
-        return {
-            "preset": self.preset.name,
-            "source": self.source,
-            "dtype": str(self.dtype),
-            "device": str(mx.default_device()),
-            "blas": BLAS.describe(),
-            "load_seconds": round(self.load_seconds, 2),
-        }
+    @property
+    def info(self) -> ModelInfo:
+        ck = self.checkpoint
+        return ModelInfo(
+            preset=self.preset.name,
+            source=self.source,
+            layout=ck.source.layout,
+            dtype=str(self.dtype).removeprefix("mlx.core."),
+            device=str(mx.default_device()),
+            resident_bytes=ck.resident_bytes,
+            load_s=round(self.load_seconds, 2),
+            depth=ck.depth,
+            quantization=ck.bits,
+        )
 
     def render(
         self, spec: RenderSpec, on_step: StepCallback | None = None, limits: Limits = DEFAULT_LIMITS
@@ -138,29 +144,42 @@ class LoadedModel:
         return time.perf_counter() - t0
 
 
-def load_model(preset_name: str = "tiny", *, model_path: str | os.PathLike[str] | None = None) -> LoadedModel:
-    """Load a preset; real presets only from local weights (WeightsNotFound says where it looked)."""
+def load_model(
+    preset_name: str = "tiny",
+    *,
+    model_path: str | os.PathLike[str] | None = None,
+    transformer: str | os.PathLike[str] | None = None,
+    quantize: int | None = None,
+    force: bool = False,
+) -> LoadedModel:
+    """Load a preset through the one checkpoint loader: real presets from local weights only (WeightsNotFound
+    says where it looked), `tiny` from the miniature checkpoint in easel's cache (written on first use)."""
+    from mflux.models.common.config.model_config import ModelConfig
+
+    from daemon.engine.checkpoint.load import load_checkpoint
+    from daemon.engine.checkpoint.source import resolve_source
+
     preset = get_preset(preset_name)
     t0 = time.perf_counter()
-    if not preset.real:
-        from daemon.engine.tiny import load_tiny
-
-        flux, how = load_tiny()
-        source = f"tiny ({how})"
-    else:
+    if preset.real:
         root = locate_weights(preset, model_path)
-        flux = _load_real(preset, root)
-        source = str(root)
-    model = LoadedModel(preset, flux, source, time.perf_counter() - t0)
-    log.info("preset %s loaded from %s in %.1fs; BLAS %s", preset.name, source, model.load_seconds, BLAS.describe())
+    else:
+        from daemon.engine.checkpoint.mini import mini_checkpoint
+
+        root = Path(model_path) if model_path else mini_checkpoint()
+    source = resolve_source(root, transformer_file=Path(transformer) if transformer else None)
+    loaded = load_checkpoint(
+        source,
+        getattr(ModelConfig, preset.mflux_config)(),
+        quantize=quantize,
+        force=force,
+        t5_max_length=preset.t5_max_length,
+        what=f"preset {preset.name} from {root}" + (f" at {quantize} bits" if quantize else ""),
+    )
+    model = LoadedModel(preset, loaded, time.perf_counter() - t0)
+    log.info(
+        "preset %s loaded from %s (%s%s) in %.1fs: %.2f GiB resident; BLAS %s",
+        preset.name, model.source, source.layout, f", {loaded.bits}-bit" if loaded.bits else "",
+        model.load_seconds, loaded.resident_bytes / 2**30, BLAS.describe(),
+    )  # fmt: skip
     return model
-
-
-def _load_real(preset: Preset, root: Path):
-    os.environ["HF_HUB_OFFLINE"] = "1"  # weights are local; never let a loader reach for the network
-    configure_mflux_precision()
-    from mflux.models.common.config.model_config import ModelConfig
-    from mflux.models.flux.variants.txt2img.flux import Flux1
-
-    model_config = getattr(ModelConfig, preset.mflux_config)()
-    return Flux1(model_config=model_config, model_path=str(root))

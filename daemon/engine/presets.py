@@ -1,7 +1,9 @@
-"""The preset registry: which model a name means, its defaults, and where its weights are looked for.
+"""The preset registry: which model a name means, its defaults, and where its checkpoint is looked for.
 
 Real presets load from a local path or the local Hugging Face cache only; easel never downloads weights
-at run time, so a missing model is an immediate, explanatory WeightsNotFound instead of a hang.
+at run time, so a missing model is an immediate, explanatory WeightsNotFound instead of a hang. The `tiny`
+preset is the miniature checkpoint (FLUX.1-dev's layout at 1 + 1 blocks, random weights) that easel
+writes once into its cache; it loads through the same loader as the real ones.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Preset:
     default_steps: int
     default_guidance: float
     real: bool = True
+    t5_max_length: int | None = None  # None: mflux's own for the model (512 for dev, 256 for schnell)
 
     @property
     def env_var(self) -> str:
@@ -45,12 +48,14 @@ PRESETS: dict[str, Preset] = {
             2,
             3.5,
             real=False,
+            t5_max_length=128,  # the miniature checkpoint's prompt length: keeps joint attention cheap on a CPU
         ),
     )
 }
 
-# Sub-folders a diffusers-layout Flux checkpoint must have for mflux to load it.
+# Sub-folders a Hugging Face or mflux-saved Flux checkpoint has.
 REQUIRED_SUBDIRS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+PARTS_FILE = "easel-model.yaml"
 
 
 def get_preset(name: str) -> Preset:
@@ -68,6 +73,8 @@ def hf_cache_dir() -> Path:
 
 
 def _missing_parts(root: Path) -> list[str]:
+    if root.is_file() or (root / PARTS_FILE).is_file():
+        return []  # a parts file names its own files; the loader checks each
     return [d for d in REQUIRED_SUBDIRS if not (root / d).is_dir()]
 
 
@@ -85,6 +92,8 @@ def locate_weights(preset: Preset, model_path: str | os.PathLike[str] | None = N
         if not snapshots:
             looked.append(f"Hugging Face cache: {repo_dir} (no snapshot)")
     for label, root in candidates:
+        if label == "model path" and root.exists():
+            return root  # named by the user: the loader says exactly what, if anything, is wrong with it
         if not root.is_dir():
             looked.append(f"{label}: {root} (does not exist)")
             continue
@@ -95,7 +104,8 @@ def locate_weights(preset: Preset, model_path: str | os.PathLike[str] | None = N
         return root
     hint = (
         f"Point easel at the weights with --model-path DIR, {preset.env_var}=DIR or {env.MODEL_PATH.name}=DIR "
-        f"(a diffusers-layout folder with {', '.join(REQUIRED_SUBDIRS)}), or download them on a machine with "
+        f"(a Hugging Face snapshot or mflux-saved folder with {', '.join(REQUIRED_SUBDIRS)}, or a {PARTS_FILE} "
+        "naming single files as ComfyUI keeps them; see docs/models.md), or download them on a machine with "
         f"network access: `huggingface-cli download {preset.repo_id}` (gated: accept the licence first). "
         "On a machine without weights use --preset tiny."
     )

@@ -19,8 +19,15 @@ from client.wire.errors import ModelTooLarge
 from daemon.engine.checkpoint.parts import QUANT_GROUP_SIZE, quantizable
 from daemon.engine.runtime import mx
 
-HEADROOM_BYTES = 2 << 30  # activations, the prompt cache, the LoRA side path: a render's working set
 GIB = 1 << 30
+# A render's working set on top of the weights (activations, the prompt cache, the LoRA side path): 1 GiB plus
+# a tenth of the weights, which grow with the activations they produce (4.1 GiB for dev at bf16).
+HEADROOM_BASE = 1 << 30
+HEADROOM_SHARE = 0.10
+
+
+def headroom(weights_bytes: int) -> int:
+    return HEADROOM_BASE + int(HEADROOM_SHARE * weights_bytes)
 
 
 def resident_bytes(modules: list[nn.Module], *, itemsize: int, bits: int | None) -> int:
@@ -47,7 +54,10 @@ class MemoryPlan:
 
     @property
     def needed_bytes(self) -> int:
-        return self.weights_bytes + HEADROOM_BYTES
+        return self.weights_bytes + headroom(self.weights_bytes)
+
+    def needed_at(self, bits: int | None) -> int:
+        return self.by_bits[bits] + headroom(self.by_bits[bits])
 
     @property
     def fits(self) -> bool:
@@ -64,17 +74,16 @@ def available_bytes() -> int:
 def check_fits(plan: MemoryPlan, *, what: str, bits: int | None, force: bool) -> None:
     if plan.fits or force:
         return
-    options = [b for b in (8, 4) if b != bits and plan.by_bits[b] + HEADROOM_BYTES <= plan.available_bytes]
-    options = [b for b in options if bits is None or b < bits]
+    options = [b for b in (8, 4) if (bits is None or b < bits) and plan.needed_at(b) <= plan.available_bytes]
     advice = (
-        f"--quantize {options[0]} would need {(plan.by_bits[options[0]] + HEADROOM_BYTES) / GIB:.1f} GiB"
+        f"--quantize {options[0]} would need {plan.needed_at(options[0]) / GIB:.1f} GiB"
         if options
-        else "no quantization easel offers fits either (4-bit needs "
-        f"{(plan.by_bits[4] + HEADROOM_BYTES) / GIB:.1f} GiB)"
+        else f"no quantization easel offers fits either (4-bit needs {plan.needed_at(4) / GIB:.1f} GiB)"
     )
     raise ModelTooLarge(
         f"{what} needs {plan.needed_bytes / GIB:.1f} GiB ({plan.weights_bytes / GIB:.1f} GiB of weights + "
-        f"{HEADROOM_BYTES / GIB:.0f} GiB to render) and {plan.available_bytes / GIB:.1f} GiB is available: "
+        f"{headroom(plan.weights_bytes) / GIB:.1f} GiB to render) and {plan.available_bytes / GIB:.1f} GiB is "
+        "available: "
         f"{advice}; --force loads it anyway",
         needed_bytes=plan.needed_bytes,
         available_bytes=plan.available_bytes,
