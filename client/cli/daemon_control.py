@@ -34,6 +34,13 @@ def status_command(socket_path, as_json, timeout) -> None:
         return
     click.echo(f"easel {st.version} (protocol {st.protocol}) pid {st.pid} on {st.socket}")
     click.echo(f"preset {st.preset}  warm={st.warm}  uptime {st.uptime_s:.0f}s  renders {st.renders_done}")
+    if st.model is not None:
+        m = st.model
+        bits = f"{m.quantization}-bit" if m.quantization else "not quantized"
+        click.echo(
+            f"model: {m.layout} checkpoint {m.source}  {bits}, {m.dtype} on {m.device}, "
+            f"{m.resident_bytes / 2**30:.2f} GiB resident, loaded in {m.load_s:.1f}s"
+        )
     stack = ", ".join(f"{Path(s.path).name}@{s.scale:g}" for s in st.active_stack) or "(none)"
     click.echo(f"active stack: {stack}  (switches so far: {st.stack_switches})")
     if st.lora_cache is not None:

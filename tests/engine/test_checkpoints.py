@@ -36,12 +36,17 @@ def hf_root() -> Path:
 
 
 @pytest.fixture(scope="module")
-def hf_image(hf_root, tmp_path_factory) -> tuple[np.ndarray, dict]:
+def hf_image(hf_root, tmp_path_factory) -> tuple[np.ndarray, dict, str]:
+    from click.testing import CliRunner
+
+    from client.cli import main as cli
+
     with ServeProcess(tmp_path_factory.mktemp("serve-hf"), *TINY, "--model-path", str(hf_root)) as d:
         image = d.render()
         with d.client() as c:
             info = c.status().model
-    return image, info
+        shown = CliRunner().invoke(cli, ["status", "--socket", str(d.socket)]).output
+    return image, info, shown
 
 
 def _mae(a: np.ndarray, b: np.ndarray) -> float:
@@ -52,7 +57,8 @@ def _mae(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_hf_snapshot_is_what_the_tiny_preset_serves(hf_image, hf_root):
-    image, info = hf_image
+    image, info, shown = hf_image
+    assert f"model: hf checkpoint {hf_root}  not quantized, float32" in shown and "GiB resident" in shown
     assert image.shape == (64, 64, 3) and image.std() > 1
     assert info.layout == "hf" and info.source == str(hf_root)
     assert info.depth == {"transformer": [1, 1], "t5": [1], "clip": [1]}
