@@ -145,12 +145,21 @@ class LoadPlan:
         }
 
 
+def load_streams() -> list:
+    """On a CPU, one MLX stream per core (two at most: reading and converting are memory-bound beyond that)."""
+    device = mx.default_device()
+    if device != mx.cpu:
+        return [mx.default_stream(device)]
+    return [mx.default_stream(device)] + [mx.new_stream(device) for _ in range(min(2, os.cpu_count() or 1) - 1)]
+
+
 def plan_load(source: CheckpointSource, model_config: ModelConfig, *, quantize: int | None = None) -> LoadPlan:
     """Every check that needs no weight data: names, shapes, depth, version, the memory it will take."""
     t0 = time.perf_counter()
     dtype = configure_mflux_precision()
     bits = check_request(source, quantize)
-    prepared = {part: prepare_part(source.parts[part], model_config, dtype) for part in PARTS}
+    streams = load_streams()
+    prepared = {part: prepare_part(source.parts[part], model_config, dtype, streams) for part in PARTS}
     modules = [p.module for p in prepared.values()]
     itemsize = mx.array(0, dtype=dtype).itemsize
     stored = source.stored_bits is not None

@@ -120,7 +120,9 @@ class PreparedPart:
         return sum(v.nbytes for _, v in tree_flatten(self.module.parameters()))
 
 
-def prepare_part(source: PartSource, model_config: ModelConfig, dtype: mx.Dtype) -> PreparedPart:
+def prepare_part(
+    source: PartSource, model_config: ModelConfig, dtype: mx.Dtype, streams: list | None = None
+) -> PreparedPart:
     part = source.part
     depth = read_depth(source)
     shapes = {n: t.shape for n, t in source.files.tensors.items()}
@@ -133,7 +135,7 @@ def prepare_part(source: PartSource, model_config: ModelConfig, dtype: mx.Dtype)
     module = build_module(part, depth, model_config)
     if source.stored_bits is not None:
         nn.quantize(module, class_predicate=_stored_quantization(shapes))
-    tensors = source.files.load_lazy(dtype)
+    tensors = source.files.load_lazy(dtype, streams)
     weights, unknown, problems = _rename(source, tensors, module)
     unknown = [n for n in unknown if n not in IGNORED[part]]
     expected = {k: v.shape for k, v in tree_flatten(module.parameters())}

@@ -158,19 +158,27 @@ class PartFiles:
     def float_dtypes(self) -> set[str]:
         return {t.dtype for t in self.tensors.values() if t.dtype in ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")}
 
-    def load_lazy(self, dtype: mx.Dtype) -> dict[str, mx.array]:
-        """Every tensor as a lazy MLX array; floats cast to `dtype` (fp8 widened exactly), integers kept."""
+    def load_lazy(self, dtype: mx.Dtype, streams: list | None = None) -> dict[str, mx.array]:
+        """Every tensor as a lazy MLX array; floats cast to `dtype` (fp8 widened exactly), integers kept.
+
+        With several `streams`, tensors are read and converted on them in turn: MLX runs one stream per
+        thread, and on a CPU the bf16 -> fp32 conversion, not the read, is the slow part of a load.
+        """
+        streams = streams or [mx.default_stream(mx.default_device())]
         out: dict[str, mx.array] = {}
+        n = 0
         for path in self.files:
-            for name, array in mx.load(str(path)).items():
+            for name, array in mx.load(str(path), stream=streams[n % len(streams)]).items():
+                stream = streams[n % len(streams)]
+                n += 1
                 stored = self.tensors[name].dtype
                 if stored in FP8_DTYPES:
-                    array = mx.from_fp8(array, dtype=dtype)
+                    array = mx.from_fp8(array, dtype=dtype, stream=stream)
                 elif stored == "F8_E5M2":
                     raise ModelMismatch(
                         f"{path}: tensor {name!r} is F8_E5M2, which easel does not read", part=self.part
                     )
                 elif mx.issubdtype(array.dtype, mx.floating) and array.dtype != dtype:
-                    array = array.astype(dtype)
+                    array = array.astype(dtype, stream=stream)
                 out[name] = array
         return out
