@@ -76,6 +76,18 @@ def raw_bytes(path: Path, name: str) -> bytes:
         return fh.read(end - begin)
 
 
+def assert_same_values(expected: dict, stored: dict, label: str, dtype=None) -> None:
+    """Equal names and values; each pair is dropped once compared, so memory holds about one tensor (the files
+    are read lazily)."""
+    assert set(stored) == set(expected), label
+    for key in list(expected):
+        want, got = expected.pop(key), stored.pop(key)
+        if dtype is not None:
+            assert got.dtype == dtype, f"{label}.{key}"
+            want = want.astype(dtype)
+        assert mx.array_equal(got, want).item(), f"{label}.{key}"
+
+
 def files_under(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
@@ -197,11 +209,7 @@ def test_mflux_layout_is_what_mflux_save_writes(mflux_root):
 @pytest.mark.parametrize("part", list(HF_FOLDERS))
 def test_mflux_layout_holds_exactly_the_hf_layouts_values(hf_root, mflux_root, part):
     expected = mflux_flat(part, load_folder(hf_root / HF_FOLDERS[part]))
-    stored = load_folder(mflux_root / HF_FOLDERS[part])
-    assert set(stored) == set(expected)
-    for key, value in expected.items():
-        assert stored[key].dtype == mx.bfloat16
-        assert mx.array_equal(stored[key], value).item(), f"{part}.{key}"
+    assert_same_values(expected, load_folder(mflux_root / HF_FOLDERS[part]), part, dtype=mx.bfloat16)
 
 
 def test_quantized_mflux_layout_records_its_bits_and_packs_linear_layers(mini_cache, tmp_path):
@@ -279,21 +287,14 @@ def test_single_file_values_are_the_hf_layouts(single_file_root, hf_root):
 
     expected = mflux_flat("transformer", load_folder(hf_root / "transformer"))
     stored = bfl_as_mflux(single_file_root / "models/unet/flux1-dev.safetensors", hf_root)
-    assert set(stored) == set(expected)
-    for key, value in expected.items():
-        assert mx.array_equal(stored[key], value).item(), key
-    vae_expected = mflux_flat("vae", load_folder(hf_root / "vae"))
+    assert_same_values(expected, stored, "transformer", dtype=mx.bfloat16)
     vae_stored, unknown = bfl.bfl_vae_to_mflux(mx.load(str(single_file_root / "models/vae/ae.safetensors")))
-    assert unknown == [] and set(vae_stored) == set(vae_expected)
-    for key, value in vae_expected.items():
-        assert vae_stored[key].dtype == mx.float32
-        assert mx.array_equal(vae_stored[key], value.astype(mx.float32)).item(), key
+    assert unknown == []
+    assert_same_values(mflux_flat("vae", load_folder(hf_root / "vae")), vae_stored, "vae", dtype=mx.float32)
     for folder, name in (("text_encoder", "clip_l"), ("text_encoder_2", "t5xxl_fp16")):
-        hf = load_folder(hf_root / folder)
+        # Hugging Face transformers names, as ComfyUI's files have, in fp16
         stored_te = mx.load(str(single_file_root / f"models/text_encoders/{name}.safetensors"))
-        assert set(stored_te) == set(hf)  # Hugging Face transformers names, as ComfyUI's files have
-        for key, value in hf.items():
-            assert mx.array_equal(stored_te[key], value.astype(mx.float16)).item(), key
+        assert_same_values(load_folder(hf_root / folder), stored_te, name, dtype=mx.float16)
 
 
 def test_single_file_fp8_transformer(mini_cache, hf_root, tmp_path):

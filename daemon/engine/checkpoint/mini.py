@@ -493,20 +493,24 @@ def _write_mflux(root: Path, seed: int, quantize: int | None) -> None:
     from mlx import nn
     from mlx.utils import tree_unflatten
 
+    with tempfile.TemporaryDirectory(prefix=".tokenizers-", dir=root) as scratch:
+        write_tokenizers(Path(scratch))
+        tokenizers = TokenizerLoader.load_all(FluxWeightDefinition.get_tokenizers(), scratch)
     weights = _mflux_weights(seed)
     modules = _build_modules(seed)  # the structure; its own lazy draws are replaced, never evaluated
-    for part, module in modules.items():
+    # One component at a time (ModelSaver skips the components a model does not have), so memory holds one.
+    for part in list(modules):
+        module = modules.pop(part)
         module.update(tree_unflatten(list(weights.pop(part).items())))
         mx.eval(module.parameters())
         if quantize is not None:
             predicate = FluxWeightDefinition.quantization_predicate
             nn.quantize(module, group_size=64, bits=quantize, class_predicate=predicate)
             mx.eval(module.parameters())
-    with tempfile.TemporaryDirectory(prefix=".tokenizers-", dir=root) as scratch:
-        write_tokenizers(Path(scratch))
-        tokenizers = TokenizerLoader.load_all(FluxWeightDefinition.get_tokenizers(), scratch)
-    model = _SaveableFlux(modules, tokenizers, quantize)
-    ModelSaver.save_model(model=model, bits=quantize, base_path=str(root), weight_definition=FluxWeightDefinition)
+        model = _SaveableFlux({part: module}, tokenizers, quantize)
+        ModelSaver.save_model(model=model, bits=quantize, base_path=str(root), weight_definition=FluxWeightDefinition)
+        tokenizers = {}  # written with the first component
+        del model, module
     SavedModelInfo.write(
         target=root,
         key="dev",
