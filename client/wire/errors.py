@@ -100,10 +100,10 @@ class ModelTooLarge(ModelLoadError):
     code = "model_too_large"
 
 
-class ModelCacheCorrupt(EaselError):
-    """The on-disk tiny-model cache could not be read; the engine rebuilds it."""
+class SaveTargetExists(EaselError):
+    """`easel model save` never writes over an existing folder."""
 
-    code = "model_cache_corrupt"
+    code = "save_target_exists"
 
 
 class LoraError(EaselError):

@@ -16,18 +16,12 @@ from pathlib import Path
 
 from mflux.models.flux.weights.flux_weight_definition import FluxWeightDefinition
 
-from client.wire.errors import EaselError
+from client.wire.errors import SaveTargetExists
 from daemon.engine.checkpoint.load import LoadedCheckpoint
 from daemon.engine.runtime import mx
 
 _STORED = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
 _COMPONENTS = {"transformer": "transformer", "t5": "t5_encoder", "clip": "clip_encoder", "vae": "vae"}
-
-
-class SaveTargetExists(EaselError):
-    """`easel model save` never writes over an existing folder."""
-
-    code = "save_target_exists"
 
 
 def save_checkpoint(loaded: LoadedCheckpoint, dst: Path) -> Path:
