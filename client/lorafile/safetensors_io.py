@@ -8,26 +8,32 @@ section exactly, so a truncated or padded-with-garbage file is caught), and nump
 so `safetensors.numpy` refuses the dtype most Flux LoRAs ship in. bf16 and fp8 are numpy dtypes through
 `ml_dtypes`: read exactly, widened exactly, written back bit for bit.
 
+Reading is into owned memory, one `readinto` per file, never mmap (see `read_safetensors`): a file that
+changes underneath is an error for that one request, never a signal for the whole process.
+
 Files that are not safetensors are recognised from their first bytes and refused with a message naming
 what they look like (pickle, PyTorch zip checkpoint, Draw Things s4nnc/SQLite, GGUF, ...).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import mmap
 import os
+import stat
 import struct
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
 import safetensors
 
 from client.fs import atomic_write_bytes
+from client.lorafile.signature import FileSignature, content_digest
 from client.wire.errors import LoraFormatError, LoraNotFound
 
 # Largest header any real file has is a few MB; refuse absurd lengths before allocating.
@@ -63,6 +69,7 @@ class SafetensorsFile:
     tensors: dict[str, np.ndarray]
     metadata: dict[str, str] = field(default_factory=dict)
     dtypes: dict[str, str] = field(default_factory=dict)  # key -> dtype as stored ("BF16", ...)
+    signature: FileSignature | None = None  # the version of the file these bytes were read from
 
     @property
     def nbytes(self) -> int:
@@ -104,14 +111,25 @@ def _plausible_safetensors(head: bytes, size: int) -> bool:
     return header_len <= MAX_HEADER_BYTES and 8 + header_len <= size
 
 
-def read_safetensors(path: str | os.PathLike[str], *, as_stored: bool = False) -> SafetensorsFile:
+def read_safetensors(
+    path: str | os.PathLike[str], *, as_stored: bool = False, with_digest: bool = False
+) -> SafetensorsFile:
     """Parse and validate `path`; raise LoraNotFound / LoraFormatError naming the problem.
 
-    Float tensors come back as float32 unless `as_stored` (then bf16/fp8 stay ml_dtypes arrays)."""
+    Float tensors come back as float32 unless `as_stored`: then every tensor keeps its stored dtype and
+    is a view into the one buffer the file was read into (no second copy of the bytes).
+
+    The file is read into memory this process owns, with one `readinto` of the whole file, never through
+    mmap: a mapped file that shrinks underneath its reader raises SIGBUS, which kills the whole daemon
+    (every queued render with it). A read call can only come back short, so a file that changes while
+    it is read (shorter than it was, or a different size, inode or change time by fstat before and after)
+    is a LoraFormatError for this one request. The bytes and the signature returned with them
+    (`SafetensorsFile.signature`) belong together: caches key on it. `with_digest` adds the content
+    digest of exactly these bytes to it (for filesystems whose times cannot be trusted).
+    """
     p = Path(path)
     try:
-        size = p.stat().st_size
-        fh = p.open("rb")
+        fh = p.open("rb", buffering=0)
     except FileNotFoundError as exc:
         raise LoraNotFound(f"LoRA file not found: {p}", path=str(p)) from exc
     except IsADirectoryError as exc:
@@ -119,7 +137,15 @@ def read_safetensors(path: str | os.PathLike[str], *, as_stored: bool = False) -
     except OSError as exc:
         raise LoraFormatError(f"cannot read {p}: {exc.strerror or exc}", path=str(p)) from exc
     with fh:
-        head = fh.read(64)
+        try:
+            st = os.fstat(fh.fileno())
+            before = FileSignature.of_stat(st)
+            size = before.size
+            head = os.pread(fh.fileno(), 64, 0)
+        except OSError as exc:
+            raise LoraFormatError(f"cannot read {p}: {exc.strerror or exc}", path=str(p)) from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise LoraFormatError(f"{p} is not a regular file", path=str(p))
         looks_like = None if _plausible_safetensors(head, size) else sniff(head, str(p))
         if looks_like is not None:
             raise LoraFormatError(
@@ -141,28 +167,68 @@ def read_safetensors(path: str | os.PathLike[str], *, as_stored: bool = False) -
                 f"{p.name} is truncated: its header says {header_len} header bytes but the file has {size}",
                 path=str(p),
             )
-        fh.seek(8)
-        raw_header = fh.read(header_len)
-        try:
-            header = json.loads(raw_header.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise LoraFormatError(f"{p.name} has a corrupt safetensors header: {exc}", path=str(p)) from exc
-        if not isinstance(header, dict):
-            raise LoraFormatError(f"{p.name} has a corrupt safetensors header (not a JSON object)", path=str(p))
-        data_start = 8 + header_len
-        data_len = size - data_start
-        metadata = _metadata(header.pop("__metadata__", None), p)
-        specs = _tensor_specs(header, data_len, p)
-        tensors: dict[str, np.ndarray] = {}
-        dtypes: dict[str, str] = {}
-        if specs:
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                for key, (dtype, shape, begin, end) in specs.items():
-                    stored = np.frombuffer(mm[data_start + begin : data_start + end], dtype=DTYPES[dtype])
-                    widen = dtype in FLOAT_DTYPES and not as_stored
-                    tensors[key] = (stored.astype(np.float32) if widen else stored.copy()).reshape(shape)
-                    dtypes[key] = dtype
-    return SafetensorsFile(path=str(p), tensors=tensors, metadata=metadata, dtypes=dtypes)
+        buf = _read_whole(fh, size, before, p)
+    header = _parse_header(bytes(buf[8 : 8 + header_len]), p)
+    data_start = 8 + header_len
+    data_len = size - data_start
+    metadata = _metadata(header.pop("__metadata__", None), p)
+    specs = _tensor_specs(header, data_len, p)
+    tensors: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    for key, (dtype, shape, begin, end) in specs.items():
+        stored = np.frombuffer(
+            buf, dtype=DTYPES[dtype], count=(end - begin) // DTYPES[dtype].itemsize, offset=data_start + begin
+        )
+        widen = dtype in FLOAT_DTYPES and not as_stored
+        tensors[key] = (stored.astype(np.float32) if widen else stored).reshape(shape)
+        dtypes[key] = dtype
+    if with_digest:
+        before = dataclasses.replace(before, digest=content_digest(buf))
+    return SafetensorsFile(path=str(p), tensors=tensors, metadata=metadata, dtypes=dtypes, signature=before)
+
+
+def _read_whole(fh: BinaryIO, size: int, before: FileSignature, p: Path) -> bytearray:
+    """All `size` bytes of the open file, or LoraFormatError if it is not the same file by the end."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    try:
+        fh.seek(0)
+        while got < size:
+            n = fh.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        extra = fh.read(1) if got == size else b""
+        after = FileSignature.of_stat(os.fstat(fh.fileno()))
+    except OSError as exc:
+        raise LoraFormatError(f"cannot read {p}: {exc.strerror or exc}", path=str(p)) from exc
+    finally:
+        view.release()
+    if got != size or extra or not after.same_file_version(before):
+        raise LoraFormatError(
+            f"{p.name} changed while it was being read ({size} bytes when opened, {got} read, "
+            f"{after.size} now); try again once it is written",
+            path=str(p),
+            changed=True,
+        )
+    return buf
+
+
+def _parse_header(raw_header: bytes, p: Path) -> dict:
+    """The JSON header as a dict. Nesting deep enough to exhaust Python's recursion is a corrupt header
+    (LoraFormatError), not an internal error: real headers are two levels deep."""
+    try:
+        header = json.loads(raw_header.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoraFormatError(f"{p.name} has a corrupt safetensors header: {exc}", path=str(p)) from exc
+    except RecursionError as exc:
+        raise LoraFormatError(
+            f"{p.name} has a corrupt safetensors header (JSON nested too deeply)", path=str(p)
+        ) from exc
+    if not isinstance(header, dict):
+        raise LoraFormatError(f"{p.name} has a corrupt safetensors header (not a JSON object)", path=str(p))
+    return header
 
 
 def _metadata(raw: object, p: Path) -> dict[str, str]:

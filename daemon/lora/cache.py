@@ -1,43 +1,56 @@
-"""Parsed LoRA files cached by (path, size, mtime), LRU-bounded in bytes, re-read when a file changes."""
+"""Parsed LoRA files, and their resolved terms, cached per file signature; LRU-bounded in bytes.
+
+A file is identified by its `FileSignature` (device, inode, size, mtime_ns, ctime_ns, and a content
+digest when `content_hash` is on): any change re-reads it, and what was resolved from the old bytes
+goes with the old entry. The bytes are kept as the file stores them (bf16 stays bf16): converting
+them to the layer's dtype happens once, when a stack is built (daemon.lora.resident).
+"""
 
 from __future__ import annotations
 
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import msgspec
 
 from client.lorafile.keymaps import KeymapSet, load_keymaps
 from client.lorafile.parse import ParsedLora, parse_lora
+from client.lorafile.resolve import Layout, Term, resolve
 from client.lorafile.safetensors_io import read_safetensors
-from client.wire.errors import LoraNotFound
+from client.lorafile.signature import FileSignature, file_signature
 from client.wire.messages import LoraCacheStats
+from client.wire.report import FileReport
 
-Signature = tuple[int, int]  # (size, mtime_ns)
+Signature = FileSignature  # the one identity of a file version, shared with every LoRA cache
 
 
-def file_signature(path: str) -> Signature:
-    """What identifies one version of a file on disk; a change re-reads it."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError as exc:
-        raise LoraNotFound(f"LoRA file not found: {path}", path=path) from exc
-    except OSError as exc:
-        raise LoraNotFound(f"cannot stat LoRA file {path}: {exc.strerror or exc}", path=path) from exc
-    return st.st_size, st.st_mtime_ns
+@dataclass
+class _Entry:
+    signature: FileSignature
+    parsed: ParsedLora
+    resolved: dict[Hashable, tuple[list[Term], FileReport]] = field(default_factory=dict)
 
 
 class LoraCache:
-    """Thread-safe LRU of ParsedLora keyed by absolute path, valid while (size, mtime_ns) is unchanged.
+    """Thread-safe LRU of ParsedLora keyed by absolute path, valid while the file's signature is unchanged.
 
-    A file larger than `max_bytes` is parsed and returned but not kept.
+    A file larger than `max_bytes` is parsed and returned but not kept. `content_hash` adds a digest of
+    the bytes to every signature (for network filesystems whose times cannot be trusted): each lookup
+    then reads the file to hash it.
     """
 
-    def __init__(self, max_bytes: int = 2 * 1024**3, keymaps: KeymapSet | None = None) -> None:
+    def __init__(
+        self, max_bytes: int = 2 * 1024**3, keymaps: KeymapSet | None = None, *, content_hash: bool = False
+    ) -> None:
         self.max_bytes = int(max_bytes)
+        self.content_hash = bool(content_hash)
         self._keymaps = keymaps
         self._lock = threading.Lock()
-        self._entries: OrderedDict[str, tuple[Signature, ParsedLora]] = OrderedDict()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._bytes = 0
         self._hits = self._misses = self._evictions = 0
 
@@ -47,34 +60,60 @@ class LoraCache:
             self._keymaps = load_keymaps()
         return self._keymaps
 
-    def get(self, path: str | os.PathLike[str]) -> tuple[ParsedLora, Signature]:
-        """The parsed file and the signature it was read at (re-read if the file changed on disk)."""
-        key = str(Path(path).resolve())
-        sig = file_signature(key)
+    @staticmethod
+    def key(path: str | os.PathLike[str]) -> str:
+        return str(Path(path).resolve())
+
+    def signature(self, path: str | os.PathLike[str]) -> FileSignature:
+        """The signature of the file at `path` now (what a cached version must equal to be reused)."""
+        return file_signature(self.key(path), with_digest=self.content_hash)
+
+    def get(self, path: str | os.PathLike[str]) -> tuple[ParsedLora, FileSignature]:
+        """The parsed file and the signature of the bytes it was parsed from (re-read if the file changed)."""
+        entry = self._entry(self.key(path))
+        return entry.parsed, entry.signature
+
+    def resolved(
+        self, path: str | os.PathLike[str], layout: Layout, layout_key: Hashable
+    ) -> tuple[list[Term], FileReport, FileSignature]:
+        """The file's terms against `layout` (cached with the file under `layout_key`) and a fresh copy of
+        its report, with the signature of the bytes they come from."""
+        entry = self._entry(self.key(path))
+        with self._lock:
+            done = entry.resolved.get(layout_key)
+        if done is None:
+            done = resolve(entry.parsed, layout)
+            with self._lock:
+                entry.resolved[layout_key] = done
+        terms, report = done
+        return terms, msgspec.structs.replace(report), entry.signature
+
+    def _entry(self, key: str) -> _Entry:
+        sig = file_signature(key, with_digest=self.content_hash)
         with self._lock:
             cached = self._entries.get(key)
-            if cached is not None and cached[0] == sig:
+            if cached is not None and cached.signature == sig:
                 self._entries.move_to_end(key)
                 self._hits += 1
-                return cached[1], sig
+                return cached
             self._misses += 1
-        parsed = parse_lora(read_safetensors(key), self.keymaps)  # outside the lock: slow I/O
-        sig_after = file_signature(key)
+        sf = read_safetensors(key, as_stored=True, with_digest=self.content_hash)  # outside the lock: slow I/O
+        entry = _Entry(sf.signature or sig, parse_lora(sf, self.keymaps))
         with self._lock:
             self._drop(key)
-            if sig_after == sig and parsed.nbytes <= self.max_bytes:
-                self._entries[key] = (sig, parsed)
-                self._bytes += parsed.nbytes
+            if entry.parsed.nbytes <= self.max_bytes:
+                self._entries[key] = entry
+                self._bytes += entry.parsed.nbytes
                 while self._bytes > self.max_bytes and self._entries:
                     oldest = next(iter(self._entries))
                     self._drop(oldest)
                     self._evictions += 1
-        return parsed, sig
+        return entry
 
     def _drop(self, key: str) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
-            self._bytes -= old[1].nbytes
+            self._bytes -= old.parsed.nbytes
 
     def clear(self) -> None:
         with self._lock:

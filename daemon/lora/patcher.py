@@ -1,10 +1,14 @@
 """Apply, switch and clear LoRA stacks on the live mflux transformer, atomically.
 
-apply_stack has two phases. Prepare: read (cached), recognise, resolve every file against the
-model's layout and build every new layer's arrays, evaluated; nothing in the model is touched, so any
-error (missing file, DoRA, zero match, shape mismatch) leaves the model exactly as it was. Commit:
-only reference swaps (put a wrapper or weight in place, or the original back), logged so that a
-failure mid-way is undone before the error propagates.
+apply_stack has two phases. Prepare: find the stack among the resident ones (daemon.lora.resident),
+else read (cached per file signature), recognise, resolve every file against the model's layout and
+build every layer's arrays, evaluated; nothing in the model is touched, so any error (missing file,
+DoRA, zero match, shape mismatch, a file changing while read) leaves the model exactly as it was.
+Commit, in the side form: put a wrapper in place on any layer of the stack not wrapped yet (the first
+time a layer is ever patched; logged and undone on failure; a wrapper with no arrays in the active
+stack adds nothing), then ONE assignment makes the stack's arrays the ones every wrapper reads. A
+switch between stacks already built therefore costs the same at any depth. `clear` puts the original
+layer objects back. The bake form writes W + delta into the layers and restores the original arrays.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from typing import Literal
 
 import mlx.core as mx
 import mlx.nn as nn
+import msgspec
 
-from client.lorafile.resolve import Term, resolve
+from client.lorafile.resolve import Term
 from client.wire.errors import InvalidRequest, LoraZeroMatch
 from client.wire.report import FileReport
 from daemon.lora.cache import LoraCache, Signature
-from daemon.lora.runtime import StackedLoraLinear, build_layer_arrays, linear_layout
+from daemon.lora.resident import ResidentStack, ResidentStacks, StackKey
+from daemon.lora.runtime import ActiveLayers, StackedLoraLinear, build_layer_arrays, linear_layout
 from daemon.lora.stack import StackEntry, StackReport
 
 ZeroMatchPolicy = Literal["error", "warn"]
@@ -64,22 +70,47 @@ def _bake(slot: _Slot, weight: mx.array, bias: mx.array | None) -> None:
         del layer["bias"]
 
 
-class LoraPatcher:
-    """Owns the LoRA state of one transformer: at most one active stack at a time."""
+def _named(files: Sequence[FileReport], stack: Sequence[StackEntry]) -> list[FileReport]:
+    """A stack's reports as this request spells its entries (a resident stack may have been built by
+    another request naming the same files differently)."""
+    return [msgspec.structs.replace(f, path=e.path, name=e.name) for f, e in zip(files, stack, strict=True)]
 
-    def __init__(self, transformer: nn.Module, cache: LoraCache | None = None, mode: Mode = "side") -> None:
+
+class LoraPatcher:
+    """Owns the LoRA state of one transformer: at most one active stack at a time.
+
+    `resident` keeps built stacks (side form) for O(1) switches back to them; its byte bound is the
+    daemon's `--resident-stack-bytes`. Only the render thread may call apply_stack / clear; `prefetch`
+    (reading and parsing files, no MLX) is safe from any thread.
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        cache: LoraCache | None = None,
+        mode: Mode = "side",
+        resident: ResidentStacks | None = None,
+    ) -> None:
         if mode not in ("side", "bake"):
             raise ValueError(f"mode must be 'side' or 'bake', not {mode!r}")
         self.transformer = transformer
         self.cache = cache or LoraCache()
+        self.resident = resident if resident is not None else ResidentStacks()
         self.mode: Mode = mode
         self.layout = linear_layout(transformer)
+        self._layout_key = (id(self), tuple(sorted(self.layout.items())))
         self._slots: dict[str, _Slot] = {}
         self._patched: set[str] = set()
         self._active: tuple[StackEntry, ...] = ()
         self._active_sigs: tuple[Signature, ...] = ()
+        self._active_key: StackKey = ()
         self._report = StackReport()
         self._lock = threading.RLock()
+        # side form: the one reference every wrapper reads, the wrappers built so far, which are in place
+        self._live = ActiveLayers()
+        self._wrappers: dict[str, StackedLoraLinear] = {}
+        self._wrapped: set[str] = set()
+        self._wrap_epoch = 0  # bumped whenever wrappers are taken out (clear, a failed install)
 
     @property
     def active(self) -> list[StackEntry]:
@@ -107,31 +138,153 @@ class LoraPatcher:
                 raise InvalidRequest(f"LoRA scale #{i} ({e.path}) must be a finite number", field="lora_scales")
         with self._lock:
             t0 = time.perf_counter()
-            if stack == self._active and stack:
-                sigs = tuple(self.cache.get(e.path)[1] for e in stack) if stack else ()
-                if sigs == self._active_sigs:
-                    report = StackReport(
-                        files=self._report.files,
-                        layers_patched=self._report.layers_patched,
-                        warnings=list(self._report.warnings),
-                        noop=True,
-                    )
-                    report.apply_ms = (time.perf_counter() - t0) * 1000
-                    return report
-            reports, sigs, per_layer, warnings = self._prepare(stack, zero_match)
-            new_values = self._build(per_layer)
-            self._commit(new_values)
-            self._active, self._active_sigs = stack, sigs
-            self._report = StackReport(files=reports, layers_patched=len(new_values), warnings=warnings)
+            if self.mode == "bake":
+                return self._apply_baked(stack, zero_match, t0)
+            key = self._key(stack)
+            if key == self._active_key and stack:
+                self._check_zero_match(self._report.files, zero_match)
+                report = StackReport(
+                    files=[
+                        msgspec.structs.replace(f, name=e.name) for f, e in zip(self._report.files, stack, strict=True)
+                    ],
+                    layers_patched=self._report.layers_patched,
+                    warnings=list(self._report.warnings),
+                    noop=True,
+                )
+                self._active = stack
+                report.apply_ms = (time.perf_counter() - t0) * 1000
+                return report
+            built = self.resident.get(key) if stack else None
+            if built is None:
+                built = self._build_resident(stack, zero_match)
+                self.resident.put(built, pinned=self._active_key)
+            else:
+                self._check_zero_match(built.reports, zero_match)
+            self._switch(built)
+            self._active, self._active_sigs, self._active_key = stack, tuple(k[2] for k in built.key), built.key
+            self._report = StackReport(
+                files=_named(built.reports, stack),
+                layers_patched=len(built.layers),
+                warnings=list(built.warnings),
+            )
             self._report.apply_ms = (time.perf_counter() - t0) * 1000
             return self._report
 
     def clear(self) -> None:
         """Remove every LoRA: the original layer objects (and weight arrays) go back in place."""
         with self._lock:
-            self._commit({})
-            self._active, self._active_sigs = (), ()
+            if self.mode == "bake":
+                self._commit({})
+            else:
+                self._unwrap_all()
+            self._patched = set()
+            self._active, self._active_sigs, self._active_key = (), (), ()
             self._report = StackReport()
+
+    def prefetch(self, entries: Iterable[StackEntry | tuple[str, float]]) -> None:
+        """Read and parse the files of a stack that is about to be applied, so its switch does not wait on
+        the disk. Touches no MLX and nothing of the model: safe beside a render in progress. Errors are
+        left for the switch itself to report."""
+        for e in entries:
+            path = e.path if isinstance(e, StackEntry) else str(e[0])
+            try:
+                self.cache.resolved(path, self.layout, self._layout_key)
+            except Exception:  # noqa: BLE001 - the real switch reports it to the request that asked
+                return
+
+    # -- side form ---------------------------------------------------------------------------
+
+    def _key(self, stack: Sequence[StackEntry]) -> StackKey:
+        """What identifies the stack's arrays: each file's path, scale and signature on disk now."""
+        return tuple((self.cache.key(e.path), float(e.scale), self.cache.signature(e.path)) for e in stack)
+
+    @staticmethod
+    def _check_zero_match(files: Sequence[FileReport], zero_match: ZeroMatchPolicy) -> None:
+        if zero_match != "error":
+            return
+        for f in files:
+            if f.keys_applied == 0:
+                raise LoraZeroMatch(
+                    f"LoRA {f.name or f.path} matched zero keys of the loaded model ({f.keys_total} keys, "
+                    f"format {f.format})",
+                    path=f.path,
+                    name=f.name,
+                    format=f.format,
+                )
+
+    def _build_resident(self, stack: Sequence[StackEntry], zero_match: ZeroMatchPolicy) -> ResidentStack:
+        reports, sigs, per_layer, warnings = self._prepare(stack, zero_match)
+        layers = {}
+        to_eval: list[mx.array] = []
+        for target, contributions in per_layer.items():
+            slot = self._slot(target)
+            quantized = isinstance(slot.original, nn.QuantizedLinear)
+            # The activation dtype: a float32 side path on a bf16 model would promote every later block.
+            dtype = slot.original.scales.dtype if quantized else slot.original.weight.dtype
+            parts = build_layer_arrays(contributions, dtype)
+            layers[target] = parts
+            to_eval.extend(parts.arrays())
+        if to_eval:
+            mx.eval(*to_eval)
+        key = tuple((self.cache.key(e.path), float(e.scale), sig) for e, sig in zip(stack, sigs, strict=True))
+        nbytes = sum(p.nbytes for p in layers.values())
+        return ResidentStack(key=key, layers=layers, reports=reports, warnings=warnings, nbytes=nbytes)
+
+    def _switch(self, built: ResidentStack) -> None:
+        """Wrap any layer of `built` not wrapped yet (undone on failure), then one assignment."""
+        if built.wrapped_epoch != self._wrap_epoch:
+            missing = [t for t in built.layers if t not in self._wrapped]
+            installed: list[str] = []
+            try:
+                for target in missing:
+                    slot = self._slots[target]
+                    wrapper = self._wrappers.get(target)
+                    if wrapper is None:
+                        wrapper = self._wrappers[target] = StackedLoraLinear(slot.original, target, self._live)
+                    _set(slot.container, slot.key, wrapper)
+                    installed.append(target)
+                    self._wrapped.add(target)
+            except BaseException:
+                for target in reversed(installed):
+                    slot = self._slots[target]
+                    _set(slot.container, slot.key, slot.original)
+                    self._wrapped.discard(target)
+                self._wrap_epoch += 1
+                raise
+            built.wrapped_epoch = self._wrap_epoch
+        self._live.layers = built.layers  # the switch
+        self._patched = built.targets
+
+    def _unwrap_all(self) -> None:
+        self._live.layers = {}
+        for target in sorted(self._wrapped):
+            slot = self._slots[target]
+            _set(slot.container, slot.key, slot.original)
+        self._wrapped.clear()
+        self._wrap_epoch += 1
+
+    # -- bake form ---------------------------------------------------------------------------
+
+    def _apply_baked(self, stack: tuple[StackEntry, ...], zero_match: ZeroMatchPolicy, t0: float) -> StackReport:
+        if stack == self._active and stack:
+            sigs = tuple(self.cache.signature(e.path) for e in stack)
+            if sigs == self._active_sigs:
+                self._check_zero_match(self._report.files, zero_match)
+                report = StackReport(
+                    files=self._report.files,
+                    layers_patched=self._report.layers_patched,
+                    warnings=list(self._report.warnings),
+                    noop=True,
+                )
+                report.apply_ms = (time.perf_counter() - t0) * 1000
+                return report
+        reports, sigs, per_layer, warnings = self._prepare(stack, zero_match)
+        new_values = self._build(per_layer)
+        self._commit(new_values)
+        self._active, self._active_sigs = stack, sigs
+        self._report = StackReport(files=reports, layers_patched=len(new_values), warnings=warnings)
+        self._report.apply_ms = (time.perf_counter() - t0) * 1000
+        return self._report
 
     # -- phases ------------------------------------------------------------------------------
 
@@ -143,8 +296,7 @@ class LoraPatcher:
         per_layer: dict[str, list[tuple[float, Term]]] = {}
         warnings: list[str] = []
         for entry in stack:
-            parsed, sig = self.cache.get(entry.path)
-            terms, report = resolve(parsed, self.layout)
+            terms, report, sig = self.cache.resolved(entry.path, self.layout, self._layout_key)
             report.path, report.scale, report.name = entry.path, float(entry.scale), entry.name
             if report.keys_applied == 0:
                 reasons = sorted({r for _, r in report.leftover})[:3]
@@ -177,36 +329,28 @@ class LoraPatcher:
         return slot
 
     def _build(self, per_layer: dict[str, list]) -> dict[str, object]:
-        """New value per target layer (a wrapper module, or a baked weight array), fully evaluated."""
+        """Bake form: the new (weight, bias) per target layer, fully evaluated."""
         out: dict[str, object] = {}
         to_eval: list[mx.array] = []
         for target, contributions in per_layer.items():
             slot = self._slot(target)
-            quantized = isinstance(slot.original, nn.QuantizedLinear)
-            # The activation dtype: a float32 side path on a bf16 model would promote every later block.
-            dtype = slot.original.scales.dtype if quantized else slot.original.weight.dtype
-            if self.mode == "bake":
-                if quantized:
-                    raise InvalidRequest(f"bake mode cannot patch quantized layer {target}", field="mode")
-                parts = build_layer_arrays(contributions, mx.float32)
-                w = slot.original_weight.astype(mx.float32)
-                if parts.down is not None:
-                    w = w + (parts.down @ parts.up).T
-                if parts.dense is not None:
-                    w = w + parts.dense
-                for w1, w2 in parts.krons:
-                    w = w + mx.kron(w1, w2)
-                bias = None
-                if parts.bias is not None:
-                    b0 = slot.original_bias
-                    bias = parts.bias if b0 is None else (b0.astype(mx.float32) + parts.bias).astype(b0.dtype)
-                    to_eval.append(bias)
-                value = (w.astype(slot.original_weight.dtype), bias)
-                to_eval.append(value[0])
-            else:
-                parts = build_layer_arrays(contributions, dtype)
-                value = StackedLoraLinear(slot.original, parts)
-                to_eval.extend(parts.arrays())
+            if isinstance(slot.original, nn.QuantizedLinear):
+                raise InvalidRequest(f"bake mode cannot patch quantized layer {target}", field="mode")
+            parts = build_layer_arrays(contributions, mx.float32)
+            w = slot.original_weight.astype(mx.float32)
+            if parts.down is not None:
+                w = w + parts.up @ parts.down
+            if parts.dense is not None:
+                w = w + parts.dense
+            for w1, w2 in parts.krons:
+                w = w + mx.kron(w1, w2)
+            bias = None
+            if parts.bias is not None:
+                b0 = slot.original_bias
+                bias = parts.bias if b0 is None else (b0.astype(mx.float32) + parts.bias).astype(b0.dtype)
+                to_eval.append(bias)
+            value = (w.astype(slot.original_weight.dtype), bias)
+            to_eval.append(value[0])
             out[target] = value
         if to_eval:
             mx.eval(*to_eval)
@@ -214,21 +358,16 @@ class LoraPatcher:
 
     def _install(self, target: str, value: object | None) -> None:
         slot = self._slots[target]
-        if self.mode == "bake":
-            weight, bias = (slot.original_weight, slot.original_bias) if value is None else value
-            _bake(slot, weight, slot.original_bias if bias is None else bias)
-            _set(slot.container, slot.key, slot.original)
-        else:
-            _set(slot.container, slot.key, slot.original if value is None else value)
+        weight, bias = (slot.original_weight, slot.original_bias) if value is None else value
+        _bake(slot, weight, slot.original_bias if bias is None else bias)
+        _set(slot.container, slot.key, slot.original)
 
     def _current(self, target: str) -> object:
         slot = self._slots[target]
-        if self.mode == "bake":
-            return slot.original.weight, getattr(slot.original, "bias", None)
-        return _get(slot.container, str(slot.key))
+        return slot.original.weight, getattr(slot.original, "bias", None)
 
     def _commit(self, new_values: dict[str, object]) -> None:
-        """Swap references in; on any failure, swap back everything already changed."""
+        """Bake form: swap weight arrays in; on any failure, swap back everything already changed."""
         undo: list[tuple[str, object]] = []
         try:
             for target in sorted(self._patched - new_values.keys()):
@@ -239,10 +378,6 @@ class LoraPatcher:
                 self._install(target, value)
         except BaseException:
             for target, previous in reversed(undo):
-                slot = self._slots[target]
-                if self.mode == "bake":
-                    _bake(slot, *previous)
-                else:
-                    _set(slot.container, slot.key, previous)
+                _bake(self._slots[target], *previous)
             raise
         self._patched = set(new_values)

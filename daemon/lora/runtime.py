@@ -1,11 +1,13 @@
 """The runtime form of a LoRA stack on the live MLX model.
 
 Default ("side"): each patched Linear is wrapped by `StackedLoraLinear`, which keeps the base layer
-untouched and adds ONE low-rank side path for the whole stack: y = base(x) + (x @ D) @ U, where D is
-every file's down matrix concatenated along the rank axis and U the matching up rows, pre-scaled by
-scale * alpha/rank. Full differences (`.diff`) add one dense product and bias differences one vector,
-each summed over the stack. Switching a stack only builds these small matrices (no pass over the base
-weights), and removing it puts the very same base module object back (bit-identical by construction).
+untouched and adds ONE low-rank side path for the whole stack: y = base(x) + (x @ D.T) @ U.T, where D is
+every file's down matrix stacked along the rank axis, pre-scaled by scale * alpha/rank, and U the
+matching up columns. Full differences (`.diff`) add one dense product and bias differences one vector,
+each summed over the stack. A wrapper does not own these arrays: it reads them, at call time, from the
+patcher's one `ActiveLayers` reference, so a switch between stacks already built is one assignment
+whatever the depth, and a layer the active stack does not touch runs its base layer alone. Removing
+every LoRA puts the very same base module objects back (bit-identical by construction).
 
 Alternative ("bake"): W' = W + sum(deltas) written into the layer, the original array object kept for
 an exact restore. Cheaper per step, but every switch touches every patched weight (see bench/lora.py).
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from client.lorafile.resolve import BiasTerm, DenseTerm, KronTerm, LowRankTerm, Term
 
@@ -51,10 +55,16 @@ def linear_layout(root: nn.Module) -> dict[str, tuple[int, int]]:
 
 @dataclass
 class LayerArrays:
-    """Everything one stack adds to one layer, as MLX arrays with every scale folded in."""
+    """Everything one stack adds to one layer, as MLX arrays in the layer's dtype, every scale folded in.
 
-    down: mx.array | None = None  # (in, R): every low-rank term's down matrix along the rank axis
-    up: mx.array | None = None  # (R, out)
+    The low-rank pair keeps the files' own row-major layouts, so building it is a block copy per file:
+    `down` is every term's down matrix (r, in) stacked along the rank axis, multiplied by its scale, and
+    `up` every term's up matrix (out, r) side by side. The side path is (x @ down.T) @ up.T (MLX
+    multiplies transposed operands without copying them).
+    """
+
+    down: mx.array | None = None  # (R, in): scale * factor folded in, per rank row
+    up: mx.array | None = None  # (out, R)
     krons: list[tuple[mx.array, mx.array]] = field(default_factory=list)  # [(w1 * factor, w2)]
     dense: mx.array | None = None  # (out, in): the sum of full differences
     bias: mx.array | None = None  # (out,): the sum of bias differences
@@ -64,34 +74,50 @@ class LayerArrays:
             a for pair in self.krons for a in pair
         ]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays())
+
+
+class ActiveLayers:
+    """The one reference every wrapper of a patcher reads: the active stack's arrays by layer path.
+
+    Switching stacks replaces `layers` (one assignment, whatever the depth); a wrapper whose layer has
+    no entry runs its base layer alone, so it adds nothing to the output, bit for bit.
+    """
+
+    __slots__ = ("layers",)
+
+    def __init__(self) -> None:
+        self.layers: dict[str, LayerArrays] = {}
+
 
 class StackedLoraLinear(nn.Module):
-    """A base Linear plus the whole stack's LoRA for this layer, computed on the side."""
+    """A base Linear plus, on the side, what the active stack adds to this layer (read at call time)."""
 
-    def __init__(self, base: nn.Module, parts: LayerArrays) -> None:
+    def __init__(self, base: nn.Module, target: str, active: ActiveLayers) -> None:
         super().__init__()
         self.base = base
-        self.has_lowrank = parts.down is not None
-        self.has_dense = parts.dense is not None
-        self.has_bias = parts.bias is not None
-        if parts.down is not None:
-            self.lora_down = parts.down  # (in, R)
-            self.lora_up = parts.up  # (R, out), scales folded in
-        if parts.dense is not None:
-            self.lora_dense_t = parts.dense.T  # (in, out): x @ dense.T without a transpose per call
-        if parts.bias is not None:
-            self.lora_bias = parts.bias
-        self.krons = parts.krons  # [(w1 * factor, w2)]
+        self._lora_target = target
+        self._lora_active = active
+
+    @property
+    def parts(self) -> LayerArrays | None:
+        """This layer's arrays in the active stack (None: the stack does not touch this layer)."""
+        return self._lora_active.layers.get(self._lora_target)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
-        if self.has_lowrank:
-            y = y + (x @ self.lora_down) @ self.lora_up
-        if self.has_dense:
-            y = y + x @ self.lora_dense_t
-        if self.has_bias:
-            y = y + self.lora_bias
-        for w1, w2 in self.krons:
+        parts = self._lora_active.layers.get(self._lora_target)
+        if parts is None:
+            return y
+        if parts.down is not None:
+            y = y + (x @ parts.down.T) @ parts.up.T
+        if parts.dense is not None:
+            y = y + x @ parts.dense.T
+        if parts.bias is not None:
+            y = y + parts.bias
+        for w1, w2 in parts.krons:
             lead = x.shape[:-1]
             xs = x.reshape(*lead, w1.shape[1], w2.shape[1])
             t = xs @ w2.T  # (..., a2, b1)
@@ -99,18 +125,21 @@ class StackedLoraLinear(nn.Module):
         return y
 
     def delta(self, rows: mx.array | None = None) -> mx.array:
-        """The dense weight delta this wrapper adds, or only the given output rows of it (for tests)."""
+        """The dense weight delta this wrapper adds now, or only the given output rows of it (for tests)."""
         out_dim, in_dim = base_shape(self.base)
         n = out_dim if rows is None else int(rows.size)
         d = mx.zeros((n, in_dim), dtype=mx.float32)
-        if self.has_lowrank:
-            up = self.lora_up.astype(mx.float32)
-            up = up if rows is None else up[:, rows]
-            d = d + (self.lora_down.astype(mx.float32) @ up).T
-        if self.has_dense:
-            dense = self.lora_dense_t.astype(mx.float32)
-            d = d + (dense.T if rows is None else dense[:, rows].T)
-        for w1, w2 in self.krons:
+        parts = self.parts
+        if parts is None:
+            return d
+        if parts.down is not None:
+            up = parts.up.astype(mx.float32)
+            up = up if rows is None else up[rows]
+            d = d + up @ parts.down.astype(mx.float32)
+        if parts.dense is not None:
+            dense = parts.dense.astype(mx.float32)
+            d = d + (dense if rows is None else dense[rows])
+        for w1, w2 in parts.krons:
             w1, w2 = w1.astype(mx.float32), w2.astype(mx.float32)
             if rows is None:
                 d = d + mx.kron(w1, w2)
@@ -121,42 +150,70 @@ class StackedLoraLinear(nn.Module):
         return d
 
     def bias_delta(self) -> mx.array:
-        """What this wrapper adds to the layer's bias (zeros when the stack carries no bias terms)."""
+        """What this wrapper adds to the layer's bias now (zeros when the stack carries no bias terms)."""
         out_dim, _ = base_shape(self.base)
-        return self.lora_bias.astype(mx.float32) if self.has_bias else mx.zeros((out_dim,), dtype=mx.float32)
+        parts = self.parts
+        if parts is None or parts.bias is None:
+            return mx.zeros((out_dim,), dtype=mx.float32)
+        return parts.bias.astype(mx.float32)
 
     def effective_weight(self) -> mx.array:
         return self.base.weight.astype(mx.float32) + self.delta()
 
 
+def _np_dtype(dtype: mx.Dtype) -> np.dtype:
+    """The numpy dtype MLX's `dtype` holds (bfloat16 through ml_dtypes)."""
+    if dtype == mx.bfloat16:
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype({mx.float32: np.float32, mx.float16: np.float16}.get(dtype, np.float32))
+
+
 def build_layer_arrays(contributions: list[tuple[float, Term]], dtype: mx.Dtype) -> LayerArrays:
-    """One concatenated (D, U) pair for all low-rank terms on a layer, the Kronecker terms, and the summed
-    full and bias differences.
+    """One (down, up) pair for all low-rank terms on a layer, the Kronecker terms, and the summed full
+    and bias differences, as evaluated-to-be MLX arrays in `dtype`.
 
-    `contributions` are (per-LoRA scale, term) in stack order; scale * factor is folded into U (w1, ...).
+    `contributions` are (per-LoRA scale, term) in stack order; scale * factor is folded into each down
+    block. Each block is written once, straight from the file's stored dtype into the layer's dtype
+    (through float32, so a bf16 file on a bf16 model is scaled in float32 and rounded once), then
+    handed to MLX (one copy).
     """
-    import numpy as np
-
-    downs, ups, krons = [], [], []
+    lowrank = [(s, t) for s, t in contributions if isinstance(t, LowRankTerm)]
+    out = LayerArrays()
+    if lowrank:
+        np_dtype = _np_dtype(dtype)
+        rank = sum(t.down.shape[0] for _, t in lowrank)
+        in_dim, out_dim = lowrank[0][1].down.shape[1], lowrank[0][1].up.shape[0]
+        down = np.empty((rank, in_dim), dtype=np_dtype)
+        up = np.empty((out_dim, rank), dtype=np_dtype)
+        r0 = 0
+        for scale, term in lowrank:
+            r1 = r0 + term.down.shape[0]
+            factor = np.float32(scale * term.factor)
+            if np_dtype == np.float32:
+                np.multiply(term.down, factor, out=down[r0:r1], dtype=np.float32)
+            else:
+                down[r0:r1] = np.multiply(term.down, factor, dtype=np.float32)
+            up[:, r0:r1] = term.up
+            r0 = r1
+        out.down, out.up = _to_mx(down, dtype), _to_mx(up, dtype)
     dense = bias = None
     for scale, term in contributions:
-        if isinstance(term, LowRankTerm):
-            downs.append(term.down.T)  # (in, r)
-            ups.append((scale * term.factor) * term.up.T)  # (r, out)
-        elif isinstance(term, KronTerm):
-            krons.append((mx.array((scale * term.factor) * term.w1, dtype=dtype), mx.array(term.w2, dtype=dtype)))
+        if isinstance(term, KronTerm):
+            w1 = np.multiply(term.w1, np.float32(scale * term.factor), dtype=np.float32)
+            out.krons.append((mx.array(w1, dtype=dtype), mx.array(np.asarray(term.w2, np.float32), dtype=dtype)))
         elif isinstance(term, DenseTerm):
-            part = (scale * term.factor) * term.weight.astype(np.float32)
+            part = np.multiply(term.weight, np.float32(scale * term.factor), dtype=np.float32)
             dense = part if dense is None else dense + part
         elif isinstance(term, BiasTerm):
-            part = (scale * term.factor) * term.bias.astype(np.float32)
+            part = np.multiply(term.bias, np.float32(scale * term.factor), dtype=np.float32)
             bias = part if bias is None else bias + part
-    out = LayerArrays(krons=krons)
-    if downs:
-        out.down = mx.array(np.concatenate(downs, axis=1).astype(np.float32), dtype=dtype)
-        out.up = mx.array(np.concatenate(ups, axis=0).astype(np.float32), dtype=dtype)
     if dense is not None:
         out.dense = mx.array(dense, dtype=dtype)
     if bias is not None:
         out.bias = mx.array(bias, dtype=dtype)
     return out
+
+
+def _to_mx(arr: np.ndarray, dtype: mx.Dtype) -> mx.array:
+    out = mx.array(arr)
+    return out if out.dtype == dtype else out.astype(dtype)

@@ -1,0 +1,99 @@
+"""Resident stacks: built stacks kept on the model's side (MLX arrays, scales folded in), LRU-bounded
+in bytes, so switching back to one is a reference swap instead of a rebuild.
+
+A stack is keyed by what it was built from: each file's path, scale and `FileSignature`. A file that
+changes on disk has a new signature, so no lookup can reach a stack built from its old bytes; such a
+stack ages out of the LRU like any other.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from client.lorafile.signature import FileSignature
+from client.wire.messages import LoraCacheStats
+from client.wire.report import FileReport
+from daemon.lora.runtime import LayerArrays
+
+StackKey = tuple[tuple[str, float, FileSignature], ...]  # (absolute path, scale, signature) per file
+
+
+@dataclass
+class ResidentStack:
+    """One built stack: its per-layer arrays and the per-file reports of the resolution that built it."""
+
+    key: StackKey
+    layers: dict[str, LayerArrays]
+    reports: list[FileReport]
+    warnings: list[str] = field(default_factory=list)
+    nbytes: int = 0
+    wrapped_epoch: int = -1  # the patcher epoch in which every layer of this stack was last known wrapped
+    targets: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        self.targets = frozenset(self.layers)
+
+
+class ResidentStacks:
+    """Thread-safe LRU of ResidentStack bounded in bytes. The stack `pinned` (the live one) is never
+    evicted: it counts against the bound while cached, and a stack bigger than the bound is not kept."""
+
+    def __init__(self, max_bytes: int = 2 * 1024**3) -> None:
+        self.max_bytes = int(max_bytes)
+        self._lock = threading.Lock()
+        self._stacks: OrderedDict[StackKey, ResidentStack] = OrderedDict()
+        self._bytes = 0
+        self._hits = self._misses = self._evictions = 0
+
+    def get(self, key: StackKey) -> ResidentStack | None:
+        with self._lock:
+            stack = self._stacks.get(key)
+            if stack is None:
+                self._misses += 1
+                return None
+            self._stacks.move_to_end(key)
+            self._hits += 1
+            return stack
+
+    def put(self, stack: ResidentStack, pinned: StackKey | None = None) -> None:
+        with self._lock:
+            self._drop(stack.key)
+            if stack.nbytes > self.max_bytes:
+                return
+            self._stacks[stack.key] = stack
+            self._bytes += stack.nbytes
+            for key in list(self._stacks):
+                if self._bytes <= self.max_bytes:
+                    break
+                if key in (pinned, stack.key):
+                    continue
+                self._drop(key)
+                self._evictions += 1
+
+    def _drop(self, key: StackKey) -> None:
+        old = self._stacks.pop(key, None)
+        if old is not None:
+            self._bytes -= old.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._stacks.clear()
+            self._bytes = 0
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._stacks
+
+    def stats(self) -> LoraCacheStats:
+        """Cumulative hits/misses/evictions and what is resident now (same type as the file cache's)."""
+        with self._lock:
+            return LoraCacheStats(
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._evictions,
+                entries=len(self._stacks),
+                bytes=self._bytes,
+                max_bytes=self.max_bytes,
+            )
