@@ -1,27 +1,39 @@
-"""LoRA stacking benchmark on the tiny preset, side by side in one run (one model in memory).
+"""LoRA stack switching at full Flux depth and at 1 + 1 blocks, new and old side by side, in one run.
+
+The full-depth transformer is mflux's own Flux.1-dev `Transformer` with 19 joint + 38 single blocks,
+built lazily in bf16 and never evaluated (the side path never touches the base weights, so no weight is
+ever allocated). LoRA files are rank 16, bf16 (as most Flux LoRAs ship), covering every Linear layer,
+generated into a temp dir; a stack is 3 of them.
 
 Measured:
-- step_ms: one denoising step at 64x64 (a 2-step render's denoise time / 2), no LoRA;
-- swap_ms: switching the live model from one 3-LoRA stack (rank 16, every layer of the model) to
-  another, files already parsed in the cache (median over alternations); cold_swap_ms with the cache
-  empty (files read from disk) is shown too;
-- stack_overhead: step time with a 3-LoRA stack applied / without;
-- rebuild_ms: the old way, per render: load the base model again + mflux's own loader baking the same
-  3 LoRAs (measured last, since it consumes the model);
-- the same swap/overhead figures for the alternative runtime form ("bake": W + delta written into
-  the layers, originals kept for an exact restore).
+- read_ms: reading the bytes of one stack's 3 files (page cache warm), as the reader does (one readinto);
+- cold switch: to a stack with nothing cached (files read, parsed, resolved, built), median of 3;
+- warm switch: between two resident stacks, median and p99 of SWAPS alternations;
+- old: the same switches with the patcher as it was before resident stacks (extracted from git at
+  OLD_COMMIT): its "warm" switch re-resolved and rebuilt every layer from parsed files;
+- step overhead: one denoising step of the tiny (mini) model with a 3-LoRA stack / without, at 64, 128
+  and 256 px;
+- rss_growth_mb: RSS after 1,000 switches among 10 stacks minus RSS after the caches were filled
+  (1 + 1 depth; bounds set so stacks are evicted and rebuilt along the way).
 
-Last line: `bench lora: swap_ms=... swap_vs_step=... rebuild_vs_swap=... stack_overhead=...`
-Targets (issue 3): swap_vs_step <= 0.05, rebuild_vs_swap >= 100, stack_overhead <= 1.05.
+Last line:
+`bench lora: warm_swap_ms=... depth_ratio=... cold_vs_read=... stack_overhead=... rss_growth_mb=...`
+Targets (issue 14): warm_swap_ms <= 1, depth_ratio <= 1.5, cold_vs_read <= 1.5, stack_overhead <= 1.03,
+rss_growth_mb <= 50.
 """
 
 from __future__ import annotations
 
+import gc
+import importlib.util
 import os
+import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,100 +43,251 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers.lora_factories import generate_lora  # noqa: E402
 
 import daemon.engine  # noqa: E402, F401  (OpenBLAS before MLX)
-from daemon.engine.model import load_model  # noqa: E402
 from daemon.lora import LoraCache, StackEntry  # noqa: E402
 from daemon.lora.patcher import LoraPatcher  # noqa: E402
-from daemon.render_spec import RenderSpec  # noqa: E402
+from daemon.lora.resident import ResidentStacks  # noqa: E402
+from daemon.lora.runtime import linear_layout  # noqa: E402
 
 RANK = 16
+OLD_COMMIT = "fe078bd5b219278e1c13c379f930d91718571c58"  # main before resident stacks
+SWAPS = int(os.environ.get("EASEL_BENCH_SWAPS", "200"))
+OLD_SWAPS = int(os.environ.get("EASEL_BENCH_OLD_SWAPS", "4"))
 REPEATS = int(os.environ.get("EASEL_BENCH_REPEATS", "3"))
-SWAPS = int(os.environ.get("EASEL_BENCH_SWAPS", "6"))
-SPEC = RenderSpec(prompt="a lone rider at dusk, dust and lead", width=64, height=64, steps=2, seed=7, preset="tiny")
+RSS_SWITCHES = int(os.environ.get("EASEL_BENCH_RSS_SWITCHES", "1000"))
+FMTS = ["kohya", "diffusers", "kohya", "diffusers", "kohya", "diffusers"]
+SCALES_A, SCALES_B = (0.8, 0.5, 0.3), (0.7, 0.6, 0.2)
 
 
-def step_ms(model) -> float:
-    """Best-of-REPEATS denoise time per step of a 64x64 render (min: least disturbed by other load)."""
-    times = []
-    for _ in range(REPEATS):
-        out = model.render(SPEC)
-        times.append(out.timings["denoise"] / SPEC.steps * 1000)
-    return min(times)
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024**2
 
 
-def swap_ms(patcher: LoraPatcher, a: list[StackEntry], b: list[StackEntry]) -> tuple[float, float]:
-    """(cold, warm median) time to switch stacks; warm = files already parsed in the cache."""
-    patcher.clear()
-    patcher.cache.clear()
-    patcher.apply_stack(a)
-    t0 = time.perf_counter()
-    patcher.apply_stack(b)
-    cold = (time.perf_counter() - t0) * 1000
-    warm = []
-    for i in range(SWAPS):
-        target = a if i % 2 == 0 else b
+def lazy_transformer(joint: int, single: int):
+    """mflux's Flux.1-dev transformer at the given depth, weights lazy (never evaluated), in bf16."""
+    import mlx.core as mx
+    from mflux.models.common.config.model_config import ModelConfig
+    from mflux.models.flux.model.flux_transformer.transformer import Transformer
+
+    t = Transformer(model_config=ModelConfig.dev(), num_transformer_blocks=joint, num_single_transformer_blocks=single)
+    t.set_dtype(mx.bfloat16)
+    return t
+
+
+def old_patcher_class():
+    """`LoraPatcher` as it was at OLD_COMMIT (with its own cache, runtime and reader), from git."""
+    names = {
+        "client.lorafile.safetensors_io": "client/lorafile/safetensors_io.py",
+        "daemon.lora.runtime": "daemon/lora/runtime.py",
+        "daemon.lora.cache": "daemon/lora/cache.py",
+        "daemon.lora.patcher": "daemon/lora/patcher.py",
+    }
+    loaded: dict[str, types.ModuleType] = {}
+    for name, path in names.items():
+        src = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{OLD_COMMIT}:{path}"], check=True, capture_output=True, text=True
+        ).stdout
+        for other in loaded:
+            src = src.replace(f"from {other} import", f"from easel_old.{other} import")
+        mod_name = f"easel_old.{name}"
+        spec = importlib.util.spec_from_loader(mod_name, loader=None)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = mod
+        exec(compile(src, f"{OLD_COMMIT[:7]}:{path}", "exec"), mod.__dict__)  # noqa: S102 - our own history
+        loaded[name] = mod
+    return loaded["daemon.lora.patcher"].LoraPatcher, loaded["daemon.lora.cache"].LoraCache
+
+
+def make_files(tmp: Path, layout: dict, tag: str, n: int = 6, dtype: str = "BF16") -> list[str]:
+    return [
+        str(
+            generate_lora(
+                FMTS[i % len(FMTS)], tmp / f"{tag}_{i}.safetensors", layout, rank=RANK, alpha=RANK, seed=i, dtype=dtype
+            ).path
+        )
+        for i in range(n)
+    ]
+
+
+def stacks_of(files: list[str]) -> tuple[list[StackEntry], list[StackEntry]]:
+    a = [StackEntry(p, s) for p, s in zip(files[:3], SCALES_A, strict=True)]
+    b = [StackEntry(p, s) for p, s in zip(files[3:6], SCALES_B, strict=True)]
+    return a, b
+
+
+def read_ms(paths: list[str]) -> float:
+    """Reading the files' bytes the way the reader does (one readinto into owned memory each); best of 3."""
+    best = float("inf")
+    for _ in range(3):
         t0 = time.perf_counter()
-        patcher.apply_stack(target)
-        warm.append((time.perf_counter() - t0) * 1000)
-    return cold, statistics.median(warm)
+        bufs = []
+        for p in paths:
+            buf = bytearray(os.path.getsize(p))
+            with open(p, "rb", buffering=0) as fh:
+                fh.readinto(buf)
+            bufs.append(buf)
+        best = min(best, (time.perf_counter() - t0) * 1000)
+        del bufs
+    return best
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1000
+
+
+def switch_figures(patcher, a, b, swaps: int, clear_caches) -> tuple[list[float], list[float]]:
+    """(cold switch times, warm switch times) between stacks `a` and `b`."""
+    colds = []
+    for _ in range(REPEATS):
+        patcher.clear()
+        clear_caches()
+        patcher.apply_stack(a)
+        clear_caches()
+        colds.append(timed(lambda: patcher.apply_stack(b)))
+    patcher.apply_stack(a)
+    warm = [timed(lambda i=i: patcher.apply_stack(a if i % 2 else b)) for i in range(swaps)]
+    patcher.clear()
+    return colds, warm
+
+
+def new_patcher(transformer, resident_bytes: int = 4 * 1024**3, cache_bytes: int = 4 * 1024**3) -> LoraPatcher:
+    return LoraPatcher(transformer, LoraCache(cache_bytes), resident=ResidentStacks(resident_bytes))
+
+
+def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
+    transformer = lazy_transformer(joint, single)
+    layout = linear_layout(transformer)
+    files = make_files(tmp, layout, f"d{joint}x{single}")
+    a, b = stacks_of(files)
+    out: dict = {"layers": len(layout), "file_mb": os.path.getsize(files[0]) / 1024**2}
+    read_ms(files[3:])  # page cache warm
+    out["read_ms"] = read_ms(files[3:])
+    if with_old:
+        old_cls, old_cache_cls = old_patcher_class()
+        old = old_cls(transformer, old_cache_cls(4 * 1024**3))
+        out["old_cold"], out["old_warm"] = switch_figures(old, a, b, OLD_SWAPS, old.cache.clear)
+        del old
+        gc.collect()
+    new = new_patcher(transformer)
+
+    def clear_new() -> None:
+        new.cache.clear()
+        new.resident.clear()
+
+    out["cold"], out["warm"] = switch_figures(new, a, b, SWAPS, clear_new)
+    out["rss_after_mb"] = rss_mb()
+    out["resident_mb"] = new.resident.stats().bytes / 1024**2
+    clear_new()
+    gc.collect()
+    return out
+
+
+def rss_run(tmp: Path) -> tuple[float, float, dict]:
+    """RSS growth over RSS_SWITCHES switches among 10 stacks at 1 + 1 depth, after the caches are full."""
+    import mlx.core as mx
+
+    transformer = lazy_transformer(1, 1)
+    layout = linear_layout(transformer)
+    files = make_files(tmp, layout, "rss")
+    rng = random.Random(0)
+    stacks = [
+        [StackEntry(p, round(rng.uniform(-1, 1), 3)) for p in rng.sample(files, 3)] for _ in range(10)
+    ]  # 10 distinct stacks over 6 files
+    probe = new_patcher(transformer)
+    probe.apply_stack(stacks[0])
+    one = probe.resident.stats().bytes
+    probe.clear()
+    del probe
+    p = new_patcher(transformer, resident_bytes=int(one * 4.5))  # 4 of 10 stacks resident: evictions go on
+    for _ in range(3):
+        for s in stacks:
+            p.apply_stack(s)
+    gc.collect()
+    mx.clear_cache()
+    before = rss_mb()
+    for _ in range(RSS_SWITCHES):
+        p.apply_stack(rng.choice(stacks))
+    gc.collect()
+    after = rss_mb()
+    stats = p.resident.stats()
+    p.clear()
+    return before, after, {"resident": stats, "files": p.cache.stats(), "stack_mb": one / 1024**2}
+
+
+def step_overheads(tmp: Path) -> dict[int, tuple[float, float]]:
+    """{px: (step ms without, with a 3-LoRA stack)} on the tiny model (best of REPEATS 2-step renders)."""
+    from daemon.engine.model import load_model
+    from daemon.render_spec import RenderSpec
+
+    model = load_model("tiny")
+    transformer = model.flux.transformer
+    files = make_files(tmp, linear_layout(transformer), "tiny", n=3, dtype="F32")
+    stack = [StackEntry(p, s) for p, s in zip(files, SCALES_A, strict=True)]
+    patcher = new_patcher(transformer)
+    out = {}
+    for px in (64, 128, 256):
+        spec = RenderSpec(prompt="a lone rider at dusk", width=px, height=px, steps=2, seed=7, preset="tiny")
+        model.render(spec)  # warm-up at this size
+
+        def step_ms(spec=spec) -> float:
+            return min(model.render(spec).timings["denoise"] / spec.steps * 1000 for _ in range(REPEATS))
+
+        base = step_ms()
+        patcher.apply_stack(stack)
+        with_stack = step_ms()
+        patcher.clear()
+        base = min(base, step_ms())  # base measured on both sides of the stack, least disturbed kept
+        out[px] = (base, with_stack)
+    return out
+
+
+def p99(values: list[float]) -> float:
+    return sorted(values)[min(len(values) - 1, int(round(0.99 * (len(values) - 1))))]
 
 
 def main() -> None:
-    t0 = time.perf_counter()
-    model = load_model("tiny")
-    load_s = time.perf_counter() - t0
-    transformer = model.flux.transformer
-    model.render(SPEC)  # warm-up
-    with tempfile.TemporaryDirectory(prefix="easel-bench-lora-") as tmp:
-        layout = LoraPatcher(transformer).layout
-        fmts = ["kohya", "diffusers", "kohya", "diffusers", "kohya", "diffusers"]
-        files = [
-            generate_lora(f, Path(tmp) / f"{i}_{f}.safetensors", layout, rank=RANK, alpha=RANK, seed=i).path
-            for i, f in enumerate(fmts)
-        ]
-        stack_a = [StackEntry(str(p), s) for p, s in zip(files[:3], (0.8, 0.5, 0.3), strict=True)]
-        stack_b = [StackEntry(str(p), s) for p, s in zip(files[3:], (0.7, 0.6, 0.2), strict=True)]
+    with tempfile.TemporaryDirectory(prefix="easel-bench-lora-") as tmp_name:
+        tmp = Path(tmp_name)
+        full = depth_run(tmp, 19, 38, with_old=True)
+        for p in tmp.glob("d19x38_*"):
+            p.unlink()
+        small = depth_run(tmp, 1, 1, with_old=True)
+        before, after, rss_info = rss_run(tmp)
+        steps = step_overheads(tmp)
 
-        base_step = step_ms(model)
-        rows = {}
-        for mode in ("side", "bake"):
-            patcher = LoraPatcher(transformer, LoraCache(2 * 1024**3), mode=mode)
-            cold, warm = swap_ms(patcher, stack_a, stack_b)
-            patcher.apply_stack(stack_a)
-            with_stack = step_ms(model)
-            report = patcher.last_report
-            patcher.clear()
-            rows[mode] = (cold, warm, with_stack, report)
-
-        # The old way, per render: base weights loaded again + mflux's loader baking the same LoRAs.
-        from mflux.models.common.lora.mapping.lora_loader import LoRALoader
-        from mflux.models.flux.weights.flux_lora_mapping import FluxLoRAMapping
-
-        t0 = time.perf_counter()
-        LoRALoader.load_and_apply_lora(
-            FluxLoRAMapping.get_mapping(),
-            transformer,
-            [e.path for e in stack_a],
-            [e.scale for e in stack_a],
-            bake_lora=True,
+    def row(name: str, d: dict, cold: str, warm: str) -> str:
+        w = d[warm]
+        return (
+            f"  {name:4s} cold {statistics.median(d[cold]):9.1f} ms   warm median {statistics.median(w):9.3f} ms"
+            f"   p99 {p99(w):9.3f} ms   ({len(w)} switches)"
         )
-        bake_s = time.perf_counter() - t0
-    rebuild_ms = (load_s + bake_s) * 1000
 
-    side_cold, side_warm, side_step, report = rows["side"]
-    bake_cold, bake_warm, bake_step, _ = rows["bake"]
+    for label, d in (("full depth 19 + 38", full), ("1 + 1 blocks", small)):
+        print(
+            f"{label}: {d['layers']} Linear layers, 3-LoRA stacks of rank {RANK} (bf16, every layer), "
+            f"{d['file_mb']:.0f} MB per file, read 3 files {d['read_ms']:.1f} ms"
+        )
+        print(row("old", d, "old_cold", "old_warm"))
+        print(row("new", d, "cold", "warm"))
+        print(f"  resident stacks {d['resident_mb']:.0f} MB, RSS after {d['rss_after_mb']:.0f} MB")
+    for px, (base, with_stack) in steps.items():
+        ratio = with_stack / base
+        print(f"tiny model step {px}x{px}: {base:8.1f} ms, with a 3-LoRA stack {with_stack:8.1f} ms ({ratio:.3f})")
     print(
-        f"tiny preset, 3-LoRA stacks of rank {RANK}, {report.layers_patched} layers patched, "
-        f"keys per file {report.matched_keys}"
+        f"RSS over {RSS_SWITCHES} switches among 10 stacks (1 + 1, {rss_info['stack_mb']:.1f} MB per stack): "
+        f"{before:.0f} -> {after:.0f} MB; resident {rss_info['resident']}; files {rss_info['files']}"
     )
-    print(f"step (64x64, no LoRA):        {base_step:9.1f} ms")
-    print(f"old way: load base model      {load_s * 1000:9.1f} ms  + mflux bake of 3 LoRAs {bake_s * 1000:.1f} ms")
-    print(f"{'form':6s} {'cold swap ms':>13s} {'swap ms':>9s} {'step ms':>9s} {'overhead':>9s}")
-    for mode, (cold, warm, step, _r) in rows.items():
-        print(f"{mode:6s} {cold:13.1f} {warm:9.1f} {step:9.1f} {step / base_step:9.3f}")
-    print(f"bake alternative: swap_vs_step={bake_warm / base_step:.4f} stack_overhead={bake_step / base_step:.3f}")
+    warm_full, warm_small = statistics.median(full["warm"]), statistics.median(small["warm"])
     print(
-        f"bench lora: swap_ms={side_warm:.1f} swap_vs_step={side_warm / base_step:.4f} "
-        f"rebuild_vs_swap={rebuild_ms / side_warm:.0f} stack_overhead={side_step / base_step:.3f}"
+        f"old vs new at full depth: warm {statistics.median(full['old_warm']):.1f} -> {warm_full:.3f} ms, "
+        f"cold {statistics.median(full['old_cold']):.1f} -> {statistics.median(full['cold']):.1f} ms"
+    )
+    print(
+        f"bench lora: warm_swap_ms={warm_full:.3f} depth_ratio={warm_full / warm_small:.2f} "
+        f"cold_vs_read={statistics.median(full['cold']) / full['read_ms']:.2f} "
+        f"stack_overhead={steps[128][1] / steps[128][0]:.3f} rss_growth_mb={after - before:.1f}"
     )
 
 

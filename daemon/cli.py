@@ -90,12 +90,32 @@ from daemon.render_spec import Limits
 @click.option(
     "--max-steps", type=click.IntRange(1), default=None, help=f"Most steps accepted (default {Limits.max_steps})."
 )
+@click.option(
+    "--lora-cache-bytes",
+    type=click.IntRange(0),
+    default=default_of(ServiceConfig, "lora_cache_bytes"),
+    show_default=True,
+    help="Bound of the parsed-LoRA-file cache, in bytes.",
+)
+@click.option(
+    "--resident-stack-bytes",
+    type=click.IntRange(0),
+    default=default_of(ServiceConfig, "resident_stack_bytes"),
+    show_default=True,
+    help="Bound of the built LoRA stacks kept for instant switches back to them, in bytes.",
+)
+@click.option(
+    "--lora-content-hash",
+    is_flag=True,
+    help="Identify LoRA files by a digest of their bytes too (for network filesystems with unreliable times).",
+)
 @click.option("--no-warmup", is_flag=True, help="Skip the warm-up render (ready sooner, first render slower).")
 @click.option("--log-level", default="WARNING", show_default=True)
 def serve_command(
     preset, model_path, transformer_path, quantize, force_load,
     socket_path, lora_roots, output_root, queue_capacity, interactive_reserve, max_connections,
-    drain_timeout, max_frame, max_size, max_steps, no_warmup, log_level,
+    drain_timeout, max_frame, max_size, max_steps, lora_cache_bytes, resident_stack_bytes, lora_content_hash,
+    no_warmup, log_level,
 ) -> None:  # fmt: skip
     """Run the render daemon in the foreground until SIGTERM/SIGINT or `easel stop`."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -106,6 +126,11 @@ def serve_command(
     service |= {"transformer_path": transformer_path, "quantize": int(quantize) if quantize else None}
     service["force_load"] = force_load
     service |= {"interactive_reserve": interactive_reserve, "warmup": not no_warmup}
+    service |= {
+        "lora_cache_bytes": lora_cache_bytes,
+        "resident_stack_bytes": resident_stack_bytes,
+        "lora_content_hash": lora_content_hash,
+    }
     if lora_roots:
         service["lora_roots"] = tuple(lora_roots)
     if output_root is not None:

@@ -64,7 +64,9 @@ class ServiceConfig:
     lora_roots: tuple[Path, ...] = field(default_factory=lambda: tuple(default_lora_roots()))
     output_root: Path = field(default_factory=default_output_root)
     limits: Limits = Limits()
-    lora_cache_bytes: int = 2 * 1024**3
+    lora_cache_bytes: int = 2 * 1024**3  # parsed LoRA files (numpy, as stored)
+    resident_stack_bytes: int = 2 * 1024**3  # built stacks kept on the model side (MLX arrays)
+    lora_content_hash: bool = False  # identify LoRA files by a digest of their bytes too (network filesystems)
     queue_capacity: int = 64
     interactive_reserve: int | None = None  # queue slots batch jobs may not take; None: a quarter of the queue
     policy: Policy = Policy()
@@ -77,6 +79,8 @@ class ServiceConfig:
         object.__setattr__(self, "output_root", Path(self.output_root).expanduser().resolve())
         if self.queue_capacity < 1:
             raise ValueError("queue_capacity must be >= 1")
+        if self.lora_cache_bytes < 0 or self.resident_stack_bytes < 0:
+            raise ValueError("lora_cache_bytes and resident_stack_bytes must be >= 0")
         if self.interactive_reserve is None:
             object.__setattr__(self, "interactive_reserve", self.queue_capacity // 4)
         if not 0 <= self.interactive_reserve < self.queue_capacity:

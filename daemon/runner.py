@@ -97,6 +97,7 @@ class RunnerStatus:
     warm: bool
     active_stack: list[ActiveLora]
     lora_cache: LoraCacheStats | None
+    resident_stacks: LoraCacheStats | None
     queue_depth: int
     queue_capacity: int
     interactive_reserve: int
@@ -122,6 +123,8 @@ class RenderRunner:
         self.renders_done = 0
         self._seq = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-render")
+        # reads the LoRA files of the job planned next while the current one renders (no MLX there)
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-lora-prefetch")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task | None = None
         self._forced = asyncio.Event()
@@ -186,6 +189,7 @@ class RenderRunner:
         forced abort the render thread gets `forced_grace_s` to reach its next step; a render still
         inside a step then is left behind (`busy` stays True)."""
         self.abort()
+        self._prefetcher.shutdown(wait=False, cancel_futures=True)
         if self._worker is None:  # never started: no render thread to free
             self._executor.shutdown(wait=True)
             return
@@ -330,6 +334,7 @@ class RenderRunner:
             job.state, job.started_at, job.step = "running", now, 0
             self.running = job
             self._tell(job.listener.started, job)
+            self._prefetch_next(job, now)
             try:
                 result = await loop.run_in_executor(self._executor, self._render, job, loop)
             except EaselError as err:
@@ -341,6 +346,14 @@ class RenderRunner:
                 self._finish(job, msgspec.structs.replace(result, job=job.job_id))
             finally:
                 self.running = None
+
+    def _prefetch_next(self, job: RenderJob, now: float) -> None:
+        """Read the files of the job planned after `job` while `job` renders, if it needs other files."""
+        following = plan(self.queue.jobs, job.stack_key, now, self.config.policy)[:1]
+        if following and following[0].stack_key != job.stack_key:
+            prepared = following[0].prepared
+            with contextlib.suppress(RuntimeError):  # the pool is shut down: the runner is closing
+                self._prefetcher.submit(self.service.prefetch, prepared)
 
     def _render(self, job: RenderJob, loop: asyncio.AbstractEventLoop) -> RenderResult:
         """In the render thread. `on_step` stops the render at the next step when cancelled or late."""
@@ -413,6 +426,7 @@ class RenderRunner:
             warm=svc.warm,
             active_stack=svc.active_stack(),
             lora_cache=svc.lora_cache_stats(),
+            resident_stacks=svc.resident_stack_stats(),
             queue_depth=len(self.queue),
             queue_capacity=self.queue.capacity,
             interactive_reserve=self.queue.interactive_reserve,

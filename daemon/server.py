@@ -390,6 +390,7 @@ class DaemonServer:
             socket=str(self.config.socket_path),
             active_stack=run.active_stack,
             lora_cache=run.lora_cache,
+            resident_stacks=run.resident_stacks,
             queue_depth=run.queue_depth,
             queue_capacity=run.queue_capacity,
             interactive_reserve=run.interactive_reserve,

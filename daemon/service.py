@@ -23,6 +23,7 @@ from opentelemetry.context import Context
 
 from client.fs import atomic_write_bytes
 from client.lorafile.inspect import inspect_lora
+from client.lorafile.signature import file_signature
 from client.tiers import TIERS
 from client.wire.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
 from client.wire.messages import ActiveLora, LoraCacheStats, ModelInfo, Render, RenderResult
@@ -37,7 +38,7 @@ from daemon.telemetry import render_span as open_render_span
 log = logging.getLogger("easel.service")
 
 StepCallback = Callable[[int, int], None]
-StackKey = tuple  # ((path, scale, mtime_ns, size), ...): equal keys mean the live model needs no switch
+StackKey = tuple  # ((path, scale, FileSignature), ...): the scheduler groups jobs by it; the patcher decides switches
 
 
 class Engine(Protocol):
@@ -68,12 +69,9 @@ class Prepared:
 
 
 def stack_key(items: list[StackItem]) -> StackKey:
-    """Identity of a stack on the live model; a file changed on disk (mtime/size) is a different stack."""
-    key = []
-    for it in items:
-        st = it.path.stat()
-        key.append((str(it.path), float(it.scale), st.st_mtime_ns, st.st_size))
-    return tuple(key)
+    """Identity of a stack (for grouping jobs); a file changed on disk (its FileSignature) is a different
+    stack. Whether the live model switches is the patcher's call, on the signatures at switch time."""
+    return tuple((str(it.path), float(it.scale), file_signature(it.path)) for it in items)
 
 
 def resolve_shape(req: Render, preset: str, default_steps: int, default_guidance: float) -> RenderSpec:
@@ -118,6 +116,7 @@ class RenderService:
         self.config = config
         self.patcher = patcher
         self.cache = cache
+        self.resident = getattr(patcher, "resident", None)
         self.preset_name = preset_name or config.preset
         self.default_steps = default_steps
         self.default_guidance = default_guidance
@@ -139,6 +138,7 @@ class RenderService:
         from daemon.engine.model import load_model
         from daemon.lora.cache import LoraCache
         from daemon.lora.patcher import LoraPatcher
+        from daemon.lora.resident import ResidentStacks
 
         model = load_model(
             config.preset,
@@ -147,8 +147,9 @@ class RenderService:
             quantize=config.quantize,
             force=config.force_load,
         )
-        cache = LoraCache(config.lora_cache_bytes)
-        patcher = LoraPatcher(model.flux.transformer, cache)
+        cache = LoraCache(config.lora_cache_bytes, content_hash=config.lora_content_hash)
+        resident = ResidentStacks(config.resident_stack_bytes)
+        patcher = LoraPatcher(model.flux.transformer, cache, resident=resident)
         svc = cls(
             model,
             config,
@@ -206,6 +207,16 @@ class RenderService:
             return None
         return self.cache.stats()
 
+    def resident_stack_stats(self) -> LoraCacheStats | None:
+        return None if self.resident is None else self.resident.stats()
+
+    def prefetch(self, prepared: Prepared) -> None:
+        """Read and parse the files of a job that will run next (any thread: no MLX, the model is not
+        touched), so its stack switch does not wait on the disk."""
+        prefetch = getattr(self.patcher, "prefetch", None)
+        if prefetch is not None and prepared.stack:
+            prefetch([(str(it.path), it.scale) for it in prepared.stack])
+
     # ---- in the render thread -------------------------------------------------------------------
 
     def render_span(
@@ -219,7 +230,8 @@ class RenderService:
 
     def switch_stack(self, prepared: Prepared) -> bool:
         """Make the live model carry `prepared`'s stack. Returns True if the weights changed."""
-        if prepared.stack_key == self.active_key:
+        key = stack_key(prepared.stack)  # the files as they are now, not as they were at admission
+        if key == self.active_key and not (prepared.stack and self.config.lora_content_hash):
             if prepared.zero_match == "error":
                 for rep in self.active_report:
                     if rep.keys_applied == 0:
@@ -228,18 +240,26 @@ class RenderService:
         if self.patcher is None:
             raise InvalidRequest("this daemon was started without LoRA support", field="lora_paths")
         if prepared.stack:
-            from daemon.lora.patcher import StackEntry
+            return self._switch_to(prepared, key)
+        self.patcher.clear()
+        self.active_key, self.active_report = key, []
+        self.stack_switches += 1
+        return True
 
-            entries = [StackEntry(str(it.path), it.scale, name=it.name) for it in prepared.stack]
-            report = self.patcher.apply_stack(entries, zero_match=prepared.zero_match)
-            files = [f.for_reply() for f in report.files]
-            for f, it in zip(files, prepared.stack, strict=False):
-                if f.name is None and it.name is not None:
-                    f.name = it.name
-        else:
-            self.patcher.clear()
-            files = []
-        self.active_key, self.active_report = prepared.stack_key, files
+    def _switch_to(self, prepared: Prepared, key: StackKey) -> bool:
+        """Apply `prepared`'s stack; with content hashing on, the patcher's digests decide whether the same
+        paths with the same signatures still hold the same bytes (report.noop)."""
+        from daemon.lora.patcher import StackEntry
+
+        entries = [StackEntry(str(it.path), it.scale, name=it.name) for it in prepared.stack]
+        report = self.patcher.apply_stack(entries, zero_match=prepared.zero_match)
+        files = [f.for_reply() for f in report.files]
+        for f, it in zip(files, prepared.stack, strict=False):
+            if f.name is None and it.name is not None:
+                f.name = it.name
+        self.active_key, self.active_report = key, files
+        if report.noop:
+            return False
         self.stack_switches += 1
         return True
 

@@ -45,6 +45,9 @@ def status_command(socket_path, as_json, timeout) -> None:
     click.echo(f"active stack: {stack}  (switches so far: {st.stack_switches})")
     if st.lora_cache is not None:
         click.echo("lora cache: " + "  ".join(f"{k}={v}" for k, v in msgspec.structs.asdict(st.lora_cache).items()))
+    if st.resident_stacks is not None:
+        stacks = msgspec.structs.asdict(st.resident_stacks)
+        click.echo("resident stacks: " + "  ".join(f"{k}={v}" for k, v in stacks.items()))
     if st.in_flight is not None:
         j = st.in_flight
         left = "?" if j.estimated_finish_s is None else f"{j.estimated_finish_s:.1f}s"

@@ -164,7 +164,8 @@ class ActiveLora(Struct):
 
 
 class LoraCacheStats(Struct):
-    """The daemon's parsed-LoRA cache: cumulative hits/misses/evictions, what it holds now, its bound."""
+    """One of the daemon's LoRA caches (parsed files, or resident stacks): cumulative hits/misses/evictions,
+    what it holds now, its bound in bytes."""
 
     hits: int
     misses: int
@@ -219,6 +220,7 @@ class StatusResult(Struct, omit_defaults=True):
     in_flight: JobInfo | None = None
     lora_cache: LoraCacheStats | None = None  # absent when the daemon keeps no LoRA cache
     model: ModelInfo | None = None
+    resident_stacks: LoraCacheStats | None = None  # built stacks kept for instant switches; absent: none kept
 
 
 class PingResult(Struct, omit_defaults=True):

@@ -157,7 +157,7 @@ class LoraPatcher:
             built = self.resident.get(key) if stack else None
             if built is None:
                 built = self._build_resident(stack, zero_match)
-                self.resident.put(built, pinned=self._active_key)
+                self.resident.put(built)  # it becomes the live stack: the one entry put never evicts
             else:
                 self._check_zero_match(built.reports, zero_match)
             self._switch(built)

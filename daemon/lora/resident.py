@@ -37,8 +37,10 @@ class ResidentStack:
 
 
 class ResidentStacks:
-    """Thread-safe LRU of ResidentStack bounded in bytes. The stack `pinned` (the live one) is never
-    evicted: it counts against the bound while cached, and a stack bigger than the bound is not kept."""
+    """Thread-safe LRU of ResidentStack bounded in bytes. `put` never evicts the stack it puts (the one
+    about to go live) nor `pinned`; a stack bigger than the bound is not kept. A stack evicted while
+    live stays in memory through the live reference until the next switch: RSS is at most the bound
+    plus one stack."""
 
     def __init__(self, max_bytes: int = 2 * 1024**3) -> None:
         self.max_bytes = int(max_bytes)

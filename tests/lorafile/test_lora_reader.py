@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import ml_dtypes
@@ -188,3 +189,57 @@ def test_writer_refuses_a_dtype_safetensors_cannot_hold(tmp_path):
     with pytest.raises(LoraFormatError, match="cannot store"):
         safetensors_io.write_safetensors(tmp_path / "c.safetensors", {"c": np.ones(2, dtype=np.complex64)}, {})
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_a_deeply_nested_header_is_a_format_error(tmp_path):
+    """Nesting deep enough to exhaust Python's recursion is a corrupt header, not an internal error."""
+    inner = b"[" * 200_000 + b"]" * 200_000
+    header = b'{"x":' + inner + b"}"
+    path = tmp_path / "nested.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(LoraFormatError, match="nested too deeply") as err:
+        read_safetensors(path)
+    assert err.value.code == "lora_format"
+
+
+def test_as_stored_tensors_are_views_of_one_owned_buffer(tmp_path):
+    path, tensors = _small(tmp_path, "BF16")
+    sf = read_safetensors(path, as_stored=True, with_digest=True)
+    lo = min(np.lib.array_utils.byte_bounds(t)[0] for t in sf.tensors.values())
+    hi = max(np.lib.array_utils.byte_bounds(t)[1] for t in sf.tensors.values())
+    assert hi - lo <= path.stat().st_size  # every tensor lies inside one buffer the size of the file
+    assert all(t.dtype == DTYPES["BF16"] and not t.flags.owndata for t in sf.tensors.values())
+    assert sf.signature is not None and sf.signature.size == path.stat().st_size and sf.signature.digest
+    path.write_bytes(b"")  # the bytes read stay valid whatever happens to the file
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(sf.tensors[key].astype(np.float32), bf16_round(value.astype(np.float32)))
+
+
+class _Shrinking:
+    """A file object whose file is truncated after its first chunk is read, as a writer racing the reader would."""
+
+    def __init__(self, fh, path):
+        self.fh, self.path, self.reads = fh, path, 0
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def readinto(self, view):
+        self.reads += 1
+        if self.reads == 1:
+            n = self.fh.readinto(view[:4096])
+            os.truncate(self.path, 5000)
+            return n
+        return self.fh.readinto(view)
+
+
+def test_a_file_shrinking_while_read_is_a_format_error(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "shrinks.safetensors"
+    write_safetensors(path, {"a.lora_down.weight": rng.standard_normal((64, 3072))}, {})
+    size = path.stat().st_size
+    with open(path, "rb", buffering=0) as fh:
+        before = safetensors_io.FileSignature.of_stat(os.fstat(fh.fileno()))
+        with pytest.raises(LoraFormatError, match="changed while it was being read") as err:
+            safetensors_io._read_whole(_Shrinking(fh, path), size, before, path)
+    assert err.value.details.get("changed") is True

@@ -1,0 +1,187 @@
+"""Resident stacks on the live tiny transformer: a switch back to a built stack is one reference swap that
+renders exactly what a cold apply renders; the byte bound evicts least recently used stacks (never the live
+one); a file changed on disk (same size and mtime restored) is read again and its old stack is not used."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from helpers.lora_factories import generate_lora
+
+from daemon.lora import LoraCache, StackEntry
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def transformer(tiny_model):
+    return tiny_model.flux.transformer
+
+
+@pytest.fixture(scope="module")
+def forward(tiny_model, transformer):
+    import mlx.core as mx
+    from mflux.models.common.config.config import Config
+
+    rng = np.random.default_rng(0)
+    hidden = mx.array(rng.standard_normal((1, 16, 64)).astype(np.float32))
+    prompt = mx.array(rng.standard_normal((1, 16, 4096)).astype(np.float32))
+    pooled = mx.array(rng.standard_normal((1, 768)).astype(np.float32))
+    config = Config(tiny_model.flux.model_config, num_inference_steps=2, height=64, width=64, guidance=3.5)
+
+    def run() -> np.ndarray:
+        out = transformer(t=0, config=config, hidden_states=hidden, prompt_embeds=prompt, pooled_prompt_embeds=pooled)
+        mx.eval(out)
+        return np.array(out)
+
+    return run
+
+
+def _module(root, path):
+    for part in path.split("."):
+        root = root[int(part)] if isinstance(root, list) else getattr(root, part)
+    return root
+
+
+@pytest.fixture
+def make_patcher(transformer):
+    from daemon.lora import LoraPatcher
+    from daemon.lora.resident import ResidentStacks
+
+    made = []
+    originals = {}
+
+    def make(resident_bytes=1024**3, cache_bytes=512 * 1024**2):
+        p = LoraPatcher(transformer, LoraCache(max_bytes=cache_bytes), resident=ResidentStacks(resident_bytes))
+        for name in p.layout:  # as the model was before the first patcher of the test
+            originals.setdefault(name, _module(transformer, name))
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.clear()
+    for name, module in originals.items():
+        assert _module(transformer, name) is module
+
+
+def _files(tmp_path, layout, n=4):
+    fmts = ["kohya", "diffusers", "bfl", "xlabs"]
+    return [
+        generate_lora(fmts[i % 4], tmp_path / f"{i}.safetensors", layout, rank=4, alpha=4.0, seed=i, magnitude=0.2)
+        for i in range(n)
+    ]
+
+
+def test_resident_switch_renders_exactly_what_a_cold_apply_renders(tmp_path, make_patcher, transformer, forward):
+    p = make_patcher()
+    g = _files(tmp_path, p.layout)
+    stack_a = [StackEntry(str(g[0].path), 0.8), StackEntry(str(g[1].path), 0.5)]
+    stack_b = [StackEntry(str(g[2].path), 0.7), StackEntry(str(g[3].path), -0.4), StackEntry(str(g[0].path), 0.3)]
+    p.apply_stack(stack_b)
+    cold_b = forward()
+    p.clear()
+    p.resident.clear()
+    p.cache.clear()
+    p.apply_stack(stack_a)
+    cold_a = forward()
+    p.apply_stack(stack_b)
+    wrappers = {name: _module(transformer, name) for name in p.layout}
+    before = p.resident.stats()
+    for _ in range(3):  # back and forth between resident stacks: no rebuild, no module replaced
+        assert not p.apply_stack(stack_a).noop
+        np.testing.assert_array_equal(forward(), cold_a)
+        p.apply_stack(stack_b)
+        np.testing.assert_array_equal(forward(), cold_b)
+        assert all(_module(transformer, n) is m for n, m in wrappers.items())
+    after = p.resident.stats()
+    assert after.misses == before.misses and after.hits == before.hits + 6
+    assert p.last_report.matched_keys == [len(g[2].keys), len(g[3].keys), len(g[0].keys)]
+
+
+def test_clear_after_resident_switches_is_bit_identical(tmp_path, make_patcher, forward):
+    base = forward()
+    p = make_patcher()
+    g = _files(tmp_path, p.layout, 2)
+    for _ in range(2):
+        p.apply_stack([StackEntry(str(g[0].path), 1.0)])
+        p.apply_stack([StackEntry(str(g[1].path), 1.0)])
+    p.clear()
+    assert p.patched_layers == []
+    np.testing.assert_array_equal(forward(), base)
+
+
+def test_eviction_under_a_small_bound_never_drops_the_live_stack(tmp_path, make_patcher, forward):
+    probe = make_patcher()
+    g = _files(tmp_path, probe.layout, 3)
+    probe.apply_stack([StackEntry(str(g[0].path), 1.0)])
+    one = probe.resident.stats().bytes
+    probe.clear()
+    p = make_patcher(resident_bytes=int(one * 1.5))
+    stacks = [[StackEntry(str(x.path), 1.0)] for x in g]
+    outs = []
+    for s in stacks:
+        p.apply_stack(s)
+        outs.append(forward())
+        stats = p.resident.stats()
+        assert stats.entries == 1 and stats.bytes <= p.resident.max_bytes
+    assert p.resident.stats().evictions == 2
+    p.apply_stack(stacks[0])  # evicted: built again, same output
+    np.testing.assert_array_equal(forward(), outs[0])
+    assert p.resident.stats().misses == 4
+    p.clear()
+    tiny = make_patcher(resident_bytes=16)  # bigger than the bound: applied, never kept
+    tiny.apply_stack(stacks[1])
+    np.testing.assert_array_equal(forward(), outs[1])
+    assert tiny.resident.stats().entries == 0
+
+
+def test_a_file_rewritten_with_its_old_size_and_mtime_is_read_again(tmp_path, make_patcher, forward):
+    p = make_patcher()
+    path = tmp_path / "live.safetensors"
+    a = generate_lora("kohya", path, p.layout, rank=4, alpha=4.0, seed=1, magnitude=0.2)
+    b = generate_lora("kohya", tmp_path / "b.safetensors", p.layout, rank=4, alpha=4.0, seed=2, magnitude=0.2)
+    assert a.path.stat().st_size == b.path.stat().st_size
+    p.apply_stack([StackEntry(str(path), 1.0)])
+    old = forward()
+    st = os.stat(path)
+    shutil.copyfile(b.path, path)  # in place: same inode, same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime, as `cp -p` / `rsync -t` leave it
+    report = p.apply_stack([StackEntry(str(path), 1.0)])
+    assert not report.noop
+    new = forward()
+    assert not np.array_equal(new, old)
+    fresh = make_patcher()
+    p.clear()
+    fresh.apply_stack([StackEntry(str(b.path), 1.0)])
+    np.testing.assert_array_equal(forward(), new)
+
+
+def test_content_hash_tells_apart_files_whose_stat_cannot(tmp_path):
+    from client.lorafile.signature import file_signature
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"a" * 64)
+    plain, hashed = file_signature(path), file_signature(path, with_digest=True)
+    assert hashed.digest and plain.digest is None and hashed.same_file_version(plain)
+    st = os.stat(path)
+    with open(path, "r+b") as fh:
+        fh.write(b"b")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed = file_signature(path, with_digest=True)
+    assert changed.digest != hashed.digest and changed.ctime_ns >= plain.ctime_ns
+    assert changed != hashed
+
+
+def test_prefetch_reads_without_touching_the_model(tmp_path, make_patcher, transformer):
+    p = make_patcher()
+    g = _files(tmp_path, p.layout, 1)
+    modules = {name: _module(transformer, name) for name in p.layout}
+    p.prefetch([StackEntry(str(g[0].path), 1.0), StackEntry(str(tmp_path / "missing.safetensors"), 1.0)])
+    assert p.cache.stats().entries == 1 and p.resident.stats().entries == 0
+    assert all(_module(transformer, n) is m for n, m in modules.items())
+    p.apply_stack([StackEntry(str(g[0].path), 1.0)])
+    assert p.cache.stats().hits == 1
