@@ -11,8 +11,8 @@ Measured:
 - warm switch: between two resident stacks, median and p99 of SWAPS alternations;
 - old: the same switches with the patcher as it was before resident stacks (extracted from git at
   OLD_COMMIT): its "warm" switch re-resolved and rebuilt every layer from parsed files;
-- step overhead: one denoising step of the tiny (mini) model with a 3-LoRA stack / without, at 64, 128
-  and 256 px;
+- step overhead: one transformer step of the tiny (mini) model with a 3-LoRA stack / without, at the
+  token counts of 64, 128 and 256 px renders (timed in alternation, min of each);
 - rss_growth_mb: RSS after 1,000 switches among 10 stacks minus RSS after the caches were filled
   (1 + 1 depth; bounds set so stacks are evicted and rebuilt along the way).
 
@@ -54,6 +54,7 @@ SWAPS = int(os.environ.get("EASEL_BENCH_SWAPS", "200"))
 OLD_SWAPS = int(os.environ.get("EASEL_BENCH_OLD_SWAPS", "4"))
 REPEATS = int(os.environ.get("EASEL_BENCH_REPEATS", "3"))
 RSS_SWITCHES = int(os.environ.get("EASEL_BENCH_RSS_SWITCHES", "1000"))
+STEP_ROUNDS = int(os.environ.get("EASEL_BENCH_STEP_ROUNDS", "8"))
 FMTS = ["kohya", "diffusers", "kohya", "diffusers", "kohya", "diffusers"]
 SCALES_A, SCALES_B = (0.8, 0.5, 0.3), (0.7, 0.6, 0.2)
 
@@ -216,30 +217,46 @@ def rss_run(tmp: Path) -> tuple[float, float, dict]:
     return before, after, {"resident": stats, "files": p.cache.stats(), "stack_mb": one / 1024**2}
 
 
-def step_overheads(tmp: Path) -> dict[int, tuple[float, float]]:
-    """{px: (step ms without, with a 3-LoRA stack)} on the tiny model (best of REPEATS 2-step renders)."""
+def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int]]:
+    """{px: (step ms without, with a 3-LoRA stack, tokens)}: one transformer call of the tiny (mini) model
+    at the token counts of a px x px render (image tokens + the preset's text tokens). Base and stacked
+    steps are timed in alternation, STEP_ROUNDS rounds, the least disturbed (min) of each kept: this
+    2-core machine is shared, and a whole render (text encoders, VAE) would drown the side path."""
+    import mlx.core as mx
+    import numpy as np
+    from mflux.models.common.config.config import Config
+
     from daemon.engine.model import load_model
-    from daemon.render_spec import RenderSpec
 
     model = load_model("tiny")
     transformer = model.flux.transformer
     files = make_files(tmp, linear_layout(transformer), "tiny", n=3, dtype="F32")
     stack = [StackEntry(p, s) for p, s in zip(files, SCALES_A, strict=True)]
     patcher = new_patcher(transformer)
+    text_tokens = int(getattr(model.flux.model_config, "max_sequence_length", 512) or 512)
+    rng = np.random.default_rng(0)
     out = {}
     for px in (64, 128, 256):
-        spec = RenderSpec(prompt="a lone rider at dusk", width=px, height=px, steps=2, seed=7, preset="tiny")
-        model.render(spec)  # warm-up at this size
+        image_tokens = (px // 16) ** 2
+        config = Config(model.flux.model_config, num_inference_steps=2, height=px, width=px, guidance=3.5)
+        hidden = mx.array(rng.standard_normal((1, image_tokens, 64)).astype(np.float32))
+        prompt = mx.array(rng.standard_normal((1, text_tokens, 4096)).astype(np.float32))
+        pooled = mx.array(rng.standard_normal((1, 768)).astype(np.float32))
 
-        def step_ms(spec=spec) -> float:
-            return min(model.render(spec).timings["denoise"] / spec.steps * 1000 for _ in range(REPEATS))
+        def step_ms(config=config, hidden=hidden, prompt=prompt, pooled=pooled) -> float:
+            t0 = time.perf_counter()
+            y = transformer(t=0, config=config, hidden_states=hidden, prompt_embeds=prompt, pooled_prompt_embeds=pooled)
+            mx.eval(y)
+            return (time.perf_counter() - t0) * 1000
 
-        base = step_ms()
-        patcher.apply_stack(stack)
-        with_stack = step_ms()
-        patcher.clear()
-        base = min(base, step_ms())  # base measured on both sides of the stack, least disturbed kept
-        out[px] = (base, with_stack)
+        step_ms()
+        base, with_stack = [], []
+        for _ in range(STEP_ROUNDS):
+            base.append(min(step_ms() for _ in range(2)))
+            patcher.apply_stack(stack)
+            with_stack.append(min(step_ms() for _ in range(2)))
+            patcher.clear()
+        out[px] = (min(base), min(with_stack), image_tokens + text_tokens)
     return out
 
 
@@ -272,9 +289,12 @@ def main() -> None:
         print(row("old", d, "old_cold", "old_warm"))
         print(row("new", d, "cold", "warm"))
         print(f"  resident stacks {d['resident_mb']:.0f} MB, RSS after {d['rss_after_mb']:.0f} MB")
-    for px, (base, with_stack) in steps.items():
+    for px, (base, with_stack, tokens) in steps.items():
         ratio = with_stack / base
-        print(f"tiny model step {px}x{px}: {base:8.1f} ms, with a 3-LoRA stack {with_stack:8.1f} ms ({ratio:.3f})")
+        print(
+            f"tiny model step {px}x{px} ({tokens} tokens): {base:8.1f} ms, with a 3-LoRA stack (rank 16 each, "
+            f"every layer) {with_stack:8.1f} ms ({ratio:.3f})"
+        )
     print(
         f"RSS over {RSS_SWITCHES} switches among 10 stacks (1 + 1, {rss_info['stack_mb']:.1f} MB per stack): "
         f"{before:.0f} -> {after:.0f} MB; resident {rss_info['resident']}; files {rss_info['files']}"

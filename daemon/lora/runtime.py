@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import ml_dtypes
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -161,41 +160,26 @@ class StackedLoraLinear(nn.Module):
         return self.base.weight.astype(mx.float32) + self.delta()
 
 
-def _np_dtype(dtype: mx.Dtype) -> np.dtype:
-    """The numpy dtype MLX's `dtype` holds (bfloat16 through ml_dtypes)."""
-    if dtype == mx.bfloat16:
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype({mx.float32: np.float32, mx.float16: np.float16}.get(dtype, np.float32))
-
-
 def build_layer_arrays(contributions: list[tuple[float, Term]], dtype: mx.Dtype) -> LayerArrays:
     """One (down, up) pair for all low-rank terms on a layer, the Kronecker terms, and the summed full
-    and bias differences, as evaluated-to-be MLX arrays in `dtype`.
+    and bias differences, as MLX arrays in `dtype` (to be evaluated by the caller).
 
     `contributions` are (per-LoRA scale, term) in stack order; scale * factor is folded into each down
-    block. Each block is written once, straight from the file's stored dtype into the layer's dtype
-    (through float32, so a bf16 file on a bf16 model is scaled in float32 and rounded once), then
-    handed to MLX (one copy).
+    row. The blocks are joined in the files' stored dtype (plain copies, no numpy casts), handed to MLX
+    once, and scaled there in float32 with one rounding to `dtype`.
     """
     lowrank = [(s, t) for s, t in contributions if isinstance(t, LowRankTerm)]
     out = LayerArrays()
     if lowrank:
-        np_dtype = _np_dtype(dtype)
-        rank = sum(t.down.shape[0] for _, t in lowrank)
-        in_dim, out_dim = lowrank[0][1].down.shape[1], lowrank[0][1].up.shape[0]
-        down = np.empty((rank, in_dim), dtype=np_dtype)
-        up = np.empty((out_dim, rank), dtype=np_dtype)
-        r0 = 0
-        for scale, term in lowrank:
-            r1 = r0 + term.down.shape[0]
-            factor = np.float32(scale * term.factor)
-            if np_dtype == np.float32:
-                np.multiply(term.down, factor, out=down[r0:r1], dtype=np.float32)
-            else:
-                down[r0:r1] = np.multiply(term.down, factor, dtype=np.float32)
-            up[:, r0:r1] = term.up
-            r0 = r1
-        out.down, out.up = _to_mx(down, dtype), _to_mx(up, dtype)
+        downs = [t.down for _, t in lowrank]
+        ups = [t.up for _, t in lowrank]
+        down = downs[0] if len(downs) == 1 else np.concatenate(downs, axis=0)  # (R, in)
+        up = ups[0] if len(ups) == 1 else np.concatenate(ups, axis=1)  # (out, R)
+        factors = np.repeat(
+            np.array([s * t.factor for s, t in lowrank], dtype=np.float32), [t.down.shape[0] for _, t in lowrank]
+        )
+        out.down = (_to_mx(down, mx.float32) * mx.array(factors)[:, None]).astype(dtype)
+        out.up = _to_mx(up, dtype)
     dense = bias = None
     for scale, term in contributions:
         if isinstance(term, KronTerm):
