@@ -130,7 +130,7 @@ class RenderService:
         """Report spans and metrics through `tel` (default: the API's no-op tracer and meter)."""
         self.tel = tel
         if self.cache is not None:
-            tel.metrics.observe_lora_cache(self.cache.stats)
+            tel.metrics.observe_lora_cache(self.cache.stats, None if self.resident is None else self.resident.stats)
 
     @classmethod
     def load(cls, config: ServiceConfig, tel: Telemetry | None = None) -> RenderService:

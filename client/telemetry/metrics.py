@@ -46,6 +46,22 @@ class Metrics:
         meter.create_observable_gauge(
             "easel.lora.cache.size", [self._observe("bytes")], unit="By", description="Bytes held by the LoRA cache"
         )
+        # Resident stacks (built stacks kept for instant switches): the same four figures, same type.
+        self._resident_stats: Callable[[], LoraCacheStats] | None = None
+        for name, field, unit, text in (
+            ("hits", "hits", "{stack}", "Switches to a stack already built"),
+            ("misses", "misses", "{stack}", "Stacks built from their files"),
+            ("evictions", "evictions", "{stack}", "Built stacks dropped to stay within the bound"),
+        ):
+            meter.create_observable_counter(
+                f"easel.lora.resident.{name}", [self._observe(field, resident=True)], unit=unit, description=text
+            )
+        meter.create_observable_gauge(
+            "easel.lora.resident.size",
+            [self._observe("bytes", resident=True)],
+            unit="By",
+            description="Bytes held by resident LoRA stacks",
+        )
         self.errors = meter.create_counter(
             "easel.errors", unit="{error}", description="Failed requests and renders, by error.type"
         )
@@ -59,16 +75,21 @@ class Metrics:
     def stack_switched(self, count: int = 1) -> None:
         self.stack_switches.add(count)
 
-    def observe_lora_cache(self, stats: Callable[[], LoraCacheStats]) -> None:
-        """Report the LoRA cache from `stats()` (cumulative `hits`, `misses`, `bytes`), e.g.
-        `tel.metrics.observe_lora_cache(cache.stats)`; read only when metrics are exported."""
+    def observe_lora_cache(
+        self, stats: Callable[[], LoraCacheStats], resident: Callable[[], LoraCacheStats] | None = None
+    ) -> None:
+        """Report the LoRA cache from `stats()` (cumulative `hits`, `misses`, `bytes`), and the resident
+        stacks from `resident()`, e.g. `tel.metrics.observe_lora_cache(cache.stats, stacks.stats)`; read
+        only when metrics are exported."""
         self._cache_stats = stats
+        self._resident_stats = resident
 
-    def _observe(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def _observe(self, field: str, resident: bool = False) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
-            if self._cache_stats is None:
+            source = self._resident_stats if resident else self._cache_stats
+            if source is None:
                 return []
-            stats = self._cache_stats()
+            stats = source()
             return [Observation(int(getattr(stats, field)))]
 
         return callback

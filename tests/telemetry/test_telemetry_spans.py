@@ -334,7 +334,8 @@ def test_metrics_render_duration_errors_switches_queue_cache(tel):
     from client.wire.messages import LoraCacheStats
 
     stats = LoraCacheStats(hits=2, misses=1, evictions=0, entries=1, bytes=4096, max_bytes=2**30)  # the real type
-    tel.metrics.observe_lora_cache(lambda: stats)
+    resident = LoraCacheStats(hits=5, misses=2, evictions=1, entries=1, bytes=8192, max_bytes=2**30)
+    tel.metrics.observe_lora_cache(lambda: stats, lambda: resident)
     pts = _metric_points(tel.reader)
     hist = pts["easel.render.duration"]
     assert sum(p.count for p in hist) == 2
@@ -345,6 +346,12 @@ def test_metrics_render_duration_errors_switches_queue_cache(tel):
     assert pts["easel.lora.cache.hits"][0].value == 2
     assert pts["easel.lora.cache.misses"][0].value == 1
     assert pts["easel.lora.cache.size"][0].value == 4096
+    assert [pts[f"easel.lora.resident.{n}"][0].value for n in ("hits", "misses", "evictions", "size")] == [
+        5,
+        2,
+        1,
+        8192,
+    ]
     errors = {p.attributes["error.type"]: p.value for p in pts["easel.errors"]}
     assert errors == {"lora_zero_match": 1}
 
