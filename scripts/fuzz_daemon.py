@@ -42,10 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client.wire import framing  # noqa: E402
+from client.wire.errors import EaselError  # noqa: E402
 from client.wire.messages import Error, Event, Result, decode_reply  # noqa: E402
 
 KNOWN_OPS = ["ping", "status", "render", "inspect", "cancel"]  # never `shutdown`: the daemon must stay up
 REPLY_TIMEOUT_S = 120.0
+CLIENT_FAILURES = (OSError, EaselError, framing.PeerClosed)  # a connection the daemon dropped or never answered
 
 
 class FuzzInputs:
@@ -234,14 +236,14 @@ def _client(path: Path, inputs: FuzzInputs, n: int, stop_at: float, stats: FuzzS
                         stats.answers[reply.error.code if isinstance(reply, Error) else "result"] += 1
                         if not isinstance(reply, Error) or reply.error.code != code:
                             stats.unanswered.append(f"#{i} frame fault: {reply}")
-                    except (OSError, EaselErrorTypes) as exc:
+                    except CLIENT_FAILURES as exc:
                         stats.unanswered.append(f"#{i} frame fault: {type(exc).__name__}: {exc}")
                 continue
             body = inputs.body()
             try:
                 s.sendall(framing.encode_frame(body))
                 reply = _final_reply(s)
-            except (OSError, EaselErrorTypes) as exc:
+            except CLIENT_FAILURES as exc:
                 stats.dropped.append(f"#{i} {body[:80]!r}: {type(exc).__name__}: {exc}")
                 s.close()
                 s = _connect(path)
@@ -249,15 +251,6 @@ def _client(path: Path, inputs: FuzzInputs, n: int, stop_at: float, stats: FuzzS
             stats.answers[reply.error.code if isinstance(reply, Error) else "result"] += 1
     finally:
         s.close()
-
-
-def _easel_error_types() -> tuple[type[BaseException], ...]:
-    from client.wire.errors import EaselError
-
-    return (EaselError, framing.PeerClosed)
-
-
-EaselErrorTypes = _easel_error_types()
 
 
 def run_fuzz(path: Path, *, inputs: int, seed: int, clients: int, outside: str, time_budget_s: float) -> FuzzStats:

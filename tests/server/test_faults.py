@@ -99,8 +99,8 @@ class Process:
 
 
 def open_in(pid: int, where: Path) -> bool:
-    """Whether process `pid` has a file below `where` open (the PNG being written: an O_TMPFILE file
-    shows as `<dir>/#<inode> (deleted)`, a named temporary as `<dir>/.easel-*.tmp`)."""
+    """Whether process `pid` has a file below `where` open: the PNG being written (an O_TMPFILE file
+    shows as `<dir>/#<inode> (deleted)`, a named temporary by its name)."""
     fds = f"/proc/{pid}/fd"
     try:
         names = os.listdir(fds)
@@ -112,7 +112,7 @@ def open_in(pid: int, where: Path) -> bool:
             link = os.readlink(f"{fds}/{fd}")
         except OSError:
             continue
-        if link.startswith(prefix) and (link.endswith(" (deleted)") or "/.easel-" in link):
+        if link.startswith(prefix) and not os.path.isdir(link):  # a file, not a directory on the way
             return True
     return False
 
