@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench lock clean
+.PHONY: setup demo test lint bench fuzz lock clean
 
 setup:
 	@bash scripts/setup.sh
@@ -20,6 +20,10 @@ bench: setup
 	$(PY) bench/engine.py
 	$(PY) bench/lora.py
 	$(PY) bench/daemon.py
+
+# 1,000,000 fuzzed request bodies against `easel serve --preset tiny`; prints its figures and invariants
+fuzz: setup
+	$(PY) scripts/fuzz_daemon.py --inputs 1000000
 
 lock:
 	bash scripts/lock.sh

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import msgspec
+
 from client.wire import framing
 from client.wire.errors import (
     Busy,
@@ -38,6 +40,7 @@ from client.wire.messages import (
     PROTOCOL_VERSION,
     Cancel,
     CancelResult,
+    Error,
     Event,
     Inspect,
     Ping,
@@ -46,6 +49,7 @@ from client.wire.messages import (
     RenderResult,
     Reply,
     Request,
+    RequestId,
     Result,
     Shutdown,
     ShutdownResult,
@@ -53,8 +57,8 @@ from client.wire.messages import (
     StatusResult,
     decode_request,
     encode,
-    error_reply,
 )
+from client.wire.messages import error_reply as wire_error_reply
 from daemon.config import ServerConfig
 from daemon.runner import Estimate, RenderJob, RenderRunner
 from daemon.security import peer_uid
@@ -68,6 +72,76 @@ def easel_version() -> str:
         return version("easel")
     except PackageNotFoundError:
         return "0.0.0+unknown"
+
+
+LIMITED_OPS = (Ping, Status, Cancel, Shutdown)  # what a connection let in over the limit may ask
+MAX_NESTING = 32  # container levels a request body may nest (a request needs 3)
+MAX_MESSAGE_CHARS = 4096  # of an error message, middle elided beyond
+MAX_ECHO_CHARS = 1024  # of any one string an error reply's details carry
+_CONTAINER_BYTES = bytes(range(0x80, 0xA0)) + b"\xdc\xdd\xde\xdf"  # msgpack map/array headers (and other bytes)
+
+
+def _nests_deeper_than(payload: bytes, limit: int) -> bool:
+    """Whether the msgpack `payload` nests maps/arrays more than `limit` deep. Without `limit` bytes that
+    could be container headers it cannot (the common case, decided at C speed); else the decoded value
+    is walked without recursion, visiting containers only."""
+    if len(payload) - len(payload.translate(None, _CONTAINER_BYTES)) < limit:
+        return False
+    stack: list[tuple[Any, int]] = [(msgspec.msgpack.decode(payload), 1)]
+    while stack:
+        value, depth = stack.pop()
+        items = value.values() if isinstance(value, dict) else value
+        if isinstance(value, dict):
+            stack.extend((k, depth + 1) for k in value if isinstance(k, tuple))
+        for item in items:
+            if isinstance(item, (dict, list, tuple)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((item, depth + 1))
+    return False
+
+
+def decode_body(payload: bytes) -> Request:
+    """One frame's body as a typed request. Whatever is wrong with it (not msgpack, invalid UTF-8, nested
+    too deep, not a request) raises an EaselError: `protocol_error` unless decode_request says better."""
+    try:
+        if _nests_deeper_than(payload, MAX_NESTING):
+            raise ProtocolError(f"the message nests maps/arrays more than {MAX_NESTING} levels deep")
+        return decode_request(payload)
+    except EaselError:
+        raise
+    except RecursionError:
+        raise ProtocolError(f"the message nests maps/arrays more than {MAX_NESTING} levels deep") from None
+    except Exception as exc:  # msgspec.DecodeError, UnicodeDecodeError, anything else a decoder raises
+        raise ProtocolError(f"frame body is not a valid msgpack message: {type(exc).__name__}: {exc}") from None
+
+
+def elide(text: str, limit: int) -> str:
+    """`text` cut to about `limit` characters, keeping its start and its end (what a reader needs)."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}...[{len(text) - 2 * half} characters omitted]...{text[-half:]}"
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, str):
+        return elide(value, MAX_ECHO_CHARS)
+    if isinstance(value, dict):
+        return {k: _bounded(v) for k, v in list(value.items())[:64]}
+    if isinstance(value, (list, tuple)):
+        return [_bounded(v) for v in value[:64]]
+    return value
+
+
+def error_reply(rid: RequestId | None, err: EaselError) -> Error:
+    """The wire error for `err`, with whatever it echoes bounded: a request can make the daemon repeat a
+    value (an unknown op, a path) but never make a reply bigger than a few KiB."""
+    reply = wire_error_reply(rid, err)
+    body = reply.error
+    body.message = elide(body.message, MAX_MESSAGE_CHARS)
+    body.details = _bounded(body.details)
+    return reply
 
 
 _conn_ids = itertools.count(1)
@@ -84,6 +158,9 @@ class Connection:
     conn_id: int = field(default_factory=lambda: next(_conn_ids))
     jobs: dict[Any, RenderJob] = field(default_factory=dict)  # request id -> job
     closed: bool = False
+    limited: bool = False  # admitted over the connection limit: ping, status, cancel and shutdown only
+    last_active: float = field(default_factory=time.monotonic)  # last frame read or request answered
+    dispatching: int = 0  # requests being answered right now
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     _tasks: set[asyncio.Task] = field(default_factory=set)
@@ -105,6 +182,11 @@ class Connection:
     def post(self, msg: Any) -> None:
         """Queue a reply without waiting (replies of one connection keep their order: the lock is FIFO)."""
         self.spawn(self.send(msg))
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight: no render waiting, no inspect or reply pending, no request being answered."""
+        return not self.jobs and not self._tasks and not self.dispatching and not self.closed
 
     def spawn(self, work: Awaitable[None]) -> None:
         """Run `work` for this connection in the background; shutdown waits for it before closing."""
@@ -249,7 +331,7 @@ class DaemonServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(writer, self.config.max_frame)
-        refusal = self._refusal(writer.get_extra_info("socket"))
+        refusal = self._admit(conn, writer.get_extra_info("socket"))
         if refusal is not None:  # answered on the connection (id null), which is then closed
             self.tel.metrics.error(refusal.code)
             await conn.send(error_reply(None, refusal))
@@ -268,19 +350,63 @@ class DaemonServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    def _refusal(self, sock: socket.socket | None) -> EaselError | None:
-        """Why a new connection may not be served: another user's process, or too many connections."""
-        if not self.config.allow_any_uid and sock is not None:
-            uid = peer_uid(sock)
-            if uid is not None and uid != os.getuid():
-                return PeerNotAllowed(f"peer uid {uid} is not the daemon's uid", uid=uid)
-        if len(self.connections) >= self.config.max_connections:
-            return Busy(
-                f"the daemon already serves {len(self.connections)} connections (the limit); "
-                "close idle ones or retry later",
-                connections=len(self.connections),
-            )
-        return None
+    def _admit(self, conn: Connection, sock: socket.socket | None) -> EaselError | None:
+        """Why a new connection may not be served (another user's process, or no room), else None.
+
+        At `max_connections` the connection idle the longest is closed to make room (`_evict`). When
+        every connection is busy, a peer of the daemon's own uid is still let in, *limited* (ping, status,
+        cancel and shutdown; other requests get `busy`), up to `max_connections` more: a full daemon can
+        always be asked what it is doing, and stopped. Beyond that, `busy` and the connection is closed."""
+        uid = peer_uid(sock) if sock is not None else None
+        if not self.config.allow_any_uid and uid is not None and uid != os.getuid():
+            return PeerNotAllowed(f"peer uid {uid} is not the daemon's uid", uid=uid)
+        limit = self.config.max_connections
+        if sum(not c.limited for c in self.connections) < limit:
+            return None
+        victim = self._oldest_idle(limited=False)
+        if victim is not None:
+            self._evict(victim)
+            return None
+        own_uid = uid is None or uid == os.getuid()
+        if own_uid and len(self.connections) >= 2 * limit:
+            victim = self._oldest_idle(limited=True)
+            if victim is not None:
+                self._evict(victim)
+        if own_uid and len(self.connections) < 2 * limit:
+            conn.limited = True
+            return None
+        return Busy(
+            f"the daemon already serves {len(self.connections)} connections (the limit is {limit}) and none "
+            "is idle; retry later",
+            connections=len(self.connections),
+        )
+
+    def _oldest_idle(self, *, limited: bool) -> Connection | None:
+        idle = [c for c in self.connections if c.limited == limited and c.idle]
+        return min(idle, key=lambda c: c.last_active, default=None)
+
+    def _evict(self, conn: Connection) -> None:
+        """Close an idle connection to make room: it is told why (`busy`, id null; a client reconnects)."""
+        idle_s = time.monotonic() - conn.last_active
+        log.info("closing connection %d, idle for %.1fs, to make room", conn.conn_id, idle_s)
+        self.tel.metrics.error(Busy.code)
+        self.connections.discard(conn)
+        parting = Busy(
+            f"this connection was the one idle the longest and was closed to make room for a new one (the "
+            f"daemon serves at most {self.config.max_connections}); reconnect",
+            evicted=True,
+        )
+
+        data = framing.encode_frame(encode(error_reply(None, parting)))
+        conn.closed = True  # from now on nothing more of this connection is read or answered
+
+        async def part() -> None:
+            with contextlib.suppress(Exception):
+                conn.writer.write(data)
+                await asyncio.wait_for(conn.writer.drain(), FORCED_SEND_TIMEOUT_S)
+            conn.writer.close()
+
+        conn.spawn(part())
 
     async def _read_loop(self, conn: Connection, reader: asyncio.StreamReader) -> None:
         while not conn.closed:
@@ -294,13 +420,21 @@ class DaemonServer:
                 return
             except ConnectionError:
                 return
+            if conn.closed:  # evicted while this frame arrived
+                return
+            conn.last_active = time.monotonic()
             try:
-                req = decode_request(payload)
-            except EaselError as err:
+                req = decode_body(payload)
+            except EaselError as err:  # the framing is intact: answer, and keep the connection
                 self.tel.metrics.error(err.code)
                 await conn.send(error_reply(err.details.get("id"), err))
                 continue
-            await self._dispatch(conn, req)
+            conn.dispatching += 1
+            try:
+                await self._dispatch(conn, req)
+            finally:
+                conn.dispatching -= 1
+                conn.last_active = time.monotonic()
 
     async def _dispatch(self, conn: Connection, req: Request) -> None:
         """Answer `req` through its op's handler, under its server span; errors become error replies."""
@@ -313,6 +447,7 @@ class DaemonServer:
         )
         answered_later = False
         try:
+            self._check_limited(conn, req)
             reply = await self._handlers[type(req)](conn, req, call)
             if reply is None:  # a render / inspect ends its span when its reply is sent
                 answered_later = True
@@ -328,6 +463,20 @@ class DaemonServer:
         finally:
             if not answered_later:
                 call.end()
+
+    def _check_limited(self, conn: Connection, req: Request) -> None:
+        """A connection let in over the limit becomes a full one once there is room; until then it may
+        only ping, ask status, cancel and shut down."""
+        if not conn.limited:
+            return
+        if sum(not c.limited for c in self.connections) < self.config.max_connections:
+            conn.limited = False
+        elif not isinstance(req, LIMITED_OPS):
+            raise Busy(
+                f"the daemon is at its limit of {self.config.max_connections} busy connections; this one may "
+                "only ping, ask status, cancel and shut down until one closes; retry later",
+                connections=len(self.connections),
+            )
 
     # ---- operations -----------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 from opentelemetry.context import Context
 
-from client.fs import atomic_write_bytes
 from client.lorafile.inspect import inspect_lora
 from client.lorafile.signature import file_signature
 from client.tiers import TIERS
@@ -31,7 +30,7 @@ from client.wire.report import FileReport
 from daemon.config import ServiceConfig
 from daemon.engine.png import encode_png
 from daemon.render_spec import RenderSpec, validate_spec
-from daemon.security import confine
+from daemon.security import OutputRoot, OutputTarget, confine
 from daemon.telemetry import RenderSpan, Telemetry, TelemetryConfig, extract_context, setup_telemetry
 from daemon.telemetry import render_span as open_render_span
 
@@ -62,7 +61,7 @@ class Prepared:
     stack: list[StackItem]
     stack_key: StackKey
     zero_match: str
-    output_path: Path | None
+    output: OutputTarget | None
     return_bytes: bool
     trace_context: dict[str, str] | None = None
     tier: str | None = None
@@ -124,6 +123,7 @@ class RenderService:
         self.active_report: list[FileReport] = []
         self.warm = False
         self.stack_switches = 0
+        self.outputs = OutputRoot(config.output_root)
         self.use_telemetry(tel or setup_telemetry(config=TelemetryConfig("easel-daemon", disabled=True)))
 
     def use_telemetry(self, tel: Telemetry) -> None:
@@ -169,31 +169,38 @@ class RenderService:
         validate_spec(spec, self.config.limits)
         items = []
         for i, (p, s) in enumerate(zip(req.lora_paths, req.lora_scales, strict=True)):
-            resolved = confine(p, self.config.lora_roots, what="LoRA", must_exist=True)
-            if not resolved.is_file():
-                raise LoraNotFound(f"lora_paths[{i}]: no LoRA file at {resolved}", path=p, index=i)
+            resolved = self._lora_file(p, field=f"lora_paths[{i}]", index=i)
             name = req.lora_names[i] if req.lora_names else None
             items.append(StackItem(resolved, float(s), name))
         out = None
-        if not req.return_bytes:
-            if req.output_path is None:
-                out = self.config.output_root / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.png"
-            else:
-                out = confine(req.output_path, [self.config.output_root], what="output")
-                if out.suffix.lower() != ".png":
-                    raise InvalidRequest(f"output_path must end in .png, got {req.output_path!r}", field="output_path")
-                if out.is_dir():
-                    raise InvalidRequest(f"output_path {out} is a directory", field="output_path")
+        if not req.return_bytes:  # checked now, written through the held root later (security.OutputRoot)
+            generated = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.png"
+            out = self.outputs.admit(req.output_path, generated)
         return Prepared(
             spec=spec,
             stack=items,
             stack_key=stack_key(items),
             zero_match=req.zero_match,
-            output_path=out,
+            output=out,
             return_bytes=req.return_bytes,
             trace_context=req.trace_context,
             tier=req.tier,
         )
+
+    def _lora_file(self, path: str, *, field: str, index: int | None = None) -> Path:
+        """A requested LoRA path, confined to the LoRA roots and naming a regular file."""
+        where = f"{field}: " if index is not None else ""
+        extra = {"index": index} if index is not None else {}
+        resolved = confine(
+            path, self.config.lora_roots, what="LoRA", must_exist=True, field=field, unresolvable=LoraNotFound
+        )
+        try:
+            is_file = resolved.is_file()
+        except OSError as exc:
+            raise LoraNotFound(f"{where}cannot reach {resolved}: {exc.strerror or exc}", path=path, **extra) from None
+        if not is_file:
+            raise LoraNotFound(f"{where}no LoRA file at {resolved}", path=path, **extra)
+        return resolved
 
     def active_stack(self) -> list[ActiveLora]:
         return [ActiveLora(path=k[0], scale=k[1]) for k in self.active_key]
@@ -291,8 +298,8 @@ class RenderService:
                 "matched_keys": [r.keys_applied for r in self.active_report],
             }
             data = encode_png(out.image, meta)
-            if prepared.output_path is not None:
-                atomic_write_bytes(prepared.output_path, data)
+            if prepared.output is not None:
+                self.outputs.write(prepared.output, data)
             t["write"] = time.perf_counter() - t_write
             span.record_phases({k: v for k, v in t.items() if k not in ("queue_wait", "stack_switch")})
         t["total"] = time.perf_counter() - t0 + t.get("queue_wait", 0.0)
@@ -308,7 +315,7 @@ class RenderService:
             matched_keys=[r.keys_applied for r in self.active_report],
             timings=t,
             stack_switched=switched,
-            image_path=str(prepared.output_path) if prepared.output_path is not None else None,
+            image_path=str(prepared.output.path) if prepared.output is not None else None,
             image_bytes=data if prepared.return_bytes else None,
         )
 
@@ -331,9 +338,7 @@ class RenderService:
 
     def inspect(self, path: str) -> FileReport:
         """A LoRA's report without rendering (read-only: the live model is not touched)."""
-        resolved = confine(path, self.config.lora_roots, what="LoRA", must_exist=True)
-        if not resolved.is_file():
-            raise LoraNotFound(f"no LoRA file at {resolved}", path=path)
+        resolved = self._lora_file(path, field="path")
         transformer = getattr(getattr(self.engine, "flux", None), "transformer", None)
         if transformer is None:
             report = inspect_lora(str(resolved))
