@@ -20,17 +20,20 @@ SERVE = [sys.executable, "-c", "from client.cli import main; main()", "serve"]
 
 
 class ServeProcess:
-    def __init__(self, root: Path, *args: str) -> None:
+    """`easel serve ARGS` with its socket, LoRA root and output root under `root`; `start()` waits for ready."""
+
+    def __init__(self, root: Path, *args: str, lora_root: Path | None = None) -> None:
         self.root = root
         self.socket = root / "run" / "easel.sock"
         self.out = root / "out"
+        self.loras = lora_root or root
         self.extra = list(args)
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
         self.proc: subprocess.Popen | None = None
 
     def args(self) -> list[str]:
-        return [*SERVE, "--socket", str(self.socket), "--lora-root", str(self.root), "--output-root", str(self.out),
+        return [*SERVE, "--socket", str(self.socket), "--lora-root", str(self.loras), "--output-root", str(self.out),
                 *self.extra]  # fmt: skip
 
     def start(self, timeout: float = 600) -> ServeProcess:
@@ -71,6 +74,17 @@ class ServeProcess:
         with self.client(timeout=600) as c:
             result = c.send_render(prompt, return_bytes=True, **fields)
         return np.asarray(Image.open(io.BytesIO(result.image_bytes)).convert("RGB"))
+
+    def alive(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        with self.client() as c:
+            return c.ping().pong
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

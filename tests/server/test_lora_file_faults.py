@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import struct
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,75 +21,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.lora_factories import make_lora, write_safetensors
+from helpers.serve_process import ServeProcess
 
-from client.client import RenderClient
 from client.wire.errors import EaselError
 
 pytestmark = pytest.mark.model
 
 W = 3072
 LAYOUT = {"transformer_blocks.0.attn.to_out.0": (W, W), "transformer_blocks.0.attn.to_q": (W, W)}
-SERVE = [sys.executable, "-c", "from client.cli import main; main()", "serve"]
 SIZE = dict(width=64, height=64, steps=1, seed=5)
 LORA_CODES = {"lora_format", "lora_not_found", "lora_unsupported", "lora_zero_match", "lora_error"}
 CACHE_BYTES, RESIDENT_BYTES = 0, 64 * 1024**2  # files re-read every time; a few small stacks resident
 
 
-class Daemon:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.socket = root / "run" / "easel.sock"
-        self.loras = root / "loras"
-        self.out = root / "out"
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        args = [*SERVE, "--socket", str(self.socket), "--lora-root", str(self.loras), "--output-root", str(self.out)]
-        args += ["--lora-cache-bytes", str(CACHE_BYTES), "--resident-stack-bytes", str(RESIDENT_BYTES), "--no-warmup"]
-        self.proc = subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        threading.Thread(target=self._pump, daemon=True).start()
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=1)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"easel serve exited with {self.proc.returncode}") from None
-                continue
-            if "ready on" in line:
-                return
-        raise RuntimeError("easel serve did not become ready")
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip())
-
-    def client(self) -> RenderClient:
-        return RenderClient(self.socket)
-
-    def alive(self) -> bool:
-        if self.proc.poll() is not None:
-            return False
-        with self.client() as c:
-            return c.ping().pong
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("faults"))
-    d.loras.mkdir()
-    d.start()
+    root = tmp_path_factory.mktemp("faults")
+    (root / "loras").mkdir()
+    flags = ("--lora-cache-bytes", str(CACHE_BYTES), "--resident-stack-bytes", str(RESIDENT_BYTES), "--no-warmup")
+    d = ServeProcess(root, *flags, lora_root=root / "loras").start()
     yield d
-    if d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait(30)
+    d.kill()
 
 
 def _big_lora(path: Path, mb: int = 160) -> None:
