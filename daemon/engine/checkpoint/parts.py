@@ -104,12 +104,14 @@ class PreparedPart:
     source: PartSource
     module: nn.Module
     depth: tuple[int, ...]
-    weights: dict[str, mx.array]  # mflux parameter path -> lazy array
+    dtype: mx.Dtype
+    streams: list | None = None
 
     def apply(self, bits: int | None) -> None:
-        """Put the weights in, quantize on request, and read them (the only step that touches the data)."""
-        self.module.load_weights(list(self.weights.items()), strict=True)
-        self.weights = {}
+        """Read the weights, put them in, quantize on request (the only step that touches the data)."""
+        weights, _, _ = _rename(self.source, self.source.files.load_now(self.dtype, self.streams), self.module)
+        self.module.load_weights(list(weights.items()), strict=True)
+        del weights
         if bits is not None and self.source.stored_bits is None:
             nn.quantize(self.module, group_size=QUANT_GROUP_SIZE, bits=bits, class_predicate=quantizable)
         use_dequantizing_layers(self.module)
@@ -157,7 +159,7 @@ def prepare_part(
         if unknown:
             lines.append(f"{len(unknown)} tensor(s) the model does not have: " + ", ".join(sorted(unknown)[:4]))
         raise _mismatch(source, ". ".join(lines), shapes)
-    return PreparedPart(source, module, depth, weights)
+    return PreparedPart(source, module, depth, dtype, streams)
 
 
 def _rename(source: PartSource, tensors: dict[str, mx.array], module: nn.Module) -> tuple[dict, list[str], list[str]]:

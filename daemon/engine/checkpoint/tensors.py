@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from client.wire.errors import ModelMismatch, ModelPartMissing, ModelShardMissing, ModelShardTruncated
 from daemon.engine.runtime import mx
@@ -24,6 +28,7 @@ ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
 FP8_DTYPES = frozenset({"F8_E4M3"})
 INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+WIDEN_CHUNK_ELEMENTS = 8 * 1024 * 1024  # 16 MiB of bf16 per read: large reads, a small reused buffer
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class TensorInfo:
     dtype: str  # as stored: "BF16", "F8_E4M3", ...
     shape: tuple[int, ...]
     file: Path
+    offset: int = 0  # where its data starts in the file
 
     @property
     def nbytes(self) -> int:
@@ -81,7 +87,7 @@ def read_header(path: Path) -> FileHeader:
                 f"{path}: tensor {name!r} ({dtype} {list(shape)}) has {end - start} bytes of data", path=str(path)
             )
         end_max = max(end_max, end)
-        tensors[name] = TensorInfo(name, dtype, shape, path)
+        tensors[name] = TensorInfo(name, dtype, shape, path, 8 + length + int(start))
     if end_max > data_size:
         raise ModelShardTruncated(
             f"{path}: the header needs {end_max + 8 + length} bytes, the file has {size} "
@@ -168,7 +174,13 @@ class PartFiles:
         out: dict[str, mx.array] = {}
         n = 0
         for path in self.files:
-            for name, array in mx.load(str(path), stream=streams[n % len(streams)]).items():
+            try:
+                loaded = mx.load(str(path), stream=streams[n % len(streams)])
+            except RuntimeError as exc:  # its header was checked: the file changed since
+                raise ModelShardTruncated(
+                    f"{path}: the file changed while easel read it ({exc})", path=str(path)
+                ) from None
+            for name, array in loaded.items():
                 stream = streams[n % len(streams)]
                 n += 1
                 stored = self.tensors[name].dtype
@@ -182,3 +194,51 @@ class PartFiles:
                     array = array.astype(dtype, stream=stream)
                 out[name] = array
         return out
+
+    def load_now(self, dtype: mx.Dtype, streams: list | None = None) -> dict[str, mx.array]:
+        """Every tensor, read now: what `PreparedPart.apply` puts into the model.
+
+        On a CPU the model computes in fp32 and checkpoints are bf16. MLX's own widening (`astype`) costs
+        about three times the read; a bf16 value is the top half of its fp32, so the bits are shifted by
+        numpy (two threads, the GIL released) from a small reused read buffer straight into the MLX arrays
+        the model will hold. Every other case reads through MLX as `load_lazy` does.
+        """
+        streams = streams or [mx.default_stream(mx.default_device())]
+        out = self.load_lazy(dtype, streams)
+        if dtype != mx.float32 or mx.default_device() != mx.cpu:
+            return out
+        widen = [info for info in self.tensors.values() if info.dtype == "BF16"]
+        for n, info in enumerate(widen):
+            out[info.name] = mx.zeros(info.shape, dtype=mx.float32, stream=streams[n % len(streams)])
+        mx.eval(*(out[info.name] for info in widen))
+        by_file: dict[Path, list[TensorInfo]] = {}
+        for info in widen:
+            by_file.setdefault(info.file, []).append(info)
+        workers = len(streams)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="easel-widen") as pool:
+            for path, infos in by_file.items():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    shares = [infos[i::workers] for i in range(workers)]
+                    list(pool.map(lambda share, fd=fd, path=path: _widen_bf16(fd, path, share, out), shares))
+                finally:
+                    os.close(fd)
+        return out
+
+
+def _widen_bf16(fd: int, path: Path, infos: list[TensorInfo], out: dict[str, mx.array]) -> None:
+    """Read bf16 tensors in chunks and write them as fp32 into their (evaluated, unshared) MLX arrays."""
+    buffer = np.empty(WIDEN_CHUNK_ELEMENTS, dtype=np.uint16)
+    for info in infos:
+        target = np.array(out[info.name], copy=False).reshape(-1).view(np.uint32)
+        for start in range(0, target.size, WIDEN_CHUNK_ELEMENTS):
+            count = min(WIDEN_CHUNK_ELEMENTS, target.size - start)
+            chunk = buffer[:count]
+            got = os.preadv(fd, [memoryview(chunk).cast("B")], info.offset + 2 * start)
+            if got != 2 * count:
+                raise ModelShardTruncated(
+                    f"{path}: tensor {info.name!r} ends early ({got} of {2 * count} bytes read at "
+                    f"{info.offset + 2 * start}): the file changed while easel read it",
+                    path=str(path),
+                )
+            np.left_shift(chunk, 16, out=target[start : start + count], dtype=np.uint32)
