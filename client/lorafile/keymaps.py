@@ -49,6 +49,9 @@ _REFERENCE_LAYOUTS: dict[str, Callable[[], dict[str, tuple[int, int]]]] = {
 }
 
 
+MATCH_MEMO_MAX = 200_000  # module names remembered per format (keys of every file a daemon has parsed)
+
+
 def shipped_keymap_dir() -> Path:
     """The keymaps installed with easel (package data of the `keymaps` package, a folder on disk)."""
     return Path(str(importlib.resources.files("keymaps")))
@@ -266,10 +269,6 @@ class FormatKeymap:
     def _prefixes_longest_first(self) -> tuple[str, ...]:
         return tuple(sorted(self.prefixes, key=len, reverse=True))
 
-    @functools.cached_property
-    def _suffixes_longest_first(self) -> tuple[tuple[str, str], ...]:
-        return tuple(sorted(self.tensors, key=lambda sr: len(sr[0]), reverse=True))
-
     def _child(self, number: str, spelling: str) -> str:
         return spelling.replace("{n}", number).replace(".", self.separator)
 
@@ -294,27 +293,78 @@ class FormatKeymap:
         """The tensor suffix this format writes for a role (its first one in the file), None if it has none."""
         return next((suffix for suffix, r in self.tensors if r == role), None)
 
+    @functools.cached_property
+    def _suffix_roles(self) -> tuple[dict[str, str], int]:
+        """{suffix: role} (the first spelling of a suffix wins) and the most dot-separated parts a suffix has."""
+        roles: dict[str, str] = {}
+        for suffix, role in self.tensors:
+            roles.setdefault(suffix, role)
+        return roles, max((suffix.count(".") + 1 for suffix in roles), default=0)
+
     def split_key(self, key: str) -> tuple[str, str] | None:
-        """(module key, role) if `key` ends with one of this format's tensor suffixes."""
-        for suffix, role in self._suffixes_longest_first:
-            if key.endswith("." + suffix):
-                return key[: -len(suffix) - 1], role
+        """(module key, role) if `key` ends with one of this format's tensor suffixes (the longest wins).
+
+        A suffix starts after a dot, so only the last few dots of the key are candidates: one dict lookup
+        each, longest first (a longer match has more dots).
+        """
+        roles, parts = self._suffix_roles
+        dots: list[int] = []
+        end = len(key)
+        for _ in range(parts):
+            end = key.rfind(".", 0, end)
+            if end < 0:
+                break
+            dots.append(end)
+        for dot in reversed(dots):
+            role = roles.get(key[dot + 1 :])
+            if role is not None:
+                return key[:dot], role
         return None
 
+    @functools.cached_property
+    def _combined(self) -> tuple[re.Pattern[str], tuple[tuple[ModuleRule, str | None], ...]]:
+        """Every rule's pattern as one alternation (tried in rule order, in C): one regex call per name.
+
+        Each rule's own groups are renamed so the winning alternative and its block index can be read
+        back: group `r<n>` is rule n, group `i<n>` its `{i}` capture (if any).
+        """
+        alternatives, rules = [], []
+        for n, (pattern, rule) in enumerate(self._patterns):
+            source = pattern.pattern
+            index = None
+            if pattern.groups:
+                source = source.replace(r"(\d+)", rf"(?P<i{n}>\d+)", 1).replace(r"(\d+)", r"(?:\d+)")
+                index = f"i{n}"
+            alternatives.append(f"(?P<r{n}>{source})")
+            rules.append((rule, index))
+        return re.compile("|".join(alternatives) or r"(?!)"), tuple(rules)
+
     def match_module(self, module_key: str) -> tuple[ModuleRule, int | None] | None:
-        """The rule (and block index) a module key names, trying each prefix."""
+        """The rule (and block index) a module key names, trying each prefix (longest first)."""
+        memo = self._match_memo
+        if module_key in memo:
+            return memo[module_key]
+        combined, rules = self._combined
+        found = None
         for prefix in self._prefixes_longest_first:
             if not module_key.startswith(prefix):
                 continue
-            name = module_key[len(prefix) :]
-            for pattern, rule in self._patterns:
-                m = pattern.fullmatch(name)
-                if m:
-                    return rule, (int(m.group(1)) if m.groups() else None)
-        return None
+            m = combined.fullmatch(module_key, len(prefix))
+            if m:
+                rule, index = rules[int(m.lastgroup[1:])]
+                found = rule, (int(m.group(index)) if index else None)
+                break
+        if len(memo) >= MATCH_MEMO_MAX:  # bounded: a daemon sees many files over its life
+            memo.clear()
+        memo[module_key] = found
+        return found
+
+    @functools.cached_property
+    def _match_memo(self) -> dict[str, tuple[ModuleRule, int | None] | None]:
+        return {}
 
     def is_text_encoder(self, key: str) -> bool:
-        return any(key.startswith(p) for p in self.text_encoder_prefixes)
+        return key.startswith(self.text_encoder_prefixes)
 
 
 @dataclass(frozen=True)

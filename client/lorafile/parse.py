@@ -115,8 +115,9 @@ def _score(fmt: FormatKeymap, keys: list[str], metadata: dict[str, str]) -> tupl
 
 def detect_format(keys: list[str], metadata: dict[str, str], keymaps: KeymapSet) -> FormatKeymap | None:
     """The keymap that recognises most keys (metadata hints and priority break ties); None if none does."""
-    best = max(keymaps.formats, key=lambda f: _score(f, keys, metadata))
-    return best if _score(best, keys, metadata)[0] > 0 else None
+    scores = {f.name: _score(f, keys, metadata) for f in keymaps.formats}
+    best = max(keymaps.formats, key=lambda f: scores[f.name])
+    return best if scores[best.name][0] > 0 else None
 
 
 def peft_scaling(metadata: dict[str, str]) -> PeftScaling:

@@ -19,6 +19,7 @@ The math, for one source module with down D (R_d, in), up U (sum(out_i), R_u), f
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -105,8 +106,8 @@ def _alpha(group: ModuleTensors, default: float | None) -> float | None:
 
 
 def _row_slices(outs: list[int]) -> list[slice]:
-    starts = np.cumsum([0, *outs])
-    return [slice(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    starts = [0, *itertools.accumulate(outs)]
+    return [slice(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
 def _lowrank_terms(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import stat
 import struct
@@ -250,7 +251,7 @@ def _tensor_specs(header: dict, data_len: int, p: Path) -> dict[str, tuple[str, 
             raise LoraFormatError(f"{p.name}: corrupt header entry for tensor {key!r}", path=str(p)) from exc
         if dtype not in DTYPES:
             raise LoraFormatError(f"{p.name}: tensor {key!r} has unsupported dtype {dtype}", path=str(p), key=key)
-        expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+        expected = math.prod(shape) * DTYPES[dtype].itemsize
         if begin < 0 or end < begin or end - begin != expected:
             raise LoraFormatError(
                 f"{p.name}: tensor {key!r} offsets {begin}..{end} do not fit its shape {list(shape)}",
