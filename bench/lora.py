@@ -233,7 +233,8 @@ def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int]]:
     files = make_files(tmp, linear_layout(transformer), "tiny", n=3, dtype="F32")
     stack = [StackEntry(p, s) for p, s in zip(files, SCALES_A, strict=True)]
     patcher = new_patcher(transformer)
-    text_tokens = int(getattr(model.flux.model_config, "max_sequence_length", 512) or 512)
+    # the prompt tokens the preset renders with (the mini preset's T5 length), else the model's own
+    text_tokens = int(model.preset.t5_max_length or getattr(model.flux.model_config, "max_sequence_length", 512))
     rng = np.random.default_rng(0)
     out = {}
     for px in (64, 128, 256):
