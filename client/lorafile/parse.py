@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from client.lorafile.explain import refusal
 from client.lorafile.keymaps import FormatKeymap, KeymapSet, ModuleRule, load_keymaps
 from client.lorafile.safetensors_io import SafetensorsFile
 from client.wire.errors import LoraUnsupported
@@ -77,27 +78,11 @@ class ParsedLora:
     keys_total: int
     nbytes: int
     peft: PeftScaling = field(default_factory=PeftScaling)  # adapter config, when the file carries one
+    keymaps: KeymapSet | None = None  # the keymaps it was recognised with (explanations read them)
 
     @property
     def is_lokr(self) -> bool:
         return any(r.startswith("lokr_") for m in self.modules.values() for r in m.tensors)
-
-
-def check_dora(keys: list[str], path: str) -> None:
-    """DoRA rescales each column by a learnt magnitude; applying it as plain LoRA would be wrong."""
-    for key in keys:
-        if key.endswith("dora_scale") or "lora_magnitude_vector" in key:
-            raise LoraUnsupported(
-                f"{path}: DoRA LoRAs are not supported (found {key}); applying it as plain LoRA would be wrong",
-                path=path,
-                key=key,
-            )
-        if key.endswith(".lokr_t2"):
-            raise LoraUnsupported(
-                f"{path}: LoKr with a Tucker core (lokr_t2, for convolutions) is not supported (found {key})",
-                path=path,
-                key=key,
-            )
 
 
 def _score(fmt: FormatKeymap, keys: list[str], metadata: dict[str, str]) -> tuple[float, int]:
@@ -155,7 +140,15 @@ def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedL
     """Recognise the format and group tensors per source module; unrecognised keys become leftovers."""
     keymaps = keymaps or load_keymaps()
     keys = list(sf.tensors)
-    check_dora(keys, sf.path)
+    refused = refusal(keys, keymaps)
+    if refused is not None:
+        known, hits = refused
+        raise LoraUnsupported(
+            f"{sf.path}: {known.message} (recognised by {len(hits)} key(s) such as {hits[0]})",
+            path=sf.path,
+            key=hits[0],
+            kind=known.name,
+        )
     fmt = detect_format(keys, sf.metadata, keymaps)
     if fmt is None:
         return ParsedLora(
@@ -167,6 +160,7 @@ def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedL
             leftover=[(k, "no keymap recognises this key (unknown LoRA format)") for k in keys],
             keys_total=len(keys),
             nbytes=sf.nbytes,
+            keymaps=keymaps,
         )
     modules: dict[str, ModuleTensors] = {}
     leftover: list[tuple[str, str]] = []
@@ -188,10 +182,10 @@ def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedL
             leftover.append((key, f"duplicate {role} tensor for {module_key} (already {group.tensors[role][0]})"))
             continue
         group.tensors[role] = (key, sf.tensors[key])
-    is_lokr = any(r.startswith("lokr_") for m in modules.values() for r in m.tensors)
+    kinds = {r.split("_")[0] for m in modules.values() for r in m.tensors}
     return ParsedLora(
         path=sf.path,
-        format="lycoris_lokr" if is_lokr else fmt.name,
+        format="lycoris_lokr" if "lokr" in kinds else "lycoris_loha" if "hada" in kinds else fmt.name,
         keymap=fmt,
         metadata=sf.metadata,
         modules=modules,
@@ -199,4 +193,5 @@ def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedL
         keys_total=len(keys),
         nbytes=sf.nbytes,
         peft=peft_scaling(sf.metadata),
+        keymaps=keymaps,
     )

@@ -15,7 +15,6 @@ from client.lorafile.layout import preset_layout
 from client.lorafile.parse import parse_lora
 from client.lorafile.resolve import resolve
 from client.lorafile.safetensors_io import read_safetensors
-from client.wire.errors import LoraUnsupported
 
 EXPECTED_FORMAT = {
     "kohya": ("kohya", "kohya"),
@@ -105,17 +104,19 @@ def test_rank_mismatch_is_a_leftover_with_its_reason(tmp_path, layout):
     assert report.keys_applied == 0 and report.layers_patched == 0
 
 
-def test_dora_and_tucker_lokr_are_refused(tmp_path, layout):
-    with pytest.raises(LoraUnsupported, match="DoRA"):
-        inspect_lora(make_dora(tmp_path / "dora.safetensors", layout), layout=layout)
+def test_dora_applies_and_lone_magnitudes_or_cores_are_leftovers(tmp_path, layout):
+    """DoRA files apply (they were refused before DoRA was supported); a magnitude or a Tucker core
+    without the factors it belongs to is a leftover that says so."""
+    report = inspect_lora(make_dora(tmp_path / "dora.safetensors", layout), layout=layout)
+    assert report.keys_applied == report.keys_total == 3 and report.fused_styles["dora_out"] == 1
     path = tmp_path / "kohya_dora.safetensors"
     write_safetensors(path, {"lora_unet_double_blocks_0_img_attn_proj.dora_scale": np.ones((1, 3072))}, {})
-    with pytest.raises(LoraUnsupported, match="DoRA"):
-        inspect_lora(path)
+    report = inspect_lora(path, layout=layout)
+    assert report.keys_applied == 0 and "without the LoRA" in report.leftover[0].reason
     path = tmp_path / "t2.safetensors"
     write_safetensors(path, {"lora_unet_double_blocks_0_img_attn_proj.lokr_t2": np.ones((2, 2, 1, 1))}, {})
-    with pytest.raises(LoraUnsupported, match="Tucker"):
-        inspect_lora(path)
+    report = inspect_lora(path, layout=layout)
+    assert report.keys_applied == 0 and "incomplete LoKr" in report.leftover[0].reason
 
 
 def test_unknown_keys_give_an_unknown_format_that_matches_nothing(tmp_path, layout):
