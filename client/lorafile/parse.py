@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -31,6 +33,7 @@ class PeftScaling:
     alpha: float | None = None
     alpha_pattern: tuple[tuple[str, float], ...] = ()
     use_rslora: bool = False
+    source: str = "metadata"  # where the config was read: the file's metadata or an adapter_config.json
 
     def alpha_for(self, module: str) -> float | None:
         for pattern, alpha in self.alpha_pattern:
@@ -116,6 +119,26 @@ def peft_scaling(metadata: dict[str, str]) -> PeftScaling:
         cfg = json.loads(raw) if raw else None
     except json.JSONDecodeError:
         cfg = None
+    return _scaling(cfg)
+
+
+PEFT_CONFIG = "adapter_config.json"  # what PEFT's save_pretrained writes beside adapter_model.safetensors
+
+
+def peft_config_beside(path: str | os.PathLike[str]) -> dict | None:
+    """The PEFT `adapter_config.json` in the LoRA file's folder, if there is a readable one.
+
+    PEFT keeps lora_alpha (and rank_pattern, alpha_pattern, use_rslora, use_dora) there, not in the
+    weights file: without it a PEFT folder would be applied at factor 1 instead of lora_alpha / r."""
+    config = Path(path).parent / PEFT_CONFIG
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return cfg if isinstance(cfg, dict) and cfg.get("peft_type", "LORA") == "LORA" else None
+
+
+def _scaling(cfg: object) -> PeftScaling:
     if not isinstance(cfg, dict):
         return PeftScaling()
 
@@ -131,9 +154,19 @@ def peft_scaling(metadata: dict[str, str]) -> PeftScaling:
     )
     return PeftScaling(
         alpha=float(alpha) if isinstance(alpha, int | float) and not isinstance(alpha, bool) else None,
+        source=str(cfg.get("__source__", "metadata")),
         alpha_pattern=pairs,
         use_rslora=field_("use_rslora") is True,
     )
+
+
+def _file_scaling(sf: SafetensorsFile) -> PeftScaling:
+    """The file's own adapter metadata, else a PEFT adapter_config.json beside it."""
+    scaling = peft_scaling(sf.metadata)
+    if scaling.alpha is not None or scaling.alpha_pattern:
+        return scaling
+    cfg = peft_config_beside(sf.path)
+    return _scaling({**cfg, "__source__": str(Path(sf.path).parent / PEFT_CONFIG)}) if cfg else scaling
 
 
 def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedLora:
@@ -192,6 +225,6 @@ def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedL
         leftover=leftover,
         keys_total=len(keys),
         nbytes=sf.nbytes,
-        peft=peft_scaling(sf.metadata),
+        peft=_file_scaling(sf),
         keymaps=keymaps,
     )
