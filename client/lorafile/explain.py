@@ -68,7 +68,7 @@ def prefix_fix(keys: list[str], keymaps: KeymapSet) -> tuple[FormatKeymap, str, 
                 if not key.startswith(have):
                     continue
                 rest = key[len(have) :]
-                for want in fmt.prefixes:
+                for want in sorted(fmt.prefixes, key=len):  # the simplest fix first
                     if want != have and _recognised(fmt, want + rest):
                         votes[(fmt.name, have, want)] += 1
                         found = True
