@@ -267,8 +267,8 @@ class _Writer:
     def full(self, base: str, targets: list[str], *, diff: str = "diff", bias: str | None = "diff_b",
              swap: bool = False) -> RefModule:  # fmt: skip
         outs, in_dim = self.shape(targets)
-        d = self.put(f"{base}.{diff}", self.randn(sum(outs), in_dim, scale=0.01)).astype(np.float64)
-        module = RefModule(targets, outs, lambda idx: d[idx], swap=swap)
+        d = self.put(f"{base}.{diff}", self.randn(sum(outs), in_dim, scale=0.01))  # float32: what the file holds
+        module = RefModule(targets, outs, lambda idx: d[idx].astype(np.float64), swap=swap)
         if bias is not None:
             module.bias = self.put(f"{base}.{bias}", self.randn(sum(outs), scale=0.1)).astype(np.float64)
         self.modules.append(module)
@@ -276,7 +276,7 @@ class _Writer:
 
     def set_weight(self, base: str, targets: list[str]) -> RefModule:
         outs, in_dim = self.shape(targets)
-        w = self.put(f"{base}.set_weight", self.randn(sum(outs), in_dim, scale=0.02)).astype(np.float64)
+        w = self.put(f"{base}.set_weight", self.randn(sum(outs), in_dim, scale=0.02))
         module = RefModule(targets, outs, None, set_weight=w)
         self.modules.append(module)
         return module
@@ -623,7 +623,7 @@ def _(w: _Writer):
 @convention("comfyui_extract", "ComfyUI comfy_extras/nodes_lora_extract.py full_diff + bias_diff (diff, diff_b)", "F16")
 def _(w: _Writer):
     w.full(f"diffusion_model.{BFL_MODULES['linear2'][0]}", LINEAR2)
-    w.full(f"diffusion_model.{BFL_MODULES['txt_mod'][0]}", TXT_MOD)
+    w.full(f"diffusion_model.{BFL_MODULES['proj'][0]}", PROJ)
     return {}
 
 
