@@ -755,3 +755,31 @@ def build_corpus(root: Path, layout: Mapping[str, tuple[int, int]]) -> dict[str,
         "refuse",
     )
     return out
+
+
+CORPUS_BEGIN = "<!-- corpus table: generated from tests/helpers/lora_corpus.py -->"
+CORPUS_END = "<!-- end of corpus table -->"
+
+
+def markdown_table(corpus: Mapping[str, CorpusFile]) -> str:
+    """The corpus as docs/lora_formats.md lists it: convention, source, a key of its file, what easel does."""
+    lines = [CORPUS_BEGIN, "", "| convention | naming from | key example | easel |", "|---|---|---|---|"]
+    for name in sorted(corpus):
+        entry = corpus[name]
+        key = entry.keys[0] if entry.keys else "img_in.lora_A.weight"
+        does = "applies every key" if entry.expect == "apply" else "refused by name (`lora_unsupported`)"
+        lines.append(f"| `{name}` | {entry.source} | `{key}` | {does} |")
+    return "\n".join([*lines, "", CORPUS_END])
+
+
+if __name__ == "__main__":  # python tests/helpers/lora_corpus.py docs/lora_formats.md: refresh the table
+    import sys
+    import tempfile
+
+    from client.lorafile.layout import preset_layout
+
+    page = Path(sys.argv[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        table = markdown_table(build_corpus(Path(tmp), preset_layout("tiny")))
+    head, _, rest = page.read_text(encoding="utf-8").partition(CORPUS_BEGIN)
+    page.write_text(head + table + rest.partition(CORPUS_END)[2], encoding="utf-8")

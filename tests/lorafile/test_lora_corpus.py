@@ -3,6 +3,8 @@ every file is recognised and applies every key; the control LoRA is refused by n
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from helpers.lora_corpus import CONVENTIONS, build_corpus
 
@@ -45,3 +47,17 @@ def test_control_lora_is_refused_saying_what_it_is(corpus, layout):
     assert "control image" in err.value.message and err.value.details["kind"] == "flux1_control"
     with pytest.raises(LoraUnsupported, match="control"):  # also without a model: the name alone decides
         inspect_lora(corpus["bfl_control"].path)
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "lora_formats.md"
+
+
+def test_doc_tables_match_the_keymaps_and_the_corpus(corpus):
+    from helpers.lora_corpus import CORPUS_BEGIN, CORPUS_END, markdown_table
+
+    from client.lorafile.doc_tables import rewrite
+
+    text = DOC.read_text(encoding="utf-8")
+    assert rewrite(DOC) == text, "docs/lora_formats.md is stale: python -m client.lorafile.doc_tables"
+    section = CORPUS_BEGIN + text.partition(CORPUS_BEGIN)[2].partition(CORPUS_END)[0] + CORPUS_END
+    assert section == markdown_table(corpus), "corpus table is stale: python tests/helpers/lora_corpus.py"

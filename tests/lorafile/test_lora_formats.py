@@ -228,3 +228,23 @@ def test_keymaps_are_versioned_data(tmp_path):
     )
     report = inspect_lora(path, layout=layout, keymaps=load_keymaps(root))
     assert report.format == "newtrainer" and report.keys_applied == 2 and report.layers_patched == 1
+
+
+def test_peft_folder_with_lora_alpha_not_r_applies_alpha_over_r(tmp_path, layout):
+    """A PEFT save_pretrained folder keeps lora_alpha in adapter_config.json, not in the weights file."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    mods = {"transformer_blocks.0.attn.to_q": 4, "single_transformer_blocks.0.proj_out": 4}
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for module, rank in mods.items():
+        out_dim, in_dim = layout[module]
+        tensors[f"base_model.model.{module}.lora_A.weight"] = rng.standard_normal((rank, in_dim)).astype(np.float32)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = rng.standard_normal((out_dim, rank)).astype(np.float32)
+    write_safetensors(folder / "adapter_model.safetensors", tensors, {})
+    assert set(_factors(folder / "adapter_model.safetensors", layout).values()) == {1.0}  # no config: factor 1
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "use_rslora": False, "target_modules": ["to_q"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    assert set(_factors(folder / "adapter_model.safetensors", layout).values()) == {16 / 4}
+    report = inspect_lora(folder / "adapter_model.safetensors", layout=layout)
+    assert report.alpha == 16 and report.keys_applied == 4
