@@ -22,6 +22,10 @@ from client.wire.errors import LoraUnsupported
 REASON_TEXT_ENCODER = "text encoder key: not applied (easel patches the diffusion transformer only)"
 REASON_UNKNOWN_TENSOR = "tensor name not recognised by the {fmt} keymap"
 REASON_UNKNOWN_MODULE = "module not in the {fmt} keymap's {vocab} vocabulary"
+REASON_NORM = (
+    "difference of a norm layer's scale ({target}): not in the {vocab} vocabulary of Linear layers, "
+    "not applied (easel patches Linear layers only)"
+)
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,17 @@ def _file_scaling(sf: SafetensorsFile) -> PeftScaling:
     return _scaling({**cfg, "__source__": str(Path(sf.path).parent / PEFT_CONFIG)}) if cfg else scaling
 
 
+def _norm_parameter(fmt: FormatKeymap, keymaps: KeymapSet, module_key: str) -> str | None:
+    """The mflux parameter a module key names when it is a norm scale of the model file (`parameters`)."""
+    for rule in keymaps.parameters.get(fmt.vocabulary, ()):
+        pattern = fmt._pattern(rule.source)  # noqa: SLF001 - the format's own spelling of a vocabulary name
+        for prefix in fmt.prefixes:
+            m = re.fullmatch(pattern, module_key[len(prefix) :]) if module_key.startswith(prefix) else None
+            if m:
+                return rule.target.replace("{i}", m.group(1)) if m.groups() else rule.target
+    return None
+
+
 def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedLora:
     """Recognise the format and group tensors per source module; unrecognised keys become leftovers."""
     keymaps = keymaps or load_keymaps()
@@ -208,7 +223,9 @@ def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedL
         module_key, role = split
         match = fmt.match_module(module_key)
         if match is None:
-            leftover.append((key, REASON_UNKNOWN_MODULE.format(fmt=fmt.name, vocab=fmt.vocabulary)))
+            norm = _norm_parameter(fmt, keymaps, module_key)
+            reason = REASON_NORM.format(target=norm, vocab=fmt.vocabulary) if norm else None
+            leftover.append((key, reason or REASON_UNKNOWN_MODULE.format(fmt=fmt.name, vocab=fmt.vocabulary)))
             continue
         group = modules.setdefault(module_key, ModuleTensors(module_key, match[0], match[1]))
         if role in group.tensors:  # two spellings of the same role (e.g. lora_A and lora_A.weight)

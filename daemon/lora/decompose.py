@@ -43,13 +43,17 @@ def needs_base(contributions: Contributions) -> bool:
     return any(isinstance(t, DoraTerm | SetTerm) for _, t in contributions)
 
 
+def _f32(arr: np.ndarray) -> mx.array:
+    return mx.array(arr).astype(mx.float32)  # bf16 files stay bf16 in numpy: MLX converts them
+
+
 def _delta(term: WeightTerm) -> mx.array:
     if isinstance(term, LowRankTerm):
-        return term.factor * (mx.array(term.up, dtype=mx.float32) @ mx.array(term.down, dtype=mx.float32))
+        return term.factor * (_f32(term.up) @ _f32(term.down))
     if isinstance(term, KronTerm):
-        full = term.factor * mx.kron(mx.array(term.w1, dtype=mx.float32), mx.array(term.w2, dtype=mx.float32))
+        full = term.factor * mx.kron(_f32(term.w1), _f32(term.w2))
         return full if term.rows is None else full[term.rows[0] : term.rows[1]]
-    return term.factor * mx.array(term.weight, dtype=mx.float32)
+    return term.factor * _f32(term.weight)
 
 
 def _inner(term: DoraTerm) -> mx.array:
@@ -59,17 +63,44 @@ def _inner(term: DoraTerm) -> mx.array:
     return out
 
 
+def _lowrank_row_norms(terms: list[DoraTerm], w: mx.array) -> list[mx.array]:
+    """||W_r + (U D)_r|| for every low-rank DoRA term on one layer, without forming W + U D:
+    ||W_r||^2 + 2 U_r . (W D^T)_r + U_r (D D^T) U_r^T.
+
+    One pass over W (its row norms) and one product of W with every file's down matrices at once
+    (out x total rank), instead of a dense (out x in) delta and three passes over it per file."""
+    ups = [mx.concatenate([i.factor * _f32(i.up) for i in t.inner], axis=1) for t in terms]
+    downs = [mx.concatenate([_f32(i.down) for i in t.inner], axis=0) for t in terms]
+    rows = mx.sum(w * w, axis=1)
+    products = w @ mx.concatenate(downs, axis=0).T  # (out, sum of ranks)
+    norms, start = [], 0
+    for up, down in zip(ups, downs, strict=True):
+        r = down.shape[0]
+        cross = mx.sum(up * products[:, start : start + r], axis=1)
+        own = mx.sum((up @ (down @ down.T)) * up, axis=1)
+        norms.append(mx.sqrt(mx.maximum(rows + 2 * cross + own, 0)))
+        start += r
+    return norms
+
+
 def dora_gains(terms: list[DoraTerm], weight_of: Callable[[str], mx.array]) -> dict[int, np.ndarray]:
     """g per DoRA term (by id), from the base weights of the layers they decompose."""
     gains: dict[int, np.ndarray] = {}
     by_group: dict[tuple[int, tuple[str, ...]], list[DoraTerm]] = {}
+    lowrank: dict[str, list[DoraTerm]] = {}
     for term in terms:
         if term.axis == "out":
+            if all(isinstance(t, LowRankTerm) for t in term.inner):
+                lowrank.setdefault(term.target, []).append(term)
+                continue
             w = weight_of(term.target) + _inner(term)
             norm = mx.sqrt(mx.sum(w * w, axis=1))
-            gains[id(term)] = np.asarray(mx.array(term.magnitude, dtype=mx.float32) / norm, np.float32)
+            gains[id(term)] = np.asarray(_f32(term.magnitude) / norm, np.float32)
         else:
             by_group.setdefault((id(term.magnitude), term.group), []).append(term)
+    for target, members in lowrank.items():
+        for term, norm in zip(members, _lowrank_row_norms(members, weight_of(target)), strict=True):
+            gains[id(term)] = np.asarray(_f32(term.magnitude) / norm, np.float32)
     for (_, group), members in by_group.items():
         squares = None
         own = {t.target: t for t in members}

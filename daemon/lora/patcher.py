@@ -322,12 +322,14 @@ class LoraPatcher:
         return reports, tuple(sigs), per_layer, warnings
 
     def _base_weights(self) -> Callable[[str], mx.array]:
-        """W (float32) of a layer by target, read once per build: DoRA norms and `.set_weight` need it.
-        Read from the untouched original layer (the bake form keeps the original array in its slot)."""
+        """W (float32) of a layer by target: DoRA norms and `.set_weight` need it. Read from the untouched
+        original layer (the bake form keeps the original array in its slot). Only the last layer's copy is
+        kept (a stack's terms come layer by layer), so a build holds one float32 weight at a time."""
         memo: dict[str, mx.array] = {}
 
         def weight_of(target: str) -> mx.array:
             if target not in memo:
+                memo.clear()
                 slot = self._slot(target)
                 original = slot.original
                 if self.mode == "bake" and slot.original_weight is not None:
