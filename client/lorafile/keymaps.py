@@ -127,6 +127,8 @@ class FormatFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     priority: int = 0
     text_encoder_prefixes: list[str] = []
     metadata_hints: list[MetadataHint] = []
+    # Modules this format names beyond its vocabulary (a loader's own spellings, e.g. ComfyUI's linear1_qkv).
+    extra_modules: list[ModuleRule] = []
     # How a numbered child in a vocabulary name (`img_mlp.0`) is written, `{n}` its number: PyTorch
     # writes `{n}`, MLX's nn.Sequential `layers.{n}`. Every spelling listed is read.
     numbered_children: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=lambda: ["{n}"])
@@ -443,7 +445,7 @@ def _load_format(path: Path, vocabularies: dict[str, tuple[ModuleRule, ...]], mo
         numbered_children=tuple(spec.numbered_children),
         text_encoder_prefixes=tuple(spec.text_encoder_prefixes),
         metadata_hints=tuple(spec.metadata_hints),
-        rules=vocabularies[spec.vocabulary],
+        rules=vocabularies[spec.vocabulary] + tuple(spec.extra_modules),
         path=str(path),
     )
 
