@@ -71,7 +71,13 @@ def inspect_command(file: str, preset: str | None, via_daemon: bool, socket_path
         click.echo(format_report(report))
     if report.resolved and report.keys_applied == 0:
         # the report on stdout is the result (keys_applied 0): the error goes to stderr only
-        raise failure(LoraZeroMatch(f"{file} matches zero keys of the {preset} model", path=file), as_json=False)
+        from client.lorafile.resolve import corrupt_error
+
+        broken = corrupt_error(report)
+        if broken is not None:
+            raise failure(broken, as_json=False)
+        why = f": {report.explanation}" if report.explanation else ""
+        raise failure(LoraZeroMatch(f"{file} matches zero keys of the {preset} model{why}", path=file), as_json=False)
 
 
 @lora.command("remap")

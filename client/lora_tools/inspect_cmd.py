@@ -33,6 +33,8 @@ def format_report(report) -> str:
             lines.append(f"  modules:  {styles}")
     else:
         lines.append(f"  keys:     {report.keys_total} (not resolved: pass --preset to match against a model)")
+    if report.explanation:
+        lines.append(f"  why:      {report.explanation}")
     if report.leftover:
         lines.append(f"  leftover: {len(report.leftover)} key(s)")
         by_reason = Counter(reason for _, reason in report.leftover)

@@ -38,8 +38,9 @@ from client.wire.errors import EaselError, KeymapError, LoraFormatError
 SUPPORTED_VERSIONS = frozenset({1})
 
 Role = Literal[
-    "down", "up", "alpha", "up_bias", "diff", "diff_b",
+    "down", "up", "alpha", "mid", "up_bias", "diff", "diff_b", "set_weight", "dora_scale",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
 ]  # fmt: skip
 MatrixLayout = Literal["out_in", "in_out"]  # out_in: down (rank, in), up (out, rank); in_out: the transposes
 
@@ -126,9 +127,33 @@ class FormatFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     priority: int = 0
     text_encoder_prefixes: list[str] = []
     metadata_hints: list[MetadataHint] = []
+    # Modules this format names beyond its vocabulary (a loader's own spellings, e.g. ComfyUI's linear1_qkv).
+    extra_modules: list[ModuleRule] = []
     # How a numbered child in a vocabulary name (`img_mlp.0`) is written, `{n}` its number: PyTorch
     # writes `{n}`, MLX's nn.Sequential `layers.{n}`. Every spelling listed is read.
     numbered_children: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=lambda: ["{n}"])
+
+
+class KnownFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`known/<name>.yaml`: a kind of file easel recognises but does not apply: another model family's
+    LoRA (`explain`: named when a file matches nothing) or one easel cannot render with (`refuse`)."""
+
+    version: int
+    name: str
+    family: str
+    action: Literal["refuse", "explain"]
+    keys: Annotated[list[str], msgspec.Meta(min_length=1)]  # regexes searched in each key; any one marks a key
+    message: str
+    model: str = "flux1"
+
+    def matching(self, keys: list[str]) -> list[str]:
+        patterns = _compiled(tuple(self.keys))
+        return [k for k in keys if any(p.search(k) for p in patterns)]
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(patterns: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
+    return tuple(re.compile(p) for p in patterns)
 
 
 class RemapFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -374,6 +399,7 @@ class KeymapSet:
     model_version: int
     vocabularies: dict[str, tuple[ModuleRule, ...]]
     parameters: dict[str, tuple[ParameterRule, ...]] = dataclasses_field(default_factory=dict)
+    known: tuple[KnownFile, ...] = ()  # known/*.yaml for this model: files refused or explained
 
     def by_name(self, name: str) -> FormatKeymap:
         for fmt in self.formats:
@@ -419,7 +445,7 @@ def _load_format(path: Path, vocabularies: dict[str, tuple[ModuleRule, ...]], mo
         numbered_children=tuple(spec.numbered_children),
         text_encoder_prefixes=tuple(spec.text_encoder_prefixes),
         metadata_hints=tuple(spec.metadata_hints),
-        rules=vocabularies[spec.vocabulary],
+        rules=vocabularies[spec.vocabulary] + tuple(spec.extra_modules),
         path=str(path),
     )
 
@@ -437,12 +463,23 @@ def _load_keymaps_cached(directory: str, model: str) -> KeymapSet:
     names = [f.name for f in formats]
     if len(set(names)) != len(names):
         raise KeymapError(f"duplicate format names in {root / 'formats'}: {names}", path=str(root))
+    known = []
+    for path in sorted((root / "known").glob("*.yaml")):
+        entry = _decode(path, KnownFile, _keymap_error(path))
+        for n, pattern in enumerate(entry.keys):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise KeymapError(f"{path}: $.keys[{n}]: not a valid regex: {exc}", path=str(path)) from None
+        if entry.model == model_name:
+            known.append(entry)
     return KeymapSet(
         formats=tuple(formats),
         model=model_name,
         model_version=model_file.version,
         vocabularies=vocabularies,
         parameters={v: tuple(rules) for v, rules in model_file.parameters.items()},
+        known=tuple(known),
     )
 
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from client.lorafile.explain import refusal
 from client.lorafile.keymaps import FormatKeymap, KeymapSet, ModuleRule, load_keymaps
 from client.lorafile.safetensors_io import SafetensorsFile
 from client.wire.errors import LoraUnsupported
@@ -19,6 +22,10 @@ from client.wire.errors import LoraUnsupported
 REASON_TEXT_ENCODER = "text encoder key: not applied (easel patches the diffusion transformer only)"
 REASON_UNKNOWN_TENSOR = "tensor name not recognised by the {fmt} keymap"
 REASON_UNKNOWN_MODULE = "module not in the {fmt} keymap's {vocab} vocabulary"
+REASON_NORM = (
+    "difference of a norm layer's scale ({target}): not in the {vocab} vocabulary of Linear layers, "
+    "not applied (easel patches Linear layers only)"
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,7 @@ class PeftScaling:
     alpha: float | None = None
     alpha_pattern: tuple[tuple[str, float], ...] = ()
     use_rslora: bool = False
+    source: str = "metadata"  # where the config was read: the file's metadata or an adapter_config.json
 
     def alpha_for(self, module: str) -> float | None:
         for pattern, alpha in self.alpha_pattern:
@@ -77,27 +85,11 @@ class ParsedLora:
     keys_total: int
     nbytes: int
     peft: PeftScaling = field(default_factory=PeftScaling)  # adapter config, when the file carries one
+    keymaps: KeymapSet | None = None  # the keymaps it was recognised with (explanations read them)
 
     @property
     def is_lokr(self) -> bool:
         return any(r.startswith("lokr_") for m in self.modules.values() for r in m.tensors)
-
-
-def check_dora(keys: list[str], path: str) -> None:
-    """DoRA rescales each column by a learnt magnitude; applying it as plain LoRA would be wrong."""
-    for key in keys:
-        if key.endswith("dora_scale") or "lora_magnitude_vector" in key:
-            raise LoraUnsupported(
-                f"{path}: DoRA LoRAs are not supported (found {key}); applying it as plain LoRA would be wrong",
-                path=path,
-                key=key,
-            )
-        if key.endswith(".lokr_t2"):
-            raise LoraUnsupported(
-                f"{path}: LoKr with a Tucker core (lokr_t2, for convolutions) is not supported (found {key})",
-                path=path,
-                key=key,
-            )
 
 
 def _score(fmt: FormatKeymap, keys: list[str], metadata: dict[str, str]) -> tuple[float, int]:
@@ -131,6 +123,26 @@ def peft_scaling(metadata: dict[str, str]) -> PeftScaling:
         cfg = json.loads(raw) if raw else None
     except json.JSONDecodeError:
         cfg = None
+    return _scaling(cfg)
+
+
+PEFT_CONFIG = "adapter_config.json"  # what PEFT's save_pretrained writes beside adapter_model.safetensors
+
+
+def peft_config_beside(path: str | os.PathLike[str]) -> dict | None:
+    """The PEFT `adapter_config.json` in the LoRA file's folder, if there is a readable one.
+
+    PEFT keeps lora_alpha (and rank_pattern, alpha_pattern, use_rslora, use_dora) there, not in the
+    weights file: without it a PEFT folder would be applied at factor 1 instead of lora_alpha / r."""
+    config = Path(path).parent / PEFT_CONFIG
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return cfg if isinstance(cfg, dict) and cfg.get("peft_type", "LORA") == "LORA" else None
+
+
+def _scaling(cfg: object) -> PeftScaling:
     if not isinstance(cfg, dict):
         return PeftScaling()
 
@@ -146,16 +158,45 @@ def peft_scaling(metadata: dict[str, str]) -> PeftScaling:
     )
     return PeftScaling(
         alpha=float(alpha) if isinstance(alpha, int | float) and not isinstance(alpha, bool) else None,
+        source=str(cfg.get("__source__", "metadata")),
         alpha_pattern=pairs,
         use_rslora=field_("use_rslora") is True,
     )
+
+
+def _file_scaling(sf: SafetensorsFile) -> PeftScaling:
+    """The file's own adapter metadata, else a PEFT adapter_config.json beside it."""
+    scaling = peft_scaling(sf.metadata)
+    if scaling.alpha is not None or scaling.alpha_pattern:
+        return scaling
+    cfg = peft_config_beside(sf.path)
+    return _scaling({**cfg, "__source__": str(Path(sf.path).parent / PEFT_CONFIG)}) if cfg else scaling
+
+
+def _norm_parameter(fmt: FormatKeymap, keymaps: KeymapSet, module_key: str) -> str | None:
+    """The mflux parameter a module key names when it is a norm scale of the model file (`parameters`)."""
+    for rule in keymaps.parameters.get(fmt.vocabulary, ()):
+        pattern = fmt._pattern(rule.source)  # noqa: SLF001 - the format's own spelling of a vocabulary name
+        for prefix in fmt.prefixes:
+            m = re.fullmatch(pattern, module_key[len(prefix) :]) if module_key.startswith(prefix) else None
+            if m:
+                return rule.target.replace("{i}", m.group(1)) if m.groups() else rule.target
+    return None
 
 
 def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedLora:
     """Recognise the format and group tensors per source module; unrecognised keys become leftovers."""
     keymaps = keymaps or load_keymaps()
     keys = list(sf.tensors)
-    check_dora(keys, sf.path)
+    refused = refusal(keys, keymaps)
+    if refused is not None:
+        known, hits = refused
+        raise LoraUnsupported(
+            f"{sf.path}: {known.message} (recognised by {len(hits)} key(s) such as {hits[0]})",
+            path=sf.path,
+            key=hits[0],
+            kind=known.name,
+        )
     fmt = detect_format(keys, sf.metadata, keymaps)
     if fmt is None:
         return ParsedLora(
@@ -167,6 +208,7 @@ def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedL
             leftover=[(k, "no keymap recognises this key (unknown LoRA format)") for k in keys],
             keys_total=len(keys),
             nbytes=sf.nbytes,
+            keymaps=keymaps,
         )
     modules: dict[str, ModuleTensors] = {}
     leftover: list[tuple[str, str]] = []
@@ -181,22 +223,25 @@ def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedL
         module_key, role = split
         match = fmt.match_module(module_key)
         if match is None:
-            leftover.append((key, REASON_UNKNOWN_MODULE.format(fmt=fmt.name, vocab=fmt.vocabulary)))
+            norm = _norm_parameter(fmt, keymaps, module_key)
+            reason = REASON_NORM.format(target=norm, vocab=fmt.vocabulary) if norm else None
+            leftover.append((key, reason or REASON_UNKNOWN_MODULE.format(fmt=fmt.name, vocab=fmt.vocabulary)))
             continue
         group = modules.setdefault(module_key, ModuleTensors(module_key, match[0], match[1]))
         if role in group.tensors:  # two spellings of the same role (e.g. lora_A and lora_A.weight)
             leftover.append((key, f"duplicate {role} tensor for {module_key} (already {group.tensors[role][0]})"))
             continue
         group.tensors[role] = (key, sf.tensors[key])
-    is_lokr = any(r.startswith("lokr_") for m in modules.values() for r in m.tensors)
+    kinds = {r.split("_")[0] for m in modules.values() for r in m.tensors}
     return ParsedLora(
         path=sf.path,
-        format="lycoris_lokr" if is_lokr else fmt.name,
+        format="lycoris_lokr" if "lokr" in kinds else "lycoris_loha" if "hada" in kinds else fmt.name,
         keymap=fmt,
         metadata=sf.metadata,
         modules=modules,
         leftover=leftover,
         keys_total=len(keys),
         nbytes=sf.nbytes,
-        peft=peft_scaling(sf.metadata),
+        peft=_file_scaling(sf),
+        keymaps=keymaps,
     )

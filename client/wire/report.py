@@ -42,6 +42,7 @@ class FileReport(msgspec.Struct, kw_only=True, omit_defaults=True):
     leftover_omitted: int = 0  # leftovers not listed (a reply lists MAX_LEFTOVER_ON_WIRE at most)
     nbytes: int = 0
     resolved: bool = False  # False: inspected without a model, so nothing was matched against layers
+    explanation: str | None = None  # when nothing matched: what the file most likely is, what would match
 
     @property
     def display_name(self) -> str:

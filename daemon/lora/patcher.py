@@ -3,7 +3,7 @@
 apply_stack has two phases. Prepare: find the stack among the resident ones (daemon.lora.resident),
 else read (cached per file signature), recognise, resolve every file against the model's layout and
 build every layer's arrays, evaluated; nothing in the model is touched, so any error (missing file,
-DoRA, zero match, shape mismatch, a file changing while read) leaves the model exactly as it was.
+zero match, shape mismatch, a file changing while read) leaves the model exactly as it was.
 Commit, in the side form: put a wrapper in place on any layer of the stack not wrapped yet (the first
 time a layer is ever patched; logged and undone on failure; a wrapper with no arrays in the active
 stack adds nothing), then ONE assignment makes the stack's arrays the ones every wrapper reads. A
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,12 +24,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import msgspec
 
-from client.lorafile.resolve import Term
+from client.lorafile.resolve import Term, corrupt_error
 from client.wire.errors import InvalidRequest, LoraZeroMatch
 from client.wire.report import FileReport
 from daemon.lora.cache import LoraCache, Signature
+from daemon.lora.decompose import base_weight, layer_arrays, stack_gains
 from daemon.lora.resident import ResidentStack, ResidentStacks, StackKey
-from daemon.lora.runtime import ActiveLayers, StackedLoraLinear, build_layer_arrays, linear_layout
+from daemon.lora.runtime import ActiveLayers, StackedLoraLinear, linear_layout
 from daemon.lora.stack import StackEntry, StackReport
 
 ZeroMatchPolicy = Literal["error", "warn"]
@@ -206,7 +207,7 @@ class LoraPatcher:
             if f.keys_applied == 0:
                 raise LoraZeroMatch(
                     f"LoRA {f.name or f.path} matched zero keys of the loaded model ({f.keys_total} keys, "
-                    f"format {f.format})",
+                    f"format {f.format})" + (f"; {f.explanation}" if f.explanation else ""),
                     path=f.path,
                     name=f.name,
                     format=f.format,
@@ -216,12 +217,14 @@ class LoraPatcher:
         reports, sigs, per_layer, warnings = self._prepare(stack, zero_match)
         layers = {}
         to_eval: list[mx.array] = []
+        weight_of = self._base_weights()
+        gains = stack_gains(per_layer, weight_of)
         for target, contributions in per_layer.items():
             slot = self._slot(target)
             quantized = isinstance(slot.original, nn.QuantizedLinear)
             # The activation dtype: a float32 side path on a bf16 model would promote every later block.
             dtype = slot.original.scales.dtype if quantized else slot.original.weight.dtype
-            parts = build_layer_arrays(contributions, dtype)
+            parts = layer_arrays(target, contributions, dtype, slot.original, weight_of, gains)
             layers[target] = parts
             to_eval.extend(parts.arrays())
         if to_eval:
@@ -299,11 +302,16 @@ class LoraPatcher:
             terms, report, sig = self.cache.resolved(entry.path, self.layout, self._layout_key)
             report.path, report.scale, report.name = entry.path, float(entry.scale), entry.name
             if report.keys_applied == 0:
+                broken = corrupt_error(report)
+                if broken is not None:
+                    raise broken
                 reasons = sorted({r for _, r in report.leftover})[:3]
                 msg = (
                     f"LoRA {entry.name or entry.path} matched zero keys of the loaded model "
                     f"({report.keys_total} keys, format {report.format}); reasons: {'; '.join(reasons) or 'none'}"
                 )
+                if report.explanation:
+                    msg += f"; {report.explanation}"
                 if zero_match == "error":
                     raise LoraZeroMatch(msg, path=entry.path, name=entry.name, format=report.format)
                 warnings.append(msg)
@@ -312,6 +320,25 @@ class LoraPatcher:
             reports.append(report)
             sigs.append(sig)
         return reports, tuple(sigs), per_layer, warnings
+
+    def _base_weights(self) -> Callable[[str], mx.array]:
+        """W (float32) of a layer by target: DoRA norms and `.set_weight` need it. Read from the untouched
+        original layer (the bake form keeps the original array in its slot). Only the last layer's copy is
+        kept (a stack's terms come layer by layer), so a build holds one float32 weight at a time."""
+        memo: dict[str, mx.array] = {}
+
+        def weight_of(target: str) -> mx.array:
+            if target not in memo:
+                memo.clear()
+                slot = self._slot(target)
+                original = slot.original
+                if self.mode == "bake" and slot.original_weight is not None:
+                    memo[target] = slot.original_weight.astype(mx.float32)
+                else:
+                    memo[target] = base_weight(original)
+            return memo[target]
+
+        return weight_of
 
     def _slot(self, target: str) -> _Slot:
         slot = self._slots.get(target)
@@ -332,18 +359,26 @@ class LoraPatcher:
         """Bake form: the new (weight, bias) per target layer, fully evaluated."""
         out: dict[str, object] = {}
         to_eval: list[mx.array] = []
+        weight_of = self._base_weights()
+        gains = stack_gains(per_layer, weight_of)
         for target, contributions in per_layer.items():
             slot = self._slot(target)
             if isinstance(slot.original, nn.QuantizedLinear):
                 raise InvalidRequest(f"bake mode cannot patch quantized layer {target}", field="mode")
-            parts = build_layer_arrays(contributions, mx.float32)
+            parts = layer_arrays(target, contributions, mx.float32, slot.original, weight_of, gains, side=False)
             w = slot.original_weight.astype(mx.float32)
+            if parts.in_gain is not None:
+                w = w * parts.in_gain[None, :]
+            if parts.out_gain is not None:
+                w = w * parts.out_gain[:, None]
             if parts.down is not None:
                 w = w + parts.up @ parts.down
             if parts.dense is not None:
                 w = w + parts.dense
             for w1, w2 in parts.krons:
                 w = w + mx.kron(w1, w2)
+            for w1, w2, start, stop in parts.kron_slices:
+                w = w + mx.kron(w1, w2)[start:stop]
             bias = None
             if parts.bias is not None:
                 b0 = slot.original_bias

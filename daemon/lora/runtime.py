@@ -67,11 +67,19 @@ class LayerArrays:
     krons: list[tuple[mx.array, mx.array]] = field(default_factory=list)  # [(w1 * factor, w2)]
     dense: mx.array | None = None  # (out, in): the sum of full differences
     bias: mx.array | None = None  # (out,): the sum of bias differences
+    # Only present when the stack needs them (plain LoRA layers pay nothing):
+    # LoKr parts of a fused layer whose split is not on w2's row blocks: [(w1 * factor, w2, start, stop)]
+    kron_slices: list[tuple[mx.array, mx.array, int, int]] = field(default_factory=list)
+    # DoRA (daemon.lora.decompose), float32: y = out_gain * base(in_gain * x) + the side path
+    out_gain: mx.array | None = None  # (out,)
+    in_gain: mx.array | None = None  # (in,)
 
     def arrays(self) -> list[mx.array]:
-        return [a for a in (self.down, self.up, self.dense, self.bias) if a is not None] + [
-            a for pair in self.krons for a in pair
-        ]
+        return (
+            [a for a in (self.down, self.up, self.dense, self.bias, self.out_gain, self.in_gain) if a is not None]
+            + [a for pair in self.krons for a in pair]
+            + [a for w1, w2, _, _ in self.kron_slices for a in (w1, w2)]
+        )
 
     @property
     def nbytes(self) -> int:
@@ -106,10 +114,12 @@ class StackedLoraLinear(nn.Module):
         return self._lora_active.layers.get(self._lora_target)
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = self.base(x)
         parts = self._lora_active.layers.get(self._lora_target)
         if parts is None:
-            return y
+            return self.base(x)
+        y = self.base(x if parts.in_gain is None else (x * parts.in_gain).astype(x.dtype))
+        if parts.out_gain is not None:
+            y = (y * parts.out_gain).astype(y.dtype)
         # addmm adds each product into y as it is computed: no product-sized temporary, one pass less.
         if parts.down is not None:
             y = mx.addmm(y, x @ parts.down.T, parts.up.T)
@@ -122,6 +132,10 @@ class StackedLoraLinear(nn.Module):
             xs = x.reshape(*lead, w1.shape[1], w2.shape[1])
             t = xs @ w2.T  # (..., a2, b1)
             y = y + (w1 @ t).reshape(*lead, w1.shape[0] * w2.shape[0])
+        for w1, w2, start, stop in parts.kron_slices:
+            lead = x.shape[:-1]
+            t = x.reshape(*lead, w1.shape[1], w2.shape[1]) @ w2.T
+            y = y + (w1 @ t).reshape(*lead, w1.shape[0] * w2.shape[0])[..., start:stop]
         return y
 
     def delta(self, rows: mx.array | None = None) -> mx.array:
@@ -147,6 +161,9 @@ class StackedLoraLinear(nn.Module):
                 b1 = w2.shape[0]
                 left, right = w1[rows // b1], w2[rows % b1]
                 d = d + (left[:, :, None] * right[:, None, :]).reshape(n, -1)
+        for w1, w2, start, stop in parts.kron_slices:
+            part = mx.kron(w1.astype(mx.float32), w2.astype(mx.float32))[start:stop]
+            d = d + (part if rows is None else part[rows])
         return d
 
     def bias_delta(self) -> mx.array:
@@ -158,7 +175,18 @@ class StackedLoraLinear(nn.Module):
         return parts.bias.astype(mx.float32)
 
     def effective_weight(self) -> mx.array:
-        return self.base.weight.astype(mx.float32) + self.delta()
+        """W' with y = W' x + b' (for tests; a quantized base is dequantized)."""
+        base = self.base
+        if isinstance(base, nn.QuantizedLinear):
+            w = mx.dequantize(base.weight, base.scales, base.biases, base.group_size, base.bits).astype(mx.float32)
+        else:
+            w = base.weight.astype(mx.float32)
+        parts = self.parts
+        if parts is not None and parts.in_gain is not None:
+            w = w * parts.in_gain[None, :]
+        if parts is not None and parts.out_gain is not None:
+            w = w * parts.out_gain[:, None]
+        return w + self.delta()
 
 
 def build_layer_arrays(contributions: list[tuple[float, Term]], dtype: mx.Dtype) -> LayerArrays:
@@ -185,7 +213,11 @@ def build_layer_arrays(contributions: list[tuple[float, Term]], dtype: mx.Dtype)
     for scale, term in contributions:
         if isinstance(term, KronTerm):
             w1 = np.multiply(term.w1, np.float32(scale * term.factor), dtype=np.float32)
-            out.krons.append((mx.array(w1, dtype=dtype), mx.array(np.asarray(term.w2, np.float32), dtype=dtype)))
+            pair = (mx.array(w1, dtype=dtype), mx.array(np.asarray(term.w2, np.float32), dtype=dtype))
+            if term.rows is None:
+                out.krons.append(pair)
+            else:
+                out.kron_slices.append((*pair, *term.rows))
         elif isinstance(term, DenseTerm):
             part = np.multiply(term.weight, np.float32(scale * term.factor), dtype=np.float32)
             dense = part if dense is None else dense + part

@@ -479,3 +479,34 @@ def make_dora(path: Path, transformer: Any) -> Path:
     }
     write_safetensors(path, tensors, {})
     return path
+
+
+def make_control_lora(path: Path, rank: int = 4, seed: int = 0) -> Path:
+    """A BFL FLUX.1 Canny/Depth control LoRA as shipped (flux1-canny-dev-lora): bare BFL keys, an `img_in`
+    LoRA with 128 inputs (latent + control latent), full RMSNorm scales and `lora_B.bias` (the keys
+    diffusers' _convert_bfl_flux_control_lora_to_diffusers reads). easel must refuse it by name."""
+    rng = np.random.default_rng(seed)
+    w = 3072
+    tensors = {
+        "img_in.lora_A.weight": rng.standard_normal((rank, 128)),
+        "img_in.lora_B.weight": rng.standard_normal((w, rank)),
+        "img_in.lora_B.bias": rng.standard_normal(w),
+        "double_blocks.0.img_attn.qkv.lora_A.weight": rng.standard_normal((rank, w)),
+        "double_blocks.0.img_attn.qkv.lora_B.weight": rng.standard_normal((3 * w, rank)),
+        "double_blocks.0.img_attn.qkv.lora_B.bias": rng.standard_normal(3 * w),
+        "double_blocks.0.img_attn.norm.query_norm.scale": np.ones(128),
+        "double_blocks.0.img_attn.norm.key_norm.scale": np.ones(128),
+    }
+    write_safetensors(path, {k: v * 0.01 for k, v in tensors.items()}, {}, dtype="BF16")
+    return path
+
+
+def make_rank_mismatch(path: Path) -> Path:
+    """A kohya file whose every module's down and up ranks disagree: corrupt, not a file for another model."""
+    rng = np.random.default_rng(0)
+    tensors = {
+        "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": rng.standard_normal((4, 3072)),
+        "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": rng.standard_normal((3072, 5)),
+    }
+    write_safetensors(path, tensors, {})
+    return path

@@ -14,8 +14,9 @@ import pytest
 from helpers.lora_factories import (
     FORMATS,
     generate_lora,
-    make_dora,
+    make_control_lora,
     make_pickle,
+    make_rank_mismatch,
     make_truncated,
     write_safetensors,
 )
@@ -164,7 +165,8 @@ def test_failing_stack_leaves_the_model_exactly_as_it_was(tmp_path, transformer,
     before_modules = {name: _module(transformer, name) for name in patcher.layout}
     bad_files = [
         (make_pickle(tmp_path / "p.ckpt"), LoraFormatError),
-        (make_dora(tmp_path / "dora.safetensors", patcher.layout), LoraUnsupported),
+        (make_control_lora(tmp_path / "control.safetensors"), LoraUnsupported),
+        (make_rank_mismatch(tmp_path / "corrupt.safetensors"), LoraFormatError),
         (tmp_path / "missing.safetensors", LoraNotFound),
         (make_truncated(good.path, tmp_path / "cut.safetensors"), LoraFormatError),
         (te_only, LoraZeroMatch),
@@ -234,7 +236,7 @@ def test_bake_form_matches_side_form_and_restores_exactly(tmp_path, transformer,
         bake.apply_stack(entries)
         np.testing.assert_allclose(forward(), side_out, rtol=1e-4, atol=1e-4)
         with pytest.raises(LoraUnsupported):
-            bake.apply_stack([entries[0], StackEntry(str(make_dora(tmp_path / "d.safetensors", bake.layout)), 1)])
+            bake.apply_stack([entries[0], StackEntry(str(make_control_lora(tmp_path / "c.safetensors")), 1)])
         np.testing.assert_allclose(forward(), side_out, rtol=1e-4, atol=1e-4)
     finally:
         bake.clear()

@@ -15,7 +15,6 @@ from client.lorafile.layout import preset_layout
 from client.lorafile.parse import parse_lora
 from client.lorafile.resolve import resolve
 from client.lorafile.safetensors_io import read_safetensors
-from client.wire.errors import LoraUnsupported
 
 EXPECTED_FORMAT = {
     "kohya": ("kohya", "kohya"),
@@ -105,17 +104,19 @@ def test_rank_mismatch_is_a_leftover_with_its_reason(tmp_path, layout):
     assert report.keys_applied == 0 and report.layers_patched == 0
 
 
-def test_dora_and_tucker_lokr_are_refused(tmp_path, layout):
-    with pytest.raises(LoraUnsupported, match="DoRA"):
-        inspect_lora(make_dora(tmp_path / "dora.safetensors", layout), layout=layout)
+def test_dora_applies_and_lone_magnitudes_or_cores_are_leftovers(tmp_path, layout):
+    """DoRA files apply (they were refused before DoRA was supported); a magnitude or a Tucker core
+    without the factors it belongs to is a leftover that says so."""
+    report = inspect_lora(make_dora(tmp_path / "dora.safetensors", layout), layout=layout)
+    assert report.keys_applied == report.keys_total == 3 and report.fused_styles["dora_out"] == 1
     path = tmp_path / "kohya_dora.safetensors"
     write_safetensors(path, {"lora_unet_double_blocks_0_img_attn_proj.dora_scale": np.ones((1, 3072))}, {})
-    with pytest.raises(LoraUnsupported, match="DoRA"):
-        inspect_lora(path)
+    report = inspect_lora(path, layout=layout)
+    assert report.keys_applied == 0 and "without the LoRA" in report.leftover[0].reason
     path = tmp_path / "t2.safetensors"
     write_safetensors(path, {"lora_unet_double_blocks_0_img_attn_proj.lokr_t2": np.ones((2, 2, 1, 1))}, {})
-    with pytest.raises(LoraUnsupported, match="Tucker"):
-        inspect_lora(path)
+    report = inspect_lora(path, layout=layout)
+    assert report.keys_applied == 0 and "incomplete LoKr" in report.leftover[0].reason
 
 
 def test_unknown_keys_give_an_unknown_format_that_matches_nothing(tmp_path, layout):
@@ -227,3 +228,23 @@ def test_keymaps_are_versioned_data(tmp_path):
     )
     report = inspect_lora(path, layout=layout, keymaps=load_keymaps(root))
     assert report.format == "newtrainer" and report.keys_applied == 2 and report.layers_patched == 1
+
+
+def test_peft_folder_with_lora_alpha_not_r_applies_alpha_over_r(tmp_path, layout):
+    """A PEFT save_pretrained folder keeps lora_alpha in adapter_config.json, not in the weights file."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    mods = {"transformer_blocks.0.attn.to_q": 4, "single_transformer_blocks.0.proj_out": 4}
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for module, rank in mods.items():
+        out_dim, in_dim = layout[module]
+        tensors[f"base_model.model.{module}.lora_A.weight"] = rng.standard_normal((rank, in_dim)).astype(np.float32)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = rng.standard_normal((out_dim, rank)).astype(np.float32)
+    write_safetensors(folder / "adapter_model.safetensors", tensors, {})
+    assert set(_factors(folder / "adapter_model.safetensors", layout).values()) == {1.0}  # no config: factor 1
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "use_rslora": False, "target_modules": ["to_q"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    assert set(_factors(folder / "adapter_model.safetensors", layout).values()) == {16 / 4}
+    report = inspect_lora(folder / "adapter_model.safetensors", layout=layout)
+    assert report.alpha == 16 and report.keys_applied == 4
