@@ -120,14 +120,24 @@ def choose(
 
 
 def _mark_bypassed(queue: Iterable[Job], picked: Job, bypassed: dict[Job, int], vt: VirtualTimes | None = None) -> None:
-    """Count a pass-over for each job that `picked` overtook: a job of another class that arrived
-    earlier, or a job of its class that fair order put first."""
+    """Count a pass-over for each job `picked` overtook: an earlier job of another class; an earlier job
+    of the same owner; the oldest job of a less-served owner of its class (that owner's other jobs are
+    held back by fair shares, not by affinity, and fair shares bound that by themselves)."""
+    queue = list(queue)
     vt = vt if vt is not None else {}
     mine = _fair_key(picked, vt)
+    heads: dict[tuple[int, Hashable], int] = {}
+    for j in queue:
+        key = (j.priority, j.owner)
+        heads[key] = min(heads.get(key, j.seq), j.seq)
     for j in queue:
         if j is picked:
             continue
-        if j.seq < picked.seq if j.priority != picked.priority else _fair_key(j, vt) < mine:
+        if j.priority != picked.priority or j.owner == picked.owner:
+            over = j.seq < picked.seq
+        else:
+            over = heads[(j.priority, j.owner)] == j.seq and _fair_key(j, vt) < mine
+        if over:
             bypassed[j] += 1
 
 
