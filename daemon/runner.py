@@ -494,7 +494,9 @@ class RenderRunner:
 
     def _take_interactive(self, job: RenderJob, i: int, n: int, ran: int) -> RenderJob | None:
         """On the loop: the interactive job to run now while `job` waits at step `i`, marked running
-        (`job` marked suspended on the first); None when `job` should go on."""
+        (`job` marked suspended on the first); None when `job` should go on. It is chosen among the
+        interactive jobs only: a batch job starving in the queue does not hold them back here (it is
+        next when this render ends, and every batch render yields at most `max_preemptions` times)."""
         if self.queue.closed or job.cancel_event.is_set() or ran >= self.config.policy.max_bypass:
             return None
         while True:

@@ -281,14 +281,14 @@ def estimate_queue(
     preempt: Preemption | None = None,
 ) -> dict[str, tuple[float | None, float | None]]:
     """job_id -> (seconds until start, seconds until finish); None once any earlier job has no estimate.
-    With `preempt`, the interactive jobs at the head of the plan run at the running job's next step
+    With `preempt`, the queued interactive jobs (in plan order) run at the running job's next step
     boundary and the rest of the running job after them."""
     out: dict[str, tuple[float | None, float | None]] = {}
     order = plan(queue, active_stack, now, policy, vtimes)
     t = running_left_s
     active = active_stack
     if preempt is not None and running_left_s is not None:
-        lead = list(itertools.takewhile(lambda j: j.priority == INTERACTIVE, order))[: preempt.max_jobs]
+        lead = [j for j in order if j.priority == INTERACTIVE][: preempt.max_jobs]
         if lead:
             t = min(preempt.in_s, running_left_s)
             for job in lead:
@@ -298,7 +298,7 @@ def estimate_queue(
                 t += running_left_s - min(preempt.in_s, running_left_s)
                 t += times.switch_s if active != preempt.resume_stack else 0.0
             active = preempt.resume_stack
-            order = order[len(lead) :]
+            order = [j for j in order if j not in lead]
     for job in order:
         t = _advance(out, job, t, active, times)
         active = job.stack_key
@@ -388,15 +388,14 @@ class JobQueue:
             await self._wake.wait()
         return self.take_now(active_stack)
 
-    def take_now(self, active_stack: Hashable, accept: Callable[[Job], bool] | None = None) -> Job | None:
-        """The job `choose` picks now, removed from the queue and charged to its owner; None when the
-        queue is empty or `accept` refuses the pick (then nothing changes)."""
-        if not self._jobs:
+    def take_now(self, active_stack: Hashable, among: Callable[[Job], bool] | None = None) -> Job | None:
+        """The job `choose` picks now (among the jobs `among` admits: a preemption picks among the
+        interactive ones only), removed from the queue and charged to its owner; None when there is none."""
+        cands = self._jobs if among is None else [j for j in self._jobs if among(j)]
+        if not cands:
             return None
         bypassed = {j: j.bypassed for j in self._jobs}
-        job = choose(self._jobs, active_stack, time.monotonic(), self.policy, bypassed, self.vtimes)
-        if accept is not None and not accept(job):
-            return None
+        job = choose(cands, active_stack, time.monotonic(), self.policy, bypassed, self.vtimes)
         _mark_bypassed(self._jobs, job, bypassed, self.vtimes)
         for j, n in bypassed.items():
             j.bypassed = n

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 
-from helpers.daemon_standin import standin_service
+from helpers.daemon_standin import serving, standin_service
 from server.test_runner import Recorder, lora, req, service_config, until
 
+from client.client import AsyncRenderClient
 from daemon.runner import Estimate, RenderJob, RenderRunner
+from daemon.scheduler import Policy
 
 
 class Events(Recorder):
@@ -88,6 +90,22 @@ def test_a_batch_job_is_preempted_at_most_max_preemptions_times(tmp_path):
     order, batch = run(tmp_path, body, max_preemptions=2)
     assert batch.kinds.count("suspended") == batch.kinds.count("resumed") == 2
     assert order == ["game0", "game1", "batch", "game2"]  # the third one waited for the batch render
+
+
+def test_batch_jobs_starving_in_the_queue_do_not_hold_back_a_preemption(tmp_path):
+    async def body(runner, service):
+        order: list[str] = []
+        recs = [Events(order) for _ in range(3)]
+        for k, rec in enumerate(recs):  # a flood: every queued batch job is soon past max_wait_s
+            runner.submit(req(f"batch{k}", steps=6, priority="batch"), rec)
+        await until(lambda: ("progress", 1, 6) in recs[0].events)
+        game = Events(order)
+        runner.submit(req("game", steps=1), game)
+        await asyncio.gather(game.answer, *(r.answer for r in recs))
+        return order
+
+    order = run(tmp_path, body, policy=Policy(max_wait_s=0.01))
+    assert order[0] == "game"
 
 
 def test_no_preempt_lets_the_batch_render_finish_first(tmp_path):
@@ -199,3 +217,49 @@ def test_a_seeded_warm_up_gives_the_first_render_an_estimated_finish(tmp_path):
     rec = asyncio.run(main())
     est = rec.events[0][2]
     assert est.start_s == 0.0 and est.finish_s is not None and est.finish_s > 0.0
+
+
+# ---- over the socket: the real server and runner, the stand-in engine ------------------------------
+
+
+def test_over_the_socket_connections_share_fairly_and_queue_updates_and_preemption_events_arrive(tmp_path):
+    (tmp_path / "d").mkdir()
+    stacks = [lora(tmp_path / "d", f"s{i}.safetensors") for i in range(3)]
+
+    async def go(d):
+        sock = d.config.socket_path
+        done: list[str] = []
+        events: dict[str, list] = {"alice": [], "bob": []}
+
+        async def script(name: str, c: AsyncRenderClient) -> None:
+            async def one(k: int) -> None:
+                await c.send_render(f"{name} {k}", lora_paths=[stacks[k % 3]], lora_scales=[1.0], steps=2,
+                                    width=64, height=64, priority="batch",
+                                    on_progress=lambda ev: events[name].append(ev))  # fmt: skip
+                done.append(name)
+
+            await asyncio.gather(*(one(k) for k in range(8)))
+
+        async with AsyncRenderClient(sock) as a, AsyncRenderClient(sock) as b, AsyncRenderClient(sock) as g:
+            alice = asyncio.ensure_future(script("alice", a))
+            await until(lambda: len(d.runner.queue) >= 7)
+            bob = asyncio.ensure_future(script("bob", b))
+            await until(lambda: d.runner.running is not None and d.runner.running.priority == 1 and done)
+            game_events: list = []
+            await g.send_render("portrait", steps=1, width=64, height=64, on_progress=game_events.append)
+            st = await g.status()
+            await asyncio.gather(alice, bob)
+        return done, events, game_events, st
+
+    with serving(tmp_path / "d", step_s=0.02, queue_capacity=32, interactive_reserve=4) as d:
+        done, events, game_events, st = asyncio.run(go(d))
+    for n in range(1, len(done) + 1):
+        a, b = done[:n].count("alice"), done[:n].count("bob")
+        if a < 8 and b < 8:
+            assert abs(a - b) <= 3, done  # fair_slack 1 + 1, + alice's head start
+    kinds = [e.event for e in events["alice"] + events["bob"]]
+    assert "queue_update" in kinds and kinds.count("suspended") == kinds.count("resumed") == 1
+    ups = [e for e in events["bob"] if e.event in ("queued", "queue_update")]
+    assert all(e.position >= 1 for e in ups) and ups[0].event == "queued"
+    assert [e.event for e in game_events][:2] == ["queued", "started"]
+    assert game_events[0].estimated_start_s is not None  # steps were measured by then
