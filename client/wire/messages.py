@@ -232,7 +232,7 @@ class PingResult(Struct, omit_defaults=True):
 
 class CancelResult(Struct, omit_defaults=True):
     cancelled: bool
-    state: str  # queued | running | unknown
+    state: str  # queued | running | suspended | unknown
     job: str | None = None
 
 
