@@ -170,8 +170,9 @@ async def game_night(sock: Path, loras: list[str], seed: int = 16) -> tuple[floa
                                 seed=100 + k, on_progress=seen, **size)  # fmt: skip
             waits.append(started[0] - t0)
             k += 1
-            with contextlib.suppress(TimeoutError):  # random arrivals: exponential gaps, a few per flood
-                await asyncio.wait_for(window_over.wait(), rng.expovariate(1 / 6.0))
+            gap = rng.expovariate(1 / max(3.0, 2 * (time.perf_counter() - t0)))  # random; the model mostly batch
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(window_over.wait(), gap)
 
     alice, bob, game = (AsyncRenderClient(sock, render_timeout=1800) for _ in range(3))
     for c in (alice, bob, game):

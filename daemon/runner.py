@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -150,7 +151,8 @@ class RenderRunner:
     def __init__(self, service: RenderService, config: ServiceConfig) -> None:
         self.service = service
         self.config = config
-        self.queue = JobQueue(config.queue_capacity, config.policy, config.interactive_reserve)
+        self.policy = dataclasses.replace(config.policy, preempt=config.preempt)
+        self.queue = JobQueue(config.queue_capacity, self.policy, config.interactive_reserve)
         self.times = StepTimes()
         self.jobs: dict[str, RenderJob] = {}  # job id -> job, while queued or running
         self.running: RenderJob | None = None
@@ -421,7 +423,7 @@ class RenderRunner:
 
     def _prefetch_next(self, job: RenderJob, now: float) -> None:
         """Read the files of the job planned after `job` while `job` renders, if it needs other files."""
-        following = plan(self.queue.jobs, job.stack_key, now, self.config.policy, self.queue.vtimes)[:1]
+        following = plan(self.queue.jobs, job.stack_key, now, self.policy, self.queue.vtimes)[:1]
         if following and following[0].stack_key != job.stack_key:
             prepared = following[0].prepared
             with contextlib.suppress(RuntimeError):  # the pool is shut down: the runner is closing
@@ -497,7 +499,7 @@ class RenderRunner:
         (`job` marked suspended on the first); None when `job` should go on. It is chosen among the
         interactive jobs only: a batch job starving in the queue does not hold them back here (it is
         next when this render ends, and every batch render yields at most `max_preemptions` times)."""
-        if self.queue.closed or job.cancel_event.is_set() or ran >= self.config.policy.max_bypass:
+        if self.queue.closed or job.cancel_event.is_set() or ran >= self.policy.max_bypass:
             return None
         while True:
             nxt = self.queue.take_now(self.service.active_key, lambda j: j.priority == INTERACTIVE)
@@ -584,15 +586,13 @@ class RenderRunner:
             switch = self.times.switch_s if batch.stack_key != running.stack_key else 0.0
             left = None if left is None or rest is None else left + switch + rest
             if left is not None:
-                ahead = self.config.policy.max_bypass - 1  # one of this suspension's runs is in flight
+                ahead = self.policy.max_bypass - 1  # one of this suspension's runs is in flight
                 preempt = Preemption(self._running_left(now) or 0.0, ahead, batch.stack_key)
         elif running is not None and left is not None and self._preemptable(running):
             step = self.times.step_s(running.shape) or 0.0
-            preempt = Preemption(min(step, left), self.config.policy.max_bypass, running.stack_key)
-        ests = estimate_queue(
-            self.queue.jobs, active, now, self.times, left, self.config.policy, self.queue.vtimes, preempt
-        )
-        order = plan(self.queue.jobs, active, now, self.config.policy, self.queue.vtimes)
+            preempt = Preemption(min(step, left), self.policy.max_bypass, running.stack_key)
+        ests = estimate_queue(self.queue.jobs, active, now, self.times, left, self.policy, self.queue.vtimes, preempt)
+        order = plan(self.queue.jobs, active, now, self.policy, self.queue.vtimes)
         return [(j, *ests[j.job_id]) for j in order]
 
     def _preemptable(self, job: RenderJob) -> bool:

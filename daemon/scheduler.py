@@ -35,13 +35,15 @@ PRIORITIES = {"interactive": INTERACTIVE, "batch": BATCH}
 
 @dataclass(frozen=True)
 class Policy:
-    """Starvation bounds: a job passed over `max_bypass` times, or queued `max_wait_s`, makes its class
-    go next, in fair order without stack affinity. `fair_slack`: how far (in renders of the job's own
-    cost) an owner may be ahead of the least-served owner of its class and still be picked for affinity."""
+    """Starvation bounds: a job passed over `max_bypass` times makes its class go next, in fair order
+    without stack affinity; one queued `max_wait_s` makes its class go next. `fair_slack`: how far (in
+    renders of the job's own cost) an owner may be ahead of the least-served owner of its class and
+    still be picked for affinity."""
 
     max_bypass: int = 8
     max_wait_s: float = 120.0
     fair_slack: float = 1.0
+    preempt: bool = False  # batch renders yield to interactive ones (the runner's setting, see choose)
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,6 @@ def cost(job: Job) -> float:
 VirtualTimes = dict[tuple[int, Hashable], float]  # (priority, owner) -> work served
 
 
-def _starving(job: Job, bypassed: int, now: float, policy: Policy) -> bool:
-    return bypassed >= policy.max_bypass or now - job.enqueued_at >= policy.max_wait_s
-
-
 def _fair_key(job: Job, vt: VirtualTimes) -> tuple[float, int]:
     """The order fair shares alone would serve a class in: least-served owner first, then oldest."""
     return (vt.get((job.priority, job.owner), 0.0), job.seq)
@@ -97,19 +95,30 @@ def choose(
     bypassed: dict[Job, int] | None = None,
     vtimes: VirtualTimes | None = None,
 ) -> Job:
-    """Pick the next job. If any job is starving, its class (the oldest starving job's) goes next, in
-    fair order without stack affinity (that bounds every job's wait, whatever its class). Otherwise the
-    most urgent class: among the owners within `fair_slack` of the least-served one, the oldest job on
-    the active stack, else the fair order's first job."""
+    """Pick the next job. If any job was passed over `max_bypass` times, its class (the oldest such
+    job's) goes next, in fair order without stack affinity. Else the class of the oldest job queued
+    `max_wait_s` or longer, if any, else the most urgent class: among the owners within `fair_slack` of
+    the least-served one, the oldest job on the active stack, else the fair order's first job. Together
+    that bounds every job's wait, whatever its class. With `policy.preempt` a long wait does not put a
+    batch job before a queued interactive one (which would preempt it at once)."""
     if not queue:
         raise ValueError("choose() on an empty queue")
     vt = vtimes if vtimes is not None else {}
     count = (lambda j: bypassed[j]) if bypassed is not None else (lambda j: j.bypassed)
-    starving = [j for j in queue if _starving(j, count(j), now, policy)]
-    if starving:
-        cls = min(starving, key=lambda j: j.seq).priority
+    passed_over = [j for j in queue if count(j) >= policy.max_bypass]
+    if passed_over:
+        cls = min(passed_over, key=lambda j: j.seq).priority
         return min((j for j in queue if j.priority == cls), key=lambda j: _fair_key(j, vt))
+    waited = [j for j in queue if now - j.enqueued_at >= policy.max_wait_s]
+    # a long wait makes its class go next; within the class, fair shares and the pass-over count
+    # already bound it, so affinity still applies (a long batch flood keeps grouping its stacks)
     top = min(j.priority for j in queue)
+    if waited:
+        oldest = min(waited, key=lambda j: j.seq).priority
+        # with preemption an interactive job would suspend that batch job at its first step anyway:
+        # it goes first (the batch job's wait stays bounded by max_bypass and max_preemptions)
+        if not (policy.preempt and top == INTERACTIVE):
+            top = oldest
     cands = [j for j in queue if j.priority == top]
     floor = min(vt.get((top, j.owner), 0.0) for j in cands)
     allowed = [j for j in cands if vt.get((top, j.owner), 0.0) - floor <= policy.fair_slack * cost(j) + 1e-12]

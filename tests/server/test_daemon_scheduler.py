@@ -220,3 +220,22 @@ def test_estimates_put_queued_interactive_jobs_at_the_running_batch_jobs_next_st
     est = estimate_queue(q, "A", 0.0, t, running_left_s=1.5, preempt=Preemption(0.5, 8, "A"))
     assert est["i"] == (0.5, 2.5)  # at the boundary, then its own 2 s
     assert est["b"] == (3.5, 5.5)  # after the running job's last 1 s
+
+
+def test_a_flood_that_waited_long_still_groups_stacks_and_stays_fair():
+    rng = random.Random(5)
+    q = [owned(f"{o}{i}", rng.choice("ABC"), o) for o in "ab" for i in range(20)]
+    order = plan(q, None, now=1000.0, policy=Policy(max_wait_s=120.0))  # every job is past max_wait_s
+    assert count_switches([j.stack_key for j in order]) * 3 < count_switches([j.stack_key for j in q])
+    a = b = 0
+    for j in order[:30]:
+        a, b = a + (j.owner == "a"), b + (j.owner == "b")
+        assert abs(a - b) <= 2
+
+
+def test_with_preemption_a_long_batch_wait_does_not_go_before_an_interactive_job():
+    old = job("old", "B", BATCH, at=0.0)
+    fresh = job("new", "A", INTERACTIVE, at=99.0)
+    assert choose([old, fresh], "A", now=100.0, policy=Policy(max_wait_s=50, preempt=True)) is fresh
+    old.bypassed = 8  # passed over max_bypass times: it goes, preemption or not
+    assert choose([old, fresh], "A", now=100.0, policy=Policy(max_wait_s=50, preempt=True)) is old
