@@ -399,13 +399,15 @@ class JobQueue:
 
     def take_now(self, active_stack: Hashable, among: Callable[[Job], bool] | None = None) -> Job | None:
         """The job `choose` picks now (among the jobs `among` admits: a preemption picks among the
-        interactive ones only), removed from the queue and charged to its owner; None when there is none."""
+        interactive ones only), removed from the queue and charged to its owner; None when there is none.
+        Only the jobs it was picked among count as passed over: a job run inside a preempted batch render
+        delays the queued batch jobs no more than that render (bounded by its max_preemptions)."""
         cands = self._jobs if among is None else [j for j in self._jobs if among(j)]
         if not cands:
             return None
-        bypassed = {j: j.bypassed for j in self._jobs}
+        bypassed = {j: j.bypassed for j in cands}
         job = choose(cands, active_stack, time.monotonic(), self.policy, bypassed, self.vtimes)
-        _mark_bypassed(self._jobs, job, bypassed, self.vtimes)
+        _mark_bypassed(cands, job, bypassed, self.vtimes)
         for j, n in bypassed.items():
             j.bypassed = n
         self._jobs.remove(job)
