@@ -10,12 +10,22 @@ One run (two tiny models, 4 GB each, are in memory during the round-trip part):
 3. 20 client threads ping while the daemon renders (p50/p99 of the ping round trip);
 4. a queue of jobs over 3 stacks arriving interleaved (A B C A B C ...) behind a running job: stack
    switches the daemon made vs the switches FIFO order would make (also simulated for 60 jobs).
-Last line: `bench daemon: roundtrip_vs_inprocess=... ping_p50_ms=... ping_p99_ms=... switches_saved=...`
+5. game night: two batch clients (two connections, a pre-render script each) queue GAME_BATCH jobs each
+   over 3 stacks at once, the second right after the first; a third connection sends interactive renders
+   (1 step, a random one of the 3 stacks) at random moments. Until half of the batch jobs are done:
+   the interactive jobs' waits (request sent -> `started` event) in units of one measured denoising step
+   (p99), and the ratio of the two batch clients' completed jobs (fair shares: 1.0 is even).
+Last line: `bench daemon: roundtrip_vs_inprocess=... ping_p50_ms=... ping_p99_ms=... switches_saved=...
+interactive_wait_p99_steps=... batch_fairness=...`
+EASEL_BENCH_GAME_ONLY=1 runs part 5 alone (the other figures are then printed as nan).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import math
 import os
 import random
 import statistics
@@ -30,10 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from client.client import RenderClient  # noqa: E402
+from client.client import AsyncRenderClient, RenderClient  # noqa: E402
 from daemon.scheduler import Job, Policy, Shape, count_switches, plan  # noqa: E402
 
 REPEATS = int(os.environ.get("EASEL_BENCH_REPEATS", "12"))
+GAME_BATCH = int(os.environ.get("EASEL_BENCH_GAME_BATCH", "20"))  # batch jobs per batch client
+GAME_ONLY = os.environ.get("EASEL_BENCH_GAME_ONLY") == "1"
 REQ = dict(prompt="a lone rider at dusk", width=64, height=64, steps=2, seed=7)
 W = 3072
 LAYOUT = {
@@ -121,12 +133,97 @@ def simulated_switches(n: int = 60, seed: int = 0) -> tuple[int, int]:
     return count_switches(j.stack_key for j in jobs), count_switches(j.stack_key for j in plan(jobs, None, 0, Policy()))
 
 
+async def game_night(sock: Path, loras: list[str], seed: int = 16) -> tuple[float, float, dict]:
+    """Part 5. Returns (p99 interactive wait in steps, batch fairness ratio, details)."""
+    rng = random.Random(seed)
+    size = dict(width=64, height=64)
+    done: list[str] = []  # batch client of each completed batch job, in completion order
+    half = GAME_BATCH  # the window: until half of the 2 x GAME_BATCH batch jobs are done
+    window_over = asyncio.Event()
+    counts_at_window: dict[str, int] = {}
+
+    async def batch_client(name: str, c: AsyncRenderClient) -> None:
+        async def one(k: int) -> None:
+            await c.send_render(f"{name} scene {k}", lora_paths=[loras[k % 3]], lora_scales=[0.8], steps=2,
+                                seed=k, priority="batch", **size)  # fmt: skip
+            done.append(name)
+            if len(done) == half and not window_over.is_set():
+                counts_at_window.update({n: done.count(n) for n in ("alice", "bob")})
+                window_over.set()
+
+        await asyncio.gather(*(one(k) for k in range(GAME_BATCH)), return_exceptions=True)
+
+    waits: list[float] = []
+
+    async def game_server(c: AsyncRenderClient) -> None:
+        await asyncio.sleep(4.0)  # the flood is under way
+        k = 0
+        while not window_over.is_set():
+            t0 = time.perf_counter()
+            started: list[float] = []
+
+            def seen(ev, started=started) -> None:
+                if ev.event == "started" and not started:
+                    started.append(time.perf_counter())
+
+            await c.send_render(f"portrait {k}", lora_paths=[rng.choice(loras)], lora_scales=[1.0], steps=1,
+                                seed=100 + k, on_progress=seen, **size)  # fmt: skip
+            waits.append(started[0] - t0)
+            k += 1
+            gap = rng.expovariate(1 / max(3.0, 2 * (time.perf_counter() - t0)))  # random; the model mostly batch
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(window_over.wait(), gap)
+
+    alice, bob, game = (AsyncRenderClient(sock, render_timeout=1800) for _ in range(3))
+    for c in (alice, bob, game):
+        await c.__aenter__()
+    try:
+        a = asyncio.ensure_future(batch_client("alice", alice))
+        await asyncio.sleep(0.5)  # alice's whole script is queued before bob's starts
+        b = asyncio.ensure_future(batch_client("bob", bob))
+        await game_server(game)
+        await window_over.wait()
+        st = await game.status()
+    finally:
+        for t in (a, b):
+            t.cancel()
+        for c in (alice, bob, game):  # closing a connection cancels its queued and running renders
+            await c.close()
+    step_s = next(s.step_s for s in st.step_times if (s.width, s.height) == (64, 64))
+    wait_steps = [w / step_s for w in waits]
+    fairness = counts_at_window["alice"] / max(1, counts_at_window["bob"])
+    details = dict(step_s=step_s, waits_s=[round(w, 2) for w in waits], counts=counts_at_window,
+                   switches=st.stack_switches)  # fmt: skip
+    return pct(wait_steps, 0.99), fairness, details
+
+
+def run_game_night(sock: Path, loras: list[str]) -> tuple[float, float]:
+    print(f"game night: 2 batch clients x {GAME_BATCH} jobs (64x64x2, 3 stacks) + interactive at random", flush=True)
+    p99, fairness, d = asyncio.run(game_night(sock, loras))
+    print(f"  step {d['step_s']:.3f}s; interactive waits {d['waits_s']} s -> p99 {p99:.2f} steps", flush=True)
+    print(f"  completed when half the batch was done: {d['counts']} -> ratio {fairness:.3f}", flush=True)
+    return p99, fairness
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="easel-bench-") as tmp:
         root = Path(tmp)
         loras = make_loras(root)
         sock = root / "run" / "easel.sock"
 
+        if GAME_ONLY:
+            proc = start_daemon(root, sock)
+            try:
+                p99_steps, fairness = run_game_night(sock, loras)
+            finally:
+                proc.terminate()
+                print(f"daemon exited with {proc.wait(300)}", flush=True)
+            nan = math.nan
+            print(
+                f"bench daemon: roundtrip_vs_inprocess={nan} ping_p50_ms={nan} ping_p99_ms={nan} switches_saved={nan} "
+                f"interactive_wait_p99_steps={p99_steps:.2f} batch_fairness={fairness:.3f}"
+            )
+            return
         shape = f"{REQ['width']}x{REQ['height']}x{REQ['steps']}"
         print(f"round trip: {REPEATS} ABBA pairs of {shape} renders with one LoRA", flush=True)
         inproc_proc = subprocess.Popen(
@@ -210,6 +307,7 @@ def main() -> None:
             sim_fifo, sim_ours = simulated_switches()
             print(f"mixed queue of {len(order)} jobs over 3 stacks: FIFO {fifo} switches, scheduler {made}", flush=True)
             print(f"simulated 60 random jobs over 3 stacks: FIFO {sim_fifo}, scheduler {sim_ours}", flush=True)
+            p99_steps, fairness = run_game_night(sock, loras)
         finally:
             if inproc_proc.poll() is None:
                 inproc_proc.kill()
@@ -218,7 +316,7 @@ def main() -> None:
             print(f"daemon exited with {rc}", flush=True)
     print(
         f"bench daemon: roundtrip_vs_inprocess={ratio:.3f} ping_p50_ms={p50:.2f} ping_p99_ms={p99:.2f} "
-        f"switches_saved={saved}"
+        f"switches_saved={saved} interactive_wait_p99_steps={p99_steps:.2f} batch_fairness={fairness:.3f}"
     )
 
 

@@ -21,6 +21,7 @@ from client.wire.errors import EaselError
 from client.wire.messages import Render, check_render
 from daemon.config import DaemonConfig, ServerConfig, ServiceConfig, default_of
 from daemon.render_spec import Limits
+from daemon.scheduler import Policy
 
 
 @click.command("serve")
@@ -110,12 +111,31 @@ from daemon.render_spec import Limits
     help="Identify LoRA files by a digest of their bytes too (for network filesystems with unreliable times).",
 )
 @click.option("--no-warmup", is_flag=True, help="Skip the warm-up render (ready sooner, first render slower).")
+@click.option(
+    "--no-preempt",
+    is_flag=True,
+    help="Let a running batch render finish before an interactive one starts (default: it yields at its next step).",
+)
+@click.option(
+    "--max-preemptions",
+    type=click.IntRange(0),
+    default=default_of(ServiceConfig, "max_preemptions"),
+    show_default=True,
+    help="How many times one batch render may yield to interactive ones.",
+)
+@click.option(
+    "--fair-slack",
+    type=click.FloatRange(0),
+    default=Policy().fair_slack,
+    show_default=True,
+    help="How many renders one client's batch work may get ahead of another's for fewer stack switches.",
+)
 @click.option("--log-level", default="WARNING", show_default=True)
 def serve_command(
     preset, model_path, transformer_path, quantize, force_load,
     socket_path, lora_roots, output_root, queue_capacity, interactive_reserve, max_connections,
     drain_timeout, max_frame, max_size, max_steps, lora_cache_bytes, resident_stack_bytes, lora_content_hash,
-    no_warmup, log_level,
+    no_warmup, no_preempt, max_preemptions, fair_slack, log_level,
 ) -> None:  # fmt: skip
     """Run the render daemon in the foreground until SIGTERM/SIGINT or `easel stop`."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -126,6 +146,8 @@ def serve_command(
     service |= {"transformer_path": transformer_path, "quantize": int(quantize) if quantize else None}
     service["force_load"] = force_load
     service |= {"interactive_reserve": interactive_reserve, "warmup": not no_warmup}
+    service |= {"preempt": not no_preempt, "max_preemptions": max_preemptions}
+    service["policy"] = dataclasses.replace(Policy(), fair_slack=fair_slack)
     service |= {
         "lora_cache_bytes": lora_cache_bytes,
         "resident_stack_bytes": resident_stack_bytes,

@@ -70,6 +70,9 @@ class ServiceConfig:
     queue_capacity: int = 64
     interactive_reserve: int | None = None  # queue slots batch jobs may not take; None: a quarter of the queue
     policy: Policy = Policy()
+    preempt: bool = True  # an interactive job suspends a running batch job at its next step boundary
+    max_preemptions: int = 4  # how many times one batch job may be suspended
+    queue_update_s: float = 1.0  # re-send a queued job's estimate when its start moves by more than this
     warmup: bool = True
     warmup_size: int = 64
     warmup_steps: int = 1
@@ -79,6 +82,10 @@ class ServiceConfig:
         object.__setattr__(self, "output_root", Path(self.output_root).expanduser().resolve())
         if self.queue_capacity < 1:
             raise ValueError("queue_capacity must be >= 1")
+        if self.max_preemptions < 0:
+            raise ValueError("max_preemptions must be >= 0")
+        if not self.queue_update_s >= 0:
+            raise ValueError("queue_update_s must be >= 0")
         if self.lora_cache_bytes < 0 or self.resident_stack_bytes < 0:
             raise ValueError("lora_cache_bytes and resident_stack_bytes must be >= 0")
         if self.interactive_reserve is None:

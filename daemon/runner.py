@@ -13,12 +13,24 @@ the same:
 A runner lives on one asyncio event loop (the one it is started on). The event loop only queues,
 schedules and answers; the blocking render runs in the runner's own single thread. Everything a job
 goes through is reported to its `JobListener`, always on the loop's thread.
+
+Preemption: when an interactive job is queued while a batch job renders, the batch job yields at its
+next step boundary. The render thread, inside the batch render's step callback, takes the interactive
+job(s) from the queue and renders them there (nested: the batch render's latents, step index, scheduler
+state and seed stay on its own suspended frame of mflux's denoising loop, untouched), puts the batch
+job's stack back on the model (one assignment when it is resident) and returns, and the batch render
+continues exactly where it was: the same arrays, the same operations, so the same bytes. At most one
+job is suspended at a time (only batch jobs yield, only interactive jobs run nested, and those never
+yield), a batch job yields at most `max_preemptions` times, and one suspension runs at most
+`policy.max_bypass` interactive jobs before the batch job resumes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -34,13 +46,25 @@ from opentelemetry.context import Context
 from client.wire.errors import Cancelled, DeadlineExceeded, EaselError, RenderFailed, ShuttingDown
 from client.wire.messages import ActiveLora, JobInfo, LoraCacheStats, ModelInfo, Render, RenderResult, StepTime
 from daemon.config import ServiceConfig
-from daemon.scheduler import PRIORITIES, Job, JobQueue, Shape, StepTimes, estimate_queue, plan
+from daemon.scheduler import (
+    BATCH,
+    INTERACTIVE,
+    PRIORITIES,
+    Job,
+    JobQueue,
+    Preemption,
+    Shape,
+    StepTimes,
+    estimate_queue,
+    plan,
+)
 from daemon.service import Prepared, RenderService
 
 log = logging.getLogger("easel.runner")
 
-JobState = Literal["queued", "running", "done"]
+JobState = Literal["queued", "running", "suspended", "done"]
 FORCED_GRACE_S = 2.0  # after a forced stop, how long close() waits for the render thread's next step
+REFRESH_EVERY_S = 0.5  # while a render runs, how often queued jobs' estimates are checked for drift
 
 
 @dataclass(frozen=True)
@@ -54,9 +78,15 @@ class Estimate:
 class JobListener(Protocol):
     """How a runner reports one job. Every call comes on the runner's event-loop thread and must not
     block. A job gets `queued` (inside `submit`), then `started` and `progress` per denoising step if it
-    runs, and exactly one of `finished` / `failed`, last."""
+    runs, and exactly one of `finished` / `failed`, last. Optional (a listener without them is not
+    told): `queue_update` when a queued job's position in the scheduler's order changes or its estimated
+    start moves by more than `ServiceConfig.queue_update_s`; `suspended` / `resumed` around a preemption."""
 
     def queued(self, job: RenderJob, position: int, estimate: Estimate) -> None: ...
+
+    # optional: def queue_update(self, job, position: int, estimate: Estimate) -> None
+    # optional: def suspended(self, job, step: int, steps: int) -> None
+    # optional: def resumed(self, job, step: int, steps: int) -> None
 
     def started(self, job: RenderJob) -> None: ...
 
@@ -83,6 +113,10 @@ class RenderJob(Job):
     started_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     expiry: asyncio.TimerHandle | None = None  # answers a queued job whose deadline passes before its turn
+    preemptions: int = 0  # times this (batch) job yielded to interactive ones
+    suspended_s: float = 0.0  # seconds spent suspended (not billed to its denoising time)
+    told_position: int | None = None  # the position and estimated start (monotonic) last told to the listener
+    told_start: float | None = None
 
     @property
     def stack_label(self) -> list[str]:
@@ -103,6 +137,7 @@ class RunnerStatus:
     interactive_reserve: int
     queue: list[JobInfo]  # in the order the scheduler will run them
     in_flight: JobInfo | None
+    suspended: list[JobInfo]  # batch jobs waiting at a step boundary for the interactive job in flight
     step_times: list[StepTime]
     shutting_down: bool
     renders_done: int
@@ -116,10 +151,12 @@ class RenderRunner:
     def __init__(self, service: RenderService, config: ServiceConfig) -> None:
         self.service = service
         self.config = config
-        self.queue = JobQueue(config.queue_capacity, config.policy, config.interactive_reserve)
+        self.policy = dataclasses.replace(config.policy, preempt=config.preempt)
+        self.queue = JobQueue(config.queue_capacity, self.policy, config.interactive_reserve)
         self.times = StepTimes()
         self.jobs: dict[str, RenderJob] = {}  # job id -> job, while queued or running
         self.running: RenderJob | None = None
+        self.suspended: list[RenderJob] = []  # at most one: see the module docstring
         self.renders_done = 0
         self._seq = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-render")
@@ -128,7 +165,15 @@ class RenderRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task | None = None
         self._forced = asyncio.Event()
+        self._forced_thread = threading.Event()  # the same, readable from the render thread
         self._in_render = threading.Event()
+        self._interactive_waiting = threading.Event()  # read at each step boundary by the render thread
+        self._last_refresh = 0.0
+        seed = getattr(service, "warmup_measure", None)
+        if seed is not None:  # estimates from the first render on: the warm-up's step time
+            spec, t = seed
+            other = t.get("text_encode", 0.0) + t.get("decode", 0.0)
+            self.times.seed(Shape(spec.preset, spec.width, spec.height, spec.steps), t.get("denoise", 0.0), other)
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -176,13 +221,15 @@ class RenderRunner:
         for job in self.queue.jobs:
             self.queue.remove(job)
             self._fail(job, ShuttingDown("the daemon shut down before this render started"))
-        running = self.running
-        if running is not None:
-            running.cancel_event.set()
+        for job in [self.running, *self.suspended]:
+            if job is None:
+                continue
+            job.cancel_event.set()
             if force:
-                self._fail(running, Cancelled("the daemon was forced to stop during this render"))
+                self._fail(job, Cancelled("the daemon was forced to stop during this render"))
         if force:
             self._forced.set()
+            self._forced_thread.set()
 
     async def close(self, *, forced_grace_s: float = FORCED_GRACE_S) -> None:
         """Refuse new jobs, answer any still queued, wait for the render thread and free it. After a
@@ -238,19 +285,25 @@ class RenderRunner:
             stack_key=prepared.stack_key,
             shape=Shape(spec.preset, spec.width, spec.height, spec.steps),
             enqueued_at=now,
+            owner=owner,
             request=request,
             prepared=prepared,
             listener=listener,
             trace_parent=trace_parent,
             deadline=now + request.deadline_s if request.deadline_s is not None else None,
         )
-        position = self.queue.submit(job)
+        self.queue.submit(job)
         self.jobs[job.job_id] = job
         self._depth_changed()
         if request.deadline_s is not None:
             job.expiry = self._loop.call_later(request.deadline_s, self._expire, job)
-        start, finish = self._estimates().get(job.job_id, (None, None))
+        now = time.monotonic()
+        forecast = self._forecast(now)
+        position = next(i for i, (j, _, _) in enumerate(forecast, 1) if j is job)
+        _, start, finish = forecast[position - 1]
+        job.told_position, job.told_start = position, None if start is None else now + start
         self._tell(listener.queued, job, position, Estimate(start, finish))
+        self._refresh(now, forecast)  # the jobs it went ahead of
         return job
 
     def get(self, job_id: str) -> RenderJob | None:
@@ -259,7 +312,8 @@ class RenderRunner:
 
     def cancel(self, job: RenderJob, reason: EaselError | None = None) -> JobState:
         """Stop `job`: a queued one is dropped and answered now (`reason`, default Cancelled); a running
-        one stops at its next denoising step and is answered Cancelled then. Returns the state it was in."""
+        one stops at its next denoising step and is answered Cancelled then, a suspended one as it would
+        resume. Returns the state it was in."""
         state = job.state
         job.cancel_event.set()
         if state == "queued" and self.queue.remove(job):
@@ -291,6 +345,7 @@ class RenderRunner:
         if job.expiry is not None:
             job.expiry.cancel()
         self._depth_changed()
+        self._refresh()
         return True
 
     def _fail(self, job: RenderJob, error: EaselError) -> None:
@@ -305,6 +360,8 @@ class RenderRunner:
     def _progress(self, job: RenderJob, step: int, steps: int, elapsed_s: float) -> None:
         if job.state == "running":
             self._tell(job.listener.progress, job, step, steps, elapsed_s)
+            if time.monotonic() - self._last_refresh >= REFRESH_EVERY_S:
+                self._refresh()
 
     @staticmethod
     def _tell(event: Callable[..., None], *args: object) -> None:
@@ -314,10 +371,32 @@ class RenderRunner:
         except Exception:
             log.exception("job listener %r failed", event)
 
+    def _tell_optional(self, job: RenderJob, name: str, *args: object) -> None:
+        event = getattr(job.listener, name, None)
+        if event is not None:
+            self._tell(event, job, *args)
+
     def _depth_changed(self) -> None:
         self.service.tel.metrics.set_queue_depth(len(self.queue))
+        if any(j.priority == INTERACTIVE for j in self.queue.jobs):
+            self._interactive_waiting.set()
+        else:
+            self._interactive_waiting.clear()
 
     # ---- the render worker ----------------------------------------------------------------------
+
+    def _start(self, job: RenderJob, now: float) -> bool:
+        """Make `job` the running one and tell its listener; False (answered) when its deadline passed."""
+        if job.deadline is not None and now > job.deadline:
+            s = job.request.deadline_s
+            self._fail(job, DeadlineExceeded(f"deadline of {s}s passed while queued", deadline_s=s))
+            return False
+        job.state, job.started_at, job.step = "running", now, 0
+        self.running = job
+        self._tell(job.listener.started, job)
+        self._prefetch_next(job, now)
+        self._refresh(now)
+        return True
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -326,15 +405,8 @@ class RenderRunner:
             if job is None:
                 return
             self._depth_changed()
-            now = time.monotonic()
-            if job.deadline is not None and now > job.deadline:
-                s = job.request.deadline_s
-                self._fail(job, DeadlineExceeded(f"deadline of {s}s passed while queued", deadline_s=s))
+            if not self._start(job, time.monotonic()):
                 continue
-            job.state, job.started_at, job.step = "running", now, 0
-            self.running = job
-            self._tell(job.listener.started, job)
-            self._prefetch_next(job, now)
             try:
                 result = await loop.run_in_executor(self._executor, self._render, job, loop)
             except EaselError as err:
@@ -346,10 +418,12 @@ class RenderRunner:
                 self._finish(job, msgspec.structs.replace(result, job=job.job_id))
             finally:
                 self.running = None
+                self.suspended.clear()
+                self._refresh()
 
     def _prefetch_next(self, job: RenderJob, now: float) -> None:
         """Read the files of the job planned after `job` while `job` renders, if it needs other files."""
-        following = plan(self.queue.jobs, job.stack_key, now, self.config.policy)[:1]
+        following = plan(self.queue.jobs, job.stack_key, now, self.policy, self.queue.vtimes)[:1]
         if following and following[0].stack_key != job.stack_key:
             prepared = following[0].prepared
             with contextlib.suppress(RuntimeError):  # the pool is shut down: the runner is closing
@@ -363,39 +437,190 @@ class RenderRunner:
         finally:
             self._in_render.clear()
 
-    def _render_in_thread(self, job: RenderJob, loop: asyncio.AbstractEventLoop) -> RenderResult:
-        deadline_s = job.request.deadline_s
+    def _render_in_thread(self, job: RenderJob, loop: asyncio.AbstractEventLoop, nested: bool = False) -> RenderResult:
         t0 = time.perf_counter()
 
         def on_step(i: int, n: int) -> None:
             job.step = i
-            if job.cancel_event.is_set():
-                raise Cancelled(f"render cancelled at step {i} of {n}", step=i)
-            if job.deadline is not None and time.monotonic() > job.deadline:
-                raise DeadlineExceeded(f"deadline of {deadline_s}s passed at step {i} of {n}", step=i)
+            self._check(job, i, n)
             loop.call_soon_threadsafe(self._progress, job, i, n, time.perf_counter() - t0)
+            if not nested and self._may_preempt(job):
+                self._yield_to_interactive(job, loop, i, n)
 
         result = self.service.run(job.prepared, on_step, parent=job.trace_parent, enqueued_ns=job.enqueued_ns)
         t = result.timings
+        if job.suspended_s:  # the nested renders ran inside this one's denoising phase
+            t["suspended"] = job.suspended_s
+            t["denoise"] = max(0.0, t.get("denoise", 0.0) - job.suspended_s)
         other = t.get("text_encode", 0.0) + t.get("decode", 0.0) + t.get("write", 0.0)
         self.times.observe(job.shape, t.get("denoise", 0.0), other)
         if result.stack_switched:
             self.times.observe_switch(t.get("stack_switch", 0.0))
         return result
 
-    # ---- status ---------------------------------------------------------------------------------
+    @staticmethod
+    def _check(job: RenderJob, i: int, n: int) -> None:
+        """Raise when `job` was cancelled or its deadline passed (at a step boundary)."""
+        if job.cancel_event.is_set():
+            raise Cancelled(f"render cancelled at step {i} of {n}", step=i)
+        if job.deadline is not None and time.monotonic() > job.deadline:
+            s = job.request.deadline_s
+            raise DeadlineExceeded(f"deadline of {s}s passed at step {i} of {n}", step=i)
+
+    # ---- preemption (render thread, inside a batch render's step callback) ----------------------
+
+    def _may_preempt(self, job: RenderJob) -> bool:
+        return (
+            self.config.preempt
+            and job.priority == BATCH
+            and job.preemptions < self.config.max_preemptions
+            and self._interactive_waiting.is_set()
+        )
+
+    def _yield_to_interactive(self, job: RenderJob, loop: asyncio.AbstractEventLoop, i: int, n: int) -> None:
+        """Suspend `job` here (its state stays on this frame), render the interactive jobs the scheduler
+        picks now, put `job`'s stack back and return so its render goes on."""
+        t0 = time.perf_counter()
+        ran = 0
+        while (nxt := self._on_loop(loop, self._take_interactive, job, i, n, ran)) is not None:
+            ran += 1
+            self._run_nested(nxt, loop)
+        if ran == 0:
+            return
+        t_switch = time.perf_counter()
+        if self.service.switch_stack(job.prepared):  # atomic; a resident stack is one assignment
+            self.times.observe_switch(time.perf_counter() - t_switch)
+        job.suspended_s += time.perf_counter() - t0
+        self._on_loop(loop, self._resume, job, i, n)
+        self._check(job, i, n)
+
+    def _take_interactive(self, job: RenderJob, i: int, n: int, ran: int) -> RenderJob | None:
+        """On the loop: the interactive job to run now while `job` waits at step `i`, marked running
+        (`job` marked suspended on the first); None when `job` should go on. It is chosen among the
+        interactive jobs only: a batch job starving in the queue does not hold them back here (it is
+        next when this render ends, and every batch render yields at most `max_preemptions` times)."""
+        if self.queue.closed or job.cancel_event.is_set() or ran >= self.policy.max_bypass:
+            return None
+        while True:
+            nxt = self.queue.take_now(self.service.active_key, lambda j: j.priority == INTERACTIVE)
+            if nxt is None:
+                return None
+            self._depth_changed()
+            now = time.monotonic()
+            if ran == 0 and not (nxt.deadline is not None and now > nxt.deadline):
+                job.preemptions += 1
+                job.state = "suspended"
+                self.suspended.append(job)
+                self._tell_optional(job, "suspended", i, n)
+            if self._start(nxt, now):
+                return nxt
+
+    def _run_nested(self, job: RenderJob, loop: asyncio.AbstractEventLoop) -> None:
+        """Render an interactive job inside a suspended one; its answer goes to the loop (never raises)."""
+        try:
+            result = self._render_in_thread(job, loop, nested=True)
+        except EaselError as err:
+            loop.call_soon_threadsafe(self._fail, job, err)
+        except Exception as exc:
+            log.exception("render %s failed", job.job_id)
+            err = RenderFailed(f"render failed: {type(exc).__name__}: {exc}")
+            loop.call_soon_threadsafe(self._fail, job, err)
+        else:
+            loop.call_soon_threadsafe(self._finish, job, msgspec.structs.replace(result, job=job.job_id))
+
+    def _resume(self, job: RenderJob, i: int, n: int) -> None:
+        """On the loop: `job` runs again from step `i`."""
+        if job in self.suspended:
+            self.suspended.remove(job)
+        if job.state == "suspended":
+            job.state = "running"
+            self._tell_optional(job, "resumed", i, n)
+        self.running = job
+        self._refresh()
+
+    def _on_loop(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: object) -> object:
+        """From the render thread: run `fn(*args)` on the loop and return its value. A forced stop while
+        waiting raises Cancelled (and `fn` then never runs)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def call() -> None:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as exc:
+                    fut.set_exception(exc)
+
+        loop.call_soon_threadsafe(call)
+        while True:
+            try:
+                return fut.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                if self._forced_thread.is_set() and fut.cancel():
+                    raise Cancelled("the daemon was forced to stop during this render") from None
+
+    # ---- estimates and status -------------------------------------------------------------------
+
+    def _left(self, job: RenderJob, now: float) -> float | None:
+        """Seconds `job` (running or suspended) should still take; None when unknown."""
+        est = self.times.estimate(job.shape)
+        if est is None:
+            return None
+        return max(0.0, est - (now - (job.started_at or now) - job.suspended_s))
 
     def _running_left(self, now: float) -> float | None:
         """Seconds the running render should still take (0 when none runs, None when unknown)."""
         if self.running is None:
             return 0.0
-        est = self.times.estimate(self.running.shape)
-        return None if est is None else max(0.0, est - (now - (self.running.started_at or now)))
+        return self._left(self.running, now)
 
-    def _estimates(self) -> dict[str, tuple[float | None, float | None]]:
-        now = time.monotonic()
-        active = self.running.stack_key if self.running is not None else self.service.active_key
-        return estimate_queue(self.queue.jobs, active, now, self.times, self._running_left(now), self.config.policy)
+    def _forecast(self, now: float) -> list[tuple[RenderJob, float | None, float | None]]:
+        """The queue in the scheduler's order, each job with its estimated start and finish (seconds from
+        now), counting the running job, a suspended one, and the preemption a batch job will allow."""
+        running = self.running
+        active = running.stack_key if running is not None else self.service.active_key
+        left = self._running_left(now)
+        preempt = None
+        if running is not None and self.suspended:  # an interactive job runs nested; the batch job waits
+            batch = self.suspended[0]
+            rest = self._left(batch, now)
+            switch = self.times.switch_s if batch.stack_key != running.stack_key else 0.0
+            left = None if left is None or rest is None else left + switch + rest
+            if left is not None:
+                ahead = self.policy.max_bypass - 1  # one of this suspension's runs is in flight
+                preempt = Preemption(self._running_left(now) or 0.0, ahead, batch.stack_key)
+        elif running is not None and left is not None and self._preemptable(running):
+            step = self.times.step_s(running.shape) or 0.0
+            preempt = Preemption(min(step, left), self.policy.max_bypass, running.stack_key)
+        ests = estimate_queue(self.queue.jobs, active, now, self.times, left, self.policy, self.queue.vtimes, preempt)
+        order = plan(self.queue.jobs, active, now, self.policy, self.queue.vtimes)
+        return [(j, *ests[j.job_id]) for j in order]
+
+    def _preemptable(self, job: RenderJob) -> bool:
+        return self.config.preempt and job.priority == BATCH and job.preemptions < self.config.max_preemptions
+
+    def _refresh(self, now: float | None = None, forecast: list | None = None) -> list:
+        """Tell each queued job whose position changed, or whose estimated start moved by more than
+        `queue_update_s`, where it stands now (`queue_update`). Returns the forecast it used."""
+        if self._loop is None:
+            return []
+        now = time.monotonic() if now is None else now
+        try:
+            forecast = self._forecast(now) if forecast is None else forecast
+        except Exception:  # an estimate is never worth stopping the worker for
+            log.exception("estimating the queue failed")
+            return []
+        self._last_refresh = now
+        for pos, (job, start, finish) in enumerate(forecast, 1):
+            if job.told_position is None:
+                continue  # not told `queued` yet (inside submit)
+            at = None if start is None else now + start
+            moved = (at is None) != (job.told_start is None) or (
+                at is not None and abs(at - job.told_start) > self.config.queue_update_s
+            )
+            if pos != job.told_position or moved:
+                job.told_position, job.told_start = pos, at
+                self._tell_optional(job, "queue_update", pos, Estimate(start, finish))
+        return forecast
 
     def _job_info(self, job: RenderJob, now: float, est: tuple[float | None, float | None] | None) -> JobInfo:
         return JobInfo(
@@ -414,12 +639,19 @@ class RenderRunner:
         )
 
     def status(self) -> RunnerStatus:
+        """What the runner does now. Any queued job whose estimate this shows has moved is told first
+        (`queue_update`), so the status reply and the jobs' own events agree."""
         now = time.monotonic()
-        ests = self._estimates()
+        forecast = self._refresh(now) if self._loop is not None else self._forecast(now)
         in_flight = None
         if self.running is not None:
             in_flight = self._job_info(self.running, now, (0.0, self._running_left(now)))
-        ordered = plan(self.queue.jobs, self.service.active_key, now, self.config.policy)
+        suspended = []
+        for job in self.suspended:
+            left = self._running_left(now)
+            rest = self._left(job, now)
+            finish = None if left is None or rest is None else left + rest
+            suspended.append(self._job_info(job, now, (left, finish)))
         svc = self.service
         return RunnerStatus(
             preset=svc.preset_name,
@@ -430,8 +662,9 @@ class RenderRunner:
             queue_depth=len(self.queue),
             queue_capacity=self.queue.capacity,
             interactive_reserve=self.queue.interactive_reserve,
-            queue=[self._job_info(j, now, ests.get(j.job_id)) for j in ordered],
+            queue=[self._job_info(j, now, (start, finish)) for j, start, finish in forecast],
             in_flight=in_flight,
+            suspended=suspended,
             step_times=self.times.table(),
             shutting_down=self.queue.closed,
             renders_done=self.renders_done,

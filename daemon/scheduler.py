@@ -1,7 +1,16 @@
-"""Which render runs next: few LoRA-stack switches, interactive before batch, nobody starves.
+"""Which render runs next: few LoRA-stack switches, interactive before batch, fair shares between
+clients, nobody starves.
 
-The choice is a pure function of the queue (`choose`), so it is unit-tested without a model and the
-bench can compare it with FIFO. `JobQueue` wraps it for asyncio (bounded: a full queue answers Busy);
+The choice is a pure function of the queue and the clients' served work (`choose`), so it is
+unit-tested without a model and the bench can compare it with FIFO.
+
+Fair shares: within a priority class every owner (a connection) has a virtual time, the work it has
+been served (`cost`: steps x megapixels). An owner may be served only while its virtual time is within
+`Policy.fair_slack` of its next render's cost of the least-served owner with work queued; among the
+owners allowed, stack affinity picks. So two owners that both keep work queued, with renders of equal
+cost, never differ by more than `fair_slack + 1` served renders (from the moment both had work queued).
+An owner that arrives or comes back from idle starts at the least-served queued owner's virtual time:
+idle time earns no credit. `JobQueue` wraps it for asyncio (bounded: a full queue answers Busy);
 daemon.runner drives it.
 `StepTimes` learns how long renders take from the daemon's own measurements, and `plan` replays the
 choice over the current queue to estimate when each queued job will start and finish.
@@ -13,7 +22,7 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +35,15 @@ PRIORITIES = {"interactive": INTERACTIVE, "batch": BATCH}
 
 @dataclass(frozen=True)
 class Policy:
-    """Starvation bounds: a job passed over `max_bypass` times, or queued `max_wait_s`, goes next."""
+    """Starvation bounds: a job passed over `max_bypass` times makes its class go next, in fair order
+    without stack affinity; one queued `max_wait_s` makes its class go next. `fair_slack`: how far (in
+    renders of the job's own cost) an owner may be ahead of the least-served owner of its class and
+    still be picked for affinity."""
 
     max_bypass: int = 8
     max_wait_s: float = 120.0
+    fair_slack: float = 1.0
+    preempt: bool = False  # batch renders yield to interactive ones (the runner's setting, see choose)
 
 
 @dataclass(frozen=True)
@@ -57,10 +71,20 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     seq: int = field(default_factory=lambda: next(_seq))
     bypassed: int = 0
+    owner: Hashable = None  # whose share the job is served from (the connection); None: one shared owner
 
 
-def _starving(job: Job, bypassed: int, now: float, policy: Policy) -> bool:
-    return bypassed >= policy.max_bypass or now - job.enqueued_at >= policy.max_wait_s
+def cost(job: Job) -> float:
+    """A render's work for fair shares: steps x megapixels (what its duration grows with)."""
+    return job.shape.steps * job.shape.width * job.shape.height / 2**20
+
+
+VirtualTimes = dict[tuple[int, Hashable], float]  # (priority, owner) -> work served
+
+
+def _fair_key(job: Job, vt: VirtualTimes) -> tuple[float, int]:
+    """The order fair shares alone would serve a class in: least-served owner first, then oldest."""
+    return (vt.get((job.priority, job.owner), 0.0), job.seq)
 
 
 def choose(
@@ -69,37 +93,87 @@ def choose(
     now: float,
     policy: Policy = Policy(),
     bypassed: dict[Job, int] | None = None,
+    vtimes: VirtualTimes | None = None,
 ) -> Job:
-    """Pick the next job: starving jobs first, oldest first whatever their class (that is what bounds
-    every job's wait), else among the most urgent priority class the oldest job on the active stack, else
-    the oldest job of that class."""
+    """Pick the next job. If any job was passed over `max_bypass` times, its class (the oldest such
+    job's) goes next, in fair order without stack affinity. Else the class of the oldest job queued
+    `max_wait_s` or longer, if any, else the most urgent class: among the owners within `fair_slack` of
+    the least-served one, the oldest job on the active stack, else the fair order's first job. Together
+    that bounds every job's wait, whatever its class. With `policy.preempt` a long wait does not put a
+    batch job before a queued interactive one (which would preempt it at once)."""
     if not queue:
         raise ValueError("choose() on an empty queue")
+    vt = vtimes if vtimes is not None else {}
     count = (lambda j: bypassed[j]) if bypassed is not None else (lambda j: j.bypassed)
-    starving = [j for j in queue if _starving(j, count(j), now, policy)]
-    if starving:
-        return min(starving, key=lambda j: j.seq)
+    passed_over = [j for j in queue if count(j) >= policy.max_bypass]
+    if passed_over:
+        cls = min(passed_over, key=lambda j: j.seq).priority
+        return min((j for j in queue if j.priority == cls), key=lambda j: _fair_key(j, vt))
+    waited = [j for j in queue if now - j.enqueued_at >= policy.max_wait_s]
+    # a long wait makes its class go next; within the class, fair shares and the pass-over count
+    # already bound it, so affinity still applies (a long batch flood keeps grouping its stacks)
     top = min(j.priority for j in queue)
+    if waited:
+        oldest = min(waited, key=lambda j: j.seq).priority
+        # with preemption an interactive job would suspend that batch job at its first step anyway:
+        # it goes first (the batch job's wait stays bounded by max_bypass and max_preemptions)
+        if not (policy.preempt and top == INTERACTIVE):
+            top = oldest
     cands = [j for j in queue if j.priority == top]
-    same = [j for j in cands if j.stack_key == active_stack]
-    return min(same or cands, key=lambda j: j.seq)
+    floor = min(vt.get((top, j.owner), 0.0) for j in cands)
+    allowed = [j for j in cands if vt.get((top, j.owner), 0.0) - floor <= policy.fair_slack * cost(j) + 1e-12]
+    same = [j for j in allowed if j.stack_key == active_stack]
+    if same:
+        return min(same, key=lambda j: j.seq)
+    return min(cands, key=lambda j: _fair_key(j, vt))
 
 
-def _mark_bypassed(queue: Iterable[Job], picked: Job, bypassed: dict[Job, int]) -> None:
+def _mark_bypassed(queue: Iterable[Job], picked: Job, bypassed: dict[Job, int], vt: VirtualTimes | None = None) -> None:
+    """Count a pass-over for each job `picked` overtook: an earlier job of another class; an earlier job
+    of the same owner; the oldest job of a less-served owner of its class (that owner's other jobs are
+    held back by fair shares, not by affinity, and fair shares bound that by themselves)."""
+    queue = list(queue)
+    vt = vt if vt is not None else {}
+    mine = _fair_key(picked, vt)
+    heads: dict[tuple[int, Hashable], int] = {}
     for j in queue:
-        if j is not picked and j.seq < picked.seq:
+        key = (j.priority, j.owner)
+        heads[key] = min(heads.get(key, j.seq), j.seq)
+    for j in queue:
+        if j is picked:
+            continue
+        if j.priority != picked.priority or j.owner == picked.owner:
+            over = j.seq < picked.seq
+        else:
+            over = heads[(j.priority, j.owner)] == j.seq and _fair_key(j, vt) < mine
+        if over:
             bypassed[j] += 1
 
 
-def plan(queue: Sequence[Job], active_stack: Hashable, now: float, policy: Policy = Policy()) -> list[Job]:
-    """The order `choose` would run the queue in if nothing else arrived (does not touch the jobs)."""
+def serve(vtimes: VirtualTimes, job: Job) -> None:
+    """Charge `job`'s cost to its owner's virtual time (in place)."""
+    key = (job.priority, job.owner)
+    vtimes[key] = vtimes.get(key, 0.0) + cost(job)
+
+
+def plan(
+    queue: Sequence[Job],
+    active_stack: Hashable,
+    now: float,
+    policy: Policy = Policy(),
+    vtimes: VirtualTimes | None = None,
+) -> list[Job]:
+    """The order `choose` would run the queue in if nothing else arrived (touches neither the jobs nor
+    `vtimes`)."""
     rest = list(queue)
     bypassed = {j: j.bypassed for j in rest}
+    vt = dict(vtimes or {})
     order: list[Job] = []
     active = active_stack
     while rest:
-        nxt = choose(rest, active, now, policy, bypassed)
-        _mark_bypassed(rest, nxt, bypassed)
+        nxt = choose(rest, active, now, policy, bypassed, vt)
+        _mark_bypassed(rest, nxt, bypassed, vt)
+        serve(vt, nxt)
         rest.remove(nxt)
         order.append(nxt)
         active = nxt.stack_key
@@ -126,6 +200,7 @@ class StepTimes:
         self._per_step: dict[tuple[str, int, int], float] = {}
         self._overhead: dict[tuple[str, int, int], float] = {}
         self._switch: float | None = None
+        self._seeded: set[tuple[str, int, int]] = set()
         self._lock = threading.Lock()
 
     def _ema(self, table: dict, key: Any, value: float) -> None:
@@ -135,6 +210,9 @@ class StepTimes:
     def observe(self, shape: Shape, denoise_s: float, other_s: float) -> None:
         with self._lock:
             size = (shape.preset, shape.width, shape.height)
+            if size in self._seeded:
+                self._seeded.discard(size)
+                del self._per_step[size], self._overhead[size]
             self._ema(self._total, shape, denoise_s + other_s)
             self._ema(self._per_step, size, denoise_s / max(shape.steps, 1))
             self._ema(self._overhead, size, other_s)
@@ -147,20 +225,41 @@ class StepTimes:
     def switch_s(self) -> float:
         return self._switch or 0.0
 
+    def seed(self, shape: Shape, denoise_s: float, other_s: float) -> None:
+        """A first guess (the warm-up render) so estimates exist before the first real render; the first
+        real measurement at that size replaces it instead of being averaged with it."""
+        with self._lock:
+            size = (shape.preset, shape.width, shape.height)
+            if size not in self._per_step:
+                self._per_step[size] = denoise_s / max(shape.steps, 1)
+                self._overhead[size] = other_s
+                self._seeded.add(size)
+
+    def step_s(self, shape: Shape) -> float | None:
+        """One denoising step's time at this shape's size (scaled from the nearest size measured)."""
+        with self._lock:
+            found = self._per_size(shape)
+        return None if found is None else found[0]
+
+    def _per_size(self, shape: Shape) -> tuple[float, float] | None:
+        """(per-step, overhead) at the shape's size, else the nearest measured size's scaled by pixels."""
+        size = (shape.preset, shape.width, shape.height)
+        if size in self._per_step:
+            return self._per_step[size], self._overhead[size]
+        same = [k for k in self._per_step if k[0] == shape.preset]
+        if not same:
+            return None
+        px = shape.width * shape.height
+        near = min(same, key=lambda k: abs(k[1] * k[2] - px))
+        ratio = px / (near[1] * near[2])
+        return self._per_step[near] * ratio, self._overhead[near] * ratio
+
     def estimate(self, shape: Shape) -> float | None:
         with self._lock:
             if shape in self._total:
                 return self._total[shape]
-            size = (shape.preset, shape.width, shape.height)
-            if size in self._per_step:
-                return self._per_step[size] * shape.steps + self._overhead[size]
-            same = [k for k in self._per_step if k[0] == shape.preset]
-            if not same:
-                return None
-            px = shape.width * shape.height
-            near = min(same, key=lambda k: abs(k[1] * k[2] - px))
-            ratio = px / (near[1] * near[2])
-            return (self._per_step[near] * shape.steps + self._overhead[near]) * ratio
+            found = self._per_size(shape)
+            return None if found is None else found[0] * shape.steps + found[1]
 
     def table(self) -> list[StepTime]:
         with self._lock:
@@ -170,6 +269,16 @@ class StepTimes:
             ]
 
 
+@dataclass(frozen=True)
+class Preemption:
+    """The running job is a batch job that yields at its next step boundary, `in_s` from now, to up to
+    `max_jobs` queued interactive jobs, then resumes on `resume_stack`."""
+
+    in_s: float
+    max_jobs: int
+    resume_stack: Hashable = None
+
+
 def estimate_queue(
     queue: Sequence[Job],
     active_stack: Hashable,
@@ -177,21 +286,41 @@ def estimate_queue(
     times: StepTimes,
     running_left_s: float | None = 0.0,
     policy: Policy = Policy(),
+    vtimes: VirtualTimes | None = None,
+    preempt: Preemption | None = None,
 ) -> dict[str, tuple[float | None, float | None]]:
-    """job_id -> (seconds until start, seconds until finish); None once any earlier job has no estimate."""
+    """job_id -> (seconds until start, seconds until finish); None once any earlier job has no estimate.
+    With `preempt`, the queued interactive jobs (in plan order) run at the running job's next step
+    boundary and the rest of the running job after them."""
     out: dict[str, tuple[float | None, float | None]] = {}
+    order = plan(queue, active_stack, now, policy, vtimes)
     t = running_left_s
     active = active_stack
-    for job in plan(queue, active_stack, now, policy):
-        start = t
-        dur = times.estimate(job.shape)
-        if t is not None and dur is not None:
-            t = t + dur + (times.switch_s if job.stack_key != active else 0.0)
-        else:
-            t = None
-        out[job.job_id] = (start, t)
+    if preempt is not None and running_left_s is not None:
+        lead = [j for j in order if j.priority == INTERACTIVE][: preempt.max_jobs]
+        if lead:
+            t = min(preempt.in_s, running_left_s)
+            for job in lead:
+                t = _advance(out, job, t, active, times)
+                active = job.stack_key
+            if t is not None:
+                t += running_left_s - min(preempt.in_s, running_left_s)
+                t += times.switch_s if active != preempt.resume_stack else 0.0
+            active = preempt.resume_stack
+            order = [j for j in order if j not in lead]
+    for job in order:
+        t = _advance(out, job, t, active, times)
         active = job.stack_key
     return out
+
+
+def _advance(
+    out: dict[str, tuple[float | None, float | None]], job: Job, t: float | None, active: Hashable, times: StepTimes
+) -> float | None:
+    dur = times.estimate(job.shape)
+    end = None if t is None or dur is None else t + dur + (times.switch_s if job.stack_key != active else 0.0)
+    out[job.job_id] = (t, end)
+    return end
 
 
 class JobQueue:
@@ -203,6 +332,8 @@ class JobQueue:
         self.capacity = capacity
         self.interactive_reserve = interactive_reserve
         self.policy = policy
+        self.vtimes: VirtualTimes = {}  # fair shares: work served per (class, owner)
+        self._floor: dict[int, float] = {}  # per class: the virtual time of the last job taken
         self._jobs: list[Job] = []
         self._wake = asyncio.Event()
         self._closed = False
@@ -233,6 +364,11 @@ class JobQueue:
                 f"{self.capacity} slots (the rest is kept for interactive renders); retry later",
                 queue_depth=depth,
             )
+        key = (job.priority, job.owner)
+        if not any((j.priority, j.owner) == key for j in self._jobs):  # back from idle: no credit for it
+            queued = [self.vtimes.get((j.priority, j.owner), 0.0) for j in self._jobs if j.priority == job.priority]
+            floor = min(queued) if queued else self._floor.get(job.priority, 0.0)
+            self.vtimes[key] = max(self.vtimes.get(key, 0.0), floor)
         self._jobs.append(job)
         self._wake.set()
         return len(self._jobs)
@@ -259,10 +395,29 @@ class JobQueue:
                 return None
             self._wake.clear()
             await self._wake.wait()
-        bypassed = {j: j.bypassed for j in self._jobs}
-        job = choose(self._jobs, active_stack, time.monotonic(), self.policy, bypassed)
-        _mark_bypassed(self._jobs, job, bypassed)
+        return self.take_now(active_stack)
+
+    def take_now(self, active_stack: Hashable, among: Callable[[Job], bool] | None = None) -> Job | None:
+        """The job `choose` picks now (among the jobs `among` admits: a preemption picks among the
+        interactive ones only), removed from the queue and charged to its owner; None when there is none.
+        Only the jobs it was picked among count as passed over: a job run inside a preempted batch render
+        delays the queued batch jobs no more than that render (bounded by its max_preemptions)."""
+        cands = self._jobs if among is None else [j for j in self._jobs if among(j)]
+        if not cands:
+            return None
+        bypassed = {j: j.bypassed for j in cands}
+        job = choose(cands, active_stack, time.monotonic(), self.policy, bypassed, self.vtimes)
+        _mark_bypassed(cands, job, bypassed, self.vtimes)
         for j, n in bypassed.items():
             j.bypassed = n
         self._jobs.remove(job)
+        self._floor[job.priority] = self.vtimes.get((job.priority, job.owner), 0.0)
+        serve(self.vtimes, job)
+        self._prune()
         return job
+
+    def _prune(self) -> None:
+        """Forget owners with nothing queued that are not ahead of their class (they would be lifted anyway)."""
+        queued = {(j.priority, j.owner) for j in self._jobs}
+        for key in [k for k, v in self.vtimes.items() if k not in queued and v <= self._floor.get(k[0], 0.0)]:
+            del self.vtimes[key]

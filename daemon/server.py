@@ -214,9 +214,29 @@ class RenderReplies:
                 )
             )
 
+    def queue_update(self, job: RenderJob, position: int, estimate: Estimate) -> None:
+        if self.req.progress:
+            self.conn.post(
+                Event(
+                    id=self.req.id,
+                    event="queue_update",
+                    position=position,
+                    estimated_start_s=estimate.start_s,
+                    estimated_finish_s=estimate.finish_s,
+                )
+            )
+
     def started(self, job: RenderJob) -> None:
         if self.req.progress:
             self.conn.post(Event(id=self.req.id, event="started", steps=job.shape.steps))
+
+    def suspended(self, job: RenderJob, step: int, steps: int) -> None:
+        if self.req.progress:
+            self.conn.post(Event(id=self.req.id, event="suspended", step=step, steps=steps))
+
+    def resumed(self, job: RenderJob, step: int, steps: int) -> None:
+        if self.req.progress:
+            self.conn.post(Event(id=self.req.id, event="resumed", step=step, steps=steps))
 
     def progress(self, job: RenderJob, step: int, steps: int, elapsed_s: float) -> None:
         if self.req.progress:
@@ -549,5 +569,6 @@ class DaemonServer:
             renders_done=run.renders_done,
             stack_switches=run.stack_switches,
             in_flight=run.in_flight,
+            suspended=run.suspended,
             model=run.model,
         )

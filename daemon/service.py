@@ -122,6 +122,7 @@ class RenderService:
         self.active_key: StackKey = ()
         self.active_report: list[FileReport] = []
         self.warm = False
+        self.warmup_measure: tuple[RenderSpec, dict[str, float]] | None = None
         self.stack_switches = 0
         self.outputs = OutputRoot(config.output_root)
         self.use_telemetry(tel or setup_telemetry(config=TelemetryConfig("easel-daemon", disabled=True)))
@@ -332,7 +333,8 @@ class RenderService:
         spec = RenderSpec(
             prompt="warm up", width=size, height=size, steps=self.config.warmup_steps, preset=self.preset_name
         )
-        self.engine.render(spec)
+        out = self.engine.render(spec)
+        self.warmup_measure = (spec, dict(getattr(out, "timings", {}) or {}))  # seeds the runner's estimates
         self.warm = True
         return time.perf_counter() - t0
 

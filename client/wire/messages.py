@@ -108,9 +108,10 @@ class Error(_Reply, tag="error"):
 
 
 class Event(_Reply, tag="event"):
-    """`queued` (position, estimates), `started`, or `progress` (step of steps) for a render."""
+    """`queued` (position, estimates), `queue_update` (the same, re-sent when they change), `started`,
+    `progress` (step of steps), or `suspended` / `resumed` (at step of steps, around a preemption)."""
 
-    event: Literal["queued", "started", "progress"]
+    event: Literal["queued", "queue_update", "started", "progress", "suspended", "resumed"]
     step: int | None = None
     steps: int | None = None
     position: int | None = None
@@ -218,6 +219,7 @@ class StatusResult(Struct, omit_defaults=True):
     renders_done: int
     stack_switches: int
     in_flight: JobInfo | None = None
+    suspended: list[JobInfo] = []  # batch jobs waiting at a step boundary for the interactive job in flight
     lora_cache: LoraCacheStats | None = None  # absent when the daemon keeps no LoRA cache
     model: ModelInfo | None = None
     resident_stacks: LoraCacheStats | None = None  # built stacks kept for instant switches; absent: none kept
@@ -230,7 +232,7 @@ class PingResult(Struct, omit_defaults=True):
 
 class CancelResult(Struct, omit_defaults=True):
     cancelled: bool
-    state: str  # queued | running | unknown
+    state: str  # queued | running | suspended | unknown
     job: str | None = None
 
 

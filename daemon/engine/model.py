@@ -2,7 +2,8 @@
 
 The render path is identical for every preset: latents, prompt encoding, the transformer loop, VAE decode
 all run inside `Flux1.generate_image`. easel only listens through mflux's callback registry, to time the
-phases, report progress and stop a cancelled job at the next step.
+phases, report progress, stop a cancelled job at the next step, and let the runner render an interactive
+job at a step boundary of a batch one (renders nest: see `_PhaseRelay`).
 """
 
 from __future__ import annotations
@@ -37,33 +38,48 @@ class RenderOutput:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: text_encode, denoise, decode
 
 
+@dataclass
+class _Frame:
+    """One render in progress: its step callback, step count and phase marks."""
+
+    on_step: StepCallback | None
+    steps: int
+    marks: dict[str, float]
+    done: int = 0
+
+
 class _PhaseRelay:
-    """Registered once with mflux's callbacks; forwards to the render in progress."""
+    """Registered once with mflux's callbacks; forwards to the innermost render in progress. Renders
+    nest: a step callback may run a whole other render (the runner's preemption) before it returns, so
+    each render has its own frame and the suspended one's latents stay on its own Python stack."""
 
     def __init__(self, flux) -> None:
         self.flux = flux
-        self.on_step: StepCallback | None = None
-        self.marks: dict[str, float] = {}
-        self.steps = 0
+        self.frames: list[_Frame] = []
 
-    def start(self, on_step: StepCallback | None, steps: int) -> None:
-        self.on_step, self.steps = on_step, steps
-        self.marks = {"start": time.perf_counter()}
-        self._done = 0
+    def start(self, on_step: StepCallback | None, steps: int) -> _Frame:
+        frame = _Frame(on_step, steps, {"start": time.perf_counter()})
+        self.frames.append(frame)
+        return frame
+
+    def end(self, frame: _Frame) -> None:
+        if self.frames and self.frames[-1] is frame:
+            self.frames.pop()
 
     def call_before_loop(self, seed, prompt, latents, config, **kwargs) -> None:
         # MLX is lazy: force the prompt encoding here so its time is not billed to the first step.
         mx.eval(latents, *self.flux.prompt_cache.get(prompt, ()))
-        self.marks["encoded"] = time.perf_counter()
+        self.frames[-1].marks["encoded"] = time.perf_counter()
 
     def call_in_loop(self, t, seed, prompt, latents, config, time_steps) -> None:
-        mx.eval(latents)
-        self._done += 1
-        if self.on_step is not None:
-            self.on_step(self._done, self.steps)  # may raise Cancelled: mflux lets it propagate
+        mx.eval(latents)  # the step boundary: this render's state is evaluated before anything else runs
+        frame = self.frames[-1]
+        frame.done += 1
+        if frame.on_step is not None:
+            frame.on_step(frame.done, frame.steps)  # may raise Cancelled, or render another job and return
 
     def call_after_loop(self, seed, prompt, latents, config) -> None:
-        self.marks["denoised"] = time.perf_counter()
+        self.frames[-1].marks["denoised"] = time.perf_counter()
 
 
 class LoadedModel:
@@ -111,18 +127,21 @@ class LoadedModel:
                 f"this engine has preset {self.preset.name!r} loaded, the request asks for {spec.preset!r}",
                 field="preset",
             )
-        self._relay.start(on_step, spec.steps)
-        generated = self.flux.generate_image(
-            seed=spec.seed,
-            prompt=spec.prompt,
-            num_inference_steps=spec.steps,
-            height=spec.height,
-            width=spec.width,
-            guidance=spec.guidance,
-        )
+        frame = self._relay.start(on_step, spec.steps)
+        try:
+            generated = self.flux.generate_image(
+                seed=spec.seed,
+                prompt=spec.prompt,
+                num_inference_steps=spec.steps,
+                height=spec.height,
+                width=spec.width,
+                guidance=spec.guidance,
+            )
+        finally:
+            self._relay.end(frame)
         image = generated.image
         end = time.perf_counter()
-        m = self._relay.marks
+        m = frame.marks
         timings = {
             "text_encode": m["encoded"] - m["start"],
             "denoise": m["denoised"] - m["encoded"],

@@ -43,6 +43,8 @@ def test_server_and_service_settings_are_separate_types(tmp_path):
         (ServerConfig, {"max_frame": 100}, "max_frame"),
         (ServiceConfig, {"queue_capacity": 0}, "queue_capacity"),
         (ServiceConfig, {"queue_capacity": 4, "interactive_reserve": 4}, "interactive_reserve"),
+        (ServiceConfig, {"max_preemptions": -1}, "max_preemptions"),
+        (ServiceConfig, {"queue_update_s": -1.0}, "queue_update_s"),
     ],
 )
 def test_each_config_checks_its_own_settings(kind, settings, message):
@@ -66,6 +68,17 @@ def test_serve_option_defaults_are_read_from_the_config_classes():
     assert r.exit_code == 0 and "[default: 64;" in r.output and "[default: 30.0;" in r.output
     with pytest.raises(ValueError, match="no plain default"):
         default_of(ServerConfig, "socket_path")  # computed from the environment: the option says so instead
+
+
+def test_serve_preemption_and_fair_share_options():
+    options = {p.name: p for p in serve_command.params}
+    assert options["max_preemptions"].default == default_of(ServiceConfig, "max_preemptions") == 4
+    assert options["fair_slack"].default == ServiceConfig().policy.fair_slack == 1.0
+    assert ServiceConfig().preempt and options["no_preempt"].is_flag
+    r = CliRunner().invoke(easel, ["serve", "--help"])
+    assert "--no-preempt" in r.output and "--max-preemptions" in r.output and "--fair-slack" in r.output
+    r = CliRunner().invoke(easel, ["serve", "--max-preemptions", "-1"])
+    assert r.exit_code == 2
 
 
 def test_serve_refuses_options_that_do_not_fit_together(tmp_path):

@@ -16,6 +16,7 @@ from daemon.scheduler import (
     Job,
     JobQueue,
     Policy,
+    Preemption,
     Shape,
     StepTimes,
     choose,
@@ -158,3 +159,83 @@ def test_estimates_follow_the_plan_and_add_switch_cost():
     assert est["a"] == (3.0, 5.0)  # same stack as active: goes first, no switch
     assert est["b"] == (5.0, 8.0)  # then a switch (1s) + render (2s)
     assert estimate_queue(q, "A", 0.0, StepTimes(), 0.0)["b"] == (None, None)
+
+
+def owned(name, stack, owner, priority=BATCH):
+    return Job(job_id=name, priority=priority, stack_key=stack, shape=SHAPE, enqueued_at=0.0, owner=owner)
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(st.sampled_from("ABC"), min_size=4, max_size=30),
+    st.lists(st.sampled_from("ABC"), min_size=4, max_size=30),
+    st.sampled_from([0.0, 1.0, 2.0]),
+    st.sampled_from([2, 8, 100]),
+)
+def test_two_backlogged_owners_stay_within_the_fair_bound(first, second, slack, max_bypass):
+    q = [owned(f"a{i}", s, "a") for i, s in enumerate(first)] + [owned(f"b{i}", s, "b") for i, s in enumerate(second)]
+    pol = Policy(max_bypass=max_bypass, max_wait_s=1e9, fair_slack=slack)
+    order = plan(q, None, now=0.0, policy=pol)
+    a = b = 0
+    for j in order:
+        if a == len(first) or b == len(second):
+            break  # one of them has nothing left queued: the bound is about backlogged owners
+        a, b = a + (j.owner == "a"), b + (j.owner == "b")
+        assert abs(a - b) <= slack + 1
+
+
+def test_affinity_still_saves_switches_within_the_fair_bound():
+    for seed in range(1, 4):
+        rng = random.Random(seed)
+        q = [owned(f"{o}{i}", rng.choice("ABC"), o) for o in "ab" for i in range(20)]
+        fifo = count_switches([j.stack_key for j in q])
+        fair = count_switches([j.stack_key for j in plan(q, None, now=0.0, policy=Policy(max_wait_s=1e9))])
+        assert fair * 3 < fifo
+
+
+def test_an_owner_back_from_idle_gets_no_credit_for_it():
+    async def go():
+        q = JobQueue(capacity=16)
+        for i in range(4):
+            q.submit(owned(f"a{i}", "A", "a"))
+        for _ in range(3):
+            await q.take("A")
+        q.submit(owned("b0", "A", "b"))  # b starts level with a, not three renders behind it
+        assert q.vtimes[(BATCH, "b")] == q.vtimes[(BATCH, "a")]
+
+    asyncio.run(go())
+
+
+def test_a_starving_job_makes_its_class_go_next_in_fair_order():
+    old = owned("old", "B", "a")
+    old.enqueued_at = 0.0
+    fresh = Job(job_id="inter", priority=INTERACTIVE, stack_key="A", shape=SHAPE, enqueued_at=99.0)
+    assert choose([old, fresh], "A", now=100.0, policy=Policy(max_wait_s=50)) is old
+
+
+def test_estimates_put_queued_interactive_jobs_at_the_running_batch_jobs_next_step():
+    t = StepTimes(smoothing=1.0)
+    t.observe(SHAPE, 2.0, 0.0)  # 1 s per step
+    q = [job("i", "A", INTERACTIVE), owned("b", "A", "x")]
+    est = estimate_queue(q, "A", 0.0, t, running_left_s=1.5, preempt=Preemption(0.5, 8, "A"))
+    assert est["i"] == (0.5, 2.5)  # at the boundary, then its own 2 s
+    assert est["b"] == (3.5, 5.5)  # after the running job's last 1 s
+
+
+def test_a_flood_that_waited_long_still_groups_stacks_and_stays_fair():
+    rng = random.Random(5)
+    q = [owned(f"{o}{i}", rng.choice("ABC"), o) for o in "ab" for i in range(20)]
+    order = plan(q, None, now=1000.0, policy=Policy(max_wait_s=120.0))  # every job is past max_wait_s
+    assert count_switches([j.stack_key for j in order]) * 3 < count_switches([j.stack_key for j in q])
+    a = b = 0
+    for j in order[:30]:
+        a, b = a + (j.owner == "a"), b + (j.owner == "b")
+        assert abs(a - b) <= 2
+
+
+def test_with_preemption_a_long_batch_wait_does_not_go_before_an_interactive_job():
+    old = job("old", "B", BATCH, at=0.0)
+    fresh = job("new", "A", INTERACTIVE, at=99.0)
+    assert choose([old, fresh], "A", now=100.0, policy=Policy(max_wait_s=50, preempt=True)) is fresh
+    old.bypassed = 8  # passed over max_bypass times: it goes, preemption or not
+    assert choose([old, fresh], "A", now=100.0, policy=Policy(max_wait_s=50, preempt=True)) is old
