@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from client.lorafile.layout import TRANSFORMER_PART, part_of
 from client.lorafile.parse import ModuleTensors, ParsedLora, PeftScaling
 from client.wire.report import FileReport, Leftover
 
@@ -299,6 +300,7 @@ def resolve(parsed: ParsedLora, layout: Layout | None) -> tuple[list[Term], File
     styles: Counter[str] = Counter()
     patched: dict[str, None] = {}
     applied = 0
+    by_part: Counter[str] = Counter()
     transposed = parsed.keymap.layout == "in_out"
     for group in parsed.modules.values():
         targets = group.rule.target_paths(group.index)
@@ -314,7 +316,9 @@ def resolve(parsed: ParsedLora, layout: Layout | None) -> tuple[list[Term], File
                 raise _Skip(f"this model has no layer {missing[0]} (block beyond the model's depth or other model)")
             new, rank = _module_terms(group, targets, layout, transposed, alpha, parsed.peft, styles)
         except _Skip as skip:
-            report.leftover.extend(Leftover(k, str(skip)) for k in group.keys)
+            part = part_of(targets[0])
+            reason = str(skip) if part == TRANSFORMER_PART else f"text encoder {part}: {skip}"
+            report.leftover.extend(Leftover(k, reason) for k in group.keys)
             continue
         terms.extend(new)
         if rank is not None:
@@ -322,6 +326,7 @@ def resolve(parsed: ParsedLora, layout: Layout | None) -> tuple[list[Term], File
         if alpha is not None:
             alphas.append(alpha)
         applied += len(group.keys)
+        by_part[part_of(targets[0])] += len(group.keys)
         for term in new:
             patched[term.target] = None
     report.keys_applied = applied
@@ -332,6 +337,8 @@ def resolve(parsed: ParsedLora, layout: Layout | None) -> tuple[list[Term], File
     report.alphas = sorted(set(alphas))
     report.alpha = _most_common(alphas)
     report.fused_styles = dict(styles)
+    if set(by_part) - {TRANSFORMER_PART}:  # only files that reach a text encoder carry the split
+        report.keys_applied_by_part = dict(sorted(by_part.items()))
     return terms, report
 
 
