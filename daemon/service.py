@@ -150,7 +150,7 @@ class RenderService:
         )
         cache = LoraCache(config.lora_cache_bytes, content_hash=config.lora_content_hash)
         resident = ResidentStacks(config.resident_stack_bytes)
-        patcher = LoraPatcher(model.flux.transformer, cache, resident=resident)
+        patcher = LoraPatcher.for_model(model, cache, resident=resident)  # transformer + text encoders
         svc = cls(
             model,
             config,
@@ -341,11 +341,11 @@ class RenderService:
     def inspect(self, path: str) -> FileReport:
         """A LoRA's report without rendering (read-only: the live model is not touched)."""
         resolved = self._lora_file(path, field="path")
-        transformer = getattr(getattr(self.engine, "flux", None), "transformer", None)
-        if transformer is None:
+        flux = getattr(self.engine, "flux", None)
+        if getattr(flux, "transformer", None) is None:
             report = inspect_lora(str(resolved))
         else:
             from daemon.lora.inspect import inspect_against
 
-            report = inspect_against(str(resolved), transformer)
+            report = inspect_against(str(resolved), flux)  # its transformer and text encoders
         return report.for_reply(with_layers=True)

@@ -53,7 +53,7 @@ def inspect_command(file: str, preset: str | None, via_daemon: bool, socket_path
     """Show FILE's LoRA format, rank, alpha and which keys reach the model (and why others do not)."""
     from client.lora_tools.inspect_cmd import format_report, inspect_via_daemon
     from client.lorafile.inspect import inspect_lora
-    from client.lorafile.layout import PRESET_SHAPES, preset_layout
+    from client.lorafile.layout import PRESET_SHAPES, preset_model_layout
 
     if preset is not None and preset not in PRESET_SHAPES:
         raise click.BadParameter(f"unknown preset {preset!r}; known: {', '.join(PRESET_SHAPES)}", param_hint="--preset")
@@ -62,7 +62,7 @@ def inspect_command(file: str, preset: str | None, via_daemon: bool, socket_path
     if via_daemon:
         report, preset = inspect_via_daemon(file, socket_path)
     else:
-        report = inspect_lora(file, layout=preset_layout(preset) if preset else None)
+        report = inspect_lora(file, layout=preset_model_layout(preset) if preset else None)
     if as_json:
         out = report.to_dict()
         out["preset"] = preset

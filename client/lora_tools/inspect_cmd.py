@@ -27,6 +27,9 @@ def format_report(report) -> str:
     lines.append(f"  size:     {report.nbytes / 1e6:.1f} MB of tensors")
     if report.resolved:
         lines.append(f"  keys:     {report.keys_applied}/{report.keys_total} applied")
+        if report.keys_applied_by_part:
+            parts = ", ".join(f"{part} {n}" for part, n in report.keys_applied_by_part.items())
+            lines.append(f"  parts:    {parts}")
         lines.append(f"  layers:   {report.layers_patched} patched")
         if report.fused_styles:
             styles = ", ".join(f"{k} {v}" for k, v in sorted(report.fused_styles.items()))

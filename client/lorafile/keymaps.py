@@ -111,6 +111,15 @@ class MetadataHint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return self.key in metadata and self.contains in metadata[self.key]
 
 
+class TextEncoderRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Keys under `prefix` name a text encoder's modules in `vocabulary` (clip_l, t5xxl), written with the
+    format's tensor suffixes and with `separator` (default: the format's own)."""
+
+    prefix: str
+    vocabulary: str
+    separator: str | None = None
+
+
 class FormatFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`formats/<format>.yaml`. Lists keep their YAML order: the first prefix, the first suffix of a role
     and the first numbered-child spelling are how the format writes keys (a remap target)."""
@@ -125,7 +134,8 @@ class FormatFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     separator: str = "."
     layout: MatrixLayout = "out_in"
     priority: int = 0
-    text_encoder_prefixes: list[str] = []
+    text_encoder_prefixes: list[str] = []  # text-encoder keys no `text_encoders` rule maps: reported, not applied
+    text_encoders: list[TextEncoderRule] = []  # text-encoder namings this format writes, applied
     metadata_hints: list[MetadataHint] = []
     # Modules this format names beyond its vocabulary (a loader's own spellings, e.g. ComfyUI's linear1_qkv).
     extra_modules: list[ModuleRule] = []
@@ -285,6 +295,8 @@ class FormatKeymap:
     metadata_hints: tuple[MetadataHint, ...]
     rules: tuple[ModuleRule, ...]
     path: str
+    # The text-encoder namings, each compiled as a keymap of its own (one prefix, a text-encoder vocabulary).
+    text_encoders: tuple[FormatKeymap, ...] = ()
 
     @functools.cached_property
     def _patterns(self) -> tuple[tuple[re.Pattern[str], ModuleRule], ...]:
@@ -388,8 +400,21 @@ class FormatKeymap:
     def _match_memo(self) -> dict[str, tuple[ModuleRule, int | None] | None]:
         return {}
 
+    def match_text_encoder(self, module_key: str) -> tuple[ModuleRule, int | None] | None:
+        """The text-encoder rule (and layer index) a module key names, through this format's `text_encoders`."""
+        for encoder in self.text_encoders:
+            match = encoder.match_module(module_key)
+            if match is not None:
+                return match
+        return None
+
     def is_text_encoder(self, key: str) -> bool:
-        return key.startswith(self.text_encoder_prefixes)
+        return key.startswith(self._text_encoder_starts)
+
+    @functools.cached_property
+    def _text_encoder_starts(self) -> tuple[str, ...]:
+        """Every prefix a text-encoder key of this format starts with: the unmapped ones and the mapped ones."""
+        return self.text_encoder_prefixes + tuple(e.prefixes[0] for e in self.text_encoders)
 
 
 @dataclass(frozen=True)
@@ -431,6 +456,13 @@ def _load_format(path: Path, vocabularies: dict[str, tuple[ModuleRule, ...]], mo
     for n, spelling in enumerate(spec.numbered_children):
         if "{n}" not in spelling:
             raise KeymapError(f"{path}: $.numbered_children[{n}]: {spelling!r} must contain {{n}}", path=str(path))
+    for n, te in enumerate(spec.text_encoders):
+        if te.vocabulary not in vocabularies:
+            raise KeymapError(
+                f"{path}: $.text_encoders[{n}].vocabulary: unknown vocabulary {te.vocabulary!r} "
+                f"(known in {model_path.name}: {', '.join(vocabularies)})",
+                path=str(path),
+            )
     return FormatKeymap(
         name=spec.format,
         version=spec.version,
@@ -446,6 +478,31 @@ def _load_format(path: Path, vocabularies: dict[str, tuple[ModuleRule, ...]], mo
         text_encoder_prefixes=tuple(spec.text_encoder_prefixes),
         metadata_hints=tuple(spec.metadata_hints),
         rules=vocabularies[spec.vocabulary] + tuple(spec.extra_modules),
+        path=str(path),
+        text_encoders=tuple(_text_encoder_keymap(spec, te, vocabularies, path) for te in spec.text_encoders),
+    )
+
+
+def _text_encoder_keymap(
+    spec: FormatFile, te: TextEncoderRule, vocabularies: dict[str, tuple[ModuleRule, ...]], path: Path
+) -> FormatKeymap:
+    """One text-encoder naming of a format as a keymap: its prefix, the text encoder's vocabulary, the
+    format's tensor suffixes. Hugging Face module names number their children as PyTorch does (`layer.0`)."""
+    return FormatKeymap(
+        name=f"{spec.format}:{te.vocabulary}",
+        version=spec.version,
+        description=f"{spec.description} ({te.vocabulary} text encoder)",
+        model=spec.model,
+        vocabulary=te.vocabulary,
+        separator=te.separator if te.separator is not None else spec.separator,
+        prefixes=(te.prefix,),
+        layout=spec.layout,
+        priority=spec.priority,
+        tensors=tuple(spec.tensors.items()),
+        numbered_children=("{n}",),
+        text_encoder_prefixes=(),
+        metadata_hints=(),
+        rules=vocabularies[te.vocabulary],
         path=str(path),
     )
 

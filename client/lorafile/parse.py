@@ -19,7 +19,9 @@ from client.lorafile.keymaps import FormatKeymap, KeymapSet, ModuleRule, load_ke
 from client.lorafile.safetensors_io import SafetensorsFile
 from client.wire.errors import LoraUnsupported
 
-REASON_TEXT_ENCODER = "text encoder key: not applied (easel patches the diffusion transformer only)"
+REASON_TEXT_ENCODER = (
+    "text encoder key in a naming easel does not map to FLUX.1's text encoders (CLIP-L, T5-XXL): not applied"
+)
 REASON_UNKNOWN_TENSOR = "tensor name not recognised by the {fmt} keymap"
 REASON_UNKNOWN_MODULE = "module not in the {fmt} keymap's {vocab} vocabulary"
 REASON_NORM = (
@@ -92,11 +94,19 @@ class ParsedLora:
         return any(r.startswith("lokr_") for m in self.modules.values() for r in m.tensors)
 
 
+def _text_encoder_reason(fmt: FormatKeymap, key: str) -> str:
+    """Why a text-encoder key is not applied: a module the encoder does not have, or an unmapped naming."""
+    for encoder in fmt.text_encoders:
+        if key.startswith(encoder.prefixes[0]):
+            return f"text encoder module not in the {fmt.name} keymap's {encoder.vocabulary} vocabulary: not applied"
+    return REASON_TEXT_ENCODER
+
+
 def _score(fmt: FormatKeymap, keys: list[str], metadata: dict[str, str]) -> tuple[float, int]:
     score = 0.0
     for key in keys:
         split = fmt.split_key(key)
-        if split and fmt.match_module(split[0]):
+        if split and (fmt.match_module(split[0]) or fmt.match_text_encoder(split[0])):
             score += 2
         elif fmt.is_text_encoder(key):
             score += 1
@@ -213,15 +223,15 @@ def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedL
     modules: dict[str, ModuleTensors] = {}
     leftover: list[tuple[str, str]] = []
     for key in keys:
-        if fmt.is_text_encoder(key):
-            leftover.append((key, REASON_TEXT_ENCODER))
-            continue
         split = fmt.split_key(key)
+        match = None if split is None else fmt.match_module(split[0]) or fmt.match_text_encoder(split[0])
+        if match is None and fmt.is_text_encoder(key):
+            leftover.append((key, _text_encoder_reason(fmt, key)))
+            continue
         if split is None:
             leftover.append((key, REASON_UNKNOWN_TENSOR.format(fmt=fmt.name)))
             continue
         module_key, role = split
-        match = fmt.match_module(module_key)
         if match is None:
             norm = _norm_parameter(fmt, keymaps, module_key)
             reason = REASON_NORM.format(target=norm, vocab=fmt.vocabulary) if norm else None

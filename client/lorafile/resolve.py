@@ -15,6 +15,7 @@ from collections import Counter
 from client.lorafile.adapters import CORRUPT, Layout, ModuleContext, Skip, module_terms
 from client.lorafile.explain import explain
 from client.lorafile.keymaps import load_keymaps
+from client.lorafile.layout import TRANSFORMER_PART, part_of
 from client.lorafile.parse import ModuleTensors, ParsedLora
 from client.lorafile.terms import BiasTerm, DenseTerm, DoraTerm, KronTerm, LowRankTerm, SetTerm, Term, WeightTerm
 from client.wire.errors import LoraFormatError
@@ -68,6 +69,7 @@ def resolve(parsed: ParsedLora, layout: Layout | None) -> tuple[list[Term], File
     styles: Counter[str] = Counter()
     patched: dict[str, None] = {}
     applied = 0
+    by_part: Counter[str] = Counter()
     transposed = parsed.keymap.layout == "in_out"
     for group in parsed.modules.values():
         targets = group.rule.target_paths(group.index)
@@ -84,7 +86,9 @@ def resolve(parsed: ParsedLora, layout: Layout | None) -> tuple[list[Term], File
             ctx = ModuleContext(group, targets, layout, transposed, alpha, parsed.peft)
             new, rank, unread = module_terms(ctx, styles)
         except Skip as skip:
-            report.leftover.extend(Leftover(k, str(skip)) for k in group.keys)
+            part = part_of(targets[0])
+            reason = str(skip) if part == TRANSFORMER_PART else f"text encoder {part}: {skip}"
+            report.leftover.extend(Leftover(k, reason) for k in group.keys)
             continue
         terms.extend(new)
         if rank is not None:
@@ -93,6 +97,7 @@ def resolve(parsed: ParsedLora, layout: Layout | None) -> tuple[list[Term], File
             alphas.append(alpha)
         report.leftover.extend(Leftover(k, f"not read by any adapter of {group.module_key}") for k in unread)
         applied += len(group.keys) - len(unread)
+        by_part[part_of(targets[0])] += len(group.keys) - len(unread)
         for term in new:
             patched[term.target] = None
     report.keys_applied = applied
@@ -106,6 +111,8 @@ def resolve(parsed: ParsedLora, layout: Layout | None) -> tuple[list[Term], File
     if parsed.keys_total and (parsed.format == "unknown" or (layout is not None and applied == 0)):
         keys = [k for k, _ in parsed.leftover] + [k for g in parsed.modules.values() for k in g.keys]
         report.explanation = explain(keys, parsed.keymaps or load_keymaps())
+    if set(by_part) - {TRANSFORMER_PART}:  # only files that reach a text encoder carry the split
+        report.keys_applied_by_part = dict(sorted(by_part.items()))
     return terms, report
 
 

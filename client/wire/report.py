@@ -38,6 +38,9 @@ class FileReport(msgspec.Struct, kw_only=True, omit_defaults=True):
     alphas: list[float] = []
     patched_layers: list[str] = []
     fused_styles: dict[str, int] = {}  # shared / stacked / rank_sliced -> modules
+    # Keys applied per model part (transformer, clip_l, t5xxl), for files that reach a text encoder; their
+    # sum is keys_applied. Empty for a transformer-only file (then keys_applied is all transformer).
+    keys_applied_by_part: dict[str, int] = {}
     leftover: list[Leftover] = []
     leftover_omitted: int = 0  # leftovers not listed (a reply lists MAX_LEFTOVER_ON_WIRE at most)
     nbytes: int = 0

@@ -3,7 +3,9 @@
 The render path is identical for every preset: latents, prompt encoding, the transformer loop, VAE decode
 all run inside `Flux1.generate_image`. easel only listens through mflux's callback registry, to time the
 phases, report progress, stop a cancelled job at the next step, and let the runner render an interactive
-job at a step boundary of a batch one (renders nest: see `_PhaseRelay`).
+job at a step boundary of a batch one (renders nest: see `_PhaseRelay`). It keeps mflux's prompt cache per
+text-encoder state (`PromptEmbeddings`), so a LoRA stack that changes the text encoders never reads an
+embedding made without it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -36,6 +40,65 @@ class RenderOutput:
     image: Image.Image
     spec: RenderSpec
     timings: dict[str, float] = field(default_factory=dict)  # seconds: text_encode, denoise, decode
+
+
+def _no_text_encoder_state() -> Hashable:
+    return ()
+
+
+class PromptEmbeddings(MutableMapping[str, Any]):
+    """mflux's prompt cache (prompt -> (T5 embeddings, CLIP pooled embedding)), filed per text-encoder state.
+
+    mflux looks a prompt up by its text alone; this mapping files each embedding under (state, prompt),
+    where `state()` says what the active LoRA stack does to the text encoders (the patcher's
+    `text_encoder_key`: () when nothing, so a stack that leaves them alone shares the embeddings made
+    without a stack). An embedding made under one state is never returned under another; switching back
+    to a state finds its own embeddings again, the very same arrays. Bounded over all states, least
+    recently used first out. The mapping view (iteration, len) is the current state's.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = int(max_entries)
+        self.state: Callable[[], Hashable] = _no_text_encoder_state
+        self._entries: OrderedDict[tuple[Hashable, str], Any] = OrderedDict()
+
+    def _key(self, prompt: str) -> tuple[Hashable, str]:
+        return (self.state(), prompt)
+
+    def __contains__(self, prompt: object) -> bool:
+        return isinstance(prompt, str) and self._key(prompt) in self._entries
+
+    def __getitem__(self, prompt: str) -> Any:
+        key = self._key(prompt)
+        value = self._entries[key]
+        self._entries.move_to_end(key)
+        return value
+
+    def __setitem__(self, prompt: str, value: Any) -> None:
+        key = self._key(prompt)
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > max(self.max_entries, 1):
+            self._entries.popitem(last=False)
+
+    def __delitem__(self, prompt: str) -> None:
+        del self._entries[self._key(prompt)]
+
+    def __iter__(self) -> Iterator[str]:
+        state = self.state()
+        return iter([p for s, p in self._entries if s == state])
+
+    def __len__(self) -> int:
+        state = self.state()
+        return sum(1 for s, _ in self._entries if s == state)
+
+    @property
+    def total(self) -> int:
+        """Embeddings held over every text-encoder state."""
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 @dataclass
@@ -92,12 +155,18 @@ class LoadedModel:
         self.source = str(loaded.source.root)
         self.load_seconds = load_seconds
         self.dtype = loaded.dtype
+        self.prompt_embeddings = PromptEmbeddings(PROMPT_CACHE_MAX)
+        self.flux.prompt_cache = self.prompt_embeddings  # mflux reads and fills it in generate_image
         self._relay = _PhaseRelay(self.flux)
         self.flux.callbacks.register(self._relay)
 
     @property
     def transformer(self):
         return self.flux.transformer
+
+    def key_prompts_by(self, state: Callable[[], Hashable]) -> None:
+        """File prompt embeddings under `state()` (what the LoRA stack does to the text encoders) from now on."""
+        self.prompt_embeddings.state = state
 
     def release_thread(self) -> None:
         """Free the calling thread's MLX streams: each thread that loaded or rendered calls this as it ends."""
@@ -147,13 +216,7 @@ class LoadedModel:
             "denoise": m["denoised"] - m["encoded"],
             "decode": end - m["denoised"],
         }
-        self._trim_prompt_cache()
         return RenderOutput(image=image, spec=spec, timings=timings)
-
-    def _trim_prompt_cache(self) -> None:
-        cache = self.flux.prompt_cache
-        while len(cache) > PROMPT_CACHE_MAX:
-            cache.pop(next(iter(cache)))
 
     def warm_up(self) -> float:
         """One smallest render so the first real request does not pay for lazy initialisation."""

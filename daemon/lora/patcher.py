@@ -9,6 +9,12 @@ time a layer is ever patched; logged and undone on failure; a wrapper with no ar
 stack adds nothing), then ONE assignment makes the stack's arrays the ones every wrapper reads. A
 switch between stacks already built therefore costs the same at any depth. `clear` puts the original
 layer objects back. The bake form writes W + delta into the layers and restores the original arrays.
+
+Text encoders: given the model's CLIP and T5 modules (`text_encoders`, or `for_model`), the patcher
+resolves LoRAs against their Linear layers too (paths from the model root, `clip_text_encoder.` and
+`t5_text_encoder.`), wraps them the same way and switches them with the same one assignment.
+`text_encoder_key` names what the active stack does to the text encoders: the files (path, scale,
+signature) that reach them, () when none does; the engine keys its prompt embeddings by it.
 """
 
 from __future__ import annotations
@@ -16,19 +22,21 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import mlx.core as mx
 import mlx.nn as nn
 import msgspec
 
+from client.lorafile.layout import TRANSFORMER_PART
 from client.lorafile.resolve import Term, corrupt_error
 from client.wire.errors import InvalidRequest, LoraZeroMatch
 from client.wire.report import FileReport
 from daemon.lora.cache import LoraCache, Signature
 from daemon.lora.decompose import base_weight, layer_arrays, stack_gains
+from daemon.lora.inspect import text_encoder_layout, text_encoders_of
 from daemon.lora.resident import ResidentStack, ResidentStacks, StackKey
 from daemon.lora.runtime import ActiveLayers, StackedLoraLinear, linear_layout
 from daemon.lora.stack import StackEntry, StackReport
@@ -71,6 +79,13 @@ def _bake(slot: _Slot, weight: mx.array, bias: mx.array | None) -> None:
         del layer["bias"]
 
 
+def _text_encoder_key(key: StackKey, reports: Sequence[FileReport]) -> StackKey:
+    """The entries of a stack whose files reach a text encoder: what the prompt embeddings depend on."""
+    return tuple(
+        k for k, r in zip(key, reports, strict=True) if any(p != TRANSFORMER_PART for p in r.keys_applied_by_part)
+    )
+
+
 def _named(files: Sequence[FileReport], stack: Sequence[StackEntry]) -> list[FileReport]:
     """A stack's reports as this request spells its entries (a resident stack may have been built by
     another request naming the same files differently)."""
@@ -91,20 +106,26 @@ class LoraPatcher:
         cache: LoraCache | None = None,
         mode: Mode = "side",
         resident: ResidentStacks | None = None,
+        *,
+        text_encoders: Mapping[str, nn.Module] | None = None,
     ) -> None:
         if mode not in ("side", "bake"):
             raise ValueError(f"mode must be 'side' or 'bake', not {mode!r}")
         self.transformer = transformer
+        self.text_encoders = dict(text_encoders or {})  # root name on the model (clip_text_encoder) -> module
         self.cache = cache or LoraCache()
         self.resident = resident if resident is not None else ResidentStacks()
         self.mode: Mode = mode
-        self.layout = linear_layout(transformer)
-        self._layout_key = (id(self), tuple(sorted(self.layout.items())))
+        self.layout = linear_layout(transformer)  # the transformer's layers (paths from the transformer)
+        self.text_encoder_layout = text_encoder_layout(self.text_encoders)  # paths from the model root
+        self.model_layout = self.layout | self.text_encoder_layout  # what a LoRA resolves against
+        self._layout_key = (id(self), tuple(sorted(self.model_layout.items())))
         self._slots: dict[str, _Slot] = {}
         self._patched: set[str] = set()
         self._active: tuple[StackEntry, ...] = ()
         self._active_sigs: tuple[Signature, ...] = ()
         self._active_key: StackKey = ()
+        self._text_encoder_key: StackKey = ()
         self._report = StackReport()
         self._lock = threading.RLock()
         # side form: the one reference every wrapper reads, the wrappers built so far, which are in place
@@ -112,6 +133,21 @@ class LoraPatcher:
         self._wrappers: dict[str, StackedLoraLinear] = {}
         self._wrapped: set[str] = set()
         self._wrap_epoch = 0  # bumped whenever wrappers are taken out (clear, a failed install)
+
+    @classmethod
+    def for_model(
+        cls, model: Any, cache: LoraCache | None = None, mode: Mode = "side", resident: ResidentStacks | None = None
+    ) -> LoraPatcher:
+        """A patcher on a loaded model's transformer and text encoders, and the model's prompt embeddings
+        keyed by what the active stack does to the text encoders (so none is reused across such stacks)."""
+        patcher = cls(model.flux.transformer, cache, mode, resident, text_encoders=text_encoders_of(model.flux))
+        model.key_prompts_by(lambda: patcher._text_encoder_key)
+        return patcher
+
+    @property
+    def text_encoder_key(self) -> StackKey:
+        """The active stack's entries that reach a text encoder ((path, scale, signature) each); () if none."""
+        return self._text_encoder_key
 
     @property
     def active(self) -> list[StackEntry]:
@@ -163,6 +199,7 @@ class LoraPatcher:
                 self._check_zero_match(built.reports, zero_match)
             self._switch(built)
             self._active, self._active_sigs, self._active_key = stack, tuple(k[2] for k in built.key), built.key
+            self._text_encoder_key = built.text_encoder_key
             self._report = StackReport(
                 files=_named(built.reports, stack),
                 layers_patched=len(built.layers),
@@ -180,6 +217,7 @@ class LoraPatcher:
                 self._unwrap_all()
             self._patched = set()
             self._active, self._active_sigs, self._active_key = (), (), ()
+            self._text_encoder_key = ()
             self._report = StackReport()
 
     def prefetch(self, entries: Iterable[StackEntry | tuple[str, float]]) -> None:
@@ -189,7 +227,7 @@ class LoraPatcher:
         for e in entries:
             path = e.path if isinstance(e, StackEntry) else str(e[0])
             try:
-                self.cache.resolved(path, self.layout, self._layout_key)
+                self.cache.resolved(path, self.model_layout, self._layout_key)
             except Exception:  # noqa: BLE001 - the real switch reports it to the request that asked
                 return
 
@@ -231,7 +269,9 @@ class LoraPatcher:
             mx.eval(*to_eval)
         key = tuple((self.cache.key(e.path), float(e.scale), sig) for e, sig in zip(stack, sigs, strict=True))
         nbytes = sum(p.nbytes for p in layers.values())
-        return ResidentStack(key=key, layers=layers, reports=reports, warnings=warnings, nbytes=nbytes)
+        built = ResidentStack(key=key, layers=layers, reports=reports, warnings=warnings, nbytes=nbytes)
+        built.text_encoder_key = _text_encoder_key(key, reports)
+        return built
 
     def _switch(self, built: ResidentStack) -> None:
         """Wrap any layer of `built` not wrapped yet (undone on failure), then one assignment."""
@@ -285,6 +325,8 @@ class LoraPatcher:
         new_values = self._build(per_layer)
         self._commit(new_values)
         self._active, self._active_sigs = stack, sigs
+        key = tuple((self.cache.key(e.path), float(e.scale), sig) for e, sig in zip(stack, sigs, strict=True))
+        self._text_encoder_key = _text_encoder_key(key, reports)
         self._report = StackReport(files=reports, layers_patched=len(new_values), warnings=warnings)
         self._report.apply_ms = (time.perf_counter() - t0) * 1000
         return self._report
@@ -299,7 +341,7 @@ class LoraPatcher:
         per_layer: dict[str, list[tuple[float, Term]]] = {}
         warnings: list[str] = []
         for entry in stack:
-            terms, report, sig = self.cache.resolved(entry.path, self.layout, self._layout_key)
+            terms, report, sig = self.cache.resolved(entry.path, self.model_layout, self._layout_key)
             report.path, report.scale, report.name = entry.path, float(entry.scale), entry.name
             if report.keys_applied == 0:
                 broken = corrupt_error(report)
@@ -345,6 +387,8 @@ class LoraPatcher:
         if slot is None:
             parts = target.split(".")
             container: object = self.transformer
+            if parts[0] in self.text_encoders:  # a text encoder's layer: its path starts at the model root
+                container, parts = self.text_encoders[parts[0]], parts[1:]
             for part in parts[:-1]:
                 container = _get(container, part)
             module = _get(container, parts[-1])

@@ -31,6 +31,7 @@ class ResidentStack:
     nbytes: int = 0
     wrapped_epoch: int = -1  # the patcher epoch in which every layer of this stack was last known wrapped
     targets: frozenset[str] = frozenset()
+    text_encoder_key: StackKey = ()  # the entries whose files reach a text encoder (the prompt embeddings' key)
 
     def __post_init__(self) -> None:
         self.targets = frozenset(self.layers)

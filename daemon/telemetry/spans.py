@@ -216,6 +216,9 @@ class RenderSpan:
         s.set_attribute("render.lora.scales", [float(f.scale) for f in files])
         s.set_attribute("render.lora.matched_keys", [int(f.keys_applied) for f in files])
         s.set_attribute("render.lora.total_keys", [int(f.keys_total) for f in files])
+        text_encoder_keys = [sum(n for p, n in f.keys_applied_by_part.items() if p != "transformer") for f in files]
+        if any(text_encoder_keys):  # of matched_keys, those that reached CLIP-L / T5-XXL
+            s.set_attribute("render.lora.text_encoder_keys", text_encoder_keys)
         if switched is not None:
             s.set_attribute("render.lora.stack_switched", switched)
             if switched:

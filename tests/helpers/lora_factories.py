@@ -510,3 +510,107 @@ def make_rank_mismatch(path: Path) -> Path:
     }
     write_safetensors(path, tensors, {})
     return path
+
+
+# -- text-encoder LoRAs ----------------------------------------------------------------------------
+#
+# Each trainer's naming of FLUX.1's two text encoders, written out by hand from the trainers' and loaders'
+# own code (independently of keymaps/): (CLIP-L prefix, T5-XXL prefix, separator, down, up, alpha suffix).
+# Module names after the prefix are Hugging Face transformers' (CLIPTextModel, T5EncoderModel).
+TE_NAMINGS: dict[str, tuple[str, str, str, str, str, str | None]] = {
+    # kohya-ss/sd-scripts networks/lora_flux.py: LORA_PREFIX_TEXT_ENCODER_CLIP = "lora_te1",
+    # LORA_PREFIX_TEXT_ENCODER_T5 = "lora_te3" (train_t5xxl), names joined with "_"
+    "kohya": ("lora_te1_", "lora_te3_", "_", "lora_down.weight", "lora_up.weight", "alpha"),
+    # Nerogar/OneTrainer modules/util/convert/lora/convert_flux_lora.py: clip_l -> "lora_te1", t5 -> "lora_te2",
+    # written as legacy diffusers keys (convert_lora_util.py: dots of the module name become "_")
+    "onetrainer": ("lora_te1_", "lora_te2_", "_", "lora_down.weight", "lora_up.weight", "alpha"),
+    # huggingface/diffusers FluxLoraLoaderMixin (text_encoder_name = "text_encoder") and the Flux pipeline's
+    # text_encoder_2 (T5), PEFT's lora_A / lora_B, no alpha tensor
+    "diffusers": ("text_encoder.", "text_encoder_2.", ".", "lora_A.weight", "lora_B.weight", None),
+    # comfyanonymous/ComfyUI comfy/lora.py model_lora_keys_clip: "text_encoders.{state-dict key}", the Flux
+    # CLIP state dict being clip_l.transformer.* and t5xxl.transformer.*
+    "comfyui": (
+        "text_encoders.clip_l.transformer.",
+        "text_encoders.t5xxl.transformer.",
+        ".",
+        "lora_down.weight",
+        "lora_up.weight",
+        "alpha",
+    ),
+    # OneTrainer's OMI format (convert_flux_lora.py omi prefixes "clip_l", "t5"; convert_clip.py, convert_t5.py)
+    "omi": ("clip_l.", "t5.", ".", "lora_down.weight", "lora_up.weight", "alpha"),
+}
+
+_CLIP_HF = {  # mflux CLIPEncoderLayer module -> transformers CLIPEncoderLayer module
+    "self_attn.q_proj": "self_attn.q_proj",
+    "self_attn.k_proj": "self_attn.k_proj",
+    "self_attn.v_proj": "self_attn.v_proj",
+    "self_attn.out_proj": "self_attn.out_proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+_T5_HF = {  # mflux T5Block module -> transformers T5Block module
+    "attention.SelfAttention.q": "layer.0.SelfAttention.q",
+    "attention.SelfAttention.k": "layer.0.SelfAttention.k",
+    "attention.SelfAttention.v": "layer.0.SelfAttention.v",
+    "attention.SelfAttention.o": "layer.0.SelfAttention.o",
+    "ff.DenseReluDense.wi_0": "layer.1.DenseReluDense.wi_0",
+    "ff.DenseReluDense.wi_1": "layer.1.DenseReluDense.wi_1",
+    "ff.DenseReluDense.wo": "layer.1.DenseReluDense.wo",
+}
+
+
+def te_source_name(target: str) -> tuple[str, str] | None:
+    """(encoder, Hugging Face module name) of an mflux text-encoder layer path, None for other paths."""
+    m = re.fullmatch(r"clip_text_encoder\.text_model\.encoder\.layers\.(\d+)\.(.+)", target)
+    if m and m.group(2) in _CLIP_HF:
+        return "clip_l", f"text_model.encoder.layers.{m.group(1)}.{_CLIP_HF[m.group(2)]}"
+    m = re.fullmatch(r"t5_text_encoder\.t5_blocks\.(\d+)\.(.+)", target)
+    if m and m.group(2) in _T5_HF:
+        return "t5xxl", f"encoder.block.{m.group(1)}.{_T5_HF[m.group(2)]}"
+    return None
+
+
+def generate_te_lora(
+    naming: str,
+    path: str | Path,
+    te_layout: Mapping[str, tuple[int, int]],
+    rank: int = 4,
+    alpha: float | None = 2.0,
+    seed: int = 0,
+    *,
+    encoders: Iterable[str] = ("clip_l", "t5xxl"),
+    magnitude: float = 0.05,
+    dtype: str = "F32",
+    extra: dict[str, np.ndarray] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> GeneratedLora:
+    """Write a LoRA for FLUX.1's text encoders in a trainer's naming (TE_NAMINGS), one module per Linear
+    layer of `te_layout` (mflux paths from the model root, {path: (out, in)}); `extra` tensors (a
+    transformer LoRA's, say) go into the same file. `expected` maps each mflux layer path to its delta at
+    scale 1. Naming without an alpha tensor (diffusers) means factor 1."""
+    clip_prefix, t5_prefix, sep, down_s, up_s, alpha_s = TE_NAMINGS[naming]
+    if alpha_s is None:
+        alpha = None
+    rng = np.random.default_rng(seed)
+    wanted = set(encoders)
+    tensors: dict[str, np.ndarray] = dict(extra or {})
+    expected: dict[str, ExpectedDelta] = {}
+    te_keys: list[str] = []
+    for target, (out_dim, in_dim) in sorted(te_layout.items()):
+        source = te_source_name(target)
+        if source is None or source[0] not in wanted:
+            continue
+        encoder, module = source
+        base = (clip_prefix if encoder == "clip_l" else t5_prefix) + module.replace(".", sep)
+        down = rng.standard_normal((rank, in_dim)) * magnitude
+        up = rng.standard_normal((out_dim, rank)) * magnitude
+        tensors[f"{base}.{down_s}"], tensors[f"{base}.{up_s}"] = down, up
+        te_keys += [f"{base}.{down_s}", f"{base}.{up_s}"]
+        if alpha is not None:
+            tensors[f"{base}.{alpha_s}"] = np.array(alpha, dtype=np.float32)
+            te_keys.append(f"{base}.{alpha_s}")
+        expected[target] = ExpectedDelta(up, down, (alpha / rank) if alpha is not None else 1.0)
+    path = Path(path)
+    write_safetensors(path, tensors, dict(metadata or {}), dtype=dtype)
+    return GeneratedLora(path, naming, rank, alpha, expected, list(tensors), te_keys)

@@ -23,9 +23,11 @@ def test_inspect_json_with_preset(tmp_path, layout):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["format"] == "kohya" and data["rank"] == 4 and data["alpha"] == 2.0
-    assert data["keys_applied"] == len(gen.keys) - len(gen.text_encoder_keys)
-    assert data["layers_patched"] == len(gen.expected)
-    assert {d["key"] for d in data["leftover"]} == set(gen.text_encoder_keys)
+    # the text encoder's keys (CLIP-L q_proj) reach the model too, and are counted per part
+    assert data["keys_applied"] == len(gen.keys) and data["leftover"] == []
+    assert data["layers_patched"] == len(gen.expected) + 1
+    transformer_keys = len(gen.keys) - len(gen.text_encoder_keys)
+    assert data["keys_applied_by_part"] == {"clip_l": len(gen.text_encoder_keys), "transformer": transformer_keys}
 
 
 def test_inspect_human_without_preset(tmp_path, layout):
