@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from client.wire import framing  # noqa: E402
 from client.wire.errors import EaselError  # noqa: E402
-from client.wire.messages import Error, Event, Result, decode_reply  # noqa: E402
+from client.wire.messages import Error, Event, Hello, Result, decode_reply  # noqa: E402
 
 KNOWN_OPS = ["ping", "status", "render", "inspect", "cancel"]  # never `shutdown`: the daemon must stay up
 REPLY_TIMEOUT_S = 120.0
@@ -206,9 +206,18 @@ class FuzzStats:
 
 
 def _connect(path: Path) -> socket.socket:
+    """A connection with the daemon's greeting (its first frame) read: what follows answers our frames."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(REPLY_TIMEOUT_S)
     s.connect(str(path))
+    try:
+        hello = decode_reply(framing.recv_frame(s, 64 * 1024 * 1024))
+    except BaseException:
+        s.close()
+        raise
+    if not isinstance(hello, Hello):
+        s.close()
+        raise EaselError(f"the daemon did not greet the connection: {hello}")
     return s
 
 
