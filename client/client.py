@@ -60,7 +60,7 @@ from client.wire.messages import (
     ShutdownResult,
     Status,
     StatusResult,
-    check_render,
+    check_request,
     decode_reply,
     encode,
 )
@@ -132,7 +132,7 @@ def build_render(
         req = msgspec.convert(raw, Render, strict=True)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"render: {exc}") from None
-    check_render(req)
+    check_request(req)
     return req
 
 

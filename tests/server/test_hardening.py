@@ -279,6 +279,7 @@ def test_idle_connections_are_evicted_oldest_first_when_the_limit_is_reached(tmp
             assert game.send_render("the player's portrait", seed=5, **SIZE).seed == 5
         parting = decode_reply(framing.recv_frame(idle[1]))
         assert parting.id is None and parting.error.code == "busy" and parting.error.details["evicted"] is True
+        assert parting.closing is True  # told it is the daemon's last frame on this connection
         assert idle[1].recv(1) == b""
         assert converse(idle[0], frame({"op": "ping", "id": 10})).result.pong  # the others were kept
         assert converse(idle[2], frame({"op": "ping", "id": 11})).result.pong
