@@ -8,12 +8,28 @@ from pathlib import Path
 import msgspec
 
 from client.wire import framing
-from client.wire.messages import Hello, decode_reply
+from client.wire.messages import PROTOCOL_VERSION, ConnectionLimits, Hello, decode_reply, encode
 
 
 def frame(obj) -> bytes:
     """One msgpack frame of any value (a map, a list, a request with wrong types...)."""
     return framing.encode_frame(msgspec.msgpack.encode(obj))
+
+
+def hello_frame(connection: int = 1) -> bytes:
+    """The greeting a daemon sends first on an accepted connection: for stand-in listeners that play one."""
+    limits = ConnectionLimits(
+        max_frame=framing.DEFAULT_MAX_FRAME,
+        frame_timeout_s=30.0,
+        max_id_chars=128,
+        max_stack=32,
+        max_size=2048,
+        max_steps=100,
+        max_prompt_chars=4000,
+        queue_capacity=64,
+    )
+    hello = Hello(protocol=PROTOCOL_VERSION, version="0.0.0+stand-in", connection=connection, limits=limits)
+    return framing.encode_frame(encode(hello))
 
 
 def greeted(s: socket.socket) -> Hello:

@@ -73,3 +73,13 @@ def test_matcher_captures_and_reuses_values():
     match({"job": "$job"}, {"job": "3:1"}, env)
     with pytest.raises(Mismatch):
         match({"job": "$job"}, {"job": "3:2"}, env)
+
+
+def test_docs_name_easel_lora_roots_and_the_old_name_only_as_its_deprecated_alias():
+    """EASEL_LORA_ROOTS is the variable; EASEL_LORA_ROOT is a deprecated alias (client/env.py)."""
+    root = Path(__file__).resolve().parents[2]
+    pages = [*sorted((root / "docs").glob("*.md")), root / "README.md", root / "genre_packs" / "README.md"]
+    for page in pages:
+        for n, line in enumerate(page.read_text().splitlines(), 1):
+            if re.search(r"EASEL_LORA_ROOT(?!S)", line):
+                assert re.search(r"deprecated|old", line), f"{page.name}:{n} names EASEL_LORA_ROOT as current: {line}"
