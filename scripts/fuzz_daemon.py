@@ -6,8 +6,9 @@ Starts `easel serve --preset tiny --max-size 64 --max-steps 1` in a scratch dire
 `--socket` of a daemon already running, whose roots it then cannot check) and sends it framed bodies:
 valid requests mutated (bytes flipped, inserted, cut; values swapped for nasty ones: invalid UTF-8, deep
 nesting, huge strings and numbers, NaN, ext types, odd keys; keys added and dropped; ops and ids
-garbled), random bytes, and now and then a frame-level fault on its own connection. Each client sends
-one frame and reads until that frame's final answer before the next.
+garbled), random bytes, and now and then a frame-level fault on its own connection. Each client reads
+the daemon's greeting when it connects, then sends one frame and reads until that frame's final answer
+before the next.
 
 Invariants, checked at the end (exit 1 if any fails): the daemon is alive (ping), every framed body was
 answered and no connection was dropped after a body, nothing was written outside the output root (a
