@@ -579,10 +579,9 @@ class DaemonServer:
             failure = EaselError(f"inspect failed: {type(exc).__name__}: {exc}")
             await conn.send(error_reply(req.id, failure, op="inspect"))
         else:
-            conn.end(req.id)
+            conn.end(req.id)  # every path frees the id just before its answer, never after (it may be reused)
             await conn.send(Result(id=req.id, op="inspect", result=report))
         finally:
-            conn.end(req.id)
             call.end()
 
     async def _cancel(self, conn: Connection, req: Cancel, call: ServerCall) -> Reply:
