@@ -337,8 +337,9 @@ def test_cancel_has_one_shape_and_cancels_once(daemon):
             first = await c.cancel("wait")
             again = await c.cancel("wait")
             by_job = await c.cancel(job=first.job)
-            stop = await c.cancel("run")
-            stopping = await c.cancel("run")
+            daemon.engine.step_s = 1.0  # the step under way now outlasts the two cancels below by far
+            await asyncio.sleep(0.15)
+            stop, stopping = await asyncio.gather(c.cancel("run"), c.cancel("run"))
             for task in (running, queued):
                 with pytest.raises(Exception, match="cancel"):
                     await task
