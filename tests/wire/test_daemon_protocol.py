@@ -183,7 +183,7 @@ def test_trace_context_is_carried():
     assert decode_request(pack({"op": "ping", "id": 1, "trace_context": tc})).trace_context == tc
 
 
-# ---- protocol 2: ids, nulls, fields, connection-level errors, the nothing-applied classification ----------
+# ---- protocol 2: ids, nulls, fields, connection-level errors --------------------------------------------
 
 
 def test_an_id_beyond_signed_64_bits_or_too_long_is_unusable_and_not_echoed():
@@ -226,16 +226,3 @@ def test_field_names_the_offending_field(raw, field):
     with pytest.raises(InvalidRequest) as info:
         decode_request(pack(raw))
     assert info.value.details["field"] == field
-
-
-def test_a_file_none_of_whose_keys_applied_is_lora_error_when_malformed_else_zero_match():
-    from client.wire.errors import LoraError, LoraZeroMatch
-    from client.wire.report import FileReport, Leftover
-
-    base = dict(path="/l/x.safetensors", scale=1.0, format="kohya", keys_total=3, keys_applied=0, layers_patched=0)
-    mismatch = Leftover("a.lora_up.weight", "rank mismatch: down has rank 4, up has rank 3")
-    err = FileReport(**base, keys_invalid=3, leftover=[mismatch]).nothing_applied()
-    assert type(err) is LoraError and err.code == "lora_error" and "rank mismatch" in err.message
-    other_model = Leftover("a.lora_up.weight", "this model has no layer x")
-    err = FileReport(**base, leftover=[other_model]).nothing_applied()
-    assert type(err) is LoraZeroMatch and "matched zero keys" in err.message
