@@ -36,6 +36,7 @@ from client.wire.address import default_socket_path  # one rule for both ends
 from client.wire.errors import (
     Busy,
     DaemonUnavailable,
+    DuplicateId,
     EaselError,
     InvalidRequest,
     ProtocolError,
@@ -47,6 +48,7 @@ from client.wire.messages import (
     CancelResult,
     Error,
     Event,
+    Hello,
     Inspect,
     Ping,
     PingResult,
@@ -58,7 +60,7 @@ from client.wire.messages import (
     ShutdownResult,
     Status,
     StatusResult,
-    check_render,
+    check_request,
     decode_reply,
     encode,
 )
@@ -71,6 +73,19 @@ _W3C = TraceContextTextMapPropagator()
 DEFAULT_TIMEOUT_S = 10.0  # ping, status, inspect, cancel, shutdown
 DEFAULT_RENDER_TIMEOUT_S = 900.0  # one render, including its time in the queue
 PARTING_READ_S = 1.0  # how long to look for the daemon's last word on a connection it closed
+
+
+def _greeting(reply: Reply, path: Path) -> Hello:
+    """The first frame of a connection: the daemon's greeting (accepted), or its refusal (raised)."""
+    if isinstance(reply, Hello):
+        return reply
+    if isinstance(reply, Error):
+        raise error_from_wire(msgspec.to_builtins(reply.error))
+    raise ProtocolError(f"the daemon at {path} did not greet the connection (first frame: {type(reply).__name__})")
+
+
+def _connection_error(reply: Error) -> EaselError:
+    return error_from_wire(msgspec.to_builtins(reply.error))
 
 
 @dataclass(frozen=True)
@@ -117,7 +132,7 @@ def build_render(
         req = msgspec.convert(raw, Render, strict=True)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"render: {exc}") from None
-    check_render(req)
+    check_request(req)
     return req
 
 
@@ -152,6 +167,7 @@ class _Shared:
         self.retry = retry
         self.max_frame = max_frame
         self._ids = itertools.count(1)
+        self.hello: Hello | None = None  # the greeting of the current connection (protocol, version, limits)
 
     def _next_id(self) -> int:
         return next(self._ids)
@@ -170,6 +186,12 @@ class _Shared:
         finally:
             if token is not None:
                 context.detach(token)
+
+    def _no_greeting(self, waited_s: float) -> Timeout:
+        return Timeout(
+            f"the daemon at {self.socket_path} sent no greeting within {waited_s}s (a daemon older than "
+            "protocol 2, or one too busy to answer)"
+        )
 
     @staticmethod
     def _interpret(reply: Reply, on_progress: ProgressCallback | None) -> tuple[bool, Any]:
@@ -213,10 +235,13 @@ class RenderClient(_Shared):
                 self._sock.close()
             self._sock = None
 
-    def _connect(self) -> socket.socket:
+    def _connect(self, timeout: float | None = None) -> socket.socket:
+        """The open connection, or a new one once the daemon has greeted it (within `timeout`, at most the
+        client's own). A refused connection raises the daemon's reason (busy, peer_not_allowed)."""
         if self._sock is None:
+            wait = min(self.timeout, timeout) if timeout is not None else self.timeout
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(self.timeout)
+            s.settimeout(wait)
             try:
                 s.connect(str(self.socket_path))
             except TimeoutError:
@@ -225,6 +250,17 @@ class RenderClient(_Shared):
             except OSError as exc:
                 s.close()
                 raise _connect_error(self.socket_path, exc) from None
+            try:  # accepted (a greeting) or refused (an error, then EOF): told before anything is written
+                self.hello = _greeting(decode_reply(framing.recv_frame(s, self.max_frame)), self.socket_path)
+            except TimeoutError:
+                s.close()
+                raise self._no_greeting(wait) from None
+            except (framing.PeerClosed, ConnectionError):
+                s.close()
+                raise DaemonUnavailable(f"the daemon at {self.socket_path} closed the connection at once") from None
+            except BaseException:
+                s.close()
+                raise
             self._sock = s
         return self._sock
 
@@ -233,7 +269,7 @@ class RenderClient(_Shared):
             return self._send(traced, timeout, on_progress)
 
     def _send(self, msg: Any, timeout: float, on_progress: ProgressCallback | None) -> Any:
-        sock = self._connect()
+        sock = self._connect(timeout)
         deadline = time.monotonic() + timeout
         try:
             sock.settimeout(timeout)
@@ -244,10 +280,11 @@ class RenderClient(_Shared):
                     raise TimeoutError
                 sock.settimeout(left)
                 reply = decode_reply(framing.recv_frame(sock, self.max_frame))
-                if reply.id != msg.id:
-                    if isinstance(reply, Error) and reply.id is None:  # the daemon closes this connection
+                if isinstance(reply, Error) and reply.id is None:  # connection-level
+                    if reply.closing:  # the daemon closes this connection
                         self.close()
-                        raise error_from_wire(msgspec.to_builtins(reply.error))
+                    raise _connection_error(reply)  # else about our frame, the only one in flight
+                if isinstance(reply, Hello) or reply.id != msg.id:
                     continue
                 done, value = self._interpret(reply, on_progress)
                 if done:
@@ -272,7 +309,7 @@ class RenderClient(_Shared):
         except (OSError, EaselError, framing.PeerClosed):
             return None
         if isinstance(reply, Error) and reply.id is None:
-            return error_from_wire(msgspec.to_builtins(reply.error))
+            return _connection_error(reply)
         return None
 
     def _with_retry(self, fn: Callable[[], Any]) -> Any:
@@ -378,6 +415,17 @@ class AsyncRenderClient(_Shared):
             raise Timeout(f"connecting to {self.socket_path} timed out after {self.timeout}s") from None
         except OSError as exc:
             raise _connect_error(self.socket_path, exc) from None
+        try:  # accepted (a greeting) or refused (an error, then EOF): told before anything is written
+            first = await asyncio.wait_for(framing.read_frame(self._reader, self.max_frame), self.timeout)
+            self.hello = _greeting(decode_reply(first), self.socket_path)
+        except BaseException as exc:
+            self._writer.close()
+            self._writer = None
+            if isinstance(exc, TimeoutError):
+                raise self._no_greeting(self.timeout) from None
+            if isinstance(exc, (framing.PeerClosed, ConnectionError)):
+                raise DaemonUnavailable(f"the daemon at {self.socket_path} closed the connection at once") from None
+            raise
         self._lock = asyncio.Lock()
         self._pump = asyncio.create_task(self._read_replies())
 
@@ -386,11 +434,13 @@ class AsyncRenderClient(_Shared):
         try:
             while True:
                 reply = decode_reply(await framing.read_frame(self._reader, self.max_frame))
-                q = self._waiting.get(reply.id)
+                if isinstance(reply, Error) and reply.id is None:
+                    if reply.closing:  # the daemon closes this connection: every waiter gets this error
+                        raise _connection_error(reply)
+                    continue  # about a frame this client never sends (it checks ids before sending)
+                q = self._waiting.get(getattr(reply, "id", None))
                 if q is not None:
                     q.put_nowait(reply)
-                elif isinstance(reply, Error) and reply.id is None:
-                    raise error_from_wire(msgspec.to_builtins(reply.error))
         except asyncio.CancelledError:
             raise
         except (framing.PeerClosed, ConnectionError):
@@ -405,6 +455,8 @@ class AsyncRenderClient(_Shared):
             return await self._send(traced, timeout, on_progress)
 
     async def _send(self, msg: Any, timeout: float, on_progress: ProgressCallback | None) -> Any:
+        if msg.id in self._waiting:  # the daemon would refuse it; refusing here keeps the replies uncrossed
+            raise DuplicateId(f"request id {msg.id!r} is already in flight on this connection", field="id", id=msg.id)
         await self._connect()
         q: asyncio.Queue = asyncio.Queue()
         self._waiting[msg.id] = q

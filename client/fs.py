@@ -91,11 +91,13 @@ def _unnamed_file_at(dir_fd: int) -> int | None:
         raise
 
 
-def replace_file_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> None:
+def replace_file_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644, *, replace: bool = True) -> None:
     """Write `data` as `name` in the directory `dir_fd`, atomically: a reader sees the old file or the
     whole new one. The data goes to an unnamed (O_TMPFILE) or hidden temporary file in the same
     directory, is fsynced, then renamed over `name`; a symlink at `name` is replaced, never followed.
-    On any failure nothing is left behind (the temporary file is removed) and the OSError propagates."""
+    `replace=False`: hard-linked as `name` instead, so an entry already there (even one created a moment
+    ago) raises FileExistsError and stays untouched. On any failure nothing is left behind (the temporary
+    file is removed) and the OSError propagates."""
     tmp = f".easel-{secrets.token_hex(8)}.tmp"
     fd = _unnamed_file_at(dir_fd)
     named = fd is None
@@ -112,7 +114,11 @@ def replace_file_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> N
                 linked = True
         finally:
             os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        if replace:
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        else:
+            os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            os.unlink(tmp, dir_fd=dir_fd)
     except BaseException:
         if linked:
             with contextlib.suppress(OSError):

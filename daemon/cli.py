@@ -186,6 +186,8 @@ def serve_command(
 def render_in_process(prompt, paths, scales, zero_match, output, fields, *, log=print):
     """The same request, rendered by this process through the daemon's own runner and engine (no socket):
     for comparison and debugging."""
+    if output is None:  # the default file is this command's own: each run replaces it
+        fields = {**fields, "overwrite": True}
     output = str(Path(output or "easel-render.png").resolve())  # in-process: relative to the working dir
     roots = tuple({str(Path(p).resolve().parent) for p in paths}) or (str(Path.cwd()),)
     config = ServiceConfig(

@@ -120,7 +120,9 @@ class RenderJob(Job):
 
     @property
     def stack_label(self) -> list[str]:
-        return [f"{it.path.name}@{it.scale:g}" for it in self.prepared.stack]
+        """Each LoRA as `path@scale`, the path as the request gave it (two files of one name in different
+        folders stay distinguishable; the resolved path is in the render result)."""
+        return [f"{given}@{it.scale:g}" for given, it in zip(self.request.lora_paths, self.prepared.stack, strict=True)]
 
 
 @dataclass(frozen=True)

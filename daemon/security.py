@@ -29,6 +29,7 @@ from client.wire.errors import (
     DaemonAlreadyRunning,
     EaselError,
     InvalidRequest,
+    OutputExists,
     PathNotAllowed,
     RenderFailed,
     UnsafeSocketPath,
@@ -216,6 +217,7 @@ class OutputTarget:
 
     path: Path
     parts: tuple[str, ...]  # directories below the root, then the file name
+    overwrite: bool = True  # False: an entry already at the path is refused, even one created after admission
 
 
 class OutputRoot:
@@ -263,10 +265,10 @@ class OutputRoot:
                     os.close(fd)
             self._fd, self._retired = None, []
 
-    def admit(self, requested: str | None, generated_name: str) -> OutputTarget:
+    def admit(self, requested: str | None, generated_name: str, *, overwrite: bool = True) -> OutputTarget:
         """Check an output path before rendering: inside the root, a `.png` name, no file or symlink where
-        a directory must be, not a directory itself, and a directory the daemon can write into.
-        `requested` None: `generated_name` in the root itself."""
+        a directory must be, not a directory itself, and a directory the daemon can write into; unless
+        `overwrite`, nothing there yet (OutputExists). `requested` None: `generated_name` in the root itself."""
         root = self.path
         if requested is None:
             resolved = root / generated_name
@@ -293,6 +295,8 @@ class OutputRoot:
                     st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
                     if stat.S_ISDIR(st.st_mode):
                         raise InvalidRequest(f"output_path {resolved} is a directory", field="output_path")
+                    if not overwrite:
+                        raise self._exists(resolved)
             if not os.access(".", os.W_OK | os.X_OK, dir_fd=fd):
                 raise PathNotAllowed(
                     f"the daemon (uid {os.getuid()}) cannot write into {self._shown(fd, resolved, parts)}: "
@@ -301,7 +305,7 @@ class OutputRoot:
                 )
         finally:
             os.close(fd)
-        return OutputTarget(resolved, tuple(parts))
+        return OutputTarget(resolved, tuple(parts), overwrite)
 
     def write(self, target: OutputTarget, data: bytes) -> None:
         """Write `data` at `target`, walking down from the held root without following any symlink.
@@ -319,11 +323,21 @@ class OutputRoot:
                 os.close(fd)
                 fd = nxt
             try:
-                replace_file_at(fd, target.parts[-1], data)
+                replace_file_at(fd, target.parts[-1], data, replace=target.overwrite)
+            except FileExistsError:
+                raise self._exists(target.path) from None
             except OSError as exc:
                 raise self._write_failed(target, exc) from None
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _exists(path: Path) -> OutputExists:
+        return OutputExists(
+            f"output_path {path} already exists; send `overwrite: true` to replace it, or choose another path",
+            path=str(path),
+            field="output_path",
+        )
 
     def _not_a_directory(self, path: Path, prefix: tuple[str, ...], parent_fd: int, exc: OSError) -> EaselError:
         where = self.path.joinpath(*prefix)

@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -30,18 +31,22 @@ from client.wire import framing
 from client.wire.errors import (
     Busy,
     Cancelled,
+    DuplicateId,
     EaselError,
     FrameTooLarge,
-    InvalidRequest,
     PeerNotAllowed,
     ProtocolError,
 )
 from client.wire.messages import (
+    MAX_ID_CHARS,
+    MAX_STACK,
     PROTOCOL_VERSION,
     Cancel,
     CancelResult,
+    ConnectionLimits,
     Error,
     Event,
+    Hello,
     Inspect,
     Ping,
     PingResult,
@@ -57,6 +62,7 @@ from client.wire.messages import (
     StatusResult,
     decode_request,
     encode,
+    request_of,
 )
 from client.wire.messages import error_reply as wire_error_reply
 from daemon.config import ServerConfig
@@ -134,10 +140,11 @@ def _bounded(value: Any) -> Any:
     return value
 
 
-def error_reply(rid: RequestId | None, err: EaselError) -> Error:
+def error_reply(rid: RequestId | None, err: EaselError, *, op: str | None = None, closing: bool = False) -> Error:
     """The wire error for `err`, with whatever it echoes bounded: a request can make the daemon repeat a
-    value (an unknown op, a path) but never make a reply bigger than a few KiB."""
-    reply = wire_error_reply(rid, err)
+    value (an unknown op, a path) but never make a reply bigger than a few KiB. `rid` None: a
+    connection-level error (sent without `id`); `closing`: the connection is closed after it."""
+    reply = wire_error_reply(rid, err, op=op, closing=closing)
     body = reply.error
     body.message = elide(body.message, MAX_MESSAGE_CHARS)
     body.details = _bounded(body.details)
@@ -145,6 +152,7 @@ def error_reply(rid: RequestId | None, err: EaselError) -> Error:
 
 
 _conn_ids = itertools.count(1)
+ANSWERED_MEMORY = 1024  # finished renders a connection remembers (request id -> job id) for `cancel`
 SEND_TIMEOUT_S = 30.0
 FORCED_SEND_TIMEOUT_S = 1.0  # after a forced stop, replies already posted get this long to go out
 
@@ -157,6 +165,8 @@ class Connection:
     max_frame: int
     conn_id: int = field(default_factory=lambda: next(_conn_ids))
     jobs: dict[Any, RenderJob] = field(default_factory=dict)  # request id -> job
+    in_flight: dict[Any, str] = field(default_factory=dict)  # request id -> op, until its final answer is posted
+    answered: OrderedDict[Any, str] = field(default_factory=OrderedDict)  # request id -> job id of a finished render
     closed: bool = False
     limited: bool = False  # admitted over the connection limit: ping, status, cancel and shutdown only
     last_active: float = field(default_factory=time.monotonic)  # last frame read or request answered
@@ -183,6 +193,21 @@ class Connection:
         """Queue a reply without waiting (replies of one connection keep their order: the lock is FIFO)."""
         self.spawn(self.send(msg))
 
+    def begin(self, rid: RequestId, op: str) -> None:
+        """Hold `rid` for a request until its final answer: ids are unique among the requests in flight."""
+        self.in_flight[rid] = op
+
+    def end(self, rid: RequestId) -> None:
+        """Free `rid`, just before its final answer is written: a client may reuse an id once it has the
+        answer, never earlier, so the reuse cannot be refused as a duplicate."""
+        self.in_flight.pop(rid, None)
+
+    def remember(self, rid: RequestId, job_id: str) -> None:
+        self.answered[rid] = job_id
+        self.answered.move_to_end(rid)
+        while len(self.answered) > ANSWERED_MEMORY:
+            self.answered.popitem(last=False)
+
     @property
     def idle(self) -> bool:
         """Nothing in flight: no render waiting, no inspect or reply pending, no request being answered."""
@@ -199,8 +224,9 @@ class RenderReplies:
     """A runner listener for one render request: its events become reply frames on its connection, and
     its answer ends the request's server span."""
 
-    def __init__(self, conn: Connection, req: Render, call: ServerCall) -> None:
+    def __init__(self, conn: Connection, req: Render, call: ServerCall, answered: Callable[[str], None]) -> None:
         self.conn, self.req, self.call = conn, req, call
+        self._answered = answered  # the server's memory of answered job ids (for `cancel` by job)
 
     def queued(self, job: RenderJob, position: int, estimate: Estimate) -> None:
         if self.req.progress:
@@ -243,16 +269,24 @@ class RenderReplies:
             self.conn.post(Event(id=self.req.id, event="progress", step=step, steps=steps, elapsed_s=elapsed_s))
 
     def finished(self, job: RenderJob, result: RenderResult) -> None:
-        self.conn.post(Result(id=self.req.id, op="render", result=result))
         self._done(job)
+        self.conn.post(Result(id=self.req.id, op="render", result=result))
+        self._ended()
 
     def failed(self, job: RenderJob, error: EaselError) -> None:
-        self.conn.post(error_reply(self.req.id, error))
-        self._done(job, error)
+        self._done(job)
+        self.conn.post(error_reply(self.req.id, error, op="render"))
+        self._ended(error)
 
-    def _done(self, job: RenderJob, error: EaselError | None = None) -> None:
+    def _done(self, job: RenderJob) -> None:
+        """The render is answered: its id is free again (before the answer goes out), `cancel` now says `done`."""
         if self.conn.jobs.get(self.req.id) is job:
             del self.conn.jobs[self.req.id]
+        self.conn.end(self.req.id)  # held by this render until now (ids are unique while in flight)
+        self.conn.remember(self.req.id, job.job_id)
+        self._answered(job.job_id)
+
+    def _ended(self, error: EaselError | None = None) -> None:
         if error is not None:
             self.call.set_error(error)
         self.call.end()
@@ -269,6 +303,8 @@ class DaemonServer:
         self.version = easel_version()
         self.connections: set[Connection] = set()
         self.forced = False
+        self.shutdown_requested = False  # set before the `shutdown` reply is written: `status` says so at once
+        self.answered_jobs: OrderedDict[str, None] = OrderedDict()  # recently answered job ids, for `cancel`
         self._stop = asyncio.Event()
         self._forced = asyncio.Event()
         self._drain_timeout = config.drain_timeout_s
@@ -352,13 +388,14 @@ class DaemonServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(writer, self.config.max_frame)
         refusal = self._admit(conn, writer.get_extra_info("socket"))
-        if refusal is not None:  # answered on the connection (id null), which is then closed
+        if refusal is not None:  # the first and only frame: a connection-level error, then EOF
             self.tel.metrics.error(refusal.code)
-            await conn.send(error_reply(None, refusal))
+            await conn.send(error_reply(None, refusal, closing=True))
             writer.close()
             return
         self.connections.add(conn)
         try:
+            await conn.send(self.hello(conn))  # the first frame of an accepted connection, before any read
             await self._read_loop(conn, reader)
         finally:
             conn.closed = True
@@ -417,7 +454,7 @@ class DaemonServer:
             evicted=True,
         )
 
-        data = framing.encode_frame(encode(error_reply(None, parting)))
+        data = framing.encode_frame(encode(error_reply(None, parting, closing=True)))
         conn.closed = True  # from now on nothing more of this connection is read or answered
 
         async def part() -> None:
@@ -436,7 +473,7 @@ class DaemonServer:
                 return
             except (FrameTooLarge, ProtocolError) as err:  # the stream cannot be resynchronised: answer, close
                 self.tel.metrics.error(err.code)
-                await conn.send(error_reply(None, err))
+                await conn.send(error_reply(None, err, closing=True))
                 return
             except ConnectionError:
                 return
@@ -446,8 +483,12 @@ class DaemonServer:
             try:
                 req = decode_body(payload)
             except EaselError as err:  # the framing is intact: answer, and keep the connection
+                rid, op = request_of(err)
+                if rid is not None and rid in conn.in_flight:  # answering it by id would cross the replies
+                    err = self._duplicate(conn, rid, op)
+                    rid = None
                 self.tel.metrics.error(err.code)
-                await conn.send(error_reply(err.details.get("id"), err))
+                await conn.send(error_reply(rid, err, op=op))  # rid None: a connection-level error
                 continue
             conn.dispatching += 1
             try:
@@ -456,30 +497,52 @@ class DaemonServer:
                 conn.dispatching -= 1
                 conn.last_active = time.monotonic()
 
+    def _duplicate(self, conn: Connection, rid: RequestId, op: str | None) -> DuplicateId:
+        held = conn.in_flight[rid]
+        return DuplicateId(
+            f"request id {rid!r} is already in flight on this connection (a {held} request); this {op or 'request'} "
+            "was not run. Ids must be unique among a connection's requests until their final answer",
+            field="id",
+            id=rid,
+            in_flight_op=held,
+        )
+
     async def _dispatch(self, conn: Connection, req: Request) -> None:
-        """Answer `req` through its op's handler, under its server span; errors become error replies."""
+        """Answer `req` through its op's handler, under its server span; errors become error replies.
+        Its id is held from here until its final answer (`Connection.begin`/`end`): a request reusing an
+        id still in flight is refused with a connection-level `duplicate_id` and never run."""
+        op = type(req).__struct_config__.tag
+        if req.id in conn.in_flight:
+            err = self._duplicate(conn, req.id, op)
+            self.tel.metrics.error(err.code)
+            await conn.send(error_reply(None, err, op=op))
+            return
         call = start_server_call(
             self.tel,
-            type(req).__struct_config__.tag,
+            op,
             trace_context=req.trace_context,
             request_id=req.id,
             socket_path=str(self.config.socket_path),
         )
+        conn.begin(req.id, op)
         answered_later = False
         try:
             self._check_limited(conn, req)
             reply = await self._handlers[type(req)](conn, req, call)
-            if reply is None:  # a render / inspect ends its span when its reply is sent
+            if reply is None:  # a render / inspect ends its span (and frees its id) when its reply is sent
                 answered_later = True
             else:
+                conn.end(req.id)
                 await conn.send(reply)
         except EaselError as err:
             call.set_error(err)
-            await conn.send(error_reply(req.id, err))
+            conn.end(req.id)
+            await conn.send(error_reply(req.id, err, op=op))
         except Exception as exc:  # a bug must not take the daemon down
             log.exception("request %r failed", req.id)
             call.set_error(exc)
-            await conn.send(error_reply(req.id, EaselError(f"internal error: {type(exc).__name__}: {exc}")))
+            conn.end(req.id)
+            await conn.send(error_reply(req.id, EaselError(f"internal error: {type(exc).__name__}: {exc}"), op=op))
         finally:
             if not answered_later:
                 call.end()
@@ -507,10 +570,16 @@ class DaemonServer:
         return Result(id=req.id, op="status", result=self.status())
 
     async def _render(self, conn: Connection, req: Render, call: ServerCall) -> None:
-        if req.id in conn.jobs and not self.runner.shutting_down:
-            raise InvalidRequest(f"request id {req.id!r} is already in flight on this connection", field="id")
-        job = self.runner.submit(req, RenderReplies(conn, req, call), owner=conn.conn_id, trace_parent=call.context)
-        conn.jobs[req.id] = job
+        replies = RenderReplies(conn, req, call, self._answered)
+        job = self.runner.submit(req, replies, owner=conn.conn_id, trace_parent=call.context)
+        if job.state != "done":  # a job answered inside `submit` has freed its id already
+            conn.jobs[req.id] = job
+
+    def _answered(self, job_id: str) -> None:
+        self.answered_jobs[job_id] = None
+        self.answered_jobs.move_to_end(job_id)
+        while len(self.answered_jobs) > 16 * ANSWERED_MEMORY:
+            self.answered_jobs.popitem(last=False)
 
     async def _inspect(self, conn: Connection, req: Inspect, call: ServerCall) -> None:
         """Reads a file: off the loop, and not holding up this connection."""
@@ -521,30 +590,69 @@ class DaemonServer:
             report = await asyncio.get_running_loop().run_in_executor(None, self.runner.service.inspect, req.path)
         except EaselError as err:
             call.set_error(err)
-            await conn.send(error_reply(req.id, err))
+            conn.end(req.id)
+            await conn.send(error_reply(req.id, err, op="inspect"))
         except Exception as exc:
             log.exception("inspect %r failed", req.path)
             call.set_error(exc)
-            await conn.send(error_reply(req.id, EaselError(f"inspect failed: {type(exc).__name__}: {exc}")))
+            conn.end(req.id)
+            failure = EaselError(f"inspect failed: {type(exc).__name__}: {exc}")
+            await conn.send(error_reply(req.id, failure, op="inspect"))
         else:
+            conn.end(req.id)  # every path frees the id just before its answer, never after (it may be reused)
             await conn.send(Result(id=req.id, op="inspect", result=report))
         finally:
             call.end()
 
     async def _cancel(self, conn: Connection, req: Cancel, call: ServerCall) -> Reply:
-        job = self.runner.get(req.job) if req.job is not None else conn.jobs.get(req.target)
-        if job is None:
-            result = CancelResult(cancelled=False, state="unknown")
+        """One result shape: `cancelled` true only for the cancel that stopped the job; `state` where the
+        job was (queued, running, suspended, cancelling: an earlier cancel is stopping it, done: already answered,
+        unknown: no such job); `job` its id, "" when the request named no job this daemon knows."""
+        if req.job is not None:
+            job, answered = self.runner.get(req.job), req.job if req.job in self.answered_jobs else None
         else:
-            result = CancelResult(cancelled=True, state=self.runner.cancel(job), job=job.job_id)
+            job, answered = conn.jobs.get(req.target), conn.answered.get(req.target)
+        if job is not None and job.state != "done":
+            if job.cancel_event.is_set():
+                result = CancelResult(cancelled=False, state="cancelling", job=job.job_id)
+            else:
+                state = self.runner.cancel(job)
+                result = CancelResult(cancelled=state != "done", state=state, job=job.job_id)
+        elif job is not None or answered is not None:
+            result = CancelResult(cancelled=False, state="done", job=job.job_id if job is not None else answered)
+        else:
+            result = CancelResult(cancelled=False, state="unknown", job=req.job or "")
         return Result(id=req.id, op="cancel", result=result)
 
     async def _shutdown(self, conn: Connection, req: Shutdown, call: ServerCall) -> None:
+        self.shutdown_requested = True  # before the reply: a `status` its client sends next says so
+        self.runner.stop_accepting()
+        conn.end(req.id)
         await conn.send(Result(id=req.id, op="shutdown", result=ShutdownResult(accepted=True)))
         call.end()
         self.request_stop(req.drain_timeout_s)  # once the reply is out
 
-    # ---- status ---------------------------------------------------------------------------------
+    # ---- greeting and status ---------------------------------------------------------------------
+
+    def hello(self, conn: Connection) -> Hello:
+        """The greeting every accepted connection gets first: protocol, version and what is accepted."""
+        limits = self.runner.config.limits
+        return Hello(
+            protocol=PROTOCOL_VERSION,
+            version=self.version,
+            connection=conn.conn_id,
+            limited=conn.limited,
+            limits=ConnectionLimits(
+                max_frame=self.config.max_frame,
+                frame_timeout_s=self.config.frame_timeout_s,
+                max_id_chars=MAX_ID_CHARS,
+                max_stack=MAX_STACK,
+                max_size=limits.max_size,
+                max_steps=limits.max_steps,
+                max_prompt_chars=limits.max_prompt_chars,
+                queue_capacity=self.runner.queue.capacity,
+            ),
+        )
 
     def status(self) -> StatusResult:
         run = self.runner.status()
@@ -565,7 +673,7 @@ class DaemonServer:
             interactive_reserve=run.interactive_reserve,
             queue=run.queue,
             step_times=run.step_times,
-            shutting_down=run.shutting_down,
+            shutting_down=run.shutting_down or self.shutdown_requested or self.stopping,
             renders_done=run.renders_done,
             stack_switches=run.stack_switches,
             in_flight=run.in_flight,

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from opentelemetry.context import Context
 
 from client.lorafile.inspect import inspect_lora
+from client.lorafile.resolve import corrupt_error
 from client.lorafile.signature import file_signature
 from client.tiers import TIERS
 from client.wire.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
@@ -176,7 +177,7 @@ class RenderService:
         out = None
         if not req.return_bytes:  # checked now, written through the held root later (security.OutputRoot)
             generated = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.png"
-            out = self.outputs.admit(req.output_path, generated)
+            out = self.outputs.admit(req.output_path, generated, overwrite=req.overwrite or req.output_path is None)
         return Prepared(
             spec=spec,
             stack=items,
@@ -243,7 +244,10 @@ class RenderService:
             if prepared.zero_match == "error":
                 for rep in self.active_report:
                     if rep.keys_applied == 0:
-                        raise LoraZeroMatch(f"LoRA {rep.path} matched zero keys of the loaded model", path=rep.path)
+                        broken = corrupt_error(rep)  # a malformed file stays lora_format, live or not
+                        raise broken or LoraZeroMatch(
+                            f"LoRA {rep.path} matched zero keys of the loaded model", path=rep.path
+                        )
             return False
         if self.patcher is None:
             raise InvalidRequest("this daemon was started without LoRA support", field="lora_paths")
@@ -291,6 +295,7 @@ class RenderService:
             t["stack_switch"] = span.phases["stack_switch"]
             span.set_stack(self.active_report, switched=switched)  # the patcher's own per-file counts
             out = self.engine.render(prepared.spec, on_step=on_step, limits=self.config.limits)
+            self.warm = True  # the model has now run once: lazy initialisation is paid for
             t.update(out.timings)
             t_write = time.perf_counter()
             meta = prepared.spec.to_metadata() | {

@@ -58,8 +58,7 @@ def run_daemon(
         service.use_telemetry(tel)
     if config.service.warmup and not service.warm:
         announce(f"easel: warmed up in {service.warm_up():.1f}s")
-    else:
-        service.warm = True
+    # with --no-warmup, `warm` stays false until the first render has run (service.run says so)
     sock = bind_unix_socket(path)
     inode = socket_inode(path)
     _event_loop_policy()

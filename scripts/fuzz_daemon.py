@@ -6,8 +6,9 @@ Starts `easel serve --preset tiny --max-size 64 --max-steps 1` in a scratch dire
 `--socket` of a daemon already running, whose roots it then cannot check) and sends it framed bodies:
 valid requests mutated (bytes flipped, inserted, cut; values swapped for nasty ones: invalid UTF-8, deep
 nesting, huge strings and numbers, NaN, ext types, odd keys; keys added and dropped; ops and ids
-garbled), random bytes, and now and then a frame-level fault on its own connection. Each client sends
-one frame and reads until that frame's final answer before the next.
+garbled), random bytes, and now and then a frame-level fault on its own connection. Each client reads
+the daemon's greeting when it connects, then sends one frame and reads until that frame's final answer
+before the next.
 
 Invariants, checked at the end (exit 1 if any fails): the daemon is alive (ping), every framed body was
 answered and no connection was dropped after a body, nothing was written outside the output root (a
@@ -43,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from client.wire import framing  # noqa: E402
 from client.wire.errors import EaselError  # noqa: E402
-from client.wire.messages import Error, Event, Result, decode_reply  # noqa: E402
+from client.wire.messages import Error, Event, Hello, Result, decode_reply  # noqa: E402
 
 KNOWN_OPS = ["ping", "status", "render", "inspect", "cancel"]  # never `shutdown`: the daemon must stay up
 REPLY_TIMEOUT_S = 120.0
@@ -206,9 +207,18 @@ class FuzzStats:
 
 
 def _connect(path: Path) -> socket.socket:
+    """A connection with the daemon's greeting (its first frame) read: what follows answers our frames."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(REPLY_TIMEOUT_S)
     s.connect(str(path))
+    try:
+        hello = decode_reply(framing.recv_frame(s, 64 * 1024 * 1024))
+    except BaseException:
+        s.close()
+        raise
+    if not isinstance(hello, Hello):
+        s.close()
+        raise EaselError(f"the daemon did not greet the connection: {hello}")
     return s
 
 

@@ -45,6 +45,7 @@ def render_item(
         lora_scales=item.lora_scales,
         lora_names=[e.name for e in item.stack],
         output_path=str(item.output_path),
+        overwrite=True,  # the plan owns its output folder: an item whose record is stale is rendered again
         priority="batch",
         on_progress=progress,
     )

@@ -43,18 +43,20 @@ def parse_lora(spec: str) -> tuple[str, float]:
 @click.option("--priority", type=click.Choice(["interactive", "batch"]), default="interactive", show_default=True)
 @click.option("--deadline", type=float, default=None, help="Seconds after which the daemon abandons the job.")
 @click.option("-o", "--output", default=None, help="Output PNG; relative paths are inside the daemon's output root.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file at --output (without it: output_exists).")
 @timeout_option(DEFAULT_RENDER_TIMEOUT_S, "Seconds to wait for the render, time in the queue included.")
 @click.option("--in-process", is_flag=True, help="Load the model here and render without a daemon.")
 @json_option()
 @click.option("--quiet", is_flag=True, help="No progress line.")
 def render_command(
     prompt, socket_path, tier, width, height, steps, guidance, seed, preset, loras, zero_match, priority,
-    deadline, output, timeout, in_process, as_json, quiet,
+    deadline, output, overwrite, timeout, in_process, as_json, quiet,
 ) -> None:  # fmt: skip
     """Render PROMPT and print where the PNG went and what the LoRA stack matched."""
     stack = [parse_lora(s) for s in loras]
     paths, scales = [p for p, _ in stack], [s for _, s in stack]
-    fields = dict(tier=tier, width=width, height=height, steps=steps, guidance=guidance, seed=seed, preset=preset)
+    fields = dict(tier=tier, width=width, height=height, steps=steps, guidance=guidance, seed=seed, preset=preset,
+                  overwrite=overwrite or None)  # fmt: skip
     if in_process:
         result = _render_in_process(prompt, paths, scales, zero_match, output, fields)
     else:

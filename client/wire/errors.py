@@ -52,6 +52,14 @@ class InvalidRequest(EaselError):
         self.field = field
 
 
+class DuplicateId(InvalidRequest):
+    """A request reused the id of a request still in flight on its connection (any op). Answered as a
+    connection-level error (no `id`; `details.id` names the id) so it can never pass for the answer of
+    the request that holds the id."""
+
+    code = "duplicate_id"
+
+
 class WeightsNotFound(EaselError):
     """A real preset's weights are not on this machine (easel never downloads at run time)."""
 
@@ -150,6 +158,12 @@ class PathNotAllowed(EaselError):
     """A path resolves outside the configured LoRA or output roots."""
 
     code = "path_not_allowed"
+
+
+class OutputExists(EaselError):
+    """A render's `output_path` names a file that exists and the request did not say `overwrite`."""
+
+    code = "output_exists"
 
 
 class DaemonAlreadyRunning(EaselError):

@@ -18,12 +18,16 @@ from msgspec import Meta, Struct
 from client.wire.errors import EaselError, InvalidRequest, ProtocolError, UnknownOperation
 from client.wire.report import FileReport
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the greeting, id-less connection-level errors, `op` on errors, `overwrite`
 MAX_STACK = 32  # LoRAs per request
 MAX_SCALE = 16.0  # |scale| beyond this is a typo, not a style
 MAX_PATH_CHARS = 4096
+MAX_ID_CHARS = 128
+MIN_INT_ID, MAX_INT_ID = -(2**63), 2**63 - 1  # signed 64-bit; JavaScript clients: stay within +-(2**53 - 1)
 
-RequestId = int | Annotated[str, Meta(min_length=1, max_length=128)]
+IntId = Annotated[int, Meta(ge=MIN_INT_ID, le=MAX_INT_ID)]
+StrId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
+RequestId = IntId | StrId
 TraceContext = dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=512)]]
 PathStr = Annotated[str, Meta(min_length=1, max_length=MAX_PATH_CHARS)]
 Priority = Literal["interactive", "batch"]
@@ -31,6 +35,8 @@ ZeroMatch = Literal["error", "warn"]
 
 
 class _Req(Struct, tag_field="op", forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    """What every request carries. A field with no value is omitted: `null` is refused for every field."""
+
     id: RequestId
     trace_context: TraceContext | None = None
 
@@ -61,6 +67,7 @@ class Render(_Req, tag="render"):
     priority: Priority = "interactive"
     deadline_s: float | None = None  # seconds after receipt; queued: dropped, running: stopped at next step
     output_path: PathStr | None = None
+    overwrite: bool = False  # an existing file at output_path is refused (output_exists) unless true
     return_bytes: bool = False
     progress: bool = False
 
@@ -86,13 +93,14 @@ OPS: dict[str, type[Struct]] = {c.__struct_config__.tag: c for c in (Ping, Statu
 
 
 class _Reply(Struct, tag_field="type", omit_defaults=True, kw_only=True):
-    id: RequestId | None
+    pass
 
 
 class Result(_Reply, tag="result"):
     """The answer to one request; `result` is the op's result struct (RESULT_TYPES), typed both ways:
     the daemon sends the struct, `decode_result` turns the payload back into it."""
 
+    id: RequestId
     op: str
     result: Any
 
@@ -104,13 +112,21 @@ class ErrorBody(Struct):
 
 
 class Error(_Reply, tag="error"):
+    """The final answer to request `id`; or, without `id`, a connection-level error: a frame whose id
+    could not be read or is already in flight (`details.id` then says which), or why the daemon is closing
+    the connection (`closing`). `op` is the request's op whenever it is known."""
+
     error: ErrorBody
+    id: RequestId | None = None
+    op: str | None = None
+    closing: bool = False  # true: the daemon closes the connection after this frame
 
 
 class Event(_Reply, tag="event"):
     """`queued` (position, estimates), `queue_update` (the same, re-sent when they change), `started`,
     `progress` (step of steps), or `suspended` / `resumed` (at step of steps, around a preemption)."""
 
+    id: RequestId
     event: Literal["queued", "queue_update", "started", "progress", "suspended", "resumed"]
     step: int | None = None
     steps: int | None = None
@@ -120,7 +136,31 @@ class Event(_Reply, tag="event"):
     elapsed_s: float | None = None
 
 
-Reply = Result | Error | Event
+class ConnectionLimits(Struct):
+    """What this daemon accepts, told in the greeting so a client need not learn it from refusals."""
+
+    max_frame: int  # bytes of one frame's body
+    frame_timeout_s: float  # a frame must arrive whole this long after its first byte
+    max_id_chars: int  # a string id's length (integers: signed 64-bit)
+    max_stack: int  # LoRAs per render
+    max_size: int  # pixels per side
+    max_steps: int
+    max_prompt_chars: int
+    queue_capacity: int
+
+
+class Hello(_Reply, tag="hello"):
+    """The first frame on every accepted connection, sent before anything is read: a client can tell an
+    accepted connection (this) from a refused one (an error with `closing`) without racing its first write."""
+
+    protocol: int
+    version: str
+    connection: int  # the connection's number: job ids of its renders are "<connection>:<n>"
+    limits: ConnectionLimits
+    limited: bool = False  # let in over the connection limit: ping, status, cancel and shutdown only, for now
+
+
+Reply = Result | Error | Event | Hello
 
 
 # ---- result payloads (typed views of Result.result) ----------------------------------------------
@@ -230,10 +270,16 @@ class PingResult(Struct, omit_defaults=True):
     version: str
 
 
-class CancelResult(Struct, omit_defaults=True):
+CancelState = Literal["queued", "running", "suspended", "cancelling", "done", "unknown"]
+
+
+class CancelResult(Struct):
+    """One shape for every cancel: `cancelled` is true only for the cancel that stopped the job; `state`
+    is where the job was when this cancel arrived; `job` its id ("" when the request named no job)."""
+
     cancelled: bool
-    state: str  # queued | running | suspended | unknown
-    job: str | None = None
+    state: CancelState
+    job: str
 
 
 class ShutdownResult(Struct, omit_defaults=True):
@@ -257,6 +303,9 @@ _encoder = msgspec.msgpack.Encoder()
 _any_decoder = msgspec.msgpack.Decoder()
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _FIELD_RE = re.compile(r"at `\$\.?([^`]*)`")
+_NAMED_FIELD_RE = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
+_TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\s]*)?")
+ID_RULE = f"an integer in -2**63..2**63-1 or a string of 1..{MAX_ID_CHARS} characters"
 
 
 def encode(msg: Struct | dict[str, Any]) -> bytes:
@@ -264,22 +313,48 @@ def encode(msg: Struct | dict[str, Any]) -> bytes:
 
 
 def _field_of(err: msgspec.ValidationError) -> str | None:
-    m = _FIELD_RE.search(str(err))
-    return m.group(1) or None if m else None
+    """The request field a msgspec error is about: `$.steps` in a path, or a field it names as unknown
+    or missing (top-level, so the message names it without a path)."""
+    text = str(err)
+    m = _FIELD_RE.search(text)
+    if m and m.group(1):
+        return m.group(1)
+    m = _NAMED_FIELD_RE.search(text)
+    return m.group(1) if m else None
+
+
+def usable_id(rid: object) -> bool:
+    """Whether `rid` can address a reply: an integer within signed 64 bits, or a short non-empty string."""
+    if isinstance(rid, int) and not isinstance(rid, bool):
+        return MIN_INT_ID <= rid <= MAX_INT_ID
+    return isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS
 
 
 def peek_id(raw: object) -> RequestId | None:
     """The request id of a decoded message if it has a usable one (so errors can be addressed)."""
     if isinstance(raw, dict):
         rid = raw.get("id")
-        if (isinstance(rid, int) and not isinstance(rid, bool)) or (isinstance(rid, str) and 0 < len(rid) <= 128):
+        if usable_id(rid):
             return rid
     return None
 
 
+def peek_op(raw: object) -> str | None:
+    """The message's op when it names a known one (so error frames can carry it)."""
+    op = raw.get("op") if isinstance(raw, dict) else None
+    return op if isinstance(op, str) and op in OPS else None
+
+
+def request_of(err: EaselError) -> tuple[RequestId | None, str | None]:
+    """The (id, op) of the request `err` answers, as far as `decode_request` could read them."""
+    return err.details.get("id"), getattr(err, "request_op", None)
+
+
 def decode_request(payload: bytes) -> Request:
     """Bytes of one frame -> a typed request. Raises an EaselError subclass; `.details['id']` is set
-    when the message had a readable id so the daemon can answer that request."""
+    when the message had a usable id so the daemon can answer that request, and `request_op` (an
+    attribute) when it named a known op. An unusable id raises InvalidRequest with `field` "id" and no
+    `details['id']`: the daemon answers it as a connection-level error."""
     try:
         raw = _any_decoder.decode(payload)
     except msgspec.DecodeError as exc:
@@ -290,18 +365,30 @@ def decode_request(payload: bytes) -> Request:
     try:
         return _convert(raw)
     except EaselError as err:
-        err.details.setdefault("id", rid)
+        if rid is not None:
+            err.details.setdefault("id", rid)
+        err.request_op = peek_op(raw)  # type: ignore[attr-defined]
         raise
 
 
 def _convert(raw: dict[Any, Any]) -> Request:
     op = raw.get("op")
     if "id" not in raw:
-        raise InvalidRequest("every request needs an `id` (an integer or a short string)", field="id")
+        raise InvalidRequest(f"every request needs an `id`: {ID_RULE}", field="id")
+    if not usable_id(raw["id"]):
+        rid = raw["id"]
+        shown = f"a string of {len(rid)} characters" if isinstance(rid, str) else f"{type(rid).__name__} {rid!r}"
+        raise InvalidRequest(f"unusable request id ({shown}); an id is {ID_RULE}", field="id")
     if not isinstance(op, str):
         raise InvalidRequest("every request needs an `op` string", field="op")
     if op not in OPS:
         raise UnknownOperation(f"unknown op {op!r}; known: {', '.join(OPS)}", op=op)
+    for key, value in raw.items():
+        if value is None:
+            raise InvalidRequest(
+                f"`{key}` is null; a field with no value is omitted (null is not accepted for any field)",
+                field=str(key),
+            )
     if op == "render":
         for old, new in (("lora_path", "lora_paths"), ("lora_scale", "lora_scales")):
             if old in raw:
@@ -327,8 +414,31 @@ def _finite(name: str, v: float | None, *, positive: bool = False) -> None:
         raise InvalidRequest(f"{name} must be > 0, got {v}", field=name)
 
 
+def check_trace_context(trace_context: dict[str, str] | None) -> None:
+    """A `traceparent` must be a W3C one (version-traceid-parentid-flags, lower-case hex, ids not all
+    zero, version not ff): a malformed one is refused rather than silently dropped from the trace."""
+    if not trace_context or "traceparent" not in trace_context:
+        return
+    value = trace_context["traceparent"]
+    m = _TRACEPARENT_RE.fullmatch(value)
+    ok = (
+        m is not None
+        and m.group(1) != "ff"
+        and (m.group(1) != "00" or m.group(5) is None)
+        and set(m.group(2)) != {"0"}
+        and set(m.group(3)) != {"0"}
+    )
+    if not ok:
+        raise InvalidRequest(
+            f"trace_context.traceparent {value!r} is not a W3C traceparent "
+            "(`00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, lower case, ids not all zero)",
+            field="trace_context.traceparent",
+        )
+
+
 def check_request(req: Request) -> None:
     """Checks msgspec's type system cannot express (finite numbers, matching lengths); shared with the client."""
+    check_trace_context(req.trace_context)
     if isinstance(req, Render):
         check_render(req)
     elif isinstance(req, Cancel):
@@ -392,17 +502,25 @@ def decode_result(op: str, value: Any) -> Any:
         raise ProtocolError(f"malformed {op} result from the daemon: {exc}") from None
 
 
-def error_reply(rid: RequestId | None, err: EaselError) -> Error:
-    details = {k: v for k, v in err.details.items() if k != "id"}
-    return Error(id=rid, error=ErrorBody(code=err.code, message=err.message, details=_wire_safe(details)))
+def error_reply(rid: RequestId | None, err: EaselError, *, op: str | None = None, closing: bool = False) -> Error:
+    """The error frame for `err`: addressed to `rid` (None: a connection-level error, sent without `id`),
+    naming the request's `op` when known; `closing` when the daemon closes the connection after it."""
+    details = {k: v for k, v in err.details.items() if not (k == "id" and rid is not None)}
+    return Error(
+        id=rid,
+        op=op,
+        closing=closing,
+        error=ErrorBody(code=err.code, message=err.message, details=_wire_safe(details)),
+    )
 
 
 def _wire_safe(value: Any) -> Any:
-    """Details are free-form; keep them to msgpack-native types so encoding an error never fails."""
+    """Details are free-form; keep them to msgpack-native types so encoding an error never fails, and
+    leave out what has no value (nothing is ever sent as `null`)."""
     if isinstance(value, dict):
-        return {str(k): _wire_safe(v) for k, v in value.items()}
+        return {str(k): _wire_safe(v) for k, v in value.items() if v is not None}
     if isinstance(value, (list, tuple)):
-        return [_wire_safe(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return [_wire_safe(v) for v in value if v is not None]
+    if isinstance(value, (bool, int, float, str, bytes)):
         return value
     return str(value)

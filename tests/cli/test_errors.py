@@ -18,6 +18,7 @@ import click
 import pytest
 from click.testing import CliRunner
 from helpers.daemon_standin import InProcessDaemon, make_config
+from helpers.wire_frames import hello_frame
 
 from client.cli import main
 from client.cli.errors import EXIT_STATUS, EaselCommand, EaselGroup, ExitStatus
@@ -224,6 +225,7 @@ def test_ctrl_c_while_waiting_for_the_daemon_exits_130(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         conn, _ = listener.accept()
+        conn.sendall(hello_frame())  # accepted, as a daemon greets a connection, and then mute
         conn.recv(1 << 16)  # the request arrived: the client now waits for an answer
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)

@@ -21,7 +21,7 @@ from helpers.daemon_standin import InProcessDaemon, make_config
 
 from client.client import RenderClient
 from client.wire import framing
-from client.wire.messages import Error, Result, decode_reply
+from client.wire.messages import PROTOCOL_VERSION, Error, Hello, Result, decode_reply
 
 OTHER_UID = 65534  # "nobody" on Debian; any uid that is not ours will do
 
@@ -125,6 +125,7 @@ def test_other_user_refused_by_peer_credentials_and_daemon_keeps_serving(base):
         d.config.socket_path.chmod(0o666)  # a misconfigured socket: the kernel lets anyone connect
         replies = as_other_user(d.config.socket_path)
         assert len(replies) == 1 and isinstance(replies[0], Error), replies  # refused before any request is read
+        assert replies[0].closing and replies[0].id is None  # in place of the greeting: no race with a write
         err = replies[0].error
         assert err.code == "peer_not_allowed"
         assert err.details["uid"] == OTHER_UID and str(OTHER_UID) in err.message
@@ -140,7 +141,8 @@ def test_allow_any_uid_lets_the_other_user_in(base):
     try:
         d.config.socket_path.parent.chmod(0o711)
         d.config.socket_path.chmod(0o666)
-        replies = as_other_user(d.config.socket_path)
+        hello, *replies = as_other_user(d.config.socket_path)
+        assert isinstance(hello, Hello) and hello.protocol == PROTOCOL_VERSION  # accepted: greeted first
         assert len(replies) == 1 and isinstance(replies[0], Result) and replies[0].id == 1, replies
         assert replies[0].result.pong is True
     finally:

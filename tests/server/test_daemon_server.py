@@ -14,7 +14,7 @@ import time
 
 import pytest
 from helpers.daemon_standin import InProcessDaemon, make_config, serving
-from helpers.wire_frames import frame, raw_exchange
+from helpers.wire_frames import connect, frame, greeted, raw_exchange
 
 from client.client import AsyncRenderClient, RenderClient, RetryPolicy
 from client.wire import framing
@@ -305,9 +305,7 @@ def test_duplicate_request_id_in_flight_refused(daemon):
     daemon.engine.step_s = 0.1
 
     async def go2():
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(str(daemon.config.socket_path))
-        s.settimeout(5)
+        s = connect(daemon.config.socket_path)
         s.sendall(frame({"op": "render", "id": 9, "prompt": "a", "width": 64, "height": 64, "steps": 5}))
         s.sendall(frame({"op": "render", "id": 9, "prompt": "b", "width": 64, "height": 64, "steps": 1}))
         r = decode_reply(framing.recv_frame(s))
@@ -315,7 +313,9 @@ def test_duplicate_request_id_in_flight_refused(daemon):
         return r
 
     r = asyncio.run(go2())
-    assert r.id == 9 and r.error.code == "invalid_request" and "already in flight" in r.error.message
+    # a connection-level refusal (no id: it cannot pass for render 9's answer) naming the id and the op
+    assert r.id is None and r.op == "render" and r.error.details["id"] == 9
+    assert r.error.code == "duplicate_id" and "already in flight" in r.error.message
 
 
 def test_shutdown_drains_queued_work(tmp_path):
@@ -357,9 +357,7 @@ def test_shutdown_timeout_cancels_remaining(tmp_path):
 
 
 def test_unknown_op_via_client_keeps_connection(daemon):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(str(daemon.config.socket_path))
-    s.settimeout(5)
+    s = connect(daemon.config.socket_path)
     s.sendall(frame({"op": "fly", "id": 1}) + frame({"op": "ping", "id": 2}))
     r1, r2 = decode_reply(framing.recv_frame(s)), decode_reply(framing.recv_frame(s))
     s.close()
@@ -468,6 +466,7 @@ def test_peer_stalled_mid_frame_is_dropped_idle_peer_is_kept(tmp_path):
         stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stalled.settimeout(5)
         stalled.connect(str(path))
+        greeted(stalled)
         stalled.sendall(struct.pack(">I", 1000) + b"only part of the body")  # and then nothing, not even EOF
         t0 = time.monotonic()
         reply = decode_reply(framing.recv_frame(stalled))
@@ -477,6 +476,7 @@ def test_peer_stalled_mid_frame_is_dropped_idle_peer_is_kept(tmp_path):
         stalled.close()
         time.sleep(0.5)  # the idle connection sat through more than one frame timeout: still served
         idle.settimeout(5)
+        greeted(idle)
         idle.sendall(frame({"op": "ping", "id": 7}))
         reply = decode_reply(framing.recv_frame(idle))
         assert reply.id == 7 and reply.result.pong

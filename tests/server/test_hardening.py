@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers.daemon_standin import serving
+from helpers.wire_frames import connect as connect_raw
 from helpers.wire_frames import frame
 
 from client.client import AsyncRenderClient, RenderClient, RetryPolicy
@@ -33,10 +34,8 @@ def converse(sock: socket.socket, data: bytes):
 
 
 def connect(path: Path) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(str(path))
-    return s
+    """A raw connection, the daemon's greeting read."""
+    return connect_raw(path, timeout=10)
 
 
 # ---- finding 2: the output confinement race ------------------------------------------------------------
@@ -98,7 +97,7 @@ def test_missing_directories_are_created_below_the_root_and_an_existing_output_i
     with serving(tmp_path) as d:
         with RenderClient(d.config.socket_path) as c:
             first = c.send_render("first", seed=1, output_path="a/b/c/x.png", **SIZE)
-            second = c.send_render("second", seed=2, output_path="a/b/c/x.png", **SIZE)
+            second = c.send_render("second", seed=2, output_path="a/b/c/x.png", overwrite=True, **SIZE)
         target = d.config.output_root / "a" / "b" / "c" / "x.png"
         assert first.image_path == second.image_path == str(target)
         assert read_metadata(target)["prompt"] == "second"  # replaced atomically, as documented
@@ -118,7 +117,7 @@ def test_a_symlink_at_the_output_name_is_replaced_not_followed(tmp_path):
             async with AsyncRenderClient(d.config.socket_path) as c:
                 task = asyncio.create_task(
                     c.send_render(
-                        "x", width=64, height=64, steps=3, output_path="real.png",
+                        "x", width=64, height=64, steps=3, output_path="real.png", overwrite=True,
                         on_progress=lambda ev: ev.event == "started" and started.set(),
                     )
                 )  # fmt: skip
@@ -280,6 +279,7 @@ def test_idle_connections_are_evicted_oldest_first_when_the_limit_is_reached(tmp
             assert game.send_render("the player's portrait", seed=5, **SIZE).seed == 5
         parting = decode_reply(framing.recv_frame(idle[1]))
         assert parting.id is None and parting.error.code == "busy" and parting.error.details["evicted"] is True
+        assert parting.closing is True  # told it is the daemon's last frame on this connection
         assert idle[1].recv(1) == b""
         assert converse(idle[0], frame({"op": "ping", "id": 10})).result.pong  # the others were kept
         assert converse(idle[2], frame({"op": "ping", "id": 11})).result.pong

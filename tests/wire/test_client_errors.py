@@ -77,14 +77,15 @@ def silent_server(tmp_path):
 
 @pytest.fixture
 def refusing_server(tmp_path):
-    """Answers every connection at once with a connection-level `busy` (id null) and closes it, as the
-    daemon does beyond its connection limit (and with `peer_not_allowed` for another user's process)."""
+    """Answers every connection at once with a connection-level `busy` (no id, `closing`) instead of the
+    greeting and closes it, as the daemon does beyond its connection limit (and with `peer_not_allowed`
+    for another user's process)."""
     path = tmp_path / "refusing.sock"
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(str(path))
     srv.listen(4)
     stop = threading.Event()
-    refusal = frame({"type": "error", "id": None, "error": {"code": "busy", "message": "too many connections"}})
+    refusal = frame({"type": "error", "closing": True, "error": {"code": "busy", "message": "too many connections"}})
 
     def refuse():
         srv.settimeout(0.1)
@@ -104,8 +105,9 @@ def refusing_server(tmp_path):
 
 def test_refusal_sent_before_closing_reaches_the_caller_sync(refusing_server):
     c = RenderClient(refusing_server)
-    c._connect()
-    time.sleep(0.2)  # the daemon has answered and closed before the request is written: EPIPE on send
+    with pytest.raises(Busy, match="too many connections"):  # read in place of the greeting, before any write
+        c._connect()
+    time.sleep(0.2)
     with pytest.raises(Busy, match="too many connections"):
         c.ping()
     with pytest.raises(Busy, match="too many connections"):  # a fresh connection, the same clear answer
@@ -115,11 +117,15 @@ def test_refusal_sent_before_closing_reaches_the_caller_sync(refusing_server):
 
 def test_refusal_sent_before_closing_reaches_the_caller_async(refusing_server):
     async def go():
-        async with AsyncRenderClient(refusing_server) as c:
-            await asyncio.sleep(0.2)
-            for _ in range(3):
-                with pytest.raises(Busy, match="too many connections"):
-                    await c.ping()
+        with pytest.raises(Busy, match="too many connections"):  # read in place of the greeting
+            async with AsyncRenderClient(refusing_server):
+                pass
+        c = AsyncRenderClient(refusing_server)
+        await asyncio.sleep(0.2)
+        for _ in range(3):
+            with pytest.raises(Busy, match="too many connections"):
+                await c.ping()
+        await c.close()
 
     asyncio.run(go())
 
@@ -135,9 +141,13 @@ def test_timeout_sync(silent_server):
 
 def test_timeout_async(silent_server):
     async def go():
-        async with AsyncRenderClient(silent_server, timeout=0.3) as c:
-            with pytest.raises(Timeout):
-                await c.status()
+        with pytest.raises(Timeout, match="no greeting within 0.3s"):  # a daemon that never greets
+            async with AsyncRenderClient(silent_server, timeout=0.3):
+                pass
+        c = AsyncRenderClient(silent_server, timeout=0.3)
+        with pytest.raises(Timeout):
+            await c.status()
+        await c.close()
 
     asyncio.run(go())
 

@@ -181,3 +181,48 @@ def test_cancel_by_job_or_target():
 def test_trace_context_is_carried():
     tc = {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
     assert decode_request(pack({"op": "ping", "id": 1, "trace_context": tc})).trace_context == tc
+
+
+# ---- protocol 2: ids, nulls, fields, connection-level errors --------------------------------------------
+
+
+def test_an_id_beyond_signed_64_bits_or_too_long_is_unusable_and_not_echoed():
+    for rid in (2**63, 2**64 - 1, "", "x" * 129, None, 1.5, True):
+        with pytest.raises(InvalidRequest) as info:
+            decode_request(pack({"op": "ping", "id": rid}))
+        assert info.value.details == {"field": "id"}  # no `id` to answer it by: a connection-level error
+    assert decode_request(pack({"op": "ping", "id": 2**63 - 1})).id == 2**63 - 1
+    assert decode_request(pack({"op": "ping", "id": "x" * 128})).id == "x" * 128
+
+
+def test_a_connection_level_error_frame_has_no_id_key_and_no_nulls():
+    err = InvalidRequest("unusable id", field="id")
+    raw = msgspec.msgpack.decode(encode(error_reply(None, err, op="ping")))
+    assert raw == {"type": "error", "op": "ping", "error": {"code": "invalid_request", "message": "unusable id",
+                                                           "details": {"field": "id"}}}  # fmt: skip
+    raw = msgspec.msgpack.decode(encode(error_reply(3, InvalidRequest("bad"), op="render", closing=True)))
+    assert raw["id"] == 3 and raw["closing"] is True and raw["error"]["details"] == {}  # field None left out
+
+
+def test_error_reply_keeps_a_duplicate_id_in_details_only_when_it_is_not_addressed():
+    from client.wire.errors import DuplicateId
+
+    dup = DuplicateId("in flight", field="id", id=7, in_flight_op="render")
+    assert error_reply(None, dup, op="ping").error.details == {"field": "id", "id": 7, "in_flight_op": "render"}
+    assert "id" not in error_reply(7, dup).error.details
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({"op": "render", "id": 1, "prompt": "a", "colour": 1}, "colour"),
+        ({"op": "render", "id": 1}, "prompt"),
+        ({"op": "render", "id": 1, "prompt": "a", "lora_names": None}, "lora_names"),
+        ({"op": "render", "id": 1, "prompt": "a", "lora_paths": [3], "lora_scales": [1.0]}, "lora_paths[0]"),
+        ({"op": "ping", "id": 1, "trace_context": {"traceparent": "x"}}, "trace_context.traceparent"),
+    ],
+)
+def test_field_names_the_offending_field(raw, field):
+    with pytest.raises(InvalidRequest) as info:
+        decode_request(pack(raw))
+    assert info.value.details["field"] == field
