@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -229,23 +229,17 @@ class RenderReplies:
         self._answered = answered  # the server's memory of answered job ids (for `cancel` by job)
 
     def queued(self, job: RenderJob, position: int, estimate: Estimate) -> None:
-        if self.req.progress:
-            self.conn.post(
-                Event(
-                    id=self.req.id,
-                    event="queued",
-                    position=position,
-                    estimated_start_s=estimate.start_s,
-                    estimated_finish_s=estimate.finish_s,
-                )
-            )
+        self._place("queued", position, estimate)
 
     def queue_update(self, job: RenderJob, position: int, estimate: Estimate) -> None:
+        self._place("queue_update", position, estimate)
+
+    def _place(self, event: Literal["queued", "queue_update"], position: int, estimate: Estimate) -> None:
         if self.req.progress:
             self.conn.post(
                 Event(
                     id=self.req.id,
-                    event="queue_update",
+                    event=event,
                     position=position,
                     estimated_start_s=estimate.start_s,
                     estimated_finish_s=estimate.finish_s,

@@ -190,9 +190,10 @@ def test_positions_follow_the_scheduler_and_queue_update_fires_when_the_order_ch
     assert other.events[0][:2] == ("queued", 1)
     assert same.events[0][:2] == ("queued", 1)  # on the live stack: it goes first, so it is told 1
     assert ("queue_update", 2) in [e[:2] for e in other.events]  # and the other job is told it moved
-    assert [j.job for j in st.queue] == [j.job for j in st.queue if j.stack[0].startswith("a")] + [
-        j.job for j in st.queue if j.stack[0].startswith("b")
-    ]
+    on_a = [j.job for j in st.queue if j.stack[0] == f"{a}@1"]  # JobInfo.stack: path as given @ scale
+    on_b = [j.job for j in st.queue if j.stack[0] == f"{b}@1"]
+    assert len(on_a) == len(on_b) == 1
+    assert [j.job for j in st.queue] == on_a + on_b
 
 
 def test_a_seeded_warm_up_gives_the_first_render_an_estimated_finish(tmp_path):
