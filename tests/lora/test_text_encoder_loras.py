@@ -18,7 +18,7 @@ from helpers.lora_factories import (
     TE_NAMINGS,
     generate_lora,
     generate_te_lora,
-    make_dora,
+    make_control_lora,
     make_truncated,
     te_source_name,
 )
@@ -239,7 +239,7 @@ def test_failing_stack_with_a_text_encoder_file_leaves_the_encoders_as_they_were
     assert not np.allclose(with_good[0], before_any[0], atol=1e-4)
     modules = {name: _module(flux, name) for name in patcher.text_encoder_layout}
     bad_files = [
-        (make_dora(tmp_path / "dora.safetensors", patcher.layout), LoraUnsupported),
+        (make_control_lora(tmp_path / "control.safetensors"), LoraUnsupported),  # refused by name
         (tmp_path / "missing.safetensors", LoraNotFound),
         (make_truncated(other.path, tmp_path / "cut.safetensors"), LoraFormatError),
     ]
