@@ -15,14 +15,16 @@ schedules and answers; the blocking render runs in the runner's own single threa
 goes through is reported to its `JobListener`, always on the loop's thread.
 
 Preemption: when an interactive job is queued while a batch job renders, the batch job yields at its
-next step boundary. The render thread, inside the batch render's step callback, takes the interactive
-job(s) from the queue and renders them there (nested: the batch render's latents, step index, scheduler
-state and seed stay on its own suspended frame of mflux's denoising loop, untouched), puts the batch
-job's stack back on the model (one assignment when it is resident) and returns, and the batch render
-continues exactly where it was: the same arrays, the same operations, so the same bytes. At most one
-job is suspended at a time (only batch jobs yield, only interactive jobs run nested, and those never
-yield), a batch job yields at most `max_preemptions` times, and one suspension runs at most
-`policy.max_bypass` interactive jobs before the batch job resumes.
+next step boundary (boundary 0 is before its first step, once its prompt is encoded, so an arrival
+during encoding does not wait for a whole step too). The render thread, inside the batch render's step
+callback, takes the interactive job(s) from the queue and renders them there (nested: the batch
+render's latents, step index, scheduler state and seed stay on its own suspended frame of mflux's
+denoising loop, untouched), puts the batch job's stack back on the model (one assignment when it is
+resident) and returns, and the batch render continues exactly where it was: the same arrays, the same
+operations, so the same bytes. At most one job is suspended at a time (only batch jobs yield, only
+interactive jobs run nested, and those never yield), a batch job yields at most `max_preemptions`
+times, and one suspension runs at most `policy.max_bypass` interactive jobs before the batch job
+resumes.
 """
 
 from __future__ import annotations
@@ -445,7 +447,8 @@ class RenderRunner:
         def on_step(i: int, n: int) -> None:
             job.step = i
             self._check(job, i, n)
-            loop.call_soon_threadsafe(self._progress, job, i, n, time.perf_counter() - t0)
+            if i:  # boundary 0 (prompt encoded, no step yet) is a place to yield or stop, not progress
+                loop.call_soon_threadsafe(self._progress, job, i, n, time.perf_counter() - t0)
             if not nested and self._may_preempt(job):
                 self._yield_to_interactive(job, loop, i, n)
 

@@ -37,7 +37,7 @@ from daemon.telemetry import render_span as open_render_span
 
 log = logging.getLogger("easel.service")
 
-StepCallback = Callable[[int, int], None]
+StepCallback = Callable[[int, int], None]  # (i, steps) at each boundary, i = 0 before the first step
 StackKey = tuple  # ((path, scale, FileSignature), ...): the scheduler groups jobs by it; the patcher decides switches
 
 

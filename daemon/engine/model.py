@@ -30,6 +30,8 @@ from daemon.render_spec import Limits, RenderSpec, validate_spec
 
 log = logging.getLogger("easel.engine")
 
+# Called at every step boundary as (i, steps): i = 0 once the prompt is encoded and before the first
+# step, then i = 1..steps after each. It may raise (cancel) or run a whole other render before returning.
 StepCallback = Callable[[int, int], None]
 PROMPT_CACHE_MAX = 64
 DEFAULT_LIMITS = Limits()
@@ -132,7 +134,11 @@ class _PhaseRelay:
     def call_before_loop(self, seed, prompt, latents, config, **kwargs) -> None:
         # MLX is lazy: force the prompt encoding here so its time is not billed to the first step.
         mx.eval(latents, *self.flux.prompt_cache.get(prompt, ()))
-        self.frames[-1].marks["encoded"] = time.perf_counter()
+        frame = self.frames[-1]
+        frame.marks["encoded"] = time.perf_counter()
+        if frame.on_step is not None:
+            # boundary 0: the prompt is encoded and no step has run, so a waiting job need not wait a step
+            frame.on_step(0, frame.steps)  # (a suspension here is billed to denoise; the runner takes it out)
 
     def call_in_loop(self, t, seed, prompt, latents, config, time_steps) -> None:
         mx.eval(latents)  # the step boundary: this render's state is evaluated before anything else runs

@@ -166,7 +166,7 @@ def test_tiny_architecture(tiny_model):
 def _render(model, spec):
     steps = []
     out = model.render(spec, on_step=lambda i, n: steps.append((i, n)))
-    assert steps == [(i, spec.steps) for i in range(1, spec.steps + 1)]
+    assert steps == [(i, spec.steps) for i in range(0, spec.steps + 1)]  # boundary 0: before the first step
     assert set(out.timings) == {"text_encode", "denoise", "decode"}
     return np.asarray(out.image)
 
@@ -210,13 +210,33 @@ def test_cancel_from_step_callback_stops_render(tiny_model):
 
     def stop_after_first(i, n):
         seen.append(i)
-        raise Cancelled("stop")
+        if i == 1:
+            raise Cancelled("stop")
 
     with pytest.raises(Cancelled):
         tiny_model.render(replace(GOOD, steps=4), on_step=stop_after_first)
-    assert seen == [1]
+    assert seen == [0, 1]
     # the model still renders normally afterwards
     assert _render(tiny_model, GOOD).shape == (64, 64, 3)
+
+
+@pytest.mark.model
+def test_a_render_run_inside_another_at_any_boundary_leaves_its_pixels_unchanged(tiny_model):
+    """The runner's preemption renders a whole other job inside a step callback, boundary 0 (prompt
+    encoded, no step yet) included; the outer render's bytes must not change."""
+    spec = replace(GOOD, steps=3)
+    alone = _render(tiny_model, spec)
+    other = replace(GOOD, prompt="a lighthouse at dusk", seed=11, steps=1)
+    for boundary in (0, 2):
+        nested = []
+
+        def at_boundary(i, n, boundary=boundary, nested=nested):
+            if i == boundary:
+                nested.append(np.asarray(tiny_model.render(other).image))
+
+        out = np.asarray(tiny_model.render(spec, on_step=at_boundary).image)
+        assert len(nested) == 1 and np.abs(nested[0].astype(int) - alone.astype(int)).mean() > 2.0
+        assert np.array_equal(out, alone), f"a render nested at boundary {boundary} changed the outer one"
 
 
 @pytest.mark.model

@@ -35,9 +35,13 @@ from daemon.telemetry import Telemetry
 class StandinEngine:
     step_s: float = 0.05
     rendered: list = field(default_factory=list)
+    encode_s: float = 0.0  # "prompt encoding" before boundary 0
 
     def render(self, spec, on_step=None, limits=None):
         t0 = time.perf_counter()
+        time.sleep(self.encode_s)
+        if on_step is not None:
+            on_step(0, spec.steps)  # boundary 0, as the real engine: the prompt is encoded, no step has run
         for i in range(1, spec.steps + 1):
             time.sleep(self.step_s)
             if on_step is not None:

@@ -71,6 +71,29 @@ def test_an_interactive_job_suspends_a_batch_render_at_its_next_step_and_it_resu
     assert result.timings["suspended"] > 0.0
 
 
+def test_an_interactive_job_arriving_while_the_batch_render_encodes_runs_before_its_first_step(tmp_path):
+    a, b = lora(tmp_path, "a.safetensors"), lora(tmp_path, "b.safetensors")
+
+    async def body(runner, service):
+        service.engine.encode_s = 0.6  # a long prompt encoding: the game job arrives in the middle of it
+        order: list[str] = []
+        batch = Events(order)
+        runner.submit(req("batch", steps=4, priority="batch", lora_paths=[a], lora_scales=[1.0]), batch)
+        await until(lambda: "started" in batch.kinds)
+        await asyncio.sleep(0.1)
+        game = Events(order)
+        runner.submit(req("game", steps=1, lora_paths=[b], lora_scales=[1.0]), game)
+        await asyncio.gather(batch.answer, game.answer)
+        return order, batch, game
+
+    order, batch, game = run(tmp_path, body, step_s=0.3)
+    assert order == ["game", "batch"]
+    # it yielded at boundary 0 (no step had run), and no progress event was sent for that boundary
+    assert ("suspended", 0, 4) in batch.events and ("resumed", 0, 4) in batch.events
+    assert batch.kinds.index("resumed") < batch.kinds.index("progress")
+    assert [e[1] for e in batch.events if e[0] == "progress"] == [1, 2, 3, 4]
+
+
 def test_a_batch_job_is_preempted_at_most_max_preemptions_times(tmp_path):
     async def body(runner, service):
         order: list[str] = []
