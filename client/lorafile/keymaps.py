@@ -40,7 +40,7 @@ SUPPORTED_VERSIONS = frozenset({1})
 Role = Literal[
     "down", "up", "alpha", "mid", "up_bias", "diff", "diff_b", "set_weight", "dora_scale",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "w_norm",
 ]  # fmt: skip
 MatrixLayout = Literal["out_in", "in_out"]  # out_in: down (rank, in), up (out, rank); in_out: the transposes
 

@@ -1,6 +1,7 @@
 """The Flux.1 layer layout as pure data: every Linear layer's mflux module path and (out, in) shape, at
 any depth, without building the model: the transformer's (paths from the transformer) and the text
-encoders' (paths from the Flux1 model root: `clip_text_encoder.`, `t5_text_encoder.`).
+encoders' (paths from the Flux1 model root: `clip_text_encoder.`, `t5_text_encoder.`). The attention's
+RMSNorms (q/k norms, whose weights a LoRA may carry differences of) are there too, with shape (d,).
 
 The thin client resolves a LoRA against a preset with it (`easel lora inspect --preset dev` needs no
 MLX). The daemon always matches against the live model's own layers instead; a test holds this table
@@ -17,6 +18,7 @@ IN_CHANNELS = 64  # 16 latent channels x 2x2 patches
 CONTEXT = 4096  # T5-XXL width
 POOLED = 768  # CLIP-L pooled width
 TIME_FREQS = 256  # sinusoidal timestep features
+HEAD_DIM = 128  # the attention's q/k RMSNorms normalise each head
 CLIP_WIDTH, CLIP_MLP = 768, 3072  # CLIP ViT-L/14 text model
 T5_WIDTH, T5_FF = 4096, 10240  # T5 v1.1 XXL encoder (gated-GELU feed-forward)
 
@@ -85,6 +87,18 @@ def flux_layout(shape: FluxShape) -> dict[str, tuple[int, int]]:
     return layout
 
 
+def norm_layout(shape: FluxShape) -> dict[str, tuple[int]]:
+    """Every RMSNorm of a Flux.1 transformer of this shape: mflux path -> (d,)."""
+    layout: dict[str, tuple[int]] = {}
+    for i in range(shape.double_blocks):
+        for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+            layout[f"transformer_blocks.{i}.attn.{name}"] = (HEAD_DIM,)
+    for i in range(shape.single_blocks):
+        for name in ("norm_q", "norm_k"):
+            layout[f"single_transformer_blocks.{i}.attn.{name}"] = (HEAD_DIM,)
+    return layout
+
+
 def text_encoder_layout(shape: FluxShape) -> dict[str, tuple[int, int]]:
     """Every Linear layer of FLUX.1's text encoders at this depth: mflux path from the model root -> (out, in)."""
     layout: dict[str, tuple[int, int]] = {}
@@ -121,7 +135,8 @@ def preset_text_encoder_layout(preset: str) -> dict[str, tuple[int, int]]:
     return text_encoder_layout(_shape(preset))
 
 
-def preset_model_layout(preset: str) -> dict[str, tuple[int, int]]:
-    """Everything a LoRA resolves against on a preset: the transformer's layers and the text encoders'."""
+def preset_model_layout(preset: str) -> dict[str, tuple[int, ...]]:
+    """Everything a LoRA resolves against on a preset: the transformer's layers (Linear and RMSNorm) and
+    the text encoders'."""
     shape = _shape(preset)
-    return flux_layout(shape) | text_encoder_layout(shape)
+    return flux_layout(shape) | norm_layout(shape) | text_encoder_layout(shape)

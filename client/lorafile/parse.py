@@ -25,9 +25,10 @@ REASON_TEXT_ENCODER = (
 REASON_UNKNOWN_TENSOR = "tensor name not recognised by the {fmt} keymap"
 REASON_UNKNOWN_MODULE = "module not in the {fmt} keymap's {vocab} vocabulary"
 REASON_NORM = (
-    "difference of a norm layer's scale ({target}): not in the {vocab} vocabulary of Linear layers, "
-    "not applied (easel patches Linear layers only)"
+    "tensor '{role}' on a norm layer ({target}): a norm layer takes a difference of its weight only "
+    "(diff, w_norm); not applied"
 )
+NORM_ROLES = frozenset({"diff", "w_norm"})  # what a LoRA may carry for an RMSNorm: delta w, unscaled
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class ParsedLora:
     nbytes: int
     peft: PeftScaling = field(default_factory=PeftScaling)  # adapter config, when the file carries one
     keymaps: KeymapSet | None = None  # the keymaps it was recognised with (explanations read them)
+    # differences of RMSNorm weights: norm module path (mflux) -> (key, array)
+    norms: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
 
     @property
     def is_lokr(self) -> bool:
@@ -102,11 +105,15 @@ def _text_encoder_reason(fmt: FormatKeymap, key: str) -> str:
     return REASON_TEXT_ENCODER
 
 
-def _score(fmt: FormatKeymap, keys: list[str], metadata: dict[str, str]) -> tuple[float, int]:
+def _score(fmt: FormatKeymap, keys: list[str], metadata: dict[str, str], keymaps: KeymapSet) -> tuple[float, int]:
     score = 0.0
     for key in keys:
         split = fmt.split_key(key)
-        if split and (fmt.match_module(split[0]) or fmt.match_text_encoder(split[0])):
+        if split and (
+            fmt.match_module(split[0])
+            or fmt.match_text_encoder(split[0])
+            or (split[1] in NORM_ROLES and _norm_module(fmt, keymaps, split[0]))
+        ):
             score += 2
         elif fmt.is_text_encoder(key):
             score += 1
@@ -117,7 +124,7 @@ def _score(fmt: FormatKeymap, keys: list[str], metadata: dict[str, str]) -> tupl
 
 def detect_format(keys: list[str], metadata: dict[str, str], keymaps: KeymapSet) -> FormatKeymap | None:
     """The keymap that recognises most keys (metadata hints and priority break ties); None if none does."""
-    scores = {f.name: _score(f, keys, metadata) for f in keymaps.formats}
+    scores = {f.name: _score(f, keys, metadata, keymaps) for f in keymaps.formats}
     best = max(keymaps.formats, key=lambda f: scores[f.name])
     return best if scores[best.name][0] > 0 else None
 
@@ -183,14 +190,18 @@ def _file_scaling(sf: SafetensorsFile) -> PeftScaling:
     return _scaling({**cfg, "__source__": str(Path(sf.path).parent / PEFT_CONFIG)}) if cfg else scaling
 
 
-def _norm_parameter(fmt: FormatKeymap, keymaps: KeymapSet, module_key: str) -> str | None:
-    """The mflux parameter a module key names when it is a norm scale of the model file (`parameters`)."""
+def _norm_module(fmt: FormatKeymap, keymaps: KeymapSet, module_key: str) -> str | None:
+    """The mflux norm module (`...attn.norm_q`) a module key names, as the parameter itself
+    (`query_norm.scale`, `norm_q.weight`) or as its module (`query_norm`, `norm_q`); from the model
+    file's `parameters`."""
     for rule in keymaps.parameters.get(fmt.vocabulary, ()):
-        pattern = fmt._pattern(rule.source)  # noqa: SLF001 - the format's own spelling of a vocabulary name
-        for prefix in fmt.prefixes:
-            m = re.fullmatch(pattern, module_key[len(prefix) :]) if module_key.startswith(prefix) else None
-            if m:
-                return rule.target.replace("{i}", m.group(1)) if m.groups() else rule.target
+        module = rule.target.rsplit(".", 1)[0]
+        for source in (rule.source, rule.source.rsplit(".", 1)[0]):
+            pattern = fmt._pattern(source)  # noqa: SLF001 - the format's own spelling of a vocabulary name
+            for prefix in fmt.prefixes:
+                m = re.fullmatch(pattern, module_key[len(prefix) :]) if module_key.startswith(prefix) else None
+                if m:
+                    return module.replace("{i}", m.group(1)) if m.groups() else module
     return None
 
 
@@ -221,6 +232,7 @@ def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedL
             keymaps=keymaps,
         )
     modules: dict[str, ModuleTensors] = {}
+    norms: dict[str, tuple[str, np.ndarray]] = {}
     leftover: list[tuple[str, str]] = []
     for key in keys:
         split = fmt.split_key(key)
@@ -233,9 +245,15 @@ def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedL
             continue
         module_key, role = split
         if match is None:
-            norm = _norm_parameter(fmt, keymaps, module_key)
-            reason = REASON_NORM.format(target=norm, vocab=fmt.vocabulary) if norm else None
-            leftover.append((key, reason or REASON_UNKNOWN_MODULE.format(fmt=fmt.name, vocab=fmt.vocabulary)))
+            norm = _norm_module(fmt, keymaps, module_key)
+            if norm is None:
+                leftover.append((key, REASON_UNKNOWN_MODULE.format(fmt=fmt.name, vocab=fmt.vocabulary)))
+            elif role not in NORM_ROLES:
+                leftover.append((key, REASON_NORM.format(role=role, target=norm)))
+            elif norm in norms:
+                leftover.append((key, f"duplicate difference of norm {norm} (already {norms[norm][0]})"))
+            else:
+                norms[norm] = (key, sf.tensors[key])
             continue
         group = modules.setdefault(module_key, ModuleTensors(module_key, match[0], match[1]))
         if role in group.tensors:  # two spellings of the same role (e.g. lora_A and lora_A.weight)
@@ -254,4 +272,5 @@ def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedL
         nbytes=sf.nbytes,
         peft=_file_scaling(sf),
         keymaps=keymaps,
+        norms=norms,
     )

@@ -12,12 +12,24 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+
 from client.lorafile.adapters import CORRUPT, Layout, ModuleContext, Skip, module_terms
 from client.lorafile.explain import explain
 from client.lorafile.keymaps import load_keymaps
 from client.lorafile.layout import TRANSFORMER_PART, part_of
 from client.lorafile.parse import ModuleTensors, ParsedLora
-from client.lorafile.terms import BiasTerm, DenseTerm, DoraTerm, KronTerm, LowRankTerm, SetTerm, Term, WeightTerm
+from client.lorafile.terms import (
+    BiasTerm,
+    DenseTerm,
+    DoraTerm,
+    KronTerm,
+    LowRankTerm,
+    NormScaleTerm,
+    SetTerm,
+    Term,
+    WeightTerm,
+)
 from client.wire.errors import LoraFormatError
 from client.wire.report import FileReport, Leftover
 
@@ -29,6 +41,7 @@ __all__ = [
     "KronTerm",
     "Layout",
     "LowRankTerm",
+    "NormScaleTerm",
     "SetTerm",
     "Term",
     "WeightTerm",
@@ -100,6 +113,23 @@ def resolve(parsed: ParsedLora, layout: Layout | None) -> tuple[list[Term], File
         by_part[part_of(targets[0])] += len(group.keys) - len(unread)
         for term in new:
             patched[term.target] = None
+    for target, (key, arr) in parsed.norms.items():
+        if layout is None:
+            continue
+        shape = layout.get(target)
+        if shape is None:
+            report.leftover.append(Leftover(key, f"this model has no norm layer {target}"))
+            continue
+        if tuple(arr.shape) != tuple(shape):
+            report.leftover.append(
+                Leftover(key, f"shape mismatch: {key} is {list(arr.shape)}, norm layer {target} has {list(shape)}")
+            )
+            continue
+        terms.append(NormScaleTerm(target, np.asarray(arr), 1.0))  # a difference: no alpha, no rank
+        styles["norm_diff"] += 1
+        applied += 1
+        by_part[part_of(target)] += 1
+        patched[target] = None
     report.keys_applied = applied
     report.layers_patched = len(patched)
     report.patched_layers = list(patched)

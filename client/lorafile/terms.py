@@ -72,6 +72,18 @@ class BiasTerm:
 
 
 @dataclass(frozen=True)
+class NormScaleTerm:
+    """delta w (d,) = factor * scale: a difference of an RMSNorm's weight (`target` is the norm module)."""
+
+    target: str
+    scale: np.ndarray
+    factor: float
+
+    def delta(self) -> np.ndarray:
+        return self.factor * self.scale.astype(np.float64)
+
+
+@dataclass(frozen=True)
 class SetTerm:
     """The layer's weight replaced by `weight` (ComfyUI `.set_weight`): delta = weight - W."""
 
@@ -119,5 +131,5 @@ class DoraTerm:
         return decomposed - w
 
 
-Term = LowRankTerm | KronTerm | DenseTerm | BiasTerm | SetTerm | DoraTerm
+Term = LowRankTerm | KronTerm | DenseTerm | BiasTerm | SetTerm | DoraTerm | NormScaleTerm
 WeightTerm = LowRankTerm | KronTerm | DenseTerm

@@ -74,15 +74,16 @@ def text_encoder_layout(encoders: dict[str, Any]) -> dict[str, tuple[int, int]]:
     }
 
 
-def model_layout(model: Any) -> dict[str, tuple[int, int]]:
-    """What a LoRA resolves against: a Flux1's transformer layers plus its text encoders' (or, given a bare
-    transformer, its layers alone)."""
+def model_layout(model: Any) -> dict[str, tuple[int, ...]]:
+    """What a LoRA resolves against: a Flux1's transformer layers (Linear and RMSNorm) plus its text
+    encoders' (or, given a bare transformer, its layers alone)."""
+    from daemon.lora.norms import norm_layout
     from daemon.lora.runtime import linear_layout
 
     transformer = getattr(model, "transformer", None)
     if transformer is None:
-        return linear_layout(model)
-    return linear_layout(transformer) | text_encoder_layout(text_encoders_of(model))
+        return linear_layout(model) | norm_layout(model)
+    return linear_layout(transformer) | norm_layout(transformer) | text_encoder_layout(text_encoders_of(model))
 
 
 def inspect_against(path: str | os.PathLike[str], model: Any) -> FileReport:

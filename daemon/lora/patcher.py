@@ -37,6 +37,7 @@ from client.wire.report import FileReport
 from daemon.lora.cache import LoraCache, Signature
 from daemon.lora.decompose import base_weight, layer_arrays, stack_gains
 from daemon.lora.inspect import text_encoder_layout, text_encoders_of
+from daemon.lora.norms import StackedNormScale, is_norm, norm_arrays, norm_layout
 from daemon.lora.resident import ResidentStack, ResidentStacks, StackKey
 from daemon.lora.runtime import ActiveLayers, StackedLoraLinear, linear_layout
 from daemon.lora.stack import StackEntry, StackReport
@@ -117,8 +118,9 @@ class LoraPatcher:
         self.resident = resident if resident is not None else ResidentStacks()
         self.mode: Mode = mode
         self.layout = linear_layout(transformer)  # the transformer's layers (paths from the transformer)
+        self.norm_layout = norm_layout(transformer)  # its RMSNorms (q/k norms): a LoRA may carry weight diffs
         self.text_encoder_layout = text_encoder_layout(self.text_encoders)  # paths from the model root
-        self.model_layout = self.layout | self.text_encoder_layout  # what a LoRA resolves against
+        self.model_layout = self.layout | self.norm_layout | self.text_encoder_layout  # what a LoRA resolves against
         self._layout_key = (id(self), tuple(sorted(self.model_layout.items())))
         self._slots: dict[str, _Slot] = {}
         self._patched: set[str] = set()
@@ -130,7 +132,7 @@ class LoraPatcher:
         self._lock = threading.RLock()
         # side form: the one reference every wrapper reads, the wrappers built so far, which are in place
         self._live = ActiveLayers()
-        self._wrappers: dict[str, StackedLoraLinear] = {}
+        self._wrappers: dict[str, StackedLoraLinear | StackedNormScale] = {}
         self._wrapped: set[str] = set()
         self._wrap_epoch = 0  # bumped whenever wrappers are taken out (clear, a failed install)
 
@@ -259,6 +261,10 @@ class LoraPatcher:
         gains = stack_gains(per_layer, weight_of)
         for target, contributions in per_layer.items():
             slot = self._slot(target)
+            if is_norm(slot.original):
+                layers[target] = parts = norm_arrays(contributions, slot.original)
+                to_eval.extend(parts.arrays())
+                continue
             quantized = isinstance(slot.original, nn.QuantizedLinear)
             # The activation dtype: a float32 side path on a bf16 model would promote every later block.
             dtype = slot.original.scales.dtype if quantized else slot.original.weight.dtype
@@ -283,7 +289,8 @@ class LoraPatcher:
                     slot = self._slots[target]
                     wrapper = self._wrappers.get(target)
                     if wrapper is None:
-                        wrapper = self._wrappers[target] = StackedLoraLinear(slot.original, target, self._live)
+                        kind = StackedNormScale if is_norm(slot.original) else StackedLoraLinear
+                        wrapper = self._wrappers[target] = kind(slot.original, target, self._live)
                     _set(slot.container, slot.key, wrapper)
                     installed.append(target)
                     self._wrapped.add(target)
@@ -392,7 +399,7 @@ class LoraPatcher:
             for part in parts[:-1]:
                 container = _get(container, part)
             module = _get(container, parts[-1])
-            original = module.base if isinstance(module, StackedLoraLinear) else module
+            original = module.base if isinstance(module, StackedLoraLinear | StackedNormScale) else module
             slot = _Slot(
                 container, parts[-1], original, getattr(original, "weight", None), getattr(original, "bias", None)
             )
@@ -407,6 +414,11 @@ class LoraPatcher:
         gains = stack_gains(per_layer, weight_of)
         for target, contributions in per_layer.items():
             slot = self._slot(target)
+            if is_norm(slot.original):
+                value = (norm_arrays(contributions, slot.original).weight, None)
+                to_eval.append(value[0])
+                out[target] = value
+                continue
             if isinstance(slot.original, nn.QuantizedLinear):
                 raise InvalidRequest(f"bake mode cannot patch quantized layer {target}", field="mode")
             parts = layer_arrays(target, contributions, mx.float32, slot.original, weight_of, gains, side=False)

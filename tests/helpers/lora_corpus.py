@@ -91,6 +91,7 @@ class RefModule:
     bias: np.ndarray | None = None
     dora: tuple[str, np.ndarray] | None = None
     set_weight: np.ndarray | None = None  # fused (out, in): the weight replaces W
+    norm: np.ndarray | None = None  # a norm layer's weight difference (d,): `targets` is the one norm
 
     def _fused_index(self, target: str, rows: np.ndarray) -> np.ndarray:
         start = int(np.sum(self.outs[: self.targets.index(target)]))
@@ -271,6 +272,14 @@ class _Writer:
         module = RefModule(targets, outs, lambda idx: d[idx].astype(np.float64), swap=swap)
         if bias is not None:
             module.bias = self.put(f"{base}.{bias}", self.randn(sum(outs), scale=0.1)).astype(np.float64)
+        self.modules.append(module)
+        return module
+
+    def norm_diff(self, key: str, target: str) -> RefModule:
+        """A difference of an RMSNorm's weight (ComfyUI `.diff` on a norm parameter, LyCORIS `w_norm`)."""
+        (d,) = self.layout[target]
+        delta = self.put(key, self.randn(d, scale=0.2)).astype(np.float64)
+        module = RefModule([target], [d], None, norm=delta)
         self.modules.append(module)
         return module
 
@@ -620,11 +629,32 @@ def _(w: _Writer):
     return {}
 
 
-@convention("comfyui_extract", "ComfyUI comfy_extras/nodes_lora_extract.py full_diff + bias_diff (diff, diff_b)", "F16")
+@convention(
+    "comfyui_extract",
+    "ComfyUI comfy_extras/nodes_lora_extract.py full_diff + bias_diff (diff, diff_b); comfy/lora.py loads "
+    "`<parameter>.diff` for any parameter, the q/k norms' `scale` included",
+    "F16",
+)
 def _(w: _Writer):
     w.full(f"diffusion_model.{BFL_MODULES['linear2'][0]}", LINEAR2)
     w.full(f"diffusion_model.{BFL_MODULES['proj'][0]}", PROJ)
+    norm = "diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale.diff"
+    w.norm_diff(norm, "transformer_blocks.0.attn.norm_q")
+    w.norm_diff("diffusion_model.single_blocks.0.norm.key_norm.scale.diff", "single_transformer_blocks.0.attn.norm_k")
     return {}
+
+
+@convention(
+    "lycoris_norm",
+    "KohakuBlueleaf/LyCORIS modules/norms.py (train_norm: <name>.w_norm), kohya lora_unet_ naming; "
+    "ComfyUI comfy/lora.py w_norm -> diff",
+)
+def _(w: _Writer):
+    w.norm_diff("lora_unet_double_blocks_0_img_attn_norm_query_norm.w_norm", "transformer_blocks.0.attn.norm_q")
+    w.norm_diff("lora_unet_double_blocks_0_txt_attn_norm_key_norm.w_norm", "transformer_blocks.0.attn.norm_added_k")
+    w.norm_diff("lora_unet_single_blocks_0_norm_query_norm.w_norm", "single_transformer_blocks.0.attn.norm_q")
+    w.lora(_kohya(BFL_MODULES["proj"][0]), PROJ)
+    return {**LYCORIS_META, "ss_network_args": '{"algo": "lora", "train_norm": true}'}
 
 
 @convention(
@@ -776,10 +806,10 @@ if __name__ == "__main__":  # python tests/helpers/lora_corpus.py docs/lora_form
     import sys
     import tempfile
 
-    from client.lorafile.layout import preset_layout
+    from client.lorafile.layout import PRESET_SHAPES, norm_layout, preset_layout
 
     page = Path(sys.argv[1])
     with tempfile.TemporaryDirectory() as tmp:
-        table = markdown_table(build_corpus(Path(tmp), preset_layout("tiny")))
+        table = markdown_table(build_corpus(Path(tmp), preset_layout("tiny") | norm_layout(PRESET_SHAPES["tiny"])))
     head, _, rest = page.read_text(encoding="utf-8").partition(CORPUS_BEGIN)
     page.write_text(head + table + rest.partition(CORPUS_END)[2], encoding="utf-8")

@@ -30,9 +30,10 @@ def transformer(tiny_model):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, transformer):
+    from daemon.lora.norms import norm_layout
     from daemon.lora.runtime import linear_layout
 
-    return build_corpus(tmp_path_factory.mktemp("corpus"), linear_layout(transformer))
+    return build_corpus(tmp_path_factory.mktemp("corpus"), linear_layout(transformer) | norm_layout(transformer))
 
 
 class _Bases:
@@ -110,9 +111,20 @@ def _reference(entries, target: str, rows: np.ndarray, bases) -> tuple[np.ndarra
     return dw, db
 
 
+def _check_norm(transformer, entries, target: str, bases) -> None:
+    """An RMSNorm's effective weight against w + sum s_i * delta_i from the files' own arrays."""
+    got = np.array(_module(transformer, target).effective_weight()).astype(np.float64) - bases[target]
+    want = sum(scale * e.module_of(target).norm for e, scale in entries if target in e.targets)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= 1e-5, f"{target}: relative error {err:.2e}"
+
+
 def _check(transformer, entries, bases, seed=0):
     targets = sorted({t for e, _ in entries for t in e.targets})
     for n, target in enumerate(targets):
+        if any(e.module_of(target).norm is not None for e, _ in entries if target in e.targets):
+            _check_norm(transformer, entries, target, bases)
+            continue
         rows = _rows(bases[target].shape[0], seed + n)
         got_w, got_b = _easel_rows(transformer, target, rows, bases)
         want_w, want_b = _reference(entries, target, rows, bases)
@@ -142,6 +154,8 @@ MIXED = [
     # DoRA (output rows, PEFT and LyCORIS), misaligned LoKr, full differences, set_weight, plain LoRA
     (("peft_dora", 0.6), ("kohya_dora_rows", 1.0), ("kohya_lokr_factor16", 0.9), ("diffusers", 1.2)),
     (("comfyui_set_weight", 0.5), ("lycoris_full", 1.0), ("kohya_lokr_factor_minus1", 1.0), ("kohya_split_qkv", 0.3)),
+    # norm weight differences from two files on one norm (ComfyUI .scale.diff, LyCORIS w_norm) beside LoRA
+    (("comfyui_extract", 0.7), ("lycoris_norm", -0.4), ("kohya", 1.0)),
 ]
 
 

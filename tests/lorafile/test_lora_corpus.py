@@ -9,13 +9,13 @@ import pytest
 from helpers.lora_corpus import CONVENTIONS, build_corpus
 
 from client.lorafile.inspect import inspect_lora
-from client.lorafile.layout import preset_layout
+from client.lorafile.layout import PRESET_SHAPES, norm_layout, preset_layout
 from client.wire.errors import LoraUnsupported
 
 
 @pytest.fixture(scope="module")
 def layout():
-    return preset_layout("tiny")
+    return preset_layout("tiny") | norm_layout(PRESET_SHAPES["tiny"])  # Linear layers and RMSNorms
 
 
 @pytest.fixture(scope="module")
