@@ -487,13 +487,16 @@ class RenderRunner:
         picks now, put `job`'s stack back and return so its render goes on."""
         t0 = time.perf_counter()
         ran = 0
+        held = None
         while (nxt := self._on_loop(loop, self._take_interactive, job, i, n, ran)) is not None:
+            if held is None:
+                held = self.service.hold_stack()  # its arrays as built, whatever happens to its files meanwhile
             ran += 1
             self._run_nested(nxt, loop)
         if ran == 0:
             return
         t_switch = time.perf_counter()
-        if self.service.switch_stack(job.prepared):  # atomic; a resident stack is one assignment
+        if self.service.restore_stack(held, job.prepared):  # one assignment: the layers are still wrapped
             self.times.observe_switch(time.perf_counter() - t_switch)
         job.suspended_s += time.perf_counter() - t0
         self._on_loop(loop, self._resume, job, i, n)

@@ -258,6 +258,24 @@ class RenderService:
         self.stack_switches += 1
         return True
 
+    def hold_stack(self) -> object:
+        """What `restore_stack` needs to put the live stack back exactly as it is now."""
+        hold = getattr(self.patcher, "hold", None)
+        return (self.active_key, self.active_report, hold() if hold is not None else None)
+
+    def restore_stack(self, held: object, prepared: Prepared) -> bool:
+        """Put back the stack `hold_stack` saw, built from the bytes it was built from (a file that changed
+        meanwhile does not change a suspended render). Without a held form (no patcher, the bake form),
+        switch to `prepared`'s stack as its files are now. Returns True if the weights changed."""
+        key, report, patcher_held = held
+        if patcher_held is None:
+            return self.switch_stack(prepared)
+        changed = self.patcher.restore(patcher_held)
+        self.active_key, self.active_report = key, report
+        if changed:
+            self.stack_switches += 1
+        return changed
+
     def _switch_to(self, prepared: Prepared, key: StackKey) -> bool:
         """Apply `prepared`'s stack; with content hashing on, the patcher's digests decide whether the same
         paths with the same signatures still hold the same bytes (report.noop)."""

@@ -46,6 +46,16 @@ ZeroMatchPolicy = Literal["error", "warn"]
 Mode = Literal["side", "bake"]
 
 
+@dataclass(frozen=True)
+class HeldStack:
+    """A live stack as it was built (`LoraPatcher.hold`): its arrays stay reachable while held."""
+
+    stack: tuple[StackEntry, ...]
+    sigs: tuple
+    built: ResidentStack | None
+    report: StackReport
+
+
 @dataclass
 class _Slot:
     """Where one patchable layer lives in the tree and what it originally was."""
@@ -129,6 +139,7 @@ class LoraPatcher:
         self._active_key: StackKey = ()
         self._text_encoder_key: StackKey = ()
         self._report = StackReport()
+        self._live_built: ResidentStack | None = None  # side form: the built stack now live
         self._lock = threading.RLock()
         # side form: the one reference every wrapper reads, the wrappers built so far, which are in place
         self._live = ActiveLayers()
@@ -200,6 +211,7 @@ class LoraPatcher:
             else:
                 self._check_zero_match(built.reports, zero_match)
             self._switch(built)
+            self._live_built = built
             self._active, self._active_sigs, self._active_key = stack, tuple(k[2] for k in built.key), built.key
             self._text_encoder_key = built.text_encoder_key
             self._report = StackReport(
@@ -217,10 +229,37 @@ class LoraPatcher:
                 self._commit({})
             else:
                 self._unwrap_all()
+            self._live_built = None
             self._patched = set()
             self._active, self._active_sigs, self._active_key = (), (), ()
             self._text_encoder_key = ()
             self._report = StackReport()
+
+    def hold(self) -> HeldStack | None:
+        """The live stack exactly as built, to put back later with `restore` even if its files change or it
+        leaves the resident LRU meanwhile (the runner holds a suspended render's stack). None in the bake
+        form, where nothing built is kept."""
+        with self._lock:
+            if self.mode != "side":
+                return None
+            return HeldStack(self._active, self._active_sigs, self._live_built, self._report)
+
+    def restore(self, held: HeldStack) -> bool:
+        """Make `held` the live stack again (one assignment when its layers are still wrapped). Returns True
+        if the model changed."""
+        with self._lock:
+            if held.built is None:
+                changed = bool(self._active_key)
+                self.clear()
+                return changed
+            if held.built.key == self._active_key:
+                return False
+            self._switch(held.built)
+            self._live_built = held.built
+            self._active, self._active_sigs, self._active_key = held.stack, held.sigs, held.built.key
+            self._text_encoder_key = held.built.text_encoder_key
+            self._report = held.report
+            return True
 
     def prefetch(self, entries: Iterable[StackEntry | tuple[str, float]]) -> None:
         """Read and parse the files of a stack that is about to be applied, so its switch does not wait on

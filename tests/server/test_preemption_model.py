@@ -92,3 +92,45 @@ def test_a_preempted_batch_render_is_byte_identical_to_the_uninterrupted_one(dae
     assert batch.timings["suspended"] > 0.0 and batch.stack_switched
     assert batch.image_bytes == alone_batch.image_bytes  # the PNG, byte for byte
     assert game.image_bytes == alone_game.image_bytes
+
+
+def test_a_batch_render_resumes_with_the_stack_it_started_with_when_its_file_changes_while_suspended(daemon):
+    """Its stack's arrays are held while it is suspended: rewriting its LoRA file meanwhile changes the
+    next render that names the file, not the suspended one (which still gives its uninterrupted bytes)."""
+    import os
+    from pathlib import Path
+
+    live = Path(daemon.a).with_name("c.safetensors")
+    spare = Path(daemon.a).with_name("c-new.safetensors")
+    make_lora("kohya", live, LAYOUT, rank=4, alpha=4, seed=3, modules=["attn.to_q"])
+    make_lora("kohya", spare, LAYOUT, rank=4, alpha=4, seed=4, modules=["attn.to_q"])
+
+    async def go():
+        alone_batch = await render(daemon, BATCH, str(live))
+        events: list = []
+        started, suspended = asyncio.Event(), asyncio.Event()
+
+        def seen(ev):
+            events.append(ev)
+            if ev.event == "progress":
+                started.set()
+            if ev.event == "suspended":
+                os.replace(spare, live)  # the file changes while the render is suspended
+                suspended.set()
+
+        async with AsyncRenderClient(daemon.socket, render_timeout=900) as c:
+            kw = dict(BATCH)
+            task = asyncio.ensure_future(
+                c.send_render(kw.pop("prompt"), lora_paths=[str(live)], lora_scales=[0.9], return_bytes=True,
+                              on_progress=seen, **kw)
+            )  # fmt: skip
+            await asyncio.wait_for(started.wait(), 600)
+            await render(daemon, GAME, daemon.b)
+            batch = await task
+        after = await render(daemon, BATCH, str(live))  # the new file's render
+        return alone_batch, batch, after, suspended.is_set()
+
+    alone_batch, batch, after, was_suspended = asyncio.run(go())
+    assert was_suspended
+    assert batch.image_bytes == alone_batch.image_bytes  # resumed on the arrays it started with
+    assert after.image_bytes != alone_batch.image_bytes  # and the changed file is what the next render uses
