@@ -1,0 +1,198 @@
+"""Cluster benchmark: routing by LoRA stack on Ray Serve, throughput of 2 replicas over 1, gateway overhead.
+
+One local Ray cluster (2 CPUs) with the tiny preset, the gateway on a Unix socket in this process:
+1. one replica: the mixed workload (REQUESTS renders over 6 stacks, random order, CONCURRENCY in flight
+   through the gateway socket), wall time -> throughput of 1; then SERIAL renders of one warm stack, one
+   at a time (gateway round trips);
+2. scaled to two replicas (the same application, num_replicas=2), the same workload over 6 *new* stacks
+   (other files, so nothing is resident yet): wall time -> throughput of 2; stack loads on the board
+   (each replica's multiplexed loader counts its loads) over 6 distinct stacks; affinity hit rate =
+   requests served by a replica that already held the stack = 1 - loads / requests;
+3. Ray shut down, the same model in a plain daemon (DaemonServer + RenderRunner, on a socket in this
+   process): the same SERIAL renders (direct round trips). gateway_overhead = median gateway round trip /
+   median direct round trip.
+At most two tiny models (~3.7 GiB each) are in memory at once. Renders are CPU-bound and both replicas
+share this machine's cores, so throughput_2_vs_1 says what the router and the replicas add or cost here,
+not what two machines would give.
+
+Last line: `bench cluster: loads_per_distinct_stack=... affinity_hit_rate=... throughput_2_vs_1=...
+gateway_overhead=...`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from client.client import AsyncRenderClient, RenderClient  # noqa: E402
+
+REQUESTS = int(os.environ.get("EASEL_BENCH_CLUSTER_REQUESTS", "60"))
+CONCURRENCY = int(os.environ.get("EASEL_BENCH_CLUSTER_CONCURRENCY", "4"))
+SERIAL = int(os.environ.get("EASEL_BENCH_CLUSTER_SERIAL", "8"))
+STACKS = 6
+SIZE = dict(width=64, height=64, steps=2)
+W = 3072
+LAYOUT = {
+    "transformer_blocks.0.attn.to_q": (W, W),
+    "transformer_blocks.0.attn.to_k": (W, W),
+    "transformer_blocks.0.attn.to_v": (W, W),
+    "transformer_blocks.0.attn.to_out.0": (W, W),
+    "single_transformer_blocks.0.proj_out": (W, 5 * W),
+}
+MODULES = [["attn.to_out.0"], ["single_transformer_blocks.0.proj_out"], ["attn.to_q"]]
+
+
+def make_stacks(folder: Path, seed0: int) -> list[list[str]]:
+    from helpers.lora_factories import make_lora
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stacks = []
+    for i in range(STACKS):
+        p = make_lora("kohya", folder / f"l{i}.safetensors", LAYOUT, rank=4, alpha=4, seed=seed0 + i,
+                      modules=MODULES[i % 3])  # fmt: skip
+        stacks.append([str(p)])
+    return stacks
+
+
+def workload(stacks: list[list[str]], seed: int) -> list[list[str]]:
+    rng = random.Random(seed)
+    order = [stacks[i % STACKS] for i in range(REQUESTS)]
+    rng.shuffle(order)
+    return order
+
+
+async def run_workload(sock: Path, order: list[list[str]]) -> float:
+    """All requests through the gateway socket with CONCURRENCY in flight; wall seconds."""
+    async with AsyncRenderClient(sock, render_timeout=3600) as c:
+        sem = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(i: int, stack: list[str]) -> None:
+            async with sem:
+                await c.send_render(f"item {i}", lora_paths=stack, lora_scales=[1.0], seed=i, return_bytes=True,
+                                    priority="batch", **SIZE)  # fmt: skip
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i, s) for i, s in enumerate(order)))
+        return time.perf_counter() - t0
+
+
+def serial_round_trips(sock: Path, stack: list[str]) -> list[float]:
+    times = []
+    with RenderClient(sock, render_timeout=3600) as c:
+        c.send_render("warm", lora_paths=stack, lora_scales=[1.0], seed=1, return_bytes=True, **SIZE)
+        for i in range(SERIAL):
+            t0 = time.perf_counter()
+            c.send_render("serial", lora_paths=stack, lora_scales=[1.0], seed=1000 + i, return_bytes=True, **SIZE)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def board_loads() -> int:
+    import ray
+
+    from daemon.cluster.board import board_handle
+
+    return sum(n for _, _, n in ray.get(board_handle().snapshot.remote())["loads"])
+
+
+class DirectDaemon:
+    """The plain daemon (socket server + runner + the model) on a thread of this process."""
+
+    def __init__(self, sock: Path, config) -> None:
+        self.sock, self.config = sock, config
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from daemon.config import ServerConfig
+        from daemon.runner import RenderRunner
+        from daemon.security import bind_unix_socket
+        from daemon.server import DaemonServer
+        from daemon.service import RenderService
+
+        service = RenderService.load(self.config)
+        sock = bind_unix_socket(self.sock)
+        self.loop = asyncio.new_event_loop()
+
+        async def main() -> None:
+            self.server = DaemonServer(ServerConfig(socket_path=self.sock), RenderRunner(service, self.config))
+            await self.server.serve(sock, on_ready=self.ready.set)
+
+        self.loop.run_until_complete(main())
+        sock.close()
+
+    def start(self) -> DirectDaemon:
+        self.thread.start()
+        assert self.ready.wait(900)
+        return self
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.request_stop)
+        self.thread.join(60)
+
+
+def main() -> None:
+    import ray
+    from ray import serve
+
+    from daemon.cluster import app
+    from daemon.cluster.gateway import GatewayThread
+    from daemon.config import ServerConfig, ServiceConfig
+    from daemon.telemetry import setup_telemetry
+
+    tmp = Path(tempfile.mkdtemp(prefix="easel-bench-cluster-"))
+    first, second = make_stacks(tmp / "loras" / "a", 10), make_stacks(tmp / "loras" / "b", 20)
+    (tmp / "out").mkdir()
+    (tmp / "gw").mkdir(mode=0o700)
+    config = ServiceConfig(preset="tiny", lora_roots=(tmp / "loras",), output_root=tmp / "out", warmup=True,
+                           queue_capacity=64)  # fmt: skip
+    sock = tmp / "gw" / "easel.sock"
+    app.init(None, num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2)
+    try:
+        serve.start(http_options={"location": "NoServer"})
+        t0 = time.perf_counter()
+        app.deploy(config, replicas=1, stacks_per_replica=STACKS)
+        print(f"1 replica ready in {time.perf_counter() - t0:.1f}s", flush=True)
+        gw = GatewayThread(ServerConfig(socket_path=sock), config, setup_telemetry("easel-gateway", env={})).start()
+        wall1 = asyncio.run(run_workload(sock, workload(first, 1)))
+        print(f"1 replica: {REQUESTS} renders in {wall1:.1f}s", flush=True)
+        via_gateway = serial_round_trips(sock, first[0])
+        print(f"gateway round trip: median {statistics.median(via_gateway) * 1000:.1f} ms", flush=True)
+        t0 = time.perf_counter()
+        app.deploy(config, replicas=2, stacks_per_replica=STACKS)
+        print(f"2 replicas ready in {time.perf_counter() - t0:.1f}s", flush=True)
+        loads0 = board_loads()
+        wall2 = asyncio.run(run_workload(sock, workload(second, 2)))
+        loads = board_loads() - loads0
+        print(f"2 replicas: {REQUESTS} renders in {wall2:.1f}s, {loads} stack loads over {STACKS} stacks", flush=True)
+        gw.stop()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    direct_sock = tmp / "gw" / "direct.sock"
+    direct = DirectDaemon(direct_sock, config).start()
+    try:
+        direct_rt = serial_round_trips(direct_sock, first[0])
+    finally:
+        direct.stop()
+    print(f"direct round trip: median {statistics.median(direct_rt) * 1000:.1f} ms", flush=True)
+    overhead = statistics.median(via_gateway) / statistics.median(direct_rt)
+    print(
+        f"bench cluster: loads_per_distinct_stack={loads / STACKS:.2f} affinity_hit_rate={1 - loads / REQUESTS:.3f} "
+        f"throughput_2_vs_1={wall1 / wall2:.2f} gateway_overhead={overhead:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
