@@ -57,6 +57,7 @@ def deploy(
     num_cpus: float = 1,
     num_gpus: float = 0,
     env_vars: dict[str, str] | None = None,
+    name: str = APP_NAME,
 ) -> Any:
     """Run the application (`replicas` replicas of `config`'s preset) and wait until it serves; returns
     its handle. Raises ReplicaFailed when no replica could load the model."""
@@ -75,7 +76,7 @@ def deploy(
         graceful_shutdown_timeout_s=5,
     )
     try:
-        return serve.run(deployment.bind(config), name=APP_NAME, route_prefix=None)
+        return serve.run(deployment.bind(config), name=name, route_prefix=None)
     except RuntimeError as exc:
         raise ReplicaFailed(
             f"no render replica could start: {_first_lines(str(exc))}", replicas=replicas, preset=config.preset

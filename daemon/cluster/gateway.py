@@ -210,16 +210,16 @@ class ClusterRunner:
         return self.jobs.get(job_id)
 
     def cancel(self, job: ClusterJob, reason: EaselError | None = None) -> str:
-        """Stop `job`: its stream is cancelled (the replica's job stops at its next step); it is answered
-        when the stream ends. Returns the state it was in."""
+        """Stop `job`: its stream is cancelled (the replica's job stops at its next step) and it is answered
+        at once. Returns the state it was in."""
         state = job.state
         if state == "done" or job.cancel_event.is_set():
             return state
         job.reason = reason
         job.cancel_event.set()
-        if job.stream is not None:
+        if job.stream is not None:  # Serve cancels the replica's call: the runner stops the job at its next step
             job.stream.cancel()
-        elif job.task is not None:
+        if job.task is not None:  # answered now, not when the stream ends (a dead replica's never may)
             job.task.cancel()
         return state
 
@@ -375,8 +375,8 @@ class ClusterRunner:
     async def refresh(self) -> dict[str, Any]:
         """Read every replica's last report from the board (what `status` shows)."""
         if self.board is not None:
-            with contextlib.suppress(Exception):
-                self._snapshot = await self.board.snapshot.remote()
+            with contextlib.suppress(Exception):  # a status answer never waits long on the board
+                self._snapshot = await asyncio.wait_for(asyncio.wrap_future(self.board.snapshot.remote().future()), 5)
         return self._snapshot
 
     def replica_statuses(self) -> list[ReplicaStatus]:
@@ -454,3 +454,61 @@ async def serve_gateway(
     server = GatewayServer(server_config, ClusterRunner(handle, service_config, tel, board=board))
     await server.serve(sock, on_ready=on_ready)
     return server
+
+
+class GatewayThread:
+    """A gateway on a thread of this process (for a process that is already a Ray driver: tests, the
+    benchmark, a game server embedding it). `start()` returns once the socket listens; `stop()` drains."""
+
+    def __init__(self, server_config: Any, config: ServiceConfig, tel: Telemetry) -> None:
+        import threading
+
+        self.server_config, self.config, self.tel = server_config, config, tel
+        self.socket = server_config.socket_path
+        self.server: GatewayServer | None = None
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="easel-gateway", daemon=True)
+
+    def _run(self) -> None:
+        from daemon.cluster.app import connect
+        from daemon.security import bind_unix_socket
+
+        asyncio.set_event_loop(self.loop)
+        try:
+            sock = bind_unix_socket(self.socket)
+        except BaseException as exc:
+            self.error = exc
+            self.ready.set()
+            return
+
+        async def main() -> None:
+            handle, board = connect()
+            self.server = GatewayServer(self.server_config, ClusterRunner(handle, self.config, self.tel, board=board))
+            await self.server.serve(sock, on_ready=self.ready.set)
+
+        try:
+            self.loop.run_until_complete(main())
+        except BaseException as exc:
+            self.error = exc
+            self.ready.set()
+        finally:
+            sock.close()
+
+    def start(self, timeout_s: float = 120) -> GatewayThread:
+        self.thread.start()
+        if not self.ready.wait(timeout_s):
+            raise TimeoutError("the gateway did not start")
+        if self.error is not None:
+            raise self.error
+        return self
+
+    @property
+    def runner(self) -> ClusterRunner:
+        return self.server.runner
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.loop.call_soon_threadsafe(self.server.request_stop)
+        self.thread.join(30)

@@ -230,6 +230,7 @@ class RenderReplica:
         )
         return {
             "status": msgspec.to_builtins(status),
+            "actor": ray.get_runtime_context().get_actor_name(),  # Serve's name for it (namespace "serve")
             "preset": run.preset,
             "warm": run.warm,
             "loads": dict(self.loads),
