@@ -4,7 +4,7 @@ One local Ray cluster (2 CPUs) with the tiny preset, the gateway on a Unix socke
 1. one replica: the mixed workload (REQUESTS renders over 6 stacks, random order, CONCURRENCY in flight
    through the gateway socket), wall time -> throughput of 1; then SERIAL renders of one warm stack, one
    at a time (gateway round trips);
-2. scaled to two replicas (the same application, num_replicas=2), the same workload over 6 *new* stacks
+2. two replicas (the application deployed again with num_replicas=2), the same workload over 6 *new* stacks
    (other files, so nothing is resident yet): wall time -> throughput of 2; stack loads on the board
    (each replica's multiplexed loader counts its loads) over 6 distinct stacks; affinity hit rate =
    requests served by a replica that already held the stack = 1 - loads / requests;
@@ -158,6 +158,7 @@ def main() -> None:
     config = ServiceConfig(preset="tiny", lora_roots=(tmp / "loras",), output_root=tmp / "out", warmup=True,
                            queue_capacity=64)  # fmt: skip
     sock = tmp / "gw" / "easel.sock"
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")  # see tests/cluster/conftest.py
     app.init(None, num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2)
     try:
         serve.start(http_options={"location": "NoServer"})
@@ -169,9 +170,13 @@ def main() -> None:
         print(f"1 replica: {REQUESTS} renders in {wall1:.1f}s", flush=True)
         via_gateway = serial_round_trips(sock, first[0])
         print(f"gateway round trip: median {statistics.median(via_gateway) * 1000:.1f} ms", flush=True)
+        gw.stop()
+        serve.delete(app.APP_NAME)  # a fresh deployment: the second stack set loads on two empty replicas
         t0 = time.perf_counter()
         app.deploy(config, replicas=2, stacks_per_replica=STACKS)
         print(f"2 replicas ready in {time.perf_counter() - t0:.1f}s", flush=True)
+        sock = tmp / "gw" / "easel2.sock"
+        gw = GatewayThread(ServerConfig(socket_path=sock), config, setup_telemetry("easel-gateway", env={})).start()
         loads0 = board_loads()
         wall2 = asyncio.run(run_workload(sock, workload(second, 2)))
         loads = board_loads() - loads0
