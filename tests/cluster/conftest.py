@@ -6,8 +6,8 @@ Skipped where Ray is not installed (the thin venv; installs without the `cluster
 
 from __future__ import annotations
 
-import asyncio
-import threading
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,9 @@ from helpers.lora_factories import make_lora  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
+from client.packs.example_loras import make_pack_loras  # noqa: E402
+
+PACKS = Path(__file__).resolve().parents[2] / "genre_packs"
 W = 3072
 LAYOUT = {  # the tiny transformer's shapes for the modules the test LoRAs touch
     "transformer_blocks.0.attn.to_q": (W, W),
@@ -31,60 +34,16 @@ MODULES = [["attn.to_out.0"], ["single_transformer_blocks.0.proj_out"], ["attn.t
 REPLICAS = 2
 
 
-class Gateway:
-    """`easel serve --cluster`'s server, run on a thread of this process (the test process is the Ray driver)."""
+def start_gateway(root: Path, config, spans: InMemorySpanExporter):
+    """`easel gateway`'s server on a thread of this process (the test process is the Ray driver)."""
+    from daemon.cluster.gateway import GatewayThread
+    from daemon.config import ServerConfig
+    from daemon.telemetry import setup_telemetry
 
-    def __init__(self, root: Path, config, spans: InMemorySpanExporter) -> None:
-        from daemon.config import ServerConfig
-        from daemon.telemetry import setup_telemetry
-
-        self.socket = root / "gw" / "easel.sock"
-        self.socket.parent.mkdir(mode=0o700)
-        self.server_config = ServerConfig(socket_path=self.socket, drain_timeout_s=5)
-        self.config = config
-        self.tel = setup_telemetry("easel-gateway", env={}, span_processors=[SimpleSpanProcessor(spans)])
-        self.server = None
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="easel-gateway", daemon=True)
-
-    def _run(self) -> None:
-        from daemon.cluster.app import connect
-        from daemon.cluster.gateway import ClusterRunner, GatewayServer
-        from daemon.security import bind_unix_socket
-
-        asyncio.set_event_loop(self.loop)
-        sock = bind_unix_socket(self.socket)
-
-        async def main() -> None:
-            handle, board = connect()
-            self.server = GatewayServer(self.server_config, ClusterRunner(handle, self.config, self.tel, board=board))
-            await self.server.serve(sock, on_ready=self.ready.set)
-
-        try:
-            self.loop.run_until_complete(main())
-        except BaseException as exc:  # surfaced by start()
-            self.error = exc
-            self.ready.set()
-        finally:
-            sock.close()
-
-    def start(self) -> Gateway:
-        self.thread.start()
-        assert self.ready.wait(120), "the gateway did not start"
-        if self.error is not None:
-            raise self.error
-        return self
-
-    @property
-    def runner(self):
-        return self.server.runner
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.loop.call_soon_threadsafe(self.server.request_stop)
-        self.thread.join(30)
+    sock = root / "gw" / "easel.sock"
+    sock.parent.mkdir(mode=0o700)
+    tel = setup_telemetry("easel-gateway", env={}, span_processors=[SimpleSpanProcessor(spans)])
+    return GatewayThread(ServerConfig(socket_path=sock, drain_timeout_s=5), config, tel).start()
 
 
 class Cluster:
@@ -96,7 +55,7 @@ class Cluster:
         self.spans = InMemorySpanExporter()
         self.loras.mkdir()
         self.out.mkdir()
-        self.gateway: Gateway | None = None
+        self.gateway = None
 
     def board(self) -> dict:
         import ray
@@ -106,15 +65,11 @@ class Cluster:
         return ray.get(board_handle().snapshot.remote())
 
     def replica_actor(self, replica_id: str):
-        """The Ray actor of a replica (to kill it)."""
+        """The Ray actor of a replica (to kill it), by the name it reported to the board."""
         import ray
-        from ray.serve._private.common import ReplicaID  # noqa: F401 (the actor name is Serve's own)
-        from ray.util.state import list_actors
 
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-            if a.name and replica_id in a.name:
-                return ray.get_actor(a.name, namespace="serve")
-        raise AssertionError(f"no live actor for replica {replica_id}")
+        _, snap = self.board()["replicas"][replica_id]
+        return ray.get_actor(snap["actor"], namespace="serve")
 
 
 @pytest.fixture(scope="session")
@@ -128,13 +83,19 @@ def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("cluster"))
     for i, mods in enumerate(MODULES):
         make_lora("kohya", c.loras / f"s{i}.safetensors", LAYOUT, rank=4, alpha=4, seed=i, modules=mods)
+    c.packs = c.loras / "genre_packs"  # the example packs with their LoRAs, for `easel batch --cluster`
+    shutil.copytree(PACKS, c.packs, ignore=shutil.ignore_patterns("lora"))
+    make_pack_loras(c.packs)
     config = ServiceConfig(preset="tiny", lora_roots=(c.loras,), output_root=c.out, warmup=False, queue_capacity=16)
+    # Ray's memory monitor kills workers when the *machine* passes 95% memory: on a machine shared with
+    # other test runs that kills replicas for others' memory; the kernel's OOM killer still guards.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     app.init(None, num_cpus=REPLICAS, include_dashboard=False, object_store_memory=256 * 1024**2)
     try:
         serve.start(http_options={"location": "NoServer"})
         app.deploy(config, replicas=REPLICAS, stacks_per_replica=4, env_vars={"EASEL_TRACES_FILE": str(c.traces)})
         c.config = config
-        c.gateway = Gateway(c.root, config, c.spans).start()
+        c.gateway = start_gateway(c.root, config, c.spans)
         yield c
     finally:
         if c.gateway is not None:
