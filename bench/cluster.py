@@ -1,19 +1,20 @@
 """Cluster benchmark: routing by LoRA stack on Ray Serve, throughput of 2 replicas over 1, gateway overhead.
 
 One local Ray cluster (2 CPUs) with the tiny preset, the gateway on a Unix socket in this process:
-1. one replica: the mixed workload (REQUESTS renders over 6 stacks, random order, CONCURRENCY in flight
-   through the gateway socket), wall time -> throughput of 1; then SERIAL renders of one warm stack, one
-   at a time (gateway round trips);
-2. two replicas (the application deployed again with num_replicas=2), the same workload over 6 *new* stacks
-   (other files, so nothing is resident yet): wall time -> throughput of 2; stack loads on the board
-   (each replica's multiplexed loader counts its loads) over 6 distinct stacks; affinity hit rate =
-   requests served by a replica that already held the stack = 1 - loads / requests;
-3. Ray shut down, the same model in a plain daemon (DaemonServer + RenderRunner, on a socket in this
-   process): the same SERIAL renders (direct round trips). gateway_overhead = median gateway round trip /
-   median direct round trip.
-At most two tiny models (~3.7 GiB each) are in memory at once. Renders are CPU-bound and both replicas
-share this machine's cores, so throughput_2_vs_1 says what the router and the replicas add or cost here,
-not what two machines would give.
+1. two replicas: the mixed workload (REQUESTS renders over 6 stacks, random order, CONCURRENCY in flight
+   through the gateway socket): wall time -> throughput of 2; stack loads on the board (each replica's
+   multiplexed loader counts its loads) over 6 distinct stacks; affinity hit rate = requests served by a
+   replica that already held the stack = 1 - loads / requests (every load is a miss);
+2. one replica (the application deployed again), the same workload over 6 *other* stacks (other files):
+   wall time -> throughput of 1;
+3. beside that replica, the same model in a plain daemon (DaemonServer + RenderRunner on a socket in this
+   process): SERIAL pairs of one warm render through the gateway and straight to the daemon, ABBA-
+   interleaved. gateway_overhead = median gateway round trip / median direct round trip; the line before
+   the last also gives the time outside the render (round trip - the runner's own total) on each path.
+At most two tiny models (~3.7 GiB each) are in memory at once. Ray runs its workers niced by default; here
+RAY_worker_niceness=0 so a replica and the direct daemon compete for the cores alike. Renders are
+CPU-bound and both replicas share this machine's cores, so throughput_2_vs_1 says what the router and
+the replicas add or cost here, not what two machines would give.
 
 Last line: `bench cluster: loads_per_distinct_stack=... affinity_hit_rate=... throughput_2_vs_1=...
 gateway_overhead=...`
@@ -87,15 +88,25 @@ async def run_workload(sock: Path, order: list[list[str]]) -> float:
         return time.perf_counter() - t0
 
 
-def serial_round_trips(sock: Path, stack: list[str]) -> list[float]:
-    times = []
-    with RenderClient(sock, render_timeout=3600) as c:
-        c.send_render("warm", lora_paths=stack, lora_scales=[1.0], seed=1, return_bytes=True, **SIZE)
+def round_trip(c: RenderClient, stack: list[str], seed: int) -> tuple[float, float]:
+    """(wall seconds at the client, the render's own `total` inside the runner)."""
+    t0 = time.perf_counter()
+    r = c.send_render("serial", lora_paths=stack, lora_scales=[1.0], seed=seed, return_bytes=True, **SIZE)
+    return time.perf_counter() - t0, r.timings.get("total", 0.0)
+
+
+def abba_round_trips(gateway: Path, direct: Path, stack: list[str]) -> tuple[list, list]:
+    """SERIAL pairs of the same render through the gateway and straight to a daemon, ABBA-interleaved (one
+    render at a time: drift in the machine's load falls on both alike)."""
+    via, straight = [], []
+    with RenderClient(gateway, render_timeout=3600) as g, RenderClient(direct, render_timeout=3600) as d:
+        for c in (g, d):  # both warm, the stack resident on both
+            c.send_render("serial", lora_paths=stack, lora_scales=[1.0], seed=1, return_bytes=True, **SIZE)
         for i in range(SERIAL):
-            t0 = time.perf_counter()
-            c.send_render("serial", lora_paths=stack, lora_scales=[1.0], seed=1000 + i, return_bytes=True, **SIZE)
-            times.append(time.perf_counter() - t0)
-    return times
+            order = [(g, via), (d, straight)] if i % 2 == 0 else [(d, straight), (g, via)]
+            for c, out in order:
+                out.append(round_trip(c, stack, 1000 + i))
+    return via, straight
 
 
 def board_loads() -> int:
@@ -157,45 +168,51 @@ def main() -> None:
     (tmp / "gw").mkdir(mode=0o700)
     config = ServiceConfig(preset="tiny", lora_roots=(tmp / "loras",), output_root=tmp / "out", warmup=True,
                            queue_capacity=64)  # fmt: skip
-    sock = tmp / "gw" / "easel.sock"
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")  # see tests/cluster/conftest.py
+    os.environ.setdefault("RAY_worker_niceness", "0")  # replicas at the same priority as the direct daemon
     app.init(None, num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2)
+
+    def gateway(name: str) -> GatewayThread:
+        tel = setup_telemetry("easel-gateway", env={})
+        return GatewayThread(ServerConfig(socket_path=tmp / "gw" / name), config, tel).start()
+
     try:
         serve.start(http_options={"location": "NoServer"})
         t0 = time.perf_counter()
-        app.deploy(config, replicas=1, stacks_per_replica=STACKS)
-        print(f"1 replica ready in {time.perf_counter() - t0:.1f}s", flush=True)
-        gw = GatewayThread(ServerConfig(socket_path=sock), config, setup_telemetry("easel-gateway", env={})).start()
-        wall1 = asyncio.run(run_workload(sock, workload(first, 1)))
-        print(f"1 replica: {REQUESTS} renders in {wall1:.1f}s", flush=True)
-        via_gateway = serial_round_trips(sock, first[0])
-        print(f"gateway round trip: median {statistics.median(via_gateway) * 1000:.1f} ms", flush=True)
-        gw.stop()
-        serve.delete(app.APP_NAME)  # a fresh deployment: the second stack set loads on two empty replicas
-        t0 = time.perf_counter()
         app.deploy(config, replicas=2, stacks_per_replica=STACKS)
         print(f"2 replicas ready in {time.perf_counter() - t0:.1f}s", flush=True)
-        sock = tmp / "gw" / "easel2.sock"
-        gw = GatewayThread(ServerConfig(socket_path=sock), config, setup_telemetry("easel-gateway", env={})).start()
+        gw = gateway("two.sock")
         loads0 = board_loads()
-        wall2 = asyncio.run(run_workload(sock, workload(second, 2)))
+        wall2 = asyncio.run(run_workload(gw.socket, workload(first, 2)))
         loads = board_loads() - loads0
         print(f"2 replicas: {REQUESTS} renders in {wall2:.1f}s, {loads} stack loads over {STACKS} stacks", flush=True)
+        gw.stop()
+        serve.delete(app.APP_NAME)
+        t0 = time.perf_counter()
+        app.deploy(config, replicas=1, stacks_per_replica=STACKS)
+        print(f"1 replica ready in {time.perf_counter() - t0:.1f}s", flush=True)
+        gw = gateway("one.sock")
+        wall1 = asyncio.run(run_workload(gw.socket, workload(second, 1)))
+        print(f"1 replica: {REQUESTS} renders in {wall1:.1f}s", flush=True)
+        direct = DirectDaemon(tmp / "gw" / "direct.sock", config).start()
+        try:
+            via, straight = abba_round_trips(gw.socket, direct.sock, second[0])
+        finally:
+            direct.stop()
         gw.stop()
     finally:
         serve.shutdown()
         ray.shutdown()
-    direct_sock = tmp / "gw" / "direct.sock"
-    direct = DirectDaemon(direct_sock, config).start()
-    try:
-        direct_rt = serial_round_trips(direct_sock, first[0])
-    finally:
-        direct.stop()
-    print(f"direct round trip: median {statistics.median(direct_rt) * 1000:.1f} ms", flush=True)
-    overhead = statistics.median(via_gateway) / statistics.median(direct_rt)
+    rt_via, rt_direct = statistics.median(t for t, _ in via), statistics.median(t for t, _ in straight)
+    hop_via = statistics.median(t - inner for t, inner in via)
+    hop_direct = statistics.median(t - inner for t, inner in straight)
+    print(
+        f"round trip: gateway median {rt_via * 1000:.1f} ms, direct {rt_direct * 1000:.1f} ms; outside the render "
+        f"(round trip - the runner's total): gateway {hop_via * 1000:.1f} ms, direct {hop_direct * 1000:.1f} ms"
+    )
     print(
         f"bench cluster: loads_per_distinct_stack={loads / STACKS:.2f} affinity_hit_rate={1 - loads / REQUESTS:.3f} "
-        f"throughput_2_vs_1={wall1 / wall2:.2f} gateway_overhead={overhead:.3f}"
+        f"throughput_2_vs_1={wall1 / wall2:.2f} gateway_overhead={rt_via / rt_direct:.3f}"
     )
 
 
