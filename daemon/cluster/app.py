@@ -19,6 +19,7 @@ from typing import Any
 import ray
 from ray import serve
 
+from client import env as easel_env
 from client.wire.errors import ReplicaFailed
 from daemon.cluster.board import NAMESPACE, board_handle
 from daemon.cluster.replica import replica_deployment
@@ -63,7 +64,9 @@ def deploy(
     its handle. Raises ReplicaFailed when no replica could load the model."""
     board_handle(create=True)
     actor_options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-    passed = {k: v for k, v in os.environ.items() if k.startswith(("OTEL_", "EASEL_"))} | (env_vars or {})
+    passed = {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}  # telemetry, as the daemon reads it
+    passed |= {var.name: var.raw() for var in easel_env.REGISTRY.values() if var.is_set()}
+    passed |= env_vars or {}
     if passed:
         actor_options["runtime_env"] = {"env_vars": passed}
     deployment = replica_deployment(

@@ -40,11 +40,12 @@ def _service_config(**kw: Any) -> ServiceConfig:
 
 
 _lora_roots = click.option(
-    "--lora-root",
+    "--lora-roots",
     "lora_roots",
     multiple=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Directory LoRA paths must resolve into (repeatable; the same path on every machine).",
+    help="Directory LoRA paths must resolve into (repeatable; the same path on every machine) "
+    "[default: $EASEL_LORA_ROOTS, else the working directory].",
 )
 
 
