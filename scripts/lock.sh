@@ -16,7 +16,7 @@ compile() {  # out platform overrides extras...
 }
 # The thin client alone (no MLX, no mflux): CI runs the client tests in it.
 compile requirements/linux-thin.txt x86_64-manylinux_2_35 requirements/overrides-linux-cpu.txt dev
-compile requirements/linux-cpu.txt x86_64-manylinux_2_35 requirements/overrides-linux-cpu.txt daemon dev
+compile requirements/linux-cpu.txt x86_64-manylinux_2_35 requirements/overrides-linux-cpu.txt daemon cluster dev
 compile requirements/linux-cuda.txt x86_64-manylinux_2_35 requirements/overrides-no-torch.txt daemon cuda dev
-compile requirements/macos-arm64.txt aarch64-apple-darwin requirements/overrides-no-torch.txt daemon dev
+compile requirements/macos-arm64.txt aarch64-apple-darwin requirements/overrides-no-torch.txt daemon cluster dev
 echo "locks written"

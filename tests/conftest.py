@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-MLX_ROOMS = {"engine", "lora", "server"}
+MLX_ROOMS = {"engine", "lora", "server", "cluster"}
 HAVE_MLX = importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mflux") is not None
 
 

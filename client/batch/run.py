@@ -59,13 +59,19 @@ def run_batch(
     resume: bool = True,
     progress: bool = True,
     stop_on_error: bool = False,
+    workers: int = 1,
 ) -> BatchResult:
     """Render every item not already finished, then write the manifest.
 
     An item that fails is recorded with its typed error and the batch goes on (unless `stop_on_error`, or
     the daemon is gone: then it stops at once instead of failing every remaining item);
     an interruption (Ctrl-C) leaves every finished item's files in place for the next run to skip.
+    `workers` > 1 keeps that many renders in flight (a renderer that is safe to call from several threads,
+    e.g. a cluster's): items of one LoRA stack are sent together so each stays where it is loaded.
     """
+    if workers > 1:
+        return _run_concurrently(plan, renderer, resume=resume, progress=progress, stop_on_error=stop_on_error,
+                                 workers=workers)  # fmt: skip
     from tqdm import tqdm
 
     started = time.monotonic()
@@ -99,6 +105,73 @@ def run_batch(
     finally:
         bar.close()
     results += [ItemResult(item, "pending") for item in plan.items[len(results) :]]  # left after an early stop
+    result = BatchResult(plan, results, time.monotonic() - started)
+    result.manifest_path = write_manifest(result)
+    return result
+
+
+def _stack_of(item: BatchItem) -> tuple:
+    return tuple(zip(item.lora_paths, item.lora_scales, strict=True))
+
+
+def _run_concurrently(
+    plan: BatchPlan, renderer: Renderer, *, resume: bool, progress: bool, stop_on_error: bool, workers: int
+) -> BatchResult:
+    """`run_batch` with `workers` renders in flight; the records, manifest and result order are the plan's."""
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+    from tqdm import tqdm
+
+    started = time.monotonic()
+    outcomes: dict[int, ItemResult] = {}
+    todo: list[int] = []
+    for i, item in enumerate(plan.items):
+        done = finished_outcome(item) if resume else None
+        if done is not None:
+            outcomes[i] = ItemResult(item, "skipped", done)
+        else:
+            todo.append(i)
+    first_seen: dict[tuple, int] = {}
+    for i in todo:  # one stack's items together, stacks in the order they first appear
+        first_seen.setdefault(_stack_of(plan.items[i]), i)
+    todo.sort(key=lambda i: (first_seen[_stack_of(plan.items[i])], i))
+    bar = tqdm(total=len(plan.items), initial=len(outcomes), unit="img", disable=not progress, dynamic_ncols=True)
+
+    def one(i: int) -> ItemResult:
+        item = plan.items[i]
+        t0 = time.monotonic()
+        try:
+            outcome = render_item(renderer, item)
+        except EaselError as err:
+            return ItemResult(item, "failed", None, err.to_wire(), time.monotonic() - t0)
+        write_record(item, outcome)
+        return ItemResult(item, "rendered", outcome, None, time.monotonic() - t0)
+
+    stop = False
+    pending: dict[Future, int] = {}
+    queue = list(reversed(todo))
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="easel-batch") as pool:
+            while queue or pending:
+                while queue and not stop and len(pending) < workers:
+                    i = queue.pop()
+                    pending[pool.submit(one, i)] = i
+                if not pending:
+                    break
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    i = pending.pop(fut)
+                    result = fut.result()
+                    outcomes[i] = result
+                    bar.update(1)
+                    if result.status == "failed":
+                        err = result.error or {}
+                        bar.write(f"failed: {result.item.content.name}: [{err.get('code')}] {err.get('message')}")
+                        if stop_on_error or err.get("code") == DaemonUnavailable.code:
+                            stop = True
+    finally:
+        bar.close()
+    results = [outcomes.get(i) or ItemResult(item, "pending") for i, item in enumerate(plan.items)]
     result = BatchResult(plan, results, time.monotonic() - started)
     result.manifest_path = write_manifest(result)
     return result

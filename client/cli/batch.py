@@ -63,6 +63,20 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--no-progress", is_flag=True, help="No progress bar."),
         socket_option,
         timeout_option(DEFAULT_RENDER_TIMEOUT_S, "Seconds to wait for one render, time in the queue included."),
+        click.option(
+            "--cluster",
+            "cluster",
+            default=None,
+            metavar="ADDRESS",
+            help="Render on a Ray cluster's replicas (`easel cluster up`) instead of through a daemon's socket; "
+            "needs easel[cluster].",
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(1),
+            default=None,
+            help="With --cluster: renders kept in flight [default: 4]; items of one LoRA stack go together.",
+        ),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -86,13 +100,34 @@ def _run(kind: str, **kw: Any) -> None:
     from client.telemetry.client_spans import setup_command_telemetry
 
     setup_command_telemetry()
-    with RenderClient(kw["socket_path"], render_timeout=kw["timeout"]) as client:
-        result = run_batch(plan, client, resume=not kw["no_resume"], progress=not kw["no_progress"])
+    opts = {"resume": not kw["no_resume"], "progress": not kw["no_progress"]}
+    if kw["cluster"] is not None:
+        renderer = _cluster_renderer(kw["cluster"])
+        try:
+            result = run_batch(plan, renderer, workers=kw["workers"] or 4, **opts)
+        finally:
+            renderer.close()
+    else:
+        with RenderClient(kw["socket_path"], render_timeout=kw["timeout"]) as client:
+            result = run_batch(plan, client, **opts)
     result.contact_sheet_path = write_contact_sheet(result)
     for line in summary_lines(result):
         click.echo(line)
     if not result.ok:
         sys.exit(ExitStatus.FAILED)
+
+
+def _cluster_renderer(address: str) -> Any:
+    """The cluster's Renderer, from the daemon side through the `easel.renderers` entry point (the thin
+    client never imports Ray or the daemon)."""
+    from importlib.metadata import entry_points
+
+    from client.wire.errors import EaselError
+
+    found = entry_points(group="easel.renderers", name="cluster")
+    if not found:
+        raise EaselError("--cluster needs Ray Serve and the model stack: install easel[daemon,cluster]")
+    return next(iter(found)).load()(address)
 
 
 def _kind_command(kind: str, help_text: str) -> click.Command:

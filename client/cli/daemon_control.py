@@ -52,6 +52,15 @@ def status_command(socket_path, as_json, timeout) -> None:
         j = st.in_flight
         left = "?" if j.estimated_finish_s is None else f"{j.estimated_finish_s:.1f}s"
         click.echo(f"rendering {j.job} ({j.width}x{j.height}, step {j.step}/{j.steps}), about {left} left")
+    for r in st.replicas:  # behind a cluster gateway
+        j = r.in_flight
+        job = "" if j is None else f"  rendering {j.job} step {j.step}/{j.steps}"
+        steps = ", ".join(f"{t.width}x{t.height} {t.step_s:.2f}s/step" for t in r.step_times) or "no step time yet"
+        click.echo(
+            f"replica {r.replica} (pid {r.pid}, node {r.node}): stacks [{', '.join(r.stacks) or '-'}] "
+            f"loads {r.stack_loads}  queue {r.queue_depth}  renders {r.renders_done}  {steps}{job}  "
+            f"(reported {r.report_age_s:.0f}s ago)"
+        )
     reserve = f" ({st.interactive_reserve} kept for interactive)" if st.interactive_reserve else ""
     click.echo(
         f"queue {st.queue_depth}/{st.queue_capacity}{reserve}" + ("  (shutting down)" if st.shutting_down else "")

@@ -230,6 +230,21 @@ class RenderFailed(EaselError):
     code = "render_failed"
 
 
+class LoraNotShared(LoraError):
+    """In a cluster (daemon/cluster): a LoRA path does not name the same bytes on the gateway and a
+    replica (missing there, unreadable, or other content). Every LoRA path must name the same file on
+    every machine (a shared or synced folder); `replica` says which one differs."""
+
+    code = "lora_not_shared"
+
+
+class ReplicaFailed(EaselError):
+    """In a cluster: the render replicas could not do a render: a replica died twice under it (it is
+    retried once on another replica), or none could load the model (reported, never retried forever)."""
+
+    code = "replica_failed"
+
+
 class InvalidEnvVar(EaselError):
     """An EASEL_* environment variable holds a value easel cannot use; `variable` names it (client/env.py)."""
 

@@ -240,6 +240,23 @@ class StepTime(Struct):
     overhead_s: float
 
 
+class ReplicaStatus(Struct, omit_defaults=True):
+    """One render replica behind a cluster gateway (daemon/cluster), as it last reported itself."""
+
+    replica: str  # Ray Serve's replica id
+    pid: int
+    node: str  # the Ray node it runs on
+    stacks: list[str]  # the stack ids resident there now (what the router sends to it)
+    stack_loads: int  # stacks it has loaded since it started (each stack counted each time it came in)
+    queue_depth: int
+    renders_done: int
+    stack_switches: int
+    step_times: list[StepTime]
+    report_age_s: float  # seconds since this report
+    in_flight: JobInfo | None = None
+    resident_stacks: LoraCacheStats | None = None
+
+
 class StatusResult(Struct, omit_defaults=True):
     version: str
     protocol: int
@@ -263,6 +280,7 @@ class StatusResult(Struct, omit_defaults=True):
     lora_cache: LoraCacheStats | None = None  # absent when the daemon keeps no LoRA cache
     model: ModelInfo | None = None
     resident_stacks: LoraCacheStats | None = None  # built stacks kept for instant switches; absent: none kept
+    replicas: list[ReplicaStatus] = []  # behind a cluster gateway: each render replica; absent: a plain daemon
 
 
 class PingResult(Struct, omit_defaults=True):

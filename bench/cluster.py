@@ -1,0 +1,220 @@
+"""Cluster benchmark: routing by LoRA stack on Ray Serve, throughput of 2 replicas over 1, gateway overhead.
+
+One local Ray cluster (2 CPUs) with the tiny preset, the gateway on a Unix socket in this process:
+1. two replicas: the mixed workload (REQUESTS renders over 6 stacks, random order, CONCURRENCY in flight
+   through the gateway socket): wall time -> throughput of 2; stack loads on the board (each replica's
+   multiplexed loader counts its loads) over 6 distinct stacks; affinity hit rate = requests served by a
+   replica that already held the stack = 1 - loads / requests (every load is a miss);
+2. one replica (the application deployed again), the same workload over 6 *other* stacks (other files):
+   wall time -> throughput of 1;
+3. beside that replica, the same model in a plain daemon (DaemonServer + RenderRunner on a socket in this
+   process): SERIAL pairs of one warm render through the gateway and straight to the daemon, ABBA-
+   interleaved. gateway_overhead = median gateway round trip / median direct round trip; the line before
+   the last also gives the time outside the render (round trip - the runner's own total) on each path.
+At most two tiny models (~3.7 GiB each) are in memory at once. Ray runs its workers niced by default; here
+RAY_worker_niceness=0 so a replica and the direct daemon compete for the cores alike. Renders are
+CPU-bound and both replicas share this machine's cores, so throughput_2_vs_1 says what the router and
+the replicas add or cost here, not what two machines would give.
+
+Last line: `bench cluster: loads_per_distinct_stack=... affinity_hit_rate=... throughput_2_vs_1=...
+gateway_overhead=...`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from client.client import AsyncRenderClient, RenderClient  # noqa: E402
+
+REQUESTS = int(os.environ.get("EASEL_BENCH_CLUSTER_REQUESTS", "60"))
+CONCURRENCY = int(os.environ.get("EASEL_BENCH_CLUSTER_CONCURRENCY", "4"))
+SERIAL = int(os.environ.get("EASEL_BENCH_CLUSTER_SERIAL", "8"))
+STACKS = 6
+SIZE = dict(width=64, height=64, steps=2)
+W = 3072
+LAYOUT = {
+    "transformer_blocks.0.attn.to_q": (W, W),
+    "transformer_blocks.0.attn.to_k": (W, W),
+    "transformer_blocks.0.attn.to_v": (W, W),
+    "transformer_blocks.0.attn.to_out.0": (W, W),
+    "single_transformer_blocks.0.proj_out": (W, 5 * W),
+}
+MODULES = [["attn.to_out.0"], ["single_transformer_blocks.0.proj_out"], ["attn.to_q"]]
+
+
+def make_stacks(folder: Path, seed0: int) -> list[list[str]]:
+    from helpers.lora_factories import make_lora
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stacks = []
+    for i in range(STACKS):
+        p = make_lora("kohya", folder / f"l{i}.safetensors", LAYOUT, rank=4, alpha=4, seed=seed0 + i,
+                      modules=MODULES[i % 3])  # fmt: skip
+        stacks.append([str(p)])
+    return stacks
+
+
+def workload(stacks: list[list[str]], seed: int) -> list[list[str]]:
+    rng = random.Random(seed)
+    order = [stacks[i % STACKS] for i in range(REQUESTS)]
+    rng.shuffle(order)
+    return order
+
+
+async def run_workload(sock: Path, order: list[list[str]]) -> float:
+    """All requests through the gateway socket with CONCURRENCY in flight; wall seconds."""
+    async with AsyncRenderClient(sock, render_timeout=3600) as c:
+        sem = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(i: int, stack: list[str]) -> None:
+            async with sem:
+                await c.send_render(f"item {i}", lora_paths=stack, lora_scales=[1.0], seed=i, return_bytes=True,
+                                    priority="batch", **SIZE)  # fmt: skip
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i, s) for i, s in enumerate(order)))
+        return time.perf_counter() - t0
+
+
+def round_trip(c: RenderClient, stack: list[str], seed: int) -> tuple[float, float]:
+    """(wall seconds at the client, the render's own `total` inside the runner)."""
+    t0 = time.perf_counter()
+    r = c.send_render("serial", lora_paths=stack, lora_scales=[1.0], seed=seed, return_bytes=True, **SIZE)
+    return time.perf_counter() - t0, r.timings.get("total", 0.0)
+
+
+def abba_round_trips(gateway: Path, direct: Path, stack: list[str]) -> tuple[list, list]:
+    """SERIAL pairs of the same render through the gateway and straight to a daemon, ABBA-interleaved (one
+    render at a time: drift in the machine's load falls on both alike)."""
+    via, straight = [], []
+    with RenderClient(gateway, render_timeout=3600) as g, RenderClient(direct, render_timeout=3600) as d:
+        for c in (g, d):  # both warm, the stack resident on both
+            c.send_render("serial", lora_paths=stack, lora_scales=[1.0], seed=1, return_bytes=True, **SIZE)
+        for i in range(SERIAL):
+            order = [(g, via), (d, straight)] if i % 2 == 0 else [(d, straight), (g, via)]
+            for c, out in order:
+                out.append(round_trip(c, stack, 1000 + i))
+    return via, straight
+
+
+def board_loads() -> int:
+    import ray
+
+    from daemon.cluster.board import board_handle
+
+    return sum(n for _, _, n in ray.get(board_handle().snapshot.remote())["loads"])
+
+
+class DirectDaemon:
+    """The plain daemon (socket server + runner + the model) on a thread of this process."""
+
+    def __init__(self, sock: Path, config) -> None:
+        self.sock, self.config = sock, config
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from daemon.config import ServerConfig
+        from daemon.runner import RenderRunner
+        from daemon.security import bind_unix_socket
+        from daemon.server import DaemonServer
+        from daemon.service import RenderService
+
+        service = RenderService.load(self.config)
+        sock = bind_unix_socket(self.sock)
+        self.loop = asyncio.new_event_loop()
+
+        async def main() -> None:
+            self.server = DaemonServer(ServerConfig(socket_path=self.sock), RenderRunner(service, self.config))
+            await self.server.serve(sock, on_ready=self.ready.set)
+
+        self.loop.run_until_complete(main())
+        sock.close()
+
+    def start(self) -> DirectDaemon:
+        self.thread.start()
+        assert self.ready.wait(900)
+        return self
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.request_stop)
+        self.thread.join(60)
+
+
+def main() -> None:
+    import ray
+    from ray import serve
+
+    from daemon.cluster import app
+    from daemon.cluster.gateway import GatewayThread
+    from daemon.config import ServerConfig, ServiceConfig
+    from daemon.telemetry import setup_telemetry
+
+    tmp = Path(tempfile.mkdtemp(prefix="easel-bench-cluster-"))
+    first, second = make_stacks(tmp / "loras" / "a", 10), make_stacks(tmp / "loras" / "b", 20)
+    (tmp / "out").mkdir()
+    (tmp / "gw").mkdir(mode=0o700)
+    config = ServiceConfig(preset="tiny", lora_roots=(tmp / "loras",), output_root=tmp / "out", warmup=True,
+                           queue_capacity=64)  # fmt: skip
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")  # see tests/cluster/conftest.py
+    os.environ.setdefault("RAY_worker_niceness", "0")  # replicas at the same priority as the direct daemon
+    app.init(None, num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2)
+
+    def gateway(name: str) -> GatewayThread:
+        tel = setup_telemetry("easel-gateway", env={})
+        return GatewayThread(ServerConfig(socket_path=tmp / "gw" / name), config, tel).start()
+
+    try:
+        serve.start(http_options={"location": "NoServer"})
+        t0 = time.perf_counter()
+        app.deploy(config, replicas=2, stacks_per_replica=STACKS)
+        print(f"2 replicas ready in {time.perf_counter() - t0:.1f}s", flush=True)
+        gw = gateway("two.sock")
+        loads0 = board_loads()
+        wall2 = asyncio.run(run_workload(gw.socket, workload(first, 2)))
+        loads = board_loads() - loads0
+        print(f"2 replicas: {REQUESTS} renders in {wall2:.1f}s, {loads} stack loads over {STACKS} stacks", flush=True)
+        gw.stop()
+        serve.delete(app.APP_NAME)
+        t0 = time.perf_counter()
+        app.deploy(config, replicas=1, stacks_per_replica=STACKS)
+        print(f"1 replica ready in {time.perf_counter() - t0:.1f}s", flush=True)
+        gw = gateway("one.sock")
+        wall1 = asyncio.run(run_workload(gw.socket, workload(second, 1)))
+        print(f"1 replica: {REQUESTS} renders in {wall1:.1f}s", flush=True)
+        direct = DirectDaemon(tmp / "gw" / "direct.sock", config).start()
+        try:
+            via, straight = abba_round_trips(gw.socket, direct.sock, second[0])
+        finally:
+            direct.stop()
+        gw.stop()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    rt_via, rt_direct = statistics.median(t for t, _ in via), statistics.median(t for t, _ in straight)
+    hop_via = statistics.median(t - inner for t, inner in via)
+    hop_direct = statistics.median(t - inner for t, inner in straight)
+    print(
+        f"round trip: gateway median {rt_via * 1000:.1f} ms, direct {rt_direct * 1000:.1f} ms; outside the render "
+        f"(round trip - the runner's total): gateway {hop_via * 1000:.1f} ms, direct {hop_direct * 1000:.1f} ms"
+    )
+    print(
+        f"bench cluster: loads_per_distinct_stack={loads / STACKS:.2f} affinity_hit_rate={1 - loads / REQUESTS:.3f} "
+        f"throughput_2_vs_1={wall1 / wall2:.2f} gateway_overhead={rt_via / rt_direct:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The cluster's notice board: a small named Ray actor every replica reports to and the gateway reads.
+
+Ray Serve routes a request to *some* replica; it has no call for "ask every replica". So each replica
+posts its own status here (after each render and each stack load) and the gateway's `status` reads them
+all at once. The board also remembers finished results by request key, which makes a retried request
+idempotent: a replica that is handed a retry (its first replica died) answers with the stored result
+when the first attempt did finish, instead of rendering it twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict
+from typing import Any
+
+import ray
+
+BOARD_NAME = "easel-board"
+NAMESPACE = "easel"
+RESULTS_KEPT = 4096
+
+
+@ray.remote(num_cpus=0)
+class ClusterBoard:
+    def __init__(self) -> None:
+        self.replicas: dict[str, tuple[float, dict[str, Any]]] = {}  # replica id -> (time, snapshot)
+        self.loads: Counter[tuple[str, str]] = Counter()  # (replica, stack id) -> loads
+        self.results: OrderedDict[str, Any] = OrderedDict()  # request key -> RenderResult
+        self.attempts: dict[str, list[str]] = {}  # request key -> replicas that took it, in order
+        self.finished_by: Counter[str] = Counter()  # request key -> renders finished (must stay <= 1)
+
+    def report(self, replica: str, snapshot: dict[str, Any]) -> None:
+        self.replicas[replica] = (time.time(), snapshot)
+
+    def gone(self, replica: str) -> None:
+        self.replicas.pop(replica, None)
+
+    def loaded(self, replica: str, stack_id: str) -> None:
+        self.loads[(replica, stack_id)] += 1
+
+    def took(self, key: str, replica: str) -> None:
+        self.attempts.setdefault(key, []).append(replica)
+        while len(self.attempts) > RESULTS_KEPT:
+            self.attempts.pop(next(iter(self.attempts)))
+
+    def finished(self, key: str, result: Any) -> None:
+        self.finished_by[key] += 1
+        self.results[key] = result
+        while len(self.results) > RESULTS_KEPT:
+            self.results.popitem(last=False)
+
+    def result(self, key: str) -> Any:
+        return self.results.get(key)
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "replicas": {r: (now - t, snap) for r, (t, snap) in self.replicas.items()},
+            "loads": [(r, s, n) for (r, s), n in self.loads.items()],
+            "attempts": dict(self.attempts),
+            "finished": dict(self.finished_by),
+        }
+
+
+def board_handle(create: bool = False) -> Any:
+    """The board actor (created, detached, when `create`; the gateway and replicas only look it up)."""
+    if create:
+        return ClusterBoard.options(
+            name=BOARD_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+        ).remote()
+    return ray.get_actor(BOARD_NAME, namespace=NAMESPACE)

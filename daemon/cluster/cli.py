@@ -1,0 +1,279 @@
+"""`easel gateway`, `easel cluster up|down`, and the `cluster` renderer behind `easel batch --cluster`.
+
+They join the `easel` program through entry points (pyproject.toml), like `easel serve`: the thin
+client never imports Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from client.cli.errors import EaselGroup, fail
+from client.cli.options import socket_option
+from client.wire.errors import EaselError, ReplicaFailed
+from daemon.config import ServerConfig, ServiceConfig, default_of
+
+log = logging.getLogger("easel.cluster.cli")
+
+ADDRESS_HELP = 'The Ray cluster: "auto" (a cluster started on this machine), host:6379, or ray://host:10001.'
+
+
+def _service_config(**kw: Any) -> ServiceConfig:
+    settings = {k: v for k, v in kw.items() if v not in (None, ())}
+    if "lora_roots" in settings:
+        settings["lora_roots"] = tuple(settings["lora_roots"])
+    try:
+        return ServiceConfig(**settings)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+_lora_roots = click.option(
+    "--lora-roots",
+    "lora_roots",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory LoRA paths must resolve into (repeatable; the same path on every machine) "
+    "[default: $EASEL_LORA_ROOTS, else the working directory].",
+)
+
+
+@click.command("gateway")
+@click.option("--cluster", "address", required=True, help=ADDRESS_HELP)
+@socket_option
+@_lora_roots
+@click.option(
+    "--queue-capacity",
+    type=click.IntRange(1),
+    default=default_of(ServiceConfig, "queue_capacity") * 4,
+    show_default=True,
+    help="Renders the gateway forwards at once; more are refused `busy`.",
+)
+@click.option(
+    "--max-connections", type=click.IntRange(1), default=default_of(ServerConfig, "max_connections"), show_default=True
+)
+@click.option("--drain-timeout", type=click.FloatRange(0), default=default_of(ServerConfig, "drain_timeout_s"))
+@click.option("--log-level", default="WARNING", show_default=True)
+def gateway_command(address, socket_path, lora_roots, queue_capacity, max_connections, drain_timeout, log_level):
+    """Serve the daemon's socket and protocol over a Ray cluster's render replicas (`easel cluster up`)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server: dict[str, Any] = {"max_connections": max_connections, "drain_timeout_s": drain_timeout}
+    if socket_path is not None:
+        server["socket_path"] = socket_path
+    config = _service_config(lora_roots=lora_roots, queue_capacity=queue_capacity)
+    try:
+        sys.exit(run_gateway(address, ServerConfig(**server), config))
+    except EaselError as err:
+        fail(err)
+
+
+def run_gateway(address: str, server_config: ServerConfig, config: ServiceConfig, announce=click.echo) -> int:
+    """The gateway process: join Ray, bind the socket (refusing a live daemon there), serve until stopped."""
+    from daemon.cluster import app
+    from daemon.cluster.gateway import ClusterRunner, GatewayServer
+    from daemon.security import bind_unix_socket, clear_stale_socket, ensure_private_dir, remove_socket, socket_inode
+    from daemon.startup import EXIT_SIGNALS, on_exit_signal
+    from daemon.telemetry import setup_telemetry
+
+    path = server_config.socket_path
+    ensure_private_dir(path.parent)
+    clear_stale_socket(path)
+    app.init(address)
+    handle, board = app.connect()
+    tel = setup_telemetry("easel-gateway")
+    sock = bind_unix_socket(path)
+    inode = socket_inode(path)
+
+    async def serve() -> GatewayServer:
+        server = GatewayServer(server_config, ClusterRunner(handle, config, tel, board=board))
+        loop = asyncio.get_running_loop()
+        for sig in EXIT_SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, on_exit_signal, server, sig)
+        ready = f"easel: gateway to {address} ready on {path} (pid {os.getpid()})"
+        try:
+            await server.serve(sock, on_ready=lambda: (announce(ready), sys.stdout.flush()))
+        finally:
+            tel.shutdown()
+        return server
+
+    try:
+        server = asyncio.run(serve())
+    finally:
+        remove_socket(path, inode)
+        sock.close()
+    announce("easel: gateway stopped (forced)" if server.forced else "easel: gateway stopped")
+    return 1 if server.forced else 0
+
+
+@click.group("cluster", cls=EaselGroup)
+def cluster_group() -> None:
+    """Render replicas on a Ray cluster (docs/cluster.md)."""
+
+
+@cluster_group.command("up")
+@click.option("--replicas", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--preset", default=default_of(ServiceConfig, "preset"), show_default=True)
+@click.option("--model-path", default=None, help="A checkpoint at the same path on every machine.")
+@click.option("--address", default=None, help=f"{ADDRESS_HELP} Default: start a Ray head on this machine.")
+@click.option("--num-cpus", type=float, default=1, show_default=True, help="CPUs each replica reserves.")
+@click.option("--num-gpus", type=float, default=0, show_default=True, help="GPUs each replica reserves.")
+@click.option(
+    "--stacks-per-replica",
+    type=click.IntRange(1),
+    default=None,
+    help="LoRA stacks a replica keeps (Serve's max_num_models_per_replica) [default: what --resident-stack-bytes "
+    "holds at --stack-bytes, else 4].",
+)
+@click.option("--stack-bytes", type=click.IntRange(1), default=None, help="A built stack's size, for the default.")
+@click.option("--resident-stack-bytes", type=click.IntRange(0), default=None)
+@_lora_roots
+@click.option("--output-root", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--no-warmup", is_flag=True)
+def up_command(
+    replicas, preset, model_path, address, num_cpus, num_gpus, stacks_per_replica, stack_bytes, resident_stack_bytes,
+    lora_roots, output_root, no_warmup,
+) -> None:  # fmt: skip
+    """Deploy N replicas of a preset (starting a one-machine Ray cluster unless --address names one)."""
+    from daemon.cluster import app
+
+    config = _service_config(
+        preset=preset, model_path=model_path, lora_roots=lora_roots, output_root=output_root,
+        resident_stack_bytes=resident_stack_bytes, warmup=not no_warmup,
+    )  # fmt: skip
+    try:
+        if address is None:
+            need = max(1, int(replicas * num_cpus + 0.999))
+            _ray_cli("start", "--head", f"--num-cpus={need}", "--include-dashboard=false", "--disable-usage-stats")
+            address = "auto"
+        app.init(address)
+        from ray import serve
+
+        serve.start(http_options={"location": "NoServer"})
+        n = stacks_per_replica or app.stacks_for(config, stack_bytes)
+        click.echo(f"easel: deploying {replicas} replica(s) of {config.preset} ({n} stacks each) ...")
+        app.deploy(config, replicas=replicas, stacks_per_replica=n, num_cpus=num_cpus, num_gpus=num_gpus)
+    except EaselError as err:
+        fail(err)
+    click.echo(f"easel: {replicas} replica(s) ready; serve them on a socket with: easel gateway --cluster {address}")
+
+
+@cluster_group.command("down")
+@click.option("--address", default="auto", show_default=True, help=ADDRESS_HELP)
+@click.option("--stop-ray", is_flag=True, help="Also stop the Ray processes of this machine (`ray stop`).")
+def down_command(address, stop_ray) -> None:
+    """Delete the render application (and with --stop-ray, this machine's Ray cluster)."""
+    from daemon.cluster import app
+
+    with contextlib.suppress(Exception):
+        app.init(address)
+        app.undeploy()
+    if stop_ray:
+        _ray_cli("stop")
+    click.echo("easel: cluster application removed")
+
+
+def _ray_cli(*args: str) -> None:
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    proc = subprocess.run([ray_bin, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ReplicaFailed(f"`ray {' '.join(args)}` failed: {proc.stderr.strip()[-2000:]}")
+
+
+# ---- `easel batch ... --cluster ADDRESS` --------------------------------------------------------------
+
+
+class ClusterRenderer:
+    """A Renderer (client/renderer.py) over the cluster: a ClusterRunner on its own event-loop thread.
+    Thread-safe, so a batch can keep every replica busy (`run_batch(..., workers=N)`)."""
+
+    def __init__(self, address: str) -> None:
+        from daemon.cluster import app
+        from daemon.cluster.gateway import ClusterRunner
+        from daemon.telemetry import setup_telemetry
+
+        app.init(address)
+        handle, board = app.connect()
+        config = ServiceConfig(lora_roots=(Path("/"),))  # the replicas confine paths to their own roots
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="easel-cluster-renderer", daemon=True)
+        self.thread.start()
+        self.runner = ClusterRunner(handle, config, setup_telemetry("easel-batch", env={}), board=board)
+        self._ids = iter(range(1, 2**62))
+        self._lock = threading.Lock()
+
+    def send_render(self, prompt, *, lora_paths=(), lora_scales=(), on_progress=None, **fields):
+        from client.client import build_render
+
+        with self._lock:
+            rid = next(self._ids)
+        req = build_render(prompt, lora_paths=lora_paths, lora_scales=lora_scales, progress=True, **fields)
+        req = _with_id(req, rid)
+        return asyncio.run_coroutine_threadsafe(self._render(req, on_progress), self.loop).result()
+
+    async def _render(self, req, on_progress):
+        from daemon.cluster.gateway import ClusterJob  # noqa: F401 (the job type the listener hears about)
+
+        listener = _FutureListener(req.id, on_progress)
+        job = self.runner.submit(req, listener, owner="batch")
+        try:
+            return await listener.result
+        except asyncio.CancelledError:
+            self.runner.cancel(job)
+            raise
+
+    def close(self) -> None:
+        fut = asyncio.run_coroutine_threadsafe(self.runner.close(), self.loop)
+        with contextlib.suppress(Exception):
+            fut.result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def _with_id(req, rid):
+    import msgspec
+
+    return msgspec.structs.replace(req, id=rid)
+
+
+class _FutureListener:
+    def __init__(self, rid, on_progress) -> None:
+        self.rid, self.on_progress = rid, on_progress
+        self.result = asyncio.get_running_loop().create_future()
+
+    def queued(self, job, position, estimate) -> None:
+        pass
+
+    def started(self, job) -> None:
+        pass
+
+    def progress(self, job, step, steps, elapsed_s) -> None:
+        if self.on_progress is not None:
+            from client.wire.messages import Event
+
+            with contextlib.suppress(Exception):
+                self.on_progress(Event(id=self.rid, event="progress", step=step, steps=steps, elapsed_s=elapsed_s))
+
+    def finished(self, job, result) -> None:
+        if not self.result.done():
+            self.result.set_result(result)
+
+    def failed(self, job, error) -> None:
+        if not self.result.done():
+            self.result.set_exception(error)
+
+
+def cluster_renderer(address: str) -> ClusterRenderer:
+    """The `easel.renderers` entry point `cluster`: what `easel batch --cluster ADDRESS` renders through."""
+    return ClusterRenderer(address)

@@ -1,0 +1,514 @@
+"""The gateway: the daemon's socket server over a Ray Serve application instead of a local model.
+
+`ClusterRunner` has the shape daemon/server.py drives (submit, get, cancel, status, drain, close, ...),
+so `easel serve --cluster ADDRESS` is the same server, the same protocol and the same socket: the game
+server does not change. Each render is forwarded through a deployment handle as a stream:
+
+    request -> stack id (file contents + scales) -> handle.options(stream=True, multiplexed_model_id=id)
+            -> the replica's events become the listener's events -> the result or the error
+
+Faults: a replica that dies under a render (its actor gone) costs one retry on another replica, with
+the same request key; the retried replica first asks the board whether the first attempt finished, so a
+request is never rendered twice, and the retry overwrites only its own output file (written atomically
+by whoever finishes). A second death is reported (`replica_failed`), never retried forever. Cancel
+cancels the stream (Serve cancels the replica's call, which cancels the runner's job); a deadline is
+carried to the replica (what is left of it) and also watched here, so a request waiting in Ray's router
+queue still ends on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from opentelemetry import trace as trace_api
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from client.wire.errors import (
+    Busy,
+    Cancelled,
+    DeadlineExceeded,
+    EaselError,
+    LoraNotFound,
+    ReplicaFailed,
+    ShuttingDown,
+    error_from_wire,
+)
+from client.wire.messages import (
+    ActiveLora,
+    JobInfo,
+    Render,
+    RenderResult,
+    ReplicaStatus,
+    StatusResult,
+    StepTime,
+    encode,
+)
+from daemon.cluster.stack_id import StackIds
+from daemon.config import ServiceConfig
+from daemon.runner import Estimate, JobListener, RunnerStatus
+from daemon.scheduler import Shape
+from daemon.security import confine
+from daemon.server import DaemonServer
+from daemon.telemetry import Telemetry, inject_context
+
+log = logging.getLogger("easel.cluster.gateway")
+
+FORWARD_SPAN = "easel.cluster.forward"
+MAX_ATTEMPTS = 2  # the first try and one retry on another replica
+
+
+def replica_died(exc: BaseException) -> bool:
+    """Whether `exc` says the replica (its actor) is gone, rather than the request failing there."""
+    import ray.exceptions as rex
+
+    return isinstance(exc, (rex.ActorDiedError, rex.ActorUnavailableError, rex.RayActorError))
+
+
+@dataclass(eq=False, kw_only=True)
+class ClusterJob:
+    """One forwarded render, with the fields the socket server reads (`job_id`, `state`, `shape`, ...)."""
+
+    job_id: str
+    request: Render
+    listener: JobListener
+    stack_id: str = ""
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)  # the same for every attempt
+    state: str = "queued"  # queued | running | done
+    shape: Shape = field(default_factory=lambda: Shape("", 0, 0, 0))
+    step: int | None = None
+    replica: str | None = None
+    replicas: list[str] = field(default_factory=list)  # every replica that took it, in order
+    attempts: int = 0
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    deadline: float | None = None
+    cancel_event: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: EaselError | None = None  # why it was cancelled here
+    task: asyncio.Task | None = None
+    stream: Any = None  # the DeploymentResponseGenerator of the attempt in flight
+    span: Any = None
+    expiry: asyncio.TimerHandle | None = None
+
+
+class _Queue:
+    """What the server reads of a runner's queue: its capacity (the gateway's bound on renders in flight)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+
+
+class GatewayService:
+    """The `service` half the server reads: telemetry, and `inspect` (forwarded to a replica)."""
+
+    def __init__(self, handle: Any, tel: Telemetry) -> None:
+        self.handle, self.tel = handle, tel
+
+    def inspect(self, path: str) -> Any:  # called in a worker thread by the server
+        return self.handle.inspect.remote(path).result()
+
+
+class ClusterRunner:
+    """Forwards renders to the Ray application; answers the server like a RenderRunner."""
+
+    def __init__(self, handle: Any, config: ServiceConfig, tel: Telemetry, *, board: Any = None) -> None:
+        self.handle = handle
+        self.config = config
+        self.service = GatewayService(handle, tel)
+        self.board = board
+        self.queue = _Queue(config.queue_capacity)
+        self.ids = StackIds()
+        self.jobs: dict[str, ClusterJob] = {}
+        self.renders_done = 0
+        self.retries = 0
+        self._seq = itertools.count(1)
+        self._closed = False
+        self._snapshot: dict[str, Any] = {"replicas": {}, "loads": []}
+
+    # ---- lifecycle (the server's calls) -----------------------------------------------------------
+
+    def start(self) -> None:
+        pass
+
+    def stop_accepting(self) -> None:
+        self._closed = True
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._closed
+
+    @property
+    def rendering(self) -> bool:
+        return False  # renders run on the replicas; nothing here can be caught inside a step
+
+    async def drain(self, timeout_s: float) -> bool:
+        self.stop_accepting()
+        tasks = [j.task for j in self.jobs.values() if j.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+        if not self.jobs:
+            return True
+        self.abort()
+        tasks = [j.task for j in self.jobs.values() if j.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10.0)
+        return False
+
+    def abort(self, *, force: bool = False) -> None:
+        self.stop_accepting()
+        for job in list(self.jobs.values()):
+            reason = ShuttingDown("the gateway shut down before this render started")
+            self.cancel(job, reason if job.state == "queued" else Cancelled("the gateway was stopped"))
+
+    async def close(self, *, forced_grace_s: float = 2.0) -> None:
+        self.abort()
+        tasks = [j.task for j in self.jobs.values() if j.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=forced_grace_s)
+
+    # ---- jobs ---------------------------------------------------------------------------------------
+
+    def submit(
+        self, request: Render, listener: JobListener, *, owner: object = "local", trace_parent: Context | None = None
+    ) -> ClusterJob:
+        """Check what can be checked here (the paths, the room), then forward in the background."""
+        if self._closed:
+            raise ShuttingDown("the gateway is shutting down and accepts no new renders")
+        if len(self.jobs) >= self.queue.capacity:
+            raise Busy(f"the gateway already forwards {len(self.jobs)} renders (its limit); retry later")
+        for i, path in enumerate(request.lora_paths):  # missing files are the request's error, as on a daemon
+            confine(
+                path, self.config.lora_roots, what="LoRA", must_exist=True, field=f"lora_paths[{i}]",
+                unresolvable=LoraNotFound,
+            )  # fmt: skip
+        if request.seed is None:  # fixed here so a retry on another replica draws the same picture
+            request = msgspec.structs.replace(request, seed=random.randrange(2**32))
+        job = ClusterJob(job_id=f"{owner}:{next(self._seq)}", request=request, listener=listener)
+        if request.deadline_s is not None:
+            job.deadline = job.enqueued_at + request.deadline_s
+            job.expiry = asyncio.get_running_loop().call_later(request.deadline_s, self._expire, job)
+        job.span = self.service.tel.tracer.start_span(
+            FORWARD_SPAN,
+            context=trace_parent,
+            kind=SpanKind.CLIENT,
+            attributes={"easel.cluster.request_key": job.key, "easel.job.id": job.job_id},
+        )
+        self.jobs[job.job_id] = job
+        job.task = asyncio.get_running_loop().create_task(self._forward(job), name=f"easel-forward-{job.job_id}")
+        return job
+
+    def get(self, job_id: str) -> ClusterJob | None:
+        return self.jobs.get(job_id)
+
+    def cancel(self, job: ClusterJob, reason: EaselError | None = None) -> str:
+        """Stop `job`: its stream is cancelled (the replica's job stops at its next step) and it is answered
+        at once. Returns the state it was in."""
+        state = job.state
+        if state == "done" or job.cancel_event.is_set():
+            return state
+        job.reason = reason
+        job.cancel_event.set()
+        if job.stream is not None:  # Serve cancels the replica's call: the runner stops the job at its next step
+            job.stream.cancel()
+        if job.task is not None:  # answered now, not when the stream ends (a dead replica's never may)
+            job.task.cancel()
+        return state
+
+    def _expire(self, job: ClusterJob) -> None:
+        if job.state != "done":
+            s = job.request.deadline_s
+            where = "while queued" if job.state == "queued" else f"at step {job.step or 0}"
+            self.cancel(job, DeadlineExceeded(f"deadline of {s}s passed {where}", deadline_s=s, step=job.step))
+
+    # ---- forwarding ---------------------------------------------------------------------------------
+
+    async def _forward(self, job: ClusterJob) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+            req = job.request
+            job.stack_id = await loop.run_in_executor(None, self._stack_id, req)
+            job.span.set_attribute("easel.cluster.stack_id", job.stack_id)
+            while True:
+                job.attempts += 1
+                attempt_req = req
+                if job.attempts > 1:  # the first replica may have written part of nothing; the file is ours
+                    attempt_req = msgspec.structs.replace(req, overwrite=True)
+                if job.deadline is not None:
+                    left = max(0.001, job.deadline - time.monotonic())
+                    attempt_req = msgspec.structs.replace(attempt_req, deadline_s=left)
+                ctx = trace_api.set_span_in_context(job.span)
+                attempt_req = msgspec.structs.replace(
+                    attempt_req, trace_context=inject_context({}, ctx).get("trace_context")
+                )
+                try:
+                    await self._attempt(job, attempt_req)
+                    return
+                except Exception as exc:
+                    if not replica_died(exc) or job.cancel_event.is_set():
+                        raise
+                    log.warning("replica %s died under %s (attempt %d): %s", job.replica, job.job_id, job.attempts, exc)
+                    if self.board is not None and job.replica is not None:
+                        self.board.gone.remote(job.replica)
+                    if job.attempts >= MAX_ATTEMPTS:
+                        raise ReplicaFailed(
+                            f"render {job.job_id}: replicas {', '.join(job.replicas) or '?'} died under it; "
+                            f"it was tried {job.attempts} times",
+                            replicas=job.replicas,
+                        ) from exc
+                    self.retries += 1
+                    job.state, job.step = "queued", None
+        except asyncio.CancelledError:
+            self._fail(job, job.reason or Cancelled(f"render cancelled at step {job.step or 0}", step=job.step or 0))
+        except EaselError as err:
+            self._fail(job, err)
+        except Exception as exc:
+            if job.cancel_event.is_set():  # a cancelled stream ends with Ray's own cancellation error
+                self._fail(
+                    job, job.reason or Cancelled(f"render cancelled at step {job.step or 0}", step=job.step or 0)
+                )
+            else:
+                log.exception("forwarding %s failed", job.job_id)
+                self._fail(
+                    job, ReplicaFailed(f"render {job.job_id} failed in the cluster: {type(exc).__name__}: {exc}")
+                )
+
+    def _stack_id(self, req: Render) -> str:
+        paths = [
+            str(confine(p, self.config.lora_roots, what="LoRA", must_exist=True, unresolvable=LoraNotFound))
+            for p in req.lora_paths
+        ]
+        return self.ids.stack_id(paths, req.lora_scales)
+
+    async def _attempt(self, job: ClusterJob, req: Render) -> None:
+        stream = self.handle.options(stream=True, multiplexed_model_id=job.stack_id).render.remote(
+            encode(req), job.key, job.attempts
+        )
+        job.stream = stream
+        if job.cancel_event.is_set():
+            stream.cancel()
+        try:
+            async for event in stream:
+                if self._event(job, event):
+                    return
+        finally:
+            job.stream = None
+        raise ReplicaFailed(f"render {job.job_id}: the replica's stream ended without an answer")
+
+    def _event(self, job: ClusterJob, event: tuple) -> bool:
+        """One replica event to the listener; True once the job is answered."""
+        kind = event[0]
+        listener = job.listener
+        if kind == "replica":
+            job.replica = event[1]
+            job.replicas.append(event[1])
+            job.span.set_attribute("easel.replica.id", event[1])
+        elif kind in ("queued", "queue_update"):
+            estimate = Estimate(event[2], event[3])
+            if kind == "queued" and job.attempts == 1:
+                self._tell(listener.queued, job, event[1], estimate)
+            else:
+                self._tell_optional(job, "queue_update", event[1], estimate)
+        elif kind == "started":
+            job.shape = Shape(*event[1:5])
+            job.state, job.started_at, job.step = "running", time.monotonic(), 0
+            if job.attempts == 1:
+                self._tell(listener.started, job)
+        elif kind == "progress":
+            job.step = event[1]
+            self._tell(listener.progress, job, event[1], event[2], event[3])
+        elif kind in ("suspended", "resumed"):
+            self._tell_optional(job, kind, event[1], event[2])
+        elif kind == "result":
+            result: RenderResult = event[1]
+            self._finish(job, msgspec.structs.replace(result, job=job.job_id))
+            return True
+        elif kind == "error":
+            self._fail(job, error_from_wire(event[1]))
+            return True
+        return False
+
+    def _settle(self, job: ClusterJob) -> bool:
+        if job.state == "done":
+            return False
+        job.state = "done"
+        self.jobs.pop(job.job_id, None)
+        if job.expiry is not None:
+            job.expiry.cancel()
+        return True
+
+    def _finish(self, job: ClusterJob, result: RenderResult) -> None:
+        if self._settle(job):
+            self.renders_done += 1
+            job.span.end()
+            self._tell(job.listener.finished, job, result)
+
+    def _fail(self, job: ClusterJob, error: EaselError) -> None:
+        if self._settle(job):
+            job.span.set_attribute("error.type", error.code)
+            job.span.set_status(Status(StatusCode.ERROR, error.message))
+            job.span.end()
+            self._tell(job.listener.failed, job, error)
+
+    @staticmethod
+    def _tell(event: Any, *args: Any) -> None:
+        try:
+            event(*args)
+        except Exception:
+            log.exception("job listener %r failed", event)
+
+    def _tell_optional(self, job: ClusterJob, name: str, *args: Any) -> None:
+        event = getattr(job.listener, name, None)
+        if event is not None:
+            self._tell(event, job, *args)
+
+    # ---- status -------------------------------------------------------------------------------------
+
+    async def refresh(self) -> dict[str, Any]:
+        """Read every replica's last report from the board (what `status` shows)."""
+        if self.board is not None:
+            with contextlib.suppress(Exception):  # a status answer never waits long on the board
+                self._snapshot = await asyncio.wait_for(asyncio.wrap_future(self.board.snapshot.remote().future()), 5)
+        return self._snapshot
+
+    def replica_statuses(self) -> list[ReplicaStatus]:
+        out = []
+        for age, snap in self._snapshot.get("replicas", {}).values():
+            status = msgspec.convert(snap["status"], ReplicaStatus)
+            out.append(msgspec.structs.replace(status, report_age_s=age))
+        return sorted(out, key=lambda r: r.replica)
+
+    def status(self) -> RunnerStatus:
+        now = time.monotonic()
+        replicas = self.replica_statuses()
+        snaps = [snap for _, snap in self._snapshot.get("replicas", {}).values()]
+        times: dict[tuple, StepTime] = {}
+        for r in replicas:
+            for t in r.step_times:
+                times.setdefault((t.preset, t.width, t.height), t)
+        queue = [
+            JobInfo(
+                job=j.job_id,
+                request_id=j.request.id,
+                priority=j.request.priority,
+                state=j.state,
+                width=j.shape.width or (j.request.width or 0),
+                height=j.shape.height or (j.request.height or 0),
+                steps=j.shape.steps or (j.request.steps or 0),
+                stack=[f"{p}@{s:g}" for p, s in zip(j.request.lora_paths, j.request.lora_scales, strict=True)],
+                waited_s=(j.started_at or now) - j.enqueued_at,
+                step=j.step,
+            )
+            for j in self.jobs.values()
+        ]
+        return RunnerStatus(
+            preset=next((s["preset"] for s in snaps), self.config.preset),
+            warm=any(s["warm"] for s in snaps),
+            active_stack=list[ActiveLora](),
+            lora_cache=None,
+            resident_stacks=None,
+            queue_depth=len(self.jobs),
+            queue_capacity=self.queue.capacity,
+            interactive_reserve=self.config.interactive_reserve,
+            queue=queue,
+            in_flight=None,
+            suspended=[],
+            step_times=list(times.values()),
+            shutting_down=self._closed,
+            renders_done=self.renders_done,
+            stack_switches=sum(r.stack_switches for r in replicas),
+            model=None,
+        )
+
+
+class GatewayServer(DaemonServer):
+    """The daemon's socket server over a ClusterRunner; `status` reads the replicas' reports first."""
+
+    runner: ClusterRunner
+
+    async def _status(self, conn, req, call):
+        await self.runner.refresh()
+        return await super()._status(conn, req, call)
+
+    def status(self) -> StatusResult:
+        base = super().status()
+        replicas = self.runner.replica_statuses()
+        return msgspec.structs.replace(base, model_loaded=bool(replicas), replicas=replicas)
+
+
+async def serve_gateway(
+    server_config: Any, service_config: ServiceConfig, sock: Any, tel: Telemetry, *, on_ready: Any = None
+) -> GatewayServer:
+    """Serve the socket `sock` over the deployed application until stopped (the caller joined Ray)."""
+    from daemon.cluster.app import connect
+
+    handle, board = connect()
+    server = GatewayServer(server_config, ClusterRunner(handle, service_config, tel, board=board))
+    await server.serve(sock, on_ready=on_ready)
+    return server
+
+
+class GatewayThread:
+    """A gateway on a thread of this process (for a process that is already a Ray driver: tests, the
+    benchmark, a game server embedding it). `start()` returns once the socket listens; `stop()` drains."""
+
+    def __init__(self, server_config: Any, config: ServiceConfig, tel: Telemetry) -> None:
+        import threading
+
+        self.server_config, self.config, self.tel = server_config, config, tel
+        self.socket = server_config.socket_path
+        self.server: GatewayServer | None = None
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="easel-gateway", daemon=True)
+
+    def _run(self) -> None:
+        from daemon.cluster.app import connect
+        from daemon.security import bind_unix_socket
+
+        asyncio.set_event_loop(self.loop)
+        try:
+            sock = bind_unix_socket(self.socket)
+        except BaseException as exc:
+            self.error = exc
+            self.ready.set()
+            return
+
+        async def main() -> None:
+            handle, board = connect()
+            self.server = GatewayServer(self.server_config, ClusterRunner(handle, self.config, self.tel, board=board))
+            await self.server.serve(sock, on_ready=self.ready.set)
+
+        try:
+            self.loop.run_until_complete(main())
+        except BaseException as exc:
+            self.error = exc
+            self.ready.set()
+        finally:
+            sock.close()
+
+    def start(self, timeout_s: float = 120) -> GatewayThread:
+        self.thread.start()
+        if not self.ready.wait(timeout_s):
+            raise TimeoutError("the gateway did not start")
+        if self.error is not None:
+            raise self.error
+        return self
+
+    @property
+    def runner(self) -> ClusterRunner:
+        return self.server.runner
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.loop.call_soon_threadsafe(self.server.request_stop)
+        self.thread.join(30)

@@ -1,0 +1,262 @@
+"""The Serve deployment: one replica = one loaded model behind the daemon's own RenderRunner.
+
+A replica is the daemon without its socket: the same RenderService (engine, LoRA patcher, resident
+stacks, telemetry) and the same RenderRunner (bounded queue, stack-aware scheduler, preemption, cancel,
+deadlines), driven by Ray Serve calls instead of socket frames. `render` is a streaming method: it
+yields the job's events as the runner reports them (`queued`, `started`, `progress`, ...) and ends
+with its result or its error, so progress crosses the hop; a caller that cancels the stream cancels
+the job (it stops at its next denoising step).
+
+Routing is by LoRA stack: the caller passes the stack id (daemon/cluster/stack_id.py) as Serve's
+multiplexed model id, and the `@serve.multiplexed` loader is where a replica takes a stack in (reads
+and parses its files ahead of the render). Serve's router prefers a replica that has already loaded
+the id, so each stack stays on the replicas that hold it; `max_num_models_per_replica` is the number
+of stacks a replica keeps (tie it to `--resident-stack-bytes` so the built stacks stay resident too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import msgspec
+import ray
+from opentelemetry import trace as trace_api
+from opentelemetry.trace import SpanKind
+from ray import serve
+
+from client.wire.errors import Cancelled, EaselError, RenderFailed
+from client.wire.messages import ReplicaStatus, decode_request
+from daemon.cluster.board import board_handle
+from daemon.cluster.stack_id import StackIds
+from daemon.config import ServiceConfig
+from daemon.runner import Estimate, RenderJob, RenderRunner
+from daemon.service import RenderService
+from daemon.telemetry import extract_context, setup_telemetry
+
+log = logging.getLogger("easel.cluster.replica")
+
+REPLICA_SPAN = "easel.replica.render"
+REPLICA_ATTRIBUTE = "easel.replica.id"
+FINAL = ("result", "error")
+
+
+class HopListener:
+    """A runner listener that queues the job's events for the streaming response (as plain tuples)."""
+
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[tuple] = asyncio.Queue()
+
+    def queued(self, job: RenderJob, position: int, estimate: Estimate) -> None:
+        self.events.put_nowait(("queued", position, estimate.start_s, estimate.finish_s))
+
+    def queue_update(self, job: RenderJob, position: int, estimate: Estimate) -> None:
+        self.events.put_nowait(("queue_update", position, estimate.start_s, estimate.finish_s))
+
+    def started(self, job: RenderJob) -> None:
+        s = job.shape
+        self.events.put_nowait(("started", s.preset, s.width, s.height, s.steps))
+
+    def progress(self, job: RenderJob, step: int, steps: int, elapsed_s: float) -> None:
+        self.events.put_nowait(("progress", step, steps, elapsed_s))
+
+    def suspended(self, job: RenderJob, step: int, steps: int) -> None:
+        self.events.put_nowait(("suspended", step, steps))
+
+    def resumed(self, job: RenderJob, step: int, steps: int) -> None:
+        self.events.put_nowait(("resumed", step, steps))
+
+    def finished(self, job: RenderJob, result: Any) -> None:
+        self.events.put_nowait(("result", result))
+
+    def failed(self, job: RenderJob, error: EaselError) -> None:
+        self.events.put_nowait(("error", error.to_wire()))
+
+
+class StackHandle:
+    """What the multiplexed loader returns: the stack as this replica holds it. Serve drops it (LRU) when
+    the replica takes in more than `max_num_models_per_replica` stacks."""
+
+    def __init__(self, replica: RenderReplica, stack_id: str) -> None:
+        self.replica, self.stack_id = replica, stack_id
+
+    def __del__(self) -> None:
+        self.replica.resident.discard(self.stack_id)
+
+
+class RenderReplica:
+    """The body of the deployment (`replica_deployment` adds the multiplexed loader with its bound)."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_id.unique_id
+        self.node = ray.get_runtime_context().get_node_id()[:12]
+        self.tel = _replica_telemetry(self.replica_id)
+        t0 = time.perf_counter()
+        self.service = RenderService.load(config, tel=self.tel)  # raises: the replica is reported failed
+        if config.warmup and not self.service.warm:
+            self.service.warm_up()
+        log.warning("replica %s: %s loaded in %.1fs", self.replica_id, config.preset, time.perf_counter() - t0)
+        self.runner = RenderRunner(self.service, config)
+        self.ids = StackIds()
+        self.loads: Counter[str] = Counter()
+        self.resident: set[str] = set()
+        self._pending: dict[str, Any] = {}  # stack id -> the prepared render that is taking it in
+        self.board = board_handle()
+        self.board.report.remote(self.replica_id, self._snapshot())
+
+    # ---- the multiplexed loader (bound set by replica_deployment) -------------------------------
+
+    async def _load_stack(self, stack_id: str) -> StackHandle:
+        """Take a stack in: read and parse its files now (off the render thread), so the render that asked
+        for it switches without waiting on the disk. Counted: the stack-load evidence the tests read."""
+        self.loads[stack_id] += 1
+        self.resident.add(stack_id)
+        prepared = self._pending.get(stack_id)
+        if prepared is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.service.prefetch, prepared)
+        self.board.loaded.remote(self.replica_id, stack_id)
+        return StackHandle(self, stack_id)
+
+    async def stack(self, stack_id: str) -> StackHandle:  # replaced by the multiplexed loader
+        raise NotImplementedError
+
+    # ---- calls ----------------------------------------------------------------------------------
+
+    async def render(self, payload: bytes, key: str, attempt: int):
+        """Stream one render: ("replica", id), the runner's events, then ("result", RenderResult) or
+        ("error", wire error). `key` identifies the request across attempts (the gateway's retry)."""
+        yield ("replica", self.replica_id, os.getpid())
+        self.board.took.remote(key, self.replica_id)
+        if attempt > 1:  # the first replica may have finished it before it died: answer that
+            done = await self.board.result.remote(key)
+            if done is not None:
+                yield ("result", done)
+                return
+        try:
+            req = decode_request(payload)
+            stack_id = serve.get_multiplexed_model_id()
+            loop = asyncio.get_running_loop()
+            prepared = self.service.prepare(req)  # the request's own errors (paths, limits) first
+            paths = [str(it.path) for it in prepared.stack]
+            scales = [it.scale for it in prepared.stack]
+            check = functools.partial(self.ids.check_same, paths, scales, stack_id, where=f"replica {self.replica_id}")
+            await loop.run_in_executor(None, check)
+            self._pending[stack_id] = prepared
+            try:
+                await self.stack(stack_id)
+            finally:
+                self._pending.pop(stack_id, None)
+        except EaselError as err:
+            yield ("error", err.to_wire())
+            return
+        parent = extract_context(req.trace_context)
+        span = self.tel.tracer.start_span(
+            REPLICA_SPAN, context=parent, kind=SpanKind.SERVER, attributes=self._span_attributes(key, attempt, stack_id)
+        )
+        listener = HopListener()
+        job = None
+        try:
+            try:
+                job = self.runner.submit(
+                    req, listener, owner=f"r{attempt}", trace_parent=trace_api.set_span_in_context(span)
+                )
+            except EaselError as err:
+                yield ("error", err.to_wire())
+                return
+            while True:
+                event = await listener.events.get()
+                if event[0] == "result":
+                    await self.board.finished.remote(key, event[1])  # before the answer: a retry finds it
+                if event[0] in FINAL:
+                    self._report()
+                    if event[0] == "error":
+                        span.set_attribute("error.type", event[1]["code"])
+                yield event
+                if event[0] in FINAL:
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            if job is not None:
+                self.runner.cancel(job, Cancelled("the gateway cancelled this render"))
+            span.set_attribute("error.type", Cancelled.code)
+            raise
+        except Exception as exc:  # never leave the stream without an answer
+            log.exception("replica %s: render %s failed", self.replica_id, key)
+            yield ("error", RenderFailed(f"render failed on replica {self.replica_id}: {exc}").to_wire())
+        finally:
+            span.end()
+
+    def _span_attributes(self, key: str, attempt: int, stack_id: str) -> dict[str, Any]:
+        return {
+            REPLICA_ATTRIBUTE: self.replica_id,
+            "easel.replica.pid": os.getpid(),
+            "easel.cluster.request_key": key,
+            "easel.cluster.attempt": attempt,
+            "easel.cluster.stack_id": stack_id,
+        }
+
+    async def inspect(self, path: str) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, self.service.inspect, path)
+
+    async def status(self) -> dict[str, Any]:
+        snap = self._snapshot()
+        self.board.report.remote(self.replica_id, snap)
+        return snap
+
+    def _report(self) -> None:
+        self.board.report.remote(self.replica_id, self._snapshot())
+
+    def _snapshot(self) -> dict[str, Any]:
+        """This replica's status as plain data (the board stores it; the gateway turns it into ReplicaStatus)."""
+        run = self.runner.status()
+        status = ReplicaStatus(
+            replica=self.replica_id,
+            pid=os.getpid(),
+            node=self.node,
+            stacks=sorted(self.resident),
+            stack_loads=sum(self.loads.values()),
+            queue_depth=run.queue_depth,
+            renders_done=run.renders_done,
+            stack_switches=run.stack_switches,
+            step_times=run.step_times,
+            report_age_s=0.0,
+            in_flight=run.in_flight,
+            resident_stacks=run.resident_stacks,
+        )
+        return {
+            "status": msgspec.to_builtins(status),
+            "actor": ray.get_runtime_context().get_actor_name(),  # Serve's name for it (namespace "serve")
+            "preset": run.preset,
+            "warm": run.warm,
+            "loads": dict(self.loads),
+        }
+
+    def __del__(self) -> None:  # a replica being stopped: no more renders (best effort)
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.stop_accepting()
+
+
+def _replica_telemetry(replica_id: str):
+    """The daemon's telemetry set-up, with the replica id as a resource attribute on every span."""
+    env = dict(os.environ)
+    extra = f"easel.replica.id={replica_id}"
+    env["OTEL_RESOURCE_ATTRIBUTES"] = ",".join(filter(None, (env.get("OTEL_RESOURCE_ATTRIBUTES", ""), extra)))
+    return setup_telemetry("easel-replica", env=env)
+
+
+def replica_deployment(stacks_per_replica: int, **options: Any):
+    """The deployment with its multiplexed loader bound to `stacks_per_replica` (Serve takes the bound at
+    decoration, so the class is made here)."""
+
+    class EaselReplica(RenderReplica):
+        @serve.multiplexed(max_num_models_per_replica=stacks_per_replica)
+        async def stack(self, stack_id: str) -> StackHandle:
+            return await self._load_stack(stack_id)
+
+    return serve.deployment(EaselReplica, name="EaselReplica", **options)
