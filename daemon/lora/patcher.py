@@ -23,6 +23,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,9 +40,10 @@ from daemon.lora.decompose import base_weight, layer_arrays, stack_gains
 from daemon.lora.inspect import text_encoder_layout, text_encoders_of
 from daemon.lora.norms import StackedNormScale, is_norm, norm_arrays, norm_layout
 from daemon.lora.resident import ResidentStack, ResidentStacks, StackKey
-from daemon.lora.runtime import ActiveLayers, StackedLoraLinear, linear_layout
+from daemon.lora.runtime import ActiveLayers, Fills, StackedLoraLinear, linear_layout
 from daemon.lora.stack import StackEntry, StackReport
 
+READ_THREADS = 4  # files of a stack read, parsed and resolved at once
 ZeroMatchPolicy = Literal["error", "warn"]
 Mode = Literal["side", "bake"]
 
@@ -298,6 +300,7 @@ class LoraPatcher:
         to_eval: list[mx.array] = []
         weight_of = self._base_weights()
         gains = stack_gains(per_layer, weight_of)
+        fills = Fills()
         for target, contributions in per_layer.items():
             slot = self._slot(target)
             if is_norm(slot.original):
@@ -307,9 +310,10 @@ class LoraPatcher:
             quantized = isinstance(slot.original, nn.QuantizedLinear)
             # The activation dtype: a float32 side path on a bf16 model would promote every later block.
             dtype = slot.original.scales.dtype if quantized else slot.original.weight.dtype
-            parts = layer_arrays(target, contributions, dtype, slot.original, weight_of, gains)
+            parts = layer_arrays(target, contributions, dtype, slot.original, weight_of, gains, fills=fills)
             layers[target] = parts
             to_eval.extend(parts.arrays())
+        fills.run()  # every low-rank pair of the stack: allocated at once, each file block written once
         if to_eval:
             mx.eval(*to_eval)
         key = tuple((self.cache.key(e.path), float(e.scale), sig) for e, sig in zip(stack, sigs, strict=True))
@@ -386,8 +390,8 @@ class LoraPatcher:
         sigs: list[Signature] = []
         per_layer: dict[str, list[tuple[float, Term]]] = {}
         warnings: list[str] = []
-        for entry in stack:
-            terms, report, sig = self.cache.resolved(entry.path, self.model_layout, self._layout_key)
+        for entry, resolving in zip(stack, self._resolve_all(stack), strict=True):
+            terms, report, sig = resolving()
             report.path, report.scale, report.name = entry.path, float(entry.scale), entry.name
             if report.keys_applied == 0:
                 broken = corrupt_error(report)
@@ -408,6 +412,17 @@ class LoraPatcher:
             reports.append(report)
             sigs.append(sig)
         return reports, tuple(sigs), per_layer, warnings
+
+    def _resolve_all(self, stack: Sequence[StackEntry]) -> list[Callable[[], tuple[list[Term], FileReport, Signature]]]:
+        """Each file's (terms, report, signature), read, parsed and resolved concurrently: one file's read
+        (which lets go of the GIL) overlaps another's parsing. Results are taken in stack order, so the
+        first failing file in the stack is the one reported, as when they were read one by one."""
+        resolve = self.cache.resolved
+        if len(stack) < 2:
+            return [lambda e=e: resolve(e.path, self.model_layout, self._layout_key) for e in stack]
+        with ThreadPoolExecutor(max_workers=min(len(stack), READ_THREADS)) as pool:
+            futures = [pool.submit(resolve, e.path, self.model_layout, self._layout_key) for e in stack]
+        return [f.result for f in futures]
 
     def _base_weights(self) -> Callable[[str], mx.array]:
         """W (float32) of a layer by target: DoRA norms and `.set_weight` need it. Read from the untouched
@@ -461,6 +476,8 @@ class LoraPatcher:
             if isinstance(slot.original, nn.QuantizedLinear):
                 raise InvalidRequest(f"bake mode cannot patch quantized layer {target}", field="mode")
             parts = layer_arrays(target, contributions, mx.float32, slot.original, weight_of, gains, side=False)
+            if parts.rank_scale is not None:  # not in float32 (the scale is folded there); kept for safety
+                parts.down = parts.down.astype(mx.float32) * parts.rank_scale[:, None]
             w = slot.original_weight.astype(mx.float32)
             if parts.in_gain is not None:
                 w = w * parts.in_gain[None, :]
