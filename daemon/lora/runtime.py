@@ -79,6 +79,19 @@ class LayerArrays:
     # Half-precision layers: scale * factor per rank row (R,), float32, applied to x @ down.T (see Fills)
     rank_scale: mx.array | None = None
 
+    @property
+    def lowrank_only(self) -> bool:
+        """Only the stacked low-rank pair (the common case: plain LoRA files), no gains or other terms."""
+        return (
+            self.down is not None
+            and self.dense is None
+            and self.bias is None
+            and self.out_gain is None
+            and self.in_gain is None
+            and not self.krons
+            and not self.kron_slices
+        )
+
     def arrays(self) -> list[mx.array]:
         return (
             [
@@ -126,6 +139,16 @@ class StackedLoraLinear(nn.Module):
         parts = self._lora_active.layers.get(self._lora_target)
         if parts is None:
             return self.base(x)
+        if parts.lowrank_only and type(self.base) is nn.Linear:
+            # The side product first (with the layer's bias), then the base GEMM accumulates into it
+            # (beta = 1): the output is written by the two GEMMs and never copied, where an addmm onto
+            # base(x) copies base(x) first (bench/lora.py: 0.3-6% of a step less, within its noise).
+            h = x @ parts.down.T
+            if parts.rank_scale is not None:
+                h = (h * parts.rank_scale).astype(h.dtype)
+            bias = self.base.get("bias", None)
+            side = h @ parts.up.T if bias is None else mx.addmm(bias, h, parts.up.T)
+            return mx.addmm(side, x, self.base.weight.T)
         y = self.base(x if parts.in_gain is None else (x * parts.in_gain).astype(x.dtype))
         if parts.out_gain is not None:
             y = (y * parts.out_gain).astype(y.dtype)
