@@ -148,6 +148,7 @@ class LoraPatcher:
         self._wrappers: dict[str, StackedLoraLinear | StackedNormScale] = {}
         self._wrapped: set[str] = set()
         self._wrap_epoch = 0  # bumped whenever wrappers are taken out (clear, a failed install)
+        self.build_phases_ms: dict[str, float] = {}  # where the last stack build's time went (bench/lora.py)
 
     @classmethod
     def for_model(
@@ -295,7 +296,9 @@ class LoraPatcher:
                 )
 
     def _build_resident(self, stack: Sequence[StackEntry], zero_match: ZeroMatchPolicy) -> ResidentStack:
+        t0 = time.perf_counter()
         reports, sigs, per_layer, warnings = self._prepare(stack, zero_match)
+        t1 = time.perf_counter()
         layers = {}
         to_eval: list[mx.array] = []
         weight_of = self._base_weights()
@@ -313,9 +316,18 @@ class LoraPatcher:
             parts = layer_arrays(target, contributions, dtype, slot.original, weight_of, gains, fills=fills)
             layers[target] = parts
             to_eval.extend(parts.arrays())
-        fills.run()  # every low-rank pair of the stack: allocated at once, each file block written once
+        t2 = time.perf_counter()
+        allocate_ms, write_ms = fills.run()  # every low-rank pair: allocated at once, each block written once
+        t3 = time.perf_counter()
         if to_eval:
             mx.eval(*to_eval)
+        self.build_phases_ms = {
+            "prepare": (t1 - t0) * 1000,  # read, parse, resolve (cached parts skipped)
+            "plan": (t2 - t1) * 1000,  # per-layer arrays declared (DoRA norms computed)
+            "allocate": allocate_ms,  # the stack's MLX buffers allocated (first touch of fresh memory)
+            "write": write_ms,  # each file block written into them
+            "evaluate": (time.perf_counter() - t3) * 1000,  # everything else evaluated
+        }
         key = tuple((self.cache.key(e.path), float(e.scale), sig) for e, sig in zip(stack, sigs, strict=True))
         nbytes = sum(p.nbytes for p in layers.values())
         built = ResidentStack(key=key, layers=layers, reports=reports, warnings=warnings, nbytes=nbytes)
