@@ -177,7 +177,19 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
         new.cache.clear()
         new.resident.clear()
 
+    phases: dict[str, list[float]] = {}
+    apply_stack = new.apply_stack
+
+    def apply_and_note(stack):  # where each cold build's time went (the patcher notes its last build)
+        new.build_phases_ms = {}
+        report = apply_stack(stack)
+        for k, v in new.build_phases_ms.items():
+            phases.setdefault(k, []).append(v)
+        return report
+
+    new.apply_stack = apply_and_note
     out["cold"], out["warm"] = switch_figures(new, a, b, SWAPS, clear_new)
+    out["phases"] = {k: statistics.median(v) for k, v in phases.items()}
     out["rss_after_mb"] = rss_mb()
     out["resident_mb"] = new.resident.stats().bytes / 1024**2
     clear_new()
@@ -289,6 +301,7 @@ def main() -> None:
         )
         print(row("old", d, "old_cold", "old_warm"))
         print(row("new", d, "cold", "warm"))
+        print("  new cold build, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in d["phases"].items()))
         print(f"  resident stacks {d['resident_mb']:.0f} MB, RSS after {d['rss_after_mb']:.0f} MB")
     for px, (base, with_stack, tokens) in steps.items():
         ratio = with_stack / base

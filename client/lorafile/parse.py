@@ -105,18 +105,38 @@ def _text_encoder_reason(fmt: FormatKeymap, key: str) -> str:
     return REASON_TEXT_ENCODER
 
 
-def _score(fmt: FormatKeymap, keys: list[str], metadata: dict[str, str], keymaps: KeymapSet) -> tuple[float, int]:
-    score = 0.0
+KEY_MEMO_MAX = 200_000  # tensor names remembered per format (files of one trainer share their names)
+Classified = tuple[tuple[str, str] | None, tuple[ModuleRule, int | None] | None, int, bool]
+
+
+def _classify(fmt: FormatKeymap, keys: list[str], keymaps: KeymapSet) -> list[Classified]:
+    """(split, match, score, text encoder) of each key under `fmt`: its (module key, role), the rule (and
+    block index) the module names, what it counts for detection (2 a mapped module or a norm difference,
+    1 an unmapped text-encoder key) and whether it is a text-encoder key.
+
+    Remembered per format (and keymap set) by tensor name, bounded, so a file whose names were seen
+    before (every file of a trainer for one model has the same names) costs one dict lookup per key
+    instead of a suffix split and regexes per key per format."""
+    memos: dict[int, dict[str, Classified]] = fmt.__dict__.setdefault("_easel_key_memo", {})  # as cached_property
+    memo = memos.setdefault(id(keymaps), {})
+    out: list[Classified] = []
     for key in keys:
-        split = fmt.split_key(key)
-        if split and (
-            fmt.match_module(split[0])
-            or fmt.match_text_encoder(split[0])
-            or (split[1] in NORM_ROLES and _norm_module(fmt, keymaps, split[0]))
-        ):
-            score += 2
-        elif fmt.is_text_encoder(key):
-            score += 1
+        found = memo.get(key)
+        if found is None:
+            split = fmt.split_key(key)
+            match = None if split is None else fmt.match_module(split[0]) or fmt.match_text_encoder(split[0])
+            text_encoder = fmt.is_text_encoder(key)
+            norm = split is not None and split[1] in NORM_ROLES and _norm_module(fmt, keymaps, split[0]) is not None
+            found = (split, match, 2 if match or norm else 1 if text_encoder else 0, text_encoder)
+            if len(memo) >= KEY_MEMO_MAX:
+                memo.clear()
+            memo[key] = found
+        out.append(found)
+    return out
+
+
+def _score(fmt: FormatKeymap, keys: list[str], metadata: dict[str, str], keymaps: KeymapSet) -> tuple[float, int]:
+    score = float(sum(c[2] for c in _classify(fmt, keys, keymaps)))
     if score and any(h.matches(metadata) for h in fmt.metadata_hints):
         score += 1.5
     return score, fmt.priority
@@ -234,10 +254,8 @@ def parse_lora(sf: SafetensorsFile, keymaps: KeymapSet | None = None) -> ParsedL
     modules: dict[str, ModuleTensors] = {}
     norms: dict[str, tuple[str, np.ndarray]] = {}
     leftover: list[tuple[str, str]] = []
-    for key in keys:
-        split = fmt.split_key(key)
-        match = None if split is None else fmt.match_module(split[0]) or fmt.match_text_encoder(split[0])
-        if match is None and fmt.is_text_encoder(key):
+    for key, (split, match, _, text_encoder) in zip(keys, _classify(fmt, keys, keymaps), strict=True):
+        if match is None and text_encoder:
             leftover.append((key, _text_encoder_reason(fmt, key)))
             continue
         if split is None:

@@ -169,15 +169,17 @@ def layer_arrays(
     gains: dict[int, np.ndarray],
     *,
     side: bool = True,
+    fills=None,
 ):
     """`build_layer_arrays` for a layer whose terms may need its base weight. `side`: the bias keeps its
-    value under an output gain ((1 - G) * b on the side path); the bake form scales W itself instead."""
+    value under an output gain ((1 - G) * b on the side path); the bake form scales W itself instead.
+    `fills`: the stack build's `runtime.Fills` (the low-rank pairs are written when it runs)."""
     from daemon.lora.runtime import build_layer_arrays
 
     if not needs_base(contributions):
-        return build_layer_arrays(contributions, dtype)
+        return build_layer_arrays(contributions, dtype, fills)
     plain, out_gain, in_gain = expand(target, contributions, weight_of, gains)
-    parts = build_layer_arrays(plain, dtype)
+    parts = build_layer_arrays(plain, dtype, fills)
     if out_gain is not None:
         parts.out_gain = mx.array(out_gain, dtype=mx.float32)
         bias = layer.get("bias", None)

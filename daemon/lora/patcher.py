@@ -23,6 +23,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,9 +40,10 @@ from daemon.lora.decompose import base_weight, layer_arrays, stack_gains
 from daemon.lora.inspect import text_encoder_layout, text_encoders_of
 from daemon.lora.norms import StackedNormScale, is_norm, norm_arrays, norm_layout
 from daemon.lora.resident import ResidentStack, ResidentStacks, StackKey
-from daemon.lora.runtime import ActiveLayers, StackedLoraLinear, linear_layout
+from daemon.lora.runtime import ActiveLayers, Fills, StackedLoraLinear, linear_layout
 from daemon.lora.stack import StackEntry, StackReport
 
+READ_THREADS = 4  # files of a stack read, parsed and resolved at once
 ZeroMatchPolicy = Literal["error", "warn"]
 Mode = Literal["side", "bake"]
 
@@ -146,6 +148,7 @@ class LoraPatcher:
         self._wrappers: dict[str, StackedLoraLinear | StackedNormScale] = {}
         self._wrapped: set[str] = set()
         self._wrap_epoch = 0  # bumped whenever wrappers are taken out (clear, a failed install)
+        self.build_phases_ms: dict[str, float] = {}  # where the last stack build's time went (bench/lora.py)
 
     @classmethod
     def for_model(
@@ -293,11 +296,14 @@ class LoraPatcher:
                 )
 
     def _build_resident(self, stack: Sequence[StackEntry], zero_match: ZeroMatchPolicy) -> ResidentStack:
+        t0 = time.perf_counter()
         reports, sigs, per_layer, warnings = self._prepare(stack, zero_match)
+        t1 = time.perf_counter()
         layers = {}
         to_eval: list[mx.array] = []
         weight_of = self._base_weights()
         gains = stack_gains(per_layer, weight_of)
+        fills = Fills()
         for target, contributions in per_layer.items():
             slot = self._slot(target)
             if is_norm(slot.original):
@@ -307,11 +313,21 @@ class LoraPatcher:
             quantized = isinstance(slot.original, nn.QuantizedLinear)
             # The activation dtype: a float32 side path on a bf16 model would promote every later block.
             dtype = slot.original.scales.dtype if quantized else slot.original.weight.dtype
-            parts = layer_arrays(target, contributions, dtype, slot.original, weight_of, gains)
+            parts = layer_arrays(target, contributions, dtype, slot.original, weight_of, gains, fills=fills)
             layers[target] = parts
             to_eval.extend(parts.arrays())
+        t2 = time.perf_counter()
+        allocate_ms, write_ms = fills.run()  # every low-rank pair: allocated at once, each block written once
+        t3 = time.perf_counter()
         if to_eval:
             mx.eval(*to_eval)
+        self.build_phases_ms = {
+            "prepare": (t1 - t0) * 1000,  # read, parse, resolve (cached parts skipped)
+            "plan": (t2 - t1) * 1000,  # per-layer arrays declared (DoRA norms computed)
+            "allocate": allocate_ms,  # the stack's MLX buffers allocated (first touch of fresh memory)
+            "write": write_ms,  # each file block written into them
+            "evaluate": (time.perf_counter() - t3) * 1000,  # everything else evaluated
+        }
         key = tuple((self.cache.key(e.path), float(e.scale), sig) for e, sig in zip(stack, sigs, strict=True))
         nbytes = sum(p.nbytes for p in layers.values())
         built = ResidentStack(key=key, layers=layers, reports=reports, warnings=warnings, nbytes=nbytes)
@@ -386,8 +402,8 @@ class LoraPatcher:
         sigs: list[Signature] = []
         per_layer: dict[str, list[tuple[float, Term]]] = {}
         warnings: list[str] = []
-        for entry in stack:
-            terms, report, sig = self.cache.resolved(entry.path, self.model_layout, self._layout_key)
+        for entry, resolving in zip(stack, self._resolve_all(stack), strict=True):
+            terms, report, sig = resolving()
             report.path, report.scale, report.name = entry.path, float(entry.scale), entry.name
             if report.keys_applied == 0:
                 broken = corrupt_error(report)
@@ -408,6 +424,17 @@ class LoraPatcher:
             reports.append(report)
             sigs.append(sig)
         return reports, tuple(sigs), per_layer, warnings
+
+    def _resolve_all(self, stack: Sequence[StackEntry]) -> list[Callable[[], tuple[list[Term], FileReport, Signature]]]:
+        """Each file's (terms, report, signature), read, parsed and resolved concurrently: one file's read
+        (which lets go of the GIL) overlaps another's parsing. Results are taken in stack order, so the
+        first failing file in the stack is the one reported, as when they were read one by one."""
+        resolve = self.cache.resolved
+        if len(stack) < 2:
+            return [lambda e=e: resolve(e.path, self.model_layout, self._layout_key) for e in stack]
+        with ThreadPoolExecutor(max_workers=min(len(stack), READ_THREADS)) as pool:
+            futures = [pool.submit(resolve, e.path, self.model_layout, self._layout_key) for e in stack]
+        return [f.result for f in futures]
 
     def _base_weights(self) -> Callable[[str], mx.array]:
         """W (float32) of a layer by target: DoRA norms and `.set_weight` need it. Read from the untouched
@@ -461,6 +488,8 @@ class LoraPatcher:
             if isinstance(slot.original, nn.QuantizedLinear):
                 raise InvalidRequest(f"bake mode cannot patch quantized layer {target}", field="mode")
             parts = layer_arrays(target, contributions, mx.float32, slot.original, weight_of, gains, side=False)
+            if parts.rank_scale is not None:  # not in float32 (the scale is folded there); kept for safety
+                parts.down = parts.down.astype(mx.float32) * parts.rank_scale[:, None]
             w = slot.original_weight.astype(mx.float32)
             if parts.in_gain is not None:
                 w = w * parts.in_gain[None, :]

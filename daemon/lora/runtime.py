@@ -15,8 +15,12 @@ an exact restore. Cheaper per step, but every switch touches every patched weigh
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -73,10 +77,29 @@ class LayerArrays:
     # DoRA (daemon.lora.decompose), float32: y = out_gain * base(in_gain * x) + the side path
     out_gain: mx.array | None = None  # (out,)
     in_gain: mx.array | None = None  # (in,)
+    # Half-precision layers: scale * factor per rank row (R,), float32, applied to x @ down.T (see Fills)
+    rank_scale: mx.array | None = None
+
+    @property
+    def lowrank_only(self) -> bool:
+        """Only the stacked low-rank pair (the common case: plain LoRA files), no gains or other terms."""
+        return (
+            self.down is not None
+            and self.dense is None
+            and self.bias is None
+            and self.out_gain is None
+            and self.in_gain is None
+            and not self.krons
+            and not self.kron_slices
+        )
 
     def arrays(self) -> list[mx.array]:
         return (
-            [a for a in (self.down, self.up, self.dense, self.bias, self.out_gain, self.in_gain) if a is not None]
+            [
+                a
+                for a in (self.down, self.up, self.dense, self.bias, self.out_gain, self.in_gain, self.rank_scale)
+                if a is not None
+            ]
             + [a for pair in self.krons for a in pair]
             + [a for w1, w2, _, _ in self.kron_slices for a in (w1, w2)]
         )
@@ -117,12 +140,25 @@ class StackedLoraLinear(nn.Module):
         parts = self._lora_active.layers.get(self._lora_target)
         if parts is None:
             return self.base(x)
+        if parts.lowrank_only and type(self.base) is nn.Linear:
+            # The side product first (with the layer's bias), then the base GEMM accumulates into it
+            # (beta = 1): the output is written by the two GEMMs and never copied, where an addmm onto
+            # base(x) copies base(x) first (bench/lora.py: 0.3-6% of a step less, within its noise).
+            h = x @ parts.down.T
+            if parts.rank_scale is not None:
+                h = (h * parts.rank_scale).astype(h.dtype)
+            bias = self.base.get("bias", None)
+            side = h @ parts.up.T if bias is None else mx.addmm(bias, h, parts.up.T)
+            return mx.addmm(side, x, self.base.weight.T)
         y = self.base(x if parts.in_gain is None else (x * parts.in_gain).astype(x.dtype))
         if parts.out_gain is not None:
             y = (y * parts.out_gain).astype(y.dtype)
         # addmm adds each product into y as it is computed: no product-sized temporary, one pass less.
         if parts.down is not None:
-            y = mx.addmm(y, x @ parts.down.T, parts.up.T)
+            h = x @ parts.down.T
+            if parts.rank_scale is not None:
+                h = (h * parts.rank_scale).astype(h.dtype)
+            y = mx.addmm(y, h, parts.up.T)
         if parts.dense is not None:
             y = mx.addmm(y, x, parts.dense.T)
         if parts.bias is not None:
@@ -149,7 +185,10 @@ class StackedLoraLinear(nn.Module):
         if parts.down is not None:
             up = parts.up.astype(mx.float32)
             up = up if rows is None else up[rows]
-            d = d + up @ parts.down.astype(mx.float32)
+            down = parts.down.astype(mx.float32)
+            if parts.rank_scale is not None:
+                down = down * parts.rank_scale[:, None]
+            d = d + up @ down
         if parts.dense is not None:
             dense = parts.dense.astype(mx.float32)
             d = d + (dense if rows is None else dense[rows])
@@ -189,26 +228,133 @@ class StackedLoraLinear(nn.Module):
         return w + self.delta()
 
 
-def build_layer_arrays(contributions: list[tuple[float, Term]], dtype: mx.Dtype) -> LayerArrays:
+class Fills:
+    """The low-rank arrays of a stack build, written once, straight into their final MLX buffers.
+
+    `zeros` declares an MLX array (a numpy-visible dtype: bf16 is declared as uint16 and viewed back);
+    `run` allocates every declared array in one evaluation, then runs the fills, each writing a file's
+    block into its rows or columns through a numpy view of the MLX buffer. No intermediate numpy or MLX
+    array, no MLX op per block: each byte of a file is read once and written once, converted as it goes.
+    The arrays are private to the build until it returns, so writing into them is safe.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: list[mx.array] = []
+        self._jobs: list[tuple[int, Callable[[np.ndarray], None]]] = []
+
+    def zeros(self, shape: tuple[int, ...], dtype: mx.Dtype) -> tuple[mx.array, int]:
+        arr = mx.zeros(shape, mx.uint16 if dtype == mx.bfloat16 else dtype)
+        self._arrays.append(arr)
+        return (arr.view(mx.bfloat16) if dtype == mx.bfloat16 else arr), len(self._arrays) - 1
+
+    def fill(self, index: int, job: Callable[[np.ndarray], None]) -> None:
+        self._jobs.append((index, job))
+
+    def run(self, workers: int = 2) -> tuple[float, float]:
+        """Allocate, then write every block; `workers` threads share the blocks (numpy's copies and
+        conversions let go of the GIL, so on a multi-core machine they overlap). Returns the
+        milliseconds each took."""
+        if not self._arrays:
+            return 0.0, 0.0
+        t0 = time.perf_counter()
+        mx.eval(*self._arrays)
+        t1 = time.perf_counter()
+        views = [np.array(a, copy=False) for a in self._arrays]
+        jobs = self._jobs
+        self._arrays, self._jobs = [], []
+
+        def run_share(share: list[tuple[int, Callable[[np.ndarray], None]]]) -> None:
+            for index, job in share:
+                job(views[index])
+
+        if workers <= 1 or len(jobs) < 2 * workers:
+            run_share(jobs)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for done in [pool.submit(run_share, jobs[i::workers]) for i in range(workers)]:
+                    done.result()
+        return (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000
+
+
+# Layer dtypes the low-rank pair is written into directly (numpy view dtype of the MLX buffer), and
+# whether the scale is folded into the down rows there: exactly in float32 (the CPU compute dtype), as
+# MLX would; in half precision numpy cannot round a product quickly, so the per-rank-row scale stays a
+# (R,) float32 vector applied to the side path's small product (x @ down.T: tokens x R).
+_DIRECT = {mx.float32: (np.dtype(np.float32), True), mx.float16: (np.dtype(np.float16), False)}
+_DIRECT[mx.bfloat16] = (np.dtype(np.uint16), False)
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _direct_source(arr: np.ndarray) -> bool:
+    return arr.dtype in (_BF16, np.float16, np.float32, np.float64) and arr.ndim == 2
+
+
+def _put(dst: np.ndarray, src: np.ndarray, scale: np.float32 | None) -> None:
+    """dst (a view of the MLX buffer, in its numpy view dtype) = src converted, times `scale` if given.
+
+    bf16 -> float32 is a 16-bit shift (a bf16 is the top half of its float32: exact); same-width copies
+    are plain copies; anything else goes through numpy / ml_dtypes casts (one rounding)."""
+    if dst.dtype == np.float32:
+        if src.dtype == _BF16:
+            np.left_shift(src.view(np.uint16), 16, out=dst.view(np.uint32), dtype=np.uint32)
+        else:
+            np.copyto(dst, src, casting="unsafe")
+        if scale is not None:
+            np.multiply(dst, scale, out=dst)
+    elif dst.dtype == np.uint16:  # bfloat16
+        np.copyto(dst, (src if src.dtype == _BF16 else src.astype(_BF16)).view(np.uint16))
+    else:
+        np.copyto(dst, src, casting="unsafe")
+
+
+def _lowrank(out: LayerArrays, lowrank: list[tuple[float, LowRankTerm]], dtype: mx.Dtype, fills: Fills) -> None:
+    """The stacked (down, up) pair of a layer, written by `fills` (see Fills)."""
+    view_dtype, fold = _DIRECT[dtype]
+    ranks = [t.down.shape[0] for _, t in lowrank]
+    total = sum(ranks)
+    in_dim, out_dim = lowrank[0][1].down.shape[1], lowrank[0][1].up.shape[0]
+    out.down, d_index = fills.zeros((total, in_dim), dtype)
+    out.up, u_index = fills.zeros((out_dim, total), dtype)
+    factors = [np.float32(s * t.factor) for s, t in lowrank]
+    if not fold:
+        out.rank_scale = mx.array(np.repeat(np.array(factors, dtype=np.float32), ranks))
+    start = 0
+    for (_, term), r, f in zip(lowrank, ranks, factors, strict=True):
+        rows = slice(start, start + r)
+        fills.fill(d_index, lambda v, d=term.down, rows=rows, f=f: _put(v[rows], d, f if fold else None))
+        fills.fill(u_index, lambda v, u=term.up, rows=rows: _put(v[:, rows], u, None))
+        start += r
+
+
+def build_layer_arrays(
+    contributions: list[tuple[float, Term]], dtype: mx.Dtype, fills: Fills | None = None
+) -> LayerArrays:
     """One (down, up) pair for all low-rank terms on a layer, the Kronecker terms, and the summed full
     and bias differences, as MLX arrays in `dtype` (to be evaluated by the caller).
 
-    `contributions` are (per-LoRA scale, term) in stack order; scale * factor is folded into each down
-    row. The blocks are joined in the files' stored dtype (plain copies, no numpy casts), handed to MLX
-    once, and scaled there in float32 with one rounding to `dtype`.
+    `contributions` are (per-LoRA scale, term) in stack order. The low-rank pair is written into its
+    final buffers by `fills` (the caller's, run once for a whole stack; else one of its own, run here):
+    scale * factor folded into each down row in float32, kept as `rank_scale` in half precision.
     """
     lowrank = [(s, t) for s, t in contributions if isinstance(t, LowRankTerm)]
     out = LayerArrays()
     if lowrank:
-        downs = [t.down for _, t in lowrank]
-        ups = [t.up for _, t in lowrank]
-        down = downs[0] if len(downs) == 1 else np.concatenate(downs, axis=0)  # (R, in)
-        up = ups[0] if len(ups) == 1 else np.concatenate(ups, axis=1)  # (out, R)
-        factors = np.repeat(
-            np.array([s * t.factor for s, t in lowrank], dtype=np.float32), [t.down.shape[0] for _, t in lowrank]
-        )
-        out.down = (_to_mx(down, mx.float32) * mx.array(factors)[:, None]).astype(dtype)
-        out.up = _to_mx(up, dtype)
+        if dtype in _DIRECT and all(_direct_source(t.down) and _direct_source(t.up) for _, t in lowrank):
+            own = fills is None
+            fills = fills or Fills()
+            _lowrank(out, lowrank, dtype, fills)
+            if own:
+                fills.run()
+        else:
+            downs = [t.down for _, t in lowrank]
+            ups = [t.up for _, t in lowrank]
+            down = downs[0] if len(downs) == 1 else np.concatenate(downs, axis=0)  # (R, in)
+            up = ups[0] if len(ups) == 1 else np.concatenate(ups, axis=1)  # (out, R)
+            factors = np.repeat(
+                np.array([s * t.factor for s, t in lowrank], dtype=np.float32), [t.down.shape[0] for _, t in lowrank]
+            )
+            out.down = (_to_mx(down, mx.float32) * mx.array(factors)[:, None]).astype(dtype)
+            out.up = _to_mx(up, dtype)
     dense = bias = None
     for scale, term in contributions:
         if isinstance(term, KronTerm):

@@ -72,3 +72,55 @@ def test_bf16_model_stays_bf16(tmp_path):
     LoraPatcher(root, LoraCache()).apply_stack([StackEntry(str(tmp_path / "b.safetensors"), 1.0)])
     y = root.transformer_blocks[0].attn.to_out[0](mx.ones((2, 64), dtype=mx.bfloat16))
     assert y.dtype == mx.bfloat16
+
+
+def _lora_file(path, out_dim, in_dim, rank, seed, dtype):
+    """A kohya LoRA on the test tree's one layer, stored in `dtype`; its delta at scale 1 from the stored values."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(seed)
+    down, up = rng.standard_normal((rank, in_dim)) * 0.1, rng.standard_normal((out_dim, rank)) * 0.1
+    base = "lora_unet_double_blocks_0_img_attn_proj"
+    tensors = {f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up, f"{base}.alpha": np.array(float(rank))}
+    write_safetensors(path, tensors, {}, dtype=dtype)
+    stored = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}[dtype]
+    return up.astype(stored).astype(np.float64) @ down.astype(stored).astype(np.float64)
+
+
+def test_half_precision_stacks_apply_every_file_at_its_scale(tmp_path):
+    """bf16 and f16 layers take a stack's low-rank pairs as stored (written straight into the stacked
+    buffers) with the per-file scales on the side path's small product: the output matches the float64
+    sum of the files' deltas within the layer dtype's precision, the dtype is kept, and switching back to
+    a resident stack gives the same bytes as its first build."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from daemon.lora import LoraPatcher
+
+    for layer_dtype, file_dtype, rtol in ((mx.bfloat16, "BF16", 3e-2), (mx.float16, "F16", 3e-3)):
+        linear = nn.Linear(64, 48)
+        linear.set_dtype(layer_dtype)
+        root = _tree(linear)
+        scales = (0.8, -0.5, 0.3)
+        deltas = [
+            _lora_file(tmp_path / f"{file_dtype}{i}.safetensors", 48, 64, rank=4 + 2 * i, seed=i, dtype=file_dtype)
+            for i in range(3)
+        ]
+        stack = [StackEntry(str(tmp_path / f"{file_dtype}{i}.safetensors"), s) for i, s in enumerate(scales)]
+        patcher = LoraPatcher(root, LoraCache())
+        patcher.apply_stack(stack)
+        x = mx.array(np.random.default_rng(9).standard_normal((5, 64)).astype(np.float32)).astype(layer_dtype)
+        wrapper = root.transformer_blocks[0].attn.to_out[0]
+        y = wrapper(x)
+        assert y.dtype == layer_dtype
+        side = np.array(y.astype(mx.float32)) - np.array(linear(x).astype(mx.float32))
+        total = sum(s * d for s, d in zip(scales, deltas, strict=True))
+        truth = np.array(x.astype(mx.float32), dtype=np.float64) @ total.T
+        np.testing.assert_allclose(side, truth, rtol=rtol, atol=rtol * np.abs(truth).max())
+        np.testing.assert_allclose(np.array(wrapper.delta()), total, atol=1e-3)
+        first = np.array(y.astype(mx.float32))
+        patcher.apply_stack(stack[:1])
+        patcher.apply_stack(stack)  # resident again: the same arrays, the same bytes
+        assert np.array_equal(np.array(wrapper(x).astype(mx.float32)), first)
+        patcher.clear()
+        assert root.transformer_blocks[0].attn.to_out[0] is linear
