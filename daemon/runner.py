@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
 from opentelemetry.context import Context
@@ -97,6 +97,21 @@ class JobListener(Protocol):
     def finished(self, job: RenderJob, result: RenderResult) -> None: ...
 
     def failed(self, job: RenderJob, error: EaselError) -> None: ...
+
+
+def tell(event: Callable[..., None], *args: object) -> None:
+    """Call a job listener's event; one that raises is logged, never allowed to stop the worker."""
+    try:
+        event(*args)
+    except Exception:
+        log.exception("job listener %r failed", event)
+
+
+def tell_optional(job: Any, name: str, *args: object) -> None:
+    """Call `job.listener.<name>(job, *args)` when the listener has that optional event."""
+    event = getattr(job.listener, name, None)
+    if event is not None:
+        tell(event, job, *args)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -306,7 +321,7 @@ class RenderRunner:
         position = next(i for i, (j, _, _) in enumerate(forecast, 1) if j is job)
         _, start, finish = forecast[position - 1]
         job.told_position, job.told_start = position, None if start is None else now + start
-        self._tell(listener.queued, job, position, Estimate(start, finish))
+        tell(listener.queued, job, position, Estimate(start, finish))
         self._refresh(now, forecast)  # the jobs it went ahead of
         return job
 
@@ -354,31 +369,18 @@ class RenderRunner:
 
     def _fail(self, job: RenderJob, error: EaselError) -> None:
         if self._settle(job):
-            self._tell(job.listener.failed, job, error)
+            tell(job.listener.failed, job, error)
 
     def _finish(self, job: RenderJob, result: RenderResult) -> None:
         if self._settle(job):
             self.renders_done += 1
-            self._tell(job.listener.finished, job, result)
+            tell(job.listener.finished, job, result)
 
     def _progress(self, job: RenderJob, step: int, steps: int, elapsed_s: float) -> None:
         if job.state == "running":
-            self._tell(job.listener.progress, job, step, steps, elapsed_s)
+            tell(job.listener.progress, job, step, steps, elapsed_s)
             if time.monotonic() - self._last_refresh >= REFRESH_EVERY_S:
                 self._refresh()
-
-    @staticmethod
-    def _tell(event: Callable[..., None], *args: object) -> None:
-        """Call a listener; one that raises is logged, never allowed to stop the worker."""
-        try:
-            event(*args)
-        except Exception:
-            log.exception("job listener %r failed", event)
-
-    def _tell_optional(self, job: RenderJob, name: str, *args: object) -> None:
-        event = getattr(job.listener, name, None)
-        if event is not None:
-            self._tell(event, job, *args)
 
     def _depth_changed(self) -> None:
         self.service.tel.metrics.set_queue_depth(len(self.queue))
@@ -397,7 +399,7 @@ class RenderRunner:
             return False
         job.state, job.started_at, job.step = "running", now, 0
         self.running = job
-        self._tell(job.listener.started, job)
+        tell(job.listener.started, job)
         self._prefetch_next(job, now)
         self._refresh(now)
         return True
@@ -519,7 +521,7 @@ class RenderRunner:
                 job.preemptions += 1
                 job.state = "suspended"
                 self.suspended.append(job)
-                self._tell_optional(job, "suspended", i, n)
+                tell_optional(job, "suspended", i, n)
             if self._start(nxt, now):
                 return nxt
 
@@ -542,7 +544,7 @@ class RenderRunner:
             self.suspended.remove(job)
         if job.state == "suspended":
             job.state = "running"
-            self._tell_optional(job, "resumed", i, n)
+            tell_optional(job, "resumed", i, n)
         self.running = job
         self._refresh()
 
@@ -627,7 +629,7 @@ class RenderRunner:
             )
             if pos != job.told_position or moved:
                 job.told_position, job.told_start = pos, at
-                self._tell_optional(job, "queue_update", pos, Estimate(start, finish))
+                tell_optional(job, "queue_update", pos, Estimate(start, finish))
         return forecast
 
     def _job_info(self, job: RenderJob, now: float, est: tuple[float | None, float | None] | None) -> JobInfo:

@@ -55,7 +55,7 @@ from client.wire.messages import (
 )
 from daemon.cluster.stack_id import StackIds
 from daemon.config import ServiceConfig
-from daemon.runner import Estimate, JobListener, RunnerStatus
+from daemon.runner import Estimate, JobListener, RunnerStatus, tell, tell_optional
 from daemon.scheduler import Shape
 from daemon.security import confine
 from daemon.server import DaemonServer
@@ -314,19 +314,19 @@ class ClusterRunner:
         elif kind in ("queued", "queue_update"):
             estimate = Estimate(event[2], event[3])
             if kind == "queued" and job.attempts == 1:
-                self._tell(listener.queued, job, event[1], estimate)
+                tell(listener.queued, job, event[1], estimate)
             else:
-                self._tell_optional(job, "queue_update", event[1], estimate)
+                tell_optional(job, "queue_update", event[1], estimate)
         elif kind == "started":
             job.shape = Shape(*event[1:5])
             job.state, job.started_at, job.step = "running", time.monotonic(), 0
             if job.attempts == 1:
-                self._tell(listener.started, job)
+                tell(listener.started, job)
         elif kind == "progress":
             job.step = event[1]
-            self._tell(listener.progress, job, event[1], event[2], event[3])
+            tell(listener.progress, job, event[1], event[2], event[3])
         elif kind in ("suspended", "resumed"):
-            self._tell_optional(job, kind, event[1], event[2])
+            tell_optional(job, kind, event[1], event[2])
         elif kind == "result":
             result: RenderResult = event[1]
             self._finish(job, msgspec.structs.replace(result, job=job.job_id))
@@ -349,26 +349,14 @@ class ClusterRunner:
         if self._settle(job):
             self.renders_done += 1
             job.span.end()
-            self._tell(job.listener.finished, job, result)
+            tell(job.listener.finished, job, result)
 
     def _fail(self, job: ClusterJob, error: EaselError) -> None:
         if self._settle(job):
             job.span.set_attribute("error.type", error.code)
             job.span.set_status(Status(StatusCode.ERROR, error.message))
             job.span.end()
-            self._tell(job.listener.failed, job, error)
-
-    @staticmethod
-    def _tell(event: Any, *args: Any) -> None:
-        try:
-            event(*args)
-        except Exception:
-            log.exception("job listener %r failed", event)
-
-    def _tell_optional(self, job: ClusterJob, name: str, *args: Any) -> None:
-        event = getattr(job.listener, name, None)
-        if event is not None:
-            self._tell(event, job, *args)
+            tell(job.listener.failed, job, error)
 
     # ---- status -------------------------------------------------------------------------------------
 
