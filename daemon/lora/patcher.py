@@ -317,7 +317,7 @@ class LoraPatcher:
             layers[target] = parts
             to_eval.extend(parts.arrays())
         t2 = time.perf_counter()
-        allocate_ms, write_ms = fills.run()  # every low-rank pair: allocated at once, each block written once
+        allocate_ms, write_ms = fills.run()  # every low-rank pair allocated, each block written once
         t3 = time.perf_counter()
         if to_eval:
             mx.eval(*to_eval)
@@ -325,7 +325,7 @@ class LoraPatcher:
             "prepare": (t1 - t0) * 1000,  # read, parse, resolve (cached parts skipped)
             "plan": (t2 - t1) * 1000,  # per-layer arrays declared (DoRA norms computed)
             "allocate": allocate_ms,  # the stack's MLX buffers allocated (first touch of fresh memory)
-            "write": write_ms,  # each file block written into them
+            "write": write_ms,  # each file block written into them, beyond the allocation they overlap
             "evaluate": (time.perf_counter() - t3) * 1000,  # everything else evaluated
         }
         key = tuple((self.cache.key(e.path), float(e.scale), sig) for e, sig in zip(stack, sigs, strict=True))

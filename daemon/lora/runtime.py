@@ -15,6 +15,7 @@ an exact restore. Cheaper per step, but every switch touches every patched weigh
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -228,52 +229,97 @@ class StackedLoraLinear(nn.Module):
         return w + self.delta()
 
 
+CHUNK_BYTES = 32 * 1024**2  # a stack build allocates this much at a time while the writes run
+_ALIGN = 64  # elements: every array of a chunk starts on a 128-byte (bf16) or 256-byte (float32) boundary
+
+
 class Fills:
     """The low-rank arrays of a stack build, written once, straight into their final MLX buffers.
 
-    `zeros` declares an MLX array (a numpy-visible dtype: bf16 is declared as uint16 and viewed back);
-    `run` allocates every declared array in one evaluation, then runs the fills, each writing a file's
-    block into its rows or columns through a numpy view of the MLX buffer. No intermediate numpy or MLX
-    array, no MLX op per block: each byte of a file is read once and written once, converted as it goes.
-    The arrays are private to the build until it returns, so writing into them is safe.
+    `zeros` declares an array (shape, dtype) and the setter that receives it; `fill` adds a job writing a
+    file's block into its rows or columns. `run` packs the declared arrays into few large MLX buffers
+    (chunks of about CHUNK_BYTES, each one allocation) and hands every setter an MLX view of its part
+    (a slice and reshape of the chunk: no copy), while the jobs write through numpy views of the same
+    memory. Allocating a thousand layer-sized arrays one by one costs about 4x the same bytes in a few
+    large ones (bench/lora.py, MLX on Linux), and no byte is ever copied twice: no intermediate numpy or
+    MLX array, no MLX op per block. The chunks are private to the build until it returns, so writing into
+    them is safe; the stack's views keep them alive, and they are freed with the stack.
     """
 
     def __init__(self) -> None:
-        self._arrays: list[mx.array] = []
-        self._jobs: list[tuple[int, Callable[[np.ndarray], None]]] = []
+        self._declared: list[tuple[tuple[int, ...], mx.Dtype, Callable[[mx.array], None]]] = []
+        self._jobs: list[list[Callable[[np.ndarray], None]]] = []
 
-    def zeros(self, shape: tuple[int, ...], dtype: mx.Dtype) -> tuple[mx.array, int]:
-        arr = mx.zeros(shape, mx.uint16 if dtype == mx.bfloat16 else dtype)
-        self._arrays.append(arr)
-        return (arr.view(mx.bfloat16) if dtype == mx.bfloat16 else arr), len(self._arrays) - 1
+    def zeros(self, shape: tuple[int, ...], dtype: mx.Dtype, assign: Callable[[mx.array], None]) -> int:
+        """Declare an array; `assign` receives it (an MLX view, evaluated, its blocks written) in `run`."""
+        self._declared.append((tuple(int(d) for d in shape), dtype, assign))
+        self._jobs.append([])
+        return len(self._declared) - 1
 
     def fill(self, index: int, job: Callable[[np.ndarray], None]) -> None:
-        self._jobs.append((index, job))
+        self._jobs[index].append(job)
+
+    def _chunks(self) -> list[tuple[mx.Dtype, list[tuple[int, int]]]]:
+        """[(storage dtype, [(declared index, element offset)])]: the declared arrays packed by dtype."""
+        chunks: list[tuple[mx.Dtype, list[tuple[int, int]]]] = []
+        open_chunk: dict[mx.Dtype, tuple[list[tuple[int, int]], list[int]]] = {}
+        for index, (shape, dtype, _) in enumerate(self._declared):
+            storage = mx.uint16 if dtype == mx.bfloat16 else dtype
+            size = math.prod(shape)
+            members, used = open_chunk.get(storage, (None, [0]))
+            if members is None or (used[0] and (used[0] + size) * storage.size > CHUNK_BYTES):
+                members, used = [], [0]
+                open_chunk[storage] = (members, used)
+                chunks.append((storage, members))
+            members.append((index, used[0]))
+            used[0] += -(-size // _ALIGN) * _ALIGN
+        return chunks
 
     def run(self, workers: int = 2) -> tuple[float, float]:
-        """Allocate, then write every block; `workers` threads share the blocks (numpy's copies and
-        conversions let go of the GIL, so on a multi-core machine they overlap). Returns the
-        milliseconds each took."""
-        if not self._arrays:
+        """Allocate the chunks one by one (one MLX evaluation each) on this thread while `workers` threads
+        write the blocks of the chunks already allocated: the first touch of fresh memory (page faults,
+        zeroing) overlaps the copies instead of preceding them. Numpy's copies and conversions let go of
+        the GIL, so on a multi-core machine they run in parallel. Returns (milliseconds spent allocating,
+        milliseconds the writes and views took beyond that)."""
+        if not self._declared:
             return 0.0, 0.0
+        declared, jobs_of = self._declared, self._jobs
+        chunks = self._chunks()
+        self._declared, self._jobs = [], []
+
+        def write(share: list[tuple[np.ndarray, Callable[[np.ndarray], None]]]) -> None:
+            for view, job in share:
+                job(view)
+
         t0 = time.perf_counter()
-        mx.eval(*self._arrays)
-        t1 = time.perf_counter()
-        views = [np.array(a, copy=False) for a in self._arrays]
-        jobs = self._jobs
-        self._arrays, self._jobs = [], []
-
-        def run_share(share: list[tuple[int, Callable[[np.ndarray], None]]]) -> None:
-            for index, job in share:
-                job(views[index])
-
-        if workers <= 1 or len(jobs) < 2 * workers:
-            run_share(jobs)
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for done in [pool.submit(run_share, jobs[i::workers]) for i in range(workers)]:
-                    done.result()
-        return (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000
+        allocating = 0.0
+        views: list[mx.array | None] = [None] * len(declared)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            pending = []
+            for storage, members in chunks:
+                last_index, last_offset = members[-1]
+                length = last_offset + math.prod(declared[last_index][0])
+                a0 = time.perf_counter()
+                chunk = mx.zeros((length,), storage)
+                mx.eval(chunk)
+                flat = np.array(chunk, copy=False)
+                allocating += time.perf_counter() - a0
+                share = []
+                for index, offset in members:
+                    shape, dtype, _ = declared[index]
+                    size = math.prod(shape)
+                    view = chunk[offset : offset + size].reshape(shape)
+                    views[index] = view.view(mx.bfloat16) if dtype == mx.bfloat16 else view
+                    target = flat[offset : offset + size].reshape(shape)
+                    share.extend((target, job) for job in jobs_of[index])
+                pending.append(pool.submit(write, share))
+            mx.eval(*views)  # slices and reshapes of the chunks: they share the chunks' memory
+            for done in pending:
+                done.result()
+        for (_, _, assign), view in zip(declared, views, strict=True):
+            assign(view)
+        total = time.perf_counter() - t0
+        return allocating * 1000, (total - allocating) * 1000
 
 
 # Layer dtypes the low-rank pair is written into directly (numpy view dtype of the MLX buffer), and
@@ -313,8 +359,8 @@ def _lowrank(out: LayerArrays, lowrank: list[tuple[float, LowRankTerm]], dtype: 
     ranks = [t.down.shape[0] for _, t in lowrank]
     total = sum(ranks)
     in_dim, out_dim = lowrank[0][1].down.shape[1], lowrank[0][1].up.shape[0]
-    out.down, d_index = fills.zeros((total, in_dim), dtype)
-    out.up, u_index = fills.zeros((out_dim, total), dtype)
+    d_index = fills.zeros((total, in_dim), dtype, lambda a: setattr(out, "down", a))
+    u_index = fills.zeros((out_dim, total), dtype, lambda a: setattr(out, "up", a))
     factors = [np.float32(s * t.factor) for s, t in lowrank]
     if not fold:
         out.rank_scale = mx.array(np.repeat(np.array(factors, dtype=np.float32), ranks))
