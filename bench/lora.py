@@ -6,13 +6,15 @@ ever allocated). LoRA files are rank 16, bf16 (as most Flux LoRAs ship), coverin
 generated into a temp dir; a stack is 3 of them.
 
 Measured:
-- read_ms: reading the bytes of one stack's 3 files (page cache warm), as the reader does (one readinto);
+- read_ms: reading the bytes of one stack's 3 files (page cache warm), as the reader does (one readinto
+  into an np.empty buffer each); the old bytearray way and Path.read_bytes are printed beside it, and
+  the time to allocate one stack's MLX arrays alone (the floor under any build on this backend);
 - cold switch: to a stack with nothing cached (files read, parsed, resolved, built), median of 3;
 - warm switch: between two resident stacks, median and p99 of SWAPS alternations;
 - old: the same switches with the patcher as it was before resident stacks (extracted from git at
   OLD_COMMIT): its "warm" switch re-resolved and rebuilt every layer from parsed files;
 - step overhead: one transformer step of the tiny (mini) model with a 3-LoRA stack / without, at the
-  token counts of 64, 128 and 256 px renders (timed in alternation, min of each);
+  token counts of 64, 128 and 256 px renders (timed in alternation; the median of paired ratios);
 - rss_growth_mb: RSS after 1,000 switches among 10 stacks minus RSS after the caches were filled
   (1 + 1 depth; bounds set so stacks are evicted and rebuilt along the way).
 
@@ -54,7 +56,7 @@ SWAPS = int(os.environ.get("EASEL_BENCH_SWAPS", "200"))
 OLD_SWAPS = int(os.environ.get("EASEL_BENCH_OLD_SWAPS", "4"))
 REPEATS = int(os.environ.get("EASEL_BENCH_REPEATS", "3"))
 RSS_SWITCHES = int(os.environ.get("EASEL_BENCH_RSS_SWITCHES", "1000"))
-STEP_ROUNDS = int(os.environ.get("EASEL_BENCH_STEP_ROUNDS", "8"))
+STEP_ROUNDS = int(os.environ.get("EASEL_BENCH_STEP_ROUNDS", "12"))
 FMTS = ["kohya", "diffusers", "kohya", "diffusers", "kohya", "diffusers"]
 SCALES_A, SCALES_B = (0.8, 0.5, 0.3), (0.7, 0.6, 0.2)
 
@@ -116,19 +118,45 @@ def stacks_of(files: list[str]) -> tuple[list[StackEntry], list[StackEntry]]:
     return a, b
 
 
-def read_ms(paths: list[str]) -> float:
-    """Reading the files' bytes the way the reader does (one readinto into owned memory each); best of 3."""
+def read_ms(paths: list[str], how: str = "reader") -> float:
+    """Reading the files' bytes into memory this process owns, best of 3 (page cache warm):
+    - "reader": as the reader does (client/lorafile/safetensors_io.py): one `readinto` per file into an
+      `np.empty` buffer, which numpy backs with huge pages; this is the denominator of cold_vs_read;
+    - "bytearray": one `readinto` into a bytearray (zero-filled first, 4 KiB pages: the reader before);
+    - "read_bytes": `Path.read_bytes()`, the plain way."""
+    import numpy as np
+
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
         bufs = []
         for p in paths:
-            buf = bytearray(os.path.getsize(p))
+            if how == "read_bytes":
+                bufs.append(Path(p).read_bytes())
+                continue
+            size = os.path.getsize(p)
+            buf = np.empty(size, np.uint8) if how == "reader" else bytearray(size)
             with open(p, "rb", buffering=0) as fh:
                 fh.readinto(buf)
             bufs.append(buf)
         best = min(best, (time.perf_counter() - t0) * 1000)
         del bufs
+    return best
+
+
+def alloc_ms(nbytes: int) -> float:
+    """Allocating `nbytes` of MLX arrays (32 MB each, evaluated: the first touch of fresh memory), best of 3:
+    what any stack build pays before it writes a byte (MLX on Linux allocates in 4 KiB pages)."""
+    import mlx.core as mx
+
+    best = float("inf")
+    chunk = 16 * 1024**2  # uint16 elements: 32 MB
+    for _ in range(3):
+        t0 = time.perf_counter()
+        arrays = [mx.zeros((min(chunk, (nbytes - i) // 2),), mx.uint16) for i in range(0, nbytes, 2 * chunk)]
+        mx.eval(*arrays)
+        best = min(best, (time.perf_counter() - t0) * 1000)
+        del arrays
     return best
 
 
@@ -165,6 +193,8 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     out: dict = {"layers": len(layout), "file_mb": os.path.getsize(files[0]) / 1024**2}
     read_ms(files[3:])  # page cache warm
     out["read_ms"] = read_ms(files[3:])
+    out["read_bytearray_ms"] = read_ms(files[3:], "bytearray")
+    out["read_bytes_ms"] = read_ms(files[3:], "read_bytes")
     if with_old:
         old_cls, old_cache_cls = old_patcher_class()
         old = old_cls(transformer, old_cache_cls(4 * 1024**3))
@@ -192,6 +222,8 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     out["phases"] = {k: statistics.median(v) for k, v in phases.items()}
     out["rss_after_mb"] = rss_mb()
     out["resident_mb"] = new.resident.stats().bytes / 1024**2
+    new.apply_stack(b)
+    out["alloc_ms"] = alloc_ms(new.resident.get(new._key(b)).nbytes)  # one stack's bytes
     clear_new()
     gc.collect()
     return out
@@ -229,10 +261,11 @@ def rss_run(tmp: Path) -> tuple[float, float, dict]:
     return before, after, {"resident": stats, "files": p.cache.stats(), "stack_mb": one / 1024**2}
 
 
-def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int]]:
-    """{px: (step ms without, with a 3-LoRA stack, tokens)}: one transformer call of the tiny (mini) model
-    at the token counts of a px x px render (image tokens + the preset's text tokens). Base and stacked
-    steps are timed in alternation, STEP_ROUNDS rounds, the least disturbed (min) of each kept: this
+def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int, float]]:
+    """{px: (step ms without, with a 3-LoRA stack, tokens, ratio)}: one transformer call of the tiny (mini)
+    model at the token counts of a px x px render (image tokens + the preset's text tokens). Base and
+    stacked steps are timed in alternation, STEP_ROUNDS rounds of min-of-3 each; the ratio is the median
+    of the rounds' paired ratios (a disturbance hits both halves of a round alike, or one round only): this
     2-core machine is shared, and a whole render (text encoders, VAE) would drown the side path."""
     import mlx.core as mx
     import numpy as np
@@ -265,11 +298,12 @@ def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int]]:
         step_ms()
         base, with_stack = [], []
         for _ in range(STEP_ROUNDS):
-            base.append(min(step_ms() for _ in range(2)))
+            base.append(min(step_ms() for _ in range(3)))
             patcher.apply_stack(stack)
-            with_stack.append(min(step_ms() for _ in range(2)))
+            with_stack.append(min(step_ms() for _ in range(3)))
             patcher.clear()
-        out[px] = (min(base), min(with_stack), image_tokens + text_tokens)
+        ratios = [w / b for b, w in zip(base, with_stack, strict=True)]
+        out[px] = (min(base), min(with_stack), image_tokens + text_tokens, statistics.median(ratios))
     return out
 
 
@@ -297,17 +331,18 @@ def main() -> None:
     for label, d in (("full depth 19 + 38", full), ("1 + 1 blocks", small)):
         print(
             f"{label}: {d['layers']} Linear layers, 3-LoRA stacks of rank {RANK} (bf16, every layer), "
-            f"{d['file_mb']:.0f} MB per file, read 3 files {d['read_ms']:.1f} ms"
+            f"{d['file_mb']:.0f} MB per file, read 3 files {d['read_ms']:.1f} ms "
+            f"(bytearray {d['read_bytearray_ms']:.1f} ms, read_bytes {d['read_bytes_ms']:.1f} ms), "
+            f"allocating one stack's MLX arrays alone {d['alloc_ms']:.1f} ms"
         )
         print(row("old", d, "old_cold", "old_warm"))
         print(row("new", d, "cold", "warm"))
         print("  new cold build, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in d["phases"].items()))
         print(f"  resident stacks {d['resident_mb']:.0f} MB, RSS after {d['rss_after_mb']:.0f} MB")
-    for px, (base, with_stack, tokens) in steps.items():
-        ratio = with_stack / base
+    for px, (base, with_stack, tokens, ratio) in steps.items():
         print(
             f"tiny model step {px}x{px} ({tokens} tokens): {base:8.1f} ms, with a 3-LoRA stack (rank 16 each, "
-            f"every layer) {with_stack:8.1f} ms ({ratio:.3f})"
+            f"every layer) {with_stack:8.1f} ms (min / min {with_stack / base:.3f}, median paired ratio {ratio:.3f})"
         )
     print(
         f"RSS over {RSS_SWITCHES} switches among 10 stacks (1 + 1, {rss_info['stack_mb']:.1f} MB per stack): "
@@ -321,7 +356,7 @@ def main() -> None:
     print(
         f"bench lora: warm_swap_ms={warm_full:.3f} depth_ratio={warm_full / warm_small:.2f} "
         f"cold_vs_read={statistics.median(full['cold']) / full['read_ms']:.2f} "
-        f"stack_overhead={steps[128][1] / steps[128][0]:.3f} rss_growth_mb={after - before:.1f}"
+        f"stack_overhead={steps[128][3]:.3f} rss_growth_mb={after - before:.1f}"
     )
 
 
