@@ -5,12 +5,14 @@ One local Ray cluster (2 CPUs) with the tiny preset, the gateway on a Unix socke
    through the gateway socket): wall time -> throughput of 2; stack loads on the board (each replica's
    multiplexed loader counts its loads) over 6 distinct stacks; affinity hit rate = requests served by a
    replica that already held the stack = 1 - loads / requests (every load is a miss);
-2. one replica (the application deployed again), the same workload over 6 *other* stacks (other files):
-   wall time -> throughput of 1;
+2. one replica (the application deployed again) reserving both CPUs, as a daemon alone on the machine has
+   them, the same workload over 6 *other* stacks (other files): wall time -> throughput of 1;
 3. beside that replica, the same model in a plain daemon (DaemonServer + RenderRunner on a socket in this
-   process): SERIAL pairs of one warm render through the gateway and straight to the daemon, ABBA-
-   interleaved. gateway_overhead = median gateway round trip / median direct round trip; the line before
+   process, the same BLAS threads as the replica: printed before the figures): SERIAL pairs of one warm
+   render through the gateway and straight to the daemon, ABBA-interleaved. gateway_overhead = median gateway round trip / median direct round trip; the line before
    the last also gives the time outside the render (round trip - the runner's own total) on each path.
+A replica computes with as many BLAS threads as the CPUs it reserves (daemon/cluster/app.py), a daemon
+with every core: each of the two replicas gets 1, the single replica 2, like the direct daemon.
 At most two tiny models (~3.7 GiB each) are in memory at once. Ray runs its workers niced by default; here
 RAY_worker_niceness=0 so a replica and the direct daemon compete for the cores alike. Renders are
 CPU-bound and both replicas share this machine's cores, so throughput_2_vs_1 says what the router and
@@ -109,6 +111,19 @@ def abba_round_trips(gateway: Path, direct: Path, stack: list[str]) -> tuple[lis
     return via, straight
 
 
+def replica_processes() -> list[dict]:
+    import ray
+
+    from daemon.cluster.board import board_handle
+
+    return [snap["process"] for _, snap in ray.get(board_handle().snapshot.remote())["replicas"].values()]
+
+
+def describe(facts: dict) -> str:
+    env = " ".join(f"{k}={v}" for k, v in sorted(facts["env"].items())) or "no thread variables"
+    return f"{facts['blas']} {facts['blas_threads']} threads on {facts['cpus']} cpus, nice {facts['nice']}, {env}"
+
+
 def board_loads() -> int:
     import ray
 
@@ -159,6 +174,7 @@ def main() -> None:
 
     from daemon.cluster import app
     from daemon.cluster.gateway import GatewayThread
+    from daemon.cluster.replica import process_facts
     from daemon.config import ServerConfig, ServiceConfig
     from daemon.telemetry import setup_telemetry
 
@@ -181,6 +197,8 @@ def main() -> None:
         t0 = time.perf_counter()
         app.deploy(config, replicas=2, stacks_per_replica=STACKS)
         print(f"2 replicas ready in {time.perf_counter() - t0:.1f}s", flush=True)
+        for facts in replica_processes():
+            print(f"  replica: {describe(facts)}", flush=True)
         gw = gateway("two.sock")
         loads0 = board_loads()
         wall2 = asyncio.run(run_workload(gw.socket, workload(first, 2)))
@@ -189,12 +207,14 @@ def main() -> None:
         gw.stop()
         serve.delete(app.APP_NAME)
         t0 = time.perf_counter()
-        app.deploy(config, replicas=1, stacks_per_replica=STACKS)
+        handle = app.deploy(config, replicas=1, stacks_per_replica=STACKS, num_cpus=2)
         print(f"1 replica ready in {time.perf_counter() - t0:.1f}s", flush=True)
+        print(f"  replica: {describe(handle.facts.remote().result())}", flush=True)
         gw = gateway("one.sock")
         wall1 = asyncio.run(run_workload(gw.socket, workload(second, 1)))
         print(f"1 replica: {REQUESTS} renders in {wall1:.1f}s", flush=True)
         direct = DirectDaemon(tmp / "gw" / "direct.sock", config).start()
+        print(f"  direct daemon: {describe(process_facts())}", flush=True)
         try:
             via, straight = abba_round_trips(gw.socket, direct.sock, second[0])
         finally:

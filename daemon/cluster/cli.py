@@ -130,6 +130,9 @@ def cluster_group() -> None:
 @click.option("--num-cpus", type=float, default=1, show_default=True, help="CPUs each replica reserves.")
 @click.option("--num-gpus", type=float, default=0, show_default=True, help="GPUs each replica reserves.")
 @click.option(
+    "--blas-threads", type=click.IntRange(1), default=None, help="BLAS threads per replica [default: --num-cpus]."
+)
+@click.option(
     "--stacks-per-replica",
     type=click.IntRange(1),
     default=None,
@@ -142,8 +145,8 @@ def cluster_group() -> None:
 @click.option("--output-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--no-warmup", is_flag=True)
 def up_command(
-    replicas, preset, model_path, address, num_cpus, num_gpus, stacks_per_replica, stack_bytes, resident_stack_bytes,
-    lora_roots, output_root, no_warmup,
+    replicas, preset, model_path, address, num_cpus, num_gpus, blas_threads, stacks_per_replica, stack_bytes,
+    resident_stack_bytes, lora_roots, output_root, no_warmup,
 ) -> None:  # fmt: skip
     """Deploy N replicas of a preset (starting a one-machine Ray cluster unless --address names one)."""
     from daemon.cluster import app
@@ -163,7 +166,10 @@ def up_command(
         serve.start(http_options={"location": "NoServer"})
         n = stacks_per_replica or app.stacks_for(config, stack_bytes)
         click.echo(f"easel: deploying {replicas} replica(s) of {config.preset} ({n} stacks each) ...")
-        app.deploy(config, replicas=replicas, stacks_per_replica=n, num_cpus=num_cpus, num_gpus=num_gpus)
+        app.deploy(
+            config, replicas=replicas, stacks_per_replica=n, num_cpus=num_cpus, num_gpus=num_gpus,
+            blas_threads=blas_threads,
+        )  # fmt: skip
     except EaselError as err:
         fail(err)
     click.echo(f"easel: {replicas} replica(s) ready; serve them on a socket with: easel gateway --cluster {address}")

@@ -103,6 +103,8 @@ class RenderReplica:
             self.service.warm_up()
         log.warning("replica %s: %s loaded in %.1fs", self.replica_id, config.preset, time.perf_counter() - t0)
         self.runner = RenderRunner(self.service, config)
+        self.process = process_facts()  # after the model loaded: OpenBLAS has read its thread variables
+        log.warning("replica %s: %s", self.replica_id, self.process)
         self.ids = StackIds()
         self.loads: Counter[str] = Counter()
         self.resident: set[str] = set()
@@ -200,6 +202,10 @@ class RenderReplica:
             "easel.cluster.stack_id": stack_id,
         }
 
+    async def facts(self) -> dict[str, Any]:
+        """What decides this process's CPU render speed (BLAS threads, affinity, niceness, thread variables)."""
+        return process_facts()
+
     async def inspect(self, path: str) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, self.service.inspect, path)
 
@@ -234,12 +240,36 @@ class RenderReplica:
             "preset": run.preset,
             "warm": run.warm,
             "loads": dict(self.loads),
+            "process": self.process,
         }
 
     def __del__(self) -> None:  # a replica being stopped: no more renders (best effort)
         runner = getattr(self, "runner", None)
         if runner is not None:
             runner.stop_accepting()
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "GOTO_NUM_THREADS")
+
+
+def process_facts() -> dict[str, Any]:
+    """This process's BLAS (and its thread count), CPU affinity, niceness and thread variables."""
+    import ctypes
+
+    from daemon.engine.blas import BLAS
+
+    threads = None
+    if BLAS.path:
+        get = getattr(ctypes.CDLL(BLAS.path), "openblas_get_num_threads", None)
+        threads = get() if get is not None else None
+    return {
+        "pid": os.getpid(),
+        "blas": BLAS.name,
+        "blas_threads": threads,
+        "cpus": len(os.sched_getaffinity(0)),
+        "nice": os.nice(0),
+        "env": {k: os.environ[k] for k in THREAD_VARIABLES if k in os.environ},
+    }
 
 
 def _replica_telemetry(replica_id: str):
