@@ -7,10 +7,11 @@ One local Ray cluster (2 CPUs) with the tiny preset, the gateway on a Unix socke
    replica that already held the stack = 1 - loads / requests (every load is a miss);
 2. one replica (the application deployed again) reserving both CPUs, as a daemon alone on the machine has
    them, the same workload over 6 *other* stacks (other files): wall time -> throughput of 1;
-3. beside that replica, the same model in a plain daemon (DaemonServer + RenderRunner on a socket in this
-   process, the same BLAS threads as the replica: printed before the figures): SERIAL pairs of one warm
-   render through the gateway and straight to the daemon, ABBA-interleaved. gateway_overhead = median gateway round trip / median direct round trip; the line before
-   the last also gives the time outside the render (round trip - the runner's own total) on each path.
+3. beside that replica, the same model in a plain daemon (`easel serve` in its own process, OpenBLAS on both
+   cores like the replica: printed before the figures): SERIAL pairs of one warm render through the
+   gateway and straight to the daemon, ABBA-interleaved. gateway_overhead = median gateway round trip /
+   median direct round trip; the line before the last also gives the time outside the render (round
+   trip - the runner's own total) on each path.
 A replica computes with as many BLAS threads as the CPUs it reserves (daemon/cluster/app.py), a daemon
 with every core: each of the two replicas gets 1, the single replica 2, like the direct daemon.
 At most two tiny models (~3.7 GiB each) are in memory at once. Ray runs its workers niced by default; here
@@ -28,9 +29,9 @@ import asyncio
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -133,39 +134,40 @@ def board_loads() -> int:
 
 
 class DirectDaemon:
-    """The plain daemon (socket server + runner + the model) on a thread of this process."""
+    """A plain daemon, `easel serve` in its own process as a game server would run it (the same preset, roots
+    and queue as the replicas), with the environment of this benchmark (no thread variables: OpenBLAS on
+    every core)."""
 
     def __init__(self, sock: Path, config) -> None:
         self.sock, self.config = sock, config
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        from daemon.config import ServerConfig
-        from daemon.runner import RenderRunner
-        from daemon.security import bind_unix_socket
-        from daemon.server import DaemonServer
-        from daemon.service import RenderService
-
-        service = RenderService.load(self.config)
-        sock = bind_unix_socket(self.sock)
-        self.loop = asyncio.new_event_loop()
-
-        async def main() -> None:
-            self.server = DaemonServer(ServerConfig(socket_path=self.sock), RenderRunner(service, self.config))
-            await self.server.serve(sock, on_ready=self.ready.set)
-
-        self.loop.run_until_complete(main())
-        sock.close()
+        self.proc: subprocess.Popen | None = None
 
     def start(self) -> DirectDaemon:
-        self.thread.start()
-        assert self.ready.wait(900)
-        return self
+        easel = str(Path(sys.executable).parent / "easel")
+        args = [easel, "serve", "--preset", self.config.preset, "--socket", str(self.sock), "--output-root",
+                str(self.config.output_root), "--queue-capacity", str(self.config.queue_capacity)]  # fmt: skip
+        for root in self.config.lora_roots:
+            args += ["--lora-root", str(root)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(1800):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"easel serve exited with {self.proc.returncode}")
+            try:
+                with RenderClient(self.sock, timeout=5) as c:
+                    c.ping()
+                return self
+            except Exception:
+                time.sleep(0.5)
+        raise RuntimeError("easel serve did not start in 15 minutes")
+
+    def facts(self) -> str:
+        env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ)
+        return f"pid {self.proc.pid}, {len(os.sched_getaffinity(0))} cpus, {env or 'no thread variables'}"
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.server.request_stop)
-        self.thread.join(60)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
 
 
 def main() -> None:
@@ -174,7 +176,6 @@ def main() -> None:
 
     from daemon.cluster import app
     from daemon.cluster.gateway import GatewayThread
-    from daemon.cluster.replica import process_facts
     from daemon.config import ServerConfig, ServiceConfig
     from daemon.telemetry import setup_telemetry
 
@@ -214,7 +215,7 @@ def main() -> None:
         wall1 = asyncio.run(run_workload(gw.socket, workload(second, 1)))
         print(f"1 replica: {REQUESTS} renders in {wall1:.1f}s", flush=True)
         direct = DirectDaemon(tmp / "gw" / "direct.sock", config).start()
-        print(f"  direct daemon: {describe(process_facts())}", flush=True)
+        print(f"  direct daemon: {direct.facts()}", flush=True)
         try:
             via, straight = abba_round_trips(gw.socket, direct.sock, second[0])
         finally:
