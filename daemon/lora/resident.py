@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from client.lorafile.signature import FileSignature
@@ -79,6 +80,16 @@ class ResidentStacks:
         old = self._stacks.pop(key, None)
         if old is not None:
             self._bytes -= old.nbytes
+
+    def discard(self, match: Callable[[StackKey], bool]) -> int:
+        """Drop every stack whose key `match`es (an eviction another policy decided, e.g. a cluster replica's
+        router unloading a stack); returns how many. A live stack stays in memory until the next switch."""
+        with self._lock:
+            keys = [key for key in self._stacks if match(key)]
+            for key in keys:
+                self._drop(key)
+            self._evictions += len(keys)
+            return len(keys)
 
     def clear(self) -> None:
         with self._lock:
