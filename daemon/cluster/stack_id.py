@@ -5,21 +5,22 @@ It must be the same for the same stack on every machine, so it is built from wha
 computes it from its view of the files, each replica recomputes it from its own and refuses the
 request (`LoraNotShared`) when they differ, so a file missing or different on one machine is reported,
 not rendered with other weights. Digests are cached per file version (FileSignature), so a file is read
-once per change, not once per request.
+once per change, not once per request. The formula itself is `client.http_render.stack_id_of`, so a client
+on another machine (no Ray, no daemon) computes the same id for its HTTP requests.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from client.http_render import NO_STACK, stack_id_of
 from client.lorafile.signature import FileSignature, file_signature
 from client.wire.errors import LoraError, LoraNotShared
 
-NO_STACK = "no-lora"  # the id of a render without LoRAs
+__all__ = ["NO_STACK", "StackIds"]
 _CACHE_ENTRIES = 4096
 
 
@@ -49,13 +50,9 @@ class StackIds:
         return digest
 
     def stack_id(self, paths: Sequence[str], scales: Sequence[float]) -> str:
-        """`<n>x<hash>`: the stack's files by content, in order, with their scales; NO_STACK when empty."""
-        if not paths:
-            return NO_STACK
-        h = hashlib.blake2b(digest_size=12)
-        for path, scale in zip(paths, scales, strict=True):
-            h.update(f"{self.digest(path)}@{float(scale)!r};".encode())
-        return f"{len(paths)}x{h.hexdigest()}"
+        """`<n>x<hash>`: the stack's files by content, in order, with their scales; NO_STACK when empty (the
+        one formula, client/http_render.py, which a remote HTTP client uses too)."""
+        return stack_id_of([self.digest(p) for p in paths], scales)
 
     def check_same(self, paths: Sequence[str], scales: Sequence[float], expected: str, *, where: str) -> None:
         """Raise LoraNotShared when the stack at `paths` here is not the stack the gateway routed (`expected`)."""

@@ -45,3 +45,26 @@ def test_a_replica_refuses_a_stack_whose_files_differ_from_the_gateways(tmp_path
     with pytest.raises(LoraNotShared) as missing:
         ids.check_same([str(tmp_path / "gone.safetensors")], [1.0], expected, where="replica r2")
     assert "not readable on replica r2" in missing.value.message and missing.value.code == "lora_not_shared"
+
+
+def test_a_remote_client_computes_the_same_id_without_ray_or_the_daemon(tmp_path):
+    from client.http_render import stack_id
+
+    a = _file(tmp_path / "a.safetensors", b"A" * 1000)
+    b = _file(tmp_path / "b.safetensors", b"B" * 1000)
+    assert stack_id([a, b], [1.0, 0.5]) == StackIds().stack_id([a, b], [1.0, 0.5])
+    assert stack_id([], []) == NO_STACK
+
+
+def test_the_ray_token_is_found_as_ray_finds_it(tmp_path):
+    from client.http_render import ray_token
+
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("  from-home\nsecond line\n")
+    (tmp_path / "elsewhere").write_text("from-path\n")
+    assert ray_token({"RAY_AUTH_TOKEN": " from-env \n", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "elsewhere")}) == (
+        "from-env"
+    )
+    assert ray_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "elsewhere")}, home=tmp_path) == "from-path"
+    assert ray_token({}, home=tmp_path) == "from-home"  # ~/.ray/auth_token, its first line
+    assert ray_token({}, home=tmp_path / "nobody") is None
