@@ -21,8 +21,10 @@ import ray
 from ray import serve
 
 from client import env as easel_env
+from client.http_render import ROUTE_PREFIX
 from client.wire.errors import ReplicaFailed
 from daemon.cluster.board import NAMESPACE, board_handle
+from daemon.cluster.faults import concise_failure
 from daemon.cluster.replica import replica_deployment
 from daemon.config import ServiceConfig
 
@@ -41,6 +43,26 @@ def init(address: str | None = None, **kwargs: Any) -> None:
     if ray.is_initialized():
         return
     ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False, **kwargs)
+
+
+def start_serve(http: str | None = None) -> None:
+    """Start Serve on the joined cluster: without its HTTP proxy, or with it listening on `http` ("host:port")
+    for the direct HTTP route (daemon/cluster/ingress.py), which needs token authentication on: ValueError
+    otherwise (the route would refuse every request anyway)."""
+    if http is None:
+        serve.start(http_options={"location": "NoServer"})
+        return
+    from daemon.cluster.ingress import token_enabled
+
+    host, sep, port = http.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--http takes HOST:PORT (e.g. 0.0.0.0:8000), got {http!r}")
+    if not token_enabled():
+        raise ValueError(
+            "the HTTP route needs Ray's token authentication: start the cluster with RAY_AUTH_MODE=token "
+            "(and this command too), or leave --http out"
+        )
+    serve.start(http_options={"host": host, "port": int(port), "location": "HeadOnly"})
 
 
 def stacks_for(config: ServiceConfig, stack_bytes: int | None) -> int:
@@ -100,11 +122,25 @@ def deploy(
         graceful_shutdown_timeout_s=5,
     )
     try:
-        return serve.run(deployment.bind(config), name=name, route_prefix=None)
+        return serve.run(deployment.bind(config), name=name, route_prefix=ROUTE_PREFIX if name == APP_NAME else None)
     except RuntimeError as exc:
+        text = "\n".join([str(exc), *_deployment_messages(name)])  # the replica's own error is in the latter
+        log.warning("deploying %s failed: %s", name, text)  # the whole text, tracebacks included, for the logs
         raise ReplicaFailed(
-            f"no render replica could start: {_first_lines(str(exc))}", replicas=replicas, preset=config.preset
+            f"no render replica of {config.preset} could start (deployment EaselReplica of application {name}): "
+            f"{concise_failure(text)}",
+            replicas=replicas,
+            preset=config.preset,
         ) from None
+
+
+def _deployment_messages(name: str) -> list[str]:
+    """What Serve says about each deployment of application `name` (a failed constructor's traceback)."""
+    try:
+        app_status = serve.status().applications[name]
+    except Exception:  # noqa: BLE001 - only a better message is lost
+        return []
+    return [d.message for d in app_status.deployments.values() if d.message]
 
 
 def connect() -> tuple[Any, Any]:
@@ -124,7 +160,3 @@ def undeploy() -> None:
     serve.delete(APP_NAME)
     with contextlib.suppress(ValueError):
         ray.kill(board_handle())
-
-
-def _first_lines(text: str, limit: int = 2000) -> str:
-    return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2 :]

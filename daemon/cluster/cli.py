@@ -144,9 +144,17 @@ def cluster_group() -> None:
 @_lora_roots
 @click.option("--output-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--no-warmup", is_flag=True)
+@click.option(
+    "--http",
+    "http",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also start Serve's HTTP proxy there: POST /easel/render for clients on other machines, with the Ray "
+    "cluster's token (needs RAY_AUTH_MODE=token) [default: no HTTP proxy].",
+)
 def up_command(
     replicas, preset, model_path, address, num_cpus, num_gpus, blas_threads, stacks_per_replica, stack_bytes,
-    resident_stack_bytes, lora_roots, output_root, no_warmup,
+    resident_stack_bytes, lora_roots, output_root, no_warmup, http,
 ) -> None:  # fmt: skip
     """Deploy N replicas of a preset (starting a one-machine Ray cluster unless --address names one)."""
     from daemon.cluster import app
@@ -161,9 +169,10 @@ def up_command(
             _ray_cli("start", "--head", f"--num-cpus={need}", "--include-dashboard=false", "--disable-usage-stats")
             address = "auto"
         app.init(address)
-        from ray import serve
-
-        serve.start(http_options={"location": "NoServer"})
+        try:
+            app.start_serve(http)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
         n = stacks_per_replica or app.stacks_for(config, stack_bytes)
         click.echo(f"easel: deploying {replicas} replica(s) of {config.preset} ({n} stacks each) ...")
         app.deploy(
@@ -173,6 +182,8 @@ def up_command(
     except EaselError as err:
         fail(err)
     click.echo(f"easel: {replicas} replica(s) ready; serve them on a socket with: easel gateway --cluster {address}")
+    if http is not None:
+        click.echo(f"easel: HTTP route: POST http://{http}/easel/render (Authorization: Bearer <the Ray token>)")
 
 
 @cluster_group.command("down")

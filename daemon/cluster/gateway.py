@@ -53,6 +53,7 @@ from client.wire.messages import (
     StepTime,
     encode,
 )
+from daemon.cluster.faults import cause_of, replica_died
 from daemon.cluster.stack_id import StackIds
 from daemon.config import ServiceConfig
 from daemon.runner import Estimate, JobListener, RunnerStatus, tell, tell_optional
@@ -65,13 +66,6 @@ log = logging.getLogger("easel.cluster.gateway")
 
 FORWARD_SPAN = "easel.cluster.forward"
 MAX_ATTEMPTS = 2  # the first try and one retry on another replica
-
-
-def replica_died(exc: BaseException) -> bool:
-    """Whether `exc` says the replica (its actor) is gone, rather than the request failing there."""
-    import ray.exceptions as rex
-
-    return isinstance(exc, (rex.ActorDiedError, rex.ActorUnavailableError, rex.RayActorError))
 
 
 @dataclass(eq=False, kw_only=True)
@@ -261,7 +255,7 @@ class ClusterRunner:
                     if job.attempts >= MAX_ATTEMPTS:
                         raise ReplicaFailed(
                             f"render {job.job_id}: replicas {', '.join(job.replicas) or '?'} died under it; "
-                            f"it was tried {job.attempts} times",
+                            f"it was tried {job.attempts} times (last: {cause_of(exc)})",
                             replicas=job.replicas,
                         ) from exc
                     self.retries += 1
@@ -278,7 +272,12 @@ class ClusterRunner:
             else:
                 log.exception("forwarding %s failed", job.job_id)
                 self._fail(
-                    job, ReplicaFailed(f"render {job.job_id} failed in the cluster: {type(exc).__name__}: {exc}")
+                    job,
+                    ReplicaFailed(
+                        f"render {job.job_id} failed in the cluster (replica {job.replica or 'not yet chosen'}): "
+                        f"{cause_of(exc)}",
+                        replica=job.replica,
+                    ),
                 )
 
     def _stack_id(self, req: Render) -> str:

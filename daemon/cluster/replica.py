@@ -17,11 +17,13 @@ of stacks a replica keeps (tie it to `--resident-stack-bytes` so the built stack
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -51,6 +53,7 @@ class HopListener:
 
     def __init__(self) -> None:
         self.events: asyncio.Queue[tuple] = asyncio.Queue()
+        self.settled = asyncio.Event()  # the job was answered (also when nobody reads the events any more)
 
     def queued(self, job: RenderJob, position: int, estimate: Estimate) -> None:
         self.events.put_nowait(("queued", position, estimate.start_s, estimate.finish_s))
@@ -73,20 +76,27 @@ class HopListener:
 
     def finished(self, job: RenderJob, result: Any) -> None:
         self.events.put_nowait(("result", result))
+        self.settled.set()
 
     def failed(self, job: RenderJob, error: EaselError) -> None:
         self.events.put_nowait(("error", error.to_wire()))
+        self.settled.set()
 
 
 class StackHandle:
-    """What the multiplexed loader returns: the stack as this replica holds it. Serve drops it (LRU) when
-    the replica takes in more than `max_num_models_per_replica` stacks."""
+    """What the multiplexed loader returns: the stack as this replica holds it. Serve unloads it (LRU) when
+    the replica takes in more than `max_num_models_per_replica` stacks, calling `__del__` first (and Python
+    calls it again when the handle is collected: only the first call counts): the replica then drops the
+    stack's built arrays from its resident stacks too, so one LRU decides what a replica holds."""
 
-    def __init__(self, replica: RenderReplica, stack_id: str) -> None:
-        self.replica, self.stack_id = replica, stack_id
+    def __init__(self, replica: RenderReplica, stack_id: str, entries: tuple[tuple[str, float], ...]) -> None:
+        self.replica, self.stack_id, self.entries = replica, stack_id, entries
+        self.unloaded = False
 
     def __del__(self) -> None:
-        self.replica.resident.discard(self.stack_id)
+        if not self.unloaded:
+            self.unloaded = True
+            self.replica.unload_stack(self.stack_id, self.entries)
 
 
 class RenderReplica:
@@ -107,6 +117,7 @@ class RenderReplica:
         log.warning("replica %s: %s", self.replica_id, self.process)
         self.ids = StackIds()
         self.loads: Counter[str] = Counter()
+        self.unloads: Counter[str] = Counter()  # stacks Serve unloaded (and the resident stacks dropped)
         self.resident: set[str] = set()
         self._pending: dict[str, Any] = {}  # stack id -> the prepared render that is taking it in
         self.board = board_handle()
@@ -120,10 +131,25 @@ class RenderReplica:
         self.loads[stack_id] += 1
         self.resident.add(stack_id)
         prepared = self._pending.get(stack_id)
+        entries: tuple[tuple[str, float], ...] = ()
         if prepared is not None:
+            entries = tuple((str(Path(it.path).resolve()), float(it.scale)) for it in prepared.stack)
             await asyncio.get_running_loop().run_in_executor(None, self.service.prefetch, prepared)
         self.board.loaded.remote(self.replica_id, stack_id)
-        return StackHandle(self, stack_id)
+        return StackHandle(self, stack_id, entries)
+
+    def unload_stack(self, stack_id: str, entries: tuple[tuple[str, float], ...]) -> None:
+        """Serve unloaded `stack_id` (its LRU, bounded by `max_num_models_per_replica`): drop its built arrays
+        from the resident stacks as well (every version of those files at those scales), so what the router
+        believes this replica holds and what it holds are the same stacks."""
+        self.resident.discard(stack_id)
+        self.unloads[stack_id] += 1
+        resident = self.service.resident
+        if resident is not None and entries:
+            dropped = resident.discard(lambda key: tuple((k[0], k[1]) for k in key) == entries)
+            log.info(
+                "replica %s: Serve unloaded stack %s; %d built stack(s) dropped", self.replica_id, stack_id, dropped
+            )
 
     async def stack(self, stack_id: str) -> StackHandle:  # replaced by the multiplexed loader
         raise NotImplementedError
@@ -133,6 +159,17 @@ class RenderReplica:
     async def render(self, payload: bytes, key: str, attempt: int):
         """Stream one render: ("replica", id), the runner's events, then ("result", RenderResult) or
         ("error", wire error). `key` identifies the request across attempts (the gateway's retry)."""
+        async for event in self.render_events(payload, key, attempt, serve.get_multiplexed_model_id()):
+            yield event
+
+    async def __call__(self, request: Any) -> Any:
+        """An HTTP request through Serve's proxy: `POST /easel/render` (daemon/cluster/ingress.py)."""
+        from daemon.cluster import ingress
+
+        return await ingress.handle(self, request)
+
+    async def render_events(self, payload: bytes, key: str, attempt: int, stack_id: str):
+        """The render stream of `render`, routed as `stack_id` ("" when the caller gave none: computed here)."""
         yield ("replica", self.replica_id, os.getpid())
         self.board.took.remote(key, self.replica_id)
         if attempt > 1:  # the first replica may have finished it before it died: answer that
@@ -142,13 +179,17 @@ class RenderReplica:
                 return
         try:
             req = decode_request(payload)
-            stack_id = serve.get_multiplexed_model_id()
             loop = asyncio.get_running_loop()
             prepared = self.service.prepare(req)  # the request's own errors (paths, limits) first
             paths = [str(it.path) for it in prepared.stack]
             scales = [it.scale for it in prepared.stack]
-            check = functools.partial(self.ids.check_same, paths, scales, stack_id, where=f"replica {self.replica_id}")
-            await loop.run_in_executor(None, check)
+            if stack_id:
+                where = f"replica {self.replica_id}"
+                await loop.run_in_executor(
+                    None, functools.partial(self.ids.check_same, paths, scales, stack_id, where=where)
+                )
+            else:
+                stack_id = await loop.run_in_executor(None, self.ids.stack_id, paths, scales)
             self._pending[stack_id] = prepared
             try:
                 await self.stack(stack_id)
@@ -173,6 +214,8 @@ class RenderReplica:
                 return
             while True:
                 event = await listener.events.get()
+                if event[0] == "started":  # the board shows the job in flight here
+                    self._report()
                 if event[0] == "result":
                     await self.board.finished.remote(key, event[1])  # before the answer: a retry finds it
                 if event[0] in FINAL:
@@ -184,7 +227,8 @@ class RenderReplica:
                     return
         except (asyncio.CancelledError, GeneratorExit):
             if job is not None:
-                self.runner.cancel(job, Cancelled("the gateway cancelled this render"))
+                self.runner.cancel(job, Cancelled("the caller cancelled this render (or went away)"))
+                asyncio.get_running_loop().create_task(self._report_when_settled(listener))
             span.set_attribute("error.type", Cancelled.code)
             raise
         except Exception as exc:  # never leave the stream without an answer
@@ -214,6 +258,12 @@ class RenderReplica:
         self.board.report.remote(self.replica_id, snap)
         return snap
 
+    async def _report_when_settled(self, listener: HopListener, timeout_s: float = 600) -> None:
+        """Report once a cancelled job has stopped (at its next step), so the board does not show it running."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(listener.settled.wait(), timeout_s)
+        self._report()
+
     def _report(self) -> None:
         self.board.report.remote(self.replica_id, self._snapshot())
 
@@ -240,6 +290,7 @@ class RenderReplica:
             "preset": run.preset,
             "warm": run.warm,
             "loads": dict(self.loads),
+            "unloads": dict(self.unloads),
             "process": self.process,
         }
 

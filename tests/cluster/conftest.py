@@ -1,5 +1,6 @@
 """One local Ray cluster for the whole room: 2 CPU replicas of the tiny preset (each loads the ~3.7 GiB
-model once), a gateway on a Unix socket in this process, LoRA files every replica reads at the same path.
+model once), a gateway on a Unix socket in this process, Serve's HTTP proxy on a free local port with
+token authentication on (the room's own token), LoRA files every replica reads at the same path.
 
 Tests marked `ray` skip where Ray is not installed (installs without the `cluster` extra); without MLX the
 root conftest leaves the room out (it needs the model stack).
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,13 @@ LAYOUT = {  # the tiny transformer's shapes for the modules the test LoRAs touch
 }
 MODULES = [["attn.to_out.0"], ["single_transformer_blocks.0.proj_out"], ["attn.to_q"]]
 REPLICAS = 2
+AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_gateway(root: Path, config, spans: InMemorySpanExporter):
@@ -87,6 +97,7 @@ class Cluster:
 def cluster(tmp_path_factory):
     import ray
     from ray import serve
+    from ray._private.authentication_test_utils import reset_auth_token_state  # Ray's own test helper
 
     from daemon.cluster import app
     from daemon.config import ServiceConfig
@@ -101,9 +112,18 @@ def cluster(tmp_path_factory):
     # Ray's memory monitor kills workers when the *machine* passes 95% memory: on a machine shared with
     # other test runs that kills replicas for others' memory; the kernel's OOM killer still guards.
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    # Token authentication on, with a token of the room's own (the processes Ray starts inherit both), so
+    # the HTTP route is tested as a multi-machine cluster runs it and ~/.ray/auth_token is left alone.
+    saved = {k: os.environ.get(k) for k in AUTH_VARIABLES}
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = c.token = secrets.token_hex(32)
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    reset_auth_token_state()  # this process read Ray's config when it first imported Ray: read it again
     app.init(None, num_cpus=REPLICAS, include_dashboard=False, object_store_memory=256 * 1024**2)
     try:
-        serve.start(http_options={"location": "NoServer"})
+        port = free_port()
+        app.start_serve(f"127.0.0.1:{port}")
+        c.http_url = f"http://127.0.0.1:{port}"
         app.deploy(config, replicas=REPLICAS, stacks_per_replica=4, env_vars={"EASEL_TRACES_FILE": str(c.traces)})
         c.config = config
         c.gateway = start_gateway(c.root, config, c.spans)
@@ -115,3 +135,9 @@ def cluster(tmp_path_factory):
             serve.shutdown()
         finally:
             ray.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            reset_auth_token_state()

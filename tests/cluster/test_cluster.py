@@ -135,6 +135,104 @@ def test_one_trace_from_the_client_span_to_the_replicas_render_span(cluster):
     assert hop["attributes"]["easel.replica.id"] == replica_id == render["resource"]["easel.replica.id"]
 
 
+def test_a_remote_client_renders_over_http_with_the_ray_token_routed_by_stack(cluster):
+    """The HTTP route as a client on another machine uses it: client/http_render.py (no Ray) computes the stack
+    id and reads the token as Ray does; Serve's proxy routes by the header to the replica holding the stack."""
+    from client.http_render import HttpRenderClient, ray_token, stack_id
+    from daemon.cluster.stack_id import StackIds
+
+    stack, scales = [str(cluster.loras / "s1.safetensors")], [0.7]  # a stack no other test renders
+    sid = stack_id(stack, scales)
+    assert sid == StackIds().stack_id(stack, scales)  # the gateway's and the replicas' id
+    assert ray_token() == cluster.token  # Ray's precedence: RAY_AUTH_TOKEN first
+    before = _loads(cluster.board())
+    with RenderClient(cluster.gateway.socket, render_timeout=600) as c:  # the stack lands on one replica
+        c.send_render("socket", lora_paths=stack, lora_scales=scales, seed=5, return_bytes=True, **SIZE)
+    (holder,) = [r for (r, s), n in (_loads(cluster.board()) - before).items() if s == sid]
+    events = []
+    client = HttpRenderClient(cluster.http_url, timeout=600)
+    for seed in (6, 7):
+        r = client.send_render("remote", lora_paths=stack, lora_scales=scales, seed=seed, return_bytes=True,
+                               on_progress=events.append, width=64, height=64, steps=2)  # fmt: skip
+        assert r.image_bytes.startswith(b"\x89PNG") and r.stack[0].path.endswith("s1.safetensors") and r.seed == seed
+        assert client.last_replica == holder
+    assert [e.step for e in events if e.event == "progress"] == [1, 2, 1, 2]
+    assert events[0].event == "queued" and "started" in {e.event for e in events}
+    assert _loads(cluster.board()) - before == Counter({(holder, sid): 1})  # routed to it: never loaded again
+
+
+def test_the_http_route_refuses_a_missing_or_wrong_token_and_answers_errors_in_frames(cluster):
+    import http.client
+    from urllib.parse import urlsplit
+
+    from client.http_render import HttpRenderClient
+    from client.wire.errors import LoraNotFound, PeerNotAllowed
+    from client.wire.messages import Render, encode
+
+    url = urlsplit(cluster.http_url)
+    body = encode(Render(id=1, prompt="x", seed=1, return_bytes=True, **SIZE))
+    before = cluster.board()["attempts"]
+    for headers, status in (({}, 401), ({"Authorization": "Bearer " + "0" * 64}, 403)):
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        conn.request("POST", "/easel/render", body=body, headers=headers)
+        resp = conn.getresponse()
+        assert resp.status == status, (resp.status, resp.read())
+        conn.close()
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)  # Serve's own routes: no token asked
+    conn.request("GET", "/-/routes")
+    resp = conn.getresponse()
+    assert resp.status == 200 and "/easel" in resp.read().decode()
+    conn.close()
+    with pytest.raises(PeerNotAllowed) as info:
+        HttpRenderClient(cluster.http_url, token="wrong", timeout=60).send_render("x", seed=1, return_bytes=True,
+                                                                                 **SIZE)  # fmt: skip
+    assert "403" in info.value.message
+    assert cluster.board()["attempts"] == before  # nothing refused reached a render
+    with pytest.raises(LoraNotFound):  # the render's own error, typed, from the frames
+        HttpRenderClient(cluster.http_url, timeout=60).send_render(
+            "x", lora_paths=[str(cluster.loras / "missing.safetensors")], lora_scales=[1.0], stack="1xmissing",
+            return_bytes=True, **SIZE,
+        )  # fmt: skip
+
+
+def test_closing_the_http_connection_cancels_the_render_on_the_replica(cluster):
+    import http.client
+    from urllib.parse import urlsplit
+
+    from client.http_render import _read_frame
+    from client.wire.messages import Event, Render, decode_reply, encode
+
+    url = urlsplit(cluster.http_url)
+    req = Render(id="long", prompt="long", seed=9, return_bytes=True, progress=True, width=64, height=64, steps=100)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=300)
+    conn.request("POST", "/easel/render", body=encode(req), headers={"Authorization": f"Bearer {cluster.token}"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    replica = resp.getheader("x-easel-replica")
+    while True:  # read until the render is stepping on its replica
+        reply = decode_reply(_read_frame(resp))
+        assert isinstance(reply, Event), reply
+        if reply.event == "progress":
+            break
+
+    def in_flight():
+        _, snap = cluster.board()["replicas"][replica]
+        job = snap["status"].get("in_flight")
+        return job and job["request_id"]
+
+    for _ in range(50):  # the replica reports the job to the board when it starts
+        if in_flight() == "long":
+            break
+        time.sleep(0.2)
+    assert in_flight() == "long"
+    conn.close()
+    for _ in range(300):
+        if in_flight() is None:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"replica {replica} still renders after the HTTP client went away")
+
+
 def test_a_lora_that_differs_on_a_replica_is_refused_by_name(cluster, tmp_path):
     from ray import serve
 
@@ -156,6 +254,27 @@ def test_a_lora_that_differs_on_a_replica_is_refused_by_name(cluster, tmp_path):
     assert out[0][0] == "replica" and out[-1][0] == "error"
     err = out[-1][1]
     assert err["code"] == "lora_not_shared" and path in err["message"], err
+
+
+def test_a_stack_serve_unloads_leaves_the_replicas_resident_stacks_too(cluster):
+    """One LRU per replica: the room's replicas keep 4 stacks each (Serve's max_num_models_per_replica); 10 new
+    stacks one at a time make Serve unload some (2 x 4 < 10), and each unload drops that stack's built arrays
+    from the replica's resident stacks, so no replica holds a built stack the router no longer sends to it."""
+    stacks = [([str(cluster.loras / f"s{i % 3}.safetensors")], [0.31 + 0.1 * i]) for i in range(10)]
+    with RenderClient(cluster.gateway.socket, render_timeout=600) as c:
+        for n, (paths, scales) in enumerate(stacks):
+            c.send_render("lru", lora_paths=paths, lora_scales=scales, seed=n, return_bytes=True, **SIZE)
+        status = c.status()
+    from daemon.cluster.stack_id import NO_STACK
+
+    snaps = {r: snap for r, (_, snap) in cluster.board()["replicas"].items()}
+    unloads = {r: sum(n for s, n in snap["unloads"].items() if s != NO_STACK) for r, snap in snaps.items()}
+    assert sum(unloads.values()) >= 2, unloads
+    assert len(status.replicas) == 2
+    for rep in status.replicas:
+        assert len(rep.stacks) <= 4, rep.stacks
+        assert rep.resident_stacks.entries <= len(rep.stacks), (rep.resident_stacks, rep.stacks)
+        assert rep.resident_stacks.evictions >= unloads[rep.replica]
 
 
 def test_a_replica_killed_mid_batch_loses_nothing(cluster):
@@ -213,5 +332,8 @@ def test_a_replica_that_cannot_load_the_model_is_reported_not_retried(cluster, t
         with pytest.raises(ReplicaFailed) as info:
             app.deploy(config, replicas=1, num_cpus=0, name="easel-broken")
         assert "EaselReplica" in info.value.message or "dev" in info.value.message
+        msg = info.value.message  # one line naming the deployment and the cause, no traceback
+        assert "\n" not in msg and "Traceback" not in msg and 'File "' not in msg and len(msg) < 1000, msg
+        assert "the replica raised" in msg and str(tmp_path) in msg, msg  # the cause, from the replica
     finally:
         serve.delete("easel-broken")
