@@ -162,7 +162,8 @@ class DirectDaemon:
 
     def facts(self) -> str:
         env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS") if k in os.environ)
-        return f"pid {self.proc.pid}, {len(os.sched_getaffinity(0))} cpus, {env or 'no thread variables'}"
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return f"pid {self.proc.pid}, {cpus} cpus, {env or 'no thread variables'}"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

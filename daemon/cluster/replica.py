@@ -317,7 +317,7 @@ def process_facts() -> dict[str, Any]:
         "pid": os.getpid(),
         "blas": BLAS.name,
         "blas_threads": threads,
-        "cpus": len(os.sched_getaffinity(0)),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),  # macOS
         "nice": os.nice(0),
         "env": {k: os.environ[k] for k in THREAD_VARIABLES if k in os.environ},
     }
