@@ -225,6 +225,8 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+    print("round trips, gateway / direct, ms: " + ", ".join(f"{a * 1000:.0f}/{b * 1000:.0f}" for (a, _), (b, _) in
+                                                          zip(via, straight, strict=True)))  # fmt: skip
     rt_via, rt_direct = statistics.median(t for t, _ in via), statistics.median(t for t, _ in straight)
     hop_via = statistics.median(t - inner for t, inner in via)
     hop_direct = statistics.median(t - inner for t, inner in straight)
