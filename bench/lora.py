@@ -9,7 +9,8 @@ Measured:
 - read_ms: reading the bytes of one stack's 3 files (page cache warm), as the reader does (one readinto
   into an np.empty buffer each); the old bytearray way and Path.read_bytes are printed beside it, and
   the time to allocate one stack's MLX arrays alone (the floor under any build on this backend);
-- cold switch: to a stack with nothing cached (files read, parsed, resolved, built), median of 3;
+- cold switch: to a stack with nothing cached (files read, parsed, resolved, built), REPEATS times, each
+  right after a read of the same files (read_ms): cold_vs_read is the median of those paired ratios;
 - warm switch: between two resident stacks, median and p99 of SWAPS alternations;
 - old: the same switches with the patcher as it was before resident stacks (extracted from git at
   OLD_COMMIT): its "warm" switch re-resolved and rebuilt every layer from parsed files;
@@ -54,7 +55,7 @@ RANK = 16
 OLD_COMMIT = "fe078bd5b219278e1c13c379f930d91718571c58"  # main before resident stacks
 SWAPS = int(os.environ.get("EASEL_BENCH_SWAPS", "200"))
 OLD_SWAPS = int(os.environ.get("EASEL_BENCH_OLD_SWAPS", "4"))
-REPEATS = int(os.environ.get("EASEL_BENCH_REPEATS", "3"))
+REPEATS = int(os.environ.get("EASEL_BENCH_REPEATS", "5"))
 RSS_SWITCHES = int(os.environ.get("EASEL_BENCH_RSS_SWITCHES", "1000"))
 STEP_ROUNDS = int(os.environ.get("EASEL_BENCH_STEP_ROUNDS", "12"))
 FMTS = ["kohya", "diffusers", "kohya", "diffusers", "kohya", "diffusers"]
@@ -166,14 +167,18 @@ def timed(fn) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def switch_figures(patcher, a, b, swaps: int, clear_caches) -> tuple[list[float], list[float]]:
-    """(cold switch times, warm switch times) between stacks `a` and `b`."""
+def switch_figures(patcher, a, b, swaps: int, clear_caches, reads: list[float] | None = None):
+    """(cold switch times, warm switch times) between stacks `a` and `b`. With `reads`, the time to read
+    b's files (`read_ms`) is measured right before each cold switch and appended there: a pair under the
+    same conditions (this machine's page-fault cost swings with what else runs)."""
     colds = []
     for _ in range(REPEATS):
         patcher.clear()
         clear_caches()
         patcher.apply_stack(a)
         clear_caches()
+        if reads is not None:
+            reads.append(read_ms([e.path for e in b]))
         colds.append(timed(lambda: patcher.apply_stack(b)))
     patcher.apply_stack(a)
     warm = [timed(lambda i=i: patcher.apply_stack(a if i % 2 else b)) for i in range(swaps)]
@@ -218,7 +223,8 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
         return report
 
     new.apply_stack = apply_and_note
-    out["cold"], out["warm"] = switch_figures(new, a, b, SWAPS, clear_new)
+    out["paired_reads"] = []
+    out["cold"], out["warm"] = switch_figures(new, a, b, SWAPS, clear_new, out["paired_reads"])
     out["phases"] = {k: statistics.median(v) for k, v in phases.items()}
     out["rss_after_mb"] = rss_mb()
     out["resident_mb"] = new.resident.stats().bytes / 1024**2
@@ -353,9 +359,17 @@ def main() -> None:
         f"old vs new at full depth: warm {statistics.median(full['old_warm']):.1f} -> {warm_full:.3f} ms, "
         f"cold {statistics.median(full['old_cold']):.1f} -> {statistics.median(full['cold']):.1f} ms"
     )
+    pairs = list(zip(full["cold"], full["paired_reads"], strict=True))
+    cold_vs_read = statistics.median(c / r for c, r in pairs)
+    print(
+        "cold switch / read of its files, paired (full depth): "
+        + ", ".join(f"{c:.0f}/{r:.0f} ms" for c, r in pairs)
+        + f"; median ratio {cold_vs_read:.2f} "
+        + f"(median cold against the first read: {statistics.median(full['cold']) / full['read_ms']:.2f})"
+    )
     print(
         f"bench lora: warm_swap_ms={warm_full:.3f} depth_ratio={warm_full / warm_small:.2f} "
-        f"cold_vs_read={statistics.median(full['cold']) / full['read_ms']:.2f} "
+        f"cold_vs_read={cold_vs_read:.2f} "
         f"stack_overhead={steps[128][3]:.3f} rss_growth_mb={after - before:.1f}"
     )
 
