@@ -20,7 +20,8 @@ authentication (RAY_AUTH_MODE=disabled): the route is never open.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 # Ray's token check, as its dashboard middleware uses it (private module: Ray is pinned exactly).
 from ray import serve
@@ -33,8 +34,15 @@ from client.wire import framing
 from client.wire.errors import EaselError, InvalidRequest, error_from_wire
 from client.wire.messages import Event, Render, Reply, Result, decode_request, encode, error_reply
 
-if TYPE_CHECKING:
-    from daemon.cluster.replica import RenderReplica
+
+class RenderReplica(Protocol):
+    """What this route needs of the replica that calls it (daemon/cluster/replica.py): kept as a
+    protocol so the replica imports this module and not the other way round."""
+
+    replica_id: str
+
+    def render_events(self, payload: bytes, key: str, attempt: int, stack_id: str) -> AsyncIterator[tuple]: ...
+
 
 MAX_BODY = framing.DEFAULT_MAX_FRAME  # a Render is a few hundred bytes; the socket's frame cap bounds it
 
