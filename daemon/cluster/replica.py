@@ -305,18 +305,12 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 
 def process_facts() -> dict[str, Any]:
     """This process's BLAS (and its thread count), CPU affinity, niceness and thread variables."""
-    import ctypes
-
     from daemon.engine.blas import BLAS
 
-    threads = None
-    if BLAS.path:
-        get = getattr(ctypes.CDLL(BLAS.path), "openblas_get_num_threads", None)
-        threads = get() if get is not None else None
     return {
         "pid": os.getpid(),
         "blas": BLAS.name,
-        "blas_threads": threads,
+        "blas_threads": BLAS.threads(),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),  # macOS
         "nice": os.nice(0),
         "env": {k: os.environ[k] for k in THREAD_VARIABLES if k in os.environ},

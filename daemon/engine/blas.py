@@ -26,6 +26,13 @@ class BlasInfo:
     path: str | None
     detail: str
 
+    def threads(self) -> int | None:
+        """The threads the loaded OpenBLAS computes with (None: another BLAS, which does not say)."""
+        if not self.path:
+            return None
+        get = getattr(ctypes.CDLL(self.path), "openblas_get_num_threads", None)
+        return int(get()) if get is not None else None
+
     def describe(self) -> str:
         where = f" ({self.path})" if self.path else ""
         return f"{self.name}{where}: {self.detail}"
