@@ -262,17 +262,16 @@ class Fills:
     def _chunks(self) -> list[tuple[mx.Dtype, list[tuple[int, int]]]]:
         """[(storage dtype, [(declared index, element offset)])]: the declared arrays packed by dtype."""
         chunks: list[tuple[mx.Dtype, list[tuple[int, int]]]] = []
-        open_chunk: dict[mx.Dtype, tuple[list[tuple[int, int]], list[int]]] = {}
+        filling: dict[mx.Dtype, tuple[list[tuple[int, int]], int]] = {}  # storage -> (its open chunk, used)
         for index, (shape, dtype, _) in enumerate(self._declared):
             storage = mx.uint16 if dtype == mx.bfloat16 else dtype
             size = math.prod(shape)
-            members, used = open_chunk.get(storage, (None, [0]))
-            if members is None or (used[0] and (used[0] + size) * storage.size > CHUNK_BYTES):
-                members, used = [], [0]
-                open_chunk[storage] = (members, used)
+            members, used = filling.get(storage, (None, 0))
+            if members is None or (used and (used + size) * storage.size > CHUNK_BYTES):
+                members, used = [], 0
                 chunks.append((storage, members))
-            members.append((index, used[0]))
-            used[0] += -(-size // _ALIGN) * _ALIGN
+            members.append((index, used))
+            filling[storage] = (members, used + -(-size // _ALIGN) * _ALIGN)
         return chunks
 
     def run(self, workers: int = 2) -> tuple[float, float]:

@@ -124,3 +124,43 @@ def test_half_precision_stacks_apply_every_file_at_its_scale(tmp_path):
         assert np.array_equal(np.array(wrapper(x).astype(mx.float32)), first)
         patcher.clear()
         assert root.transformer_blocks[0].attn.to_out[0] is linear
+
+
+def test_a_build_packs_arrays_into_shared_chunks_and_every_view_holds_its_own_values(monkeypatch) -> None:
+    """Fills packs declared arrays by dtype into chunks of at most CHUNK_BYTES (an array larger than that
+    gets one of its own); each array is a view of its chunk and receives exactly its own writes."""
+    import mlx.core as mx
+
+    import daemon.lora.runtime as runtime
+
+    monkeypatch.setattr(runtime, "CHUNK_BYTES", 4096)
+    specs = [
+        ((16, 30), mx.bfloat16),
+        ((30, 16), mx.bfloat16),
+        ((16, 10), mx.float32),
+        ((7, 5), mx.bfloat16),
+        ((40, 40), mx.float32),
+        ((3, 3), mx.float32),
+    ]
+    fills = runtime.Fills()
+    got: dict[int, mx.array] = {}
+    for i, (shape, dtype) in enumerate(specs):
+        index = fills.zeros(shape, dtype, lambda a, i=i: got.__setitem__(i, a))
+        fills.fill(index, lambda view, i=i: view.__setitem__(Ellipsis, i + 1))
+    layout = [(str(storage), members) for storage, members in fills._chunks()]
+    assert layout == [
+        ("mlx.core.uint16", [(0, 0), (1, 512), (3, 1024)]),  # 960 + 960 + 70 bytes, 64-element aligned
+        ("mlx.core.float32", [(2, 0)]),
+        ("mlx.core.float32", [(4, 0)]),  # 6,400 bytes: larger than a chunk
+        ("mlx.core.float32", [(5, 0)]),  # would not fit after it
+    ]
+    fills.run()
+    for i, (shape, dtype) in enumerate(specs):
+        arr = got[i]
+        assert arr.shape == shape and arr.dtype == dtype
+        raw = np.array(arr.view(mx.uint16) if dtype == mx.bfloat16 else arr, copy=False)
+        assert (raw == i + 1).all(), f"array {i} holds another array's values"
+    bf16 = [np.array(got[i].view(mx.uint16), copy=False) for i in (0, 1, 3)]
+    base = bf16[0].__array_interface__["data"][0]
+    offsets = [b.__array_interface__["data"][0] - base for b in bf16]
+    assert offsets == [0, 1024, 2048], "the bf16 arrays are not views of one chunk at their offsets"
