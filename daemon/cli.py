@@ -106,6 +106,14 @@ from daemon.scheduler import Policy
     help="Bound of the built LoRA stacks kept for instant switches back to them, in bytes.",
 )
 @click.option(
+    "--heap-retain-bytes",
+    type=click.IntRange(0),
+    default=default_of(ServiceConfig, "heap_retain_bytes"),
+    show_default=True,
+    help="Freed memory the daemon keeps for reuse, so a stack build does not fault fresh pages in "
+    "(0: malloc's defaults).",
+)
+@click.option(
     "--lora-content-hash",
     is_flag=True,
     help="Identify LoRA files by a digest of their bytes too (for network filesystems with unreliable times).",
@@ -134,8 +142,8 @@ from daemon.scheduler import Policy
 def serve_command(
     preset, model_path, transformer_path, quantize, force_load,
     socket_path, lora_roots, output_root, queue_capacity, interactive_reserve, max_connections,
-    drain_timeout, max_frame, max_size, max_steps, lora_cache_bytes, resident_stack_bytes, lora_content_hash,
-    no_warmup, no_preempt, max_preemptions, fair_slack, log_level,
+    drain_timeout, max_frame, max_size, max_steps, lora_cache_bytes, resident_stack_bytes, heap_retain_bytes,
+    lora_content_hash, no_warmup, no_preempt, max_preemptions, fair_slack, log_level,
 ) -> None:  # fmt: skip
     """Run the render daemon in the foreground until SIGTERM/SIGINT or `easel stop`."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -151,6 +159,7 @@ def serve_command(
     service |= {
         "lora_cache_bytes": lora_cache_bytes,
         "resident_stack_bytes": resident_stack_bytes,
+        "heap_retain_bytes": heap_retain_bytes,
         "lora_content_hash": lora_content_hash,
     }
     if lora_roots:

@@ -137,11 +137,14 @@ class RenderService:
     @classmethod
     def load(cls, config: ServiceConfig, tel: Telemetry | None = None) -> RenderService:
         """Load the preset's model and a patcher on its transformer, then warm up (slow: seconds to minutes)."""
+        from daemon.engine.heap import retain_freed
         from daemon.engine.model import load_model
         from daemon.lora.cache import LoraCache
         from daemon.lora.patcher import LoraPatcher
         from daemon.lora.resident import ResidentStacks
 
+        heap = retain_freed(config.heap_retain_bytes)  # before the model's buffers are allocated
+        log.info("%s", heap.describe())
         model = load_model(
             config.preset,
             model_path=config.model_path,
