@@ -16,6 +16,9 @@ Measured:
   OLD_COMMIT): its "warm" switch re-resolved and rebuilt every layer from parsed files;
 - step overhead: one transformer step of the tiny (mini) model with a 3-LoRA stack / without, at the
   token counts of 64, 128 and 256 px renders (timed in alternation; the median of paired ratios);
+- heap: the daemon's heap policy (daemon.engine.heap: freed memory reused, numpy's huge-page advice off)
+  is set first, as `easel serve` does; EASEL_BENCH_HEAP_RETAIN=0 measures with malloc's defaults instead,
+  and the first build of the run (fresh memory) is printed beside the cold switches;
 - rss_growth_mb: RSS after 1,000 switches among 10 stacks minus RSS after the caches were filled
   (1 + 1 depth; bounds set so stacks are evicted and rebuilt along the way).
 
@@ -46,6 +49,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers.lora_factories import generate_lora  # noqa: E402
 
 import daemon.engine  # noqa: E402, F401  (OpenBLAS before MLX)
+from daemon.config import ServiceConfig  # noqa: E402
+from daemon.engine.heap import retain_freed  # noqa: E402
 from daemon.lora import LoraCache, StackEntry  # noqa: E402
 from daemon.lora.patcher import LoraPatcher  # noqa: E402
 from daemon.lora.resident import ResidentStacks  # noqa: E402
@@ -167,15 +172,18 @@ def timed(fn) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def switch_figures(patcher, a, b, swaps: int, clear_caches, reads: list[float] | None = None):
+def switch_figures(patcher, a, b, swaps: int, clear_caches, reads: list[float] | None = None, firsts=None):
     """(cold switch times, warm switch times) between stacks `a` and `b`. With `reads`, the time to read
     b's files (`read_ms`) is measured right before each cold switch and appended there: a pair under the
-    same conditions (this machine's page-fault cost swings with what else runs)."""
+    same conditions (this machine's page-fault cost swings with what else runs). With `firsts`, the
+    patcher's first build (a, into memory the process has not used yet) is appended there."""
     colds = []
-    for _ in range(REPEATS):
+    for i in range(REPEATS):
         patcher.clear()
         clear_caches()
-        patcher.apply_stack(a)
+        built_a = timed(lambda: patcher.apply_stack(a))
+        if i == 0 and firsts is not None:
+            firsts.append(built_a)
         clear_caches()
         if reads is not None:
             reads.append(read_ms([e.path for e in b]))
@@ -223,8 +231,8 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
         return report
 
     new.apply_stack = apply_and_note
-    out["paired_reads"] = []
-    out["cold"], out["warm"] = switch_figures(new, a, b, SWAPS, clear_new, out["paired_reads"])
+    out["paired_reads"], out["first_build"] = [], []
+    out["cold"], out["warm"] = switch_figures(new, a, b, SWAPS, clear_new, out["paired_reads"], out["first_build"])
     out["phases"] = {k: statistics.median(v) for k, v in phases.items()}
     out["rss_after_mb"] = rss_mb()
     out["resident_mb"] = new.resident.stats().bytes / 1024**2
@@ -318,6 +326,8 @@ def p99(values: list[float]) -> float:
 
 
 def main() -> None:
+    heap = retain_freed(int(os.environ.get("EASEL_BENCH_HEAP_RETAIN", ServiceConfig().heap_retain_bytes)))
+    print(heap.describe())
     with tempfile.TemporaryDirectory(prefix="easel-bench-lora-") as tmp_name:
         tmp = Path(tmp_name)
         full = depth_run(tmp, 19, 38, with_old=True)
@@ -342,7 +352,7 @@ def main() -> None:
             f"allocating one stack's MLX arrays alone {d['alloc_ms']:.1f} ms"
         )
         print(row("old", d, "old_cold", "old_warm"))
-        print(row("new", d, "cold", "warm"))
+        print(row("new", d, "cold", "warm") + f"   first build {d['first_build'][0]:.1f} ms")
         print("  new cold build, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in d["phases"].items()))
         print(f"  resident stacks {d['resident_mb']:.0f} MB, RSS after {d['rss_after_mb']:.0f} MB")
     for px, (base, with_stack, tokens, ratio) in steps.items():
