@@ -11,6 +11,8 @@ Measured:
   the time to allocate one stack's MLX arrays alone (the floor under any build on this backend);
 - cold switch: to a stack with nothing cached (files read, parsed, resolved, built), REPEATS times, each
   right after a read of the same files (read_ms): cold_vs_read is the median of those paired ratios;
+- prefetched cold switch: the same, after `prefetch` read, parsed and resolved its files (as the daemon
+  does for the next queued job while the current one renders): what the switch itself still waits for;
 - warm switch: between two resident stacks, median and p99 of SWAPS alternations;
 - old: the same switches with the patcher as it was before resident stacks (extracted from git at
   OLD_COMMIT): its "warm" switch re-resolved and rebuilt every layer from parsed files;
@@ -194,6 +196,20 @@ def switch_figures(patcher, a, b, swaps: int, clear_caches, reads: list[float] |
     return colds, warm
 
 
+def prefetched_colds(patcher, a, b, clear_caches) -> list[float]:
+    """Cold switches to `b` after `patcher.prefetch(b)`: what the daemon does for the next queued job while
+    the current one renders (its files read, parsed and resolved; its arrays still to build)."""
+    times = []
+    for _ in range(REPEATS):
+        patcher.clear()
+        clear_caches()
+        patcher.apply_stack(a)
+        clear_caches()
+        patcher.prefetch(b)
+        times.append(timed(lambda: patcher.apply_stack(b)))
+    return times
+
+
 def new_patcher(transformer, resident_bytes: int = 4 * 1024**3, cache_bytes: int = 4 * 1024**3) -> LoraPatcher:
     return LoraPatcher(transformer, LoraCache(cache_bytes), resident=ResidentStacks(resident_bytes))
 
@@ -234,6 +250,7 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     out["paired_reads"], out["first_build"] = [], []
     out["cold"], out["warm"] = switch_figures(new, a, b, SWAPS, clear_new, out["paired_reads"], out["first_build"])
     out["phases"] = {k: statistics.median(v) for k, v in phases.items()}
+    out["prefetched"] = prefetched_colds(new, a, b, clear_new)
     out["rss_after_mb"] = rss_mb()
     out["resident_mb"] = new.resident.stats().bytes / 1024**2
     new.apply_stack(b)
@@ -353,6 +370,7 @@ def main() -> None:
         )
         print(row("old", d, "old_cold", "old_warm"))
         print(row("new", d, "cold", "warm") + f"   first build {d['first_build'][0]:.1f} ms")
+        print(f"  new cold switch after a prefetch of its files (median): {statistics.median(d['prefetched']):.1f} ms")
         print("  new cold build, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in d["phases"].items()))
         print(f"  resident stacks {d['resident_mb']:.0f} MB, RSS after {d['rss_after_mb']:.0f} MB")
     for px, (base, with_stack, tokens, ratio) in steps.items():
