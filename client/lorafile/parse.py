@@ -17,6 +17,7 @@ import numpy as np
 from client.lorafile.explain import refusal
 from client.lorafile.keymaps import FormatKeymap, KeymapSet, ModuleRule, load_keymaps
 from client.lorafile.safetensors_io import SafetensorsFile
+from client.lorafile.signature import SIDECAR
 from client.wire.errors import LoraUnsupported
 
 REASON_TEXT_ENCODER = (
@@ -163,7 +164,7 @@ def peft_scaling(metadata: dict[str, str]) -> PeftScaling:
     return _scaling(cfg)
 
 
-PEFT_CONFIG = "adapter_config.json"  # what PEFT's save_pretrained writes beside adapter_model.safetensors
+PEFT_CONFIG = SIDECAR  # what PEFT's save_pretrained writes beside adapter_model.safetensors (in the signature)
 
 
 def peft_config_beside(path: str | os.PathLike[str]) -> dict | None:

@@ -34,7 +34,7 @@ import numpy as np
 import safetensors
 
 from client.fs import atomic_write_bytes
-from client.lorafile.signature import FileSignature, content_digest
+from client.lorafile.signature import FileSignature, content_digest, sidecar_identity
 from client.wire.errors import LoraFormatError, LoraNotFound
 
 # Largest header any real file has is a few MB; refuse absurd lengths before allocating.
@@ -140,7 +140,7 @@ def read_safetensors(
     with fh:
         try:
             st = os.fstat(fh.fileno())
-            before = FileSignature.of_stat(st)
+            before = FileSignature.of_stat(st, sidecar=sidecar_identity(p))  # the config's, before it is read
             size = before.size
             head = os.pread(fh.fileno(), 64, 0)
         except OSError as exc:
@@ -184,7 +184,7 @@ def read_safetensors(
         tensors[key] = (stored.astype(np.float32) if widen else stored).reshape(shape)
         dtypes[key] = dtype
     if with_digest:
-        before = dataclasses.replace(before, digest=content_digest(buf))
+        before = dataclasses.replace(before, digest=content_digest(buf, p))
     return SafetensorsFile(path=str(p), tensors=tensors, metadata=metadata, dtypes=dtypes, signature=before)
 
 

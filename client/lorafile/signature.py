@@ -7,6 +7,11 @@ replaced by rename changes inode. Network filesystems may report coarse or cache
 optional content digest (BLAKE2b of the bytes, `with_digest=True`) makes the content itself the
 identity, at the cost of reading the file on every lookup.
 
+A PEFT folder keeps the file's scaling (lora_alpha, alpha_pattern, use_rslora) in an
+`adapter_config.json` beside the weights (client.lorafile.parse): its identity is part of the signature
+(and its bytes part of the digest), so editing it is a new version of the LoRA as much as rewriting the
+weights is.
+
 The parsed-file cache, the resolved terms and the daemon's resident stacks all compare these, so a
 stack built from a file that has changed since is never reused.
 """
@@ -16,10 +21,15 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from client.wire.errors import LoraFormatError, LoraNotFound
 
 _HASH_CHUNK = 8 * 1024 * 1024
+SIDECAR = "adapter_config.json"  # what PEFT's save_pretrained writes beside adapter_model.safetensors
+_SIDECAR_MAX_BYTES = 16 * 1024 * 1024  # a config, not data: a larger one is not read into the digest
+
+StatIdentity = tuple[int, int, int, int, int]  # (device, inode, size, mtime_ns, ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -31,11 +41,14 @@ class FileSignature:
     size: int
     mtime_ns: int
     ctime_ns: int
-    digest: str | None = None  # BLAKE2b-128 of the content, when asked for
+    digest: str | None = None  # BLAKE2b-128 of the content (and of the sidecar's), when asked for
+    sidecar: StatIdentity | None = None  # the adapter_config.json beside the file, if there is one
 
     @classmethod
-    def of_stat(cls, st: os.stat_result, digest: str | None = None) -> FileSignature:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
+    def of_stat(
+        cls, st: os.stat_result, digest: str | None = None, sidecar: StatIdentity | None = None
+    ) -> FileSignature:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest, sidecar)
 
     def same_file_version(self, other: FileSignature) -> bool:
         """Equal ignoring the digest (what an fstat before and after a read can compare)."""
@@ -48,8 +61,37 @@ class FileSignature:
         )
 
 
-def content_digest(data: bytes | bytearray | memoryview) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+def sidecar_identity(path: str | os.PathLike[str]) -> StatIdentity | None:
+    """The stat identity of the adapter_config.json beside `path` (None: there is none)."""
+    try:
+        st = os.stat(Path(path).parent / SIDECAR)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _sidecar_bytes(path: str | os.PathLike[str]) -> bytes | None:
+    config = Path(path).parent / SIDECAR
+    try:
+        if config.stat().st_size > _SIDECAR_MAX_BYTES:
+            return None
+        return config.read_bytes()
+    except OSError:
+        return None
+
+
+def content_digest(data: bytes | bytearray | memoryview, path: str | os.PathLike[str] | None = None) -> str:
+    """BLAKE2b-128 of a LoRA file's bytes, and of the adapter_config.json beside `path` when there is one."""
+    hasher = hashlib.blake2b(data, digest_size=16)
+    _add_sidecar(hasher, path)
+    return hasher.hexdigest()
+
+
+def _add_sidecar(hasher: hashlib.blake2b, path: str | os.PathLike[str] | None) -> None:
+    sidecar = None if path is None else _sidecar_bytes(path)
+    if sidecar is not None:
+        hasher.update(b"\0" + SIDECAR.encode() + b"\0")
+        hasher.update(sidecar)
 
 
 def file_signature(path: str | os.PathLike[str], *, with_digest: bool = False) -> FileSignature:
@@ -60,8 +102,9 @@ def file_signature(path: str | os.PathLike[str], *, with_digest: bool = False) -
         raise LoraNotFound(f"LoRA file not found: {path}", path=str(path)) from exc
     except OSError as exc:  # a symlink loop, a name too long, no permission
         raise LoraNotFound(f"cannot stat LoRA file {path}: {exc.strerror or exc}", path=str(path)) from exc
+    sidecar = sidecar_identity(path)
     if not with_digest:
-        return FileSignature.of_stat(st)
+        return FileSignature.of_stat(st, sidecar=sidecar)
     hasher = hashlib.blake2b(digest_size=16)
     try:
         with open(path, "rb", buffering=0) as fh:
@@ -69,4 +112,5 @@ def file_signature(path: str | os.PathLike[str], *, with_digest: bool = False) -
                 hasher.update(chunk)
     except OSError as exc:
         raise LoraFormatError(f"cannot read LoRA file {path}: {exc.strerror or exc}", path=str(path)) from exc
-    return FileSignature.of_stat(st, hasher.hexdigest())
+    _add_sidecar(hasher, path)
+    return FileSignature.of_stat(st, hasher.hexdigest(), sidecar)

@@ -78,3 +78,22 @@ def test_file_bigger_than_the_cache_is_served_not_kept(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(LoraNotFound):
         LoraCache().get(tmp_path / "gone.safetensors")
+
+
+def test_an_adapter_config_beside_the_file_is_part_of_its_signature_and_digest(tmp_path):
+    """Creating, editing or removing a PEFT adapter_config.json gives the file a new signature (and, with
+    content_hash, a new digest): what was parsed under the old config is not reused."""
+    cache = LoraCache(max_bytes=10**8, content_hash=True)
+    path = _lora(tmp_path / "adapter_model.safetensors")
+    _, plain = cache.get(path)
+    config = tmp_path / "adapter_config.json"
+    config.write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+    _, with_config = cache.get(path)
+    config.write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 2}')
+    _, edited = cache.get(path)
+    config.unlink()
+    _, removed = cache.get(path)
+    assert plain.sidecar is None and with_config.sidecar is not None and removed.sidecar is None
+    assert len({with_config.digest, edited.digest, plain.digest}) == 3
+    assert removed.digest == plain.digest  # the weights alone, as before the config existed
+    assert cache.stats().misses == 4

@@ -208,6 +208,33 @@ def test_changed_file_is_reapplied(tmp_path, patcher):
     assert not report.noop and set(patcher.patched_layers) == set(gen.expected)
 
 
+def test_an_edited_peft_config_beside_the_file_is_a_new_version_of_the_lora(tmp_path, patcher, transformer):
+    """PEFT keeps lora_alpha in adapter_config.json beside the weights: editing it rescales the LoRA, so the
+    stack built under the old alpha (resident, and its parsed file) must not be reused."""
+    import json
+
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    target = "transformer_blocks.0.attn.to_q"
+    out_dim, in_dim = patcher.layout[target]
+    rng = np.random.default_rng(3)
+    down, up = rng.standard_normal((4, in_dim)).astype(np.float32), rng.standard_normal((out_dim, 4)).astype(np.float32)
+    weights = folder / "adapter_model.safetensors"
+    write_safetensors(
+        weights, {f"base_model.model.{target}.lora_A.weight": down, f"base_model.model.{target}.lora_B.weight": up}, {}
+    )
+    config = folder / "adapter_config.json"
+    config.write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    entry = StackEntry(str(weights), 1.0)
+    patcher.apply_stack([entry])
+    layer = _module(transformer, target)
+    np.testing.assert_allclose(np.array(layer.delta()), (8 / 4) * up @ down, rtol=1e-5, atol=1e-5)
+    config.write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 2}))  # the same size
+    report = patcher.apply_stack([entry])
+    assert not report.noop and report.files[0].alpha == 2
+    np.testing.assert_allclose(np.array(layer.delta()), (2 / 4) * up @ down, rtol=1e-5, atol=1e-5)
+
+
 def test_zero_match_policy(tmp_path, patcher):
     path = tmp_path / "te.safetensors"
     write_safetensors(path, {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": np.ones((2, 8))}, {})
