@@ -160,16 +160,13 @@ class HttpRenderClient:
 
 
 def _read_frame(resp: http.client.HTTPResponse) -> bytes | None:
-    """One reply frame from the response body; None at a clean end of the body."""
-    header = resp.read(framing.HEADER_SIZE)
-    if not header:
+    """One reply frame from the response body; None when the body ends, cleanly or mid-frame (the stream
+    was cut: the same as no answer)."""
+    try:
+        return framing.read_frame_from(resp.read, framing.DEFAULT_MAX_FRAME)
+    except framing.PeerClosed:
         return None
-    if len(header) < framing.HEADER_SIZE:
-        raise ProtocolError(f"truncated frame header: {len(header)} of {framing.HEADER_SIZE} bytes")
-    (length,) = framing.HEADER.unpack(header)
-    if length > framing.DEFAULT_MAX_FRAME:
-        raise ProtocolError(f"frame announces {length} bytes; the cap is {framing.DEFAULT_MAX_FRAME}")
-    body = resp.read(length)
-    if len(body) < length:
-        return None  # the stream was cut mid-frame: the same as no answer
-    return body
+    except ProtocolError as err:
+        if err.details.get("truncated"):
+            return None
+        raise

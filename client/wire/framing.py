@@ -1,6 +1,7 @@
 """Frames on the socket: a 4-byte big-endian unsigned length, then that many bytes of msgpack.
 
-Pure Python. The async readers serve the daemon and AsyncRenderClient; the blocking ones serve RenderClient.
+Pure Python. The async readers serve the daemon and AsyncRenderClient; the blocking one (over any `read(n)`)
+serves RenderClient's socket and the HTTP client's response body.
 A frame longer than the receiver's cap is refused before its body is read (the cap bounds memory per peer).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from collections.abc import Callable
 
 from client.wire.errors import FrameTooLarge, ProtocolError
 
@@ -73,26 +75,34 @@ async def _read_rest(reader: asyncio.StreamReader, first: bytes, max_frame: int)
         ) from None
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+def _read_exactly(read: Callable[[int], bytes], n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        chunk = read(min(n - len(buf), 1 << 20))
         if not chunk:
             if not buf:
                 raise PeerClosed()
-            raise ProtocolError(f"truncated frame: expected {n} bytes, stream ended after {len(buf)}")
+            raise ProtocolError(f"truncated frame: expected {n} bytes, stream ended after {len(buf)}", truncated=True)
         buf += chunk
     return bytes(buf)
 
 
-def recv_frame(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
-    """Blocking twin of read_frame (the socket's own timeout applies to each recv)."""
-    header = _recv_exactly(sock, HEADER_SIZE)
+def read_frame_from(read: Callable[[int], bytes], max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """One frame body from a blocking byte stream whose `read(n)` returns at most n bytes, b"" at its end
+    (a socket's recv, an HTTP response body's read). PeerClosed at a clean end between frames;
+    ProtocolError with `truncated=True` in its details for a stream that ends mid-frame; FrameTooLarge
+    for a frame over `max_frame`, before its body is read."""
+    header = _read_exactly(read, HEADER_SIZE)
     (length,) = HEADER.unpack(header)
     _check_length(length, max_frame)
     if length == 0:
         return b""
     try:
-        return _recv_exactly(sock, length)
+        return _read_exactly(read, length)
     except PeerClosed:
-        raise ProtocolError(f"truncated frame: header announced {length} bytes, stream ended") from None
+        raise ProtocolError(f"truncated frame: header announced {length} bytes, stream ended", truncated=True) from None
+
+
+def recv_frame(sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """Blocking twin of read_frame (the socket's own timeout applies to each recv)."""
+    return read_frame_from(sock.recv, max_frame)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import math
 import socket
 
@@ -64,6 +65,32 @@ def test_async_reader_clean_eof_truncated_and_oversized():
             await framing.read_frame(_reader_with(b"\xff\xff\xff\xff"), max_frame=1024)
 
     asyncio.run(go())
+
+
+class _Trickle(io.BytesIO):
+    """A byte stream that hands out at most 3 bytes a read, as a socket or a chunked body may."""
+
+    def read(self, n: int = -1) -> bytes:
+        return super().read(min(n, 3) if n >= 0 else 3)
+
+
+def test_blocking_reader_over_any_read_frames_ends_truncation_and_the_cap():
+    from client.http_render import _read_frame
+
+    stream = _Trickle(framing.encode_frame(b"first frame") + framing.encode_frame(b"") + framing.encode_frame(b"x"))
+    assert [framing.read_frame_from(stream.read) for _ in range(3)] == [b"first frame", b"", b"x"]
+    with pytest.raises(framing.PeerClosed):
+        framing.read_frame_from(stream.read)
+    for cut in (b"\x00\x00", b"\x00\x00\x00\x0aabc"):  # mid-header, mid-body
+        with pytest.raises(ProtocolError, match="truncated frame") as err:
+            framing.read_frame_from(_Trickle(cut).read)
+        assert err.value.details["truncated"] is True
+        assert _read_frame(_Trickle(cut)) is None  # for the HTTP client: the stream was cut, no answer
+    with pytest.raises(FrameTooLarge):
+        framing.read_frame_from(_Trickle(b"\xff\xff\xff\xff").read, max_frame=1024)
+    with pytest.raises(FrameTooLarge):  # the HTTP client keeps the cap: not taken for a cut stream
+        _read_frame(_Trickle(b"\xff\xff\xff\xff"))
+    assert _read_frame(_Trickle(framing.encode_frame(b"answer"))) == b"answer"
 
 
 def test_async_reader_bounds_a_stalled_frame_not_an_idle_connection():
