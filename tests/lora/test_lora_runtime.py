@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from helpers.lora_factories import write_safetensors
 
 from daemon.lora import LoraCache, StackEntry
@@ -164,3 +165,31 @@ def test_a_build_packs_arrays_into_shared_chunks_and_every_view_holds_its_own_va
     base = bf16[0].__array_interface__["data"][0]
     offsets = [b.__array_interface__["data"][0] - base for b in bf16]
     assert offsets == [0, 1024, 2048], "the bf16 arrays are not views of one chunk at their offsets"
+
+
+@pytest.mark.parametrize(
+    ("src_dtype", "dst_dtype"),
+    [("bf16", "uint16"), ("bf16", "float32"), ("float32", "float32"), ("float16", "float16"), ("float32", "uint16")],
+)
+def test_column_blocks_are_written_exactly_whatever_the_path(src_dtype, dst_dtype):
+    """Each file's up block lands in its own columns of the stacked matrix, bit for bit as `_put` writes
+    it, on the row-item path (same bytes, bf16 -> float32) and on the element-wise one (float32 -> bf16)."""
+    import ml_dtypes
+
+    from daemon.lora.runtime import _put, _put_columns
+
+    rng = np.random.default_rng(5)
+    dtype = np.dtype(ml_dtypes.bfloat16) if src_dtype == "bf16" else np.dtype(src_dtype)
+    blocks = [rng.standard_normal((37, r)).astype(dtype) for r in (16, 4, 9)]
+    got = np.zeros((37, 29), dst_dtype)
+    want = np.zeros((37, 29), dst_dtype)
+    start = 0
+    for block in blocks:
+        _put_columns(got, block, start)
+        _put(want[:, start : start + block.shape[1]], block, None)
+        start += block.shape[1]
+    np.testing.assert_array_equal(got, want)
+    assert np.any(got != 0)
+    strided = np.zeros((37, 58), dst_dtype)[:, ::2]  # not contiguous: the element-wise path
+    _put_columns(strided, blocks[0], 3)
+    np.testing.assert_array_equal(strided[:, 3:19], want[:, :16])
