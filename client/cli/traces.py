@@ -5,13 +5,29 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import click
 
 from client import env
 from client.cli.errors import EaselGroup
 from client.cli.options import json_option
+
+
+def stop_on_signal(stop: threading.Event) -> Callable[[int, FrameType | None], None]:
+    """A SIGTERM/SIGINT handler that sets `stop` from a fresh thread.
+
+    Handlers run on the main thread between bytecodes, possibly while that thread holds the event's own
+    lock inside `stop.wait()`; `stop.set()` called there would wait on it forever and the tail would
+    ignore the signal. A thread of its own just waits its turn.
+    """
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=stop.set, name="easel-stop", daemon=True).start()
+
+    return handler
 
 
 def _parse_listen(value: str) -> tuple[str, int]:
@@ -49,7 +65,7 @@ def tail(
     stop = threading.Event()
     if listen or not no_follow:  # a clean stop on Ctrl-C / SIGTERM (closes the receiver, no traceback)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, stop_on_signal(stop))
 
     if listen:
         if file_ or from_start or no_follow:

@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from click.testing import CliRunner
 from helpers.reports import file_report
 
 from client.cli import main
+from client.cli.traces import stop_on_signal
 from client.traces import OtlpHttpReceiver, format_render, otlp_json_to_request, parse_record
 from client.wire.errors import Cancelled
 from daemon.render_spec import RenderSpec
@@ -158,6 +160,20 @@ class Proc:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+def test_signal_handler_never_waits_on_the_lock_the_main_thread_holds():
+    """The handler may run while `stop.wait()` holds the event's lock: it must return at once and the
+    stop must land as soon as the lock is free (the tail once ignored SIGTERM this way under load)."""
+    stop = threading.Event()
+    handler = stop_on_signal(stop)
+    with stop._cond:  # what the main thread holds between bytecodes of Event.wait
+        caller = threading.Thread(target=handler, args=(signal.SIGTERM, None))
+        caller.start()
+        caller.join(5)
+        assert not caller.is_alive(), "the handler blocked on the event's lock"
+        assert not stop.is_set()
+    assert stop.wait(5)
 
 
 def test_tail_follows_a_live_file_across_rotation(tmp_path):
