@@ -17,7 +17,7 @@ import numpy as np
 from client.lorafile.explain import refusal
 from client.lorafile.keymaps import FormatKeymap, KeymapSet, ModuleRule, load_keymaps
 from client.lorafile.safetensors_io import SafetensorsFile
-from client.lorafile.signature import SIDECAR
+from client.lorafile.signature import SIDECAR, sidecar_bytes
 from client.wire.errors import LoraUnsupported
 
 REASON_TEXT_ENCODER = (
@@ -164,18 +164,15 @@ def peft_scaling(metadata: dict[str, str]) -> PeftScaling:
     return _scaling(cfg)
 
 
-PEFT_CONFIG = SIDECAR  # what PEFT's save_pretrained writes beside adapter_model.safetensors (in the signature)
-
-
 def peft_config_beside(path: str | os.PathLike[str]) -> dict | None:
     """The PEFT `adapter_config.json` in the LoRA file's folder, if there is a readable one.
 
     PEFT keeps lora_alpha (and rank_pattern, alpha_pattern, use_rslora, use_dora) there, not in the
     weights file: without it a PEFT folder would be applied at factor 1 instead of lora_alpha / r."""
-    config = Path(path).parent / PEFT_CONFIG
+    raw = sidecar_bytes(path)  # the same bytes the file's content digest covers
     try:
-        cfg = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        cfg = json.loads(raw.decode("utf-8")) if raw is not None else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     return cfg if isinstance(cfg, dict) and cfg.get("peft_type", "LORA") == "LORA" else None
 
@@ -208,7 +205,7 @@ def _file_scaling(sf: SafetensorsFile) -> PeftScaling:
     if scaling.alpha is not None or scaling.alpha_pattern:
         return scaling
     cfg = peft_config_beside(sf.path)
-    return _scaling({**cfg, "__source__": str(Path(sf.path).parent / PEFT_CONFIG)}) if cfg else scaling
+    return _scaling({**cfg, "__source__": str(Path(sf.path).parent / SIDECAR)}) if cfg else scaling
 
 
 def _norm_module(fmt: FormatKeymap, keymaps: KeymapSet, module_key: str) -> str | None:

@@ -70,7 +70,8 @@ def sidecar_identity(path: str | os.PathLike[str]) -> StatIdentity | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _sidecar_bytes(path: str | os.PathLike[str]) -> bytes | None:
+def sidecar_bytes(path: str | os.PathLike[str]) -> bytes | None:
+    """The bytes of the adapter_config.json beside a LoRA file; None when absent, unreadable or too big."""
     config = Path(path).parent / SIDECAR
     try:
         if config.stat().st_size > _SIDECAR_MAX_BYTES:
@@ -88,7 +89,7 @@ def content_digest(data: bytes | bytearray | memoryview, path: str | os.PathLike
 
 
 def _add_sidecar(hasher: hashlib.blake2b, path: str | os.PathLike[str] | None) -> None:
-    sidecar = None if path is None else _sidecar_bytes(path)
+    sidecar = None if path is None else sidecar_bytes(path)
     if sidecar is not None:
         hasher.update(b"\0" + SIDECAR.encode() + b"\0")
         hasher.update(sidecar)
