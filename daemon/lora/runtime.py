@@ -27,6 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 from client.lorafile.resolve import BiasTerm, DenseTerm, KronTerm, LowRankTerm, Term
+from daemon.engine.unfilled import unfilled
 
 
 def base_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -236,11 +237,12 @@ _ALIGN = 64  # elements: every array of a chunk starts on a 128-byte (bf16) or 2
 class Fills:
     """The low-rank arrays of a stack build, written once, straight into their final MLX buffers.
 
-    `zeros` declares an array (shape, dtype) and the setter that receives it; `fill` adds a job writing a
-    file's block into its rows or columns. `run` packs the declared arrays into few large MLX buffers
-    (chunks of about CHUNK_BYTES, each one allocation) and hands every setter an MLX view of its part
-    (a slice and reshape of the chunk: no copy), while the jobs write through numpy views of the same
-    memory. Allocating a thousand layer-sized arrays one by one costs about 4x the same bytes in a few
+    `declare` declares an array (shape, dtype) and the setter that receives it; `fill` adds a job writing a
+    file's block into its rows or columns: together a declared array's jobs write every element of it,
+    since its memory is allocated unfilled (daemon/engine/unfilled.py). `run` packs the declared arrays
+    into few large MLX buffers (chunks of about CHUNK_BYTES, each one allocation) and hands every setter
+    an MLX view of its part (a slice and reshape of the chunk: no copy), while the jobs write through numpy
+    views of the same memory. Allocating a thousand layer-sized arrays one by one costs about 4x the same bytes in a few
     large ones (bench/lora.py, MLX on Linux), and no byte is ever copied twice: no intermediate numpy or
     MLX array, no MLX op per block. The chunks are private to the build until it returns, so writing into
     them is safe; the stack's views keep them alive, and they are freed with the stack.
@@ -250,7 +252,7 @@ class Fills:
         self._declared: list[tuple[tuple[int, ...], mx.Dtype, Callable[[mx.array], None]]] = []
         self._jobs: list[list[Callable[[np.ndarray], None]]] = []
 
-    def zeros(self, shape: tuple[int, ...], dtype: mx.Dtype, assign: Callable[[mx.array], None]) -> int:
+    def declare(self, shape: tuple[int, ...], dtype: mx.Dtype, assign: Callable[[mx.array], None]) -> int:
         """Declare an array; `assign` receives it (an MLX view, evaluated, its blocks written) in `run`."""
         self._declared.append((tuple(int(d) for d in shape), dtype, assign))
         self._jobs.append([])
@@ -275,9 +277,8 @@ class Fills:
         return chunks
 
     def run(self, workers: int = 2) -> tuple[float, float]:
-        """Allocate the chunks one by one (one MLX evaluation each) on this thread while `workers` threads
-        write the blocks of the chunks already allocated: the first touch of fresh memory (page faults,
-        zeroing) overlaps the copies instead of preceding them. Numpy's copies and conversions let go of
+        """Allocate the chunks one by one (unfilled) on this thread while `workers` threads write the blocks
+        of the chunks already allocated. Numpy's copies and conversions let go of
         the GIL, so on a multi-core machine they run in parallel. Returns (milliseconds spent allocating,
         milliseconds the writes and views took beyond that)."""
         if not self._declared:
@@ -299,8 +300,7 @@ class Fills:
                 last_index, last_offset = members[-1]
                 length = last_offset + math.prod(declared[last_index][0])
                 a0 = time.perf_counter()
-                chunk = mx.zeros((length,), storage)
-                mx.eval(chunk)
+                chunk = unfilled(length, storage)  # every element a view reads is written by the jobs
                 flat = np.array(chunk, copy=False)
                 allocating += time.perf_counter() - a0
                 share = []
@@ -375,8 +375,11 @@ def _lowrank(out: LayerArrays, lowrank: list[tuple[float, LowRankTerm]], dtype: 
     ranks = [t.down.shape[0] for _, t in lowrank]
     total = sum(ranks)
     in_dim, out_dim = lowrank[0][1].down.shape[1], lowrank[0][1].up.shape[0]
-    d_index = fills.zeros((total, in_dim), dtype, lambda a: setattr(out, "down", a))
-    u_index = fills.zeros((out_dim, total), dtype, lambda a: setattr(out, "up", a))
+    for (_, t), r in zip(lowrank, ranks, strict=True):  # the blocks tile the unfilled buffers exactly
+        if t.down.shape != (r, in_dim) or t.up.shape != (out_dim, r):
+            raise ValueError(f"{t.target}: low-rank blocks {t.down.shape} / {t.up.shape} do not stack")
+    d_index = fills.declare((total, in_dim), dtype, lambda a: setattr(out, "down", a))
+    u_index = fills.declare((out_dim, total), dtype, lambda a: setattr(out, "up", a))
     factors = [np.float32(s * t.factor) for s, t in lowrank]
     if not fold:
         out.rank_scale = mx.array(np.repeat(np.array(factors, dtype=np.float32), ranks))

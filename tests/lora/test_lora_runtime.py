@@ -146,7 +146,7 @@ def test_a_build_packs_arrays_into_shared_chunks_and_every_view_holds_its_own_va
     fills = runtime.Fills()
     got: dict[int, mx.array] = {}
     for i, (shape, dtype) in enumerate(specs):
-        index = fills.zeros(shape, dtype, lambda a, i=i: got.__setitem__(i, a))
+        index = fills.declare(shape, dtype, lambda a, i=i: got.__setitem__(i, a))
         fills.fill(index, lambda view, i=i: view.__setitem__(Ellipsis, i + 1))
     layout = [(str(storage), members) for storage, members in fills._chunks()]
     assert layout == [
@@ -193,3 +193,46 @@ def test_column_blocks_are_written_exactly_whatever_the_path(src_dtype, dst_dtyp
     strided = np.zeros((37, 58), dst_dtype)[:, ::2]  # not contiguous: the element-wise path
     _put_columns(strided, blocks[0], 3)
     np.testing.assert_array_equal(strided[:, 3:19], want[:, :16])
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32", "float16"])
+def test_a_build_writes_every_element_of_its_unfilled_buffers(monkeypatch, dtype_name):
+    """Stack buffers are allocated without a fill: a build into memory holding garbage (every byte 0xFF,
+    a NaN in each float type) gives exactly the arrays that numpy computes from the files' blocks."""
+    import ml_dtypes
+    import mlx.core as mx
+
+    import daemon.lora.runtime as runtime
+    from client.lorafile.resolve import LowRankTerm
+    from daemon.engine.unfilled import unfilled
+
+    def poisoned(length, dtype):
+        out = unfilled(length, dtype)
+        np.array(out, copy=False).view(np.uint8)[:] = 0xFF
+        return out
+
+    monkeypatch.setattr(runtime, "unfilled", poisoned)
+    monkeypatch.setattr(runtime, "CHUNK_BYTES", 8192)  # several chunks, arrays packed at aligned offsets
+    rng = np.random.default_rng(9)
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    terms = [
+        LowRankTerm("a.b", rng.standard_normal((r, 24)).astype(bf16), rng.standard_normal((40, r)).astype(bf16), f)
+        for r, f in ((4, 0.5), (7, 2.0), (3, 1.0))
+    ]
+    scales = (0.8, 0.5, 0.3)
+    dtype = getattr(mx, dtype_name)
+    out = runtime.build_layer_arrays(list(zip(scales, terms, strict=True)), dtype)
+    mx.eval(out.down, out.up)
+    want_up = np.concatenate([t.up.astype(np.float32) for t in terms], axis=1)
+    down = np.concatenate([t.down.astype(np.float32) for t in terms], axis=0)
+    factors = np.repeat(np.array([s * t.factor for s, t in zip(scales, terms, strict=True)], np.float32), [4, 7, 3])
+    got_up = np.array(out.up.astype(mx.float32))
+    got_down = np.array(out.down.astype(mx.float32))
+    assert not np.isnan(got_up).any() and not np.isnan(got_down).any()
+    if dtype == mx.float32:  # the factors are folded into the down rows
+        np.testing.assert_array_equal(got_down, down * factors[:, None])
+        np.testing.assert_array_equal(got_up, want_up)
+    else:  # stored as the files hold them (bf16 values exact in fp16 here), the factors kept beside
+        np.testing.assert_array_equal(got_down, down.astype(bf16).astype(np.float32))
+        np.testing.assert_array_equal(got_up, want_up)
+        np.testing.assert_array_equal(np.array(out.rank_scale), factors)

@@ -1,0 +1,71 @@
+"""MLX arrays whose memory is allocated and never written, for a caller that writes every byte itself.
+
+MLX has no `empty`: `mx.zeros` fills its buffer, which for a LoRA stack build (hundreds of MB written
+right after through numpy views) is a whole extra pass over the memory (bench/lora.py: about 45 ms of a
+cold switch at full Flux depth on a 2-core CPU). MLX's own loader allocates without a fill and hands the
+buffer to the stream it reads from (`readinto`), so `unfilled` gives it a stream that describes one
+tensor in the safetensors layout and then reports its bytes read without touching them. The contents are
+whatever the allocator held: only for arrays whose every element the caller writes before any read.
+
+On the CPU only: MLX's CUDA loader reads into host memory and copies it to the device, slower than the
+device fill it would replace, so other devices get `mx.zeros`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import mlx.core as mx
+
+_SAFETENSORS_DTYPE = {mx.uint8: "U8", mx.uint16: "U16", mx.float16: "F16", mx.bfloat16: "BF16", mx.float32: "F32"}
+
+
+class _UnwrittenTensorStream(io.RawIOBase):
+    """A safetensors stream of one 1-D tensor `x`: the header is real, the data is never written."""
+
+    name = "unfilled.safetensors"
+
+    def __init__(self, length: int, dtype: mx.Dtype) -> None:
+        nbytes = length * dtype.size
+        header = json.dumps({"x": {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": [length], "data_offsets": [0, nbytes]}})
+        header_bytes = header.encode() + b" " * (-len(header) % 8)
+        self._head = struct.pack("<Q", len(header_bytes)) + header_bytes
+        self._size = len(self._head) + nbytes
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001 - a writable buffer (MLX passes a memoryview)
+        n = len(memoryview(buffer))
+        if self._pos < len(self._head):  # the length prefix and the header: real bytes
+            part = self._head[self._pos : self._pos + n]
+            memoryview(buffer)[: len(part)] = part
+            n = len(part)
+        else:  # the tensor's data: reported read, left as allocated
+            n = min(n, self._size - self._pos)
+        self._pos += n
+        return n
+
+
+def unfilled(length: int, dtype: mx.Dtype) -> mx.array:
+    """A new, evaluated 1-D array of `length` elements of `dtype` whose contents are undefined (CPU);
+    `mx.zeros` on other devices or dtypes."""
+    if length <= 0 or dtype not in _SAFETENSORS_DTYPE or mx.default_device() != mx.cpu:
+        out = mx.zeros((max(length, 0),), dtype)
+        mx.eval(out)
+        return out
+    return mx.load(_UnwrittenTensorStream(length, dtype), format="safetensors")["x"]

@@ -1,0 +1,42 @@
+"""`unfilled`: MLX buffers allocated by MLX's own loader from a stream that never writes their data."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+from daemon.engine.unfilled import _UnwrittenTensorStream, unfilled  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["uint8", "uint16", "float16", "bfloat16", "float32"])
+def test_an_unfilled_array_has_its_shape_and_dtype_and_takes_writes(name):
+    dtype = getattr(mx, name)
+    arr = unfilled(1000, dtype)
+    assert arr.shape == (1000,) and arr.dtype == dtype
+    plain = arr.view(mx.uint16) if dtype == mx.bfloat16 else arr  # numpy has no bfloat16
+    np.array(plain, copy=False)[:] = 3
+    assert plain.astype(mx.int64).sum().item() == 3000  # MLX reads what numpy wrote into its buffer
+
+
+def test_the_stream_is_a_safetensors_header_and_leaves_the_data_alone():
+    stream = _UnwrittenTensorStream(10, mx.float32)
+    (length,) = struct.unpack("<Q", stream.read(8))
+    header = json.loads(stream.read(length))
+    assert header == {"x": {"dtype": "F32", "shape": [10], "data_offsets": [0, 40]}}
+    assert (8 + length) % 8 == 0  # the data starts aligned
+    data = bytearray(b"\xaa" * 64)
+    assert stream.readinto(data) == 40  # reported read up to the end of the tensor, nothing written
+    assert data == bytearray(b"\xaa" * 64)
+    assert stream.seek(0, io.SEEK_END) == 8 + length + 40
+
+
+def test_empty_and_unsupported_dtypes_fall_back_to_zeros():
+    assert unfilled(0, mx.float32).shape == (0,)
+    ints = unfilled(5, mx.int32)
+    assert ints.dtype == mx.int32 and ints.tolist() == [0] * 5
