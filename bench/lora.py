@@ -7,8 +7,10 @@ generated into a temp dir; a stack is 3 of them.
 
 Measured:
 - read_ms: reading the bytes of one stack's 3 files (page cache warm), as the reader does (one readinto
-  into an np.empty buffer each); the old bytearray way and Path.read_bytes are printed beside it, and
-  the time to allocate one stack's MLX arrays alone (the floor under any build on this backend);
+  into an np.empty buffer each); the old bytearray way and Path.read_bytes are printed beside it, with
+  the time to allocate one stack's MLX arrays alone (unfilled, as the build does, and with `mx.zeros`)
+  and to copy its bytes once (a memcpy: the second pass any build into a stacked layout pays, so
+  read + copy is a floor under a cold switch that no Python removes);
 - cold switch: to a stack with nothing cached (files read, parsed, resolved, built), REPEATS times, each
   right after a read of the same files (read_ms): cold_vs_read is the median of those paired ratios;
 - prefetched cold switch: the same, after `prefetch` read, parsed and resolved its files (as the daemon
@@ -152,19 +154,37 @@ def read_ms(paths: list[str], how: str = "reader") -> float:
     return best
 
 
-def alloc_ms(nbytes: int) -> float:
-    """Allocating `nbytes` of MLX arrays (32 MB each, evaluated: the first touch of fresh memory), best of 3:
-    what any stack build pays before it writes a byte (MLX on Linux allocates in 4 KiB pages)."""
+def alloc_ms(nbytes: int, how: str = "unfilled") -> float:
+    """Allocating `nbytes` of MLX arrays in 32 MB chunks, evaluated, best of 3: what a stack build pays
+    before it writes a byte. "unfilled" as the build allocates (daemon/engine/unfilled.py: no fill),
+    "zeros" as it did before (`mx.zeros`: every byte written once more)."""
     import mlx.core as mx
+
+    from daemon.engine.unfilled import unfilled
 
     best = float("inf")
     chunk = 16 * 1024**2  # uint16 elements: 32 MB
     for _ in range(3):
         t0 = time.perf_counter()
-        arrays = [mx.zeros((min(chunk, (nbytes - i) // 2),), mx.uint16) for i in range(0, nbytes, 2 * chunk)]
+        sizes = [min(chunk, (nbytes - i) // 2) for i in range(0, nbytes, 2 * chunk)]
+        arrays = [mx.zeros((n,), mx.uint16) if how == "zeros" else unfilled(n, mx.uint16) for n in sizes]
         mx.eval(*arrays)
         best = min(best, (time.perf_counter() - t0) * 1000)
         del arrays
+    return best
+
+
+def copy_ms(nbytes: int) -> float:
+    """Copying `nbytes` from one warm buffer to another (one numpy memcpy, best of 3): the pass over the
+    bytes that any build into a stacked layout pays after reading them, whatever its Python costs."""
+    import numpy as np
+
+    src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, (time.perf_counter() - t0) * 1000)
     return best
 
 
@@ -254,7 +274,9 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     out["rss_after_mb"] = rss_mb()
     out["resident_mb"] = new.resident.stats().bytes / 1024**2
     new.apply_stack(b)
-    out["alloc_ms"] = alloc_ms(new.resident.get(new._key(b)).nbytes)  # one stack's bytes
+    stack_bytes = new.resident.get(new._key(b)).nbytes
+    out["alloc_ms"], out["alloc_zeros_ms"] = alloc_ms(stack_bytes), alloc_ms(stack_bytes, "zeros")
+    out["copy_ms"] = copy_ms(stack_bytes)
     clear_new()
     gc.collect()
     return out
@@ -366,7 +388,8 @@ def main() -> None:
             f"{label}: {d['layers']} Linear layers, 3-LoRA stacks of rank {RANK} (bf16, every layer), "
             f"{d['file_mb']:.0f} MB per file, read 3 files {d['read_ms']:.1f} ms "
             f"(bytearray {d['read_bytearray_ms']:.1f} ms, read_bytes {d['read_bytes_ms']:.1f} ms), "
-            f"allocating one stack's MLX arrays alone {d['alloc_ms']:.1f} ms"
+            f"allocating one stack's MLX arrays alone {d['alloc_ms']:.1f} ms (filled with zeros "
+            f"{d['alloc_zeros_ms']:.1f} ms), copying its bytes once {d['copy_ms']:.1f} ms"
         )
         print(row("old", d, "old_cold", "old_warm"))
         print(row("new", d, "cold", "warm") + f"   first build {d['first_build'][0]:.1f} ms")
