@@ -221,8 +221,11 @@ def test_ctrl_c_while_waiting_for_the_daemon_exits_130(tmp_path):
     listener.bind(str(path))
     listener.listen(1)
     listener.settimeout(120)
+    # as from a terminal: a suite started in the background inherits SIGINT ignored (POSIX shells do that
+    # to `&` jobs), and Python keeps an ignored SIGINT ignored, so the child would never see the Ctrl-C
     proc = subprocess.Popen([*easel_program(), "render", "x", "--socket", str(path), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         conn, _ = listener.accept()
         conn.sendall(hello_frame())  # accepted, as a daemon greets a connection, and then mute
