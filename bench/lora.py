@@ -15,7 +15,10 @@ Measured:
   right after a read of the same files (read_ms): cold_vs_read is the median of those paired ratios;
 - prefetched cold switch: the same, after `prefetch` read, parsed and resolved its files (as the daemon
   does for the next queued job while the current one renders): what the switch itself still waits for;
-- warm switch: between two resident stacks, median and p99 of SWAPS alternations;
+- warm switch: between two resident stacks, median and p99 of SWAPS alternations; the new patcher's
+  warm switches at both depths are timed in one loop, a full-depth switch then a 1 + 1 switch, so the
+  depth ratio compares switches made under the same machine state (timed one depth after the other,
+  the same code read 0.15 ms at one depth and 0.22 at the other after a 2 s pause);
 - old: the same switches with the patcher as it was before resident stacks (extracted from git at
   OLD_COMMIT): its "warm" switch re-resolved and rebuilt every layer from parsed files;
 - step overhead: one transformer step of the tiny (mini) model with a 3-LoRA stack / without, at the
@@ -268,7 +271,7 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
 
     new.apply_stack = apply_and_note
     out["paired_reads"], out["first_build"] = [], []
-    out["cold"], out["warm"] = switch_figures(new, a, b, SWAPS, clear_new, out["paired_reads"], out["first_build"])
+    out["cold"], _ = switch_figures(new, a, b, 0, clear_new, out["paired_reads"], out["first_build"])
     out["phases"] = {k: statistics.median(v) for k, v in phases.items()}
     out["prefetched"] = prefetched_colds(new, a, b, clear_new)
     out["rss_after_mb"] = rss_mb()
@@ -277,9 +280,27 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     stack_bytes = new.resident.get(new._key(b)).nbytes
     out["alloc_ms"], out["alloc_zeros_ms"] = alloc_ms(stack_bytes), alloc_ms(stack_bytes, "zeros")
     out["copy_ms"] = copy_ms(stack_bytes)
+    new.apply_stack = apply_stack
     clear_new()
-    gc.collect()
+    new.apply_stack(a)
+    new.apply_stack(b)  # both resident: `paired_warm` switches between them
+    out["switcher"] = (new, a, b)
     return out
+
+
+def paired_warm(sides: list[tuple[LoraPatcher, list[StackEntry], list[StackEntry]]], swaps: int) -> list[list[float]]:
+    """Warm switch times of each (patcher, a, b), `swaps` each, timed in alternation across the patchers
+    (one switch of each per round), so each depth's switches meet the same machine state."""
+    times: list[list[float]] = [[] for _ in sides]
+    for i in range(swaps):
+        for (patcher, a, b), out in zip(sides, times, strict=True):
+            stack = a if i % 2 else b
+            out.append(timed(lambda patcher=patcher, stack=stack: patcher.apply_stack(stack)))
+    for patcher, _, _ in sides:
+        patcher.clear()
+        patcher.cache.clear()
+        patcher.resident.clear()
+    return times
 
 
 def rss_run(tmp: Path) -> tuple[float, float, dict]:
@@ -370,9 +391,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="easel-bench-lora-") as tmp_name:
         tmp = Path(tmp_name)
         full = depth_run(tmp, 19, 38, with_old=True)
+        small = depth_run(tmp, 1, 1, with_old=True)
+        full["warm"], small["warm"] = paired_warm([full.pop("switcher"), small.pop("switcher")], SWAPS)
+        gc.collect()
         for p in tmp.glob("d19x38_*"):
             p.unlink()
-        small = depth_run(tmp, 1, 1, with_old=True)
         before, after, rss_info = rss_run(tmp)
         steps = step_overheads(tmp)
 
