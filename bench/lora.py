@@ -28,6 +28,13 @@ Measured:
   and the first build of the run (fresh memory) is printed beside the cold switches;
 - rss_growth_mb: RSS after 1,000 switches among 10 stacks minus RSS after the caches were filled
   (1 + 1 depth; bounds set so stacks are evicted and rebuilt along the way).
+- on a GPU only (MLX's CUDA backend; skipped with a line saying so on a CPU): Flux.1-dev at full size,
+  its random weights evaluated in bf16, one transformer step at 512 and 1024 px without a stack and with a
+  full-depth 3-LoRA stack, and the switches (cold, warm, the first step after a cold switch) on that model,
+  as fractions of a 1024x1024 step. Where no git history is (a copy of the working tree on a lent
+  machine), EASEL_BENCH_OLD_SOURCES names a folder holding OLD_COMMIT's four files at their paths.
+
+Each section is printed once measured, so a failure later in the run keeps what came before.
 
 Last line:
 `bench lora: warm_swap_ms=... depth_ratio=... cold_vs_read=... stack_overhead=... rss_growth_mb=...`
@@ -70,6 +77,8 @@ OLD_SWAPS = int(os.environ.get("EASEL_BENCH_OLD_SWAPS", "4"))
 REPEATS = int(os.environ.get("EASEL_BENCH_REPEATS", "5"))
 RSS_SWITCHES = int(os.environ.get("EASEL_BENCH_RSS_SWITCHES", "1000"))
 STEP_ROUNDS = int(os.environ.get("EASEL_BENCH_STEP_ROUNDS", "12"))
+GPU_ROUNDS = int(os.environ.get("EASEL_BENCH_GPU_ROUNDS", "5"))
+GPU_SIZES = (512, 1024)
 FMTS = ["kohya", "diffusers", "kohya", "diffusers", "kohya", "diffusers"]
 SCALES_A, SCALES_B = (0.8, 0.5, 0.3), (0.7, 0.6, 0.2)
 
@@ -99,10 +108,14 @@ def old_patcher_class():
         "daemon.lora.patcher": "daemon/lora/patcher.py",
     }
     loaded: dict[str, types.ModuleType] = {}
+    sources = os.environ.get("EASEL_BENCH_OLD_SOURCES")  # a copy of those files, where no git history is
     for name, path in names.items():
-        src = subprocess.run(
-            ["git", "-C", str(ROOT), "show", f"{OLD_COMMIT}:{path}"], check=True, capture_output=True, text=True
-        ).stdout
+        if sources:
+            src = (Path(sources) / path).read_text()
+        else:
+            src = subprocess.run(
+                ["git", "-C", str(ROOT), "show", f"{OLD_COMMIT}:{path}"], check=True, capture_output=True, text=True
+            ).stdout
         for other in loaded:
             src = src.replace(f"from {other} import", f"from easel_old.{other} import")
         mod_name = f"easel_old.{name}"
@@ -381,23 +394,78 @@ def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int, float]]:
     return out
 
 
-def p99(values: list[float]) -> float:
-    return sorted(values)[min(len(values) - 1, int(round(0.99 * (len(values) - 1))))]
+def gpu_steps(a: list[StackEntry], b: list[StackEntry]) -> dict | None:
+    """On a GPU only (None on a CPU): Flux.1-dev at full size, 19 + 38 blocks, its random weights evaluated
+    in bf16 (they run as slow as real ones), one transformer step at each of GPU_SIZES px (image tokens +
+    512 text tokens) without a stack and with stack `a` (the full-depth files), timed in alternation,
+    GPU_ROUNDS rounds; then the switches on that model, to put them against a 1024x1024 step: a cold
+    switch to `a` (nothing cached), the first step after it (the new stack's memory reaches the GPU) and
+    the next, a cold switch to `b`, and SWAPS warm switches between the two."""
+    import mlx.core as mx
+    import numpy as np
+    from mflux.models.common.config.config import Config
+    from mflux.models.common.config.model_config import ModelConfig
+    from mlx.utils import tree_flatten
+
+    if mx.default_device() != mx.gpu:
+        return None
+    transformer = lazy_transformer(19, 38)
+    params = [v for _, v in tree_flatten(transformer.parameters())]
+    for i in range(0, len(params), 64):  # a few blocks at a time: no float32 copy of the whole model at once
+        mx.eval(params[i : i + 64])
+    out: dict = {"params": sum(int(p.size) for p in params), "steps": {}}
+    try:
+        out["device"] = mx.device_info().get("device_name", str(mx.default_device()))
+    except Exception:  # noqa: BLE001 - a name for the printout only
+        out["device"] = str(mx.default_device())
+    patcher = new_patcher(transformer)
+    rng = np.random.default_rng(0)
+    steps = {}
+    for px in GPU_SIZES:
+        config = Config(ModelConfig.dev(), num_inference_steps=2, height=px, width=px, guidance=3.5)
+        hidden = mx.array(rng.standard_normal((1, (px // 16) ** 2, 64)), dtype=mx.bfloat16)
+        prompt = mx.array(rng.standard_normal((1, 512, 4096)), dtype=mx.bfloat16)
+        pooled = mx.array(rng.standard_normal((1, 768)), dtype=mx.bfloat16)
+
+        def step_ms(model=transformer, config=config, hidden=hidden, prompt=prompt, pooled=pooled) -> float:
+            t0 = time.perf_counter()
+            y = model(t=0, config=config, hidden_states=hidden, prompt_embeds=prompt, pooled_prompt_embeds=pooled)
+            mx.eval(y)
+            return (time.perf_counter() - t0) * 1000
+
+        steps[px] = step_ms
+        step_ms(), step_ms()  # kernels built
+        patcher.apply_stack(a)
+        step_ms()  # the stacked path's kernels built, its memory on the GPU
+        patcher.clear()
+        base, stacked = [], []
+        for _ in range(GPU_ROUNDS):
+            base.append(step_ms())
+            patcher.apply_stack(a)  # resident: a warm switch
+            stacked.append(step_ms())
+            patcher.clear()
+        ratios = [w / v for v, w in zip(base, stacked, strict=True)]
+        out["steps"][px] = (statistics.median(base), statistics.median(stacked), statistics.median(ratios))
+    step = steps[GPU_SIZES[-1]]
+    patcher.clear()
+    patcher.cache.clear()
+    patcher.resident.clear()
+    out["cold_a"] = timed(lambda: patcher.apply_stack(a))
+    out["first_step"], out["next_step"] = step(), step()
+    patcher.cache.clear()
+    out["cold_b"] = timed(lambda: patcher.apply_stack(b))
+    out["warm"] = [timed(lambda i=i: patcher.apply_stack(a if i % 2 else b)) for i in range(SWAPS)]
+    patcher.clear()
+    patcher.cache.clear()
+    patcher.resident.clear()
+    del transformer, params, steps, step, step_ms
+    gc.collect()
+    mx.clear_cache()
+    return out
 
 
-def main() -> None:
-    heap = retain_freed(int(os.environ.get("EASEL_BENCH_HEAP_RETAIN", ServiceConfig().heap_retain_bytes)))
-    print(heap.describe())
-    with tempfile.TemporaryDirectory(prefix="easel-bench-lora-") as tmp_name:
-        tmp = Path(tmp_name)
-        full = depth_run(tmp, 19, 38, with_old=True)
-        small = depth_run(tmp, 1, 1, with_old=True)
-        full["warm"], small["warm"] = paired_warm([full.pop("switcher"), small.pop("switcher")], SWAPS)
-        gc.collect()
-        for p in tmp.glob("d19x38_*"):
-            p.unlink()
-        before, after, rss_info = rss_run(tmp)
-        steps = step_overheads(tmp)
+def print_depths(full: dict, small: dict) -> None:
+    """Both depth runs' lines: reads, allocation, copy, old and new switches, build phases."""
 
     def row(name: str, d: dict, cold: str, warm: str) -> str:
         w = d[warm]
@@ -419,6 +487,53 @@ def main() -> None:
         print(f"  new cold switch after a prefetch of its files (median): {statistics.median(d['prefetched']):.1f} ms")
         print("  new cold build, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in d["phases"].items()))
         print(f"  resident stacks {d['resident_mb']:.0f} MB, RSS after {d['rss_after_mb']:.0f} MB")
+
+
+def print_gpu(gpu: dict | None) -> None:
+    """The GPU section's lines (see gpu_steps), or why there is none."""
+    if gpu is None:
+        print("gpu: none here (MLX's default device is the CPU), so no full-size step was measured")
+    else:
+        for px, (base, with_stack, ratio) in gpu["steps"].items():
+            print(
+                f"gpu {gpu['device']}: Flux.1-dev full size ({gpu['params'] / 1e9:.2f} B parameters, random, bf16) "
+                f"step {px}x{px}: {base:.1f} ms, with a 3-LoRA stack (full depth) {with_stack:.1f} ms "
+                f"(median paired ratio {ratio:.3f}, {GPU_ROUNDS} rounds)"
+            )
+        step = gpu["steps"][GPU_SIZES[-1]][0]
+        warm = statistics.median(gpu["warm"])
+        print(
+            f"gpu switches on that model, against its {GPU_SIZES[-1]}x{GPU_SIZES[-1]} step of {step:.1f} ms: "
+            f"cold {gpu['cold_a']:.1f} / {gpu['cold_b']:.1f} ms ({gpu['cold_a'] / step:.3f} / "
+            f"{gpu['cold_b'] / step:.3f} of a step), the first step after the cold switch {gpu['first_step']:.1f} ms "
+            f"and the next {gpu['next_step']:.1f} ms, warm median {warm:.3f} ms p99 {p99(gpu['warm']):.3f} ms "
+            f"({warm / step:.5f} of a step, {len(gpu['warm'])} switches)"
+        )
+
+
+def p99(values: list[float]) -> float:
+    return sorted(values)[min(len(values) - 1, int(round(0.99 * (len(values) - 1))))]
+
+
+def main() -> None:
+    heap = retain_freed(int(os.environ.get("EASEL_BENCH_HEAP_RETAIN", ServiceConfig().heap_retain_bytes)))
+    print(heap.describe())
+    with tempfile.TemporaryDirectory(prefix="easel-bench-lora-") as tmp_name:
+        tmp = Path(tmp_name)
+        full = depth_run(tmp, 19, 38, with_old=True)
+        small = depth_run(tmp, 1, 1, with_old=True)
+        switchers = [full.pop("switcher"), small.pop("switcher")]
+        _, full_a, full_b = switchers[0]
+        full["warm"], small["warm"] = paired_warm(switchers, SWAPS)
+        del switchers
+        gc.collect()
+        print_depths(full, small)  # each section printed once measured: a later failure keeps them
+        print_gpu(gpu_steps(full_a, full_b))
+        for p in tmp.glob("d19x38_*"):
+            p.unlink()
+        before, after, rss_info = rss_run(tmp)
+        steps = step_overheads(tmp)
+
     for px, (base, with_stack, tokens, ratio) in steps.items():
         print(
             f"tiny model step {px}x{px} ({tokens} tokens): {base:8.1f} ms, with a 3-LoRA stack (rank 16 each, "
