@@ -7,8 +7,10 @@ buffer to the stream it reads from (`readinto`), so `unfilled` gives it a stream
 tensor in the safetensors layout and then reports its bytes read without touching them. The contents are
 whatever the allocator held: only for arrays whose every element the caller writes before any read.
 
-On the CPU only: MLX's CUDA loader reads into host memory and copies it to the device, slower than the
-device fill it would replace, so other devices get `mx.zeros`.
+The load runs on the CPU stream on every device: MLX's CPU loader writes into the buffer it allocated, so
+with the CUDA backend that buffer is unified (managed) memory, which the caller's numpy views write in
+place and the GPU reads; an array filled on the GPU would be device memory, moved to unified memory
+(a copy) the moment numpy asks for its address.
 """
 
 from __future__ import annotations
@@ -62,10 +64,10 @@ class _UnwrittenTensorStream(io.RawIOBase):
 
 
 def unfilled(length: int, dtype: mx.Dtype) -> mx.array:
-    """A new, evaluated 1-D array of `length` elements of `dtype` whose contents are undefined (CPU);
-    `mx.zeros` on other devices or dtypes."""
-    if length <= 0 or dtype not in _SAFETENSORS_DTYPE or mx.default_device() != mx.cpu:
+    """A new, evaluated 1-D array of `length` elements of `dtype` whose contents are undefined; `mx.zeros`
+    for other dtypes."""
+    if length <= 0 or dtype not in _SAFETENSORS_DTYPE:
         out = mx.zeros((max(length, 0),), dtype)
         mx.eval(out)
         return out
-    return mx.load(_UnwrittenTensorStream(length, dtype), format="safetensors")["x"]
+    return mx.load(_UnwrittenTensorStream(length, dtype), format="safetensors", stream=mx.cpu)["x"]
