@@ -342,6 +342,7 @@ def rss_run(tmp: Path) -> tuple[float, float, dict]:
     for _ in range(RSS_SWITCHES):
         p.apply_stack(rng.choice(stacks))
     gc.collect()
+    mx.clear_cache()  # as before `before`: MLX's cache of freed buffers is bounded by MLX, not the patcher
     after = rss_mb()
     stats = p.resident.stats()
     p.clear()
