@@ -395,6 +395,42 @@ def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int, float]]:
     return out
 
 
+def evaluated_transformer(joint: int, single: int):
+    """`lazy_transformer` with its random weights evaluated (bf16), a few blocks at a time so no float32
+    copy of the whole model exists at once: a model that runs as slow as one with real weights."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    model = lazy_transformer(joint, single)
+    params = [v for _, v in tree_flatten(model.parameters())]
+    for i in range(0, len(params), 64):
+        mx.eval(params[i : i + 64])
+    return model
+
+
+def timed_step(model, px: int, rng):
+    """A function running one Flux.1-dev transformer step of `model` at px x px (image tokens + 512 text
+    tokens, random bf16 inputs drawn once from `rng`), returning (milliseconds, output)."""
+    import mlx.core as mx
+    from mflux.models.common.config.config import Config
+    from mflux.models.common.config.model_config import ModelConfig
+
+    config = Config(ModelConfig.dev(), num_inference_steps=2, height=px, width=px, guidance=3.5)
+    inputs = {
+        "hidden_states": mx.array(rng.standard_normal((1, (px // 16) ** 2, 64)), dtype=mx.bfloat16),
+        "prompt_embeds": mx.array(rng.standard_normal((1, 512, 4096)), dtype=mx.bfloat16),
+        "pooled_prompt_embeds": mx.array(rng.standard_normal((1, 768)), dtype=mx.bfloat16),
+    }
+
+    def step():
+        t0 = time.perf_counter()
+        y = model(t=0, config=config, **inputs)
+        mx.eval(y)
+        return (time.perf_counter() - t0) * 1000, y
+
+    return step
+
+
 def gpu_steps(a: list[StackEntry], b: list[StackEntry]) -> dict | None:
     """On a GPU only (None on a CPU): Flux.1-dev at full size, 19 + 38 blocks, its random weights evaluated
     in bf16 (they run as slow as real ones), one transformer step at each of GPU_SIZES px (image tokens +
@@ -404,17 +440,12 @@ def gpu_steps(a: list[StackEntry], b: list[StackEntry]) -> dict | None:
     the next, a cold switch to `b`, and SWAPS warm switches between the two."""
     import mlx.core as mx
     import numpy as np
-    from mflux.models.common.config.config import Config
-    from mflux.models.common.config.model_config import ModelConfig
     from mlx.utils import tree_flatten
 
     if mx.default_device() != mx.gpu:
         return None
-    transformer = lazy_transformer(19, 38)
-    params = [v for _, v in tree_flatten(transformer.parameters())]
-    for i in range(0, len(params), 64):  # a few blocks at a time: no float32 copy of the whole model at once
-        mx.eval(params[i : i + 64])
-    out: dict = {"params": sum(int(p.size) for p in params), "steps": {}}
+    transformer = evaluated_transformer(19, 38)
+    out: dict = {"params": sum(int(v.size) for _, v in tree_flatten(transformer.parameters())), "steps": {}}
     try:
         out["device"] = mx.device_info().get("device_name", str(mx.default_device()))
     except Exception:  # noqa: BLE001 - a name for the printout only
@@ -423,16 +454,10 @@ def gpu_steps(a: list[StackEntry], b: list[StackEntry]) -> dict | None:
     rng = np.random.default_rng(0)
     steps = {}
     for px in GPU_SIZES:
-        config = Config(ModelConfig.dev(), num_inference_steps=2, height=px, width=px, guidance=3.5)
-        hidden = mx.array(rng.standard_normal((1, (px // 16) ** 2, 64)), dtype=mx.bfloat16)
-        prompt = mx.array(rng.standard_normal((1, 512, 4096)), dtype=mx.bfloat16)
-        pooled = mx.array(rng.standard_normal((1, 768)), dtype=mx.bfloat16)
+        step = timed_step(transformer, px, rng)
 
-        def step_ms(model=transformer, config=config, hidden=hidden, prompt=prompt, pooled=pooled) -> float:
-            t0 = time.perf_counter()
-            y = model(t=0, config=config, hidden_states=hidden, prompt_embeds=prompt, pooled_prompt_embeds=pooled)
-            mx.eval(y)
-            return (time.perf_counter() - t0) * 1000
+        def step_ms(step=step) -> float:
+            return step()[0]
 
         steps[px] = step_ms
         step_ms(), step_ms()  # kernels built
@@ -459,7 +484,7 @@ def gpu_steps(a: list[StackEntry], b: list[StackEntry]) -> dict | None:
     patcher.clear()
     patcher.cache.clear()
     patcher.resident.clear()
-    del transformer, params, steps, step, step_ms
+    del transformer, steps, step, step_ms
     gc.collect()
     mx.clear_cache()
     return out

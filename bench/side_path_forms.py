@@ -32,7 +32,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,9 +41,6 @@ _spec.loader.exec_module(bench_lora)  # puts the project on sys.path, OpenBLAS b
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
-from mflux.models.common.config.config import Config  # noqa: E402
-from mflux.models.common.config.model_config import ModelConfig  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
 
 from daemon.lora.runtime import LayerArrays, StackedLoraLinear, linear_layout  # noqa: E402
 
@@ -54,12 +50,9 @@ NOW = StackedLoraLinear.__call__
 
 def _base_first(self: StackedLoraLinear, x: mx.array) -> mx.array:
     parts = self._lora_active.layers.get(self._lora_target)
-    if parts is None or not parts.lowrank_only:
+    if parts is None or not parts.lowrank_only or parts.rank_scale is not None:
         return NOW(self, x)
-    h = x @ parts.down.T
-    if parts.rank_scale is not None:
-        h = h * parts.rank_scale
-    return mx.addmm(self.base(x), h, parts.up.T)
+    return mx.addmm(self.base(x), x @ parts.down.T, parts.up.T)
 
 
 @mx.compile
@@ -99,20 +92,12 @@ class Arrangements:
             p.down, p.rank_scale = form[k]
 
 
-def full_size_model(joint: int, single: int):
-    model = bench_lora.lazy_transformer(joint, single)
-    params = [v for _, v in tree_flatten(model.parameters())]
-    for i in range(0, len(params), 64):  # a few blocks at a time
-        mx.eval(params[i : i + 64])
-    return model
-
-
 def main() -> None:
     gpu = mx.default_device() == mx.gpu
     joint, single, sizes, rounds = (19, 38, (512, 1024), ROUNDS) if gpu else (1, 1, (64,), 1)
     print(f"device {mx.default_device()}, {joint} + {single} blocks, sizes {sizes}, {rounds} rounds")
     with tempfile.TemporaryDirectory(prefix="easel-bench-forms-") as tmp:
-        model = full_size_model(joint, single)
+        model = bench_lora.evaluated_transformer(joint, single)
         files = bench_lora.make_files(Path(tmp), linear_layout(model), "forms", n=3)
         stack = [bench_lora.StackEntry(p, s) for p, s in zip(files, bench_lora.SCALES_A, strict=True)]
         patcher = bench_lora.new_patcher(model)
@@ -128,19 +113,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         ratios: dict[str, float] = {}
         for px in sizes:
-            config = Config(ModelConfig.dev(), num_inference_steps=2, height=px, width=px, guidance=3.5)
-            inputs = {
-                "hidden_states": mx.array(rng.standard_normal((1, (px // 16) ** 2, 64)), dtype=mx.bfloat16),
-                "prompt_embeds": mx.array(rng.standard_normal((1, 512, 4096)), dtype=mx.bfloat16),
-                "pooled_prompt_embeds": mx.array(rng.standard_normal((1, 768)), dtype=mx.bfloat16),
-            }
-
-            def step(config=config, inputs=inputs) -> tuple[float, mx.array]:
-                t0 = time.perf_counter()
-                y = model(t=0, config=config, **inputs)
-                mx.eval(y)
-                return (time.perf_counter() - t0) * 1000, y
-
+            step = bench_lora.timed_step(model, px, rng)
             times: dict[str, list[float]] = {"base": []} | {f: [] for f in forms}
             outputs: dict[str, np.ndarray] = {}
             for r in range(rounds + 1):  # round 0 builds the kernels
