@@ -21,6 +21,7 @@ import importlib.resources
 import math
 import os
 import re
+import threading
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -540,9 +541,16 @@ def _load_keymaps_cached(directory: str, model: str) -> KeymapSet:
     )
 
 
+_LOADING = threading.Lock()
+
+
 def load_keymaps(directory: str | os.PathLike[str] | None = None, model: str = "flux1") -> KeymapSet:
-    """All format keymaps for `model` (cached per directory; files are small and read once)."""
-    return _load_keymaps_cached(str(directory or default_keymap_dir()), model)
+    """All format keymaps for `model` (cached per directory; files are small and read once).
+
+    Thread-safe and single-flight: threads asking at once (the daemon resolves a stack's files in
+    parallel) wait for one load and share its KeymapSet, so the files are parsed once."""
+    with _LOADING:
+        return _load_keymaps_cached(str(directory or default_keymap_dir()), model)
 
 
 # -- remap keymaps: derived from two formats and the model's vocabularies -----------------------------
