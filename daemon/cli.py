@@ -7,7 +7,9 @@ They join the `easel` program through entry points declared in pyproject.toml (`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import faulthandler
 import logging
 import sys
 import time
@@ -147,6 +149,10 @@ def serve_command(
 ) -> None:  # fmt: skip
     """Run the render daemon in the foreground until SIGTERM/SIGINT or `easel stop`."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # A crash in native code (MLX, numpy, msgspec) then leaves every thread's Python stack on stderr:
+    # the one record an operator has of what the daemon was doing when it died.
+    with contextlib.suppress(ValueError, OSError):  # a stderr with no file descriptor (a test's capture)
+        faulthandler.enable(all_threads=True)
     server: dict = {"max_connections": max_connections, "drain_timeout_s": drain_timeout, "max_frame": max_frame}
     if socket_path is not None:
         server["socket_path"] = socket_path
