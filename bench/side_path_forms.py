@@ -1,28 +1,29 @@
-"""Forms of the low-rank side path in a half-precision model, one Flux step each, side by side in one run.
+"""Orders of the low-rank side path's products in a half-precision model, one Flux step each, side by side.
 
 Why: on an H200 (MLX's CUDA backend, bench/lora.py's GPU section) a full-depth 3-LoRA stack made the
 full-size Flux.1-dev step 1.45x slower at 512 px and 1.11x at 1024 px: the cost shrank as the tokens grew
-(+83 ms, then +55 ms), the mark of a per-operation cost rather than arithmetic. In a half-precision layer
-the side path now runs four MLX operations besides the base layer's (x @ down.T, the per-rank scale
-multiply, the cast back, the up product added into the output); the forms here take operations away:
+(+83 ms, then +55 ms), the mark of a per-operation cost rather than arithmetic. Two earlier runs of this
+bench there compared five forms and found one change that paid only with another: computing the base
+layer first and adding the side product into it, with each file's scale folded into the down rows (no
+scale operation per layer per step), cost 1.07-1.08x at 1024 px against 1.10-1.11x for the old form;
+either change alone cost the same as the old form. easel now folds the scales on every device and
+picks the order by device (daemon/lora/runtime.py), so the forms here are:
 
-- "scale on h (now)": what `StackedLoraLinear` does (daemon/lora/runtime.py);
-- "scale on h in bf16": the per-rank scale cast to the layer dtype once, so no cast back per call;
-- "folded": the scale folded into the down rows (one rounding to bf16 at build time), no scale op;
-- "folded, base first": folded, base(x) computed first and the side product added into it;
-- "folded, compiled": folded, the three products in one `mx.compile`d function.
+- "side_first": the side product first (with the bias), the base GEMM accumulating into it: the order
+  `StackedLoraLinear` uses on a CPU;
+- "now": the base layer first, the side product added into it: the order it uses on a GPU;
+- "compiled": as "now", the three products in one `mx.compile`d function.
 
-The stack's arrays are rearranged here, in the bench, to each form; the model and the stack are the ones
-bench/lora.py builds (Flux.1-dev, random weights evaluated in bf16, three rank-16 bf16 files over every
-Linear layer). Each round times the base step and every form, in turn. The largest output difference
-from "now" is printed beside each form (they differ by bf16 roundings only).
+The model and the stack are the ones bench/lora.py builds (Flux.1-dev, random weights evaluated in bf16,
+three rank-16 bf16 files over every Linear layer). Each round times the base step and every form, in
+turn. The largest output difference from "now" is printed beside each form (bf16 roundings only).
 
 On a GPU: full depth (19 + 38 blocks) at 512 and 1024 px, ROUNDS rounds. On a CPU (no GPU here): 1 + 1
 blocks at 64 px, one round, as a check that the forms run; bf16 on a CPU is emulated and its timings say
 nothing about a GPU's.
 
-Last line: `bench side_path_forms: px=... base_ms=... now=... bf16_scale=... folded=... base_first=...
-compiled=...`, each form's step over the base step at the largest size (median of the rounds).
+Last line: `bench side_path_forms: px=... base_ms=... side_first=... now=... compiled=...`, each form's
+step over the base step at the largest size (median of the rounds).
 """
 
 from __future__ import annotations
@@ -40,56 +41,26 @@ bench_lora = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_lora)  # puts the project on sys.path, OpenBLAS before MLX
 
 import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
-from daemon.lora.runtime import LayerArrays, StackedLoraLinear, linear_layout  # noqa: E402
+from daemon.lora.runtime import StackedLoraLinear, linear_layout  # noqa: E402
 
 ROUNDS = int(os.environ.get("EASEL_BENCH_FORM_ROUNDS", "4"))
 NOW = StackedLoraLinear.__call__
 
 
-def _base_first(self: StackedLoraLinear, x: mx.array) -> mx.array:
-    parts = self._lora_active.layers.get(self._lora_target)
-    if parts is None or not parts.lowrank_only or parts.rank_scale is not None:
-        return NOW(self, x)
-    return mx.addmm(self.base(x), x @ parts.down.T, parts.up.T)
-
-
 @mx.compile
 def _side_compiled(x: mx.array, w: mx.array, b: mx.array, down: mx.array, up: mx.array) -> mx.array:
-    return mx.addmm(mx.addmm(b, x @ down.T, up.T), x, w.T)
+    return mx.addmm(mx.addmm(b, x, w.T), x @ down.T, up.T)
 
 
 def _compiled(self: StackedLoraLinear, x: mx.array) -> mx.array:
     parts = self._lora_active.layers.get(self._lora_target)
     bias = self.base.get("bias", None)
-    if parts is None or not parts.lowrank_only or parts.rank_scale is not None or bias is None:
+    if parts is None or not parts.lowrank_only or bias is None or type(self.base) is not nn.Linear:
         return NOW(self, x)
     return _side_compiled(x, self.base.weight, bias, parts.down, parts.up)
-
-
-def _folded(p: LayerArrays) -> mx.array:
-    """The down rows with the per-rank scale folded in (one rounding to the layer dtype)."""
-    if p.rank_scale is None:
-        return p.down
-    return (p.down.astype(mx.float32) * p.rank_scale[:, None]).astype(p.down.dtype)
-
-
-class Arrangements:
-    """The stack's per-layer arrays as each form wants them: (down, rank_scale) per layer target."""
-
-    def __init__(self, layers: dict[str, LayerArrays]) -> None:
-        self.layers = layers
-        self.now = {k: (p.down, p.rank_scale) for k, p in layers.items()}
-        self.bf16_scale = {
-            k: (p.down, None if p.rank_scale is None else p.rank_scale.astype(p.down.dtype)) for k, p in layers.items()
-        }
-        self.folded = {k: (_folded(p), None) for k, p in layers.items()}
-        mx.eval([a for form in (self.bf16_scale, self.folded) for pair in form.values() for a in pair if a is not None])
-
-    def use(self, form: dict) -> None:
-        for k, p in self.layers.items():
-            p.down, p.rank_scale = form[k]
 
 
 def main() -> None:
@@ -102,14 +73,8 @@ def main() -> None:
         stack = [bench_lora.StackEntry(p, s) for p, s in zip(files, bench_lora.SCALES_A, strict=True)]
         patcher = bench_lora.new_patcher(model)
         patcher.apply_stack(stack)
-        arrangement = Arrangements(dict(patcher._live.layers))
-        forms = {
-            "now": (arrangement.now, NOW),
-            "bf16_scale": (arrangement.bf16_scale, NOW),
-            "folded": (arrangement.folded, NOW),
-            "base_first": (arrangement.folded, _base_first),
-            "compiled": (arrangement.folded, _compiled),
-        }
+        live = patcher._live
+        forms = {"side_first": (NOW, False), "now": (NOW, True), "compiled": (_compiled, True)}  # call, base_first
         rng = np.random.default_rng(0)
         ratios: dict[str, float] = {}
         for px in sizes:
@@ -122,18 +87,16 @@ def main() -> None:
                 if r:
                     times["base"].append(ms)
                 patcher.apply_stack(stack)
-                for name, (form, call) in forms.items():
-                    arrangement.use(form)
-                    StackedLoraLinear.__call__ = call
+                for name, (call, base_first) in forms.items():
+                    StackedLoraLinear.__call__, live.base_first = call, base_first
                     try:
                         ms, y = step()
                     finally:
-                        StackedLoraLinear.__call__ = NOW
+                        StackedLoraLinear.__call__, live.base_first = NOW, gpu
                     if r:
                         times[name].append(ms)
                     if name not in outputs:
                         outputs[name] = np.array(y.astype(mx.float32))
-                arrangement.use(arrangement.now)
             base = statistics.median(times["base"])
             print(f"{px}x{px}: base step {base:.1f} ms ({' '.join(f'{v:.0f}' for v in times['base'])})")
             for name in forms:

@@ -488,8 +488,6 @@ class LoraPatcher:
             if isinstance(slot.original, nn.QuantizedLinear):
                 raise InvalidRequest(f"bake mode cannot patch quantized layer {target}", field="mode")
             parts = layer_arrays(target, contributions, mx.float32, slot.original, weight_of, gains, side=False)
-            if parts.rank_scale is not None:  # not in float32 (the scale is folded there); kept for safety
-                parts.down = parts.down.astype(mx.float32) * parts.rank_scale[:, None]
             w = slot.original_weight.astype(mx.float32)
             if parts.in_gain is not None:
                 w = w * parts.in_gain[None, :]

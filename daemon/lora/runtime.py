@@ -79,8 +79,6 @@ class LayerArrays:
     # DoRA (daemon.lora.decompose), float32: y = out_gain * base(in_gain * x) + the side path
     out_gain: mx.array | None = None  # (out,)
     in_gain: mx.array | None = None  # (in,)
-    # Half-precision layers: scale * factor per rank row (R,), float32, applied to x @ down.T (see Fills)
-    rank_scale: mx.array | None = None
 
     @property
     def lowrank_only(self) -> bool:
@@ -97,11 +95,7 @@ class LayerArrays:
 
     def arrays(self) -> list[mx.array]:
         return (
-            [
-                a
-                for a in (self.down, self.up, self.dense, self.bias, self.out_gain, self.in_gain, self.rank_scale)
-                if a is not None
-            ]
+            [a for a in (self.down, self.up, self.dense, self.bias, self.out_gain, self.in_gain) if a is not None]
             + [a for pair in self.krons for a in pair]
             + [a for w1, w2, _, _ in self.kron_slices for a in (w1, w2)]
         )
@@ -116,12 +110,18 @@ class ActiveLayers:
 
     Switching stacks replaces `layers` (one assignment, whatever the depth); a wrapper whose layer has
     no entry runs its base layer alone, so it adds nothing to the output, bit for bit.
+
+    `base_first` picks the order of a plain LoRA layer's products (see `StackedLoraLinear.__call__`):
+    the GPU form computes the base layer first and adds the side product into it, the CPU form the
+    side product first and lets the base GEMM accumulate into it. `side_path_forms` in bench/ measured
+    each where it is used.
     """
 
-    __slots__ = ("layers",)
+    __slots__ = ("layers", "base_first")
 
-    def __init__(self) -> None:
+    def __init__(self, *, base_first: bool | None = None) -> None:
         self.layers: dict[str, LayerArrays] = {}
+        self.base_first = mx.default_device() != mx.cpu if base_first is None else base_first
 
 
 class StackedLoraLinear(nn.Module):
@@ -143,12 +143,16 @@ class StackedLoraLinear(nn.Module):
         if parts is None:
             return self.base(x)
         if parts.lowrank_only and type(self.base) is nn.Linear:
-            # The side product first (with the layer's bias), then the base GEMM accumulates into it
-            # (beta = 1): the output is written by the two GEMMs and never copied, where an addmm onto
-            # base(x) copies base(x) first (bench/lora.py: 0.3-6% of a step less, within its noise).
             h = x @ parts.down.T
-            if parts.rank_scale is not None:
-                h = (h * parts.rank_scale).astype(h.dtype)
+            if self._lora_active.base_first:
+                # GPU: the base layer, then the side product added into it. On an H200 (MLX CUDA,
+                # full-size Flux.1-dev, bench/side_path_forms.py) this order with the scales folded into
+                # `down` cost 1.07-1.08x the base step at 1024 px against 1.10-1.11x for the CPU order
+                # (and with the scale applied to x @ down.T as a separate operation, either order).
+                return mx.addmm(self.base(x), h, parts.up.T)
+            # CPU: the side product first (with the layer's bias), then the base GEMM accumulates into
+            # it (beta = 1): the output is written by the two GEMMs and never copied, where an addmm onto
+            # base(x) copies base(x) first (bench/lora.py: 0.3-6% of a step less, within its noise).
             bias = self.base.get("bias", None)
             side = h @ parts.up.T if bias is None else mx.addmm(bias, h, parts.up.T)
             return mx.addmm(side, x, self.base.weight.T)
@@ -157,10 +161,7 @@ class StackedLoraLinear(nn.Module):
             y = (y * parts.out_gain).astype(y.dtype)
         # addmm adds each product into y as it is computed: no product-sized temporary, one pass less.
         if parts.down is not None:
-            h = x @ parts.down.T
-            if parts.rank_scale is not None:
-                h = (h * parts.rank_scale).astype(h.dtype)
-            y = mx.addmm(y, h, parts.up.T)
+            y = mx.addmm(y, x @ parts.down.T, parts.up.T)
         if parts.dense is not None:
             y = mx.addmm(y, x, parts.dense.T)
         if parts.bias is not None:
@@ -187,10 +188,7 @@ class StackedLoraLinear(nn.Module):
         if parts.down is not None:
             up = parts.up.astype(mx.float32)
             up = up if rows is None else up[rows]
-            down = parts.down.astype(mx.float32)
-            if parts.rank_scale is not None:
-                down = down * parts.rank_scale[:, None]
-            d = d + up @ down
+            d = d + up @ parts.down.astype(mx.float32)
         if parts.dense is not None:
             dense = parts.dense.astype(mx.float32)
             d = d + (dense if rows is None else dense[rows])
@@ -321,12 +319,11 @@ class Fills:
         return allocating * 1000, (total - allocating) * 1000
 
 
-# Layer dtypes the low-rank pair is written into directly (numpy view dtype of the MLX buffer), and
-# whether the scale is folded into the down rows there: exactly in float32 (the CPU compute dtype), as
-# MLX would; in half precision numpy cannot round a product quickly, so the per-rank-row scale stays a
-# (R,) float32 vector applied to the side path's small product (x @ down.T: tokens x R).
-_DIRECT = {mx.float32: (np.dtype(np.float32), True), mx.float16: (np.dtype(np.float16), False)}
-_DIRECT[mx.bfloat16] = (np.dtype(np.uint16), False)
+# Layer dtypes the low-rank pair is written into directly (through numpy views of the MLX buffers; bf16
+# as uint16). Each down row gets its file's scale * factor folded in on the way (`_put`), so the side path
+# is two products with no scale operation: in half precision that is one rounding of scale * down to the
+# layer dtype, where a separate scale costs two operations a layer per step (bench/side_path_forms.py).
+_DIRECT = (mx.float32, mx.float16, mx.bfloat16)
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -338,7 +335,9 @@ def _put(dst: np.ndarray, src: np.ndarray, scale: np.float32 | None) -> None:
     """dst (a view of the MLX buffer, in its numpy view dtype) = src converted, times `scale` if given.
 
     bf16 -> float32 is a 16-bit shift (a bf16 is the top half of its float32: exact); same-width copies
-    are plain copies; anything else goes through numpy / ml_dtypes casts (one rounding)."""
+    are plain copies; anything else goes through numpy / ml_dtypes casts (one rounding). With a scale, a
+    half-precision destination gets the float32 product rounded once to its dtype, as MLX would round
+    `(down.astype(float32) * scale).astype(dtype)`."""
     if dst.dtype == np.float32:
         if src.dtype == _BF16:
             np.left_shift(src.view(np.uint16), 16, out=dst.view(np.uint32), dtype=np.uint32)
@@ -346,10 +345,21 @@ def _put(dst: np.ndarray, src: np.ndarray, scale: np.float32 | None) -> None:
             np.copyto(dst, src, casting="unsafe")
         if scale is not None:
             np.multiply(dst, scale, out=dst)
-    elif dst.dtype == np.uint16:  # bfloat16
+        return
+    if scale is not None:
+        src = _widened(src)
+        src *= scale
+    if dst.dtype == np.uint16:  # bfloat16
         np.copyto(dst, (src if src.dtype == _BF16 else src.astype(_BF16)).view(np.uint16))
     else:
         np.copyto(dst, src, casting="unsafe")
+
+
+def _widened(src: np.ndarray) -> np.ndarray:
+    """A new float32 copy of `src` (bf16 by a 16-bit shift: exact)."""
+    if src.dtype == _BF16:
+        return np.left_shift(src.view(np.uint16), 16, dtype=np.uint32).view(np.float32)
+    return src.astype(np.float32)
 
 
 def _put_columns(dst: np.ndarray, src: np.ndarray, start: int) -> None:
@@ -371,7 +381,6 @@ def _put_columns(dst: np.ndarray, src: np.ndarray, start: int) -> None:
 
 def _lowrank(out: LayerArrays, lowrank: list[tuple[float, LowRankTerm]], dtype: mx.Dtype, fills: Fills) -> None:
     """The stacked (down, up) pair of a layer, written by `fills` (see Fills)."""
-    view_dtype, fold = _DIRECT[dtype]
     ranks = [t.down.shape[0] for _, t in lowrank]
     total = sum(ranks)
     in_dim, out_dim = lowrank[0][1].down.shape[1], lowrank[0][1].up.shape[0]
@@ -381,12 +390,10 @@ def _lowrank(out: LayerArrays, lowrank: list[tuple[float, LowRankTerm]], dtype: 
     d_index = fills.declare((total, in_dim), dtype, lambda a: setattr(out, "down", a))
     u_index = fills.declare((out_dim, total), dtype, lambda a: setattr(out, "up", a))
     factors = [np.float32(s * t.factor) for s, t in lowrank]
-    if not fold:
-        out.rank_scale = mx.array(np.repeat(np.array(factors, dtype=np.float32), ranks))
     start = 0
     for (_, term), r, f in zip(lowrank, ranks, factors, strict=True):
         rows = slice(start, start + r)
-        fills.fill(d_index, lambda v, d=term.down, rows=rows, f=f: _put(v[rows], d, f if fold else None))
+        fills.fill(d_index, lambda v, d=term.down, rows=rows, f=f: _put(v[rows], d, f))
         fills.fill(u_index, lambda v, u=term.up, at=start: _put_columns(v, u, at))
         start += r
 
@@ -399,7 +406,7 @@ def build_layer_arrays(
 
     `contributions` are (per-LoRA scale, term) in stack order. The low-rank pair is written into its
     final buffers by `fills` (the caller's, run once for a whole stack; else one of its own, run here):
-    scale * factor folded into each down row in float32, kept as `rank_scale` in half precision.
+    scale * factor folded into each down row (a float32 product, rounded once to `dtype`).
     """
     lowrank = [(s, t) for s, t in contributions if isinstance(t, LowRankTerm)]
     out = LayerArrays()

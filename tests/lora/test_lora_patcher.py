@@ -154,6 +154,27 @@ def test_clear_restores_bit_identical_outputs(tmp_path, patcher, forward):
     np.testing.assert_array_equal(forward(), base)
 
 
+def test_both_orders_of_the_side_products_give_each_layers_delta_and_clear_exactly(
+    tmp_path, transformer, patcher, forward
+):
+    """The GPU order (the base layer first, the side product added into it) and the CPU order (the side
+    product first, the base GEMM accumulating into it) compute every layer's exact delta and the same
+    model output, and clearing after either gives the base output bit for bit."""
+    base = forward()
+    gen = generate_lora("kohya", tmp_path / "k.safetensors", patcher.layout, rank=8, alpha=8.0)
+    originals = {name: _module(transformer, name) for name in patcher.layout}
+    outputs = {}
+    for base_first in (True, False):
+        patcher._live.base_first = base_first  # the order every wrapper reads at call time
+        patcher.apply_stack([StackEntry(str(gen.path), 0.6)])
+        _check_layers(transformer, originals, {n: [(0.6, d)] for n, d in gen.expected.items()})
+        outputs[base_first] = forward()
+        patcher.clear()
+        np.testing.assert_array_equal(forward(), base)
+    assert not np.allclose(outputs[True], base, atol=1e-4)
+    np.testing.assert_allclose(outputs[True], outputs[False], rtol=1e-5, atol=1e-5)
+
+
 def test_failing_stack_leaves_the_model_exactly_as_it_was(tmp_path, transformer, patcher, forward):
     good = generate_lora("bfl", tmp_path / "good.safetensors", patcher.layout, rank=4, alpha=4.0, magnitude=0.2)
     other = generate_lora("diffusers", tmp_path / "other.safetensors", patcher.layout, rank=4, seed=5)

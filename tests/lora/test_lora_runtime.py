@@ -89,8 +89,8 @@ def _lora_file(path, out_dim, in_dim, rank, seed, dtype):
 
 
 def test_half_precision_stacks_apply_every_file_at_its_scale(tmp_path):
-    """bf16 and f16 layers take a stack's low-rank pairs as stored (written straight into the stacked
-    buffers) with the per-file scales on the side path's small product: the output matches the float64
+    """bf16 and f16 layers take a stack's low-rank pairs written straight into the stacked buffers, each
+    file's scale folded into its down rows (one rounding to the layer dtype): the output matches the float64
     sum of the files' deltas within the layer dtype's precision, the dtype is kept, and switching back to
     a resident stack gives the same bytes as its first build."""
     import mlx.core as mx
@@ -229,10 +229,7 @@ def test_a_build_writes_every_element_of_its_unfilled_buffers(monkeypatch, dtype
     got_up = np.array(out.up.astype(mx.float32))
     got_down = np.array(out.down.astype(mx.float32))
     assert not np.isnan(got_up).any() and not np.isnan(got_down).any()
-    if dtype == mx.float32:  # the factors are folded into the down rows
-        np.testing.assert_array_equal(got_down, down * factors[:, None])
-        np.testing.assert_array_equal(got_up, want_up)
-    else:  # stored as the files hold them (bf16 values exact in fp16 here), the factors kept beside
-        np.testing.assert_array_equal(got_down, down.astype(bf16).astype(np.float32))
-        np.testing.assert_array_equal(got_up, want_up)
-        np.testing.assert_array_equal(np.array(out.rank_scale), factors)
+    # the factors are folded into the down rows: a float32 product, rounded once to the layer dtype
+    stored = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: bf16}[dtype]
+    np.testing.assert_array_equal(got_down, (down * factors[:, None]).astype(stored).astype(np.float32))
+    np.testing.assert_array_equal(got_up, want_up)  # bf16 values: exact in every layer dtype here
