@@ -10,9 +10,16 @@ with that reason rather than fail at import.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+
+# The oracles compare float32 arrays (numpy reads no MLX bf16 buffer), and a GPU computes in bf16 by
+# default: the suite runs the model in float32 on every device unless EASEL_DTYPE says otherwise. Set
+# here, before any model is built, so the daemons the tests start inherit it too. On a CPU it changes
+# nothing (float32 is the default there).
+os.environ.setdefault("EASEL_DTYPE", "float32")
 
 MLX_ROOMS = {"engine", "lora", "server", "cluster"}
 HAVE_MLX = importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mflux") is not None
