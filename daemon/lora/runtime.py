@@ -113,15 +113,15 @@ class ActiveLayers:
 
     `base_first` picks the order of a plain LoRA layer's products (see `StackedLoraLinear.__call__`):
     the GPU form computes the base layer first and adds the side product into it, the CPU form the
-    side product first and lets the base GEMM accumulate into it. `side_path_forms` in bench/ measured
-    each where it is used.
+    side product first and lets the base GEMM accumulate into it (measured by bench/side_path_forms.py on
+    a GPU and bench/lora.py on a CPU).
     """
 
     __slots__ = ("layers", "base_first")
 
-    def __init__(self, *, base_first: bool | None = None) -> None:
+    def __init__(self) -> None:
         self.layers: dict[str, LayerArrays] = {}
-        self.base_first = mx.default_device() != mx.cpu if base_first is None else base_first
+        self.base_first = mx.default_device() != mx.cpu
 
 
 class StackedLoraLinear(nn.Module):
@@ -146,9 +146,8 @@ class StackedLoraLinear(nn.Module):
             h = x @ parts.down.T
             if self._lora_active.base_first:
                 # GPU: the base layer, then the side product added into it. On an H200 (MLX CUDA,
-                # full-size Flux.1-dev, bench/side_path_forms.py) this order with the scales folded into
-                # `down` cost 1.07-1.08x the base step at 1024 px against 1.10-1.11x for the CPU order
-                # (and with the scale applied to x @ down.T as a separate operation, either order).
+                # full-size Flux.1-dev, bench/side_path_forms.py, three runs) this order with the scales
+                # folded into `down` cost 1.03-1.08x the base step at 1024 px, the CPU order 1.08-1.11x.
                 return mx.addmm(self.base(x), h, parts.up.T)
             # CPU: the side product first (with the layer's bias), then the base GEMM accumulates into
             # it (beta = 1): the output is written by the two GEMMs and never copied, where an addmm onto
