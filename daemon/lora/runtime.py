@@ -372,7 +372,7 @@ def _put_columns(dst: np.ndarray, src: np.ndarray, start: int) -> None:
         _put(dst[:, start : start + r], src, None)
         return
     if widen:
-        src = np.left_shift(src.view(np.uint16), 16, dtype=np.uint32)
+        src = _widened(src)
     item = np.dtype((np.void, r * dst.itemsize))
     rows = np.ndarray((dst.shape[0],), item, buffer=dst, offset=start * dst.itemsize, strides=(dst.strides[0],))
     np.copyto(rows, src.view(item).reshape(-1))
