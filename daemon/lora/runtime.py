@@ -258,6 +258,11 @@ class Fills:
     def fill(self, index: int, job: Callable[[np.ndarray], None]) -> None:
         self._jobs[index].append(job)
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the arrays declared so far."""
+        return sum(math.prod(shape) * dtype.size for shape, dtype, _ in self._declared)
+
     def _chunks(self) -> list[tuple[mx.Dtype, list[tuple[int, int]]]]:
         """[(storage dtype, [(declared index, element offset)])]: the declared arrays packed by dtype."""
         chunks: list[tuple[mx.Dtype, list[tuple[int, int]]]] = []
@@ -273,6 +278,26 @@ class Fills:
             filling[storage] = (members, used + -(-size // _ALIGN) * _ALIGN)
         return chunks
 
+    def _views(
+        self, chunk: mx.array, members: list[tuple[int, int]], views: list[mx.array | None]
+    ) -> list[tuple[np.ndarray, Callable[[np.ndarray], None]]]:
+        """Every member's MLX view of `chunk` into `views`; returns the member jobs with their numpy targets."""
+        flat = np.array(chunk, copy=False)
+        share = []
+        for index, offset in members:
+            shape, dtype, _ = self._declared[index]
+            size = math.prod(shape)
+            view = chunk[offset : offset + size].reshape(shape)
+            views[index] = view.view(mx.bfloat16) if dtype == mx.bfloat16 else view
+            target = flat[offset : offset + size].reshape(shape)
+            share.extend((target, job) for job in self._jobs[index])
+        return share
+
+    @staticmethod
+    def _chunk(declared: list, members: list[tuple[int, int]], storage: mx.Dtype) -> mx.array:
+        last_index, last_offset = members[-1]
+        return unfilled(last_offset + math.prod(declared[last_index][0]), storage)  # the jobs write every element
+
     def run(self, workers: int = 2) -> tuple[float, float]:
         """Allocate the chunks one by one (unfilled) on this thread while `workers` threads write the blocks
         of the chunks already allocated. Numpy's copies and conversions let go of
@@ -280,42 +305,57 @@ class Fills:
         milliseconds the writes and views took beyond that)."""
         if not self._declared:
             return 0.0, 0.0
-        declared, jobs_of = self._declared, self._jobs
-        chunks = self._chunks()
-        self._declared, self._jobs = [], []
-
-        def write(share: list[tuple[np.ndarray, Callable[[np.ndarray], None]]]) -> None:
-            for view, job in share:
-                job(view)
-
         t0 = time.perf_counter()
         allocating = 0.0
-        views: list[mx.array | None] = [None] * len(declared)
+        views: list[mx.array | None] = [None] * len(self._declared)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             pending = []
-            for storage, members in chunks:
-                last_index, last_offset = members[-1]
-                length = last_offset + math.prod(declared[last_index][0])
+            for storage, members in self._chunks():
                 a0 = time.perf_counter()
-                chunk = unfilled(length, storage)  # every element a view reads is written by the jobs
-                flat = np.array(chunk, copy=False)
+                chunk = self._chunk(self._declared, members, storage)
                 allocating += time.perf_counter() - a0
-                share = []
-                for index, offset in members:
-                    shape, dtype, _ = declared[index]
-                    size = math.prod(shape)
-                    view = chunk[offset : offset + size].reshape(shape)
-                    views[index] = view.view(mx.bfloat16) if dtype == mx.bfloat16 else view
-                    target = flat[offset : offset + size].reshape(shape)
-                    share.extend((target, job) for job in jobs_of[index])
-                pending.append(pool.submit(write, share))
+                pending.append(pool.submit(_write, self._views(chunk, members, views)))
             mx.eval(*views)  # slices and reshapes of the chunks: they share the chunks' memory
             for done in pending:
                 done.result()
-        for (_, _, assign), view in zip(declared, views, strict=True):
-            assign(view)
+        self._assign(views)
         total = time.perf_counter() - t0
         return allocating * 1000, (total - allocating) * 1000
+
+    def allocate(self) -> AllocatedFills:
+        """The MLX half of `run` alone: every chunk allocated and every view made and evaluated, nothing
+        written. Call it on the thread that runs the model (MLX work); the writes that follow
+        (`AllocatedFills.write`) are numpy only, for any thread, the chunks being private to the build."""
+        views: list[mx.array | None] = [None] * len(self._declared)
+        jobs = []
+        for storage, members in self._chunks():
+            jobs.extend(self._views(self._chunk(self._declared, members, storage), members, views))
+        if views:
+            mx.eval(*views)
+        return AllocatedFills(self, views, jobs)
+
+    def _assign(self, views: list[mx.array | None]) -> None:
+        for (_, _, assign), view in zip(self._declared, views, strict=True):
+            assign(view)
+        self._declared, self._jobs = [], []
+
+
+class AllocatedFills:
+    """A `Fills` whose buffers exist (`Fills.allocate`): `write` fills them (numpy, any thread) and hands
+    every declared array to its setter."""
+
+    def __init__(self, fills: Fills, views: list[mx.array | None], jobs: list) -> None:
+        self._fills, self._views, self._jobs = fills, views, jobs
+
+    def write(self) -> None:
+        _write(self._jobs)
+        self._jobs = []
+        self._fills._assign(self._views)
+
+
+def _write(share: list[tuple[np.ndarray, Callable[[np.ndarray], None]]]) -> None:
+    for view, job in share:
+        job(view)
 
 
 # Layer dtypes the low-rank pair is written into directly (through numpy views of the MLX buffers; bf16
@@ -395,6 +435,18 @@ def _lowrank(out: LayerArrays, lowrank: list[tuple[float, LowRankTerm]], dtype: 
         fills.fill(d_index, lambda v, d=term.down, rows=rows, f=f: _put(v[rows], d, f))
         fills.fill(u_index, lambda v, u=term.up, at=start: _put_columns(v, u, at))
         start += r
+
+
+def written_by_fills(contributions: list[tuple[float, Term]], dtype: mx.Dtype) -> bool:
+    """Whether `build_layer_arrays` makes this layer's arrays with no MLX operation of its own: only plain
+    low-rank terms, written by the stack's `Fills` (the other terms are converted by MLX as they go)."""
+    return (
+        dtype in _DIRECT
+        and bool(contributions)
+        and all(
+            isinstance(t, LowRankTerm) and _direct_source(t.down) and _direct_source(t.up) for _, t in contributions
+        )
+    )
 
 
 def build_layer_arrays(

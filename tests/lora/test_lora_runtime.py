@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from helpers.lora_factories import write_safetensors
@@ -127,9 +129,11 @@ def test_half_precision_stacks_apply_every_file_at_its_scale(tmp_path):
         assert root.transformer_blocks[0].attn.to_out[0] is linear
 
 
-def test_a_build_packs_arrays_into_shared_chunks_and_every_view_holds_its_own_values(monkeypatch) -> None:
+@pytest.mark.parametrize("how", ["run", "allocate then write"])
+def test_a_build_packs_arrays_into_shared_chunks_and_every_view_holds_its_own_values(monkeypatch, how) -> None:
     """Fills packs declared arrays by dtype into chunks of at most CHUNK_BYTES (an array larger than that
-    gets one of its own); each array is a view of its chunk and receives exactly its own writes."""
+    gets one of its own); each array is a view of its chunk and receives exactly its own writes, whether
+    `run` allocates and writes at once or `allocate` (MLX) and the write (numpy) come apart."""
     import mlx.core as mx
 
     import daemon.lora.runtime as runtime
@@ -155,7 +159,13 @@ def test_a_build_packs_arrays_into_shared_chunks_and_every_view_holds_its_own_va
         ("mlx.core.float32", [(4, 0)]),  # 6,400 bytes: larger than a chunk
         ("mlx.core.float32", [(5, 0)]),  # would not fit after it
     ]
-    fills.run()
+    assert fills.nbytes == sum(math.prod(shape) * dtype.size for shape, dtype in specs)
+    if how == "run":
+        fills.run()
+    else:
+        allocated = fills.allocate()
+        assert got == {}  # no array is handed out before its blocks are written
+        allocated.write()
     for i, (shape, dtype) in enumerate(specs):
         arr = got[i]
         assert arr.shape == shape and arr.dtype == dtype
