@@ -48,6 +48,7 @@ from opentelemetry.context import Context
 from client.wire.errors import Cancelled, DeadlineExceeded, EaselError, RenderFailed, ShuttingDown
 from client.wire.messages import ActiveLora, JobInfo, LoraCacheStats, ModelInfo, Render, RenderResult, StepTime
 from daemon.config import ServiceConfig
+from daemon.model_thread import ModelThreadCalls
 from daemon.scheduler import (
     BATCH,
     INTERACTIVE,
@@ -179,8 +180,10 @@ class RenderRunner:
         self.renders_done = 0
         self._seq = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-render")
-        # reads the LoRA files of the job planned next while the current one renders (no MLX there)
+        # reads and builds the LoRA stack of the job planned next while the current one renders; its
+        # MLX work (allocating the stack's buffers) runs on the render thread at a step boundary
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-lora-prefetch")
+        self._model_calls = ModelThreadCalls()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task | None = None
         self._forced = asyncio.Event()
@@ -428,25 +431,29 @@ class RenderRunner:
                 self._refresh()
 
     def _prefetch_next(self, job: RenderJob, now: float) -> None:
-        """Read the files of the job planned after `job` while `job` renders, if it needs other files."""
+        """Read the files of the job planned after `job`, and build its stack, while `job` renders, if it
+        needs other files."""
         following = plan(self.queue.jobs, job.stack_key, now, self.policy, self.queue.vtimes)[:1]
         if following and following[0].stack_key != job.stack_key:
             prepared = following[0].prepared
             with contextlib.suppress(RuntimeError):  # the pool is shut down: the runner is closing
-                self._prefetcher.submit(self.service.prefetch, prepared)
+                self._prefetcher.submit(self.service.prefetch, prepared, self._model_calls.call)
 
     def _render(self, job: RenderJob, loop: asyncio.AbstractEventLoop) -> RenderResult:
         """In the render thread. `on_step` stops the render at the next step when cancelled or late."""
         self._in_render.set()
+        self._model_calls.open()
         try:
             return self._render_in_thread(job, loop)
         finally:
+            self._model_calls.close()
             self._in_render.clear()
 
     def _render_in_thread(self, job: RenderJob, loop: asyncio.AbstractEventLoop, nested: bool = False) -> RenderResult:
         t0 = time.perf_counter()
 
         def on_step(i: int, n: int) -> None:
+            self._model_calls.run_pending()  # the prefetch thread's MLX work (a next stack's buffers)
             job.step = i
             self._check(job, i, n)
             if i:  # boundary 0 (prompt encoded, no step yet) is a place to yield or stop, not progress

@@ -222,12 +222,21 @@ class RenderService:
     def resident_stack_stats(self) -> LoraCacheStats | None:
         return None if self.resident is None else self.resident.stats()
 
-    def prefetch(self, prepared: Prepared) -> None:
-        """Read and parse the files of a job that will run next (any thread: no MLX, the model is not
-        touched), so its stack switch does not wait on the disk."""
+    def prefetch(self, prepared: Prepared, on_model_thread: Callable[[Callable[[], Any]], Any] | None = None) -> None:
+        """Read and parse the files of a job that will run next (any thread but the render thread), so its
+        stack switch does not wait on the disk. With `on_model_thread` (a function running MLX work on
+        the render thread, between denoising steps) its stack is built too, so the switch is a resident
+        hit: `LoraPatcher.prebuild`."""
+        if not prepared.stack:
+            return
+        entries = [(str(it.path), it.scale) for it in prepared.stack]
+        prebuild = getattr(self.patcher, "prebuild", None)
+        if on_model_thread is not None and prebuild is not None:
+            prebuild(entries, on_model_thread)
+            return
         prefetch = getattr(self.patcher, "prefetch", None)
-        if prefetch is not None and prepared.stack:
-            prefetch([(str(it.path), it.scale) for it in prepared.stack])
+        if prefetch is not None:
+            prefetch(entries)
 
     # ---- in the render thread -------------------------------------------------------------------
 

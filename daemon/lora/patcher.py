@@ -40,11 +40,20 @@ from daemon.lora.decompose import base_weight, layer_arrays, stack_gains
 from daemon.lora.inspect import text_encoder_layout, text_encoders_of
 from daemon.lora.norms import StackedNormScale, is_norm, norm_arrays, norm_layout
 from daemon.lora.resident import ResidentStack, ResidentStacks, StackKey
-from daemon.lora.runtime import ActiveLayers, Fills, StackedLoraLinear, linear_layout
+from daemon.lora.runtime import (
+    ActiveLayers,
+    Fills,
+    LayerArrays,
+    StackedLoraLinear,
+    build_layer_arrays,
+    linear_layout,
+    written_by_fills,
+)
 from daemon.lora.stack import StackEntry, StackReport
 
 READ_THREADS = 4  # files of a stack read, parsed and resolved at once
 ZeroMatchPolicy = Literal["error", "warn"]
+OnModelThread = Callable[[Callable[[], Any]], Any]  # runs a function on the model's thread, returns its value
 Mode = Literal["side", "bake"]
 
 
@@ -148,6 +157,7 @@ class LoraPatcher:
         self._wrappers: dict[str, StackedLoraLinear | StackedNormScale] = {}
         self._wrapped: set[str] = set()
         self._wrap_epoch = 0  # bumped whenever wrappers are taken out (clear, a failed install)
+        self._prebuilding: dict[StackKey, threading.Event] = {}  # prebuilds past their allocation, by key
         self.build_phases_ms: dict[str, float] = {}  # where the last stack build's time went (bench/lora.py)
 
     @classmethod
@@ -207,6 +217,9 @@ class LoraPatcher:
                 self._active = stack
                 report.apply_ms = (time.perf_counter() - t0) * 1000
                 return report
+            writing = self._prebuilding.get(key)
+            if writing is not None:  # a prebuild has its buffers and is writing them (numpy, another thread)
+                writing.wait()
             built = self.resident.get(key) if stack else None
             if built is None:
                 built = self._build_resident(stack, zero_match)
@@ -275,6 +288,48 @@ class LoraPatcher:
             except Exception:  # noqa: BLE001 - the real switch reports it to the request that asked
                 return
 
+    def prebuild(self, entries: Iterable[StackEntry | tuple[str, float]], on_model_thread: OnModelThread) -> bool:
+        """Build a stack about to be applied while the model is busy rendering, so its switch is a resident
+        hit (one assignment) instead of a build. From any thread but the model's: the files are read,
+        parsed and resolved here (`prefetch`), the stack's buffers are allocated by `on_model_thread`
+        (which runs a function on the thread that runs the model, between two denoising steps: MLX work
+        stays on that thread), and every block is written here (numpy, into buffers nothing else reads
+        yet; a switch to the stack meanwhile waits for these writes rather than build it again). Only
+        stacks of plain low-rank layers are built ahead (others need MLX operations: their
+        switch builds them); a stack already resident or live is left alone. Never raises: a failure,
+        or `on_model_thread` refusing because the render ended, leaves the switch to build the stack and
+        report what is wrong. Returns True when the stack was built and is resident."""
+        stack = tuple(e if isinstance(e, StackEntry) else StackEntry(str(e[0]), float(e[1])) for e in entries)
+        if self.mode != "side" or not stack:
+            return False
+        try:
+            self.prefetch(stack)
+            if self._key(stack) in self.resident or self._key(stack) == self._active_key:
+                return False
+            reports, sigs, per_layer, warnings = self._prepare(stack, "warn")
+            fills = Fills()
+            layers: dict[str, LayerArrays] = {}
+            for target, contributions in per_layer.items():
+                original = self._slot(target).original
+                if type(original) is not nn.Linear or not written_by_fills(contributions, original.weight.dtype):
+                    return False
+                layers[target] = build_layer_arrays(contributions, original.weight.dtype, fills)
+            if fills.nbytes > self.resident.max_bytes:  # it would not be kept
+                return False
+            allocated = on_model_thread(fills.allocate)
+            key = self._stack_key(stack, sigs)
+            writing = self._prebuilding[key] = threading.Event()  # a switch to it now waits for it
+            try:
+                allocated.write()
+                if key not in self.resident:
+                    self.resident.put(self._resident(stack, sigs, layers, reports, warnings), pinned=self._active_key)
+            finally:
+                del self._prebuilding[key]
+                writing.set()
+            return key in self.resident
+        except Exception:  # noqa: BLE001 - the switch builds it and reports to the request that asked
+            return False
+
     # -- side form ---------------------------------------------------------------------------
 
     def _key(self, stack: Sequence[StackEntry]) -> StackKey:
@@ -328,7 +383,21 @@ class LoraPatcher:
             "write": write_ms,  # each file block written into them, beyond the allocation they overlap
             "evaluate": (time.perf_counter() - t3) * 1000,  # everything else evaluated
         }
-        key = tuple((self.cache.key(e.path), float(e.scale), sig) for e, sig in zip(stack, sigs, strict=True))
+        return self._resident(stack, sigs, layers, reports, warnings)
+
+    def _stack_key(self, stack: Sequence[StackEntry], sigs: Sequence[Signature]) -> StackKey:
+        return tuple((self.cache.key(e.path), float(e.scale), sig) for e, sig in zip(stack, sigs, strict=True))
+
+    def _resident(
+        self,
+        stack: Sequence[StackEntry],
+        sigs: Sequence[Signature],
+        layers: dict[str, LayerArrays],
+        reports: list[FileReport],
+        warnings: list[str],
+    ) -> ResidentStack:
+        """The built stack, keyed by the signatures of the bytes it was built from."""
+        key = self._stack_key(stack, sigs)
         nbytes = sum(p.nbytes for p in layers.values())
         built = ResidentStack(key=key, layers=layers, reports=reports, warnings=warnings, nbytes=nbytes)
         built.text_encoder_key = _text_encoder_key(key, reports)

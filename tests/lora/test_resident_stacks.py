@@ -185,3 +185,160 @@ def test_prefetch_reads_without_touching_the_model(tmp_path, make_patcher, trans
     assert all(_module(transformer, n) is m for n, m in modules.items())
     p.apply_stack([StackEntry(str(g[0].path), 1.0)])
     assert p.cache.stats().hits == 1
+
+
+class _RenderThread:
+    """A thread standing in for the render thread: it runs transformer steps in a loop and, at each step
+    boundary, the work other threads handed it (daemon.model_thread), until stopped."""
+
+    def __init__(self, forward) -> None:
+        import threading
+
+        from daemon.model_thread import ModelThreadCalls
+
+        self.calls = ModelThreadCalls()
+        self.steps = 0
+        self.ran_on: list[int] = []  # the threads the handed-over functions ran on
+        self._stop = threading.Event()
+        self._forward = forward
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.calls.run_pending()
+            self._forward()
+            self.steps += 1
+        self.calls.close()
+
+    def call(self, fn):
+        import threading
+
+        def noted():
+            self.ran_on.append(threading.get_ident())
+            return fn()
+
+        return self.calls.call(noted)
+
+    def __enter__(self):
+        self.calls.open()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_a_stack_prebuilt_during_a_render_switches_as_a_resident_hit_and_renders_as_built_cold(
+    tmp_path, make_patcher, transformer, forward
+):
+    p = make_patcher()
+    g = _files(tmp_path, p.layout)
+    stack_a = [StackEntry(str(g[0].path), 0.8), StackEntry(str(g[1].path), 0.5)]
+    stack_b = [StackEntry(str(g[2].path), 0.7), StackEntry(str(g[3].path), -0.4), StackEntry(str(g[0].path), 0.3)]
+    p.apply_stack(stack_b)
+    cold_b = forward()
+    p.apply_stack(stack_a)  # the stack live while the "render" runs
+    p.resident.discard(lambda key: key != p._active_key)
+    p.cache.clear()
+    live = forward()
+    modules = {name: _module(transformer, name) for name in p.layout}
+    with _RenderThread(forward) as render:
+        assert p.prebuild(stack_b, render.call)
+        assert render.ran_on == [render._thread.ident]  # the buffers were allocated between its steps
+    assert render.steps >= 1
+    assert all(_module(transformer, n) is m for n, m in modules.items())  # nothing in the model touched
+    np.testing.assert_array_equal(forward(), live)  # the live stack renders as before
+    before = p.resident.stats()
+    assert before.entries == 2
+    report = p.apply_stack(stack_b)
+    after = p.resident.stats()
+    assert after.hits == before.hits + 1 and after.misses == before.misses  # the switch built nothing
+    assert report.matched_keys == [len(g[2].keys), len(g[3].keys), len(g[0].keys)]
+    np.testing.assert_array_equal(forward(), cold_b)
+    assert not p.prebuild(stack_b, render.call)  # live already: nothing to build
+
+
+def test_prebuild_gives_up_when_no_render_runs_its_allocation(tmp_path, make_patcher, forward):
+    import threading
+
+    from daemon.model_thread import ModelThreadCalls
+
+    p = make_patcher()
+    g = _files(tmp_path, p.layout, 2)
+    stack = [StackEntry(str(g[0].path), 1.0), StackEntry(str(g[1].path), 0.5)]
+    idle = ModelThreadCalls()  # no render in progress
+    assert not p.prebuild(stack, idle.call)
+    assert p.resident.stats().entries == 0 and p.cache.stats().entries == 2  # the files were read
+    ending = ModelThreadCalls()
+    ending.open()
+    answer: list[bool] = []
+    worker = threading.Thread(target=lambda: answer.append(p.prebuild(stack, ending.call)))
+    worker.start()
+    while not ending._pending:  # the prebuild waits for a step boundary that never comes
+        worker.join(0.01)
+    ending.close()  # the render ends first
+    worker.join()
+    assert answer == [False] and p.resident.stats().entries == 0
+    p.apply_stack(stack)  # the switch builds it
+    assert p.resident.stats().misses == 1 and p.resident.stats().entries == 1
+
+
+def test_prebuild_leaves_missing_files_and_other_adapters_to_the_switch(tmp_path, make_patcher, forward):
+    from client.wire.errors import LoraNotFound
+
+    p = make_patcher()
+    g = _files(tmp_path, p.layout, 1)
+    lokr = generate_lora("lokr", tmp_path / "lokr.safetensors", p.layout, rank=4, alpha=4.0, seed=9)
+    with _RenderThread(forward) as render:
+        missing = [StackEntry(str(g[0].path), 1.0), StackEntry(str(tmp_path / "gone.safetensors"), 1.0)]
+        assert not p.prebuild(missing, render.call)
+        assert not p.prebuild([StackEntry(str(lokr.path), 1.0)], render.call)  # Kronecker terms: MLX ops
+    assert render.ran_on == [] and p.resident.stats().entries == 0
+    with pytest.raises(LoraNotFound):
+        p.apply_stack(missing)
+    p.apply_stack([StackEntry(str(lokr.path), 1.0)])
+    assert p.resident.stats().entries == 1
+
+
+def test_a_switch_during_a_prebuilds_writes_waits_for_them_instead_of_building_again(
+    tmp_path, make_patcher, forward, monkeypatch
+):
+    import threading
+
+    import daemon.lora.runtime as runtime
+
+    p = make_patcher()
+    g = _files(tmp_path, p.layout, 2)
+    stack = [StackEntry(str(g[0].path), 0.9), StackEntry(str(g[1].path), -0.6)]
+    p.apply_stack(stack)
+    cold = forward()
+    p.clear()
+    p.resident.clear()
+    writing, release = threading.Event(), threading.Event()
+    write = runtime.AllocatedFills.write
+
+    def held_write(self):  # the prebuild's buffers exist; its writes wait for the test
+        writing.set()
+        release.wait(60)
+        write(self)
+
+    monkeypatch.setattr(runtime.AllocatedFills, "write", held_write)
+    before = p.resident.stats()
+    answers: list = []
+    with _RenderThread(forward) as render:
+        prebuilding = threading.Thread(target=lambda: answers.append(p.prebuild(stack, render.call)))
+        prebuilding.start()
+        assert writing.wait(60)
+    switching = threading.Thread(target=lambda: answers.append(p.apply_stack(stack)))
+    switching.start()  # the render ended; the next job's switch comes before the writes are done
+    switching.join(0.3)
+    assert switching.is_alive()  # it waits for the prebuild's writes
+    release.set()
+    prebuilding.join()
+    switching.join()
+    assert answers[0] is True and not answers[1].noop
+    stats = p.resident.stats()
+    assert (stats.hits, stats.misses) == (before.hits + 1, before.misses)  # built once, by the prebuild
+    assert stats.entries == 1
+    np.testing.assert_array_equal(forward(), cold)

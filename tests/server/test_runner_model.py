@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers.lora_factories import make_lora
+from PIL import Image
 
 from client.wire.errors import Cancelled
 from client.wire.messages import Render
@@ -99,6 +101,55 @@ def test_runner_renders_real_stacks_and_cancels_a_real_render(tiny_model, tmp_pa
     assert max(steps) < 30 and st.renders_done == 2 and st.in_flight is None and st.queue_depth == 0
     assert st.lora_cache is not None and st.lora_cache.entries == 2 and st.stack_switches >= 2
     assert [s.width for s in st.step_times] == [64]
+
+
+def test_the_next_jobs_stack_is_built_while_the_current_job_renders(tiny_model, tmp_path):
+    """Two queued jobs with different stacks: the second one's stack is read, resolved and built while the
+    first renders (its buffers allocated by the render thread at a step boundary), so its switch finds
+    it resident: one build in all. The same two jobs on a patcher that keeps no stack (every switch a
+    build) render the same images."""
+    from daemon.lora.cache import LoraCache
+    from daemon.lora.patcher import LoraPatcher
+    from daemon.lora.resident import ResidentStacks
+    from daemon.service import RenderService
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    a = make_lora("kohya", loras / "a.safetensors", LAYOUT, rank=4, alpha=4, seed=1, modules=["attn.to_q"])
+    b = make_lora("diffusers", loras / "b.safetensors", LAYOUT, rank=4, alpha=4, seed=2, modules=["attn.to_v"])
+    size = dict(width=64, height=64, steps=3)
+    jobs = [
+        Render(id=1, prompt="rider", lora_paths=[str(a)], lora_scales=[0.8], seed=3, **size),
+        Render(id=2, prompt="town", lora_paths=[str(b)], lora_scales=[0.6], seed=4, **size),
+    ]
+
+    def run_both(resident_bytes: int, out: str):
+        config = ServiceConfig(lora_roots=(loras,), output_root=tmp_path / out, warmup=False)
+        cache = LoraCache(config.lora_cache_bytes)
+        patcher = LoraPatcher(tiny_model.flux.transformer, cache, resident=ResidentStacks(resident_bytes))
+        service = RenderService(tiny_model, config, patcher=patcher, cache=cache, preset_name="tiny", default_steps=1)
+
+        async def main():
+            runner = RenderRunner(service, config)
+            try:
+                return await asyncio.gather(*(runner.render(j) for j in jobs))
+            finally:
+                await runner.close()
+
+        try:
+            return asyncio.run(main()), patcher.resident.stats()
+        finally:
+            patcher.clear()  # the session's model goes back exactly as it was
+
+    (first, second), stats = run_both(2 * 1024**3, "kept")
+    (_, built_cold), none_kept = run_both(0, "none")
+    assert first.stack_switched and second.stack_switched
+    assert stats.misses == 1 and stats.hits == 1 and stats.entries == 2  # b was resident when its job came
+    assert none_kept.hits == 0 and none_kept.misses == 2  # the control: both stacks built by their switch
+    assert second.matched_keys == built_cold.matched_keys
+    assert second.stack[0].keys_applied == second.stack[0].keys_total
+    with Image.open(second.image_path) as got, Image.open(built_cold.image_path) as want:
+        assert np.array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_easel_render_in_process_goes_through_the_runner(tmp_path):
