@@ -13,8 +13,11 @@ Measured:
   read + copy is a floor under a cold switch that no Python removes);
 - cold switch: to a stack with nothing cached (files read, parsed, resolved, built), REPEATS times, each
   right after a read of the same files (read_ms): cold_vs_read is the median of those paired ratios;
-- prefetched cold switch: the same, after `prefetch` read, parsed and resolved its files (as the daemon
-  does for the next queued job while the current one renders): what the switch itself still waits for;
+- prefetched cold switch: the same, after `prefetch` read, parsed and resolved its files: what the
+  switch itself waits for when its stack could not be built ahead;
+- prebuilt switch: the switch after `prebuild` read, resolved and built the stack on another thread
+  while a stand-in render thread allocated its buffers at a step boundary (what the daemon does for the
+  next queued job while the current one renders), with the prebuild's own time beside it;
 - warm switch: between two resident stacks, median and p99 of SWAPS alternations; the new patcher's
   warm switches at both depths are timed in one loop, a full-depth switch then a 1 + 1 switch, so the
   depth ratio compares switches made under the same machine state (measured apart, the same switch at
@@ -246,6 +249,38 @@ def prefetched_colds(patcher, a, b, clear_caches) -> list[float]:
     return times
 
 
+def prebuilt_switches(patcher, a, b, clear_caches) -> tuple[list[float], list[float]]:
+    """(background prebuild times, switch times after them): `prebuild(b)` as the daemon runs it for the
+    next queued job while the current one renders (files read, resolved and built on another thread,
+    the buffers allocated by the render thread at a step boundary; here a thread standing in for it
+    reaches a boundary every 5 ms), then the switch to `b`."""
+    import threading
+
+    from daemon.model_thread import ModelThreadCalls
+
+    builds, switches = [], []
+    for _ in range(REPEATS):
+        patcher.clear()
+        clear_caches()
+        patcher.apply_stack(a)
+        clear_caches()
+        calls, stop = ModelThreadCalls(), threading.Event()
+
+        def render(calls=calls, stop=stop) -> None:
+            while not stop.wait(0.005):
+                calls.run_pending()
+            calls.close()
+
+        calls.open()
+        thread = threading.Thread(target=render)
+        thread.start()
+        builds.append(timed(lambda calls=calls: patcher.prebuild(b, calls.call)))
+        stop.set()
+        thread.join()
+        switches.append(timed(lambda: patcher.apply_stack(b)))
+    return builds, switches
+
+
 def new_patcher(transformer, resident_bytes: int = 4 * 1024**3, cache_bytes: int = 4 * 1024**3) -> LoraPatcher:
     return LoraPatcher(transformer, LoraCache(cache_bytes), resident=ResidentStacks(resident_bytes))
 
@@ -287,6 +322,7 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     out["cold"], _ = switch_figures(new, a, b, 0, clear_new, out["paired_reads"], out["first_build"])
     out["phases"] = {k: statistics.median(v) for k, v in phases.items()}
     out["prefetched"] = prefetched_colds(new, a, b, clear_new)
+    out["prebuilds"], out["prebuilt"] = prebuilt_switches(new, a, b, clear_new)
     out["rss_after_mb"] = rss_mb()
     out["resident_mb"] = new.resident.stats().bytes / 1024**2
     new.apply_stack(b)
@@ -511,6 +547,10 @@ def print_depths(full: dict, small: dict) -> None:
         print(row("old", d, "old_cold", "old_warm"))
         print(row("new", d, "cold", "warm") + f"   first build {d['first_build'][0]:.1f} ms")
         print(f"  new cold switch after a prefetch of its files (median): {statistics.median(d['prefetched']):.1f} ms")
+        print(
+            f"  new switch after a prebuild during a render (median): {statistics.median(d['prebuilt']):.3f} ms "
+            f"(the prebuild took {statistics.median(d['prebuilds']):.1f} ms in the background)"
+        )
         print("  new cold build, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in d["phases"].items()))
         print(f"  resident stacks {d['resident_mb']:.0f} MB, RSS after {d['rss_after_mb']:.0f} MB")
 
