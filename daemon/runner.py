@@ -431,13 +431,16 @@ class RenderRunner:
                 self._refresh()
 
     def _prefetch_next(self, job: RenderJob, now: float) -> None:
-        """Read the files of the job planned after `job`, and build its stack, while `job` renders, if it
-        needs other files."""
+        """Read the files of the job planned after `job` while `job` renders, if it needs other files, and
+        build its stack too unless that would slow an interactive render for a batch job: on a CPU the
+        build takes cores from the render beside it (bench/prebuild.py: about the cold switch's time
+        added to the render), where a player waits on an interactive render and nobody on a batch one."""
         following = plan(self.queue.jobs, job.stack_key, now, self.policy, self.queue.vtimes)[:1]
         if following and following[0].stack_key != job.stack_key:
-            prepared = following[0].prepared
+            nxt = following[0]
+            build = job.priority == BATCH or nxt.priority == INTERACTIVE
             with contextlib.suppress(RuntimeError):  # the pool is shut down: the runner is closing
-                self._prefetcher.submit(self.service.prefetch, prepared, self._model_calls.call)
+                self._prefetcher.submit(self.service.prefetch, nxt.prepared, self._model_calls.call if build else None)
 
     def _render(self, job: RenderJob, loop: asyncio.AbstractEventLoop) -> RenderResult:
         """In the render thread. `on_step` stops the render at the next step when cancelled or late."""

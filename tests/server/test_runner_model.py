@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from helpers.lora_factories import make_lora
@@ -107,7 +108,8 @@ def test_the_next_jobs_stack_is_built_while_the_current_job_renders(tiny_model, 
     """Two queued jobs with different stacks: the second one's stack is read, resolved and built while the
     first renders (its buffers allocated by the render thread at a step boundary), so its switch finds
     it resident: one build in all. The same two jobs on a patcher that keeps no stack (every switch a
-    build) render the same images."""
+    build) render the same images. A batch job queued behind an interactive one is not built ahead (only
+    its files are read): that build would slow the render a player waits for."""
     from daemon.lora.cache import LoraCache
     from daemon.lora.patcher import LoraPatcher
     from daemon.lora.resident import ResidentStacks
@@ -123,7 +125,7 @@ def test_the_next_jobs_stack_is_built_while_the_current_job_renders(tiny_model, 
         Render(id=2, prompt="town", lora_paths=[str(b)], lora_scales=[0.6], seed=4, **size),
     ]
 
-    def run_both(resident_bytes: int, out: str):
+    def run_both(resident_bytes: int, out: str, jobs=jobs):
         config = ServiceConfig(lora_roots=(loras,), output_root=tmp_path / out, warmup=False)
         cache = LoraCache(config.lora_cache_bytes)
         patcher = LoraPatcher(tiny_model.flux.transformer, cache, resident=ResidentStacks(resident_bytes))
@@ -143,9 +145,12 @@ def test_the_next_jobs_stack_is_built_while_the_current_job_renders(tiny_model, 
 
     (first, second), stats = run_both(2 * 1024**3, "kept")
     (_, built_cold), none_kept = run_both(0, "none")
+    batch_next = [jobs[0], msgspec.structs.replace(jobs[1], priority="batch")]
+    _, not_for_batch = run_both(2 * 1024**3, "batch", batch_next)
     assert first.stack_switched and second.stack_switched
     assert stats.misses == 1 and stats.hits == 1 and stats.entries == 2  # b was resident when its job came
     assert none_kept.hits == 0 and none_kept.misses == 2  # the control: both stacks built by their switch
+    assert not_for_batch.hits == 0 and not_for_batch.misses == 2  # an interactive render never builds for a batch job
     assert second.matched_keys == built_cold.matched_keys
     assert second.stack[0].keys_applied == second.stack[0].keys_total
     with Image.open(second.image_path) as got, Image.open(built_cold.image_path) as want:
