@@ -19,6 +19,7 @@ lint: setup
 bench: setup
 	$(PY) bench/engine.py
 	$(PY) bench/lora.py
+	$(PY) bench/prebuild.py
 	$(PY) bench/daemon.py
 
 # 1,000,000 fuzzed request bodies against `easel serve --preset tiny`; prints its figures and invariants
