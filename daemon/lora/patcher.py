@@ -42,6 +42,7 @@ from daemon.lora.norms import StackedNormScale, is_norm, norm_arrays, norm_layou
 from daemon.lora.resident import ResidentStack, ResidentStacks, StackKey
 from daemon.lora.runtime import (
     ActiveLayers,
+    AllocatedFills,
     Fills,
     LayerArrays,
     StackedLoraLinear,
@@ -304,7 +305,8 @@ class LoraPatcher:
             return False
         try:
             self.prefetch(stack)
-            if self._key(stack) in self.resident or self._key(stack) == self._active_key:
+            now = self._key(stack)
+            if now in self.resident or now == self._active_key:
                 return False
             reports, sigs, per_layer, warnings = self._prepare(stack, "warn")
             fills = Fills()
@@ -316,9 +318,14 @@ class LoraPatcher:
                 layers[target] = build_layer_arrays(contributions, original.weight.dtype, fills)
             if fills.nbytes > self.resident.max_bytes:  # it would not be kept
                 return False
-            allocated = on_model_thread(fills.allocate)
-            key = self._stack_key(stack, sigs)
-            writing = self._prebuilding[key] = threading.Event()  # a switch to it now waits for it
+            key, writing = self._stack_key(stack, sigs), threading.Event()
+
+            def allocate() -> AllocatedFills:
+                allocated = fills.allocate()
+                self._prebuilding[key] = writing  # set on the model thread: its next switch waits for the writes
+                return allocated
+
+            allocated = on_model_thread(allocate)
             try:
                 allocated.write()
                 if key not in self.resident:
