@@ -3,9 +3,10 @@
 MLX work belongs on the thread that runs the model: a second thread evaluating MLX graphs beside a render
 is what MLX's thread-safety notes warn about. A helper thread that needs a little MLX work done while a
 render is in progress (the LoRA prebuild allocating the next stack's buffers) hands it over with `call`;
-the render thread runs it at its next step boundary (`run_pending`, from the step callback). Outside a
-render nobody would run it, so `call` refuses (`NotRendering`) and a render that ends fails whatever it
-had not run yet: a caller never waits past the render it counted on.
+the render thread runs it at its next step boundary (`run_pending`, from the step callback). The runner
+opens the calls when it starts a job (before the render thread picks it up) and the render's end closes
+them: outside that window nobody would run a call, so `call` refuses (`NotRendering`), and closing fails
+whatever was not run yet: a caller never waits past the render it counted on.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ class NotRendering(RuntimeError):
 
 
 class ModelThreadCalls:
-    """Functions queued for the render thread; `open`/`close` bracket a render, `run_pending` runs at its
-    step boundaries (all on the render thread), `call` from any other thread."""
+    """Functions queued for the render thread: `open` when a render is about to start, `close` when it
+    ends, `run_pending` at its step boundaries (on the render thread), `call` from any other thread."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -259,6 +259,7 @@ class RenderRunner:
         inside a step then is left behind (`busy` stays True)."""
         self.abort()
         self._prefetcher.shutdown(wait=False, cancel_futures=True)
+        self._model_calls.close()  # a prebuild waiting for a step boundary gives up (the pool joins at exit)
         if self._worker is None:  # never started: no render thread to free
             self._executor.shutdown(wait=True)
             return
@@ -439,17 +440,18 @@ class RenderRunner:
         if following and following[0].stack_key != job.stack_key:
             nxt = following[0]
             build = job.priority == BATCH or nxt.priority == INTERACTIVE
+            if build:  # from now until `job`'s render ends, its step boundaries run the prebuild's MLX work
+                self._model_calls.open()
             with contextlib.suppress(RuntimeError):  # the pool is shut down: the runner is closing
                 self._prefetcher.submit(self.service.prefetch, nxt.prepared, self._model_calls.call if build else None)
 
     def _render(self, job: RenderJob, loop: asyncio.AbstractEventLoop) -> RenderResult:
         """In the render thread. `on_step` stops the render at the next step when cancelled or late."""
         self._in_render.set()
-        self._model_calls.open()
         try:
             return self._render_in_thread(job, loop)
         finally:
-            self._model_calls.close()
+            self._model_calls.close()  # a prebuild still waiting for a step boundary gives up
             self._in_render.clear()
 
     def _render_in_thread(self, job: RenderJob, loop: asyncio.AbstractEventLoop, nested: bool = False) -> RenderResult:

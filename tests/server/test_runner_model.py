@@ -8,6 +8,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -104,11 +105,12 @@ def test_runner_renders_real_stacks_and_cancels_a_real_render(tiny_model, tmp_pa
     assert [s.width for s in st.step_times] == [64]
 
 
-def test_the_next_jobs_stack_is_built_while_the_current_job_renders(tiny_model, tmp_path):
+def test_the_next_jobs_stack_is_built_while_the_current_job_renders(tiny_model, tmp_path, monkeypatch):
     """Two queued jobs with different stacks: the second one's stack is read, resolved and built while the
     first renders (its buffers allocated by the render thread at a step boundary), so its switch finds
     it resident: one build in all. The same two jobs on a patcher that keeps no stack (every switch a
-    build) render the same images. A batch job queued behind an interactive one is not built ahead (only
+    build) render the same images, also when the prebuild is ready to allocate before the render thread
+    has picked the first job up. A batch job queued behind an interactive one is not built ahead (only
     its files are read): that build would slow the render a player waits for."""
     from daemon.lora.cache import LoraCache
     from daemon.lora.patcher import LoraPatcher
@@ -143,7 +145,15 @@ def test_the_next_jobs_stack_is_built_while_the_current_job_renders(tiny_model, 
         finally:
             patcher.clear()  # the session's model goes back exactly as it was
 
+    render = RenderRunner._render
+
+    def late_render(self, job, loop):  # the render thread picks the job up after the prebuild is ready
+        time.sleep(0.5)
+        return render(self, job, loop)
+
+    monkeypatch.setattr(RenderRunner, "_render", late_render)
     (first, second), stats = run_both(2 * 1024**3, "kept")
+    monkeypatch.undo()
     (_, built_cold), none_kept = run_both(0, "none")
     batch_next = [jobs[0], msgspec.structs.replace(jobs[1], priority="batch")]
     _, not_for_batch = run_both(2 * 1024**3, "batch", batch_next)
