@@ -4,11 +4,14 @@ The daemon builds the stack of the job queued next while the current job renders
 files read, resolved and written on the prefetch thread, buffers allocated by the render thread at a step
 boundary). On a GPU the render runs on the device; on a CPU the build takes cores from it. Measured here,
 in one run:
-- the render: transformer steps of the tiny (mini) model at 128 px, run back to back on one thread that
-  also serves the prebuild's allocation at each step boundary, as the daemon's render thread does. Each
-  round times the steps that overlap a prebuild of a full-depth 3-LoRA stack (19 + 38 blocks, rank 16,
-  bf16, 504 layers, built for mflux's Flux.1-dev transformer with lazy weights), then as many steps alone;
-  the ratio is the median of the rounds' (mean step during / mean step alone);
+- the render: transformer steps run back to back on one thread that also serves the prebuild's
+  allocation at each step boundary, as the daemon's render thread does. Each round times the steps that
+  overlap a prebuild of a full-depth 3-LoRA stack (19 + 38 blocks, rank 16, bf16, 504 layers) while
+  another such stack is live, then as many steps alone; the ratio is the median of the rounds' (mean step
+  during / mean step alone). On a CPU the steps are the tiny (mini) model's at 128 px and the stacks are
+  built for mflux's Flux.1-dev transformer with lazy weights (a full-depth model cannot render here); on
+  a GPU (MLX's CUDA backend) the steps are Flux.1-dev's at full size and 1024 px (random bf16 weights),
+  and the stacks are built for that very model;
 - a cold switch to the same stack with nothing beside it (what the next job's switch costs without a
   prebuild), and the switch after the prebuild.
 
@@ -67,14 +70,26 @@ def tiny_step():
 
 
 def main() -> None:
+    import mlx.core as mx
+    import numpy as np
+
     from daemon.config import ServiceConfig
     from daemon.model_thread import ModelThreadCalls
 
     print(bench_lora.retain_freed(ServiceConfig().heap_retain_bytes).describe())
-    step = tiny_step()
+    if mx.default_device() != mx.cpu:  # the stack is prebuilt for the very model that renders
+        full = bench_lora.evaluated_transformer(19, 38)
+        full_step = bench_lora.timed_step(full, 1024, np.random.default_rng(0))
+
+        def step() -> float:
+            return full_step()[0]
+
+        what = f"Flux.1-dev full size ({mx.default_device()}) 1024 px steps"
+    else:  # a full-depth model cannot render here: the tiny model renders, a lazy full-depth one is patched
+        step, full = tiny_step(), bench_lora.lazy_transformer(19, 38)
+        what = "tiny model 128 px steps"
     step()
     with tempfile.TemporaryDirectory(prefix="easel-bench-prebuild-") as tmp_name:
-        full = bench_lora.lazy_transformer(19, 38)
         files = bench_lora.make_files(Path(tmp_name), bench_lora.linear_layout(full), "pre")
         a, b = bench_lora.stacks_of(files)
         patcher = bench_lora.new_patcher(full)
@@ -120,7 +135,7 @@ def main() -> None:
         patcher.clear()
     slowdown, cold, extra = statistics.median(ratios), statistics.median(colds), statistics.median(added)
     print(
-        f"tiny model 128 px steps beside a full-depth prebuild / alone: median {slowdown:.3f} over {ROUNDS} rounds; "
+        f"{what} beside a full-depth prebuild / alone: median {slowdown:.3f} over {ROUNDS} rounds; "
         f"time added to the render {extra:.1f} ms against a cold switch of {cold:.1f} ms with nothing beside it; "
         f"the prebuild itself {statistics.median(prebuilds):.1f} ms (it waits for a step boundary to allocate)"
     )
