@@ -76,11 +76,17 @@ def _files(tmp_path, layout, n=4):
     ]
 
 
+def _two_stacks(g) -> tuple[list[StackEntry], list[StackEntry]]:
+    """A 2-file and a 3-file stack over four generated files (one file in both, at another scale)."""
+    stack_a = [StackEntry(str(g[0].path), 0.8), StackEntry(str(g[1].path), 0.5)]
+    stack_b = [StackEntry(str(g[2].path), 0.7), StackEntry(str(g[3].path), -0.4), StackEntry(str(g[0].path), 0.3)]
+    return stack_a, stack_b
+
+
 def test_resident_switch_renders_exactly_what_a_cold_apply_renders(tmp_path, make_patcher, transformer, forward):
     p = make_patcher()
     g = _files(tmp_path, p.layout)
-    stack_a = [StackEntry(str(g[0].path), 0.8), StackEntry(str(g[1].path), 0.5)]
-    stack_b = [StackEntry(str(g[2].path), 0.7), StackEntry(str(g[3].path), -0.4), StackEntry(str(g[0].path), 0.3)]
+    stack_a, stack_b = _two_stacks(g)
     p.apply_stack(stack_b)
     cold_b = forward()
     p.clear()
@@ -234,8 +240,7 @@ def test_a_stack_prebuilt_during_a_render_switches_as_a_resident_hit_and_renders
 ):
     p = make_patcher()
     g = _files(tmp_path, p.layout)
-    stack_a = [StackEntry(str(g[0].path), 0.8), StackEntry(str(g[1].path), 0.5)]
-    stack_b = [StackEntry(str(g[2].path), 0.7), StackEntry(str(g[3].path), -0.4), StackEntry(str(g[0].path), 0.3)]
+    stack_a, stack_b = _two_stacks(g)
     p.apply_stack(stack_b)
     cold_b = forward()
     p.apply_stack(stack_a)  # the stack live while the "render" runs
