@@ -109,6 +109,11 @@ def _text_encoder_key(key: StackKey, reports: Sequence[FileReport]) -> StackKey:
     )
 
 
+def _entries(entries: Iterable[StackEntry | tuple[str, float]]) -> tuple[StackEntry, ...]:
+    """A stack as StackEntry items (callers may pass (path, scale) pairs)."""
+    return tuple(e if isinstance(e, StackEntry) else StackEntry(str(e[0]), float(e[1])) for e in entries)
+
+
 def _named(files: Sequence[FileReport], stack: Sequence[StackEntry]) -> list[FileReport]:
     """A stack's reports as this request spells its entries (a resident stack may have been built by
     another request naming the same files differently)."""
@@ -196,7 +201,7 @@ class LoraPatcher:
         """Make `entries` the active stack (replacing any other); atomic; a no-op if already active."""
         if zero_match not in ("error", "warn"):
             raise InvalidRequest(f"zero_match must be 'error' or 'warn', not {zero_match!r}", field="zero_match")
-        stack = tuple(e if isinstance(e, StackEntry) else StackEntry(str(e[0]), float(e[1])) for e in entries)
+        stack = _entries(entries)
         for i, e in enumerate(stack):
             if not isinstance(e.scale, int | float) or not math.isfinite(e.scale):
                 raise InvalidRequest(f"LoRA scale #{i} ({e.path}) must be a finite number", field="lora_scales")
@@ -300,7 +305,7 @@ class LoraPatcher:
         switch builds them); a stack already resident or live is left alone. Never raises: a failure,
         or `on_model_thread` refusing because the render ended, leaves the switch to build the stack and
         report what is wrong. Returns True when the stack was built and is resident."""
-        stack = tuple(e if isinstance(e, StackEntry) else StackEntry(str(e[0]), float(e[1])) for e in entries)
+        stack = _entries(entries)
         if self.mode != "side" or not stack:
             return False
         try:

@@ -293,10 +293,9 @@ class Fills:
             share.extend((target, job) for job in self._jobs[index])
         return share
 
-    @staticmethod
-    def _chunk(declared: list, members: list[tuple[int, int]], storage: mx.Dtype) -> mx.array:
+    def _chunk(self, members: list[tuple[int, int]], storage: mx.Dtype) -> mx.array:
         last_index, last_offset = members[-1]
-        return unfilled(last_offset + math.prod(declared[last_index][0]), storage)  # the jobs write every element
+        return unfilled(last_offset + math.prod(self._declared[last_index][0]), storage)  # the jobs write all of it
 
     def run(self, workers: int = 2) -> tuple[float, float]:
         """Allocate the chunks one by one (unfilled) on this thread while `workers` threads write the blocks
@@ -312,7 +311,7 @@ class Fills:
             pending = []
             for storage, members in self._chunks():
                 a0 = time.perf_counter()
-                chunk = self._chunk(self._declared, members, storage)
+                chunk = self._chunk(members, storage)
                 allocating += time.perf_counter() - a0
                 pending.append(pool.submit(_write, self._views(chunk, members, views)))
             mx.eval(*views)  # slices and reshapes of the chunks: they share the chunks' memory
@@ -329,7 +328,7 @@ class Fills:
         views: list[mx.array | None] = [None] * len(self._declared)
         jobs = []
         for storage, members in self._chunks():
-            jobs.extend(self._views(self._chunk(self._declared, members, storage), members, views))
+            jobs.extend(self._views(self._chunk(members, storage), members, views))
         if views:
             mx.eval(*views)
         return AllocatedFills(self, views, jobs)
