@@ -177,13 +177,15 @@ def test_a_build_packs_arrays_into_shared_chunks_and_every_view_holds_its_own_va
     assert offsets == [0, 1024, 2048], "the bf16 arrays are not views of one chunk at their offsets"
 
 
+@pytest.mark.parametrize("scale", [None, 0.37])
 @pytest.mark.parametrize(
     ("src_dtype", "dst_dtype"),
     [("bf16", "uint16"), ("bf16", "float32"), ("float32", "float32"), ("float16", "float16"), ("float32", "uint16")],
 )
-def test_column_blocks_are_written_exactly_whatever_the_path(src_dtype, dst_dtype):
+def test_column_blocks_are_written_exactly_whatever_the_path(src_dtype, dst_dtype, scale):
     """Each file's up block lands in its own columns of the stacked matrix, bit for bit as `_put` writes
-    it, on the row-item path (same bytes, bf16 -> float32) and on the element-wise one (float32 -> bf16)."""
+    it, on the row-item path (same bytes, bf16 -> float32, a scaled block) and on the element-wise one
+    (float32 -> bf16, a scaled float16 block)."""
     import ml_dtypes
 
     from daemon.lora.runtime import _put, _put_columns
@@ -194,21 +196,29 @@ def test_column_blocks_are_written_exactly_whatever_the_path(src_dtype, dst_dtyp
     got = np.zeros((37, 29), dst_dtype)
     want = np.zeros((37, 29), dst_dtype)
     start = 0
+    scale = None if scale is None else np.float32(scale)
     for block in blocks:
-        _put_columns(got, block, start)
-        _put(want[:, start : start + block.shape[1]], block, None)
+        _put_columns(got, block, start, scale)
+        _put(want[:, start : start + block.shape[1]], block, scale)
         start += block.shape[1]
     np.testing.assert_array_equal(got, want)
     assert np.any(got != 0)
+    if scale is not None:  # the scale did reach the block
+        plain = np.zeros((37, 16), dst_dtype)
+        _put(plain, blocks[0], None)
+        assert not np.array_equal(plain, want[:, :16])
     strided = np.zeros((37, 58), dst_dtype)[:, ::2]  # not contiguous: the element-wise path
-    _put_columns(strided, blocks[0], 3)
+    _put_columns(strided, blocks[0], 3, scale)
     np.testing.assert_array_equal(strided[:, 3:19], want[:, :16])
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float32", "float16"])
-def test_a_build_writes_every_element_of_its_unfilled_buffers(monkeypatch, dtype_name):
+@pytest.mark.parametrize(("out_dim", "in_dim"), [(40, 24), (24, 40)])
+def test_a_build_writes_every_element_of_its_unfilled_buffers(monkeypatch, dtype_name, out_dim, in_dim):
     """Stack buffers are allocated without a fill: a build into memory holding garbage (every byte 0xFF,
-    a NaN in each float type) gives exactly the arrays that numpy computes from the files' blocks."""
+    a NaN in each float type) gives exactly the arrays that numpy computes from the files' blocks, each
+    file's scale folded into its smaller block: the down rows of a layer with more outputs than inputs,
+    the up columns of one with fewer."""
     import ml_dtypes
     import mlx.core as mx
 
@@ -226,20 +236,67 @@ def test_a_build_writes_every_element_of_its_unfilled_buffers(monkeypatch, dtype
     rng = np.random.default_rng(9)
     bf16 = np.dtype(ml_dtypes.bfloat16)
     terms = [
-        LowRankTerm("a.b", rng.standard_normal((r, 24)).astype(bf16), rng.standard_normal((40, r)).astype(bf16), f)
+        LowRankTerm(
+            "a.b", rng.standard_normal((r, in_dim)).astype(bf16), rng.standard_normal((out_dim, r)).astype(bf16), f
+        )
         for r, f in ((4, 0.5), (7, 2.0), (3, 1.0))
     ]
     scales = (0.8, 0.5, 0.3)
     dtype = getattr(mx, dtype_name)
     out = runtime.build_layer_arrays(list(zip(scales, terms, strict=True)), dtype)
     mx.eval(out.down, out.up)
-    want_up = np.concatenate([t.up.astype(np.float32) for t in terms], axis=1)
+    up = np.concatenate([t.up.astype(np.float32) for t in terms], axis=1)
     down = np.concatenate([t.down.astype(np.float32) for t in terms], axis=0)
     factors = np.repeat(np.array([s * t.factor for s, t in zip(scales, terms, strict=True)], np.float32), [4, 7, 3])
     got_up = np.array(out.up.astype(mx.float32))
     got_down = np.array(out.down.astype(mx.float32))
     assert not np.isnan(got_up).any() and not np.isnan(got_down).any()
-    # the factors are folded into the down rows: a float32 product, rounded once to the layer dtype
+    # the factors are folded in: a float32 product, rounded once to the layer dtype; the other block is
+    # copied (bf16 values: exact in every layer dtype here)
     stored = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: bf16}[dtype]
-    np.testing.assert_array_equal(got_down, (down * factors[:, None]).astype(stored).astype(np.float32))
-    np.testing.assert_array_equal(got_up, want_up)  # bf16 values: exact in every layer dtype here
+    if out_dim >= in_dim:
+        want_down, want_up = (down * factors[:, None]).astype(stored).astype(np.float32), up
+    else:
+        want_down, want_up = down, (up * factors[None, :]).astype(stored).astype(np.float32)
+    np.testing.assert_array_equal(got_down, want_down)
+    np.testing.assert_array_equal(got_up, want_up)
+    delta = np.array(runtime.StackedLoraLinear(_linear(out_dim, in_dim, dtype), "a.b", _active(out)).delta())
+    np.testing.assert_allclose(delta, (up * factors[None, :]) @ down, rtol=1e-2, atol=1e-2)
+
+
+def _linear(out_dim, in_dim, dtype):
+    import mlx.nn as nn
+
+    linear = nn.Linear(in_dim, out_dim)
+    linear.set_dtype(dtype)
+    return linear
+
+
+def _active(layer):
+    from daemon.lora.runtime import ActiveLayers
+
+    active = ActiveLayers()
+    active.layers = {"a.b": layer}
+    return active
+
+
+def test_the_bf16_fold_rounds_every_value_as_ml_dtypes_does():
+    """The scaled bf16 block is rounded on its float32 bits (`_fold_bf16`): for every one of the 65,536
+    bf16 values and scales small, large, negative and zero, the same bits as ml_dtypes' cast of the float32
+    product (overflow to infinity, subnormals and ties to even included); a NaN stays a NaN."""
+    import ml_dtypes
+
+    from daemon.lora.runtime import _fold_bf16
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(bf16).reshape(256, 256)
+    for scale in (0.7, 0.3, 1.0, 0.0, -0.5, 1e-3, 3.0, 1e-30, 1e30, 1 / 3, -2.5e-38, 0.123456789):
+        scale = np.float32(scale)
+        got = np.empty(every.shape, np.uint16)
+        with np.errstate(over="ignore", invalid="ignore"):
+            _fold_bf16(every, scale, got)
+            want = (every.astype(np.float32) * scale).astype(bf16)
+        nan = np.isnan(want.astype(np.float32))
+        np.testing.assert_array_equal(got[~nan], want.view(np.uint16)[~nan], err_msg=f"scale {scale}")
+        assert np.isnan(got.view(bf16)[nan].astype(np.float32)).all()
+        assert nan.sum() >= 254  # the NaN inputs at least (0 * inf adds more)
