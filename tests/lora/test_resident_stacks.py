@@ -264,6 +264,27 @@ def test_a_stack_prebuilt_during_a_render_switches_as_a_resident_hit_and_renders
     assert not p.prebuild(stack_b, render.call)  # live already: nothing to build
 
 
+def test_a_prebuild_under_a_tight_bound_never_evicts_the_live_stack(tmp_path, make_patcher, forward):
+    """The resident bound holds one stack and a half: a prebuild puts the next stack beside the live one
+    and evicts nothing live (the live stack is pinned); both switches that follow are resident hits."""
+    probe = make_patcher()
+    g = _files(tmp_path, probe.layout, 2)
+    probe.apply_stack([StackEntry(str(g[0].path), 1.0)])
+    one = probe.resident.stats().bytes
+    probe.clear()
+    p = make_patcher(resident_bytes=int(one * 1.5))
+    live, queued = [StackEntry(str(g[0].path), 1.0)], [StackEntry(str(g[1].path), 1.0)]
+    p.apply_stack(live)
+    with _RenderThread(forward) as render:
+        assert p.prebuild(queued, render.call)
+    assert p._key(live) in p.resident and p._key(queued) in p.resident
+    assert p.resident.stats().evictions == 0
+    misses = p.resident.stats().misses
+    p.apply_stack(queued)
+    p.apply_stack(live)
+    assert p.resident.stats().misses == misses
+
+
 def test_prebuild_gives_up_when_no_render_runs_its_allocation(tmp_path, make_patcher, forward):
     import threading
 
