@@ -120,13 +120,18 @@ def test_clear_after_resident_switches_is_bit_identical(tmp_path, make_patcher, 
     np.testing.assert_array_equal(forward(), base)
 
 
-def test_eviction_under_a_small_bound_never_drops_the_live_stack(tmp_path, make_patcher, forward):
+def _tight(tmp_path, make_patcher, n: int):
+    """`n` generated files, and a patcher whose resident bound holds one single-file stack and a half."""
     probe = make_patcher()
-    g = _files(tmp_path, probe.layout, 3)
+    g = _files(tmp_path, probe.layout, n)
     probe.apply_stack([StackEntry(str(g[0].path), 1.0)])
     one = probe.resident.stats().bytes
     probe.clear()
-    p = make_patcher(resident_bytes=int(one * 1.5))
+    return g, make_patcher(resident_bytes=int(one * 1.5))
+
+
+def test_eviction_under_a_small_bound_never_drops_the_live_stack(tmp_path, make_patcher, forward):
+    g, p = _tight(tmp_path, make_patcher, 3)
     stacks = [[StackEntry(str(x.path), 1.0)] for x in g]
     outs = []
     for s in stacks:
@@ -267,12 +272,7 @@ def test_a_stack_prebuilt_during_a_render_switches_as_a_resident_hit_and_renders
 def test_a_prebuild_under_a_tight_bound_never_evicts_the_live_stack(tmp_path, make_patcher, forward):
     """The resident bound holds one stack and a half: a prebuild puts the next stack beside the live one
     and evicts nothing live (the live stack is pinned); both switches that follow are resident hits."""
-    probe = make_patcher()
-    g = _files(tmp_path, probe.layout, 2)
-    probe.apply_stack([StackEntry(str(g[0].path), 1.0)])
-    one = probe.resident.stats().bytes
-    probe.clear()
-    p = make_patcher(resident_bytes=int(one * 1.5))
+    g, p = _tight(tmp_path, make_patcher, 2)
     live, queued = [StackEntry(str(g[0].path), 1.0)], [StackEntry(str(g[1].path), 1.0)]
     p.apply_stack(live)
     with _RenderThread(forward) as render:
