@@ -389,8 +389,7 @@ def _put(dst: np.ndarray, src: np.ndarray, scale: np.float32 | None) -> None:
         _fold_bf16(src, scale, dst)
         return
     if scale is not None:
-        src = _widened(src)
-        src *= scale
+        src = _scaled(src, scale)
     if dst.dtype == np.uint16:  # bfloat16
         np.copyto(dst, (src if src.dtype == _BF16 else src.astype(_BF16)).view(np.uint16))
     else:
@@ -403,9 +402,7 @@ def _fold_bf16(src: np.ndarray, scale: np.float32, out: np.ndarray) -> None:
     value; a NaN stays a NaN, its payload kept), in three fewer passes over memory than a cast and a copy
     (about 30% less time on the CPU). The product of a bf16 NaN is a NaN whose low 16 bits are zero, so
     the rounding never carries out of it."""
-    bits = _widened(src)
-    np.multiply(bits, scale, out=bits)
-    bits = bits.view(np.uint32)
+    bits = _scaled(src, scale).view(np.uint32)
     odd = np.right_shift(bits, 16)
     np.bitwise_and(odd, 1, out=odd)
     bits += odd
@@ -420,6 +417,13 @@ def _widened(src: np.ndarray) -> np.ndarray:
     return src.astype(np.float32)
 
 
+def _scaled(src: np.ndarray, scale: np.float32) -> np.ndarray:
+    """A new float32 array: `src` widened (exactly) and multiplied by `scale`."""
+    out = _widened(src)
+    np.multiply(out, scale, out=out)
+    return out
+
+
 def _put_columns(dst: np.ndarray, src: np.ndarray, start: int, scale: np.float32 | None = None) -> None:
     """dst[:, start:start + r] = src (out, r), times `scale` if given, as `_put`. For a plain copy (and
     bf16 -> float32 or a scaled block, made in a small contiguous block first), each row's r elements are
@@ -428,8 +432,7 @@ def _put_columns(dst: np.ndarray, src: np.ndarray, start: int, scale: np.float32
     r = src.shape[1]
     if scale is not None:  # the scaled block first, in the destination's dtype
         if dst.dtype == np.float32:
-            src = _widened(src)
-            src *= scale
+            src = _scaled(src, scale)
         elif dst.dtype == np.uint16 and src.dtype == _BF16:
             folded = np.empty(src.shape, np.uint16)
             _fold_bf16(src, scale, folded)
@@ -472,15 +475,18 @@ def _lowrank(out: LayerArrays, lowrank: list[tuple[float, LowRankTerm]], dtype: 
         start += r
 
 
+def _written_directly(lowrank: list[tuple[float, LowRankTerm]], dtype: mx.Dtype) -> bool:
+    """Whether these low-rank terms are written straight into their buffers by a `Fills` (`_lowrank`)."""
+    return dtype in _DIRECT and all(_direct_source(t.down) and _direct_source(t.up) for _, t in lowrank)
+
+
 def written_by_fills(contributions: list[tuple[float, Term]], dtype: mx.Dtype) -> bool:
     """Whether `build_layer_arrays` makes this layer's arrays with no MLX operation of its own: only plain
     low-rank terms, written by the stack's `Fills` (the other terms are converted by MLX as they go)."""
     return (
-        dtype in _DIRECT
-        and bool(contributions)
-        and all(
-            isinstance(t, LowRankTerm) and _direct_source(t.down) and _direct_source(t.up) for _, t in contributions
-        )
+        bool(contributions)
+        and all(isinstance(t, LowRankTerm) for _, t in contributions)
+        and _written_directly(contributions, dtype)
     )
 
 
@@ -498,7 +504,7 @@ def build_layer_arrays(
     lowrank = [(s, t) for s, t in contributions if isinstance(t, LowRankTerm)]
     out = LayerArrays()
     if lowrank:
-        if dtype in _DIRECT and all(_direct_source(t.down) and _direct_source(t.up) for _, t in lowrank):
+        if _written_directly(lowrank, dtype):
             own = fills is None
             fills = fills or Fills()
             _lowrank(out, lowrank, dtype, fills)
