@@ -72,6 +72,18 @@ class Render(_Req, tag="render"):
     progress: bool = False
 
 
+class Preload(_Req, tag="preload"):
+    """Build a LoRA stack ahead of the renders that will use it, without making it live: it joins the
+    resident stacks, so the first render with it switches in one assignment. Runs when no render is
+    queued or running; a render that arrives meanwhile waits for that one build at most."""
+
+    lora_paths: Annotated[list[PathStr], Meta(min_length=1, max_length=MAX_STACK)]
+    lora_scales: Annotated[list[float], Meta(max_length=MAX_STACK)]
+    lora_names: Annotated[list[str], Meta(max_length=MAX_STACK)] | None = None
+    zero_match: ZeroMatch = "error"
+    deadline_s: float | None = None  # seconds after receipt; not started by then: deadline_exceeded
+
+
 class Inspect(_Req, tag="inspect"):
     path: PathStr
 
@@ -85,8 +97,10 @@ class Shutdown(_Req, tag="shutdown"):
     drain_timeout_s: float | None = None
 
 
-Request = Ping | Status | Render | Inspect | Cancel | Shutdown
-OPS: dict[str, type[Struct]] = {c.__struct_config__.tag: c for c in (Ping, Status, Render, Inspect, Cancel, Shutdown)}
+Request = Ping | Status | Render | Preload | Inspect | Cancel | Shutdown
+OPS: dict[str, type[Struct]] = {
+    c.__struct_config__.tag: c for c in (Ping, Status, Render, Preload, Inspect, Cancel, Shutdown)
+}
 
 
 # ---- replies -------------------------------------------------------------------------------------
@@ -180,6 +194,21 @@ class RenderResult(Struct, omit_defaults=True):
     image_path: str | None = None
     image_bytes: bytes | None = None
     job: str | None = None
+
+
+class PreloadResult(Struct, omit_defaults=True):
+    """What a `preload` did: whether the stack is resident now (its next switch is one assignment), whether
+    this request built it, its size on the model's side, and what each file matched (as for a render)."""
+
+    resident: bool  # among the resident stacks now (or live): the next render with it switches in one assignment
+    built: bool  # false: it was resident or live already
+    live: bool  # it is the live stack (nothing needed building)
+    bytes: int  # its arrays on the model's side (counted against --resident-stack-bytes)
+    build_ms: float  # 0.0 when nothing was built
+    stack: list[FileReport]
+    matched_keys: list[int]
+    warnings: list[str] = []
+    reason: str | None = None  # why it is not resident, when it is not
 
 
 class JobInfo(Struct, omit_defaults=True):
@@ -281,6 +310,7 @@ class StatusResult(Struct, omit_defaults=True):
     model: ModelInfo | None = None
     resident_stacks: LoraCacheStats | None = None  # built stacks kept for instant switches; absent: none kept
     replicas: list[ReplicaStatus] = []  # behind a cluster gateway: each render replica; absent: a plain daemon
+    preloads_waiting: int = 0  # `preload` requests waiting for the render thread to be idle
 
 
 class PingResult(Struct, omit_defaults=True):
@@ -309,6 +339,7 @@ RESULT_TYPES: dict[str, type[Struct]] = {
     "ping": PingResult,
     "status": StatusResult,
     "render": RenderResult,
+    "preload": PreloadResult,
     "inspect": FileReport,
     "cancel": CancelResult,
     "shutdown": ShutdownResult,
@@ -407,7 +438,7 @@ def _convert(raw: dict[Any, Any]) -> Request:
                 f"`{key}` is null; a field with no value is omitted (null is not accepted for any field)",
                 field=str(key),
             )
-    if op == "render":
+    if op in ("render", "preload"):
         for old, new in (("lora_path", "lora_paths"), ("lora_scale", "lora_scales")):
             if old in raw:
                 raise InvalidRequest(
@@ -459,6 +490,9 @@ def check_request(req: Request) -> None:
     check_trace_context(req.trace_context)
     if isinstance(req, Render):
         check_render(req)
+    elif isinstance(req, Preload):
+        check_stack(req.lora_paths, req.lora_scales, req.lora_names)
+        _finite("deadline_s", req.deadline_s, positive=True)
     elif isinstance(req, Cancel):
         if (req.target is None) == (req.job is None):
             raise InvalidRequest("cancel needs exactly one of `target` (request id) or `job`", field="target")
@@ -468,24 +502,28 @@ def check_request(req: Request) -> None:
             raise InvalidRequest("drain_timeout_s must be >= 0", field="drain_timeout_s")
 
 
-def check_render(req: Render) -> None:
-    if not req.prompt.strip():
-        raise InvalidRequest("prompt must not be empty", field="prompt")
-    if len(req.lora_paths) != len(req.lora_scales):
+def check_stack(paths: list[str], scales: list[float], names: list[str] | None) -> None:
+    """A LoRA stack as a render or a preload carries it: one finite, bounded scale (and name) per path."""
+    if len(paths) != len(scales):
         raise InvalidRequest(
-            f"lora_paths has {len(req.lora_paths)} entries but lora_scales has {len(req.lora_scales)}; "
-            "give one scale per LoRA",
+            f"lora_paths has {len(paths)} entries but lora_scales has {len(scales)}; give one scale per LoRA",
             field="lora_scales",
         )
-    if req.lora_names is not None and len(req.lora_names) != len(req.lora_paths):
+    if names is not None and len(names) != len(paths):
         raise InvalidRequest("lora_names must have one entry per LoRA path", field="lora_names")
-    for i, s in enumerate(req.lora_scales):
+    for i, s in enumerate(scales):
         if not math.isfinite(s):
             raise InvalidRequest(f"lora_scales[{i}] must be a finite number, got {s}", field=f"lora_scales[{i}]")
         if abs(s) > MAX_SCALE:
             raise InvalidRequest(
                 f"lora_scales[{i}]={s} is outside -{MAX_SCALE}..{MAX_SCALE}", field=f"lora_scales[{i}]"
             )
+
+
+def check_render(req: Render) -> None:
+    if not req.prompt.strip():
+        raise InvalidRequest("prompt must not be empty", field="prompt")
+    check_stack(req.lora_paths, req.lora_scales, req.lora_names)
     _finite("guidance", req.guidance)
     _finite("deadline_s", req.deadline_s, positive=True)
     for name in ("width", "height", "steps"):
