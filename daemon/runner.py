@@ -25,6 +25,11 @@ operations, so the same bytes. At most one job is suspended at a time (only batc
 interactive jobs run nested, and those never yield), a batch job yields at most `max_preemptions`
 times, and one suspension runs at most `policy.max_bypass` interactive jobs before the batch job
 resumes.
+
+Preloads (`preload`): a stack built into the resident stacks ahead of the renders that will use it,
+without making it live. It runs on the render thread when no render is queued or running, one at a time
+in arrival order, so renders always go first; a render that arrives while one builds waits for that build
+(a cold stack switch's time) at most.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,7 +52,17 @@ import msgspec
 from opentelemetry.context import Context
 
 from client.wire.errors import Cancelled, DeadlineExceeded, EaselError, RenderFailed, ShuttingDown
-from client.wire.messages import ActiveLora, JobInfo, LoraCacheStats, ModelInfo, Render, RenderResult, StepTime
+from client.wire.messages import (
+    ActiveLora,
+    JobInfo,
+    LoraCacheStats,
+    ModelInfo,
+    Preload,
+    PreloadResult,
+    Render,
+    RenderResult,
+    StepTime,
+)
 from daemon.config import ServiceConfig
 from daemon.model_thread import ModelThreadCalls
 from daemon.scheduler import (
@@ -61,7 +77,7 @@ from daemon.scheduler import (
     estimate_queue,
     plan,
 )
-from daemon.service import Prepared, RenderService
+from daemon.service import Prepared, RenderService, StackItem
 
 log = logging.getLogger("easel.runner")
 
@@ -143,6 +159,16 @@ class RenderJob(Job):
         return [f"{given}@{it.scale:g}" for given, it in zip(self.request.lora_paths, self.prepared.stack, strict=True)]
 
 
+@dataclass(eq=False)
+class PendingPreload:
+    """A preload waiting for an idle render thread: its checked stack, and the future its caller awaits."""
+
+    stack: list[StackItem]
+    zero_match: str
+    answer: asyncio.Future
+    expiry: asyncio.TimerHandle | None = None
+
+
 @dataclass(frozen=True)
 class RunnerStatus:
     """What the runner and the model it drives are doing (the runner's part of the `status` reply)."""
@@ -163,6 +189,7 @@ class RunnerStatus:
     renders_done: int
     stack_switches: int
     model: ModelInfo | None = None
+    preloads_waiting: int = 0  # preloads waiting for the render thread to be idle
 
 
 class RenderRunner:
@@ -178,6 +205,7 @@ class RenderRunner:
         self.running: RenderJob | None = None
         self.suspended: list[RenderJob] = []  # at most one: see the module docstring
         self.renders_done = 0
+        self.preloads: deque[PendingPreload] = deque()  # in arrival order; run when no render is queued
         self._seq = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-render")
         # reads and builds the LoRA stack of the job planned next while the current one renders; its
@@ -206,8 +234,11 @@ class RenderRunner:
             self._worker = self._loop.create_task(self._work(), name="easel-worker")
 
     def stop_accepting(self) -> None:
-        """Refuse new jobs (ShuttingDown); the worker ends once the queue is empty."""
+        """Refuse new jobs (ShuttingDown), answer the preloads still waiting with it; the worker ends once
+        the queue is empty."""
         self.queue.close()
+        while self.preloads:
+            self._answer_preload(self.preloads.popleft(), ShuttingDown("the daemon shut down before this preload ran"))
 
     @property
     def shutting_down(self) -> bool:
@@ -353,6 +384,63 @@ class RenderRunner:
             self.cancel(job, Cancelled("the caller stopped waiting for this render"))
             raise
 
+    async def preload(self, request: Preload) -> PreloadResult:
+        """Build `request`'s stack into the resident stacks, once no render is queued or running, without
+        making it live. Raises the request's error (LoraNotFound, PathNotAllowed, ...; then the build's:
+        LoraFormat, LoraZeroMatch, ...), ShuttingDown once draining, DeadlineExceeded when its deadline
+        passes before it starts. Cancelling the wait drops a preload not yet started."""
+        self.start()
+        if self.queue.closed:
+            raise ShuttingDown("the daemon is shutting down and accepts no new preloads")
+        stack = self.service.stack_items(request.lora_paths, request.lora_scales, request.lora_names)
+        pending = PendingPreload(stack, request.zero_match, self._loop.create_future())
+        if request.deadline_s is not None:
+            pending.expiry = self._loop.call_later(
+                request.deadline_s, self._expire_preload, pending, request.deadline_s
+            )
+        self.preloads.append(pending)
+        self.queue.wake()
+        try:
+            return await pending.answer
+        finally:
+            if pending in self.preloads:  # the caller stopped waiting before it ran
+                self.preloads.remove(pending)
+            if pending.expiry is not None:
+                pending.expiry.cancel()
+
+    def _expire_preload(self, pending: PendingPreload, deadline_s: float) -> None:
+        if pending in self.preloads:
+            self.preloads.remove(pending)
+            self._answer_preload(
+                pending,
+                DeadlineExceeded(f"deadline of {deadline_s}s passed before this preload ran", deadline_s=deadline_s),
+            )
+
+    @staticmethod
+    def _answer_preload(pending: PendingPreload, outcome: PreloadResult | EaselError) -> None:
+        if pending.answer.done():  # its caller stopped waiting
+            return
+        if isinstance(outcome, EaselError):
+            pending.answer.set_exception(outcome)
+        else:
+            pending.answer.set_result(outcome)
+
+    async def _run_preload(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The oldest waiting preload, on the render thread (the queue is empty: renders go first)."""
+        pending = self.preloads.popleft()
+        if pending.expiry is not None:
+            pending.expiry.cancel()
+        try:
+            outcome = await loop.run_in_executor(
+                self._executor, self.service.preload, pending.stack, pending.zero_match
+            )
+        except EaselError as err:
+            outcome = err
+        except Exception as exc:
+            log.exception("preload failed")
+            outcome = EaselError(f"preload failed: {type(exc).__name__}: {exc}")
+        self._answer_preload(pending, outcome)
+
     def _expire(self, job: RenderJob) -> None:
         """A queued job's deadline passed: answer now instead of when it reaches the head of the queue."""
         if job.state == "queued" and self.queue.remove(job):
@@ -411,8 +499,11 @@ class RenderRunner:
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            job = await self.queue.take(self.service.active_key)
+            job = await self.queue.take(self.service.active_key, idle_work=lambda: bool(self.preloads))
             if job is None:
+                if self.preloads and not self.queue.closed:
+                    await self._run_preload(loop)
+                    continue
                 return
             self._depth_changed()
             if not self._start(job, time.monotonic()):
@@ -692,6 +783,7 @@ class RenderRunner:
             renders_done=self.renders_done,
             stack_switches=svc.stack_switches,
             model=svc.model_info(),
+            preloads_waiting=len(self.preloads),
         )
 
 

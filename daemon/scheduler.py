@@ -389,13 +389,19 @@ class JobQueue:
     def closed(self) -> bool:
         return self._closed
 
-    async def take(self, active_stack: Hashable) -> Job | None:
+    async def take(self, active_stack: Hashable, idle_work: Callable[[], bool] = lambda: False) -> Job | None:
+        """The next job, waiting for one; None once the queue is closed and empty, or while it is empty
+        and `idle_work()` says work waits for an idle worker (`wake` makes a waiting take ask again)."""
         while not self._jobs:
-            if self._closed:
+            if self._closed or idle_work():
                 return None
             self._wake.clear()
             await self._wake.wait()
         return self.take_now(active_stack)
+
+    def wake(self) -> None:
+        """Make a waiting `take` look again (work for an idle worker has arrived)."""
+        self._wake.set()
 
     def take_now(self, active_stack: Hashable, among: Callable[[Job], bool] | None = None) -> Job | None:
         """The job `choose` picks now (among the jobs `among` admits: a preemption picks among the

@@ -36,6 +36,7 @@ from client.wire.errors import (
     FrameTooLarge,
     PeerNotAllowed,
     ProtocolError,
+    UnknownOperation,
 )
 from client.wire.messages import (
     MAX_ID_CHARS,
@@ -50,6 +51,7 @@ from client.wire.messages import (
     Inspect,
     Ping,
     PingResult,
+    Preload,
     Render,
     RenderResult,
     Reply,
@@ -68,7 +70,7 @@ from client.wire.messages import error_reply as wire_error_reply
 from daemon.config import ServerConfig
 from daemon.runner import Estimate, RenderJob, RenderRunner
 from daemon.security import peer_uid
-from daemon.telemetry import ServerCall, Telemetry, start_server_call
+from daemon.telemetry import ServerCall, Telemetry, record_preload, start_server_call
 
 log = logging.getLogger("easel.server")
 
@@ -309,6 +311,7 @@ class DaemonServer:
             Ping: self._ping,
             Status: self._status,
             Render: self._render,
+            Preload: self._preload,
             Inspect: self._inspect,
             Cancel: self._cancel,
             Shutdown: self._shutdown,
@@ -575,6 +578,35 @@ class DaemonServer:
         while len(self.answered_jobs) > 16 * ANSWERED_MEMORY:
             self.answered_jobs.popitem(last=False)
 
+    async def _preload(self, conn: Connection, req: Preload, call: ServerCall) -> None:
+        """Waits for an idle render thread: in the background, not holding up this connection. A preload
+        whose client goes away still runs (its stack is for the daemon's later renders)."""
+        conn.spawn(self._preload_reply(conn, req, call))
+
+    async def _preload_reply(self, conn: Connection, req: Preload, call: ServerCall) -> None:
+        try:
+            preload = getattr(self.runner, "preload", None)
+            if preload is None:  # a runner without resident stacks of its own (a cluster gateway)
+                raise UnknownOperation("this server does not preload stacks (a cluster gateway)", op="preload")
+            result = await preload(req)
+        except EaselError as err:
+            call.set_error(err)
+            conn.end(req.id)
+            await conn.send(error_reply(req.id, err, op="preload"))
+        except Exception as exc:
+            log.exception("preload failed")
+            call.set_error(exc)
+            conn.end(req.id)
+            await conn.send(
+                error_reply(req.id, EaselError(f"preload failed: {type(exc).__name__}: {exc}"), op="preload")
+            )
+        else:
+            record_preload(call.span, result)
+            conn.end(req.id)
+            await conn.send(Result(id=req.id, op="preload", result=result))
+        finally:
+            call.end()
+
     async def _inspect(self, conn: Connection, req: Inspect, call: ServerCall) -> None:
         """Reads a file: off the loop, and not holding up this connection."""
         conn.spawn(self._inspect_reply(conn, req, call))
@@ -673,4 +705,5 @@ class DaemonServer:
             in_flight=run.in_flight,
             suspended=run.suspended,
             model=run.model,
+            preloads_waiting=run.preloads_waiting,
         )

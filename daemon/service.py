@@ -26,7 +26,7 @@ from client.lorafile.resolve import corrupt_error
 from client.lorafile.signature import file_signature
 from client.tiers import TIERS
 from client.wire.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
-from client.wire.messages import ActiveLora, LoraCacheStats, ModelInfo, Render, RenderResult
+from client.wire.messages import ActiveLora, LoraCacheStats, ModelInfo, PreloadResult, Render, RenderResult
 from client.wire.report import FileReport
 from daemon.config import ServiceConfig
 from daemon.engine.png import encode_png
@@ -172,11 +172,7 @@ class RenderService:
     def prepare(self, req: Render) -> Prepared:
         spec = resolve_shape(req, self.preset_name, self.default_steps, self.default_guidance)
         validate_spec(spec, self.config.limits)
-        items = []
-        for i, (p, s) in enumerate(zip(req.lora_paths, req.lora_scales, strict=True)):
-            resolved = self._lora_file(p, field=f"lora_paths[{i}]", index=i)
-            name = req.lora_names[i] if req.lora_names else None
-            items.append(StackItem(resolved, float(s), name))
+        items = self.stack_items(req.lora_paths, req.lora_scales, req.lora_names)
         out = None
         if not req.return_bytes:  # checked now, written through the held root later (security.OutputRoot)
             generated = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.png"
@@ -191,6 +187,14 @@ class RenderService:
             trace_context=req.trace_context,
             tier=req.tier,
         )
+
+    def stack_items(self, paths: list[str], scales: list[float], names: list[str] | None) -> list[StackItem]:
+        """A requested stack's files, each confined to the LoRA roots and naming a regular file."""
+        items = []
+        for i, (p, s) in enumerate(zip(paths, scales, strict=True)):
+            resolved = self._lora_file(p, field=f"lora_paths[{i}]", index=i)
+            items.append(StackItem(resolved, float(s), names[i] if names else None))
+        return items
 
     def _lora_file(self, path: str, *, field: str, index: int | None = None) -> Path:
         """A requested LoRA path, confined to the LoRA roots and naming a regular file."""
@@ -269,6 +273,29 @@ class RenderService:
         self.active_key, self.active_report = key, []
         self.stack_switches += 1
         return True
+
+    def preload(self, items: list[StackItem], zero_match: str) -> PreloadResult:
+        """Build a stack into the resident stacks without making it live (`LoraPatcher.preload`)."""
+        from daemon.lora.patcher import StackEntry
+
+        if self.patcher is None:
+            raise InvalidRequest("this daemon was started without LoRA support", field="lora_paths")
+        report = self.patcher.preload([StackEntry(str(it.path), it.scale, name=it.name) for it in items], zero_match)
+        files = [f.for_reply() for f in report.files]
+        for f, it in zip(files, items, strict=False):
+            if f.name is None and it.name is not None:
+                f.name = it.name
+        return PreloadResult(
+            resident=report.resident,
+            built=report.built,
+            live=report.live,
+            bytes=report.nbytes,
+            build_ms=round(report.build_ms, 3),
+            stack=files,
+            matched_keys=report.matched_keys,
+            warnings=report.warnings,
+            reason=report.reason,
+        )
 
     def hold_stack(self) -> object:
         """What `restore_stack` needs to put the live stack back exactly as it is now."""

@@ -50,7 +50,7 @@ from daemon.lora.runtime import (
     linear_layout,
     written_by_fills,
 )
-from daemon.lora.stack import StackEntry, StackReport
+from daemon.lora.stack import PreloadReport, StackEntry, StackReport
 
 READ_THREADS = 4  # files of a stack read, parsed and resolved at once
 ZeroMatchPolicy = Literal["error", "warn"]
@@ -112,6 +112,17 @@ def _text_encoder_key(key: StackKey, reports: Sequence[FileReport]) -> StackKey:
 def _entries(entries: Iterable[StackEntry | tuple[str, float]]) -> tuple[StackEntry, ...]:
     """A stack as StackEntry items (callers may pass (path, scale) pairs)."""
     return tuple(e if isinstance(e, StackEntry) else StackEntry(str(e[0]), float(e[1])) for e in entries)
+
+
+def _checked(entries: Iterable[StackEntry | tuple[str, float]], zero_match: str) -> tuple[StackEntry, ...]:
+    """The entries as a stack, its zero-match policy and scales checked (InvalidRequest names the field)."""
+    if zero_match not in ("error", "warn"):
+        raise InvalidRequest(f"zero_match must be 'error' or 'warn', not {zero_match!r}", field="zero_match")
+    stack = _entries(entries)
+    for i, e in enumerate(stack):
+        if not isinstance(e.scale, int | float) or not math.isfinite(e.scale):
+            raise InvalidRequest(f"LoRA scale #{i} ({e.path}) must be a finite number", field="lora_scales")
+    return stack
 
 
 def _named(files: Sequence[FileReport], stack: Sequence[StackEntry]) -> list[FileReport]:
@@ -199,12 +210,7 @@ class LoraPatcher:
         self, entries: Iterable[StackEntry | tuple[str, float]], zero_match: ZeroMatchPolicy = "error"
     ) -> StackReport:
         """Make `entries` the active stack (replacing any other); atomic; a no-op if already active."""
-        if zero_match not in ("error", "warn"):
-            raise InvalidRequest(f"zero_match must be 'error' or 'warn', not {zero_match!r}", field="zero_match")
-        stack = _entries(entries)
-        for i, e in enumerate(stack):
-            if not isinstance(e.scale, int | float) or not math.isfinite(e.scale):
-                raise InvalidRequest(f"LoRA scale #{i} ({e.path}) must be a finite number", field="lora_scales")
+        stack = _checked(entries, zero_match)
         with self._lock:
             t0 = time.perf_counter()
             if self.mode == "bake":
@@ -243,6 +249,59 @@ class LoraPatcher:
             )
             self._report.apply_ms = (time.perf_counter() - t0) * 1000
             return self._report
+
+    def preload(
+        self, entries: Iterable[StackEntry | tuple[str, float]], zero_match: ZeroMatchPolicy = "error"
+    ) -> PreloadReport:
+        """Build a stack into the resident stacks without making it live, so the first switch to it is one
+        assignment. On the model's thread (MLX work), like apply_stack, whose errors it raises: the live
+        stack and the model are untouched either way, and the live stack is never evicted for it. A stack
+        already resident or live is reported, not built again. The bake form keeps no built stacks: there
+        the files are only read and resolved (cached), and the report says so."""
+        stack = _checked(entries, zero_match)
+        if not stack:
+            return PreloadReport([], True, False, not self._active_key)
+        with self._lock:
+            if self.mode != "side":
+                reports, _, _, warnings = self._prepare(stack, zero_match)
+                reason = "the bake form keeps no built stacks: the files were read and resolved only"
+                return PreloadReport(_named(reports, stack), False, False, False, warnings=warnings, reason=reason)
+            key = self._key(stack)
+            if key == self._active_key and self._live_built is not None:
+                live = self._live_built
+                self._check_zero_match(live.reports, zero_match)
+                return PreloadReport(
+                    _named(live.reports, stack), True, False, True, live.nbytes, warnings=list(live.warnings)
+                )
+            writing = self._prebuilding.get(key)
+            if writing is not None:  # a prebuild of this very stack is writing its buffers
+                writing.wait()
+            known = self.resident.peek(key)
+            if known is not None:
+                self._check_zero_match(known.reports, zero_match)
+                files, warnings = _named(known.reports, stack), list(known.warnings)
+                return PreloadReport(files, True, False, False, known.nbytes, warnings=warnings)
+            t0 = time.perf_counter()
+            built = self._build_resident(stack, zero_match)
+            self.resident.put(built, pinned=self._active_key)
+            build_ms = (time.perf_counter() - t0) * 1000
+            resident = built.key in self.resident
+            reason = None
+            if not resident:
+                reason = (
+                    f"the stack's {built.nbytes} bytes exceed the resident stacks' bound of "
+                    f"{self.resident.max_bytes} bytes (--resident-stack-bytes): its switch will build it"
+                )
+            return PreloadReport(
+                _named(built.reports, stack),
+                resident,
+                True,
+                False,
+                built.nbytes,
+                build_ms,
+                list(built.warnings),
+                reason,
+            )
 
     def clear(self) -> None:
         """Remove every LoRA: the original layer objects (and weight arrays) go back in place."""

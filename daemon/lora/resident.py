@@ -61,6 +61,12 @@ class ResidentStacks:
             self._hits += 1
             return stack
 
+    def peek(self, key: StackKey) -> ResidentStack | None:
+        """The stack under `key`, if resident, without counting a hit or a miss or refreshing its place
+        (a preload asking whether it needs to build is not a switch)."""
+        with self._lock:
+            return self._stacks.get(key)
+
     def put(self, stack: ResidentStack, pinned: StackKey | None = None) -> None:
         with self._lock:
             self._drop(stack.key)

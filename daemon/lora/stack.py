@@ -1,4 +1,5 @@
-"""A stack as the patcher takes it (entries in order) and what applying it did (the stack report)."""
+"""A stack as the patcher takes it (entries in order), what applying it did (the stack report), and what
+preloading it did (the preload report)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,21 @@ class StackReport:
             "noop": self.noop,
             "apply_ms": self.apply_ms,
         }
+
+
+@dataclass
+class PreloadReport:
+    """What `LoraPatcher.preload` did with one stack: resident (or live) now unless `reason` says why not."""
+
+    files: list[FileReport]
+    resident: bool  # among the resident stacks (or live): a switch to it is one assignment
+    built: bool  # False: it was resident or live already (or the form keeps no built stacks)
+    live: bool  # the live stack itself
+    nbytes: int = 0  # its arrays on the model's side
+    build_ms: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    reason: str | None = None  # why it is not resident
+
+    @property
+    def matched_keys(self) -> list[int]:
+        return [f.keys_applied for f in self.files]

@@ -1,4 +1,5 @@
 """The spans the daemon emits: one server span per request, one `flux_mlx.render` span per render.
+A `preload` is told on its server span (`record_preload`).
 
 Integration is a few lines in the server and the render worker:
 
@@ -40,6 +41,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from client.telemetry.setup import Telemetry
 from client.wire.errors import EaselError
+from client.wire.messages import PreloadResult
 from client.wire.report import FileReport
 from daemon.render_spec import RenderSpec
 
@@ -186,6 +188,38 @@ def zero_match_message(files: Sequence[FileReport]) -> str | None:
     return f"LoRA {named} matched 0 keys" if len(zeros) == 1 else f"LoRAs {named} matched 0 keys"
 
 
+def stack_attributes(files: Sequence[FileReport], prefix: str) -> dict[str, Any]:
+    """A stack's per-file accounting as span attributes under `prefix` (`render.lora`, `preload.lora`):
+    names, files, scales, and how many keys of each file reached the model."""
+    attrs: dict[str, Any] = {
+        f"{prefix}.stack_size": len(files),
+        f"{prefix}.names": [f.display_name for f in files],
+        f"{prefix}.files": [f.path for f in files],
+        f"{prefix}.scales": [float(f.scale) for f in files],
+        f"{prefix}.matched_keys": [int(f.keys_applied) for f in files],
+        f"{prefix}.total_keys": [int(f.keys_total) for f in files],
+    }
+    text_encoder_keys = [sum(n for p, n in f.keys_applied_by_part.items() if p != "transformer") for f in files]
+    if any(text_encoder_keys):  # of matched_keys, those that reached CLIP-L / T5-XXL
+        attrs[f"{prefix}.text_encoder_keys"] = text_encoder_keys
+    return attrs
+
+
+def record_preload(span: Span, result: PreloadResult) -> None:
+    """What a `preload` did, on its server span: built or found, resident, its bytes and build time, and
+    what each file matched (`preload.lora.*`, as a render's `render.lora.*`)."""
+    span.set_attributes(
+        {
+            "preload.resident": result.resident,
+            "preload.built": result.built,
+            "preload.live": result.live,
+            "preload.bytes": result.bytes,
+            "preload.build_ms": result.build_ms,
+            **stack_attributes(result.stack, "preload.lora"),
+        }
+    )
+
+
 class RenderSpan:
     """Handle of one render's span: set the applied stack, time phases."""
 
@@ -210,15 +244,7 @@ class RenderSpan:
                 raise TypeError(f"a render span's stack is a list of FileReport, not {type(f).__name__}")
         self.stack = files
         s = self.span
-        s.set_attribute("render.lora.stack_size", len(files))
-        s.set_attribute("render.lora.names", [f.display_name for f in files])
-        s.set_attribute("render.lora.files", [f.path for f in files])
-        s.set_attribute("render.lora.scales", [float(f.scale) for f in files])
-        s.set_attribute("render.lora.matched_keys", [int(f.keys_applied) for f in files])
-        s.set_attribute("render.lora.total_keys", [int(f.keys_total) for f in files])
-        text_encoder_keys = [sum(n for p, n in f.keys_applied_by_part.items() if p != "transformer") for f in files]
-        if any(text_encoder_keys):  # of matched_keys, those that reached CLIP-L / T5-XXL
-            s.set_attribute("render.lora.text_encoder_keys", text_encoder_keys)
+        s.set_attributes(stack_attributes(files, "render.lora"))
         if switched is not None:
             s.set_attribute("render.lora.stack_switched", switched)
             if switched:

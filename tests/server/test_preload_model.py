@@ -1,0 +1,193 @@
+"""`preload` on the real tiny model and LoRA patcher, through the runner (no socket): a stack built ahead
+of its renders, without going live, so the first render with it switches in one assignment."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers.lora_factories import make_lora
+from PIL import Image
+
+from client.wire.errors import DeadlineExceeded, LoraNotFound, LoraZeroMatch, ShuttingDown
+from client.wire.messages import Preload, Render
+from daemon.config import ServiceConfig
+from daemon.runner import RenderRunner
+
+pytestmark = pytest.mark.model
+
+W = 3072
+LAYOUT = {  # the tiny transformer's shapes for the modules the test LoRAs touch
+    "transformer_blocks.0.attn.to_q": (W, W),
+    "transformer_blocks.0.attn.to_k": (W, W),
+    "transformer_blocks.0.attn.to_v": (W, W),
+    "transformer_blocks.0.attn.to_out.0": (W, W),
+}
+NOWHERE = {"transformer_blocks.7.attn.to_out.0": (W, W)}  # a block the tiny model does not have
+SIZE = dict(width=64, height=64, steps=1)
+
+
+def _files(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    a = make_lora("kohya", loras / "a.safetensors", LAYOUT, rank=4, alpha=4, seed=1, modules=["attn.to_q"])
+    b = make_lora("diffusers", loras / "b.safetensors", LAYOUT, rank=4, alpha=4, seed=2, modules=["attn.to_v"])
+    stray = make_lora("kohya", loras / "stray.safetensors", NOWHERE, rank=4, seed=3, modules=["attn.to_out.0"])
+    return loras, a, b, stray
+
+
+def _runner(tiny_model, loras: Path, out: Path, resident_bytes: int = 2 * 1024**3):
+    from daemon.lora.cache import LoraCache
+    from daemon.lora.patcher import LoraPatcher
+    from daemon.lora.resident import ResidentStacks
+    from daemon.service import RenderService
+
+    config = ServiceConfig(lora_roots=(loras,), output_root=out, warmup=False)
+    cache = LoraCache(config.lora_cache_bytes)
+    patcher = LoraPatcher(tiny_model.flux.transformer, cache, resident=ResidentStacks(resident_bytes))
+    service = RenderService(tiny_model, config, patcher=patcher, cache=cache, preset_name="tiny", default_steps=1)
+    return RenderRunner(service, config), patcher
+
+
+def test_a_preloaded_stack_is_built_once_and_its_render_switches_to_it(tiny_model, tmp_path):
+    """a renders (live); b is preloaded: built, resident, not live, the model still a's. Preloading b
+    again, or a, builds nothing. The render with b then finds it resident (a hit, no new miss) and gives
+    the same picture as b built by its own switch on a patcher that keeps nothing. A missing file and a
+    file matching nothing fail with their own errors and leave the live stack as it was."""
+    loras, a, b, stray = _files(tmp_path)
+    runner, patcher = _runner(tiny_model, loras, tmp_path / "out")
+    with_a = Render(id=1, prompt="rider", lora_paths=[str(a)], lora_scales=[0.8], seed=3, **SIZE)
+    with_b = Render(id=2, prompt="town", lora_paths=[str(b)], lora_scales=[0.6], seed=4, **SIZE)
+    preload_b = Preload(id=3, lora_paths=[str(b)], lora_scales=[0.6], lora_names=["night"])
+
+    async def main():
+        try:
+            await runner.render(with_a)
+            before = patcher.resident.stats()
+            first = await runner.preload(preload_b)
+            after_first = patcher.resident.stats()
+            active_after_first = runner.service.active_stack()
+            again = await runner.preload(preload_b)
+            live = await runner.preload(Preload(id=4, lora_paths=[str(a)], lora_scales=[0.8]))
+            errors = []
+            for paths in ([str(loras / "missing.safetensors")], [str(stray)]):
+                try:
+                    await runner.preload(Preload(id=5, lora_paths=paths, lora_scales=[1.0]))
+                except (LoraNotFound, LoraZeroMatch) as err:
+                    errors.append(err)
+            active_after_errors = runner.service.active_stack()
+            rendered = await runner.render(with_b)
+            return before, first, after_first, active_after_first, again, live, errors, active_after_errors, rendered
+        finally:
+            await runner.close()
+
+    try:
+        before, first, after_first, active_first, again, live, errors, active_errors, rendered = asyncio.run(main())
+        after = patcher.resident.stats()
+    finally:
+        patcher.clear()  # the session's model goes back exactly as it was
+    assert (first.built, first.resident, first.live) == (True, True, False)
+    assert first.bytes > 0 and first.build_ms > 0 and first.reason is None
+    assert first.matched_keys == [2] == [first.stack[0].keys_total] and first.stack[0].name == "night" and first.stack[0].path == str(b)
+    assert after_first.entries == before.entries + 1 and after_first.bytes == before.bytes + first.bytes
+    assert (after_first.hits, after_first.misses) == (before.hits, before.misses)  # a preload is not a switch
+    assert [s.path for s in active_first] == [str(a)]  # the live stack did not change
+    assert (again.built, again.resident, again.live, again.bytes) == (False, True, False, first.bytes)
+    assert (live.built, live.resident, live.live) == (False, True, True)
+    assert [type(e) for e in errors] == [LoraNotFound, LoraZeroMatch]
+    assert [s.path for s in active_errors] == [str(a)]
+    assert rendered.stack_switched and rendered.matched_keys == [2]
+    assert after.hits == before.hits + 1 and after.misses == before.misses  # b's switch was a resident hit
+
+    cold_runner, cold_patcher = _runner(tiny_model, loras, tmp_path / "cold", resident_bytes=0)
+
+    async def cold():
+        try:
+            return await cold_runner.render(with_b)
+        finally:
+            await cold_runner.close()
+
+    try:
+        built_by_switch = asyncio.run(cold())
+    finally:
+        cold_patcher.clear()
+    assert cold_patcher.resident.stats().misses == 1
+    with Image.open(rendered.image_path) as got, Image.open(built_by_switch.image_path) as want:
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_renders_go_before_preloads_and_a_preload_can_expire_or_be_shut_out(tiny_model, tmp_path):
+    """A preload sent while a render runs waits for it, and for a render queued after the preload; one
+    whose deadline passes meanwhile gets deadline_exceeded and builds nothing; a preload still waiting
+    when the runner stops accepting work gets shutting_down; a stack larger than the resident bound is
+    built but not kept, and says why."""
+    loras, a, b, _ = _files(tmp_path)
+    runner, patcher = _runner(tiny_model, loras, tmp_path / "out")
+    order: list[str] = []
+
+    async def render(req: Render, name: str):
+        result = await runner.render(req)
+        order.append(name)
+        return result
+
+    async def preload(req: Preload, name: str):
+        try:
+            result = await runner.preload(req)
+        except Exception as err:
+            order.append(f"{name}:{type(err).__name__}")
+            return err
+        order.append(name)
+        return result
+
+    async def main():
+        try:
+            long = asyncio.ensure_future(render(Render(id=1, prompt="long", width=64, height=64, steps=8), "render1"))
+            while runner.running is None:
+                await asyncio.sleep(0.01)
+            waits = asyncio.ensure_future(preload(Preload(id=2, lora_paths=[str(b)], lora_scales=[0.5]), "preload"))
+            late = asyncio.ensure_future(
+                preload(Preload(id=3, lora_paths=[str(a)], lora_scales=[0.5], deadline_s=0.05), "expiring")
+            )
+            await asyncio.sleep(0)
+            waiting = runner.status().preloads_waiting
+            second = asyncio.ensure_future(render(Render(id=4, prompt="next", **SIZE), "render2"))
+            await asyncio.gather(long, waits, late, second)
+            entries = patcher.resident.stats().entries
+            busy = asyncio.ensure_future(render(Render(id=5, prompt="busy", width=64, height=64, steps=4), "render3"))
+            while runner.running is None:
+                await asyncio.sleep(0.01)
+            shut = asyncio.ensure_future(preload(Preload(id=6, lora_paths=[str(a)], lora_scales=[0.9]), "shut"))
+            await asyncio.sleep(0)
+            runner.stop_accepting()
+            await asyncio.gather(shut, busy)
+            return waiting, entries
+        finally:
+            await runner.close()
+
+    try:
+        waiting, entries = asyncio.run(main())
+    finally:
+        patcher.clear()
+    assert waiting == 2
+    order_without_last = order[:-2]
+    assert order_without_last == ["expiring:DeadlineExceeded", "render1", "render2", "preload"]
+    assert sorted(order[-2:]) == ["render3", "shut:ShuttingDown"]
+    assert entries == 1  # b, built by its preload; a's preload expired before it ran, and renders 1 and 2 had no stack
+    assert patcher.resident.stats().entries == 1
+
+    tight, tight_patcher = _runner(tiny_model, loras, tmp_path / "tight", resident_bytes=1024)
+
+    async def too_big():
+        try:
+            return await tight.preload(Preload(id=7, lora_paths=[str(b)], lora_scales=[1.0]))
+        finally:
+            await tight.close()
+
+    try:
+        result = asyncio.run(too_big())
+    finally:
+        tight_patcher.clear()
+    assert result.built and not result.resident and "--resident-stack-bytes" in result.reason
+    assert tight_patcher.resident.stats().entries == 0
