@@ -9,6 +9,7 @@ DaemonUnavailable or Timeout instead of hanging.
         r = c.send_render("a saloon at dusk", width=512, height=512, steps=4,
                           lora_paths=["/loras/western.safetensors"], lora_scales=[0.8])
         print(r.image_path, r.matched_keys)
+        c.preload(["/loras/night.safetensors"], [0.7])   # built now, so a later render switches at once
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from client.wire.messages import (
     Inspect,
     Ping,
     PingResult,
+    Preload,
+    PreloadResult,
     Render,
     RenderResult,
     Reply,
@@ -132,6 +135,34 @@ def build_render(
         req = msgspec.convert(raw, Render, strict=True)
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"render: {exc}") from None
+    check_request(req)
+    return req
+
+
+def build_preload(
+    lora_paths: Sequence[str | os.PathLike[str]],
+    lora_scales: Sequence[float],
+    *,
+    lora_names: Sequence[str] | None = None,
+    id: int | str = 0,
+    **fields: Any,
+) -> Preload:
+    """A checked Preload message (a stack of at least one LoRA, as a render carries it), before any I/O."""
+    if isinstance(lora_paths, (str, os.PathLike)) or isinstance(lora_scales, (int, float)):
+        raise InvalidRequest("lora_paths and lora_scales must be lists (one entry per LoRA)", field="lora_paths")
+    raw: dict[str, Any] = {
+        "op": "preload",
+        "id": id,
+        "lora_paths": [os.fspath(p) for p in lora_paths],
+        "lora_scales": list(lora_scales),
+        **{k: v for k, v in fields.items() if v is not None},
+    }
+    if lora_names is not None:
+        raw["lora_names"] = list(lora_names)
+    try:
+        req = msgspec.convert(raw, Preload, strict=True)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"preload: {exc}") from None
     check_request(req)
     return req
 
@@ -361,6 +392,23 @@ class RenderClient(_Shared):
 
         return self._with_retry(once)
 
+    def preload(
+        self,
+        lora_paths: Sequence[str | os.PathLike[str]],
+        lora_scales: Sequence[float],
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> PreloadResult:
+        """Build a LoRA stack into the daemon's resident stacks without rendering, so the first render with
+        it switches in one assignment; fields: lora_names, zero_match, deadline_s (docs/protocol.md). The
+        daemon runs it when no render is queued or running; `timeout` (default: the render timeout)
+        includes that wait."""
+        req = build_preload(lora_paths, lora_scales, **fields)
+        return self._with_retry(
+            lambda: self._call(msgspec.structs.replace(req, id=self._next_id()), timeout or self.render_timeout)
+        )
+
 
 class AsyncRenderClient(_Shared):
     """asyncio twin: many requests in flight on one connection, matched by id by a reader task."""
@@ -547,5 +595,22 @@ class AsyncRenderClient(_Shared):
         async def once() -> RenderResult:
             rid = request_id if request_id is not None else self._next_id()
             return await self._call(msgspec.structs.replace(req, id=rid), timeout or self.render_timeout, on_progress)
+
+        return await self._with_retry(once)
+
+    async def preload(
+        self,
+        lora_paths: Sequence[str | os.PathLike[str]],
+        lora_scales: Sequence[float],
+        *,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> PreloadResult:
+        """As `RenderClient.preload`; concurrent calls share the connection (the daemon runs them in turn)."""
+        req = build_preload(lora_paths, lora_scales, **fields)
+
+        async def once() -> PreloadResult:
+            msg = msgspec.structs.replace(req, id=self._next_id())
+            return await self._call(msg, timeout or self.render_timeout)
 
         return await self._with_retry(once)

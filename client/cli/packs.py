@@ -1,13 +1,16 @@
-"""`easel packs ...`: genre pack tools (list what a pack resolves to, generate the example LoRA files)."""
+"""`easel packs ...`: genre pack tools (list what a pack resolves to, generate the example LoRA files,
+preload a genre's stacks into the daemon)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
 from client.cli.errors import EaselGroup
-from client.cli.options import lora_root_option, packs_option
+from client.cli.options import json_option, lora_root_option, packs_option, socket_option, timeout_option
+from client.client import DEFAULT_RENDER_TIMEOUT_S
 
 
 def register(group: click.Group) -> None:
@@ -53,3 +56,65 @@ def show(packs_root: Path, genre: str, world: str | None, tier: str | None, lora
     if tier is not None:
         click.echo(f"  triggers: {', '.join(style.stack.triggers) or '-'}")
         click.echo(f"  suffix:   {style.style_suffix() or '-'}")
+
+
+@packs.command("preload")
+@packs_option
+@click.option("--genre", required=True)
+@click.option("--world", "worlds", multiple=True, help="A world of the genre, repeatable [default: every world].")
+@click.option("--tier", "tiers", multiple=True, help="A render tier, repeatable [default: every tier].")
+@lora_root_option
+@socket_option
+@timeout_option(DEFAULT_RENDER_TIMEOUT_S, "Seconds to wait for each stack, its wait for an idle daemon included.")
+@json_option()
+def preload(
+    packs_root: Path,
+    genre: str,
+    worlds: tuple[str, ...],
+    tiers: tuple[str, ...],
+    lora_root: Path | None,
+    socket_path: Path | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Build the LoRA stacks a genre's worlds render with into the daemon's resident stacks, so the first
+    render of each switches to its stack at once (each distinct stack once; renders go first)."""
+    import msgspec
+
+    from client.client import RenderClient
+    from client.packs import load_visual_style, world_names
+    from client.tiers import TIERS
+
+    gdir = packs_root / genre
+    for tier in tiers:
+        if tier not in TIERS:
+            raise click.BadParameter(f"unknown tier {tier!r}; known tiers: {', '.join(TIERS)}", param_hint="--tier")
+    stacks: dict[tuple, list[str]] = {}  # (paths, scales) -> the world/tier pairs rendering with it
+    names: dict[tuple, list[str]] = {}
+    for world in worlds or world_names(gdir) or [None]:
+        style = load_visual_style(gdir, world, lora_root=lora_root)
+        for tier in tiers or TIERS:
+            active = style.stack.for_tier(tier).active
+            if not active:
+                continue
+            key = (tuple(e.path for e in active), tuple(e.scale for e in active))
+            stacks.setdefault(key, []).append(f"{world or '-'}/{tier}")
+            names[key] = [e.name for e in active]
+    results = []
+    with RenderClient(socket_path, render_timeout=timeout) as c:
+        for (paths, scales), uses in stacks.items():
+            r = c.preload(list(paths), list(scales), lora_names=names[(paths, scales)])
+            results.append({"uses": uses, **msgspec.to_builtins(r)})
+            if not as_json:
+                state = "built" if r.built else ("live" if r.live else "resident")
+                if not r.resident:
+                    state = "not kept"
+                keys = ", ".join(f"{f.name or Path(f.path).name} {f.keys_applied}/{f.keys_total}" for f in r.stack)
+                click.echo(f"{state:>9}  {r.bytes / 2**20:8.1f} MiB  {r.build_ms:8.1f} ms  {keys}  ({', '.join(uses)})")
+                if r.reason:
+                    click.echo(f"           {r.reason}")
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        click.echo(f"{len(results)} stack(s): {sum(r['built'] for r in results)} built, "
+                   f"{sum(r['resident'] for r in results)} resident")  # fmt: skip

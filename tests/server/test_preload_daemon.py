@@ -1,0 +1,105 @@
+"""`preload` end to end: a real `easel serve --preset tiny` process, the example genre packs' LoRA files,
+`easel packs preload`, both client twins, the render that follows, and the preload's span in the
+daemon's span file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from helpers.serve_process import ServeProcess
+
+from client.cli import main as easel
+from client.client import AsyncRenderClient
+from client.packs import load_visual_style
+from client.packs.example_loras import make_pack_loras
+
+pytestmark = pytest.mark.model
+
+PACKS = Path(__file__).resolve().parents[2] / "genre_packs"
+GENRE = "spaghetti_western"
+
+
+@pytest.fixture(scope="module")
+def traced_daemon(tmp_path_factory):
+    root = tmp_path_factory.mktemp("preload")
+    loras = root / "loras"
+    make_pack_loras(PACKS, loras)
+    with pytest.MonkeyPatch.context() as mp:  # the daemon's span file (ServeProcess passes the environment on)
+        mp.setenv("EASEL_TRACES_FILE", str(root / "traces.jsonl"))
+        mp.setenv("OTEL_TRACES_EXPORTER", "jsonl")
+        mp.setenv("OTEL_METRICS_EXPORTER", "none")
+        mp.setenv("OTEL_SDK_DISABLED", "false")
+        d = ServeProcess(root, "--preset", "tiny", "--no-warmup", lora_root=loras).start()
+    yield d
+    d.kill()
+
+
+def _preload(daemon: ServeProcess) -> list[dict]:
+    args = ["packs", "preload", "--packs", str(PACKS), "--genre", GENRE, "--lora-root", str(daemon.loras)]
+    r = CliRunner().invoke(easel, [*args, "--socket", str(daemon.socket), "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output)
+
+
+def test_easel_packs_preload_builds_each_stack_once_and_its_renders_find_it(traced_daemon):
+    d = traced_daemon
+    first = _preload(d)
+    uses = [u for r in first for u in r["uses"]]
+    assert first and all(r["built"] and r["resident"] and not r["live"] and r["bytes"] > 0 for r in first)
+    assert len(uses) == len(set(uses)) and {u.split("/")[0] for u in uses} == {"dust_and_lead", "the_real_mccoy"}
+    assert len({tuple(f["path"] for f in r["stack"]) + tuple(f["scale"] for f in r["stack"]) for r in first}) == len(
+        first
+    )  # each distinct stack preloaded once
+    assert all(r["matched_keys"] and all(k > 0 for k in r["matched_keys"]) for r in first)
+    again = _preload(d)
+    assert [r["built"] for r in again] == [False] * len(first) and all(r["resident"] for r in again)
+    args = ["packs", "preload", "--packs", str(PACKS), "--genre", GENRE, "--world", "dust_and_lead"]
+    shown = CliRunner().invoke(easel, [*args, "--lora-root", str(d.loras), "--socket", str(d.socket)])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert lines[-1].endswith(" stack(s): 0 built, " + lines[-1].split(" ")[0] + " resident")
+    assert all(line.split()[0] in ("resident", "live") and "MiB" in line for line in lines[:-1])
+    assert all("dust_and_lead/" in line for line in lines[:-1])
+
+    world, tier = first[0]["uses"][0].split("/")
+    stack = load_visual_style(PACKS / GENRE, world, tier=tier, lora_root=d.loras).stack
+    with d.client() as c:
+        before = c.status().resident_stacks
+        assert before.entries == len(first) and before.bytes == sum(r["bytes"] for r in first)
+        r = c.send_render("a saloon", lora_paths=stack.lora_paths, lora_scales=stack.lora_scales, width=64,
+                          height=64, steps=1)  # fmt: skip
+        after = c.status().resident_stacks
+    assert r.stack_switched and r.matched_keys == first[0]["matched_keys"]
+    assert (after.hits, after.misses) == (before.hits + 1, before.misses)  # the render's switch: a resident hit
+
+
+def test_both_clients_preload_and_the_span_tells_what_was_built(traced_daemon):
+    d = traced_daemon
+    lora = sorted(p for p in d.loras.rglob("*.safetensors"))[0]
+    with d.client() as c:
+        sync = c.preload([lora], [0.25], lora_names=["first"])
+
+    async def twice():
+        async with AsyncRenderClient(d.socket) as c:
+            return await asyncio.gather(c.preload([lora], [0.25]), c.preload([lora], [0.35]))
+
+    again, other = asyncio.run(twice())
+    assert (sync.built, sync.resident, sync.stack[0].name) == (True, True, "first")
+    assert (again.built, again.bytes) == (False, sync.bytes) and other.built
+    spans = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(spans) < 3:  # the span file is written as spans end
+        lines = (d.root / "traces.jsonl").read_text().splitlines() if (d.root / "traces.jsonl").exists() else []
+        spans = [s for s in map(json.loads, lines) if s["name"] == "easel.Daemon/preload"]
+        spans = [s for s in spans if s["attributes"].get("preload.lora.files") == [str(lora)]]
+        time.sleep(0.2)
+    built = [s["attributes"]["preload.built"] for s in spans]
+    assert sorted(built) == [False, True, True]
+    first = next(s for s in spans if s["attributes"].get("preload.lora.names") == ["first"])
+    assert first["attributes"]["preload.lora.matched_keys"] == sync.matched_keys
+    assert first["attributes"]["preload.bytes"] == sync.bytes and first["kind"] == "SERVER"
