@@ -18,6 +18,8 @@ Measured:
 - prebuilt switch: the switch after `prebuild` read, resolved and built the stack on another thread
   while a stand-in render thread allocated its buffers at a step boundary (what the daemon does for the
   next queued job while the current one renders), with the prebuild's own time beside it;
+- preloaded switch: the switch after `preload` built the stack on the model's thread while nothing
+  rendered (the `preload` request: a stack built ahead without going live), with the preload's time;
 - warm switch: between two resident stacks, median and p99 of SWAPS alternations; the new patcher's
   warm switches at both depths are timed in one loop, a full-depth switch then a 1 + 1 switch, so the
   depth ratio compares switches made under the same machine state (measured apart, the same switch at
@@ -283,6 +285,20 @@ def prebuilt_switches(patcher, a, b, clear_caches) -> tuple[list[float], list[fl
     return builds, switches
 
 
+def preloaded_switches(patcher, a, b, clear_caches) -> tuple[list[float], list[float]]:
+    """(preload times, switch times after them): `preload(b)` with `a` live (b's files unread), then the
+    switch to `b`: what a render after a `preload` request pays."""
+    preloads, switches = [], []
+    for _ in range(REPEATS):
+        patcher.clear()
+        clear_caches()
+        patcher.apply_stack(a)
+        patcher.cache.clear()  # b's files unread; `a` stays resident and live
+        preloads.append(timed(lambda: patcher.preload(b)))
+        switches.append(timed(lambda: patcher.apply_stack(b)))
+    return preloads, switches
+
+
 def new_patcher(transformer, resident_bytes: int = 4 * 1024**3, cache_bytes: int = 4 * 1024**3) -> LoraPatcher:
     return LoraPatcher(transformer, LoraCache(cache_bytes), resident=ResidentStacks(resident_bytes))
 
@@ -325,6 +341,7 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     out["phases"] = {k: statistics.median(v) for k, v in phases.items()}
     out["prefetched"] = prefetched_colds(new, a, b, clear_new)
     out["prebuilds"], out["prebuilt"] = prebuilt_switches(new, a, b, clear_new)
+    out["preloads"], out["preloaded"] = preloaded_switches(new, a, b, clear_new)
     out["rss_after_mb"] = rss_mb()
     out["resident_mb"] = new.resident.stats().bytes / 1024**2
     new.apply_stack(b)
@@ -552,6 +569,10 @@ def print_depths(full: dict, small: dict) -> None:
         print(
             f"  new switch after a prebuild during a render (median): {statistics.median(d['prebuilt']):.3f} ms "
             f"(the prebuild took {statistics.median(d['prebuilds']):.1f} ms in the background)"
+        )
+        print(
+            f"  new switch after a preload (median): {statistics.median(d['preloaded']):.3f} ms "
+            f"(the preload took {statistics.median(d['preloads']):.1f} ms)"
         )
         print("  new cold build, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in d["phases"].items()))
         print(f"  resident stacks {d['resident_mb']:.0f} MB, RSS after {d['rss_after_mb']:.0f} MB")
