@@ -534,7 +534,9 @@ class RenderRunner:
             if build:  # from now until `job`'s render ends, its step boundaries run the prebuild's MLX work
                 self._model_calls.open()
             with contextlib.suppress(RuntimeError):  # the pool is shut down: the runner is closing
-                self._prefetcher.submit(self.service.prefetch, nxt.prepared, self._model_calls.call if build else None)
+                self._prefetcher.submit(
+                    self.service.prefetch, nxt.prepared.stack, self._model_calls.call if build else None
+                )
 
     def _render(self, job: RenderJob, loop: asyncio.AbstractEventLoop) -> RenderResult:
         """In the render thread. `on_step` stops the render at the next step when cancelled or late."""

@@ -36,7 +36,6 @@ from client.wire.errors import (
     FrameTooLarge,
     PeerNotAllowed,
     ProtocolError,
-    UnknownOperation,
 )
 from client.wire.messages import (
     MAX_ID_CHARS,
@@ -585,10 +584,7 @@ class DaemonServer:
 
     async def _preload_reply(self, conn: Connection, req: Preload, call: ServerCall) -> None:
         try:
-            preload = getattr(self.runner, "preload", None)
-            if preload is None:  # a runner without resident stacks of its own (a cluster gateway)
-                raise UnknownOperation("this server does not preload stacks (a cluster gateway)", op="preload")
-            result = await preload(req)
+            result = await self.runner.preload(req)
         except EaselError as err:
             call.set_error(err)
             conn.end(req.id)

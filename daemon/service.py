@@ -74,6 +74,15 @@ def stack_key(items: list[StackItem]) -> StackKey:
     return tuple((str(it.path), float(it.scale), file_signature(it.path)) for it in items)
 
 
+def _reply_files(files: list[FileReport], items: list[StackItem]) -> list[FileReport]:
+    """The patcher's per-file reports as a reply carries them, each named as the request named it."""
+    out = [f.for_reply() for f in files]
+    for f, it in zip(out, items, strict=False):
+        if f.name is None and it.name is not None:
+            f.name = it.name
+    return out
+
+
 def resolve_shape(req: Render, preset: str, default_steps: int, default_guidance: float) -> RenderSpec:
     """Explicit fields over tier defaults over the engine's defaults (pure)."""
     width, height, steps, guidance = 1024, 1024, default_steps, default_guidance
@@ -226,14 +235,16 @@ class RenderService:
     def resident_stack_stats(self) -> LoraCacheStats | None:
         return None if self.resident is None else self.resident.stats()
 
-    def prefetch(self, prepared: Prepared, on_model_thread: Callable[[Callable[[], Any]], Any] | None = None) -> None:
-        """Read and parse the files of a job that will run next (any thread but the render thread), so its
-        stack switch does not wait on the disk. With `on_model_thread` (a function running MLX work on
-        the render thread, between denoising steps) its stack is built too, so the switch is a resident
-        hit: `LoraPatcher.prebuild`."""
-        if not prepared.stack:
+    def prefetch(
+        self, stack: list[StackItem], on_model_thread: Callable[[Callable[[], Any]], Any] | None = None
+    ) -> None:
+        """Read and parse the files of a stack a job will use next (any thread but the render thread), so
+        its switch does not wait on the disk. With `on_model_thread` (a function running MLX work on the
+        render thread, between denoising steps) the stack is built too, so the switch is a resident hit:
+        `LoraPatcher.prebuild`."""
+        if not stack:
             return
-        entries = [(str(it.path), it.scale) for it in prepared.stack]
+        entries = [(str(it.path), it.scale) for it in stack]
         prebuild = getattr(self.patcher, "prebuild", None)
         if on_model_thread is not None and prebuild is not None:
             prebuild(entries, on_model_thread)
@@ -281,10 +292,7 @@ class RenderService:
         if self.patcher is None:
             raise InvalidRequest("this daemon was started without LoRA support", field="lora_paths")
         report = self.patcher.preload([StackEntry(str(it.path), it.scale, name=it.name) for it in items], zero_match)
-        files = [f.for_reply() for f in report.files]
-        for f, it in zip(files, items, strict=False):
-            if f.name is None and it.name is not None:
-                f.name = it.name
+        files = _reply_files(report.files, items)
         return PreloadResult(
             resident=report.resident,
             built=report.built,
@@ -322,10 +330,7 @@ class RenderService:
 
         entries = [StackEntry(str(it.path), it.scale, name=it.name) for it in prepared.stack]
         report = self.patcher.apply_stack(entries, zero_match=prepared.zero_match)
-        files = [f.for_reply() for f in report.files]
-        for f, it in zip(files, prepared.stack, strict=False):
-            if f.name is None and it.name is not None:
-                f.name = it.name
+        files = _reply_files(report.files, prepared.stack)
         self.active_key, self.active_report = key, files
         if report.noop:
             return False

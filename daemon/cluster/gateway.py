@@ -46,6 +46,8 @@ from client.wire.errors import (
 from client.wire.messages import (
     ActiveLora,
     JobInfo,
+    Preload,
+    PreloadResult,
     Render,
     RenderResult,
     ReplicaStatus,
@@ -280,7 +282,23 @@ class ClusterRunner:
                     ),
                 )
 
-    def _stack_id(self, req: Render) -> str:
+    async def preload(self, request: Preload) -> PreloadResult:
+        """Forward a `preload` as its stack's renders are routed (Serve's multiplexing by the stack id prefers
+        a replica that holds it): that replica takes the stack in and builds it, so its renders, routed
+        there too, switch in one assignment. A replica that dies under it is `replica_failed` (a preload is
+        not retried: the next render of that stack builds it wherever it lands)."""
+        if self._closed:
+            raise ShuttingDown("the gateway is shutting down and accepts no new preloads")
+        stack_id = await asyncio.get_running_loop().run_in_executor(None, self._stack_id, request)
+        try:
+            kind, value = await self.handle.options(multiplexed_model_id=stack_id).preload.remote(encode(request))
+        except Exception as exc:
+            raise ReplicaFailed(f"preload of stack {stack_id} failed in the cluster: {cause_of(exc)}") from exc
+        if kind == "error":
+            raise error_from_wire(value)
+        return value
+
+    def _stack_id(self, req: Render | Preload) -> str:
         paths = [
             str(confine(p, self.config.lora_roots, what="LoRA", must_exist=True, unresolvable=LoraNotFound))
             for p in req.lora_paths

@@ -32,13 +32,13 @@ from opentelemetry import trace as trace_api
 from opentelemetry.trace import SpanKind
 from ray import serve
 
-from client.wire.errors import Cancelled, EaselError, RenderFailed
-from client.wire.messages import ReplicaStatus, decode_request
+from client.wire.errors import Cancelled, EaselError, InvalidRequest, RenderFailed
+from client.wire.messages import Preload, ReplicaStatus, decode_request
 from daemon.cluster.board import board_handle
 from daemon.cluster.stack_id import StackIds
 from daemon.config import ServiceConfig
 from daemon.runner import Estimate, RenderJob, RenderRunner
-from daemon.service import RenderService
+from daemon.service import RenderService, StackItem
 from daemon.telemetry import extract_context, setup_telemetry
 
 log = logging.getLogger("easel.cluster.replica")
@@ -119,7 +119,7 @@ class RenderReplica:
         self.loads: Counter[str] = Counter()
         self.unloads: Counter[str] = Counter()  # stacks Serve unloaded (and the resident stacks dropped)
         self.resident: set[str] = set()
-        self._pending: dict[str, Any] = {}  # stack id -> the prepared render that is taking it in
+        self._pending: dict[str, list[StackItem]] = {}  # stack id -> the stack of the request taking it in
         self.board = board_handle()
         self.board.report.remote(self.replica_id, self._snapshot())
 
@@ -130,11 +130,11 @@ class RenderReplica:
         for it switches without waiting on the disk. Counted: the stack-load evidence the tests read."""
         self.loads[stack_id] += 1
         self.resident.add(stack_id)
-        prepared = self._pending.get(stack_id)
+        stack = self._pending.get(stack_id)
         entries: tuple[tuple[str, float], ...] = ()
-        if prepared is not None:
-            entries = tuple((str(Path(it.path).resolve()), float(it.scale)) for it in prepared.stack)
-            await asyncio.get_running_loop().run_in_executor(None, self.service.prefetch, prepared)
+        if stack is not None:
+            entries = tuple((str(Path(it.path).resolve()), float(it.scale)) for it in stack)
+            await asyncio.get_running_loop().run_in_executor(None, self.service.prefetch, stack)
         self.board.loaded.remote(self.replica_id, stack_id)
         return StackHandle(self, stack_id, entries)
 
@@ -190,7 +190,7 @@ class RenderReplica:
                 )
             else:
                 stack_id = await loop.run_in_executor(None, self.ids.stack_id, paths, scales)
-            self._pending[stack_id] = prepared
+            self._pending[stack_id] = prepared.stack
             try:
                 await self.stack(stack_id)
             finally:
@@ -236,6 +236,30 @@ class RenderReplica:
             yield ("error", RenderFailed(f"render failed on replica {self.replica_id}: {exc}").to_wire())
         finally:
             span.end()
+
+    async def preload(self, payload: bytes) -> tuple[str, Any]:
+        """A `preload` routed here by its stack id, as that stack's renders are: the stack taken in (the
+        multiplexed loader, so the router sends its renders here) and built into this replica's resident
+        stacks by its runner (when it is idle). ("result", PreloadResult) or ("error", wire error)."""
+        stack_id = serve.get_multiplexed_model_id()
+        try:
+            req = decode_request(payload)
+            if not isinstance(req, Preload):
+                raise InvalidRequest(f"a replica's preload takes a preload request, not {type(req).__name__}")
+            stack = self.service.stack_items(req.lora_paths, req.lora_scales, req.lora_names)
+            paths, scales = [str(it.path) for it in stack], [it.scale for it in stack]
+            check = functools.partial(self.ids.check_same, paths, scales, stack_id, where=f"replica {self.replica_id}")
+            await asyncio.get_running_loop().run_in_executor(None, check)
+            self._pending[stack_id] = stack
+            try:
+                await self.stack(stack_id)
+            finally:
+                self._pending.pop(stack_id, None)
+            result = await self.runner.preload(req)
+        except EaselError as err:
+            return ("error", err.to_wire())
+        self._report()
+        return ("result", result)
 
     def _span_attributes(self, key: str, attempt: int, stack_id: str) -> dict[str, Any]:
         return {

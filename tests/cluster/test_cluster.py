@@ -277,6 +277,27 @@ def test_a_stack_serve_unloads_leaves_the_replicas_resident_stacks_too(cluster):
         assert rep.resident_stacks.evictions >= unloads[rep.replica]
 
 
+def test_a_preload_through_the_gateway_builds_the_stack_where_its_renders_go(cluster):
+    """A preload is routed by its stack id as a render is: one replica takes the stack in and builds it;
+    the render of that stack then goes to the same replica, which finds it built (a resident hit, no
+    second load of the stack anywhere)."""
+    paths, scales = [str(cluster.loras / "s1.safetensors")], [0.77]
+    before = _loads(cluster.board())
+    with RenderClient(cluster.gateway.socket, render_timeout=600) as c:
+        pre = c.preload(paths, scales)
+        hits = {rep.replica: (rep.resident_stacks.hits, rep.resident_stacks.misses) for rep in c.status().replicas}
+        r = c.send_render("preloaded", lora_paths=paths, lora_scales=scales, return_bytes=True, **SIZE)
+        after = {rep.replica: (rep.resident_stacks.hits, rep.resident_stacks.misses) for rep in c.status().replicas}
+        again = c.preload(paths, scales)
+    loads = _loads(cluster.board()) - before
+    assert (pre.built, pre.resident, pre.live) == (True, True, False) and pre.matched_keys == r.matched_keys
+    assert len(loads) == 1 and sum(loads.values()) == 1, loads  # taken in once, by the preload
+    assert r.stack_switched
+    changed = {k: (after[k][0] - v[0], after[k][1] - v[1]) for k, v in hits.items() if after[k] != v}
+    assert list(changed.values()) == [(1, 0)], (hits, after)  # one replica: one hit, no miss
+    assert not again.built and again.resident and again.live
+
+
 def test_a_replica_killed_mid_batch_loses_nothing(cluster):
     """`easel batch --cluster`: the batch runs through the `cluster` renderer (entry point) with 4 renders in
     flight; a replica is killed while it renders; every item is rendered exactly once, the manifest is whole."""
