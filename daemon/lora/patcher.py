@@ -260,18 +260,20 @@ class LoraPatcher:
         the files are only read and resolved (cached), and the report says so."""
         stack = _checked(entries, zero_match)
         if not stack:
-            return PreloadReport([], True, False, not self._active_key)
+            return PreloadReport([], resident=True, built=False, live=not self._active_key)
         with self._lock:
             if self.mode != "side":
                 reports, _, _, warnings = self._prepare(stack, zero_match)
                 reason = "the bake form keeps no built stacks: the files were read and resolved only"
-                return PreloadReport(_named(reports, stack), False, False, False, warnings=warnings, reason=reason)
+                files = _named(reports, stack)
+                return PreloadReport(files, resident=False, built=False, live=False, warnings=warnings, reason=reason)
             key = self._key(stack)
             if key == self._active_key and self._live_built is not None:
                 live = self._live_built
                 self._check_zero_match(live.reports, zero_match)
+                files, warnings = _named(live.reports, stack), list(live.warnings)
                 return PreloadReport(
-                    _named(live.reports, stack), True, False, True, live.nbytes, warnings=list(live.warnings)
+                    files, resident=True, built=False, live=True, nbytes=live.nbytes, warnings=warnings
                 )
             writing = self._prebuilding.get(key)
             if writing is not None:  # a prebuild of this very stack is writing its buffers
@@ -280,7 +282,9 @@ class LoraPatcher:
             if known is not None:
                 self._check_zero_match(known.reports, zero_match)
                 files, warnings = _named(known.reports, stack), list(known.warnings)
-                return PreloadReport(files, True, False, False, known.nbytes, warnings=warnings)
+                return PreloadReport(
+                    files, resident=True, built=False, live=False, nbytes=known.nbytes, warnings=warnings
+                )
             t0 = time.perf_counter()
             built = self._build_resident(stack, zero_match)
             self.resident.put(built, pinned=self._active_key)
@@ -294,13 +298,13 @@ class LoraPatcher:
                 )
             return PreloadReport(
                 _named(built.reports, stack),
-                resident,
-                True,
-                False,
-                built.nbytes,
-                build_ms,
-                list(built.warnings),
-                reason,
+                resident=resident,
+                built=True,
+                live=False,
+                nbytes=built.nbytes,
+                build_ms=build_ms,
+                warnings=list(built.warnings),
+                reason=reason,
             )
 
     def clear(self) -> None:

@@ -368,3 +368,60 @@ def test_a_switch_during_a_prebuilds_writes_waits_for_them_instead_of_building_a
     assert (stats.hits, stats.misses) == (before.hits + 1, before.misses)  # built once, by the prebuild
     assert stats.entries == 1
     np.testing.assert_array_equal(forward(), cold)
+
+
+def test_a_preload_builds_beside_the_live_stack_and_changes_nothing_live(tmp_path, make_patcher, forward):
+    """Under a bound of one stack and a half: preloading another stack keeps the live one (no eviction),
+    changes no output and no module, and the switch to it is a resident hit rendering what a cold apply
+    renders. Asked again it builds nothing; asked for the live stack it says so."""
+    from daemon.lora import LoraPatcher
+
+    g, p = _tight(tmp_path, make_patcher, 2)
+    live, other = [StackEntry(str(g[0].path), 1.0)], [StackEntry(str(g[1].path), 0.7, name="other")]
+    p.apply_stack(live)
+    out_live = forward()
+    modules = {name: _module(p.transformer, name) for name in p.layout}
+    report = p.preload(other)
+    assert (report.built, report.resident, report.live) == (True, True, False)
+    assert report.nbytes == p.resident.peek(p._key(other)).nbytes and report.build_ms > 0
+    assert report.files[0].name == "other" and report.matched_keys == [len(g[1].keys)]
+    np.testing.assert_array_equal(forward(), out_live)
+    assert all(_module(p.transformer, n) is m for n, m in modules.items())
+    stats = p.resident.stats()
+    assert stats.evictions == 0 and stats.entries == 2 and p.active == live
+    again, live_again = p.preload(other), p.preload(live)
+    assert (again.built, again.resident, again.live) == (False, True, False)
+    assert (live_again.built, live_again.live) == (False, True)
+    assert (p.resident.stats().hits, p.resident.stats().misses) == (stats.hits, stats.misses)  # no switch counted
+    p.apply_stack(other)
+    assert p.resident.stats().hits == stats.hits + 1 and p.resident.stats().misses == stats.misses
+    preloaded = forward()
+    cold = make_patcher()
+    cold.apply_stack(other)
+    np.testing.assert_array_equal(forward(), preloaded)
+    cold.clear()
+    baked = LoraPatcher(p.transformer, LoraCache(), mode="bake")
+    report = baked.preload(other)
+    assert (report.built, report.resident) == (False, False) and "bake" in report.reason
+    assert report.matched_keys == [len(g[1].keys)] and baked.active == []
+
+
+def test_a_preload_keeps_the_zero_match_policy_of_each_request(tmp_path, make_patcher):
+    """A file matching nothing: refused under "error" (nothing built), built with a warning under "warn";
+    the switch to that built stack under "error" is still refused."""
+    from client.wire.errors import LoraZeroMatch
+
+    p = make_patcher()
+    nowhere = {"transformer_blocks.7.attn.to_out.0": (3072, 3072)}  # a block the tiny model does not have
+    nothing = generate_lora("kohya", tmp_path / "nothing.safetensors", nowhere, rank=2, seed=1)
+    stack = [StackEntry(str(nothing.path), 1.0)]
+    with pytest.raises(LoraZeroMatch):
+        p.preload(stack)
+    assert p.resident.stats().entries == 0
+    report = p.preload(stack, zero_match="warn")
+    assert report.built and report.matched_keys == [0] and report.warnings
+    with pytest.raises(LoraZeroMatch):
+        p.apply_stack(stack)
+    with pytest.raises(LoraZeroMatch):
+        p.preload(stack)
+    assert p.active == []
