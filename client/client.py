@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from opentelemetry import context, trace
@@ -70,6 +70,7 @@ from client.wire.messages import (
 from client.wire.report import FileReport
 
 ProgressCallback = Callable[[Event], Any]
+RequestT = TypeVar("RequestT", Render, Preload)
 
 _W3C = TraceContextTextMapPropagator()
 
@@ -119,24 +120,7 @@ def build_render(
             raise InvalidRequest(
                 f"`{old}` is not accepted: pass lists lora_paths=[...] and lora_scales=[...]", field=old
             )
-    if isinstance(lora_paths, (str, os.PathLike)) or isinstance(lora_scales, (int, float)):
-        raise InvalidRequest("lora_paths and lora_scales must be lists (one entry per LoRA)", field="lora_paths")
-    raw: dict[str, Any] = {
-        "op": "render",
-        "id": id,
-        "prompt": prompt,
-        "lora_paths": [os.fspath(p) for p in lora_paths],
-        "lora_scales": list(lora_scales),
-        **{k: v for k, v in fields.items() if v is not None},
-    }
-    if lora_names is not None:
-        raw["lora_names"] = list(lora_names)
-    try:
-        req = msgspec.convert(raw, Render, strict=True)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"render: {exc}") from None
-    check_request(req)
-    return req
+    return _checked(Render, {"op": "render", "id": id, "prompt": prompt}, lora_paths, lora_scales, lora_names, fields)
 
 
 def build_preload(
@@ -148,11 +132,23 @@ def build_preload(
     **fields: Any,
 ) -> Preload:
     """A checked Preload message (a stack of at least one LoRA, as a render carries it), before any I/O."""
+    return _checked(Preload, {"op": "preload", "id": id}, lora_paths, lora_scales, lora_names, fields)
+
+
+def _checked(
+    kind: type[RequestT],
+    head: dict[str, Any],
+    lora_paths: Sequence[str | os.PathLike[str]],
+    lora_scales: Sequence[float],
+    lora_names: Sequence[str] | None,
+    fields: dict[str, Any],
+) -> RequestT:
+    """`kind` built from its head fields, its LoRA stack and the caller's other fields (None: left out),
+    with the checks the daemon makes: a wrong type, NaN/inf, mismatched stacks fail here, before any I/O."""
     if isinstance(lora_paths, (str, os.PathLike)) or isinstance(lora_scales, (int, float)):
         raise InvalidRequest("lora_paths and lora_scales must be lists (one entry per LoRA)", field="lora_paths")
     raw: dict[str, Any] = {
-        "op": "preload",
-        "id": id,
+        **head,
         "lora_paths": [os.fspath(p) for p in lora_paths],
         "lora_scales": list(lora_scales),
         **{k: v for k, v in fields.items() if v is not None},
@@ -160,9 +156,9 @@ def build_preload(
     if lora_names is not None:
         raw["lora_names"] = list(lora_names)
     try:
-        req = msgspec.convert(raw, Preload, strict=True)
+        req = msgspec.convert(raw, kind, strict=True)
     except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"preload: {exc}") from None
+        raise InvalidRequest(f"{head['op']}: {exc}") from None
     check_request(req)
     return req
 

@@ -348,6 +348,13 @@ def generate_lora(
     return GeneratedLora(path, fmt, rank, alpha, expected, list(tensors), te_keys)
 
 
+TINY_WIDTH = 3072  # the tiny preset's hidden size
+TINY_ATTENTION = {  # the tiny transformer's joint block 0 attention layers, for LoRAs that reach the tiny model
+    f"transformer_blocks.0.attn.{name}": (TINY_WIDTH, TINY_WIDTH) for name in ("to_q", "to_k", "to_v", "to_out.0")
+}
+TINY_MISSING = {"transformer_blocks.7.attn.to_out.0": (TINY_WIDTH, TINY_WIDTH)}  # a block it lacks: 0 keys match
+
+
 def make_lora(
     fmt: str,
     path: str | Path,

@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers.lora_factories import generate_lora
+from helpers.lora_factories import TINY_MISSING, generate_lora
 
 from daemon.lora import LoraCache, StackEntry
 
@@ -412,8 +412,7 @@ def test_a_preload_keeps_the_zero_match_policy_of_each_request(tmp_path, make_pa
     from client.wire.errors import LoraZeroMatch
 
     p = make_patcher()
-    nowhere = {"transformer_blocks.7.attn.to_out.0": (3072, 3072)}  # a block the tiny model does not have
-    nothing = generate_lora("kohya", tmp_path / "nothing.safetensors", nowhere, rank=2, seed=1)
+    nothing = generate_lora("kohya", tmp_path / "nothing.safetensors", TINY_MISSING, rank=2, seed=1)
     stack = [StackEntry(str(nothing.path), 1.0)]
     with pytest.raises(LoraZeroMatch):
         p.preload(stack)

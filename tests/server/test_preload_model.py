@@ -8,33 +8,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers.lora_factories import make_lora
+from helpers.lora_factories import TINY_ATTENTION, TINY_MISSING, make_lora
 from PIL import Image
 
-from client.wire.errors import DeadlineExceeded, LoraNotFound, LoraZeroMatch, ShuttingDown
+from client.wire.errors import LoraNotFound, LoraZeroMatch
 from client.wire.messages import Preload, Render
 from daemon.config import ServiceConfig
 from daemon.runner import RenderRunner
 
 pytestmark = pytest.mark.model
 
-W = 3072
-LAYOUT = {  # the tiny transformer's shapes for the modules the test LoRAs touch
-    "transformer_blocks.0.attn.to_q": (W, W),
-    "transformer_blocks.0.attn.to_k": (W, W),
-    "transformer_blocks.0.attn.to_v": (W, W),
-    "transformer_blocks.0.attn.to_out.0": (W, W),
-}
-NOWHERE = {"transformer_blocks.7.attn.to_out.0": (W, W)}  # a block the tiny model does not have
 SIZE = dict(width=64, height=64, steps=1)
 
 
 def _files(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     loras = tmp_path / "loras"
     loras.mkdir()
-    a = make_lora("kohya", loras / "a.safetensors", LAYOUT, rank=4, alpha=4, seed=1, modules=["attn.to_q"])
-    b = make_lora("diffusers", loras / "b.safetensors", LAYOUT, rank=4, alpha=4, seed=2, modules=["attn.to_v"])
-    stray = make_lora("kohya", loras / "stray.safetensors", NOWHERE, rank=4, seed=3, modules=["attn.to_out.0"])
+    a = make_lora("kohya", loras / "a.safetensors", TINY_ATTENTION, rank=4, alpha=4, seed=1, modules=["attn.to_q"])
+    b = make_lora("diffusers", loras / "b.safetensors", TINY_ATTENTION, rank=4, alpha=4, seed=2, modules=["attn.to_v"])
+    stray = make_lora("kohya", loras / "stray.safetensors", TINY_MISSING, rank=4, seed=3, modules=["attn.to_out.0"])
     return loras, a, b, stray
 
 
@@ -49,6 +41,23 @@ def _runner(tiny_model, loras: Path, out: Path, resident_bytes: int = 2 * 1024**
     patcher = LoraPatcher(tiny_model.flux.transformer, cache, resident=ResidentStacks(resident_bytes))
     service = RenderService(tiny_model, config, patcher=patcher, cache=cache, preset_name="tiny", default_steps=1)
     return RenderRunner(service, config), patcher
+
+
+def _one(tiny_model, loras: Path, out: Path, resident_bytes: int, call):
+    """`call(runner)` on a runner of its own (bounded to `resident_bytes`): its answer, and the resident
+    stacks' stats after it (the model put back as it was)."""
+    runner, patcher = _runner(tiny_model, loras, out, resident_bytes)
+
+    async def main():
+        try:
+            return await call(runner)
+        finally:
+            await runner.close()
+
+    try:
+        return asyncio.run(main()), patcher.resident.stats()
+    finally:
+        patcher.clear()
 
 
 def test_a_preloaded_stack_is_built_once_and_its_render_switches_to_it(tiny_model, tmp_path):
@@ -90,7 +99,11 @@ def test_a_preloaded_stack_is_built_once_and_its_render_switches_to_it(tiny_mode
         patcher.clear()  # the session's model goes back exactly as it was
     assert (first.built, first.resident, first.live) == (True, True, False)
     assert first.bytes > 0 and first.build_ms > 0 and first.reason is None
-    assert first.matched_keys == [2] == [first.stack[0].keys_total] and first.stack[0].name == "night" and first.stack[0].path == str(b)
+    assert (
+        first.matched_keys == [2] == [first.stack[0].keys_total]
+        and first.stack[0].name == "night"
+        and first.stack[0].path == str(b)
+    )
     assert after_first.entries == before.entries + 1 and after_first.bytes == before.bytes + first.bytes
     assert (after_first.hits, after_first.misses) == (before.hits, before.misses)  # a preload is not a switch
     assert [s.path for s in active_first] == [str(a)]  # the live stack did not change
@@ -101,19 +114,8 @@ def test_a_preloaded_stack_is_built_once_and_its_render_switches_to_it(tiny_mode
     assert rendered.stack_switched and rendered.matched_keys == [2]
     assert after.hits == before.hits + 1 and after.misses == before.misses  # b's switch was a resident hit
 
-    cold_runner, cold_patcher = _runner(tiny_model, loras, tmp_path / "cold", resident_bytes=0)
-
-    async def cold():
-        try:
-            return await cold_runner.render(with_b)
-        finally:
-            await cold_runner.close()
-
-    try:
-        built_by_switch = asyncio.run(cold())
-    finally:
-        cold_patcher.clear()
-    assert cold_patcher.resident.stats().misses == 1
+    built_by_switch, cold = _one(tiny_model, loras, tmp_path / "cold", 0, lambda r: r.render(with_b))
+    assert cold.misses == 1
     with Image.open(rendered.image_path) as got, Image.open(built_by_switch.image_path) as want:
         assert np.array_equal(np.asarray(got), np.asarray(want))
 
@@ -177,17 +179,7 @@ def test_renders_go_before_preloads_and_a_preload_can_expire_or_be_shut_out(tiny
     assert entries == 1  # b, built by its preload; a's preload expired before it ran, and renders 1 and 2 had no stack
     assert patcher.resident.stats().entries == 1
 
-    tight, tight_patcher = _runner(tiny_model, loras, tmp_path / "tight", resident_bytes=1024)
-
-    async def too_big():
-        try:
-            return await tight.preload(Preload(id=7, lora_paths=[str(b)], lora_scales=[1.0]))
-        finally:
-            await tight.close()
-
-    try:
-        result = asyncio.run(too_big())
-    finally:
-        tight_patcher.clear()
+    too_big = Preload(id=7, lora_paths=[str(b)], lora_scales=[1.0])
+    result, tight = _one(tiny_model, loras, tmp_path / "tight", 1024, lambda r: r.preload(too_big))
     assert result.built and not result.resident and "--resident-stack-bytes" in result.reason
-    assert tight_patcher.resident.stats().entries == 0
+    assert tight.entries == 0

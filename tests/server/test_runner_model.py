@@ -14,7 +14,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
-from helpers.lora_factories import make_lora
+from helpers.lora_factories import TINY_ATTENTION, make_lora
 from PIL import Image
 
 from client.wire.errors import Cancelled
@@ -25,13 +25,7 @@ from daemon.runner import RenderRunner
 
 pytestmark = pytest.mark.model
 
-W = 3072
-LAYOUT = {  # the tiny transformer's shapes for the modules the test LoRAs touch
-    "transformer_blocks.0.attn.to_q": (W, W),
-    "transformer_blocks.0.attn.to_k": (W, W),
-    "transformer_blocks.0.attn.to_v": (W, W),
-    "transformer_blocks.0.attn.to_out.0": (W, W),
-}
+LAYOUT = TINY_ATTENTION  # the tiny transformer's shapes for the modules the test LoRAs touch
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -15,7 +15,14 @@ from helpers.daemon_standin import InProcessDaemon, make_config, serving
 from helpers.wire_frames import frame
 
 from client.cli import main as cli
-from client.client import AsyncRenderClient, RenderClient, RetryPolicy, build_render, default_socket_path
+from client.client import (
+    AsyncRenderClient,
+    RenderClient,
+    RetryPolicy,
+    build_preload,
+    build_render,
+    default_socket_path,
+)
 from client.wire.errors import Busy, DaemonUnavailable, InvalidRequest, Timeout
 
 
@@ -195,6 +202,39 @@ def test_send_render_validates_before_sending(tmp_path, kwargs, field):
 def test_build_render_wrong_type():
     with pytest.raises(InvalidRequest, match="steps"):
         build_render("x", steps="four")
+
+
+@pytest.mark.parametrize(
+    ("args", "fields", "field"),
+    [
+        (([], []), {}, "lora_paths"),  # a preload needs at least one LoRA
+        ((["a.safetensors"], [1.0, 0.5]), {}, "lora_scales"),
+        ((["a.safetensors"], [float("nan")]), {}, "lora_scales[0]"),
+        ((["a.safetensors"], [17.0]), {}, "lora_scales[0]"),
+        (("a.safetensors", [1.0]), {}, "lora_paths"),
+        ((["a.safetensors"], [1.0]), {"lora_names": ["x", "y"]}, "lora_names"),
+        ((["a.safetensors"], [1.0]), {"deadline_s": 0.0}, "deadline_s"),
+        ((["a.safetensors"], [1.0]), {"prompt": "x"}, "prompt"),  # not a preload field
+    ],
+)
+def test_build_preload_refuses_what_the_daemon_would(args, fields, field):
+    """The client's preload checks are the daemon's (one decoder): each bad preload names its field."""
+    from client.wire.messages import decode_request, encode
+
+    with pytest.raises(InvalidRequest) as info:
+        build_preload(*args, **fields)
+    assert info.value.details.get("field") == field or field in str(info.value)
+    if not isinstance(args[0], str):  # the same message straight to the daemon's decoder
+        raw = {"op": "preload", "id": 1, "lora_paths": args[0], "lora_scales": args[1], **fields}
+        with pytest.raises(InvalidRequest):
+            decode_request(encode(raw))
+
+
+def test_build_preload_carries_the_stack_and_its_options():
+    req = build_preload(["a.safetensors", "b.safetensors"], [0.5, 1], lora_names=["a", "b"], zero_match="warn", id=7)
+    assert (req.lora_paths, req.lora_scales, req.lora_names, req.zero_match, req.id) == (
+        ["a.safetensors", "b.safetensors"], [0.5, 1.0], ["a", "b"], "warn", 7
+    )  # fmt: skip
 
 
 def test_cli_status_and_render_without_daemon(tmp_path):
