@@ -62,8 +62,10 @@ def status_command(socket_path, as_json, timeout) -> None:
             f"(reported {r.report_age_s:.0f}s ago)"
         )
     reserve = f" ({st.interactive_reserve} kept for interactive)" if st.interactive_reserve else ""
+    preloads = f"  preloads waiting {st.preloads_waiting}" if st.preloads_waiting else ""
     click.echo(
-        f"queue {st.queue_depth}/{st.queue_capacity}{reserve}" + ("  (shutting down)" if st.shutting_down else "")
+        f"queue {st.queue_depth}/{st.queue_capacity}{reserve}{preloads}"
+        + ("  (shutting down)" if st.shutting_down else "")
     )
     for j in st.queue:
         start = "?" if j.estimated_start_s is None else f"{j.estimated_start_s:.1f}s"

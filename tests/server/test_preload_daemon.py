@@ -103,3 +103,45 @@ def test_both_clients_preload_and_the_span_tells_what_was_built(traced_daemon):
     first = next(s for s in spans if s["attributes"].get("preload.lora.names") == ["first"])
     assert first["attributes"]["preload.lora.matched_keys"] == sync.matched_keys
     assert first["attributes"]["preload.bytes"] == sync.bytes and first["kind"] == "SERVER"
+
+
+def test_status_shows_a_preload_waiting_behind_a_render(traced_daemon):
+    """A preload sent while a render runs waits for it: `status` counts it, `easel status` says so, and it
+    is answered after the render."""
+    d = traced_daemon
+    lora = sorted(p for p in d.loras.rglob("*.safetensors"))[-1]
+    done: list[str] = []
+
+    async def go():
+        async with AsyncRenderClient(d.socket) as c:
+            started = asyncio.Event()
+
+            def progress(ev):
+                if ev.event == "progress":
+                    started.set()
+
+            async def render():
+                await c.send_render("long", width=64, height=64, steps=12, on_progress=progress)
+                done.append("render")
+
+            async def preload():
+                await c.preload([lora], [0.45])
+                done.append("preload")
+
+            rendering = asyncio.ensure_future(render())
+            await asyncio.wait_for(started.wait(), 120)
+            preloading = asyncio.ensure_future(preload())
+            waiting = 0
+            for _ in range(100):
+                waiting = (await c.status()).preloads_waiting
+                if waiting:
+                    break
+                await asyncio.sleep(0.02)
+            shown = await asyncio.to_thread(CliRunner().invoke, easel, ["status", "--socket", str(d.socket)])
+            await asyncio.gather(rendering, preloading)
+            return waiting, shown
+
+    waiting, shown = asyncio.run(go())
+    assert waiting == 1 and shown.exit_code == 0, shown.output
+    assert "preloads waiting 1" in shown.output
+    assert done == ["render", "preload"]
