@@ -4,13 +4,15 @@ preload a genre's stacks into the daemon)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
 
-from client.cli.errors import EaselGroup
+from client.cli.errors import EaselGroup, ExitStatus
 from client.cli.options import json_option, lora_root_option, packs_option, socket_option, timeout_option
 from client.client import DEFAULT_RENDER_TIMEOUT_S
+from client.wire.errors import LoraError, PathNotAllowed
 
 
 def register(group: click.Group) -> None:
@@ -78,7 +80,8 @@ def preload(
     as_json: bool,
 ) -> None:
     """Build the LoRA stacks a genre's worlds render with into the daemon's resident stacks, so the first
-    render of each switches to its stack at once (each distinct stack once; renders go first)."""
+    render of each switches to its stack at once (each distinct stack once; renders go first). A stack
+    whose LoRA fails is reported and the others still go; the exit status is then 1."""
     import msgspec
 
     from client.client import RenderClient
@@ -100,10 +103,16 @@ def preload(
             key = (tuple(e.path for e in active), tuple(e.scale for e in active))
             stacks.setdefault(key, []).append(f"{world or '-'}/{tier}")
             names[key] = [e.name for e in active]
-    results = []
+    results: list[dict] = []
     with RenderClient(socket_path, render_timeout=timeout) as c:
         for (paths, scales), uses in stacks.items():
-            r = c.preload(list(paths), list(scales), lora_names=names[(paths, scales)])
+            try:
+                r = c.preload(list(paths), list(scales), lora_names=names[(paths, scales)])
+            except (LoraError, PathNotAllowed) as err:  # this stack's own fault: the others still go
+                results.append({"uses": uses, "error": err.to_wire()})
+                if not as_json:
+                    click.echo(f"{'failed':>9}  {err.code}: {err.message}  ({', '.join(uses)})")
+                continue
             results.append({"uses": uses, **msgspec.to_builtins(r)})
             if not as_json:
                 state = "built" if r.built else ("live" if r.live else "resident")
@@ -113,8 +122,11 @@ def preload(
                 click.echo(f"{state:>9}  {r.bytes / 2**20:8.1f} MiB  {r.build_ms:8.1f} ms  {keys}  ({', '.join(uses)})")
                 if r.reason:
                     click.echo(f"           {r.reason}")
+    failed = sum("error" in r for r in results)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
-        click.echo(f"{len(results)} stack(s): {sum(r['built'] for r in results)} built, "
-                   f"{sum(r['resident'] for r in results)} resident")  # fmt: skip
+        click.echo(f"{len(results)} stack(s): {sum(r.get('built', False) for r in results)} built, "
+                   f"{sum(r.get('resident', False) for r in results)} resident, {failed} failed")  # fmt: skip
+    if failed:
+        sys.exit(ExitStatus.FAILED)

@@ -62,7 +62,7 @@ def test_easel_packs_preload_builds_each_stack_once_and_its_renders_find_it(trac
     shown = CliRunner().invoke(easel, [*args, "--lora-root", str(d.loras), "--socket", str(d.socket)])
     assert shown.exit_code == 0, shown.output
     lines = shown.output.splitlines()
-    assert lines[-1].endswith(" stack(s): 0 built, " + lines[-1].split(" ")[0] + " resident")
+    assert lines[-1] == f"{len(lines) - 1} stack(s): 0 built, {len(lines) - 1} resident, 0 failed"
     assert all(line.split()[0] in ("resident", "live") and "MiB" in line for line in lines[:-1])
     assert all("dust_and_lead/" in line for line in lines[:-1])
 
@@ -145,3 +145,29 @@ def test_status_shows_a_preload_waiting_behind_a_render(traced_daemon):
     assert waiting == 1 and shown.exit_code == 0, shown.output
     assert "preloads waiting 1" in shown.output
     assert done == ["render", "preload"]
+
+
+def test_a_stack_whose_lora_the_daemon_refuses_fails_alone(traced_daemon):
+    """`easel packs preload` with one pack LoRA corrupted: the stacks holding it fail with the daemon's
+    code, the others are still preloaded, and the command exits 1 (run last: it rewrites a file)."""
+    d = traced_daemon
+    every = _preload(d)
+    counts: dict[str, int] = {}
+    for r in every:
+        for f in r["stack"]:
+            counts[f["path"]] = counts.get(f["path"], 0) + 1
+    victim = Path(min(counts, key=counts.get))
+    assert counts[str(victim)] < len(every)  # some stack does without it
+    kept = victim.read_bytes()
+    try:
+        victim.write_bytes(b"not a safetensors file at all")
+        args = ["packs", "preload", "--packs", str(PACKS), "--genre", GENRE, "--lora-root", str(d.loras)]
+        r = CliRunner().invoke(easel, [*args, "--socket", str(d.socket), "--json"])
+    finally:
+        victim.write_bytes(kept)
+    assert r.exit_code == 1
+    results = json.loads(r.output)
+    failed = [x for x in results if "error" in x]
+    assert failed and all(x["error"]["code"] == "lora_format" for x in failed)
+    assert len(results) - len(failed) == len(every) - len(failed) > 0
+    assert all(x["resident"] for x in results if "error" not in x)
