@@ -109,9 +109,10 @@ def preload(
             try:
                 r = c.preload(list(paths), list(scales), lora_names=names[(paths, scales)])
             except (LoraError, PathNotAllowed) as err:  # this stack's own fault: the others still go
-                results.append({"uses": uses, "error": err.to_wire()})
-                if not as_json:
-                    click.echo(f"{'failed':>9}  {err.code}: {err.message}  ({', '.join(uses)})")
+                failure = err.to_wire()
+                results.append({"uses": uses, "error": failure})
+                if not as_json:  # an item of the report, as `easel batch` lists a failed item
+                    click.echo(f"{'FAILED':>9}  [{failure['code']}] {failure['message']}  ({', '.join(uses)})")
                 continue
             results.append({"uses": uses, **msgspec.to_builtins(r)})
             if not as_json:

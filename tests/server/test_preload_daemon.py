@@ -163,8 +163,12 @@ def test_a_stack_whose_lora_the_daemon_refuses_fails_alone(traced_daemon):
         victim.write_bytes(b"not a safetensors file at all")
         args = ["packs", "preload", "--packs", str(PACKS), "--genre", GENRE, "--lora-root", str(d.loras)]
         r = CliRunner().invoke(easel, [*args, "--socket", str(d.socket), "--json"])
+        shown = CliRunner().invoke(easel, [*args, "--socket", str(d.socket)])
     finally:
         victim.write_bytes(kept)
+    assert shown.exit_code == 1
+    assert any(line.lstrip().startswith("FAILED  [lora_format]") for line in shown.output.splitlines())
+    assert shown.output.splitlines()[-1].endswith(" failed") and " 0 failed" not in shown.output
     assert r.exit_code == 1
     results = json.loads(r.output)
     failed = [x for x in results if "error" in x]
