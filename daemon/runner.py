@@ -427,9 +427,7 @@ class RenderRunner:
 
     async def _run_preload(self, loop: asyncio.AbstractEventLoop) -> None:
         """The oldest waiting preload, on the render thread (the queue is empty: renders go first)."""
-        pending = self.preloads.popleft()
-        if pending.expiry is not None:
-            pending.expiry.cancel()
+        pending = self.preloads.popleft()  # out of the queue: its deadline no longer applies
         try:
             outcome = await loop.run_in_executor(
                 self._executor, self.service.preload, pending.stack, pending.zero_match

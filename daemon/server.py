@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -580,49 +581,43 @@ class DaemonServer:
     async def _preload(self, conn: Connection, req: Preload, call: ServerCall) -> None:
         """Waits for an idle render thread: in the background, not holding up this connection. A preload
         whose client goes away still runs (its stack is for the daemon's later renders)."""
-        conn.spawn(self._preload_reply(conn, req, call))
-
-    async def _preload_reply(self, conn: Connection, req: Preload, call: ServerCall) -> None:
-        try:
-            result = await self.runner.preload(req)
-        except EaselError as err:
-            call.set_error(err)
-            conn.end(req.id)
-            await conn.send(error_reply(req.id, err, op="preload"))
-        except Exception as exc:
-            log.exception("preload failed")
-            call.set_error(exc)
-            conn.end(req.id)
-            await conn.send(
-                error_reply(req.id, EaselError(f"preload failed: {type(exc).__name__}: {exc}"), op="preload")
-            )
-        else:
-            record_preload(call.span, result)
-            conn.end(req.id)
-            await conn.send(Result(id=req.id, op="preload", result=result))
-        finally:
-            call.end()
+        conn.spawn(self._answer(conn, req, call, "preload", lambda: self.runner.preload(req), record_preload))
 
     async def _inspect(self, conn: Connection, req: Inspect, call: ServerCall) -> None:
         """Reads a file: off the loop, and not holding up this connection."""
-        conn.spawn(self._inspect_reply(conn, req, call))
+        work = functools.partial(
+            asyncio.get_running_loop().run_in_executor, None, self.runner.service.inspect, req.path
+        )
+        conn.spawn(self._answer(conn, req, call, "inspect", work))
 
-    async def _inspect_reply(self, conn: Connection, req: Inspect, call: ServerCall) -> None:
+    async def _answer(
+        self,
+        conn: Connection,
+        req: Request,
+        call: ServerCall,
+        op: str,
+        work: Callable[[], Awaitable[Any]],
+        record: Callable[[Any, Any], None] | None = None,
+    ) -> None:
+        """Answer `req` (in the background) with what `work()` gives, or with its error; `record(span,
+        result)` tells the call's span what was done. Every path frees the id just before its answer,
+        never after (it may be reused)."""
         try:
-            report = await asyncio.get_running_loop().run_in_executor(None, self.runner.service.inspect, req.path)
+            result = await work()
         except EaselError as err:
             call.set_error(err)
             conn.end(req.id)
-            await conn.send(error_reply(req.id, err, op="inspect"))
+            await conn.send(error_reply(req.id, err, op=op))
         except Exception as exc:
-            log.exception("inspect %r failed", req.path)
+            log.exception("%s %r failed", op, req.id)
             call.set_error(exc)
             conn.end(req.id)
-            failure = EaselError(f"inspect failed: {type(exc).__name__}: {exc}")
-            await conn.send(error_reply(req.id, failure, op="inspect"))
+            await conn.send(error_reply(req.id, EaselError(f"{op} failed: {type(exc).__name__}: {exc}"), op=op))
         else:
-            conn.end(req.id)  # every path frees the id just before its answer, never after (it may be reused)
-            await conn.send(Result(id=req.id, op="inspect", result=report))
+            if record is not None:
+                record(call.span, result)
+            conn.end(req.id)
+            await conn.send(Result(id=req.id, op=op, result=result))
         finally:
             call.end()
 

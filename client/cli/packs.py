@@ -92,8 +92,7 @@ def preload(
     for tier in tiers:
         if tier not in TIERS:
             raise click.BadParameter(f"unknown tier {tier!r}; known tiers: {', '.join(TIERS)}", param_hint="--tier")
-    stacks: dict[tuple, list[str]] = {}  # (paths, scales) -> the world/tier pairs rendering with it
-    names: dict[tuple, list[str]] = {}
+    stacks: dict[tuple, tuple[list[str], list[str]]] = {}  # (paths, scales) -> (names, world/tier pairs using it)
     for world in worlds or world_names(gdir) or [None]:
         style = load_visual_style(gdir, world, lora_root=lora_root)
         for tier in tiers or TIERS:
@@ -101,13 +100,12 @@ def preload(
             if not active:
                 continue
             key = (tuple(e.path for e in active), tuple(e.scale for e in active))
-            stacks.setdefault(key, []).append(f"{world or '-'}/{tier}")
-            names[key] = [e.name for e in active]
+            stacks.setdefault(key, ([e.name for e in active], []))[1].append(f"{world or '-'}/{tier}")
     results: list[dict] = []
     with RenderClient(socket_path, render_timeout=timeout) as c:
-        for (paths, scales), uses in stacks.items():
+        for (paths, scales), (names, uses) in stacks.items():
             try:
-                r = c.preload(list(paths), list(scales), lora_names=names[(paths, scales)])
+                r = c.preload(list(paths), list(scales), lora_names=names)
             except (LoraError, PathNotAllowed) as err:  # this stack's own fault: the others still go
                 failure = err.to_wire()
                 results.append({"uses": uses, "error": failure})
