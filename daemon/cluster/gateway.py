@@ -68,6 +68,8 @@ log = logging.getLogger("easel.cluster.gateway")
 
 FORWARD_SPAN = "easel.cluster.forward"
 MAX_ATTEMPTS = 2  # the first try and one retry on another replica
+ROUTE_LEARN_S = 3.0  # the longest a preload's answer waits for the router to know where its stack is
+ROUTE_PROBE_S = 0.05  # between two probes of where the router sends a stack
 
 
 @dataclass(eq=False, kw_only=True)
@@ -126,6 +128,7 @@ class ClusterRunner:
         self.jobs: dict[str, ClusterJob] = {}
         self.renders_done = 0
         self.retries = 0
+        self.preloads_waiting = 0  # forwarded to a replica, not answered yet
         self._seq = itertools.count(1)
         self._closed = False
         self._snapshot: dict[str, Any] = {"replicas": {}, "loads": []}
@@ -290,13 +293,38 @@ class ClusterRunner:
         if self._closed:
             raise ShuttingDown("the gateway is shutting down and accepts no new preloads")
         stack_id = await asyncio.get_running_loop().run_in_executor(None, self._stack_id, request)
+        self.preloads_waiting += 1
         try:
             kind, value = await self.handle.options(multiplexed_model_id=stack_id).preload.remote(encode(request))
         except Exception as exc:
             raise ReplicaFailed(f"preload of stack {stack_id} failed in the cluster: {cause_of(exc)}") from exc
+        finally:
+            self.preloads_waiting -= 1
         if kind == "error":
             raise error_from_wire(value)
+        if value.resident:
+            await self._routed_to_holder(stack_id)
         return value
+
+    async def _routed_to_holder(self, stack_id: str) -> bool:
+        """Wait (at most ROUTE_LEARN_S) until Serve's router sends `stack_id` to a replica that holds it, so a
+        render sent the moment its preload is answered goes where the stack was built. The router learns
+        what each replica holds from the replicas' pushes (every 0.1 s) through the controller; until then a
+        stack it has never seen goes to a replica holding the fewest stacks. The probe is a call routed as
+        the stack's renders are, which only says whether the replica it reached holds that stack. False when
+        the router had not learned it in time (the answer goes out anyway: the stack is built)."""
+        deadline = time.monotonic() + ROUTE_LEARN_S
+        while True:
+            try:
+                if await self.handle.options(multiplexed_model_id=stack_id).holds.remote():
+                    return True
+            except Exception as exc:  # a replica going away: the preload's own answer still stands
+                log.warning("probing where stack %s is routed failed: %s", stack_id, cause_of(exc))
+                return False
+            if time.monotonic() >= deadline:
+                log.warning("the router had not learned where stack %s is after %.1fs", stack_id, ROUTE_LEARN_S)
+                return False
+            await asyncio.sleep(ROUTE_PROBE_S)
 
     def _stack_id(self, req: Render | Preload) -> str:
         paths = [
@@ -431,6 +459,7 @@ class ClusterRunner:
             renders_done=self.renders_done,
             stack_switches=sum(r.stack_switches for r in replicas),
             model=None,
+            preloads_waiting=self.preloads_waiting,
         )
 
 

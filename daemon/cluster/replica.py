@@ -261,6 +261,12 @@ class RenderReplica:
         self._report()
         return ("result", result)
 
+    async def holds(self) -> bool:
+        """Whether this replica holds the stack this call was routed as: the gateway's probe that Serve's
+        router has learned where a preloaded stack is (routed by its stack id, the probe reaches a replica
+        that holds it once the router knows). Loads nothing."""
+        return serve.get_multiplexed_model_id() in self.resident
+
     def _span_attributes(self, key: str, attempt: int, stack_id: str) -> dict[str, Any]:
         return {
             REPLICA_ATTRIBUTE: self.replica_id,

@@ -279,27 +279,104 @@ def test_a_stack_serve_unloads_leaves_the_replicas_resident_stacks_too(cluster):
 
 def test_a_preload_through_the_gateway_builds_the_stack_where_its_renders_go(cluster):
     """A preload is routed by its stack id as a render is: one replica takes the stack in and builds it;
-    the render of that stack then goes to the same replica, which finds it built (a resident hit, no
-    second load of the stack anywhere). Serve's router learns which replica holds a stack from the
-    replicas' reports (pushed every 0.1 s, then passed on by the controller): a render sent the moment its
-    preload returns may be routed before that and land elsewhere (seen once in a loaded CI run), so the
-    render here comes a few seconds later, as a game's renders come after its world loads."""
-    paths, scales = [str(cluster.loras / "s1.safetensors")], [0.77]
-    before = _loads(cluster.board())
+    the render of that stack, sent the moment the preload is answered, goes to the same replica and finds
+    it built (a resident hit, no second load anywhere). Serve's router learns where a stack is from the
+    replicas' pushes, a fraction of a second later; the gateway answers a preload once its router sends
+    the stack to the replica that holds it. Two stacks the cluster has never seen, each rendered at once:
+    routed before the router knew, each render would go to either replica."""
     with RenderClient(cluster.gateway.socket, render_timeout=600) as c:
-        pre = c.preload(paths, scales)
-        time.sleep(3)
-        hits = {rep.replica: (rep.resident_stacks.hits, rep.resident_stacks.misses) for rep in c.status().replicas}
-        r = c.send_render("preloaded", lora_paths=paths, lora_scales=scales, return_bytes=True, **SIZE)
-        after = {rep.replica: (rep.resident_stacks.hits, rep.resident_stacks.misses) for rep in c.status().replicas}
-        again = c.preload(paths, scales)
-    loads = _loads(cluster.board()) - before
-    assert (pre.built, pre.resident, pre.live) == (True, True, False) and pre.matched_keys == r.matched_keys
-    assert len(loads) == 1 and sum(loads.values()) == 1, loads  # taken in once, by the preload
-    assert r.stack_switched
-    changed = {k: (after[k][0] - v[0], after[k][1] - v[1]) for k, v in hits.items() if after[k] != v}
-    assert list(changed.values()) == [(1, 0)], (hits, after)  # one replica: one hit, no miss
-    assert not again.built and again.resident and again.live
+        for n, (paths, scales) in enumerate(
+            [([str(cluster.loras / "s1.safetensors")], [0.77]), ([str(cluster.loras / "s2.safetensors")], [0.61])]
+        ):
+            before = _loads(cluster.board())
+            hits = {rep.replica: (rep.resident_stacks.hits, rep.resident_stacks.misses) for rep in c.status().replicas}
+            pre = c.preload(paths, scales)
+            r = c.send_render(f"preloaded{n}", lora_paths=paths, lora_scales=scales, return_bytes=True, **SIZE)
+            after = {rep.replica: (rep.resident_stacks.hits, rep.resident_stacks.misses) for rep in c.status().replicas}
+            again = c.preload(paths, scales)
+            loads = _loads(cluster.board()) - before
+            assert (pre.built, pre.resident, pre.live) == (True, True, False) and pre.matched_keys == r.matched_keys
+            assert len(loads) == 1 and sum(loads.values()) == 1, loads  # taken in once, by the preload
+            assert r.stack_switched
+            changed = {k: (after[k][0] - v[0], after[k][1] - v[1]) for k, v in hits.items() if after[k] != v}
+            assert list(changed.values()) == [(1, 0)], (hits, after)  # one replica: one hit, no miss
+            assert not again.built and again.resident and again.live
+
+
+def test_the_gateways_route_probe_finds_a_held_stack_at_once_and_gives_up_on_one_nobody_holds(cluster):
+    """The probe a preload's answer waits on: a stack a replica holds (preloaded by the test above) is found
+    at the first probe; a stack nobody holds is probed for ROUTE_LEARN_S, then given up, and no replica
+    takes it in (the probe loads nothing)."""
+    from daemon.cluster import gateway
+
+    runner, before = cluster.gateway.runner, _loads(cluster.board())
+
+    def probe(stack_id: str) -> tuple[bool, float]:
+        t0 = time.monotonic()
+        future = asyncio.run_coroutine_threadsafe(runner._routed_to_holder(stack_id), cluster.gateway.loop)
+        return future.result(60), time.monotonic() - t0
+
+    held = runner.ids.stack_id([str((cluster.loras / "s1.safetensors").resolve())], [0.77])
+    found, took = probe(held)
+    assert found and took < 1.0, took
+    nobody = runner.ids.stack_id([str((cluster.loras / "s2.safetensors").resolve())], [0.123])
+    found, took = probe(nobody)
+    assert not found and took >= gateway.ROUTE_LEARN_S, took
+    assert _loads(cluster.board()) == before
+    assert all(nobody not in rep.stacks for rep in runner.replica_statuses())
+
+
+def test_the_gateway_status_counts_the_preloads_waiting_on_its_replicas(cluster):
+    """A preload routed to a replica that is rendering waits for that render; the gateway's `status`
+    counts it until it is answered. The router sends the preload to the replica rendering its stack
+    unless that replica is slow to say how busy it is (Serve's queue-length probe), when it goes to the
+    idle one and is answered at once: then the test tries again, three times at most."""
+    from client.client import AsyncRenderClient
+    from client.wire.errors import Cancelled
+
+    path = str(cluster.loras / "s0.safetensors")
+
+    async def attempt(c: AsyncRenderClient, scale: float) -> list[int] | None:
+        await c.preload([path], [scale])  # the stack's replica, known to the router from here on
+        stepped = asyncio.Event()
+        long = asyncio.create_task(
+            c.send_render(
+                "busy",
+                lora_paths=[path],
+                lora_scales=[scale],
+                seed=5,
+                request_id="busy",
+                on_progress=lambda e: e.event == "progress" and stepped.set(),
+                width=128,
+                height=128,
+                steps=100,
+            )  # fmt: skip
+        )
+        await asyncio.wait_for(stepped.wait(), 300)
+        waiting = asyncio.create_task(c.preload([path], [scale]))
+        counts = []
+        for _ in range(100):
+            counts.append((await c.status()).preloads_waiting)
+            if counts[-1] or waiting.done():
+                break
+            await asyncio.sleep(0.05)
+        assert (await c.cancel("busy")).cancelled
+        with pytest.raises(Cancelled):
+            await long
+        found = await asyncio.wait_for(waiting, 60)
+        assert found.resident and (await c.status()).preloads_waiting == 0
+        return counts if counts[-1] else None
+
+    async def run():
+        async with AsyncRenderClient(cluster.gateway.socket, render_timeout=600) as c:
+            tries = []
+            for scale in (0.42, 0.43, 0.44):
+                tries.append(await attempt(c, scale))
+                if tries[-1] is not None:
+                    break
+            assert tries[-1] is not None and tries[-1][-1] == 1, tries
+
+    asyncio.run(run())
 
 
 def test_a_replica_killed_mid_batch_loses_nothing(cluster):
