@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from client import env as easel_env
 from client.http_render import ROUTE_PREFIX
@@ -26,6 +27,7 @@ from client.wire.errors import ReplicaFailed
 from daemon.cluster.board import NAMESPACE, board_handle
 from daemon.cluster.faults import concise_failure
 from daemon.cluster.replica import replica_deployment
+from daemon.cluster.routing import StackRouter
 from daemon.config import ServiceConfig
 
 log = logging.getLogger("easel.cluster.app")
@@ -120,6 +122,7 @@ def deploy(
         max_constructor_retry_count=max(1, replicas * CONSTRUCTOR_TRIES_PER_REPLICA),
         health_check_period_s=5,
         graceful_shutdown_timeout_s=5,
+        request_router_config=RequestRouterConfig(request_router_class=StackRouter),
     )
     try:
         return serve.run(deployment.bind(config), name=name, route_prefix=ROUTE_PREFIX if name == APP_NAME else None)

@@ -1,0 +1,47 @@
+"""Which replicas a request may go to, round by round (daemon/cluster/routing.py): the stack's holders alone
+for the affinity window, then the holders, the replicas holding the fewest stacks, and any replica."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+STACKS = {"a": {"x", "y"}, "b": {"y"}, "c": set(), "d": {"x", "z", "w"}}
+
+
+def rounds(stack_id: str, waited_s: float, replicas=tuple(STACKS), affinity_s: float = 1.0) -> list[list[str]]:
+    from daemon.cluster.routing import ranked
+
+    return ranked(list(replicas), STACKS.__getitem__, stack_id, waited_s, affinity_s)
+
+
+def test_a_held_stack_goes_only_to_its_holders_inside_the_window():
+    assert [sorted(r) for r in rounds("x", 0.0)] == [["a", "d"]] and len(rounds("x", 0.99)) == 1
+    assert rounds("z", 0.5) == [["d"]]
+
+
+def test_after_the_window_the_holders_then_the_fewest_stacks_then_anyone():
+    out = rounds("z", 1.0)
+    assert out[0] == ["d"] and out[1] == ["c"]
+    assert len(out) == 3 and len(out[2]) == 2 and set(out[2]) <= set(STACKS)
+
+
+def test_a_stack_nobody_holds_starts_at_the_fewest_stacks():
+    out = rounds("new", 0.0)
+    assert out[0] == ["c"] and len(out) == 2
+    assert rounds("new", 0.0, replicas=("a", "b")) == [["b"], ["a", "b"]]
+
+
+def test_each_round_is_two_drawn_at_random_from_its_candidates():
+    seen = Counter(frozenset(rounds("", 0.0)[0]) for _ in range(400))
+    assert all(len(pair) == 2 for pair in seen)
+    assert len(seen) == 6  # every pair of the 4 replicas comes up
+    assert rounds("", 0.0, replicas=()) == []
+
+
+def test_the_window_is_the_routers_setting():
+    assert rounds("x", 2.0, affinity_s=5.0) == [rounds("x", 2.0, affinity_s=5.0)[0]]
+    assert len(rounds("x", 0.2, affinity_s=0.1)) == 3
