@@ -6,9 +6,11 @@ holder only on its first try: when the holder is slow to say how busy it is (its
 has 0.1 s by default, which a CPU replica in the middle of a step can miss) or is full, the next try
 goes to the replicas holding the fewest stacks at once. `StackRouter` keeps a request on the replicas
 that hold its stack for `affinity_s` (default 1 s) before it spreads, and gives a replica more time
-to answer. A stack nobody holds goes to the replicas holding the fewest stacks, as before; a request
-without a stack id to any replica. Among the candidates of a round, two are drawn at random and the
-one with the shorter queue wins (the power of two choices).
+to answer. A replica the router has just sent a stack to counts as holding it for a few seconds, until
+the replica's own report of the stack reaches the router (`RecentRoutes`), so two requests for a new
+stack arriving together do not load it on two replicas. A stack nobody holds goes to the replicas
+holding the fewest stacks, as before; a request without a stack id to any replica. Among the candidates
+of a round, two are drawn at random and the one with the shorter queue wins (the power of two choices).
 """
 
 from __future__ import annotations
@@ -22,7 +24,31 @@ from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, 
 
 AFFINITY_S = 1.0  # how long a request waits for a replica holding its stack before it goes to any other
 QUEUE_ANSWER_S = 0.3  # the first deadline for a replica's queue-length answer (doubled per retry, to 1 s)
+ROUTED_MEMORY_S = 5.0  # how long a replica counts as holding a stack this router just sent it
+ROUTED_KEPT = 4096  # stacks remembered at most (the oldest forgotten first)
 R = TypeVar("R")
+
+
+class RecentRoutes:
+    """Where this router sent each stack last, for ROUTED_MEMORY_S: the replica counts as holding it
+    before its own report of the stack (pushed every 0.1 s, passed on by Serve's controller) reaches the
+    router, so a second request for a stack just sent goes to the same replica instead of loading the
+    stack on another."""
+
+    def __init__(self, memory_s: float = ROUTED_MEMORY_S, kept: int = ROUTED_KEPT) -> None:
+        self.memory_s, self.kept = memory_s, kept
+        self._last: dict[str, tuple[Any, float]] = {}  # stack id -> (replica id, when), oldest first
+
+    def note(self, stack_id: str, replica_id: Any, now: float) -> None:
+        self._last.pop(stack_id, None)
+        self._last[stack_id] = (replica_id, now)
+        while len(self._last) > self.kept:
+            del self._last[next(iter(self._last))]
+
+    def replica_for(self, stack_id: str, now: float) -> Any:
+        """The replica `stack_id` was last sent to, if within the memory; else None."""
+        last = self._last.get(stack_id)
+        return last[0] if last is not None and now - last[1] < self.memory_s else None
 
 
 def _two(replicas: list[R]) -> list[R]:
@@ -57,16 +83,29 @@ class StackRouter(FIFOMixin, MultiplexMixin, RequestRouter):
 
     queue_len_response_deadline_s = QUEUE_ANSWER_S
     affinity_s = AFFINITY_S
+    routes: RecentRoutes
 
     def initialize_state(self, affinity_s: float = AFFINITY_S, **kwargs: Any) -> None:
         self.affinity_s = affinity_s
+        self.routes = RecentRoutes()
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        stack_id, waited_s = "", 0.0
+        stack_id, waited_s, now = "", 0.0, time.time()
         if pending_request is not None:
             stack_id = pending_request.metadata.multiplexed_model_id
-            waited_s = time.time() - pending_request.created_at
+            waited_s = now - pending_request.created_at
             pending_request.routing_context.should_backoff = True  # a round that finds no replica waits a little
-        return ranked(candidate_replicas, lambda r: r.multiplexed_model_ids, stack_id, waited_s, self.affinity_s)
+        sent_to = self.routes.replica_for(stack_id, now) if stack_id else None
+
+        def stacks_of(r: RunningReplica) -> Collection[str]:
+            held = r.multiplexed_model_ids
+            return held | {stack_id} if r.replica_id == sent_to and stack_id not in held else held
+
+        return ranked(candidate_replicas, stacks_of, stack_id, waited_s, self.affinity_s)
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
+        stack_id = pending_request.metadata.multiplexed_model_id
+        if stack_id:
+            self.routes.note(stack_id, replica_id, time.time())

@@ -45,3 +45,17 @@ def test_each_round_is_two_drawn_at_random_from_its_candidates():
 def test_the_window_is_the_routers_setting():
     assert rounds("x", 2.0, affinity_s=5.0) == [rounds("x", 2.0, affinity_s=5.0)[0]]
     assert len(rounds("x", 0.2, affinity_s=0.1)) == 3
+
+
+def test_a_stack_just_sent_counts_as_held_by_its_replica_until_the_memory_ends():
+    """What the router sent where, before the replica's own report of the stack arrives."""
+    from daemon.cluster.routing import RecentRoutes
+
+    routes = RecentRoutes(memory_s=5.0, kept=2)
+    routes.note("x", "a", now=100.0)
+    assert routes.replica_for("x", 104.9) == "a" and routes.replica_for("x", 105.0) is None
+    routes.note("x", "b", now=101.0)  # sent elsewhere since: the latest counts
+    assert routes.replica_for("x", 102.0) == "b" and routes.replica_for("y", 102.0) is None
+    routes.note("y", "a", now=102.0)
+    routes.note("z", "c", now=103.0)  # three stacks, two kept: the oldest note goes
+    assert routes.replica_for("x", 103.0) is None and routes.replica_for("z", 103.0) == "c"
