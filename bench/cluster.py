@@ -4,7 +4,10 @@ One local Ray cluster (2 CPUs) with the tiny preset, the gateway on a Unix socke
 1. two replicas: the mixed workload (REQUESTS renders over 6 stacks, random order, CONCURRENCY in flight
    through the gateway socket): wall time -> throughput of 2; stack loads on the board (each replica's
    multiplexed loader counts its loads) over 6 distinct stacks; affinity hit rate = requests served by a
-   replica that already held the stack = 1 - loads / requests (every load is a miss);
+   replica that already held the stack = 1 - loads / requests (every load is a miss); the replicas route
+   with easel's StackRouter (daemon/cluster/routing.py);
+1b. the same two replicas deployed again with Serve's default router, the same workload over 6 other
+   stacks: its stack loads beside the StackRouter's (loads_per_distinct_stack_default_router);
 2. one replica (the application deployed again) reserving both CPUs, as a daemon alone on the machine has
    them, the same workload over 6 *other* stacks (other files): wall time -> throughput of 1;
 3. beside that replica, the same model in a plain daemon (`easel serve` in its own process, OpenBLAS on both
@@ -20,7 +23,7 @@ CPU-bound and both replicas share this machine's cores, so throughput_2_vs_1 say
 the replicas add or cost here, not what two machines would give.
 
 Last line: `bench cluster: loads_per_distinct_stack=... affinity_hit_rate=... throughput_2_vs_1=...
-gateway_overhead=...`
+gateway_overhead=... loads_per_distinct_stack_default_router=...`
 """
 
 from __future__ import annotations
@@ -182,6 +185,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="easel-bench-cluster-"))
     first, second = make_stacks(tmp / "loras" / "a", 10), make_stacks(tmp / "loras" / "b", 20)
+    third = make_stacks(tmp / "loras" / "c", 30)
     (tmp / "out").mkdir()
     (tmp / "gw").mkdir(mode=0o700)
     config = ServiceConfig(preset="tiny", lora_roots=(tmp / "loras",), output_root=tmp / "out", warmup=True,
@@ -205,7 +209,23 @@ def main() -> None:
         loads0 = board_loads()
         wall2 = asyncio.run(run_workload(gw.socket, workload(first, 2)))
         loads = board_loads() - loads0
-        print(f"2 replicas: {REQUESTS} renders in {wall2:.1f}s, {loads} stack loads over {STACKS} stacks", flush=True)
+        print(
+            f"2 replicas, easel's StackRouter: {REQUESTS} renders in {wall2:.1f}s, {loads} stack loads over {STACKS} "
+            "stacks",
+            flush=True,
+        )
+        gw.stop()
+        serve.delete(app.APP_NAME)
+        app.deploy(config, replicas=2, stacks_per_replica=STACKS, router=None)
+        gw = gateway("default.sock")
+        loads0 = board_loads()
+        wall_default = asyncio.run(run_workload(gw.socket, workload(third, 3)))
+        loads_default = board_loads() - loads0
+        print(
+            f"2 replicas, Serve's default router: {REQUESTS} renders in {wall_default:.1f}s, {loads_default} stack "
+            f"loads over {STACKS} stacks",
+            flush=True,
+        )
         gw.stop()
         serve.delete(app.APP_NAME)
         t0 = time.perf_counter()
@@ -236,7 +256,8 @@ def main() -> None:
     )
     print(
         f"bench cluster: loads_per_distinct_stack={loads / STACKS:.2f} affinity_hit_rate={1 - loads / REQUESTS:.3f} "
-        f"throughput_2_vs_1={wall1 / wall2:.2f} gateway_overhead={rt_via / rt_direct:.3f}"
+        f"throughput_2_vs_1={wall1 / wall2:.2f} gateway_overhead={rt_via / rt_direct:.3f} "
+        f"loads_per_distinct_stack_default_router={loads_default / STACKS:.2f}"
     )
 
 

@@ -100,12 +100,15 @@ def deploy(
     blas_threads: int | None = None,
     env_vars: dict[str, str] | None = None,
     name: str = APP_NAME,
+    router: type | None = StackRouter,
 ) -> Any:
     """Run the application (`replicas` replicas of `config`'s preset) and wait until it serves; returns
     its handle. Raises ReplicaFailed when no replica could load the model.
 
     Each replica computes with `blas_threads` BLAS threads (default: the CPUs it reserves, at least 1),
-    set explicitly in its environment before it loads OpenBLAS."""
+    set explicitly in its environment before it loads OpenBLAS. `router` is the Serve request router that
+    picks a replica for each request (daemon/cluster/routing.py; None: Serve's default, which
+    bench/cluster.py measures beside it)."""
     board_handle(create=True)
     actor_options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     passed = {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}  # telemetry, as the daemon reads it
@@ -122,8 +125,9 @@ def deploy(
         max_constructor_retry_count=max(1, replicas * CONSTRUCTOR_TRIES_PER_REPLICA),
         health_check_period_s=5,
         graceful_shutdown_timeout_s=5,
-        request_router_config=RequestRouterConfig(request_router_class=StackRouter),
     )
+    if router is not None:
+        deployment = deployment.options(request_router_config=RequestRouterConfig(request_router_class=router))
     try:
         return serve.run(deployment.bind(config), name=name, route_prefix=ROUTE_PREFIX if name == APP_NAME else None)
     except RuntimeError as exc:
