@@ -600,13 +600,15 @@ class AsyncRenderClient(_Shared):
         lora_scales: Sequence[float],
         *,
         timeout: float | None = None,
+        request_id: int | str | None = None,
         **fields: Any,
     ) -> PreloadResult:
-        """As `RenderClient.preload`; concurrent calls share the connection (the daemon runs them in turn)."""
+        """As `RenderClient.preload`; concurrent calls share the connection (the daemon runs them in turn).
+        `request_id` lets the caller cancel it with `cancel(request_id)` from another task while it waits."""
         req = build_preload(lora_paths, lora_scales, **fields)
 
         async def once() -> PreloadResult:
-            msg = msgspec.structs.replace(req, id=self._next_id())
+            msg = msgspec.structs.replace(req, id=request_id if request_id is not None else self._next_id())
             return await self._call(msg, timeout or self.render_timeout)
 
         return await self._with_retry(once)

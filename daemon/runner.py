@@ -167,6 +167,7 @@ class PendingPreload:
     zero_match: str
     answer: asyncio.Future
     expiry: asyncio.TimerHandle | None = None
+    key: tuple[Any, Any] | None = None  # (owner, request id): what `cancel_preload` names it by
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ class RenderRunner:
         self.suspended: list[RenderJob] = []  # at most one: see the module docstring
         self.renders_done = 0
         self.preloads: deque[PendingPreload] = deque()  # in arrival order; run when no render is queued
+        self.preload_running: PendingPreload | None = None
         self._seq = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-render")
         # reads and builds the LoRA stack of the job planned next while the current one renders; its
@@ -384,16 +386,19 @@ class RenderRunner:
             self.cancel(job, Cancelled("the caller stopped waiting for this render"))
             raise
 
-    async def preload(self, request: Preload) -> PreloadResult:
+    async def preload(self, request: Preload, owner: Any = None) -> PreloadResult:
         """Build `request`'s stack into the resident stacks, once no render is queued or running, without
         making it live. Raises the request's error (LoraNotFound, PathNotAllowed, ...; then the build's:
         LoraFormat, LoraZeroMatch, ...), ShuttingDown once draining, DeadlineExceeded when its deadline
-        passes before it starts. Cancelling the wait drops a preload not yet started."""
+        passes before it starts, Cancelled when `cancel_preload(owner, request.id)` drops it first.
+        Cancelling the wait drops a preload not yet started too."""
         self.start()
         if self.queue.closed:
             raise ShuttingDown("the daemon is shutting down and accepts no new preloads")
         stack = self.service.stack_items(request.lora_paths, request.lora_scales, request.lora_names)
         pending = PendingPreload(stack, request.zero_match, self._loop.create_future())
+        if owner is not None:
+            pending.key = (owner, request.id)
         if request.deadline_s is not None:
             pending.expiry = self._loop.call_later(
                 request.deadline_s, self._expire_preload, pending, request.deadline_s
@@ -407,6 +412,19 @@ class RenderRunner:
                 self.preloads.remove(pending)
             if pending.expiry is not None:
                 pending.expiry.cancel()
+
+    def cancel_preload(self, owner: Any, request_id: Any) -> str:
+        """Drop the preload `request_id` of `owner` if it has not started: its caller gets Cancelled.
+        Returns where it was: "queued" (dropped), "running" (a build is not interrupted: it finishes and is
+        answered), or "unknown" (no such preload waiting or running: answered already, or never sent)."""
+        key = (owner, request_id)
+        for pending in self.preloads:
+            if pending.key == key:
+                self.preloads.remove(pending)
+                self._answer_preload(pending, Cancelled("preload cancelled before it ran"))
+                return "queued"
+        running = self.preload_running
+        return "running" if running is not None and running.key == key else "unknown"
 
     def _expire_preload(self, pending: PendingPreload, deadline_s: float) -> None:
         if pending in self.preloads:
@@ -428,6 +446,7 @@ class RenderRunner:
     async def _run_preload(self, loop: asyncio.AbstractEventLoop) -> None:
         """The oldest waiting preload, on the render thread (the queue is empty: renders go first)."""
         pending = self.preloads.popleft()  # out of the queue: its deadline no longer applies
+        self.preload_running = pending
         try:
             outcome = await loop.run_in_executor(
                 self._executor, self.service.preload, pending.stack, pending.zero_match
@@ -437,6 +456,8 @@ class RenderRunner:
         except Exception as exc:
             log.exception("preload failed")
             outcome = EaselError(f"preload failed: {type(exc).__name__}: {exc}")
+        finally:
+            self.preload_running = None
         self._answer_preload(pending, outcome)
 
     def _expire(self, job: RenderJob) -> None:

@@ -581,7 +581,8 @@ class DaemonServer:
     async def _preload(self, conn: Connection, req: Preload, call: ServerCall) -> None:
         """Waits for an idle render thread: in the background, not holding up this connection. A preload
         whose client goes away still runs (its stack is for the daemon's later renders)."""
-        conn.spawn(self._answer(conn, req, call, "preload", lambda: self.runner.preload(req), record_preload))
+        work = functools.partial(self.runner.preload, req, owner=conn.conn_id)
+        conn.spawn(self._answer(conn, req, call, "preload", work, record_preload))
 
     async def _inspect(self, conn: Connection, req: Inspect, call: ServerCall) -> None:
         """Reads a file: off the loop, and not holding up this connection."""
@@ -624,11 +625,16 @@ class DaemonServer:
     async def _cancel(self, conn: Connection, req: Cancel, call: ServerCall) -> Reply:
         """One result shape: `cancelled` true only for the cancel that stopped the job; `state` where the
         job was (queued, running, suspended, cancelling: an earlier cancel is stopping it, done: already answered,
-        unknown: no such job); `job` its id, "" when the request named no job this daemon knows."""
+        unknown: no such job); `job` its id, "" when the request named no job this daemon knows. A `preload`
+        in flight on this connection, named by its request id, is dropped while it waits (it answers
+        `cancelled`; state queued, job ""); one whose build runs finishes and answers (state running)."""
         if req.job is not None:
             job, answered = self.runner.get(req.job), req.job if req.job in self.answered_jobs else None
         else:
             job, answered = conn.jobs.get(req.target), conn.answered.get(req.target)
+            if job is None and conn.in_flight.get(req.target) == "preload":
+                state = self.runner.cancel_preload(conn.conn_id, req.target)
+                return Result(id=req.id, op="cancel", result=CancelResult(state == "queued", state, ""))
         if job is not None and job.state != "done":
             if job.cancel_event.is_set():
                 result = CancelResult(cancelled=False, state="cancelling", job=job.job_id)

@@ -128,7 +128,7 @@ class ClusterRunner:
         self.jobs: dict[str, ClusterJob] = {}
         self.renders_done = 0
         self.retries = 0
-        self.preloads_waiting = 0  # forwarded to a replica, not answered yet
+        self.preloads: dict[tuple[Any, Any], Any] = {}  # (owner, request id) -> the forwarded call, until answered
         self._seq = itertools.count(1)
         self._closed = False
         self._snapshot: dict[str, Any] = {"replicas": {}, "loads": []}
@@ -285,7 +285,23 @@ class ClusterRunner:
                     ),
                 )
 
-    async def preload(self, request: Preload) -> PreloadResult:
+    @property
+    def preloads_waiting(self) -> int:
+        """Preloads forwarded to a replica and not answered yet."""
+        return len(self.preloads)
+
+    def cancel_preload(self, owner: Any, request_id: Any) -> str:
+        """Cancel the forwarded preload `request_id` of `owner`: Serve cancels the replica's call, whose
+        runner drops it if it is still waiting there (a build already running on the replica finishes
+        there, unanswered); its caller here gets Cancelled. "queued" when it was still unanswered,
+        "unknown" otherwise."""
+        call = self.preloads.pop((owner, request_id), None)
+        if call is None:
+            return "unknown"
+        call.cancel()
+        return "queued"
+
+    async def preload(self, request: Preload, owner: Any = None) -> PreloadResult:
         """Forward a `preload` as its stack's renders are routed (Serve's multiplexing by the stack id prefers
         a replica that holds it): that replica takes the stack in and builds it, so its renders, routed
         there too, switch in one assignment. A replica that dies under it is `replica_failed` (a preload is
@@ -293,13 +309,19 @@ class ClusterRunner:
         if self._closed:
             raise ShuttingDown("the gateway is shutting down and accepts no new preloads")
         stack_id = await asyncio.get_running_loop().run_in_executor(None, self._stack_id, request)
-        self.preloads_waiting += 1
+        call = self.handle.options(multiplexed_model_id=stack_id).preload.remote(encode(request))
+        key = (owner, request.id) if owner is not None else (object(), request.id)
+        self.preloads[key] = call
         try:
-            kind, value = await self.handle.options(multiplexed_model_id=stack_id).preload.remote(encode(request))
-        except Exception as exc:
+            kind, value = await call
+        except BaseException as exc:  # Serve's cancellation may surface as asyncio's own
+            if key not in self.preloads:  # cancel_preload took it out and cancelled the call
+                raise Cancelled("preload cancelled before it was answered") from None
+            if not isinstance(exc, Exception):
+                raise
             raise ReplicaFailed(f"preload of stack {stack_id} failed in the cluster: {cause_of(exc)}") from exc
         finally:
-            self.preloads_waiting -= 1
+            self.preloads.pop(key, None)
         if kind == "error":
             raise error_from_wire(value)
         if value.resident:

@@ -326,17 +326,17 @@ def test_the_gateways_route_probe_finds_a_held_stack_at_once_and_gives_up_on_one
     assert all(nobody not in rep.stacks for rep in runner.replica_statuses())
 
 
-def test_the_gateway_status_counts_the_preloads_waiting_on_its_replicas(cluster):
+def test_the_gateway_counts_the_preloads_waiting_on_its_replicas_and_cancels_one(cluster):
     """A preload routed to a replica that is rendering waits for that render; the gateway's `status`
-    counts it until it is answered. The router sends the preload to the replica rendering its stack
-    unless that replica is slow to say how busy it is (Serve's queue-length probe), when it goes to the
-    idle one and is answered at once: then the test tries again, three times at most."""
+    counts it until it is answered, and `cancel` by its request id ends it (`cancelled`; the count drops).
+    Should the router send the preload to the idle replica instead (its holder too slow to say how busy
+    it is), it is answered at once: then the test tries again, three times at most."""
     from client.client import AsyncRenderClient
     from client.wire.errors import Cancelled
 
     path = str(cluster.loras / "s0.safetensors")
 
-    async def attempt(c: AsyncRenderClient, scale: float) -> list[int] | None:
+    async def attempt(c: AsyncRenderClient, scale: float) -> tuple[list[int], object, int] | None:
         await c.preload([path], [scale])  # the stack's replica, known to the router from here on
         stepped = asyncio.Event()
         long = asyncio.create_task(
@@ -353,19 +353,26 @@ def test_the_gateway_status_counts_the_preloads_waiting_on_its_replicas(cluster)
             )  # fmt: skip
         )
         await asyncio.wait_for(stepped.wait(), 300)
-        waiting = asyncio.create_task(c.preload([path], [scale]))
+        rid = f"pre-{scale}"
+        waiting = asyncio.create_task(c.preload([path], [scale], request_id=rid))
         counts = []
         for _ in range(100):
             counts.append((await c.status()).preloads_waiting)
             if counts[-1] or waiting.done():
                 break
             await asyncio.sleep(0.05)
+        outcome = None
+        if counts[-1]:
+            cancel = await c.cancel(rid)
+            with pytest.raises(Cancelled):
+                await asyncio.wait_for(waiting, 60)
+            outcome = (counts, cancel, (await c.status()).preloads_waiting)
         assert (await c.cancel("busy")).cancelled
         with pytest.raises(Cancelled):
             await long
-        found = await asyncio.wait_for(waiting, 60)
-        assert found.resident and (await c.status()).preloads_waiting == 0
-        return counts if counts[-1] else None
+        if outcome is None:
+            assert (await asyncio.wait_for(waiting, 60)).resident
+        return outcome
 
     async def run():
         async with AsyncRenderClient(cluster.gateway.socket, render_timeout=600) as c:
@@ -374,9 +381,12 @@ def test_the_gateway_status_counts_the_preloads_waiting_on_its_replicas(cluster)
                 tries.append(await attempt(c, scale))
                 if tries[-1] is not None:
                     break
-            assert tries[-1] is not None and tries[-1][-1] == 1, tries
+            return tries
 
-    asyncio.run(run())
+    tries = asyncio.run(run())
+    assert tries[-1] is not None, tries
+    counts, cancel, after = tries[-1]
+    assert counts[-1] == 1 and (cancel.cancelled, cancel.state) == (True, "queued") and after == 0
 
 
 def test_a_replica_killed_mid_batch_loses_nothing(cluster):

@@ -147,6 +147,49 @@ def test_status_shows_a_preload_waiting_behind_a_render(traced_daemon):
     assert done == ["render", "preload"]
 
 
+def test_a_waiting_preload_is_cancelled_by_its_request_id_on_its_connection_only(traced_daemon):
+    """`cancel` names a waiting preload by the request id it was sent with: it answers `cancelled` and
+    builds nothing (a second preload of the stack builds it); the same id from another connection finds
+    nothing to cancel there; a preload already answered is `unknown` to cancel."""
+    from client.wire.errors import Cancelled
+
+    d = traced_daemon
+    lora = sorted(p for p in d.loras.rglob("*.safetensors"))[1]
+
+    async def go():
+        async with AsyncRenderClient(d.socket) as c, AsyncRenderClient(d.socket) as other:
+            started = asyncio.Event()
+            rendering = asyncio.ensure_future(
+                c.send_render(
+                    "long",
+                    width=64,
+                    height=64,
+                    steps=12,
+                    on_progress=lambda ev: ev.event == "progress" and started.set(),
+                )  # fmt: skip
+            )
+            await asyncio.wait_for(started.wait(), 120)
+            preloading = asyncio.ensure_future(c.preload([lora], [0.55], request_id="world-2"))
+            while not (await c.status()).preloads_waiting:
+                await asyncio.sleep(0.02)
+            elsewhere = await other.cancel("world-2")
+            cancel = await c.cancel("world-2")
+            with pytest.raises(Cancelled):
+                await preloading
+            after = await c.status()
+            await rendering
+            built = await c.preload([lora], [0.55], request_id="world-2")
+            late = await c.cancel("world-2")
+            return elsewhere, cancel, after, built, late
+
+    elsewhere, cancel, after, built, late = asyncio.run(go())
+    assert (elsewhere.cancelled, elsewhere.state) == (False, "unknown")
+    assert (cancel.cancelled, cancel.state, cancel.job) == (True, "queued", "")
+    assert not after.preloads_waiting
+    assert built.built  # the cancelled preload had built nothing
+    assert (late.cancelled, late.state) == (False, "unknown")
+
+
 def test_a_stack_whose_lora_the_daemon_refuses_fails_alone(traced_daemon):
     """`easel packs preload` with one pack LoRA corrupted: the stacks holding it fail with the daemon's
     code, the others are still preloaded, and the command exits 1 (run last: it rewrites a file)."""

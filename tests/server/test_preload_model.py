@@ -183,3 +183,49 @@ def test_renders_go_before_preloads_and_a_preload_can_expire_or_be_shut_out(tiny
     result, tight = _one(tiny_model, loras, tmp_path / "tight", 1024, lambda r: r.preload(too_big))
     assert result.built and not result.resident and "--resident-stack-bytes" in result.reason
     assert tight.entries == 0
+
+
+def test_a_waiting_preload_is_cancelled_by_its_owner_and_id_and_a_running_one_is_not(tiny_model, tmp_path):
+    """`cancel_preload(owner, id)` drops a preload still waiting behind a render: its caller gets
+    `cancelled` and nothing is built; another owner's preload with the same id is not touched; a preload
+    whose build has started is reported running and finishes; an answered one is unknown."""
+    from client.wire.errors import Cancelled
+
+    loras, a, b, _ = _files(tmp_path)
+    runner, patcher = _runner(tiny_model, loras, tmp_path / "out")
+
+    async def main():
+        try:
+            long = asyncio.ensure_future(runner.render(Render(id=1, prompt="long", width=64, height=64, steps=8)))
+            while runner.running is None:
+                await asyncio.sleep(0.01)
+            mine = asyncio.ensure_future(runner.preload(Preload(id=7, lora_paths=[str(a)], lora_scales=[0.5]), owner=1))
+            theirs = asyncio.ensure_future(
+                runner.preload(Preload(id=7, lora_paths=[str(b)], lora_scales=[0.5]), owner=2)
+            )
+            await asyncio.sleep(0)
+            states = [runner.cancel_preload(1, 7), runner.cancel_preload(1, 7), runner.cancel_preload(3, 7)]
+            waiting = runner.status().preloads_waiting
+            with pytest.raises(Cancelled):
+                await mine
+            await long
+            built = await theirs
+            third = asyncio.ensure_future(
+                runner.preload(Preload(id=8, lora_paths=[str(a)], lora_scales=[0.7]), owner=1)
+            )
+            while runner.preload_running is None and not third.done():
+                await asyncio.sleep(0)
+            running = runner.cancel_preload(1, 8)  # the build runs on the render thread meanwhile
+            finished = await third
+            return states, waiting, built, running, finished, runner.cancel_preload(1, 8)
+        finally:
+            await runner.close()
+
+    try:
+        states, waiting, built, running, finished, after = asyncio.run(main())
+    finally:
+        patcher.clear()
+    assert states == ["queued", "unknown", "unknown"] and waiting == 1
+    assert built.built and built.resident  # owner 2's preload of the same id ran
+    assert running == "running" and finished.built and after == "unknown"
+    assert patcher.resident.stats().entries == 2  # b and a at 0.7; a at 0.5 was never built
