@@ -26,6 +26,7 @@ AFFINITY_S = 1.0  # how long a request waits for a replica holding its stack bef
 QUEUE_ANSWER_S = 0.3  # the first deadline for a replica's queue-length answer (doubled per retry, to 1 s)
 ROUTED_MEMORY_S = 5.0  # how long a replica counts as holding a stack this router just sent it
 ROUTED_KEPT = 4096  # stacks remembered at most (the oldest forgotten first)
+PROBES = frozenset({"holds"})  # replica calls routed by a stack id that take no stack in (daemon/cluster/replica.py)
 R = TypeVar("R")
 
 
@@ -107,5 +108,5 @@ class StackRouter(FIFOMixin, MultiplexMixin, RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
         stack_id = pending_request.metadata.multiplexed_model_id
-        if stack_id:
+        if stack_id and pending_request.metadata.call_method not in PROBES:
             self.routes.note(stack_id, replica_id, time.time())

@@ -3,6 +3,7 @@ for the affinity window, then the holders, the replicas holding the fewest stack
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -59,3 +60,29 @@ def test_a_stack_just_sent_counts_as_held_by_its_replica_until_the_memory_ends()
     routes.note("y", "a", now=102.0)
     routes.note("z", "c", now=103.0)  # three stacks, two kept: the oldest note goes
     assert routes.replica_for("x", 103.0) is None and routes.replica_for("z", 103.0) == "c"
+
+
+def test_the_router_notes_a_stack_sent_with_a_render_or_preload_but_not_a_probe():
+    """`on_request_routed`, as Serve's router calls it once a replica accepted a request: a render or a
+    preload sent to a replica makes it the stack's holder for the router at once; the gateway's `holds`
+    probe, which takes no stack in, does not."""
+    from ray.serve._private.common import RequestMetadata  # what Serve's router hands a request router
+    from ray.serve.request_router import PendingRequest
+
+    from daemon.cluster.routing import StackRouter
+
+    router = StackRouter.__new__(StackRouter)  # Serve builds it with its deployment; the state is ours
+    router.initialize_state()
+
+    def routed(method: str, stack_id: str, replica: str) -> None:
+        meta = RequestMetadata(request_id=method, internal_request_id=method, call_method=method,
+                               multiplexed_model_id=stack_id)  # fmt: skip
+        router.on_request_routed(PendingRequest(args=[], kwargs={}, metadata=meta), replica, None)
+
+    routed("preload", "x", "a")
+    routed("holds", "x", "b")
+    routed("holds", "y", "b")
+    routed("render", "", "c")
+    now = time.time()
+    assert router.routes.replica_for("x", now) == "a" and router.routes.replica_for("y", now) is None
+    assert router.routes.replica_for("", now) is None
