@@ -3,6 +3,7 @@ for the affinity window, then the holders, the replicas holding the fewest stack
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 
@@ -74,15 +75,16 @@ def test_the_router_notes_a_stack_sent_with_a_render_or_preload_but_not_a_probe(
     router = StackRouter.__new__(StackRouter)  # Serve builds it with its deployment; the state is ours
     router.initialize_state()
 
-    def routed(method: str, stack_id: str, replica: str) -> None:
+    async def routed(method: str, stack_id: str, replica: str) -> None:  # a request's future needs a loop
         meta = RequestMetadata(request_id=method, internal_request_id=method, call_method=method,
                                multiplexed_model_id=stack_id)  # fmt: skip
         router.on_request_routed(PendingRequest(args=[], kwargs={}, metadata=meta), replica, None)
 
-    routed("preload", "x", "a")
-    routed("holds", "x", "b")
-    routed("holds", "y", "b")
-    routed("render", "", "c")
+    async def main() -> None:
+        for call in (("preload", "x", "a"), ("holds", "x", "b"), ("holds", "y", "b"), ("render", "", "c")):
+            await routed(*call)
+
+    asyncio.run(main())
     now = time.time()
     assert router.routes.replica_for("x", now) == "a" and router.routes.replica_for("y", now) is None
     assert router.routes.replica_for("", now) is None
