@@ -180,6 +180,7 @@ def main() -> None:
 
     from daemon.cluster import app
     from daemon.cluster.gateway import GatewayThread
+    from daemon.cluster.routing import StackRouter
     from daemon.config import ServerConfig, ServiceConfig
     from daemon.telemetry import setup_telemetry
 
@@ -200,34 +201,26 @@ def main() -> None:
 
     try:
         serve.start(http_options={"location": "NoServer"})
-        t0 = time.perf_counter()
-        app.deploy(config, replicas=2, stacks_per_replica=STACKS)
-        print(f"2 replicas ready in {time.perf_counter() - t0:.1f}s", flush=True)
-        for facts in replica_processes():
-            print(f"  replica: {describe(facts)}", flush=True)
-        gw = gateway("two.sock")
-        loads0 = board_loads()
-        wall2 = asyncio.run(run_workload(gw.socket, workload(first, 2)))
-        loads = board_loads() - loads0
-        print(
-            f"2 replicas, easel's StackRouter: {REQUESTS} renders in {wall2:.1f}s, {loads} stack loads over {STACKS} "
-            "stacks",
-            flush=True,
-        )
-        gw.stop()
-        serve.delete(app.APP_NAME)
-        app.deploy(config, replicas=2, stacks_per_replica=STACKS, router=None)
-        gw = gateway("default.sock")
-        loads0 = board_loads()
-        wall_default = asyncio.run(run_workload(gw.socket, workload(third, 3)))
-        loads_default = board_loads() - loads0
-        print(
-            f"2 replicas, Serve's default router: {REQUESTS} renders in {wall_default:.1f}s, {loads_default} stack "
-            f"loads over {STACKS} stacks",
-            flush=True,
-        )
-        gw.stop()
-        serve.delete(app.APP_NAME)
+
+        def two_replicas(stacks: list[list[str]], seed: int, router: type | None, label: str) -> tuple[float, int]:
+            """The mixed workload on two replicas routed by `router` (None: Serve's default): (wall s, loads)."""
+            t0 = time.perf_counter()
+            app.deploy(config, replicas=2, stacks_per_replica=STACKS, router=router)
+            print(f"2 replicas ready in {time.perf_counter() - t0:.1f}s", flush=True)
+            for facts in replica_processes():
+                print(f"  replica: {describe(facts)}", flush=True)
+            gw = gateway(f"two-{seed}.sock")
+            loads0 = board_loads()
+            wall = asyncio.run(run_workload(gw.socket, workload(stacks, seed)))
+            loads = board_loads() - loads0
+            print(f"2 replicas, {label}: {REQUESTS} renders in {wall:.1f}s, {loads} stack loads over {STACKS} stacks",
+                  flush=True)  # fmt: skip
+            gw.stop()
+            serve.delete(app.APP_NAME)
+            return wall, loads
+
+        wall2, loads = two_replicas(first, 2, StackRouter, "easel's StackRouter")
+        _, loads_default = two_replicas(third, 3, None, "Serve's default router")
         t0 = time.perf_counter()
         handle = app.deploy(config, replicas=1, stacks_per_replica=STACKS, num_cpus=2)
         print(f"1 replica ready in {time.perf_counter() - t0:.1f}s", flush=True)
