@@ -33,7 +33,7 @@ import msgspec
 
 from client.lorafile.layout import TRANSFORMER_PART
 from client.lorafile.resolve import Term, corrupt_error
-from client.wire.errors import InvalidRequest, LoraZeroMatch
+from client.wire.errors import Cancelled, InvalidRequest, LoraZeroMatch
 from client.wire.report import FileReport
 from daemon.lora.cache import LoraCache, Signature
 from daemon.lora.decompose import base_weight, layer_arrays, stack_gains
@@ -43,6 +43,7 @@ from daemon.lora.resident import ResidentStack, ResidentStacks, StackKey
 from daemon.lora.runtime import (
     ActiveLayers,
     AllocatedFills,
+    BuildStopped,
     Fills,
     LayerArrays,
     StackedLoraLinear,
@@ -251,13 +252,19 @@ class LoraPatcher:
             return self._report
 
     def preload(
-        self, entries: Iterable[StackEntry | tuple[str, float]], zero_match: ZeroMatchPolicy = "error"
+        self,
+        entries: Iterable[StackEntry | tuple[str, float]],
+        zero_match: ZeroMatchPolicy = "error",
+        stop: Callable[[], bool] | None = None,
     ) -> PreloadReport:
         """Build a stack into the resident stacks without making it live, so the first switch to it is one
         assignment. On the model's thread (MLX work), like apply_stack, whose errors it raises: the live
         stack and the model are untouched either way, and the live stack is never evicted for it. A stack
         already resident or live is reported, not built again. The bake form keeps no built stacks: there
-        the files are only read and resolved (cached), and the report says so."""
+        the files are only read and resolved (cached), and the report says so. `stop` is asked between
+        the build's phases and before each of its buffers is allocated or written (every few
+        milliseconds): once it says True the build ends there, keeps nothing and raises Cancelled, so a
+        render waiting for the model thread, or a caller that gave up, waits for one chunk at most."""
         stack = _checked(entries, zero_match)
         if not stack:
             return PreloadReport([], resident=True, built=False, live=not self._active_key)
@@ -286,7 +293,10 @@ class LoraPatcher:
                     files, resident=True, built=False, live=False, nbytes=known.nbytes, warnings=warnings
                 )
             t0 = time.perf_counter()
-            built = self._build_resident(stack, zero_match)
+            try:
+                built = self._build_resident(stack, zero_match, stop)
+            except BuildStopped:
+                raise Cancelled("the preload's build was stopped before it finished; nothing was kept") from None
             self.resident.put(built, pinned=self._active_key)
             build_ms = (time.perf_counter() - t0) * 1000
             resident = built.key in self.resident
@@ -425,9 +435,16 @@ class LoraPatcher:
                     format=f.format,
                 )
 
-    def _build_resident(self, stack: Sequence[StackEntry], zero_match: ZeroMatchPolicy) -> ResidentStack:
+    def _build_resident(
+        self, stack: Sequence[StackEntry], zero_match: ZeroMatchPolicy, stop: Callable[[], bool] | None = None
+    ) -> ResidentStack:
+        """The stack's arrays, built and evaluated; BuildStopped once `stop` says True (asked between the
+        phases and by `Fills.run` before each buffer), with nothing of it kept."""
+        stopped = stop or (lambda: False)
         t0 = time.perf_counter()
         reports, sigs, per_layer, warnings = self._prepare(stack, zero_match)
+        if stopped():
+            raise BuildStopped("stopped after its files were read")
         t1 = time.perf_counter()
         layers = {}
         to_eval: list[mx.array] = []
@@ -446,9 +463,13 @@ class LoraPatcher:
             parts = layer_arrays(target, contributions, dtype, slot.original, weight_of, gains, fills=fills)
             layers[target] = parts
             to_eval.extend(parts.arrays())
+        if stopped():
+            raise BuildStopped("stopped after its layers were planned")
         t2 = time.perf_counter()
-        allocate_ms, write_ms = fills.run()  # every low-rank pair allocated, each block written once
+        allocate_ms, write_ms = fills.run(stop=stopped)  # every low-rank pair allocated, each block written once
         t3 = time.perf_counter()
+        if to_eval and stopped():  # what is left to evaluate (norm, DoRA, dense terms) is worth stopping for
+            raise BuildStopped("stopped before its other arrays were evaluated")
         if to_eval:
             mx.eval(*to_eval)
         self.build_phases_ms = {

@@ -228,6 +228,13 @@ class StackedLoraLinear(nn.Module):
 
 
 CHUNK_BYTES = 32 * 1024**2  # a stack build allocates this much at a time while the writes run
+
+
+class BuildStopped(Exception):
+    """A stack build was stopped by its caller (`stop`) before it finished: nothing was assigned, and
+    the buffers it had allocated are freed with it."""
+
+
 _ALIGN = 64  # elements: every array of a chunk starts on a 128-byte (bf16) or 256-byte (float32) boundary
 
 
@@ -297,26 +304,36 @@ class Fills:
         last_index, last_offset = members[-1]
         return unfilled(last_offset + math.prod(self._declared[last_index][0]), storage)  # the jobs write all of it
 
-    def run(self, workers: int = 2) -> tuple[float, float]:
+    def run(self, workers: int = 2, stop: Callable[[], bool] | None = None) -> tuple[float, float]:
         """Allocate the chunks one by one (unfilled) on this thread while `workers` threads write the blocks
         of the chunks already allocated. Numpy's copies and conversions let go of
         the GIL, so on a multi-core machine they run in parallel. Returns (milliseconds spent allocating,
-        milliseconds the writes and views took beyond that)."""
+        milliseconds the writes and views took beyond that). `stop` is asked before each chunk is
+        allocated and before each is written: once it says True, no further chunk is touched, nothing is
+        assigned and BuildStopped is raised (a chunk being written when it turns is finished first)."""
         if not self._declared:
             return 0.0, 0.0
         t0 = time.perf_counter()
         allocating = 0.0
         views: list[mx.array | None] = [None] * len(self._declared)
+        stopped = stop or _never
+        allocated = True
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             pending = []
             for storage, members in self._chunks():
+                if stopped():
+                    allocated = False
+                    break
                 a0 = time.perf_counter()
                 chunk = self._chunk(members, storage)
                 allocating += time.perf_counter() - a0
-                pending.append(pool.submit(_write, self._views(chunk, members, views)))
-            mx.eval(*views)  # slices and reshapes of the chunks: they share the chunks' memory
-            for done in pending:
-                done.result()
+                pending.append(pool.submit(_write, self._views(chunk, members, views), stopped))
+            else:
+                mx.eval(*views)  # slices and reshapes of the chunks: they share the chunks' memory
+            written = all([done.result() for done in pending])
+        if not (allocated and written):  # a build stopped after its last write is kept: it is complete
+            self._declared, self._jobs = [], []
+            raise BuildStopped("the stack build was stopped before its blocks were all written")
         self._assign(views)
         total = time.perf_counter() - t0
         return allocating * 1000, (total - allocating) * 1000
@@ -352,9 +369,17 @@ class AllocatedFills:
         self._fills._assign(self._views)
 
 
-def _write(share: list[tuple[np.ndarray, Callable[[np.ndarray], None]]]) -> None:
+def _never() -> bool:
+    return False
+
+
+def _write(share: list[tuple[np.ndarray, Callable[[np.ndarray], None]]], stop: Callable[[], bool] = _never) -> bool:
+    """Run the jobs of one chunk; False (nothing written) if `stop` says so first."""
+    if stop():
+        return False
     for view, job in share:
         job(view)
+    return True
 
 
 # Layer dtypes the low-rank pair is written into directly (through numpy views of the MLX buffers; bf16

@@ -424,3 +424,49 @@ def test_a_preload_keeps_the_zero_match_policy_of_each_request(tmp_path, make_pa
     with pytest.raises(LoraZeroMatch):
         p.preload(stack)
     assert p.active == []
+
+
+def test_a_preload_stopped_at_any_of_its_checks_keeps_nothing_and_changes_nothing(tmp_path, make_patcher, forward):
+    """`preload(..., stop=...)` asks `stop` between its phases and before each buffer is allocated or
+    written. Whichever ask first says True, the build ends there: Cancelled, nothing resident, the live
+    stack, its outputs and the model's modules as they were. A build never stopped is then resident, and
+    the switch to it renders what a cold apply renders."""
+    from client.wire.errors import Cancelled
+
+    p = make_patcher()
+    g = _files(tmp_path, p.layout, 4)
+    live, other = _two_stacks(g)
+    p.apply_stack(live)
+    out_live = forward()
+    modules = {name: _module(p.transformer, name) for name in p.layout}
+    entries = p.resident.stats().entries
+
+    asked = []
+    counting = make_patcher()  # the same stack built by a patcher of its own: how often a full build asks
+    counting.preload(other, stop=lambda: asked.append(1) is not None)
+    counting.clear()
+    assert len(asked) >= 4  # after reading, after planning, before allocating and before writing a chunk
+
+    for first_true in range(1, len(asked) + 1):
+        calls = []
+
+        def stop(first_true=first_true, calls=calls):
+            calls.append(1)
+            return len(calls) >= first_true
+
+        with pytest.raises(Cancelled, match="nothing was kept"):
+            p.preload(other, stop=stop)
+        assert len(calls) >= first_true
+        assert p.resident.stats().entries == entries and p.resident.peek(p._key(other)) is None
+        assert p.active == live
+        np.testing.assert_array_equal(forward(), out_live)
+        assert all(_module(p.transformer, n) is m for n, m in modules.items())
+
+    report = p.preload(other, stop=lambda: False)
+    assert report.built and report.resident and p.resident.stats().entries == entries + 1
+    p.apply_stack(other)
+    preloaded = forward()
+    cold = make_patcher()
+    cold.apply_stack(other)
+    np.testing.assert_array_equal(forward(), preloaded)
+    cold.clear()
