@@ -28,8 +28,11 @@ resumes.
 
 Preloads (`preload`): a stack built into the resident stacks ahead of the renders that will use it,
 without making it live. It runs on the render thread when no render is queued or running, one at a time
-in arrival order, so renders always go first; a render that arrives while one builds waits for that build
-(a cold stack switch's time) at most.
+in arrival order, so renders always go first. A render that arrives while one builds (of another stack)
+stops that build at its next chunk, a few milliseconds, and the preload waits again at the head of the
+preloads, to be built from its files (already read and parsed) once the renders are done; a render of the
+very stack being built waits for it instead, and then finds it resident. Cancelling a preload that is
+building stops it the same way, with nothing kept.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ from daemon.scheduler import (
     estimate_queue,
     plan,
 )
-from daemon.service import Prepared, RenderService, StackItem
+from daemon.service import Prepared, RenderService, StackItem, stack_key
 
 log = logging.getLogger("easel.runner")
 
@@ -166,8 +169,12 @@ class PendingPreload:
     stack: list[StackItem]
     zero_match: str
     answer: asyncio.Future
-    expiry: asyncio.TimerHandle | None = None
+    expiry: asyncio.TimerHandle | None = None  # answers it DeadlineExceeded if it is still waiting then
+    expiry_s: float | None = None  # its deadline_s
     key: tuple[Any, Any] | None = None  # (owner, request id): what `cancel_preload` names it by
+    stop: threading.Event = field(default_factory=threading.Event)  # its build, once running, stops when set
+    stopped_for: Literal["render", "cancel", "shutdown"] | None = None  # why `stop` was set (a render: yield)
+    stack_key: Any = None  # the stack as `service.stack_key` names it: a render of it waits for the build
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,7 @@ class RunnerStatus:
     stack_switches: int
     model: ModelInfo | None = None
     preloads_waiting: int = 0  # preloads waiting for the render thread to be idle
+    preloads_yielded: int = 0  # preload builds stopped for a render that arrived (each built again later)
 
 
 class RenderRunner:
@@ -208,6 +216,7 @@ class RenderRunner:
         self.renders_done = 0
         self.preloads: deque[PendingPreload] = deque()  # in arrival order; run when no render is queued
         self.preload_running: PendingPreload | None = None
+        self.preloads_yielded = 0  # preload builds stopped for a render that arrived (each built again later)
         self._seq = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-render")
         # reads and builds the LoRA stack of the job planned next while the current one renders; its
@@ -270,12 +279,15 @@ class RenderRunner:
         return False
 
     def abort(self, *, force: bool = False) -> None:
-        """Answer every queued job with ShuttingDown and stop the running render at its next step.
+        """Answer every queued job with ShuttingDown and stop the running render at its next step (a
+        preload's build at its next chunk, answered ShuttingDown).
         `force`: also answer the running job now (Cancelled) and stop waiting for its thread."""
         self.stop_accepting()
         for job in self.queue.jobs:
             self.queue.remove(job)
             self._fail(job, ShuttingDown("the daemon shut down before this render started"))
+        if self.preload_running is not None:
+            self._stop_preload(self.preload_running, "shutdown")
         for job in [self.running, *self.suspended]:
             if job is None:
                 continue
@@ -351,6 +363,9 @@ class RenderRunner:
         self.queue.submit(job)
         self.jobs[job.job_id] = job
         self._depth_changed()
+        building = self.preload_running
+        if building is not None and building.stack_key != job.stack_key:
+            self._stop_preload(building, "render")
         if request.deadline_s is not None:
             job.expiry = self._loop.call_later(request.deadline_s, self._expire, job)
         now = time.monotonic()
@@ -396,10 +411,11 @@ class RenderRunner:
         if self.queue.closed:
             raise ShuttingDown("the daemon is shutting down and accepts no new preloads")
         stack = self.service.stack_items(request.lora_paths, request.lora_scales, request.lora_names)
-        pending = PendingPreload(stack, request.zero_match, self._loop.create_future())
+        pending = PendingPreload(stack, request.zero_match, self._loop.create_future(), stack_key=stack_key(stack))
         if owner is not None:
             pending.key = (owner, request.id)
         if request.deadline_s is not None:
+            pending.expiry_s = request.deadline_s
             pending.expiry = self._loop.call_later(
                 request.deadline_s, self._expire_preload, pending, request.deadline_s
             )
@@ -410,13 +426,16 @@ class RenderRunner:
         finally:
             if pending in self.preloads:  # the caller stopped waiting before it ran
                 self.preloads.remove(pending)
+            if pending is self.preload_running and not pending.answer.done():  # ... or while it builds
+                self._stop_preload(pending, "cancel")
             if pending.expiry is not None:
                 pending.expiry.cancel()
 
     def cancel_preload(self, owner: Any, request_id: Any) -> str:
-        """Drop the preload `request_id` of `owner` if it has not started: its caller gets Cancelled.
-        Returns where it was: "queued" (dropped), "running" (a build is not interrupted: it finishes and is
-        answered), or "unknown" (no such preload waiting or running: answered already, or never sent)."""
+        """Drop the preload `request_id` of `owner`: its caller gets Cancelled. Returns where it was:
+        "queued" (dropped), "running" (its build stops at its next chunk and keeps nothing; a build that
+        finishes first is answered as usual, its stack resident), "cancelling" (an earlier cancel is stopping
+        its build), or "unknown" (no such preload waiting or running: answered already, or never sent)."""
         key = (owner, request_id)
         for pending in self.preloads:
             if pending.key == key:
@@ -424,14 +443,28 @@ class RenderRunner:
                 self._answer_preload(pending, Cancelled("preload cancelled before it ran"))
                 return "queued"
         running = self.preload_running
-        return "running" if running is not None and running.key == key else "unknown"
+        if running is None or running.key != key:
+            return "unknown"
+        if running.stopped_for == "cancel":
+            return "cancelling"
+        self._stop_preload(running, "cancel")
+        return "running"
+
+    @staticmethod
+    def _stop_preload(pending: PendingPreload, why: Literal["render", "cancel", "shutdown"]) -> None:
+        """Stop `pending`'s build at its next chunk (a cancel or a shutdown outranks a yield to a render)."""
+        if pending.stopped_for in (None, "render"):
+            pending.stopped_for = why
+        pending.stop.set()
 
     def _expire_preload(self, pending: PendingPreload, deadline_s: float) -> None:
         if pending in self.preloads:
             self.preloads.remove(pending)
             self._answer_preload(
                 pending,
-                DeadlineExceeded(f"deadline of {deadline_s}s passed before this preload ran", deadline_s=deadline_s),
+                DeadlineExceeded(
+                    f"deadline of {deadline_s}s passed before this preload was built", deadline_s=deadline_s
+                ),
             )
 
     @staticmethod
@@ -444,12 +477,18 @@ class RenderRunner:
             pending.answer.set_result(outcome)
 
     async def _run_preload(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The oldest waiting preload, on the render thread (the queue is empty: renders go first)."""
-        pending = self.preloads.popleft()  # out of the queue: its deadline no longer applies
+        """The oldest waiting preload, on the render thread (the queue is empty: renders go first). Its build
+        stops for a render that arrives meanwhile (the preload goes back to the head of the preloads) or
+        for its cancel (answered Cancelled)."""
+        pending = self.preloads.popleft()  # out of the queue: its deadline applies again only if it yields
+        if pending.answer.done():  # its caller stopped waiting
+            return
+        pending.stop.clear()
+        pending.stopped_for = None
         self.preload_running = pending
         try:
             outcome = await loop.run_in_executor(
-                self._executor, self.service.preload, pending.stack, pending.zero_match
+                self._executor, self.service.preload, pending.stack, pending.zero_match, pending.stop.is_set
             )
         except EaselError as err:
             outcome = err
@@ -458,6 +497,20 @@ class RenderRunner:
             outcome = EaselError(f"preload failed: {type(exc).__name__}: {exc}")
         finally:
             self.preload_running = None
+        if isinstance(outcome, Cancelled) and pending.stopped_for is not None:  # its build was stopped
+            if pending.stopped_for == "render" and not self.queue.closed:
+                self.preloads_yielded += 1
+                if pending.expiry is None or loop.time() < pending.expiry.when():
+                    self.preloads.appendleft(pending)  # built again once the renders are done
+                    return
+                deadline_s = pending.expiry_s
+                outcome = DeadlineExceeded(
+                    f"deadline of {deadline_s}s passed before this preload was built", deadline_s=deadline_s
+                )
+            elif pending.stopped_for == "cancel":
+                outcome = Cancelled("preload cancelled while it was building; nothing was kept")
+            else:
+                outcome = ShuttingDown("the daemon shut down while this preload was building; nothing was kept")
         self._answer_preload(pending, outcome)
 
     def _expire(self, job: RenderJob) -> None:
@@ -805,6 +858,7 @@ class RenderRunner:
             stack_switches=svc.stack_switches,
             model=svc.model_info(),
             preloads_waiting=len(self.preloads),
+            preloads_yielded=self.preloads_yielded,
         )
 
 

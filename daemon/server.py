@@ -627,14 +627,14 @@ class DaemonServer:
         job was (queued, running, suspended, cancelling: an earlier cancel is stopping it, done: already answered,
         unknown: no such job); `job` its id, "" when the request named no job this daemon knows. A `preload`
         in flight on this connection, named by its request id, is dropped while it waits (it answers
-        `cancelled`; state queued, job ""); one whose build runs finishes and answers (state running)."""
+        `cancelled`; state queued, job ""); one whose build runs stops at its next chunk (state running)."""
         if req.job is not None:
             job, answered = self.runner.get(req.job), req.job if req.job in self.answered_jobs else None
         else:
             job, answered = conn.jobs.get(req.target), conn.answered.get(req.target)
             if job is None and conn.in_flight.get(req.target) == "preload":
                 state = self.runner.cancel_preload(conn.conn_id, req.target)
-                return Result(id=req.id, op="cancel", result=CancelResult(state == "queued", state, ""))
+                return Result(id=req.id, op="cancel", result=CancelResult(state in ("queued", "running"), state, ""))
         if job is not None and job.state != "done":
             if job.cancel_event.is_set():
                 result = CancelResult(cancelled=False, state="cancelling", job=job.job_id)
@@ -703,4 +703,5 @@ class DaemonServer:
             suspended=run.suspended,
             model=run.model,
             preloads_waiting=run.preloads_waiting,
+            preloads_yielded=run.preloads_yielded,
         )

@@ -285,13 +285,15 @@ class RenderService:
         self.stack_switches += 1
         return True
 
-    def preload(self, items: list[StackItem], zero_match: str) -> PreloadResult:
-        """Build a stack into the resident stacks without making it live (`LoraPatcher.preload`)."""
+    def preload(self, items: list[StackItem], zero_match: str, stop: Callable[[], bool] | None = None) -> PreloadResult:
+        """Build a stack into the resident stacks without making it live (`LoraPatcher.preload`); Cancelled,
+        with nothing kept, once `stop` says True before the build finishes."""
         from daemon.lora.patcher import StackEntry
 
         if self.patcher is None:
             raise InvalidRequest("this daemon was started without LoRA support", field="lora_paths")
-        report = self.patcher.preload([StackEntry(str(it.path), it.scale, name=it.name) for it in items], zero_match)
+        entries = [StackEntry(str(it.path), it.scale, name=it.name) for it in items]
+        report = self.patcher.preload(entries, zero_match, stop)
         files = _reply_files(report.files, items)
         return PreloadResult(
             resident=report.resident,

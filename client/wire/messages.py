@@ -75,7 +75,8 @@ class Render(_Req, tag="render"):
 class Preload(_Req, tag="preload"):
     """Build a LoRA stack ahead of the renders that will use it, without making it live: it joins the
     resident stacks, so the first render with it switches in one assignment. Runs when no render is
-    queued or running; a render that arrives meanwhile waits for that one build at most."""
+    queued or running; a render of another stack that arrives meanwhile stops the build within a chunk
+    and goes first (the preload is built again after it)."""
 
     lora_paths: Annotated[list[PathStr], Meta(min_length=1, max_length=MAX_STACK)]
     lora_scales: Annotated[list[float], Meta(max_length=MAX_STACK)]
@@ -284,6 +285,7 @@ class ReplicaStatus(Struct, omit_defaults=True):
     report_age_s: float  # seconds since this report
     in_flight: JobInfo | None = None
     resident_stacks: LoraCacheStats | None = None
+    preloads_yielded: int = 0  # its preload builds stopped for a render that arrived
 
 
 class StatusResult(Struct, omit_defaults=True):
@@ -311,6 +313,7 @@ class StatusResult(Struct, omit_defaults=True):
     resident_stacks: LoraCacheStats | None = None  # built stacks kept for instant switches; absent: none kept
     replicas: list[ReplicaStatus] = []  # behind a cluster gateway: each render replica; absent: a plain daemon
     preloads_waiting: int = 0  # `preload` requests waiting for the render thread to be idle
+    preloads_yielded: int = 0  # preload builds stopped for a render that arrived, each built again later
 
 
 class PingResult(Struct, omit_defaults=True):

@@ -292,9 +292,8 @@ class ClusterRunner:
 
     def cancel_preload(self, owner: Any, request_id: Any) -> str:
         """Cancel the forwarded preload `request_id` of `owner`: Serve cancels the replica's call, whose
-        runner drops it if it is still waiting there (a build already running on the replica finishes
-        there, unanswered); its caller here gets Cancelled. "queued" when it was still unanswered,
-        "unknown" otherwise."""
+        runner drops it if it is still waiting there or stops its build if it runs; its caller here gets
+        Cancelled. "queued" when it was still unanswered, "unknown" otherwise."""
         call = self.preloads.pop((owner, request_id), None)
         if call is None:
             return "unknown"
@@ -482,6 +481,7 @@ class ClusterRunner:
             stack_switches=sum(r.stack_switches for r in replicas),
             model=None,
             preloads_waiting=self.preloads_waiting,
+            preloads_yielded=sum(r.preloads_yielded for r in replicas),
         )
 
 

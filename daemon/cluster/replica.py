@@ -313,6 +313,7 @@ class RenderReplica:
             report_age_s=0.0,
             in_flight=run.in_flight,
             resident_stacks=run.resident_stacks,
+            preloads_yielded=run.preloads_yielded,
         )
         return {
             "status": msgspec.to_builtins(status),

@@ -4,6 +4,7 @@ of its renders, without going live, so the first render with it switches in one 
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from helpers.lora_factories import TINY_ATTENTION, TINY_MISSING, make_lora
 from PIL import Image
 
-from client.wire.errors import LoraNotFound, LoraZeroMatch
+from client.wire.errors import DeadlineExceeded, LoraNotFound, LoraZeroMatch
 from client.wire.messages import Preload, Render
 from daemon.config import ServiceConfig
 from daemon.runner import RenderRunner
@@ -185,10 +186,25 @@ def test_renders_go_before_preloads_and_a_preload_can_expire_or_be_shut_out(tiny
     assert tight.entries == 0
 
 
-def test_a_waiting_preload_is_cancelled_by_its_owner_and_id_and_a_running_one_is_not(tiny_model, tmp_path):
+def _gated(runner) -> tuple[threading.Event, threading.Event]:
+    """Hold every preload build at its start until the test says go: (entered, go). The build itself is
+    the real one, with the runner's stop; a stop set while it is held is seen at the build's first check."""
+    real, entered, go = runner.service.preload, threading.Event(), threading.Event()
+
+    def gated(items, zero_match, stop=None):
+        entered.set()
+        go.wait(60)
+        return real(items, zero_match, stop)
+
+    runner.service.preload = gated
+    return entered, go
+
+
+def test_a_preload_is_cancelled_by_its_owner_and_id_waiting_or_building(tiny_model, tmp_path):
     """`cancel_preload(owner, id)` drops a preload still waiting behind a render: its caller gets
-    `cancelled` and nothing is built; another owner's preload with the same id is not touched; a preload
-    whose build has started is reported running and finishes; an answered one is unknown."""
+    `cancelled` and nothing is built; another owner's preload with the same id is not touched. A preload
+    whose build has started is reported running (then cancelling, to a second cancel): its build stops,
+    keeps nothing, and its caller gets `cancelled`; an answered one is unknown."""
     from client.wire.errors import Cancelled
 
     loras, a, b, _ = _files(tmp_path)
@@ -210,22 +226,150 @@ def test_a_waiting_preload_is_cancelled_by_its_owner_and_id_and_a_running_one_is
                 await mine
             await long
             built = await theirs
+            entered, go = _gated(runner)
             third = asyncio.ensure_future(
                 runner.preload(Preload(id=8, lora_paths=[str(a)], lora_scales=[0.7]), owner=1)
             )
-            while runner.preload_running is None and not third.done():
-                await asyncio.sleep(0)
-            running = runner.cancel_preload(1, 8)  # the build runs on the render thread meanwhile
-            finished = await third
-            return states, waiting, built, running, finished, runner.cancel_preload(1, 8)
+            await asyncio.to_thread(entered.wait, 60)  # its build has started on the render thread
+            running = [runner.cancel_preload(1, 8), runner.cancel_preload(1, 8)]
+            go.set()
+            with pytest.raises(Cancelled, match="while it was building"):
+                await third
+            return states, waiting, built, running, runner.cancel_preload(1, 8), runner.status().preloads_yielded
         finally:
             await runner.close()
 
     try:
-        states, waiting, built, running, finished, after = asyncio.run(main())
+        states, waiting, built, running, after, yielded = asyncio.run(main())
     finally:
         patcher.clear()
     assert states == ["queued", "unknown", "unknown"] and waiting == 1
     assert built.built and built.resident  # owner 2's preload of the same id ran
-    assert running == "running" and finished.built and after == "unknown"
-    assert patcher.resident.stats().entries == 2  # b and a at 0.7; a at 0.5 was never built
+    assert running == ["running", "cancelling"] and after == "unknown" and yielded == 0
+    assert patcher.resident.stats().entries == 1  # b; a at 0.5 was never built, a at 0.7 was stopped
+
+
+def test_a_render_stops_a_preload_building_another_stack_and_waits_for_one_building_its_own(tiny_model, tmp_path):
+    """A render arriving while a preload builds another stack stops that build (nothing kept) and runs
+    first; the preload is then built again and answered `built` (`preloads_yielded` counts the stop). A
+    render of the very stack being built waits for it instead and finds it resident (a hit, no miss)."""
+    loras, a, b, _ = _files(tmp_path)
+    runner, patcher = _runner(tiny_model, loras, tmp_path / "out")
+    order: list[str] = []
+
+    async def main():
+        try:
+            entered, go = _gated(runner)
+
+            async def track(name, call):
+                result = await call
+                order.append(name)
+                return result
+
+            preload_a = asyncio.ensure_future(
+                track("preload a", runner.preload(Preload(id=1, lora_paths=[str(a)], lora_scales=[0.7])))
+            )
+            await asyncio.to_thread(entered.wait, 60)
+            with_b = Render(id=2, prompt="b", lora_paths=[str(b)], lora_scales=[0.4], **SIZE)
+            render_b = asyncio.ensure_future(track("render b", runner.render(with_b)))
+            await asyncio.sleep(0)
+            stopped_for = runner.preload_running.stopped_for
+            go.set()
+            first = await preload_a
+            await render_b
+            yielded = runner.status().preloads_yielded
+
+            entered.clear()
+            go.clear()
+            preload_again = asyncio.ensure_future(runner.preload(Preload(id=3, lora_paths=[str(b)], lora_scales=[0.9])))
+            await asyncio.to_thread(entered.wait, 60)
+            before = patcher.resident.stats()
+            same = asyncio.ensure_future(
+                runner.render(Render(id=4, prompt="same", lora_paths=[str(b)], lora_scales=[0.9], **SIZE))
+            )
+            await asyncio.sleep(0)
+            kept_going = runner.preload_running.stopped_for is None
+            go.set()
+            second, rendered = await preload_again, await same
+            after = patcher.resident.stats()
+
+            entered.clear()
+            go.clear()  # a preload whose deadline passes while it builds, then stopped by a render
+            kept = patcher.resident.stats().entries
+            late = asyncio.ensure_future(
+                runner.preload(Preload(id=5, lora_paths=[str(a)], lora_scales=[0.2], deadline_s=0.3))
+            )
+            await asyncio.to_thread(entered.wait, 60)
+            await asyncio.sleep(0.4)
+            plain = asyncio.ensure_future(runner.render(Render(id=6, prompt="plain", **SIZE)))
+            await asyncio.sleep(0)
+            go.set()
+            with pytest.raises(DeadlineExceeded, match="before this preload was built"):
+                await late
+            await plain
+            assert patcher.resident.stats().entries == kept  # the late preload kept nothing
+            return stopped_for, first, yielded, kept_going, second, rendered, before, after, runner.status()
+        finally:
+            await runner.close()
+
+    try:
+        stopped_for, first, yielded, kept_going, second, rendered, before, after, status = asyncio.run(main())
+    finally:
+        patcher.clear()
+    assert stopped_for == "render" and order == ["render b", "preload a"]
+    assert first.built and first.resident and not first.live and yielded == 1
+    assert kept_going and second.built and rendered.stack_switched
+    assert (after.hits, after.misses) == (before.hits + 1, before.misses)  # the render's switch: a resident hit
+    assert status.preloads_yielded == 2 and status.preloads_waiting == 0
+
+
+def test_cancel_on_the_socket_stops_a_building_preload(tiny_model, tmp_path):
+    """Over a real socket (the real server and service on the tiny model, in process): `cancel` naming a
+    preload whose build has started answers `cancelled` true, state `running`; a second cancel answers
+    `cancelling`; the preload answers `cancelled` and nothing was kept."""
+    from helpers.daemon_standin import InProcessDaemon, make_config
+
+    from client.client import AsyncRenderClient
+    from client.wire.errors import Cancelled
+    from daemon.lora.cache import LoraCache
+    from daemon.lora.patcher import LoraPatcher
+    from daemon.lora.resident import ResidentStacks
+    from daemon.service import RenderService
+
+    loras, a, _, _ = _files(tmp_path)
+    config = make_config(tmp_path, lora_roots=(loras,))
+    cache = LoraCache(config.service.lora_cache_bytes)
+    patcher = LoraPatcher(tiny_model.flux.transformer, cache, resident=ResidentStacks(2 * 1024**3))
+    service = RenderService(
+        tiny_model, config.service, patcher=patcher, cache=cache, preset_name="tiny", default_steps=1
+    )
+    d = InProcessDaemon(config, service=service).start()
+    try:
+        entered, go = threading.Event(), threading.Event()
+        real = service.preload
+
+        def gated(items, zero_match, stop=None):
+            entered.set()
+            go.wait(60)
+            return real(items, zero_match, stop)
+
+        service.preload = gated
+
+        async def main():
+            async with AsyncRenderClient(config.socket_path) as c:
+                preload = asyncio.ensure_future(c.preload([str(a)], [0.6], request_id="world-1"))
+                await asyncio.to_thread(entered.wait, 60)
+                first, second = await c.cancel("world-1"), await c.cancel("world-1")
+                go.set()
+                with pytest.raises(Cancelled, match="while it was building"):
+                    await preload
+                return first, second, (await c.status()).resident_stacks
+
+        first, second, resident = asyncio.run(main())
+    finally:
+        go.set()
+        d.stop(0)
+        patcher.clear()
+    assert (first.cancelled, first.state, first.job) == (True, "running", "")
+    assert (second.cancelled, second.state) == (False, "cancelling")
+    assert resident.entries == 0
