@@ -20,6 +20,9 @@ Measured:
   next queued job while the current one renders), with the prebuild's own time beside it;
 - preloaded switch: the switch after `preload` built the stack on the model's thread while nothing
   rendered (the `preload` request: a stack built ahead without going live), with the preload's time;
+- stopped preload: the same preload stopped from another thread at REPEATS points spread over its build,
+  as the runner stops it for a render that arrives: the time from the stop to its return (what that
+  render waits for);
 - warm switch: between two resident stacks, median and p99 of SWAPS alternations; the new patcher's
   warm switches at both depths are timed in one loop, a full-depth switch then a 1 + 1 switch, so the
   depth ratio compares switches made under the same machine state (measured apart, the same switch at
@@ -57,6 +60,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from pathlib import Path
@@ -256,8 +260,6 @@ def prebuilt_switches(patcher, a, b, clear_caches) -> tuple[list[float], list[fl
     next queued job while the current one renders (files read, resolved and built on another thread,
     the buffers allocated by the render thread at a step boundary; here a thread standing in for it
     reaches a boundary every 5 ms), then the switch to `b`."""
-    import threading
-
     from daemon.model_thread import ModelThreadCalls
 
     builds, switches = [], []
@@ -297,6 +299,37 @@ def preloaded_switches(patcher, a, b, clear_caches) -> tuple[list[float], list[f
         preloads.append(timed(lambda: patcher.preload(b)))
         switches.append(timed(lambda: patcher.apply_stack(b)))
     return preloads, switches
+
+
+def stopped_preloads(patcher, a, b, clear_caches, build_ms: float) -> list[tuple[float, float | None]]:
+    """[(ms into the build when its stop came, ms from the stop to the preload's return: None when the
+    build finished first)]: `preload(b)` (b's files unread, `a` live) stopped from another thread at
+    REPEATS evenly spread points of a build taking about `build_ms`, as the runner stops it when a render
+    arrives: the time until the render thread is free for that render."""
+    from client.wire.errors import Cancelled
+
+    out: list[tuple[float, float | None]] = []
+    for i in range(REPEATS):
+        patcher.clear()
+        clear_caches()
+        patcher.apply_stack(a)
+        patcher.cache.clear()
+        at_ms, stop, fired = build_ms * (i + 0.5) / REPEATS, threading.Event(), []
+
+        def fire(stop=stop, fired=fired) -> None:
+            fired.append(time.perf_counter())
+            stop.set()
+
+        timer = threading.Timer(at_ms / 1000, fire)
+        timer.start()
+        try:
+            patcher.preload(b, stop=stop.is_set)
+            out.append((at_ms, None))
+        except Cancelled:
+            out.append((at_ms, (time.perf_counter() - fired[0]) * 1000))
+        timer.cancel()
+        timer.join()
+    return out
 
 
 def new_patcher(transformer, resident_bytes: int = 4 * 1024**3, cache_bytes: int = 4 * 1024**3) -> LoraPatcher:
@@ -342,6 +375,7 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     out["prefetched"] = prefetched_colds(new, a, b, clear_new)
     out["prebuilds"], out["prebuilt"] = prebuilt_switches(new, a, b, clear_new)
     out["preloads"], out["preloaded"] = preloaded_switches(new, a, b, clear_new)
+    out["stopped"] = stopped_preloads(new, a, b, clear_new, statistics.median(out["preloads"]))
     out["rss_after_mb"] = rss_mb()
     out["resident_mb"] = new.resident.stats().bytes / 1024**2
     new.apply_stack(b)
@@ -574,6 +608,10 @@ def print_depths(full: dict, small: dict) -> None:
             f"  new switch after a preload (median): {statistics.median(d['preloaded']):.3f} ms "
             f"(the preload took {statistics.median(d['preloads']):.1f} ms)"
         )
+        stops = ", ".join(
+            f"{at:.0f} ms in: {'finished first' if after is None else f'{after:.1f} ms'}" for at, after in d["stopped"]
+        )
+        print(f"  a preload's build stopped (as a render arriving stops it), returned after the stop: {stops}")
         print("  new cold build, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in d["phases"].items()))
         print(f"  resident stacks {d['resident_mb']:.0f} MB, RSS after {d['rss_after_mb']:.0f} MB")
 
