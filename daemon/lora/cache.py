@@ -35,6 +35,16 @@ class _Entry:
     resolved: dict[Hashable, tuple[list[Term], FileReport]] = field(default_factory=dict)
 
 
+@dataclass
+class _Reading:
+    """A file being read by one thread; others asking for the same bytes wait for it instead of reading
+    them again (a preload's or the next job's prefetch and a switch of the same stack)."""
+
+    signature: FileSignature
+    done: threading.Event = field(default_factory=threading.Event)
+    entry: _Entry | None = None  # None once done: the read failed (each waiter then reads for itself)
+
+
 class LoraCache:
     """Thread-safe LRU of ParsedLora keyed by absolute path, valid while the file's signature is unchanged.
 
@@ -51,6 +61,7 @@ class LoraCache:
         self._keymaps = keymaps
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._reading: dict[str, _Reading] = {}  # path -> the read in progress
         self._bytes = 0
         self._hits = self._misses = self._evictions = 0
 
@@ -90,16 +101,36 @@ class LoraCache:
 
     def _entry(self, key: str) -> _Entry:
         sig = file_signature(key, with_digest=self.content_hash)
+        while True:
+            with self._lock:
+                cached = self._entries.get(key)
+                if cached is not None and cached.signature == sig:
+                    self._entries.move_to_end(key)
+                    self._hits += 1
+                    return cached
+                other = self._reading.get(key)
+                if other is None or other.signature != sig:
+                    self._misses += 1
+                    mine = self._reading[key] = _Reading(sig)
+                    break
+            other.done.wait()  # the same bytes, being read by another thread
+            if other.entry is not None:
+                with self._lock:
+                    self._hits += 1
+                return other.entry
+        try:
+            sf = read_safetensors(key, as_stored=True, with_digest=self.content_hash)  # outside the lock: slow I/O
+            entry = _Entry(sf.signature or sig, parse_lora(sf, self.keymaps))
+        except BaseException:
+            with self._lock:
+                if self._reading.get(key) is mine:
+                    del self._reading[key]
+            mine.done.set()
+            raise
         with self._lock:
-            cached = self._entries.get(key)
-            if cached is not None and cached.signature == sig:
-                self._entries.move_to_end(key)
-                self._hits += 1
-                return cached
-            self._misses += 1
-        sf = read_safetensors(key, as_stored=True, with_digest=self.content_hash)  # outside the lock: slow I/O
-        entry = _Entry(sf.signature or sig, parse_lora(sf, self.keymaps))
-        with self._lock:
+            if self._reading.get(key) is mine:
+                del self._reading[key]
+            mine.entry = entry
             self._drop(key)
             if entry.parsed.nbytes <= self.max_bytes:
                 self._entries[key] = entry
@@ -108,6 +139,7 @@ class LoraCache:
                     oldest = next(iter(self._entries))
                     self._drop(oldest)
                     self._evictions += 1
+        mine.done.set()
         return entry
 
     def _drop(self, key: str) -> None:

@@ -97,3 +97,42 @@ def test_an_adapter_config_beside_the_file_is_part_of_its_signature_and_digest(t
     assert len({with_config.digest, edited.digest, plain.digest}) == 3
     assert removed.digest == plain.digest  # the weights alone, as before the config existed
     assert cache.stats().misses == 4
+
+
+def test_threads_asking_for_a_file_being_read_wait_for_that_read(tmp_path):
+    """Two threads asking for the same 128 MB file at once (a preload's prefetch and its build, say): the
+    file is read and parsed once, and both get the same parsed object (one miss, one hit, whichever thread
+    reads). A read that fails is not shared: each asker reads for itself and gets the error."""
+    import threading
+
+    from client.wire.errors import LoraFormatError
+
+    cache = LoraCache(max_bytes=10**9)
+    path = _lora(tmp_path / "big.safetensors", rank=2048, width=8192)
+    start, got, errors = threading.Barrier(2), [], []
+
+    def ask(target):
+        start.wait()
+        try:
+            got.append(cache.get(target)[0])
+        except LoraFormatError as exc:
+            errors.append(exc)
+
+    def both(target):
+        threads = [threading.Thread(target=ask, args=(target,)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+
+    both(path)
+    stats = cache.stats()
+    assert len(got) == 2 and got[0] is got[1] and not errors
+    assert (stats.hits, stats.misses, stats.entries) == (1, 1, 1)
+
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(path.read_bytes()[: 10 * 1024**2])  # its header promises 128 MB
+    got.clear()
+    both(broken)
+    assert len(errors) == 2 and not got
+    assert cache.stats().misses == 3 and cache._reading == {}
