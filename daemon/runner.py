@@ -32,7 +32,8 @@ in arrival order, so renders always go first. A render that arrives while one bu
 stops that build at its next chunk, a few milliseconds, and the preload waits again at the head of the
 preloads, to be built from its files (already read and parsed) once the renders are done; a render of the
 very stack being built waits for it instead, and then finds it resident. Cancelling a preload that is
-building stops it the same way, with nothing kept.
+building stops it the same way, with nothing kept. The files of the preload that runs next are read on
+the prefetch thread while the render thread is busy, so its own turn there is the build alone.
 """
 
 from __future__ import annotations
@@ -420,6 +421,8 @@ class RenderRunner:
                 request.deadline_s, self._expire_preload, pending, request.deadline_s
             )
         self.preloads.append(pending)
+        if len(self.preloads) == 1 and (self.running is not None or self.preload_running is not None):
+            self._prefetch_preload(pending)  # the render thread is busy: read its files meanwhile
         self.queue.wake()
         try:
             return await pending.answer
@@ -449,6 +452,13 @@ class RenderRunner:
             return "cancelling"
         self._stop_preload(running, "cancel")
         return "running"
+
+    def _prefetch_preload(self, pending: PendingPreload) -> None:
+        """Read and parse the files of the preload that runs next, on the prefetch thread, so its turn on
+        the render thread is the build alone (and a render arriving then waits for a chunk of it, not for
+        its reads). One preload ahead at most: the parsed-file cache is bounded."""
+        with contextlib.suppress(RuntimeError):  # the pool is shut down: the runner is closing
+            self._prefetcher.submit(self.service.prefetch, pending.stack)
 
     @staticmethod
     def _stop_preload(pending: PendingPreload, why: Literal["render", "cancel", "shutdown"]) -> None:
@@ -486,6 +496,8 @@ class RenderRunner:
         pending.stop.clear()
         pending.stopped_for = None
         self.preload_running = pending
+        if self.preloads:
+            self._prefetch_preload(self.preloads[0])  # the next one's files read while this one builds
         try:
             outcome = await loop.run_in_executor(
                 self._executor, self.service.preload, pending.stack, pending.zero_match, pending.stop.is_set

@@ -373,3 +373,33 @@ def test_cancel_on_the_socket_stops_a_building_preload(tiny_model, tmp_path):
     assert (first.cancelled, first.state, first.job) == (True, "running", "")
     assert (second.cancelled, second.state) == (False, "cancelling")
     assert resident.entries == 0
+
+
+def test_the_files_of_a_preload_waiting_behind_a_render_are_read_during_the_render(tiny_model, tmp_path):
+    """While a render runs, the preload waiting behind it has its files read and parsed on the prefetch
+    thread (a miss in the parsed-file cache before the render ends); its own turn then reads nothing."""
+    loras, a, b, _ = _files(tmp_path)
+    runner, patcher = _runner(tiny_model, loras, tmp_path / "out")
+
+    async def main():
+        try:
+            long = asyncio.ensure_future(runner.render(Render(id=1, prompt="long", width=64, height=64, steps=8)))
+            while runner.running is None:
+                await asyncio.sleep(0.01)
+            misses = patcher.cache.stats().misses
+            preload = asyncio.ensure_future(runner.preload(Preload(id=2, lora_paths=[str(a)], lora_scales=[0.5])))
+            while patcher.cache.stats().misses == misses and not long.done():
+                await asyncio.sleep(0.01)
+            read_during_render = not long.done() and runner.status().preloads_waiting == 1
+            await long
+            result = await preload
+            return misses, read_during_render, result, patcher.cache.stats()
+        finally:
+            await runner.close()
+
+    try:
+        misses, read_during_render, result, after = asyncio.run(main())
+    finally:
+        patcher.clear()
+    assert read_during_render and result.built and result.resident
+    assert after.misses == misses + 1 and after.hits >= 1  # read once, ahead; the build found it parsed
