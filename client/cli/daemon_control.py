@@ -63,6 +63,8 @@ def status_command(socket_path, as_json, timeout) -> None:
         )
     reserve = f" ({st.interactive_reserve} kept for interactive)" if st.interactive_reserve else ""
     preloads = f"  preloads waiting {st.preloads_waiting}" if st.preloads_waiting else ""
+    if st.preloads_yielded:
+        preloads += f"  preload builds yielded to renders {st.preloads_yielded}"
     click.echo(
         f"queue {st.queue_depth}/{st.queue_capacity}{reserve}{preloads}"
         + ("  (shutting down)" if st.shutting_down else "")
