@@ -29,7 +29,7 @@ resumes.
 Preloads (`preload`): a stack built into the resident stacks ahead of the renders that will use it,
 without making it live. It runs on the render thread when no render is queued or running, one at a time
 in arrival order, so renders always go first. A render that arrives while one builds (of another stack)
-stops that build at its next chunk, a few milliseconds, and the preload waits again at the head of the
+stops that build at its next chunk of buffers, and the preload waits again at the head of the
 preloads, to be built from its files (already read and parsed) once the renders are done; a render of the
 very stack being built waits for it instead, and then finds it resident. Cancelling a preload that is
 building stops it the same way, with nothing kept. The files of the preload that runs next are read on

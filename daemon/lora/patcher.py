@@ -262,9 +262,9 @@ class LoraPatcher:
         stack and the model are untouched either way, and the live stack is never evicted for it. A stack
         already resident or live is reported, not built again. The bake form keeps no built stacks: there
         the files are only read and resolved (cached), and the report says so. `stop` is asked between
-        the build's phases and before each of its buffers is allocated or written (every few
-        milliseconds): once it says True the build ends there, keeps nothing and raises Cancelled, so a
-        render waiting for the model thread, or a caller that gave up, waits for one chunk at most."""
+        the build's phases and before each of its 32 MB buffers is allocated or written: once it says
+        True the build ends there, keeps nothing and raises Cancelled, so a render waiting for the model
+        thread, or a caller that gave up, waits for the chunk in hand (or the files' reading) at most."""
         stack = _checked(entries, zero_match)
         if not stack:
             return PreloadReport([], resident=True, built=False, live=not self._active_key)
