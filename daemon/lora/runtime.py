@@ -228,14 +228,12 @@ class StackedLoraLinear(nn.Module):
 
 
 CHUNK_BYTES = 32 * 1024**2  # a stack build allocates this much at a time while the writes run
+_ALIGN = 64  # elements: every array of a chunk starts on a 128-byte (bf16) or 256-byte (float32) boundary
 
 
 class BuildStopped(Exception):
     """A stack build was stopped by its caller (`stop`) before it finished: nothing was assigned, and
     the buffers it had allocated are freed with it."""
-
-
-_ALIGN = 64  # elements: every array of a chunk starts on a 128-byte (bf16) or 256-byte (float32) boundary
 
 
 class Fills:
