@@ -186,6 +186,14 @@ def test_renders_go_before_preloads_and_a_preload_can_expire_or_be_shut_out(tiny
     assert tight.entries == 0
 
 
+async def _long_render(runner) -> asyncio.Future:
+    """An 8-step render without LoRAs, once it runs on the render thread (the future of its result)."""
+    long = asyncio.ensure_future(runner.render(Render(id=1, prompt="long", width=64, height=64, steps=8)))
+    while runner.running is None:
+        await asyncio.sleep(0.01)
+    return long
+
+
 def _gated(runner) -> tuple[threading.Event, threading.Event]:
     """Hold every preload build at its start until the test says go: (entered, go). The build itself is
     the real one, with the runner's stop; a stop set while it is held is seen at the build's first check."""
@@ -212,9 +220,7 @@ def test_a_preload_is_cancelled_by_its_owner_and_id_waiting_or_building(tiny_mod
 
     async def main():
         try:
-            long = asyncio.ensure_future(runner.render(Render(id=1, prompt="long", width=64, height=64, steps=8)))
-            while runner.running is None:
-                await asyncio.sleep(0.01)
+            long = await _long_render(runner)
             mine = asyncio.ensure_future(runner.preload(Preload(id=7, lora_paths=[str(a)], lora_scales=[0.5]), owner=1))
             theirs = asyncio.ensure_future(
                 runner.preload(Preload(id=7, lora_paths=[str(b)], lora_scales=[0.5]), owner=2)
@@ -383,9 +389,7 @@ def test_the_files_of_a_preload_waiting_behind_a_render_are_read_during_the_rend
 
     async def main():
         try:
-            long = asyncio.ensure_future(runner.render(Render(id=1, prompt="long", width=64, height=64, steps=8)))
-            while runner.running is None:
-                await asyncio.sleep(0.01)
+            long = await _long_render(runner)
             misses = patcher.cache.stats().misses
             preload = asyncio.ensure_future(runner.preload(Preload(id=2, lora_paths=[str(a)], lora_scales=[0.5])))
             while patcher.cache.stats().misses == misses and not long.done():
