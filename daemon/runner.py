@@ -407,7 +407,7 @@ class RenderRunner:
         making it live. Raises the request's error (LoraNotFound, PathNotAllowed, ...; then the build's:
         LoraFormat, LoraZeroMatch, ...), ShuttingDown once draining, DeadlineExceeded when its deadline
         passes before it starts, Cancelled when `cancel_preload(owner, request.id)` drops it first.
-        Cancelling the wait drops a preload not yet started too."""
+        Cancelling the wait drops a preload not yet started too, and stops one that is building."""
         self.start()
         if self.queue.closed:
             raise ShuttingDown("the daemon is shutting down and accepts no new preloads")
@@ -429,7 +429,7 @@ class RenderRunner:
         finally:
             if pending in self.preloads:  # the caller stopped waiting before it ran
                 self.preloads.remove(pending)
-            if pending is self.preload_running and not pending.answer.done():  # ... or while it builds
+            if pending is self.preload_running:  # ... or while it builds (an answered one is not running)
                 self._stop_preload(pending, "cancel")
             if pending.expiry is not None:
                 pending.expiry.cancel()

@@ -212,7 +212,8 @@ def test_a_preload_is_cancelled_by_its_owner_and_id_waiting_or_building(tiny_mod
     """`cancel_preload(owner, id)` drops a preload still waiting behind a render: its caller gets
     `cancelled` and nothing is built; another owner's preload with the same id is not touched. A preload
     whose build has started is reported running (then cancelling, to a second cancel): its build stops,
-    keeps nothing, and its caller gets `cancelled`; an answered one is unknown."""
+    keeps nothing, and its caller gets `cancelled`; an answered one is unknown. A caller that stops
+    waiting for a building preload stops its build too."""
     from client.wire.errors import Cancelled
 
     loras, a, b, _ = _files(tmp_path)
@@ -241,18 +242,30 @@ def test_a_preload_is_cancelled_by_its_owner_and_id_waiting_or_building(tiny_mod
             go.set()
             with pytest.raises(Cancelled, match="while it was building"):
                 await third
-            return states, waiting, built, running, runner.cancel_preload(1, 8), runner.status().preloads_yielded
+            after = runner.cancel_preload(1, 8)
+
+            entered.clear()
+            go.clear()  # a caller that stops waiting (a closed call: a gateway's cancel reaching a replica)
+            fourth = asyncio.ensure_future(runner.preload(Preload(id=9, lora_paths=[str(a)], lora_scales=[0.3])))
+            await asyncio.to_thread(entered.wait, 60)
+            fourth.cancel()
+            await asyncio.gather(fourth, return_exceptions=True)
+            gone = runner.preload_running.stopped_for
+            go.set()
+            while runner.preload_running is not None:
+                await asyncio.sleep(0.01)
+            return states, waiting, built, running, after, gone, runner.status().preloads_yielded
         finally:
             await runner.close()
 
     try:
-        states, waiting, built, running, after, yielded = asyncio.run(main())
+        states, waiting, built, running, after, gone, yielded = asyncio.run(main())
     finally:
         patcher.clear()
     assert states == ["queued", "unknown", "unknown"] and waiting == 1
     assert built.built and built.resident  # owner 2's preload of the same id ran
-    assert running == ["running", "cancelling"] and after == "unknown" and yielded == 0
-    assert patcher.resident.stats().entries == 1  # b; a at 0.5 was never built, a at 0.7 was stopped
+    assert running == ["running", "cancelling"] and after == "unknown" and yielded == 0 and gone == "cancel"
+    assert patcher.resident.stats().entries == 1  # b; a at 0.5 never built, a at 0.7 and 0.3 stopped
 
 
 def test_a_render_stops_a_preload_building_another_stack_and_waits_for_one_building_its_own(tiny_model, tmp_path):
