@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.long_render import started_render
 from helpers.lora_factories import make_garbage, make_lora, make_pickle
 from helpers.wire_frames import frame, raw_exchange
 
@@ -288,17 +289,7 @@ def test_disconnect_stops_running_render(daemon):
 
     async def go():
         c = AsyncRenderClient(daemon.socket)
-        started = asyncio.Event()
-        t = asyncio.create_task(
-            c.send_render(
-                "abandoned",
-                width=64,
-                height=64,
-                steps=30,
-                on_progress=lambda ev: ev.event == "progress" and started.set(),
-            )
-        )
-        await asyncio.wait_for(started.wait(), 300)
+        t = await started_render(c, "abandoned", steps=30, timeout_s=300)
         await c.close()
         t.cancel()
 

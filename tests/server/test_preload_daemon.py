@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers.long_render import started_render
 from helpers.serve_process import ServeProcess
 
 from client.cli import main as easel
@@ -158,17 +159,7 @@ def test_a_waiting_preload_is_cancelled_by_its_request_id_on_its_connection_only
 
     async def go():
         async with AsyncRenderClient(d.socket) as c, AsyncRenderClient(d.socket) as other:
-            started = asyncio.Event()
-            rendering = asyncio.ensure_future(
-                c.send_render(
-                    "long",
-                    width=64,
-                    height=64,
-                    steps=12,
-                    on_progress=lambda ev: ev.event == "progress" and started.set(),
-                )  # fmt: skip
-            )
-            await asyncio.wait_for(started.wait(), 120)
+            rendering = await started_render(c, "long", steps=12, timeout_s=120)
             preloading = asyncio.ensure_future(c.preload([lora], [0.55], request_id="world-2"))
             while not (await c.status()).preloads_waiting:
                 await asyncio.sleep(0.02)
