@@ -491,8 +491,6 @@ class RenderRunner:
         stops for a render that arrives meanwhile (the preload goes back to the head of the preloads) or
         for its cancel (answered Cancelled)."""
         pending = self.preloads.popleft()  # out of the queue: its deadline applies again only if it yields
-        if pending.answer.done():  # its caller stopped waiting
-            return
         pending.stop.clear()
         pending.stopped_for = None
         self.preload_running = pending
