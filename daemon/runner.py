@@ -32,8 +32,10 @@ in arrival order, so renders always go first. A render that arrives while one bu
 stops that build at its next chunk of buffers, and the preload waits again at the head of the
 preloads, to be built from its files (already read and parsed) once the renders are done; a render of the
 very stack being built waits for it instead, and then finds it resident. Cancelling a preload that is
-building stops it the same way, with nothing kept. The files of the preload that runs next are read on
-the prefetch thread while the render thread is busy, so its own turn there is the build alone.
+building stops it the same way, with nothing kept. A preload's files are read and parsed on the prefetch
+thread, never on the render thread: the next preload's while the render thread is busy, and a preload's
+own (where they were not read ahead) at its turn, while the render thread stays free, so a render arriving
+then starts at once. Its turn on the render thread is the build alone.
 """
 
 from __future__ import annotations
@@ -174,6 +176,7 @@ class PendingPreload:
     expiry_s: float | None = None  # its deadline_s
     key: tuple[Any, Any] | None = None  # (owner, request id): what `cancel_preload` names it by
     stop: threading.Event = field(default_factory=threading.Event)  # its build, once running, stops when set
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)  # `stop`, for the loop (ends its read's wait)
     stopped_for: Literal["render", "cancel", "shutdown"] | None = None  # why `stop` was set (a render: yield)
     stack_key: Any = None  # the stack as `service.stack_key` names it: a render of it waits for the build
 
@@ -466,6 +469,7 @@ class RenderRunner:
         if pending.stopped_for in (None, "render"):
             pending.stopped_for = why
         pending.stop.set()
+        pending.stopped.set()
 
     def _expire_preload(self, pending: PendingPreload, deadline_s: float) -> None:
         if pending in self.preloads:
@@ -492,14 +496,19 @@ class RenderRunner:
         for its cancel (answered Cancelled)."""
         pending = self.preloads.popleft()  # out of the queue: its deadline applies again only if it yields
         pending.stop.clear()
+        pending.stopped.clear()
         pending.stopped_for = None
         self.preload_running = pending
-        if self.preloads:
-            self._prefetch_preload(self.preloads[0])  # the next one's files read while this one builds
         try:
-            outcome = await loop.run_in_executor(
-                self._executor, self.service.preload, pending.stack, pending.zero_match, pending.stop.is_set
-            )
+            await self._read_preload(pending)
+            if self.preloads:
+                self._prefetch_preload(self.preloads[0])  # the next one's files read while this one builds
+            if pending.stop.is_set():
+                outcome = Cancelled("stopped while its files were read; nothing was built")
+            else:
+                outcome = await loop.run_in_executor(
+                    self._executor, self.service.preload, pending.stack, pending.zero_match, pending.stop.is_set
+                )
         except EaselError as err:
             outcome = err
         except Exception as exc:
@@ -522,6 +531,23 @@ class RenderRunner:
             else:
                 outcome = ShuttingDown("the daemon shut down while this preload was building; nothing was kept")
         self._answer_preload(pending, outcome)
+
+    async def _read_preload(self, pending: PendingPreload) -> None:
+        """`pending`'s files read, parsed and resolved on the prefetch thread (where they were read ahead,
+        a cache hit), so the render thread stays free for a render that arrives meanwhile: this wait ends
+        as soon as the preload is stopped (a render, its cancel, a shutdown); the read goes on, its files
+        cached for the preload's next turn. A file that fails here is read again by the build, which
+        reports it."""
+        try:
+            read = asyncio.wrap_future(self._prefetcher.submit(self.service.prefetch, pending.stack))
+        except RuntimeError:  # the pool is shut down: the runner is closing, the build reads for itself
+            return
+        stopped = asyncio.ensure_future(pending.stopped.wait())
+        read.add_done_callback(lambda done: done.cancelled() or done.exception())  # prefetch reports nothing
+        try:
+            await asyncio.wait({read, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
 
     def _expire(self, job: RenderJob) -> None:
         """A queued job's deadline passed: answer now instead of when it reaches the head of the queue."""

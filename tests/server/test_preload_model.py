@@ -345,9 +345,12 @@ def test_a_render_stops_a_preload_building_another_stack_and_waits_for_one_build
 def test_cancel_on_the_socket_stops_a_building_preload(tiny_model, tmp_path):
     """Over a real socket (the real server and service on the tiny model, in process): `cancel` naming a
     preload whose build has started answers `cancelled` true, state `running`; a second cancel answers
-    `cancelling`; the preload answers `cancelled` and nothing was kept."""
+    `cancelling`; the preload answers `cancelled` and nothing was kept. A render arriving during the next
+    preload's build stops it too: `easel status` then counts one build yielded to renders."""
+    from click.testing import CliRunner
     from helpers.daemon_standin import InProcessDaemon, make_config
 
+    from client.cli import main as easel
     from client.client import AsyncRenderClient
     from client.wire.errors import Cancelled
     from daemon.lora.cache import LoraCache
@@ -382,9 +385,24 @@ def test_cancel_on_the_socket_stops_a_building_preload(tiny_model, tmp_path):
                 go.set()
                 with pytest.raises(Cancelled, match="while it was building"):
                     await preload
-                return first, second, (await c.status()).resident_stacks
+                resident = (await c.status()).resident_stacks
 
-        first, second, resident = asyncio.run(main())
+                entered.clear()
+                go.clear()
+                preload = asyncio.ensure_future(c.preload([str(a)], [0.4], request_id="world-2"))
+                await asyncio.to_thread(entered.wait, 60)
+                render = asyncio.ensure_future(c.send_render("plain", **SIZE))
+                while not (await c.status()).queue_depth:  # the render is queued: the build was told to stop
+                    await asyncio.sleep(0.01)
+                go.set()
+                await render
+                built = await preload
+                shown = await asyncio.to_thread(
+                    CliRunner().invoke, easel, ["status", "--socket", str(config.socket_path)]
+                )
+                return first, second, resident, built, shown
+
+        first, second, resident, built, shown = asyncio.run(main())
     finally:
         go.set()
         d.stop(0)
@@ -392,6 +410,8 @@ def test_cancel_on_the_socket_stops_a_building_preload(tiny_model, tmp_path):
     assert (first.cancelled, first.state, first.job) == (True, "running", "")
     assert (second.cancelled, second.state) == (False, "cancelling")
     assert resident.entries == 0
+    assert built.built and built.resident and shown.exit_code == 0, shown.output
+    assert "preload builds yielded to renders 1" in shown.output
 
 
 def test_the_files_of_a_preload_waiting_behind_a_render_are_read_during_the_render(tiny_model, tmp_path):
@@ -420,3 +440,41 @@ def test_the_files_of_a_preload_waiting_behind_a_render_are_read_during_the_rend
         patcher.clear()
     assert read_during_render and result.built and result.resident
     assert after.misses == misses + 1 and after.hits >= 1  # read once, ahead; the build found it parsed
+
+
+def test_a_render_does_not_wait_for_the_files_of_a_preload_that_started_on_an_idle_daemon(tiny_model, tmp_path):
+    """A preload that starts at once (nothing ahead of it to read its files behind) reads them on the
+    prefetch thread, not on the render thread: a render arriving while that read is held runs and
+    finishes before the read ends. The preload yields to it, and is built once its files are read."""
+    loras, a, _, _ = _files(tmp_path)
+    runner, patcher = _runner(tiny_model, loras, tmp_path / "out")
+    real, entered, go = patcher.cache.resolved, threading.Event(), threading.Event()
+
+    def held(path, *args, **kwargs):  # the real read, held until the test says go
+        entered.set()
+        go.wait(60)
+        return real(path, *args, **kwargs)
+
+    patcher.cache.resolved = held
+
+    async def main():
+        try:
+            preload = asyncio.ensure_future(runner.preload(Preload(id=1, lora_paths=[str(a)], lora_scales=[0.5])))
+            await asyncio.to_thread(entered.wait, 60)
+            render = asyncio.ensure_future(runner.render(Render(id=2, prompt="plain", **SIZE)))
+            done, _ = await asyncio.wait({render}, timeout=30)
+            rendered_while_held = render in done and not go.is_set()
+            go.set()
+            result = await preload
+            await render
+            return rendered_while_held, result, runner.status().preloads_yielded
+        finally:
+            go.set()
+            await runner.close()
+
+    try:
+        rendered_while_held, result, yielded = asyncio.run(main())
+    finally:
+        patcher.clear()
+    assert rendered_while_held
+    assert result.built and result.resident and not result.live and yielded == 1
