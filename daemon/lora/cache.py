@@ -33,6 +33,7 @@ class _Entry:
     signature: FileSignature
     parsed: ParsedLora
     resolved: dict[Hashable, tuple[list[Term], FileReport]] = field(default_factory=dict)
+    resolving: dict[Hashable, threading.Event] = field(default_factory=dict)  # layout key -> resolve in progress
 
 
 @dataclass
@@ -88,14 +89,30 @@ class LoraCache:
         self, path: str | os.PathLike[str], layout: Layout, layout_key: Hashable
     ) -> tuple[list[Term], FileReport, FileSignature]:
         """The file's terms against `layout` (cached with the file under `layout_key`) and a fresh copy of
-        its report, with the signature of the bytes they come from."""
+        its report, with the signature of the bytes they come from. A thread asking while another resolves
+        the same file against the same layout waits for those terms (a failed resolve is not shared: the
+        next asker resolves for itself)."""
         entry = self._entry(self.key(path))
-        with self._lock:
-            done = entry.resolved.get(layout_key)
-        if done is None:
-            done = resolve(entry.parsed, layout)
+        while True:
             with self._lock:
-                entry.resolved[layout_key] = done
+                done = entry.resolved.get(layout_key)
+                other = None if done is not None else entry.resolving.get(layout_key)
+                if done is None and other is None:
+                    mine = entry.resolving[layout_key] = threading.Event()
+            if done is not None:
+                break
+            if other is not None:
+                other.wait()
+                continue
+            try:
+                done = resolve(entry.parsed, layout)
+                with self._lock:
+                    entry.resolved[layout_key] = done
+            finally:
+                with self._lock:
+                    del entry.resolving[layout_key]
+                mine.set()
+            break
         terms, report = done
         return terms, msgspec.structs.replace(report), entry.signature
 

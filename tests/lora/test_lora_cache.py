@@ -136,3 +136,61 @@ def test_threads_asking_for_a_file_being_read_wait_for_that_read(tmp_path):
     both(broken)
     assert len(errors) == 2 and not got
     assert cache.stats().misses == 3 and cache._reading == {}
+
+
+def test_threads_resolving_a_file_against_one_layout_share_one_resolve(tmp_path, monkeypatch):
+    """A thread asking for a file's terms while another resolves the same file against the same layout
+    waits for those terms instead of resolving again: one resolve, the very same terms. A resolve that
+    fails is not shared: the waiting thread then resolves for itself."""
+    import threading
+
+    import daemon.lora.cache as cache_module
+
+    cache = LoraCache(max_bytes=10**8)
+    path = _lora(tmp_path / "a.safetensors")
+    layout = {"transformer_blocks.0.attn.to_out.0": (256, 256)}
+    real, calls, entered, go = cache_module.resolve, [], threading.Event(), threading.Event()
+    failing = [True]
+
+    def held(parsed, layout):  # the real resolve, held until the test says go
+        calls.append(threading.current_thread().name)
+        entered.set()
+        go.wait(30)
+        if failing[0]:
+            failing[0] = False
+            raise ValueError("resolve broke")
+        return real(parsed, layout)
+
+    monkeypatch.setattr(cache_module, "resolve", held)
+
+    def race() -> tuple[list, list]:
+        got, errors = [], []
+
+        def ask():
+            try:
+                got.append(cache.resolved(path, layout, "tiny")[0])
+            except ValueError as exc:
+                errors.append(exc)
+
+        first = threading.Thread(target=ask, name="first")
+        first.start()
+        assert entered.wait(30)
+        second = threading.Thread(target=ask, name="second")
+        second.start()
+        second.join(0.3)
+        waited = second.is_alive()  # the second asker waits for the first's resolve
+        go.set()
+        first.join(30)
+        second.join(30)
+        assert waited
+        return got, errors
+
+    got, errors = race()  # the first resolve fails: the second asker resolves for itself
+    assert calls == ["first", "second"] and len(errors) == 1 and len(got) == 1 and got[0]
+    calls.clear()
+    cache = LoraCache(max_bytes=10**8)
+    entered.clear()
+    go.clear()
+    got, errors = race()
+    assert calls == ["first"] and not errors and len(got) == 2 and got[0] is got[1]
+    assert got[0][0].target == "transformer_blocks.0.attn.to_out.0"
