@@ -63,8 +63,8 @@ class FileSignature:
 
 def sidecar_identity(path: str | os.PathLike[str]) -> StatIdentity | None:
     """The stat identity of the adapter_config.json beside `path` (None: there is none)."""
-    try:
-        st = os.stat(Path(path).parent / SIDECAR)
+    try:  # os.path, not pathlib: asked on every stack switch
+        st = os.stat(os.path.join(os.path.dirname(os.fspath(path)), SIDECAR))
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -419,7 +419,8 @@ class LoraPatcher:
 
     def _key(self, stack: Sequence[StackEntry]) -> StackKey:
         """What identifies the stack's arrays: each file's path, scale and signature on disk now."""
-        return tuple((self.cache.key(e.path), float(e.scale), self.cache.signature(e.path)) for e in stack)
+        identities = [self.cache.identity(e.path) for e in stack]
+        return tuple((key, float(e.scale), sig) for e, (key, sig) in zip(stack, identities, strict=True))
 
     @staticmethod
     def _check_zero_match(files: Sequence[FileReport], zero_match: ZeroMatchPolicy) -> None:

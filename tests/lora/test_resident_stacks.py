@@ -171,6 +171,36 @@ def test_a_file_rewritten_with_its_old_size_and_mtime_is_read_again(tmp_path, ma
     np.testing.assert_array_equal(forward(), new)
 
 
+def test_a_symlink_pointed_at_another_file_switches_to_that_file(tmp_path, make_patcher, forward):
+    """A stack named through a symlink (`current.safetensors -> v1`, as a deploy swaps versions) follows the
+    link on every switch: pointed at v2, the next switch builds v2 (not a no-op, not v1's resident stack)
+    and renders what v2 named directly renders; pointed back, v1's resident stack is switched to again."""
+    p = make_patcher()
+    v1 = generate_lora("kohya", tmp_path / "v1.safetensors", p.layout, rank=4, alpha=4.0, seed=1, magnitude=0.2)
+    v2 = generate_lora("kohya", tmp_path / "v2.safetensors", p.layout, rank=4, alpha=4.0, seed=2, magnitude=0.2)
+    link = tmp_path / "current.safetensors"
+    link.symlink_to(v1.path)
+    via_link = [StackEntry(str(link), 1.0)]
+    p.apply_stack(via_link)
+    first = forward()
+    p.apply_stack([StackEntry(str(v2.path), 1.0)])
+    wanted = forward()
+    p.apply_stack(via_link)
+    np.testing.assert_array_equal(forward(), first)
+    swapped = tmp_path / "next.safetensors"
+    swapped.symlink_to(v2.path)
+    swapped.replace(link)  # the link now names v2 (renamed over it, as a deploy does)
+    report = p.apply_stack(via_link)
+    assert not report.noop and report.files[0].path == str(link)  # reported as the request named it
+    np.testing.assert_array_equal(forward(), wanted)
+    misses = p.resident.stats().misses
+    swapped.symlink_to(v1.path)
+    swapped.replace(link)
+    p.apply_stack(via_link)
+    np.testing.assert_array_equal(forward(), first)
+    assert p.resident.stats().misses == misses  # v1's stack was still resident: a hit
+
+
 def test_content_hash_tells_apart_files_whose_stat_cannot(tmp_path):
     from client.lorafile.signature import file_signature
 
