@@ -440,8 +440,9 @@ class RenderRunner:
     def cancel_preload(self, owner: Any, request_id: Any) -> str:
         """Drop the preload `request_id` of `owner`: its caller gets Cancelled. Returns where it was:
         "queued" (dropped), "running" (its build stops at its next chunk and keeps nothing; a build that
-        finishes first is answered as usual, its stack resident), "cancelling" (an earlier cancel is stopping
-        its build), or "unknown" (no such preload waiting or running: answered already, or never sent)."""
+        finished before it saw the stop has its stack dropped), "cancelling" (an earlier cancel is stopping
+        its build), or "unknown" (no such preload waiting or running: answered already, or never sent).
+        Either of the first two: its caller gets Cancelled."""
         key = (owner, request_id)
         for pending in self.preloads:
             if pending.key == key:
@@ -516,6 +517,15 @@ class RenderRunner:
             outcome = EaselError(f"preload failed: {type(exc).__name__}: {exc}")
         finally:
             self.preload_running = None
+        if isinstance(outcome, PreloadResult) and pending.stopped_for == "cancel":
+            # cancelled after its build's last check: the cancel's answer (`cancelled` true) holds, so what it
+            # built goes too (the render thread is idle: this preload's turn is not over)
+            if outcome.built:
+                try:
+                    await loop.run_in_executor(self._executor, self.service.discard_preload, pending.stack)
+                except Exception:  # a file gone meanwhile: no switch can reach the stack it built either
+                    log.exception("dropping a cancelled preload's stack failed")
+            outcome = Cancelled("preload cancelled while it was building; nothing was kept")
         if isinstance(outcome, Cancelled) and pending.stopped_for is not None:  # its build was stopped
             if pending.stopped_for == "render" and not self.queue.closed:
                 self.preloads_yielded += 1

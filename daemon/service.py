@@ -307,6 +307,12 @@ class RenderService:
             reason=report.reason,
         )
 
+    def discard_preload(self, items: list[StackItem]) -> bool:
+        """Drop the stack a preload built from the resident stacks (not the live one): its cancel came
+        after the build finished. True if it was dropped."""
+        discard = getattr(self.patcher, "discard", None)
+        return bool(discard is not None and discard([(str(it.path), it.scale) for it in items]))
+
     def hold_stack(self) -> object:
         """What `restore_stack` needs to put the live stack back exactly as it is now."""
         hold = getattr(self.patcher, "hold", None)

@@ -317,6 +317,16 @@ class LoraPatcher:
                 reason=reason,
             )
 
+    def discard(self, entries: Iterable[StackEntry | tuple[str, float]]) -> bool:
+        """Drop the built stack of `entries` (its files as they are on disk now) from the resident stacks,
+        unless it is live: what a preload cancelled after its build finished had kept. True if dropped."""
+        stack = _entries(entries)
+        with self._lock:
+            key = self._key(stack)
+            if not stack or key == self._active_key:
+                return False
+            return self.resident.discard(lambda k: k == key) > 0
+
     def clear(self) -> None:
         """Remove every LoRA: the original layer objects (and weight arrays) go back in place."""
         with self._lock:

@@ -478,3 +478,57 @@ def test_a_render_does_not_wait_for_the_files_of_a_preload_that_started_on_an_id
         patcher.clear()
     assert rendered_while_held
     assert result.built and result.resident and not result.live and yielded == 1
+
+
+def test_a_cancel_that_comes_after_the_build_finished_still_keeps_nothing(tiny_model, tmp_path):
+    """A cancel answered `running` while the preload's build has finished but its answer is not out yet:
+    the preload still answers `cancelled`, and the stack it built is dropped (a later render of it builds
+    it, a miss). A stack that was resident before the preload (built=False) is left where it was."""
+    from client.wire.errors import Cancelled
+
+    loras, a, b, _ = _files(tmp_path)
+    runner, patcher = _runner(tiny_model, loras, tmp_path / "out")
+    real, finished, go = runner.service.preload, threading.Event(), threading.Event()
+
+    def held_after(items, zero_match, stop=None):  # the real build, its answer held until the test says go
+        result = real(items, zero_match, stop)
+        finished.set()
+        go.wait(60)
+        return result
+
+    async def cancelled_after_build(request: Preload) -> tuple[str, int]:
+        finished.clear()
+        go.clear()
+        preload = asyncio.ensure_future(runner.preload(request, owner=1))
+        await asyncio.to_thread(finished.wait, 60)
+        kept_meanwhile = patcher.resident.stats().entries
+        state = runner.cancel_preload(1, request.id)
+        go.set()
+        with pytest.raises(Cancelled, match="nothing was kept"):
+            await preload
+        return state, kept_meanwhile
+
+    async def main():
+        try:
+            await runner.preload(Preload(id=1, lora_paths=[str(b)], lora_scales=[0.5]))
+            runner.service.preload = held_after
+            before = patcher.resident.stats()
+            fresh = await cancelled_after_build(Preload(id=2, lora_paths=[str(a)], lora_scales=[0.6]))
+            after_fresh = patcher.resident.stats()
+            known = await cancelled_after_build(Preload(id=3, lora_paths=[str(b)], lora_scales=[0.5]))
+            after_known = patcher.resident.stats()
+            runner.service.preload = real
+            rendered = await runner.render(Render(id=4, prompt="a", lora_paths=[str(a)], lora_scales=[0.6], **SIZE))
+            return before, fresh, after_fresh, known, after_known, rendered, patcher.resident.stats()
+        finally:
+            go.set()
+            await runner.close()
+
+    try:
+        before, fresh, after_fresh, known, after_known, rendered, last = asyncio.run(main())
+    finally:
+        patcher.clear()
+    assert fresh == ("running", before.entries + 1)  # built and put, then the cancel came
+    assert after_fresh.entries == before.entries and after_fresh.bytes == before.bytes
+    assert known == ("running", before.entries) and after_known.entries == before.entries  # b stays
+    assert rendered.stack_switched and last.misses == before.misses + 1  # a was built again by its switch
