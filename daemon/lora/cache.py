@@ -79,7 +79,7 @@ class LoraCache:
 
     def signature(self, path: str | os.PathLike[str]) -> FileSignature:
         """The signature of the file at `path` now (what a cached version must equal to be reused)."""
-        return file_signature(self.key(path), with_digest=self.content_hash)
+        return self.identity(path)[1]
 
     def identity(self, path: str | os.PathLike[str]) -> tuple[str, FileSignature]:
         """(`key`, `signature`) of the file at `path` now, its path resolved once (a switch asks for both)."""
