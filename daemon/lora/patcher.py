@@ -236,12 +236,13 @@ class LoraPatcher:
             built = self.resident.get(key) if stack else None
             if built is None:
                 built = self._build_resident(stack, zero_match)
-                self.resident.put(built)  # it becomes the live stack: the one entry put never evicts
+                self.resident.put(built, live=True)  # live from now: no put beside it evicts it
             else:
                 self._check_zero_match(built.reports, zero_match)
             self._switch(built)
             self._live_built = built
             self._active, self._active_sigs, self._active_key = stack, tuple(k[2] for k in built.key), built.key
+            self.resident.live = built.key
             self._text_encoder_key = built.text_encoder_key
             self._report = StackReport(
                 files=_named(built.reports, stack),
@@ -297,7 +298,7 @@ class LoraPatcher:
                 built = self._build_resident(stack, zero_match, stop)
             except BuildStopped:
                 raise Cancelled("the preload's build was stopped before it finished; nothing was kept") from None
-            self.resident.put(built, pinned=self._active_key)
+            self.resident.put(built)
             build_ms = (time.perf_counter() - t0) * 1000
             resident = built.key in self.resident
             reason = None
@@ -337,6 +338,7 @@ class LoraPatcher:
             self._live_built = None
             self._patched = set()
             self._active, self._active_sigs, self._active_key = (), (), ()
+            self.resident.live = ()
             self._text_encoder_key = ()
             self._report = StackReport()
 
@@ -362,6 +364,7 @@ class LoraPatcher:
             self._switch(held.built)
             self._live_built = held.built
             self._active, self._active_sigs, self._active_key = held.stack, held.sigs, held.built.key
+            self.resident.live = held.built.key
             self._text_encoder_key = held.built.text_encoder_key
             self._report = held.report
             return True
@@ -417,7 +420,7 @@ class LoraPatcher:
             try:
                 allocated.write()
                 if key not in self.resident:
-                    self.resident.put(self._resident(stack, sigs, layers, reports, warnings), pinned=self._active_key)
+                    self.resident.put(self._resident(stack, sigs, layers, reports, warnings))
             finally:
                 del self._prebuilding[key]
                 writing.set()

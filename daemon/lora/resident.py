@@ -39,10 +39,11 @@ class ResidentStack:
 
 
 class ResidentStacks:
-    """Thread-safe LRU of ResidentStack bounded in bytes. `put` never evicts the stack it puts (the one
-    about to go live) nor `pinned`; a stack bigger than the bound is not kept. A stack evicted while
-    live stays in memory through the live reference until the next switch: RSS is at most the bound
-    plus one stack."""
+    """Thread-safe LRU of ResidentStack bounded in bytes. `put` never evicts the stack it puts nor the
+    live one (`live`: the patcher says which, and a stack put `live=True` is live from that moment, so a
+    put from another thread in the instant before the switch cannot evict it); a stack bigger than the
+    bound is not kept. A stack dropped while live (`discard`) stays in memory through the live reference
+    until the next switch: RSS is at most the bound plus one stack."""
 
     def __init__(self, max_bytes: int = 2 * 1024**3) -> None:
         self.max_bytes = int(max_bytes)
@@ -50,6 +51,16 @@ class ResidentStacks:
         self._stacks: OrderedDict[StackKey, ResidentStack] = OrderedDict()
         self._bytes = 0
         self._hits = self._misses = self._evictions = 0
+        self._live: StackKey = ()  # never evicted by a put (() : no stack is live)
+
+    @property
+    def live(self) -> StackKey:
+        return self._live
+
+    @live.setter
+    def live(self, key: StackKey) -> None:
+        with self._lock:
+            self._live = key
 
     def get(self, key: StackKey) -> ResidentStack | None:
         with self._lock:
@@ -67,8 +78,12 @@ class ResidentStacks:
         with self._lock:
             return self._stacks.get(key)
 
-    def put(self, stack: ResidentStack, pinned: StackKey | None = None) -> None:
+    def put(self, stack: ResidentStack, *, live: bool = False) -> None:
+        """Keep `stack`, evicting the least recently used others down to the bound (never the live one);
+        `live`: it is the stack about to go live."""
         with self._lock:
+            if live:
+                self._live = stack.key
             self._drop(stack.key)
             if stack.nbytes > self.max_bytes:
                 return
@@ -77,7 +92,7 @@ class ResidentStacks:
             for key in list(self._stacks):
                 if self._bytes <= self.max_bytes:
                     break
-                if key in (pinned, stack.key):
+                if key in (self._live, stack.key):
                     continue
                 self._drop(key)
                 self._evictions += 1

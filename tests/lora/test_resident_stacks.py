@@ -315,6 +315,34 @@ def test_a_prebuild_under_a_tight_bound_never_evicts_the_live_stack(tmp_path, ma
     assert p.resident.stats().misses == misses
 
 
+def test_a_put_in_the_instant_before_a_cold_switch_goes_live_does_not_evict_it(tmp_path, make_patcher, forward):
+    """A prebuild's put (another thread) can land between a cold switch's put of its stack and the switch
+    itself. The stack going live is live from its put: it stays resident (and counted), and what makes
+    room is the stack that was live before."""
+    from daemon.lora.resident import ResidentStack
+
+    g, p = _tight(tmp_path, make_patcher, 3)
+    first, second = [StackEntry(str(g[0].path), 1.0)], [StackEntry(str(g[1].path), 1.0)]
+    p.apply_stack(first)
+    one = p.resident.stats().bytes
+    elsewhere = ResidentStack(key=(("/elsewhere", 1.0, None),), layers={}, reports=[], nbytes=one)
+    switch = p._switch
+
+    def put_beside_then_switch(built):
+        p.resident.put(elsewhere)  # as a prebuild's put on the prefetch thread, landing right now
+        switch(built)
+
+    p._switch = put_beside_then_switch
+    p.apply_stack(second)
+    p._switch = switch
+    assert p._key(second) in p.resident and elsewhere.key in p.resident
+    assert p._key(first) not in p.resident  # the stack that was live is the one evicted
+    assert p.resident.live == p._key(second)
+    assert p.resident.stats().bytes == p.resident.peek(p._key(second)).nbytes + elsewhere.nbytes
+    p.clear()
+    assert p.resident.live == ()
+
+
 def test_prebuild_gives_up_when_no_render_runs_its_allocation(tmp_path, make_patcher, forward):
     import threading
 
