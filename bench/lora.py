@@ -13,6 +13,8 @@ Measured:
   read + copy is a floor under a cold switch that no Python removes);
 - cold switch: to a stack with nothing cached (files read, parsed, resolved, built), REPEATS times, each
   right after a read of the same files (read_ms): cold_vs_read is the median of those paired ratios;
+- cold switch at weight 1: the same with every scale 1 (alpha equals the rank in these files, so each
+  block is copied and no scale is folded), paired with reads the same way;
 - prefetched cold switch: the same, after `prefetch` read, parsed and resolved its files: what the
   switch itself waits for when its stack could not be built ahead;
 - prebuilt switch: the switch after `prebuild` read, resolved and built the stack on another thread
@@ -372,6 +374,15 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     out["paired_reads"], out["first_build"] = [], []
     out["cold"], _ = switch_figures(new, a, b, 0, clear_new, out["paired_reads"], out["first_build"])
     out["phases"] = {k: statistics.median(v) for k, v in phases.items()}
+    # The same cold switch with every weight 1: scale * factor exactly 1, every block copied, no scale folded.
+    phases.clear()
+    reads: list[float] = []
+    colds, _ = switch_figures(new, a, [StackEntry(e.path, 1.0) for e in b], 0, clear_new, reads)
+    out["weight1"] = {
+        "colds": colds,
+        "ratio": statistics.median(c / r for c, r in zip(colds, reads, strict=True)),
+        "write": statistics.median(phases["write"]),
+    }
     out["prefetched"] = prefetched_colds(new, a, b, clear_new)
     out["prebuilds"], out["prebuilt"] = prebuilt_switches(new, a, b, clear_new)
     out["preloads"], out["preloaded"] = preloaded_switches(new, a, b, clear_new)
@@ -613,6 +624,12 @@ def print_depths(full: dict, small: dict) -> None:
         )
         print(f"  a preload's build stopped (as a render arriving stops it), returned after the stop: {stops}")
         print("  new cold build, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in d["phases"].items()))
+        one = d["weight1"]
+        print(
+            f"  new cold switch with every weight 1 (blocks copied, no scale folded): median "
+            f"{statistics.median(one['colds']):.1f} ms, {one['ratio']:.2f}x its paired reads "
+            f"(write {one['write']:.1f} ms)"
+        )
         print(f"  resident stacks {d['resident_mb']:.0f} MB, RSS after {d['rss_after_mb']:.0f} MB")
 
 

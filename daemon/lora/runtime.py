@@ -485,7 +485,9 @@ def _lowrank(out: LayerArrays, lowrank: list[tuple[float, LowRankTerm]], dtype: 
             raise ValueError(f"{t.target}: low-rank blocks {t.down.shape} / {t.up.shape} do not stack")
     d_index = fills.declare((total, in_dim), dtype, lambda a: setattr(out, "down", a))
     u_index = fills.declare((out_dim, total), dtype, lambda a: setattr(out, "up", a))
-    factors = [np.float32(s * t.factor) for s, t in lowrank]
+    # A float32 factor of exactly 1 (weight 1 on a file whose alpha equals its rank) is a plain copy: the
+    # fold would give the same bits (x * 1 rounds to x) at about ten times the cost of the copy.
+    factors = [None if f == 1 else f for f in (np.float32(s * t.factor) for s, t in lowrank)]
     # Each scale goes into the smaller block: the down rows (r * in elements), or the up columns (out * r)
     # of a layer with fewer outputs than inputs (Flux's feed-forward and single-block output projections):
     # about a third fewer elements multiplied and rounded over a full Flux stack.

@@ -218,7 +218,8 @@ def test_a_build_writes_every_element_of_its_unfilled_buffers(monkeypatch, dtype
     """Stack buffers are allocated without a fill: a build into memory holding garbage (every byte 0xFF,
     a NaN in each float type) gives exactly the arrays that numpy computes from the files' blocks, each
     file's scale folded into its smaller block: the down rows of a layer with more outputs than inputs,
-    the up columns of one with fewer."""
+    the up columns of one with fewer. A term whose scale * factor is exactly 1 is copied, never scaled:
+    the same bits (x * 1 rounds to x) for a tenth of the work."""
     import ml_dtypes
     import mlx.core as mx
 
@@ -233,6 +234,19 @@ def test_a_build_writes_every_element_of_its_unfilled_buffers(monkeypatch, dtype
 
     monkeypatch.setattr(runtime, "unfilled", poisoned)
     monkeypatch.setattr(runtime, "CHUNK_BYTES", 8192)  # several chunks, arrays packed at aligned offsets
+    scaled_ranks: dict[int, list] = {}  # a term's rank -> the scales its blocks were written with
+    put, put_columns = runtime._put, runtime._put_columns
+
+    def noting_put(dst, src, scale):
+        scaled_ranks.setdefault(src.shape[0], []).append(scale)
+        put(dst, src, scale)
+
+    def noting_put_columns(dst, src, start, scale=None):
+        scaled_ranks.setdefault(src.shape[1], []).append(scale)
+        put_columns(dst, src, start, scale)
+
+    monkeypatch.setattr(runtime, "_put", noting_put)
+    monkeypatch.setattr(runtime, "_put_columns", noting_put_columns)
     rng = np.random.default_rng(9)
     bf16 = np.dtype(ml_dtypes.bfloat16)
     terms = [
@@ -245,6 +259,8 @@ def test_a_build_writes_every_element_of_its_unfilled_buffers(monkeypatch, dtype
     dtype = getattr(mx, dtype_name)
     out = runtime.build_layer_arrays(list(zip(scales, terms, strict=True)), dtype)
     mx.eval(out.down, out.up)
+    assert scaled_ranks[7] == [None, None]  # 0.5 * 2.0: both blocks copied
+    assert sorted(map(float, filter(None, scaled_ranks[4] + scaled_ranks[3]))) == pytest.approx([0.3, 0.4])
     up = np.concatenate([t.up.astype(np.float32) for t in terms], axis=1)
     down = np.concatenate([t.down.astype(np.float32) for t in terms], axis=0)
     factors = np.repeat(np.array([s * t.factor for s, t in zip(scales, terms, strict=True)], np.float32), [4, 7, 3])
