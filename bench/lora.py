@@ -13,8 +13,8 @@ Measured:
   read + copy is a floor under a cold switch that no Python removes);
 - cold switch: to a stack with nothing cached (files read, parsed, resolved, built), REPEATS times, each
   right after a read of the same files (read_ms): cold_vs_read is the median of those paired ratios;
-- cold switch at weight 1: the same with every scale 1 (alpha equals the rank in these files, so each
-  block is copied and no scale is folded), paired with reads the same way;
+- cold switch at weight 1: the same with every scale of both stacks 1 (alpha equals the rank in these
+  files, so each block is copied and no scale is folded), paired with reads the same way;
 - prefetched cold switch: the same, after `prefetch` read, parsed and resolved its files: what the
   switch itself waits for when its stack could not be built ahead;
 - prebuilt switch: the switch after `prebuild` read, resolved and built the stack on another thread
@@ -374,10 +374,12 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     out["paired_reads"], out["first_build"] = [], []
     out["cold"], _ = switch_figures(new, a, b, 0, clear_new, out["paired_reads"], out["first_build"])
     out["phases"] = {k: statistics.median(v) for k, v in phases.items()}
-    # The same cold switch with every weight 1: scale * factor exactly 1, every block copied, no scale folded.
+    # The same cold switches with every weight 1: scale * factor exactly 1, every block copied, no scale
+    # folded (both stacks, so that the build phases noted are those of copies only).
     phases.clear()
     reads: list[float] = []
-    colds, _ = switch_figures(new, a, [StackEntry(e.path, 1.0) for e in b], 0, clear_new, reads)
+    ones_a, ones_b = ([StackEntry(e.path, 1.0) for e in s] for s in (a, b))
+    colds, _ = switch_figures(new, ones_a, ones_b, 0, clear_new, reads)
     out["weight1"] = {
         "colds": colds,
         "ratio": statistics.median(c / r for c, r in zip(colds, reads, strict=True)),
