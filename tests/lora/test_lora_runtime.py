@@ -316,3 +316,48 @@ def test_the_bf16_fold_rounds_every_value_as_ml_dtypes_does():
         np.testing.assert_array_equal(got[~nan], want.view(np.uint16)[~nan], err_msg=f"scale {scale}")
         assert np.isnan(got.view(bf16)[nan].astype(np.float32)).all()
         assert nan.sum() >= 254  # the NaN inputs at least (0 * inf adds more)
+
+
+def test_a_power_of_two_scale_moves_the_exponent_and_gives_the_folds_bits():
+    """A positive power-of-two scale on a block of normal bf16 values whose products stay normal is an
+    add to the exponent field (`_scaled_by_exponent`): the same bits as ml_dtypes' cast of the float32
+    product, for every normal bf16 value of either sign. A block holding a zero, a subnormal, an infinity
+    or a NaN, a product that would leave the normal range, or any other scale is left to the rounding
+    (nothing written), and `_fold_bf16` gives ml_dtypes' bits either way."""
+    import ml_dtypes
+
+    from daemon.lora.runtime import _fold_bf16, _scaled_by_exponent
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    field = (every >> 7) & 0xFF
+    normal = every[(field >= 1) & (field <= 254)].view(bf16).reshape(-1, 256)  # 254 exponents x 2 signs
+    rows = [normal[i : i + 1] for i in range(len(normal))]  # each: one sign, two neighbouring exponents
+    taken = []
+    for shift, scale in ((-4, 2.0**-4), (-1, 0.5), (1, 2.0), (3, 8.0), (-125, 2.0**-125), (100, 2.0**100)):
+        scale = np.float32(scale)
+        for block in [normal, *rows]:
+            exponents = (block.view(np.uint16) >> 7) & 0xFF
+            low, high = int(exponents.min()), int(exponents.max())
+            in_range = low + shift >= 1 and high + shift <= 254
+            got = np.zeros(block.shape, np.uint16)
+            assert _scaled_by_exponent(block, scale, got) == in_range, (shift, low, high)
+            taken.append(in_range)
+            if not in_range:
+                assert not got.any()
+            folded = np.empty(block.shape, np.uint16)
+            with np.errstate(over="ignore"):
+                want = (block.astype(np.float32) * scale).astype(bf16).view(np.uint16)
+                _fold_bf16(block, scale, folded)
+            np.testing.assert_array_equal(folded, want, err_msg=f"scale 2^{shift}")
+            if in_range:
+                np.testing.assert_array_equal(got, want, err_msg=f"scale 2^{shift}")
+    assert sum(taken) > len(taken) // 2 and not all(taken)  # most rows moved by their exponent
+    small = rows[1]
+    out = np.empty(small.shape, np.uint16)
+    assert not _scaled_by_exponent(small, np.float32(0.75), out)  # not a power of two
+    assert not _scaled_by_exponent(small, np.float32(-0.5), out)  # negative
+    for odd in (0x0000, 0x0001, 0x7F80, 0x7FC0):  # zero, a subnormal, infinity, NaN
+        block = small.copy().view(np.uint16)
+        block[0, 0] = odd
+        assert not _scaled_by_exponent(block.view(bf16), np.float32(0.5), out)
