@@ -14,7 +14,8 @@ Measured:
 - cold switch: to a stack with nothing cached (files read, parsed, resolved, built), REPEATS times, each
   right after a read of the same files (read_ms): cold_vs_read is the median of those paired ratios;
 - cold switch at weight 1: the same with every scale of both stacks 1 (alpha equals the rank in these
-  files, so each block is copied and no scale is folded), paired with reads the same way;
+  files, so each block is copied and no scale is folded), paired with reads the same way; and at
+  weights that are powers of two (each block's scale an add to its exponents);
 - prefetched cold switch: the same, after `prefetch` read, parsed and resolved its files: what the
   switch itself waits for when its stack could not be built ahead;
 - prebuilt switch: the switch after `prebuild` read, resolved and built the stack on another thread
@@ -91,7 +92,8 @@ STEP_ROUNDS = int(os.environ.get("EASEL_BENCH_STEP_ROUNDS", "12"))
 GPU_ROUNDS = int(os.environ.get("EASEL_BENCH_GPU_ROUNDS", "5"))
 GPU_SIZES = (512, 1024)
 FMTS = ["kohya", "diffusers", "kohya", "diffusers", "kohya", "diffusers"]
-SCALES_A, SCALES_B = (0.8, 0.5, 0.3), (0.7, 0.6, 0.2)
+SCALES_A, SCALES_B = (0.8, 0.45, 0.3), (0.7, 0.6, 0.2)  # no power of two: every block is folded
+POW2_WEIGHTS = (0.5, 0.25, 0.125)
 
 
 def rss_mb() -> float:
@@ -374,17 +376,19 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     out["paired_reads"], out["first_build"] = [], []
     out["cold"], _ = switch_figures(new, a, b, 0, clear_new, out["paired_reads"], out["first_build"])
     out["phases"] = {k: statistics.median(v) for k, v in phases.items()}
-    # The same cold switches with every weight 1: scale * factor exactly 1, every block copied, no scale
-    # folded (both stacks, so that the build phases noted are those of copies only).
-    phases.clear()
-    reads: list[float] = []
-    ones_a, ones_b = ([StackEntry(e.path, 1.0) for e in s] for s in (a, b))
-    colds, _ = switch_figures(new, ones_a, ones_b, 0, clear_new, reads)
-    out["weight1"] = {
-        "colds": colds,
-        "ratio": statistics.median(c / r for c, r in zip(colds, reads, strict=True)),
-        "write": statistics.median(phases["write"]),
-    }
+    # The same cold switches with every weight 1 (scale * factor exactly 1: every block copied, no scale
+    # folded), then with weights that are powers of two (each scale an add to the exponents), both stacks
+    # alike, so that the build phases noted are those of that kind only.
+    for name, weights in (("weight1", (1.0, 1.0, 1.0)), ("pow2", POW2_WEIGHTS)):
+        phases.clear()
+        reads: list[float] = []
+        a_w, b_w = ([StackEntry(e.path, w) for e, w in zip(s, weights, strict=True)] for s in (a, b))
+        colds, _ = switch_figures(new, a_w, b_w, 0, clear_new, reads)
+        out[name] = {
+            "colds": colds,
+            "ratio": statistics.median(c / r for c, r in zip(colds, reads, strict=True)),
+            "write": statistics.median(phases["write"]),
+        }
     out["prefetched"] = prefetched_colds(new, a, b, clear_new)
     out["prebuilds"], out["prebuilt"] = prebuilt_switches(new, a, b, clear_new)
     out["preloads"], out["preloaded"] = preloaded_switches(new, a, b, clear_new)
@@ -626,12 +630,15 @@ def print_depths(full: dict, small: dict) -> None:
         )
         print(f"  a preload's build stopped (as a render arriving stops it), returned after the stop: {stops}")
         print("  new cold build, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in d["phases"].items()))
-        one = d["weight1"]
-        print(
-            f"  new cold switch with every weight 1 (blocks copied, no scale folded): median "
-            f"{statistics.median(one['colds']):.1f} ms, {one['ratio']:.2f}x its paired reads "
-            f"(write {one['write']:.1f} ms)"
-        )
+        for name, what in (
+            ("weight1", "every weight 1 (blocks copied, no scale folded)"),
+            ("pow2", f"weights {', '.join(map(str, POW2_WEIGHTS))} (powers of two: exponents moved)"),
+        ):
+            w = d[name]
+            print(
+                f"  new cold switch with {what}: median {statistics.median(w['colds']):.1f} ms, "
+                f"{w['ratio']:.2f}x its paired reads (write {w['write']:.1f} ms)"
+            )
         print(f"  resident stacks {d['resident_mb']:.0f} MB, RSS after {d['rss_after_mb']:.0f} MB")
 
 
