@@ -447,11 +447,13 @@ def _scaled_by_exponent(src: np.ndarray, scale: np.float32, out: np.ndarray) -> 
         return False
     shift = int(exponent) - 1  # scale == 2 ** shift
     bits = src.view(np.uint16)
-    field = np.bitwise_and(bits, 0x7F80)  # the exponent field, in place
+    field = np.bitwise_and(bits, 0x7F80)  # each value's exponent field, where it sits
     low, high = int(field.min()) >> 7, int(field.max()) >> 7
     if low < 1 or high > 254 or low + shift < 1 or high + shift > 254:
         return False
-    np.add(bits, np.uint16((shift << 7) & 0xFFFF), out=out, casting="unsafe")  # wraps: a borrow stops at the field
+    # Modulo 2**16 (a negative shift wraps): every exponent stays in 1..254, so no carry or borrow reaches
+    # the sign bit.
+    np.add(bits, np.uint16((shift << 7) & 0xFFFF), out=out, casting="unsafe")
     return True
 
 
