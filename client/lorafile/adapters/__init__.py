@@ -7,6 +7,7 @@ weight delta into its decomposed form. A role no kind reads is reported as a lef
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 from client.lorafile.adapters.base import (
@@ -43,10 +44,17 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=256)
+def kinds_present(roles: frozenset[str]) -> tuple[Adapter, ...]:
+    """The kinds a module with these roles carries, in registry order. A module's role names decide it,
+    and the modules of a file share a few sets of them: asked once per set, not per module and kind."""
+    return tuple(a for a in ADAPTERS if a.present(roles))
+
+
 def module_terms(ctx: ModuleContext, styles: Counter[str]) -> tuple[list[Term], int | None, list[str]]:
     """Every term one source module contributes, its rank, and the keys no kind read (with the kinds
     present). Raises Skip when the module cannot be applied."""
-    present = [a for a in ADAPTERS if a.present(ctx)]
+    present = kinds_present(frozenset(ctx.roles))
     primaries = [a.kind for a in present if a.primary]
     if len(primaries) > 1:
         raise Corrupt(f"{ctx.group.module_key} mixes {' and '.join(primaries)} tensors")

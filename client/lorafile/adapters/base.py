@@ -117,8 +117,9 @@ class Adapter:
     roles: ClassVar[frozenset[str]]
     primary: ClassVar[bool] = False
 
-    def present(self, ctx: ModuleContext) -> bool:
-        return bool(self.roles & ctx.roles.keys())
+    def present(self, roles: frozenset[str]) -> bool:
+        """Whether a module with these roles carries this kind."""
+        return bool(self.roles & roles)
 
     def build(self, ctx: ModuleContext, prior: list[AdapterResult]) -> AdapterResult:
         raise NotImplementedError
