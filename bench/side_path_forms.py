@@ -12,18 +12,23 @@ picks the order by device (daemon/lora/runtime.py), so the forms here are:
 - "side_first": the side product first (with the bias), the base GEMM accumulating into it: the order
   `StackedLoraLinear` uses on a CPU;
 - "now": the base layer first, the side product added into it: the order it uses on a GPU;
-- "compiled": as "now", the three products in one `mx.compile`d function.
+- "compiled": as "now", the three products in one `mx.compile`d function;
+- "per_file": no stacking: each file's own down and up blocks, unscaled, two products per file, each
+  file's scale passed to the up product's `addmm` as its `alpha`, in the device's order. This is the form
+  a build could read straight from the files (no block is copied or scaled after the read), so it
+  measures what that cold switch would cost every step instead.
 
 The model and the stack are the ones bench/lora.py builds (Flux.1-dev, random weights evaluated in bf16,
 three rank-16 bf16 files over every Linear layer). Each round times the base step and every form, in
-turn. The largest output difference from "now" is printed beside each form (bf16 roundings only).
+turn. The largest output difference from "now" is printed beside each form (roundings only).
 
-On a GPU: full depth (19 + 38 blocks) at 512 and 1024 px, ROUNDS rounds. On a CPU (no GPU here): 1 + 1
-blocks at 64 px, one round, as a check that the forms run; bf16 on a CPU is emulated and its timings say
-nothing about a GPU's.
+On a GPU: full depth (19 + 38 blocks) at 512 and 1024 px, ROUNDS rounds. On a CPU (no GPU here): the
+mini model as a CPU renders it (the tiny preset, float32, float32 files, 1 + 1 blocks, the preset's text
+tokens) at 128 px, CPU_ROUNDS rounds, each form's time the best of 3 steps: bench/lora.py's
+stack_overhead model and size.
 
-Last line: `bench side_path_forms: px=... base_ms=... side_first=... now=... compiled=...`, each form's
-step over the base step at the largest size (median of the rounds).
+Last line: `bench side_path_forms: px=... base_ms=... side_first=... now=... compiled=... per_file=...`, each
+form's step over the base step at the largest size (median of the rounds).
 """
 
 from __future__ import annotations
@@ -47,7 +52,10 @@ import numpy as np  # noqa: E402
 from daemon.lora.runtime import StackedLoraLinear, linear_layout  # noqa: E402
 
 ROUNDS = int(os.environ.get("EASEL_BENCH_FORM_ROUNDS", "4"))
+CPU_ROUNDS = int(os.environ.get("EASEL_BENCH_FORM_CPU_ROUNDS", "12"))
 NOW = StackedLoraLinear.__call__
+# layer path -> [(down (r, in), up (out, r), scale)] per file of the stack, filled by `main`
+PER_FILE: dict[str, list[tuple[mx.array, mx.array, float]]] = {}
 
 
 @mx.compile
@@ -63,22 +71,91 @@ def _compiled(self: StackedLoraLinear, x: mx.array) -> mx.array:
     return _side_compiled(x, self.base.weight, bias, parts.down, parts.up)
 
 
+def _per_file(self: StackedLoraLinear, x: mx.array) -> mx.array:
+    files = PER_FILE.get(self._lora_target)
+    parts = self._lora_active.layers.get(self._lora_target)
+    if files is None or parts is None or not parts.lowrank_only or type(self.base) is not nn.Linear:
+        return NOW(self, x)
+    if self._lora_active.base_first:
+        y = self.base(x)
+        for down, up, scale in files:
+            y = mx.addmm(y, x @ down.T, up.T, alpha=scale)
+        return y
+    bias = self.base.get("bias", None)
+    side = None
+    for down, up, scale in files:
+        h = x @ down.T
+        if side is None:
+            side = h @ up.T * scale if bias is None else mx.addmm(bias, h, up.T, alpha=scale)
+        else:
+            side = mx.addmm(side, h, up.T, alpha=scale)
+    return mx.addmm(side, x, self.base.weight.T)
+
+
+def _per_file_arrays(patcher, stack) -> None:
+    """PER_FILE from each file of `stack` built alone at weight 1 (alpha equals the rank in these files, so
+    its blocks are plain copies), the stack's weight kept aside as the file's scale."""
+    for entry in stack:
+        patcher.apply_stack([bench_lora.StackEntry(entry.path, 1.0)])
+        for target, parts in patcher._live.layers.items():
+            PER_FILE.setdefault(target, []).append((parts.down, parts.up, entry.scale))
+    patcher.clear()
+
+
+def _tiny_step(model, px: int, rng):
+    """One step of the tiny preset's transformer (float32) at px x px with the preset's text tokens, as
+    bench/lora.py's step overhead times it: a function returning (milliseconds, output)."""
+    import time
+
+    from mflux.models.common.config.config import Config
+
+    transformer = model.flux.transformer
+    text_tokens = int(model.preset.t5_max_length or getattr(model.flux.model_config, "max_sequence_length", 512))
+    config = Config(model.flux.model_config, num_inference_steps=2, height=px, width=px, guidance=3.5)
+    inputs = {
+        "hidden_states": mx.array(rng.standard_normal((1, (px // 16) ** 2, 64)).astype(np.float32)),
+        "prompt_embeds": mx.array(rng.standard_normal((1, text_tokens, 4096)).astype(np.float32)),
+        "pooled_prompt_embeds": mx.array(rng.standard_normal((1, 768)).astype(np.float32)),
+    }
+
+    def step():
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            y = transformer(t=0, config=config, **inputs)
+            mx.eval(y)
+            best = min(best, (time.perf_counter() - t0) * 1000)
+        return best, y
+
+    return step
+
+
 def main() -> None:
+    from daemon.engine.model import load_model
+
     gpu = mx.default_device() == mx.gpu
-    joint, single, sizes, rounds = (19, 38, (512, 1024), ROUNDS) if gpu else (1, 1, (64,), 1)
+    joint, single, sizes, rounds = (19, 38, (512, 1024), ROUNDS) if gpu else (1, 1, (128,), CPU_ROUNDS)
     print(f"device {mx.default_device()}, {joint} + {single} blocks, sizes {sizes}, {rounds} rounds")
     with tempfile.TemporaryDirectory(prefix="easel-bench-forms-") as tmp:
-        model = bench_lora.evaluated_transformer(joint, single)
-        files = bench_lora.make_files(Path(tmp), linear_layout(model), "forms", n=3)
+        tiny = None if gpu else load_model("tiny")
+        model = bench_lora.evaluated_transformer(joint, single) if gpu else tiny.flux.transformer
+        dtype = "BF16" if gpu else "F32"
+        files = bench_lora.make_files(Path(tmp), linear_layout(model), "forms", n=3, dtype=dtype)
         stack = [bench_lora.StackEntry(p, s) for p, s in zip(files, bench_lora.SCALES_A, strict=True)]
         patcher = bench_lora.new_patcher(model)
+        _per_file_arrays(patcher, stack)
         patcher.apply_stack(stack)
         live = patcher._live
-        forms = {"side_first": (NOW, False), "now": (NOW, True), "compiled": (_compiled, True)}  # call, base_first
+        forms = {  # call, base_first
+            "side_first": (NOW, False),
+            "now": (NOW, True),
+            "compiled": (_compiled, True),
+            "per_file": (_per_file, gpu),
+        }
         rng = np.random.default_rng(0)
         ratios: dict[str, float] = {}
         for px in sizes:
-            step = bench_lora.timed_step(model, px, rng)
+            step = bench_lora.timed_step(model, px, rng) if gpu else _tiny_step(tiny, px, rng)
             times: dict[str, list[float]] = {"base": []} | {f: [] for f in forms}
             outputs: dict[str, np.ndarray] = {}
             for r in range(rounds + 1):  # round 0 builds the kernels
