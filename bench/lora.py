@@ -7,7 +7,11 @@ generated into a temp dir; a stack is 3 of them.
 
 Measured:
 - read_ms: reading the bytes of one stack's 3 files (page cache warm), as the reader does (one readinto
-  into an np.empty buffer each); the old bytearray way and Path.read_bytes are printed beside it, with
+  into an np.empty buffer each); the old bytearray way and Path.read_bytes are printed beside it, and
+  the two floors of a build that would read its files straight into MLX memory and use each file's blocks
+  where they land (no stacking: see bench/side_path_forms.py's "per_file" form for what that costs a step):
+  one readinto per file into one unfilled MLX buffer, and MLX's own `mx.load` (every tensor its own
+  array, evaluated); with
   the time to allocate one stack's MLX arrays alone (unfilled, as the build does, and with `mx.zeros`)
   and to copy its bytes once (a memcpy: the second pass any build into a stacked layout pays, so
   read + copy is a floor under a cold switch that no Python removes);
@@ -162,8 +166,14 @@ def read_ms(paths: list[str], how: str = "reader") -> float:
     - "reader": as the reader does (client/lorafile/safetensors_io.py): one `readinto` per file into an
       `np.empty` buffer, which numpy backs with huge pages; this is the denominator of cold_vs_read;
     - "bytearray": one `readinto` into a bytearray (zero-filled first, 4 KiB pages: the reader before);
-    - "read_bytes": `Path.read_bytes()`, the plain way."""
+    - "read_bytes": `Path.read_bytes()`, the plain way;
+    - "mlx": one `readinto` per file into one unfilled MLX buffer (daemon/engine/unfilled.py), evaluated
+      first: the bytes land in memory the model's arrays can use;
+    - "mx.load": MLX's loader, every tensor its own MLX array, evaluated (its header parsed in C++)."""
+    import mlx.core as mx
     import numpy as np
+
+    from daemon.engine.unfilled import unfilled
 
     best = float("inf")
     for _ in range(3):
@@ -172,6 +182,18 @@ def read_ms(paths: list[str], how: str = "reader") -> float:
         for p in paths:
             if how == "read_bytes":
                 bufs.append(Path(p).read_bytes())
+                continue
+            if how == "mx.load":
+                tensors = mx.load(p)
+                mx.eval(list(tensors.values()))
+                bufs.append(tensors)
+                continue
+            if how == "mlx":
+                chunk = unfilled(os.path.getsize(p), mx.uint8)
+                mx.eval(chunk)
+                with open(p, "rb", buffering=0) as fh:
+                    fh.readinto(np.array(chunk, copy=False))
+                bufs.append(chunk)
                 continue
             size = os.path.getsize(p)
             buf = np.empty(size, np.uint8) if how == "reader" else bytearray(size)
@@ -350,6 +372,8 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     out["read_ms"] = read_ms(files[3:])
     out["read_bytearray_ms"] = read_ms(files[3:], "bytearray")
     out["read_bytes_ms"] = read_ms(files[3:], "read_bytes")
+    out["read_mlx_ms"] = read_ms(files[3:], "mlx")
+    out["load_mlx_ms"] = read_ms(files[3:], "mx.load")
     if with_old:
         old_cls, old_cache_cls = old_patcher_class()
         old = old_cls(transformer, old_cache_cls(4 * 1024**3))
@@ -610,7 +634,8 @@ def print_depths(full: dict, small: dict) -> None:
         print(
             f"{label}: {d['layers']} Linear layers, 3-LoRA stacks of rank {RANK} (bf16, every layer), "
             f"{d['file_mb']:.0f} MB per file, read 3 files {d['read_ms']:.1f} ms "
-            f"(bytearray {d['read_bytearray_ms']:.1f} ms, read_bytes {d['read_bytes_ms']:.1f} ms), "
+            f"(bytearray {d['read_bytearray_ms']:.1f} ms, read_bytes {d['read_bytes_ms']:.1f} ms; straight into MLX "
+            f"memory {d['read_mlx_ms']:.1f} ms, mx.load {d['load_mlx_ms']:.1f} ms), "
             f"allocating one stack's MLX arrays alone {d['alloc_ms']:.1f} ms (filled with zeros "
             f"{d['alloc_zeros_ms']:.1f} ms), copying its bytes once {d['copy_ms']:.1f} ms"
         )
