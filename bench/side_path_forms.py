@@ -1,4 +1,4 @@
-"""Orders of the low-rank side path's products in a half-precision model, one Flux step each, side by side.
+"""Forms of the low-rank side path (the order of its products, stacked or per file), one Flux step each, side by side.
 
 Why: on an H200 (MLX's CUDA backend, bench/lora.py's GPU section) a full-depth 3-LoRA stack made the
 full-size Flux.1-dev step 1.45x slower at 512 px and 1.11x at 1024 px: the cost shrank as the tokens grew
