@@ -485,9 +485,7 @@ def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int, float]]:
     stacked steps are timed in alternation, STEP_ROUNDS rounds of min-of-3 each; the ratio is the median
     of the rounds' paired ratios (a disturbance hits both halves of a round alike, or one round only): this
     2-core machine is shared, and a whole render (text encoders, VAE) would drown the side path."""
-    import mlx.core as mx
     import numpy as np
-    from mflux.models.common.config.config import Config
 
     from daemon.engine.model import load_model
 
@@ -496,33 +494,51 @@ def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int, float]]:
     files = make_files(tmp, linear_layout(transformer), "tiny", n=3, dtype="F32")
     stack = [StackEntry(p, s) for p, s in zip(files, SCALES_A, strict=True)]
     patcher = new_patcher(transformer)
-    # the prompt tokens the preset renders with (the mini preset's T5 length), else the model's own
-    text_tokens = int(model.preset.t5_max_length or getattr(model.flux.model_config, "max_sequence_length", 512))
     rng = np.random.default_rng(0)
     out = {}
     for px in (64, 128, 256):
-        image_tokens = (px // 16) ** 2
-        config = Config(model.flux.model_config, num_inference_steps=2, height=px, width=px, guidance=3.5)
-        hidden = mx.array(rng.standard_normal((1, image_tokens, 64)).astype(np.float32))
-        prompt = mx.array(rng.standard_normal((1, text_tokens, 4096)).astype(np.float32))
-        pooled = mx.array(rng.standard_normal((1, 768)).astype(np.float32))
+        step, tokens = tiny_step(model, px, rng)
 
-        def step_ms(config=config, hidden=hidden, prompt=prompt, pooled=pooled) -> float:
-            t0 = time.perf_counter()
-            y = transformer(t=0, config=config, hidden_states=hidden, prompt_embeds=prompt, pooled_prompt_embeds=pooled)
-            mx.eval(y)
-            return (time.perf_counter() - t0) * 1000
+        def best_ms(step=step) -> float:
+            return min(step()[0] for _ in range(3))
 
-        step_ms()
+        step()
         base, with_stack = [], []
         for _ in range(STEP_ROUNDS):
-            base.append(min(step_ms() for _ in range(3)))
+            base.append(best_ms())
             patcher.apply_stack(stack)
-            with_stack.append(min(step_ms() for _ in range(3)))
+            with_stack.append(best_ms())
             patcher.clear()
         ratios = [w / b for b, w in zip(base, with_stack, strict=True)]
-        out[px] = (min(base), min(with_stack), image_tokens + text_tokens, statistics.median(ratios))
+        out[px] = (min(base), min(with_stack), tokens, statistics.median(ratios))
     return out
+
+
+def tiny_step(model, px: int, rng):
+    """(a function running one step of the tiny (mini) preset's transformer at px x px and returning
+    (milliseconds, output), its tokens): float32 inputs drawn once from `rng`, with the prompt tokens the
+    preset renders with (its T5 length, else the model's own), as a CPU renders it."""
+    import mlx.core as mx
+    import numpy as np
+    from mflux.models.common.config.config import Config
+
+    transformer = model.flux.transformer
+    text_tokens = int(model.preset.t5_max_length or getattr(model.flux.model_config, "max_sequence_length", 512))
+    image_tokens = (px // 16) ** 2
+    config = Config(model.flux.model_config, num_inference_steps=2, height=px, width=px, guidance=3.5)
+    inputs = {
+        "hidden_states": mx.array(rng.standard_normal((1, image_tokens, 64)).astype(np.float32)),
+        "prompt_embeds": mx.array(rng.standard_normal((1, text_tokens, 4096)).astype(np.float32)),
+        "pooled_prompt_embeds": mx.array(rng.standard_normal((1, 768)).astype(np.float32)),
+    }
+
+    def step():
+        t0 = time.perf_counter()
+        y = transformer(t=0, config=config, **inputs)
+        mx.eval(y)
+        return (time.perf_counter() - t0) * 1000, y
+
+    return step, image_tokens + text_tokens
 
 
 def evaluated_transformer(joint: int, single: int):

@@ -102,32 +102,14 @@ def _per_file_arrays(patcher, stack) -> None:
     patcher.clear()
 
 
-def _tiny_step(model, px: int, rng):
-    """One step of the tiny preset's transformer (float32) at px x px with the preset's text tokens, as
-    bench/lora.py's step overhead times it: a function returning (milliseconds, output)."""
-    import time
+def _best_of_3(step):
+    """`step` (a timed step: (milliseconds, output)) taking the best time of 3 calls."""
 
-    from mflux.models.common.config.config import Config
+    def best():
+        runs = [step() for _ in range(3)]
+        return min(ms for ms, _ in runs), runs[-1][1]
 
-    transformer = model.flux.transformer
-    text_tokens = int(model.preset.t5_max_length or getattr(model.flux.model_config, "max_sequence_length", 512))
-    config = Config(model.flux.model_config, num_inference_steps=2, height=px, width=px, guidance=3.5)
-    inputs = {
-        "hidden_states": mx.array(rng.standard_normal((1, (px // 16) ** 2, 64)).astype(np.float32)),
-        "prompt_embeds": mx.array(rng.standard_normal((1, text_tokens, 4096)).astype(np.float32)),
-        "pooled_prompt_embeds": mx.array(rng.standard_normal((1, 768)).astype(np.float32)),
-    }
-
-    def step():
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            y = transformer(t=0, config=config, **inputs)
-            mx.eval(y)
-            best = min(best, (time.perf_counter() - t0) * 1000)
-        return best, y
-
-    return step
+    return best
 
 
 def main() -> None:
@@ -155,7 +137,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         ratios: dict[str, float] = {}
         for px in sizes:
-            step = bench_lora.timed_step(model, px, rng) if gpu else _tiny_step(tiny, px, rng)
+            step = bench_lora.timed_step(model, px, rng) if gpu else _best_of_3(bench_lora.tiny_step(tiny, px, rng)[0])
             times: dict[str, list[float]] = {"base": []} | {f: [] for f in forms}
             outputs: dict[str, np.ndarray] = {}
             for r in range(rounds + 1):  # round 0 builds the kernels
