@@ -9,7 +9,9 @@ so `safetensors.numpy` refuses the dtype most Flux LoRAs ship in. bf16 and fp8 a
 `ml_dtypes`: read exactly, widened exactly, written back bit for bit.
 
 Reading is into owned memory, one `readinto` per file, never mmap (see `read_safetensors`): a file that
-changes underneath is an error for that one request, never a signal for the whole process.
+changes underneath is an error for that one request, never a signal for the whole process. The daemon
+opens a file first (`open_safetensors`: its header parsed, its tensors views of a buffer not read yet) and
+reads the bytes on another thread while it recognises the keys.
 
 Files that are not safetensors are recognised from their first bytes and refused with a message naming
 what they look like (pickle, PyTorch zip checkpoint, Draw Things s4nnc/SQLite, GGUF, ...).
@@ -24,7 +26,7 @@ import os
 import stat
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -113,7 +115,11 @@ def _plausible_safetensors(head: bytes, size: int) -> bool:
 
 
 def read_safetensors(
-    path: str | os.PathLike[str], *, as_stored: bool = False, with_digest: bool = False
+    path: str | os.PathLike[str],
+    *,
+    as_stored: bool = False,
+    with_digest: bool = False,
+    allocate: Callable[[int], np.ndarray] | None = None,
 ) -> SafetensorsFile:
     """Parse and validate `path`; raise LoraNotFound / LoraFormatError naming the problem.
 
@@ -126,8 +132,56 @@ def read_safetensors(
     it is read (shorter than it was, or a different size, inode or change time by fstat before and after)
     is a LoraFormatError for this one request. The bytes and the signature returned with them
     (`SafetensorsFile.signature`) belong together: caches key on it. `with_digest` adds the content
-    digest of exactly these bytes to it (for filesystems whose times cannot be trusted).
+    digest of exactly these bytes to it (for filesystems whose times cannot be trusted). `allocate(size)`
+    gives the buffer the file is read into (a uint8 array of `size` bytes, written whole here; `np.empty`
+    when None): the daemon reads into memory its model can use without a copy.
     """
+    opened = open_safetensors(path, with_digest=with_digest, allocate=allocate)
+    opened.read()
+    sf = opened.file
+    if as_stored:
+        return sf
+    widened = {k: t.astype(np.float32) if sf.dtypes[k] in FLOAT_DTYPES else t for k, t in sf.tensors.items()}
+    return dataclasses.replace(sf, tensors=widened)
+
+
+class OpenedSafetensors:
+    """A safetensors file whose header is read and validated and whose bytes are not read yet.
+
+    `file` already holds every tensor, as a view (stored dtype) of the buffer the bytes will be read
+    into: what needs only names, shapes and metadata (recognising the format, grouping the keys) can run
+    before or beside `read`, which fills the buffer (one `readinto`, letting go of the GIL) and checks the
+    file did not change since it was opened. A tensor's values are defined only once `read` returned."""
+
+    def __init__(self, file: SafetensorsFile, fh: BinaryIO, buf: np.ndarray, header: bytes, digest: bool) -> None:
+        self.file, self._fh, self._buf, self._header, self._digest = file, fh, buf, header, digest
+
+    def read(self) -> None:
+        """Read the whole file into the buffer (through the descriptor `open_safetensors` opened) and
+        close it; LoraFormatError if the file is not the version that was opened by the end."""
+        p, before = Path(self.file.path), self.file.signature
+        with self._fh:
+            _read_whole(self._fh, before.size, before, p, self._buf)
+        if self._buf[: len(self._header)].tobytes() != self._header:
+            raise _changed(p, before.size, before.size, None)
+        if self._digest:
+            sig = dataclasses.replace(before, digest=content_digest(self._buf, p))
+            object.__setattr__(self.file, "signature", sig)
+
+    def close(self) -> None:
+        """Give up the read (its descriptor closed; the tensors' values stay undefined)."""
+        self._fh.close()
+
+
+def open_safetensors(
+    path: str | os.PathLike[str],
+    *,
+    with_digest: bool = False,
+    allocate: Callable[[int], np.ndarray] | None = None,
+) -> OpenedSafetensors:
+    """Open `path` and parse its header (`read_safetensors` without reading the tensors' bytes yet):
+    every error a header, a non-safetensors file or a missing file can raise is raised here. The file
+    stays open for `read` (or `close`)."""
     p = Path(path)
     try:
         fh = p.open("rb", buffering=0)
@@ -137,65 +191,92 @@ def read_safetensors(
         raise LoraFormatError(f"{p} is a directory, not a LoRA file", path=str(p)) from exc
     except OSError as exc:
         raise LoraFormatError(f"cannot read {p}: {exc.strerror or exc}", path=str(p)) from exc
-    with fh:
-        try:
-            st = os.fstat(fh.fileno())
-            before = FileSignature.of_stat(st, sidecar=sidecar_identity(p))  # the config's, before it is read
-            size = before.size
-            head = os.pread(fh.fileno(), 64, 0)
-        except OSError as exc:
-            raise LoraFormatError(f"cannot read {p}: {exc.strerror or exc}", path=str(p)) from exc
-        if not stat.S_ISREG(st.st_mode):
-            raise LoraFormatError(f"{p} is not a regular file", path=str(p))
-        looks_like = None if _plausible_safetensors(head, size) else sniff(head, str(p))
-        if looks_like is not None:
-            raise LoraFormatError(
-                f"{p.name} is not a safetensors file: it looks like {looks_like}; easel reads safetensors only "
-                "and never unpickles (convert it to .safetensors first)",
-                path=str(p),
-                looks_like=looks_like,
-            )
-        if size < 8:
-            raise LoraFormatError(f"{p.name} is not a safetensors file ({size} bytes: too short)", path=str(p))
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if header_len > MAX_HEADER_BYTES or (len(head) > 8 and head[8:9] != b"{"):
-            raise LoraFormatError(
-                f"{p.name} is not a safetensors file (first bytes {head[:16]!r} are not a safetensors header)",
-                path=str(p),
-            )
-        if 8 + header_len > size:
-            raise LoraFormatError(
-                f"{p.name} is truncated: its header says {header_len} header bytes but the file has {size}",
-                path=str(p),
-            )
-        buf = _read_whole(fh, size, before, p)
-    header = _parse_header(buf[8 : 8 + header_len].tobytes(), p)
+    try:
+        opened = _open_header(p, fh, with_digest, allocate)
+    except BaseException:
+        fh.close()
+        raise
+    return opened
+
+
+def _open_header(
+    p: Path, fh: BinaryIO, with_digest: bool, allocate: Callable[[int], np.ndarray] | None
+) -> OpenedSafetensors:
+    """The header part of `open_safetensors`, on its open file."""
+    try:
+        st = os.fstat(fh.fileno())
+        before = FileSignature.of_stat(st, sidecar=sidecar_identity(p))  # the config's, before it is read
+        size = before.size
+        head = os.pread(fh.fileno(), 64, 0)
+    except OSError as exc:
+        raise LoraFormatError(f"cannot read {p}: {exc.strerror or exc}", path=str(p)) from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise LoraFormatError(f"{p} is not a regular file", path=str(p))
+    looks_like = None if _plausible_safetensors(head, size) else sniff(head, str(p))
+    if looks_like is not None:
+        raise LoraFormatError(
+            f"{p.name} is not a safetensors file: it looks like {looks_like}; easel reads safetensors only "
+            "and never unpickles (convert it to .safetensors first)",
+            path=str(p),
+            looks_like=looks_like,
+        )
+    if size < 8:
+        raise LoraFormatError(f"{p.name} is not a safetensors file ({size} bytes: too short)", path=str(p))
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if header_len > MAX_HEADER_BYTES or (len(head) > 8 and head[8:9] != b"{"):
+        raise LoraFormatError(
+            f"{p.name} is not a safetensors file (first bytes {head[:16]!r} are not a safetensors header)",
+            path=str(p),
+        )
+    if 8 + header_len > size:
+        raise LoraFormatError(
+            f"{p.name} is truncated: its header says {header_len} header bytes but the file has {size}",
+            path=str(p),
+        )
+    try:
+        raw = os.pread(fh.fileno(), 8 + header_len, 0)
+    except OSError as exc:
+        raise LoraFormatError(f"cannot read {p}: {exc.strerror or exc}", path=str(p)) from exc
+    if len(raw) != 8 + header_len:
+        raise _changed(p, size, len(raw), None)
+    header = _parse_header(raw[8:], p)
     data_start = 8 + header_len
-    data_len = size - data_start
     metadata = _metadata(header.pop("__metadata__", None), p)
-    specs = _tensor_specs(header, data_len, p)
+    specs = _tensor_specs(header, size - data_start, p)
+    buf = (allocate or _empty)(size)
     tensors: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
     for key, (dtype, shape, begin, end) in specs.items():
         stored = np.frombuffer(
             buf, dtype=DTYPES[dtype], count=(end - begin) // DTYPES[dtype].itemsize, offset=data_start + begin
         )
-        widen = dtype in FLOAT_DTYPES and not as_stored
-        tensors[key] = (stored.astype(np.float32) if widen else stored).reshape(shape)
+        tensors[key] = stored.reshape(shape)
         dtypes[key] = dtype
-    if with_digest:
-        before = dataclasses.replace(before, digest=content_digest(buf, p))
-    return SafetensorsFile(path=str(p), tensors=tensors, metadata=metadata, dtypes=dtypes, signature=before)
+    sf = SafetensorsFile(path=str(p), tensors=tensors, metadata=metadata, dtypes=dtypes, signature=before)
+    return OpenedSafetensors(sf, fh, buf, raw, with_digest)
 
 
-def _read_whole(fh: BinaryIO, size: int, before: FileSignature, p: Path) -> np.ndarray:
-    """All `size` bytes of the open file, or LoraFormatError if it is not the same file by the end.
+def _changed(p: Path, size: int, got: int, now: int | None) -> LoraFormatError:
+    return LoraFormatError(
+        f"{p.name} changed while it was being read ({size} bytes when opened, {got} read, "
+        f"{size if now is None else now} now); try again once it is written",
+        path=str(p),
+        changed=True,
+    )
 
-    The buffer is `np.empty`, not a bytearray: a bytearray is zero-filled first, one pass over fresh
-    memory in 4 KiB pages, where numpy leaves it unwritten and asks the kernel for huge pages
-    (madvise) on large arrays, so reading a 150 MB file costs about a third of the time (bench/lora.py).
+
+def _empty(size: int) -> np.ndarray:
+    return np.empty(size, np.uint8)
+
+
+def _read_whole(fh: BinaryIO, size: int, before: FileSignature, p: Path, buf: np.ndarray) -> None:
+    """All `size` bytes of the open file into `buf`, or LoraFormatError if it is not the same file by the end.
+
+    The buffer is `np.empty` unless the caller allocates it, not a bytearray: a bytearray is zero-filled
+    first, one pass over fresh memory in 4 KiB pages, where numpy leaves it unwritten and asks the kernel
+    for huge pages (madvise) on large arrays, so reading a 150 MB file costs about a third of the time
+    (bench/lora.py).
     """
-    buf = np.empty(size, np.uint8)
     view = memoryview(buf)
     got = 0
     try:
@@ -212,13 +293,7 @@ def _read_whole(fh: BinaryIO, size: int, before: FileSignature, p: Path) -> np.n
     finally:
         view.release()
     if got != size or extra or not after.same_file_version(before):
-        raise LoraFormatError(
-            f"{p.name} changed while it was being read ({size} bytes when opened, {got} read, "
-            f"{after.size} now); try again once it is written",
-            path=str(p),
-            changed=True,
-        )
-    return buf
+        raise _changed(p, size, got, after.size)
 
 
 def _parse_header(raw_header: bytes, p: Path) -> dict:

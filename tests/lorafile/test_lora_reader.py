@@ -241,5 +241,26 @@ def test_a_file_shrinking_while_read_is_a_format_error(tmp_path):
     with open(path, "rb", buffering=0) as fh:
         before = safetensors_io.FileSignature.of_stat(os.fstat(fh.fileno()))
         with pytest.raises(LoraFormatError, match="changed while it was being read") as err:
-            safetensors_io._read_whole(_Shrinking(fh, path), size, before, path)
+            safetensors_io._read_whole(_Shrinking(fh, path), size, before, path, np.empty(size, np.uint8))
+    assert err.value.details.get("changed") is True
+
+
+def test_an_opened_file_parses_before_its_bytes_are_read_and_refuses_a_change_in_between(tmp_path):
+    from client.lorafile.keymaps import load_keymaps
+    from client.lorafile.parse import parse_lora
+
+    path, tensors = _small(tmp_path, "F32")
+    opened = safetensors_io.open_safetensors(path)
+    parsed = parse_lora(opened.file, load_keymaps())  # names, shapes and metadata: no value read yet
+    assert parsed.keys_total == len(tensors)
+    opened.read()
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(opened.file.tensors[key], value.astype(np.float32))
+
+    again = safetensors_io.open_safetensors(path)
+    with open(path, "r+b") as fh:  # a writer appends between the header and the bytes
+        fh.seek(0, os.SEEK_END)
+        fh.write(b"\0" * 64)
+    with pytest.raises(LoraFormatError, match="changed while it was being read") as err:
+        again.read()
     assert err.value.details.get("changed") is True
