@@ -2,8 +2,9 @@
 
 A file is identified by its `FileSignature` (device, inode, size, mtime_ns, ctime_ns, and a content
 digest when `content_hash` is on): any change re-reads it, and what was resolved from the old bytes
-goes with the old entry. The bytes are kept as the file stores them (bf16 stays bf16): converting
-them to the layer's dtype happens once, when a stack is built (daemon.lora.resident).
+goes with the old entry. The bytes are kept as the file stores them (bf16 stays bf16), read into MLX
+memory (daemon/lora/file_buffers.py): a stack built from them views its blocks there, converting only
+those whose dtype is not the layer's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import msgspec
@@ -19,10 +21,11 @@ import msgspec
 from client.lorafile.keymaps import KeymapSet, load_keymaps
 from client.lorafile.parse import ParsedLora, parse_lora
 from client.lorafile.resolve import Layout, Term, resolve
-from client.lorafile.safetensors_io import read_safetensors
+from client.lorafile.safetensors_io import open_safetensors
 from client.lorafile.signature import FileSignature, file_signature
 from client.wire.messages import LoraCacheStats
 from client.wire.report import FileReport
+from daemon.lora.file_buffers import file_buffer
 
 Signature = FileSignature  # the one identity of a file version, shared with every LoRA cache
 
@@ -64,6 +67,10 @@ class LoraCache:
         self._reading: dict[str, _Reading] = {}  # path -> the read in progress
         self._bytes = 0
         self._hits = self._misses = self._evictions = 0
+        # One thread reads every file's bytes, in the order they were asked for, while the asking threads
+        # parse: a stack's first file is complete (and resolved) while the next is still being read,
+        # where reads side by side would all finish late together.
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-lora-read")
 
     @property
     def keymaps(self) -> KeymapSet:
@@ -141,9 +148,14 @@ class LoraCache:
                 with self._lock:
                     self._hits += 1
                 return other.entry
-        try:
-            sf = read_safetensors(key, as_stored=True, with_digest=self.content_hash)  # outside the lock: slow I/O
-            entry = _Entry(sf.signature or sig, parse_lora(sf, self.keymaps))
+        try:  # outside the lock: slow I/O
+            opened = open_safetensors(key, with_digest=self.content_hash, allocate=file_buffer)
+            reading = self._reader.submit(opened.read)  # the bytes arrive while the keys are parsed here
+            try:
+                parsed = parse_lora(opened.file, self.keymaps)  # names, shapes and metadata only
+            finally:
+                reading.result()  # a file that changed while read raises here, whatever the parse did
+            entry = _Entry(opened.file.signature or sig, parsed)
         except BaseException:
             with self._lock:
                 if self._reading.get(key) is mine:

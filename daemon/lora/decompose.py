@@ -170,16 +170,18 @@ def layer_arrays(
     *,
     side: bool = True,
     fills=None,
+    blocks=None,
 ):
     """`build_layer_arrays` for a layer whose terms may need its base weight. `side`: the bias keeps its
     value under an output gain ((1 - G) * b on the side path); the bake form scales W itself instead.
-    `fills`: the stack build's `runtime.Fills` (the low-rank pairs are written when it runs)."""
+    `fills`: the stack build's `runtime.Fills` (the low-rank pairs are written when it runs); `blocks`: its
+    `file_buffers.Blocks` (low-rank terms read into MLX buffers are viewed there, the per-file form)."""
     from daemon.lora.runtime import build_layer_arrays
 
     if not needs_base(contributions):
-        return build_layer_arrays(contributions, dtype, fills)
+        return build_layer_arrays(contributions, dtype, fills, blocks)
     plain, out_gain, in_gain = expand(target, contributions, weight_of, gains)
-    parts = build_layer_arrays(plain, dtype, fills)
+    parts = build_layer_arrays(plain, dtype, fills, blocks)
     if out_gain is not None:
         parts.out_gain = mx.array(out_gain, dtype=mx.float32)
         bias = layer.get("bias", None)

@@ -37,6 +37,7 @@ from client.wire.errors import Cancelled, InvalidRequest, LoraZeroMatch
 from client.wire.report import FileReport
 from daemon.lora.cache import LoraCache, Signature
 from daemon.lora.decompose import base_weight, layer_arrays, stack_gains
+from daemon.lora.file_buffers import Blocks
 from daemon.lora.inspect import text_encoder_layout, text_encoders_of
 from daemon.lora.norms import StackedNormScale, is_norm, norm_arrays, norm_layout
 from daemon.lora.resident import ResidentStack, ResidentStacks, StackKey
@@ -49,6 +50,7 @@ from daemon.lora.runtime import (
     StackedLoraLinear,
     build_layer_arrays,
     linear_layout,
+    per_file_ready,
     written_by_fills,
 )
 from daemon.lora.stack import PreloadReport, StackEntry, StackReport
@@ -57,6 +59,7 @@ READ_THREADS = 4  # files of a stack read, parsed and resolved at once
 ZeroMatchPolicy = Literal["error", "warn"]
 OnModelThread = Callable[[Callable[[], Any]], Any]  # runs a function on the model's thread, returns its value
 Mode = Literal["side", "bake"]
+LowRankForm = Literal["per_file", "stacked"]
 
 
 @dataclass(frozen=True)
@@ -148,9 +151,16 @@ class LoraPatcher:
         resident: ResidentStacks | None = None,
         *,
         text_encoders: Mapping[str, nn.Module] | None = None,
+        lowrank_form: LowRankForm | None = None,
     ) -> None:
         if mode not in ("side", "bake"):
             raise ValueError(f"mode must be 'side' or 'bake', not {mode!r}")
+        if lowrank_form not in (None, "per_file", "stacked"):
+            raise ValueError(f"lowrank_form must be 'per_file' or 'stacked', not {lowrank_form!r}")
+        # The side form's low-rank pairs: per file (views of the files' buffers: a cold switch writes
+        # nothing) on a CPU, where the step costs the same; stacked on a GPU, where the per-file form's
+        # extra products have not been measured and the stacked one was (bench/side_path_forms.py).
+        self.lowrank_form: LowRankForm = lowrank_form or ("per_file" if mx.default_device() == mx.cpu else "stacked")
         self.transformer = transformer
         self.text_encoders = dict(text_encoders or {})  # root name on the model (clip_text_encoder) -> module
         self.cache = cache or LoraCache()
@@ -371,8 +381,9 @@ class LoraPatcher:
 
     def prefetch(self, entries: Iterable[StackEntry | tuple[str, float]]) -> None:
         """Read and parse the files of a stack that is about to be applied, so its switch does not wait on
-        the disk. Touches no MLX and nothing of the model: safe beside a render in progress. Errors are
-        left for the switch itself to report."""
+        the disk. Touches nothing of the model: safe beside a render in progress (its only MLX work is
+        allocating each file's buffer, daemon/lora/file_buffers.py). Errors are left for the switch itself
+        to report."""
         for e in entries:
             path = e.path if isinstance(e, StackEntry) else str(e[0])
             try:
@@ -386,7 +397,8 @@ class LoraPatcher:
         parsed and resolved here (`prefetch`), the stack's buffers are allocated by `on_model_thread`
         (which runs a function on the thread that runs the model, between two denoising steps: MLX work
         stays on that thread), and every block is written here (numpy, into buffers nothing else reads
-        yet; a switch to the stack meanwhile waits for these writes rather than build it again). Only
+        yet; a switch to the stack meanwhile waits for these writes rather than build it again). Layers in
+        the per-file form are views of the files' buffers, made by `on_model_thread` too. Only
         stacks of plain low-rank layers are built ahead (others need MLX operations: their
         switch builds them); a stack already resident or live is left alone. Never raises: a failure,
         or `on_model_thread` refusing because the render ended, leaves the switch to build the stack and
@@ -402,16 +414,28 @@ class LoraPatcher:
             reports, sigs, per_layer, warnings = self._prepare(stack, "warn")
             fills = Fills()
             layers: dict[str, LayerArrays] = {}
+            viewed: dict[str, tuple[list, mx.Dtype]] = {}  # per-file layers: built on the model thread (views)
             for target, contributions in per_layer.items():
                 original = self._slot(target).original
-                if type(original) is not nn.Linear or not written_by_fills(contributions, original.weight.dtype):
+                if type(original) is not nn.Linear:
                     return False
-                layers[target] = build_layer_arrays(contributions, original.weight.dtype, fills)
+                dtype = original.weight.dtype
+                if self.lowrank_form == "per_file" and per_file_ready(contributions):
+                    viewed[target] = (contributions, dtype)
+                elif written_by_fills(contributions, dtype):
+                    layers[target] = build_layer_arrays(contributions, dtype, fills)
+                else:
+                    return False
             if fills.nbytes > self.resident.max_bytes:  # it would not be kept
                 return False
             key, writing = self._stack_key(stack, sigs), threading.Event()
 
             def allocate() -> AllocatedFills:
+                blocks = Blocks()
+                for target, (contributions, dtype) in viewed.items():
+                    layers[target] = build_layer_arrays(contributions, dtype, blocks=blocks)
+                if viewed:
+                    mx.eval(*(a for target in viewed for a in layers[target].arrays()))
                 allocated = fills.allocate()
                 self._prebuilding[key] = writing  # set on the model thread: its next switch waits for the writes
                 return allocated
@@ -464,7 +488,7 @@ class LoraPatcher:
         to_eval: list[mx.array] = []
         weight_of = self._base_weights()
         gains = stack_gains(per_layer, weight_of)
-        fills = Fills()
+        fills, blocks = Fills(), self._blocks()
         for target, contributions in per_layer.items():
             slot = self._slot(target)
             if is_norm(slot.original):
@@ -474,7 +498,9 @@ class LoraPatcher:
             quantized = isinstance(slot.original, nn.QuantizedLinear)
             # The activation dtype: a float32 side path on a bf16 model would promote every later block.
             dtype = slot.original.scales.dtype if quantized else slot.original.weight.dtype
-            parts = layer_arrays(target, contributions, dtype, slot.original, weight_of, gains, fills=fills)
+            parts = layer_arrays(
+                target, contributions, dtype, slot.original, weight_of, gains, fills=fills, blocks=blocks
+            )
             layers[target] = parts
             to_eval.extend(parts.arrays())
         if stopped():
@@ -494,6 +520,10 @@ class LoraPatcher:
             "evaluate": (time.perf_counter() - t3) * 1000,  # everything else evaluated
         }
         return self._resident(stack, sigs, layers, reports, warnings)
+
+    def _blocks(self) -> Blocks | None:
+        """The views of a build in the per-file form (None: the stacked form, every pair written)."""
+        return Blocks() if self.lowrank_form == "per_file" else None
 
     def _stack_key(self, stack: Sequence[StackEntry], sigs: Sequence[Signature]) -> StackKey:
         return tuple((self.cache.key(e.path), float(e.scale), sig) for e, sig in zip(stack, sigs, strict=True))

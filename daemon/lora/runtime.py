@@ -1,10 +1,16 @@
 """The runtime form of a LoRA stack on the live MLX model.
 
 Default ("side"): each patched Linear is wrapped by `StackedLoraLinear`, which keeps the base layer
-untouched and adds ONE low-rank side path for the whole stack: y = base(x) + (x @ D.T) @ U.T, where D is
-every file's down matrix stacked along the rank axis, pre-scaled by scale * alpha/rank, and U the
-matching up columns. Full differences (`.diff`) add one dense product and bias differences one vector,
-each summed over the stack. A wrapper does not own these arrays: it reads them, at call time, from the
+untouched and adds the stack's low-rank terms on a side path, in one of two forms:
+- per file (`LayerArrays.files`, the CPU's): y = base(x) + sum_i s_i * (x @ D_i.T) @ U_i.T, each file's
+  own down and up blocks viewed in the MLX buffer the file was read into (daemon/lora/file_buffers.py),
+  its scale s_i = scale * alpha/rank passed to the up product as `alpha`: a cold switch copies, converts
+  and scales nothing of a file whose dtype is the layer's;
+- stacked (`LayerArrays.down` / `up`, the GPU's, and any layer whose blocks are not in a file's buffer):
+  ONE pair for the whole stack, y = base(x) + (x @ D.T) @ U.T, D every file's down matrix stacked along
+  the rank axis, pre-scaled, and U the matching up columns: two products a layer whatever the stack.
+Full differences (`.diff`) add one dense product and bias differences one vector, each summed over the
+stack. A wrapper does not own these arrays: it reads them, at call time, from the
 patcher's one `ActiveLayers` reference, so a switch between stacks already built is one assignment
 whatever the depth, and a layer the active stack does not touch runs its base layer alone. Removing
 every LoRA puts the very same base module objects back (bit-identical by construction).
@@ -28,6 +34,7 @@ import numpy as np
 
 from client.lorafile.resolve import BiasTerm, DenseTerm, KronTerm, LowRankTerm, Term
 from daemon.engine.unfilled import unfilled
+from daemon.lora.file_buffers import Blocks, viewable
 
 
 def base_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -70,6 +77,9 @@ class LayerArrays:
 
     down: mx.array | None = None  # (R, in); scale * factor folded into its rows or into up's columns
     up: mx.array | None = None  # (out, R)
+    # The per-file form (instead of down / up): each file's own blocks, views of the buffer it was read
+    # into, with its scale * factor, which the side path passes to the up product as `alpha`.
+    files: list[tuple[mx.array, mx.array, float]] = field(default_factory=list)  # [(down (r, in), up (out, r), s)]
     krons: list[tuple[mx.array, mx.array]] = field(default_factory=list)  # [(w1 * factor, w2)]
     dense: mx.array | None = None  # (out, in): the sum of full differences
     bias: mx.array | None = None  # (out,): the sum of bias differences
@@ -84,7 +94,7 @@ class LayerArrays:
     def lowrank_only(self) -> bool:
         """Only the stacked low-rank pair (the common case: plain LoRA files), no gains or other terms."""
         return (
-            self.down is not None
+            (self.down is not None or bool(self.files))
             and self.dense is None
             and self.bias is None
             and self.out_gain is None
@@ -96,6 +106,7 @@ class LayerArrays:
     def arrays(self) -> list[mx.array]:
         return (
             [a for a in (self.down, self.up, self.dense, self.bias, self.out_gain, self.in_gain) if a is not None]
+            + [a for down, up, _ in self.files for a in (down, up)]
             + [a for pair in self.krons for a in pair]
             + [a for w1, w2, _, _ in self.kron_slices for a in (w1, w2)]
         )
@@ -142,6 +153,8 @@ class StackedLoraLinear(nn.Module):
         parts = self._lora_active.layers.get(self._lora_target)
         if parts is None:
             return self.base(x)
+        if parts.files and parts.lowrank_only and type(self.base) is nn.Linear:
+            return self._per_file(x, parts.files)
         if parts.lowrank_only and type(self.base) is nn.Linear:
             h = x @ parts.down.T
             if self._lora_active.base_first:
@@ -161,6 +174,8 @@ class StackedLoraLinear(nn.Module):
         # addmm adds each product into y as it is computed: no product-sized temporary, one pass less.
         if parts.down is not None:
             y = mx.addmm(y, x @ parts.down.T, parts.up.T)
+        for down, up, scale in parts.files:
+            y = mx.addmm(y, x @ down.T, up.T, alpha=scale)
         if parts.dense is not None:
             y = mx.addmm(y, x, parts.dense.T)
         if parts.bias is not None:
@@ -176,6 +191,27 @@ class StackedLoraLinear(nn.Module):
             y = y + (w1 @ t).reshape(*lead, w1.shape[0] * w2.shape[0])[..., start:stop]
         return y
 
+    def _per_file(self, x: mx.array, files: list[tuple[mx.array, mx.array, float]]) -> mx.array:
+        """A plain LoRA layer in the per-file form: two products per file, its scale as the up product's
+        `alpha` (no scale operation), in the device's order as the stacked form. On this CPU the step
+        costs what the stacked form's does (bench/side_path_forms.py, "per_file")."""
+        if self._lora_active.base_first:
+            y = self.base(x)
+            for down, up, scale in files:
+                y = mx.addmm(y, x @ down.T, up.T, alpha=scale)
+            return y
+        bias = self.base.get("bias", None)
+        side = None
+        for down, up, scale in files:
+            h = x @ down.T
+            if side is not None:
+                side = mx.addmm(side, h, up.T, alpha=scale)
+            elif bias is not None:
+                side = mx.addmm(bias, h, up.T, alpha=scale)
+            else:  # the scale on the (tokens, r) product: the smallest array it could go on
+                side = (h if scale == 1 else h * scale) @ up.T
+        return mx.addmm(side, x, self.base.weight.T)
+
     def delta(self, rows: mx.array | None = None) -> mx.array:
         """The dense weight delta this wrapper adds now, or only the given output rows of it (for tests)."""
         out_dim, in_dim = base_shape(self.base)
@@ -188,6 +224,9 @@ class StackedLoraLinear(nn.Module):
             up = parts.up.astype(mx.float32)
             up = up if rows is None else up[rows]
             d = d + up @ parts.down.astype(mx.float32)
+        for down, up, scale in parts.files:
+            up = up.astype(mx.float32)
+            d = d + scale * ((up if rows is None else up[rows]) @ down.astype(mx.float32))
         if parts.dense is not None:
             dense = parts.dense.astype(mx.float32)
             d = d + (dense if rows is None else dense[rows])
@@ -539,8 +578,38 @@ def written_by_fills(contributions: list[tuple[float, Term]], dtype: mx.Dtype) -
     )
 
 
+def per_file_ready(contributions: list[tuple[float, Term]]) -> bool:
+    """Whether `build_layer_arrays` given `blocks` makes this layer in the per-file form from views alone
+    (only low-rank terms, every block in a file's MLX buffer). Numpy only: safe off the model's thread."""
+    lowrank = [(s, t) for s, t in contributions if isinstance(t, LowRankTerm)]
+    return (
+        bool(lowrank)
+        and len(lowrank) == len(contributions)
+        and all(viewable(t.down) and viewable(t.up) for _, t in lowrank)
+    )
+
+
+def _files(
+    lowrank: list[tuple[float, LowRankTerm]], dtype: mx.Dtype, blocks: Blocks
+) -> list[tuple[mx.array, mx.array, float]] | None:
+    """The per-file form of a layer's low-rank terms (each file's blocks viewed where they were read), or
+    None when a block is not in a file's MLX buffer (the views made so far are dropped unevaluated)."""
+    files = []
+    for scale, t in lowrank:
+        if t.down.ndim != 2 or t.up.ndim != 2 or t.down.shape[0] != t.up.shape[1]:
+            raise ValueError(f"{t.target}: low-rank blocks {t.down.shape} / {t.up.shape} do not multiply")
+        down, up = blocks.view(t.down, dtype), blocks.view(t.up, dtype)
+        if down is None or up is None:
+            return None
+        files.append((down, up, float(np.float32(scale * t.factor))))
+    return files
+
+
 def build_layer_arrays(
-    contributions: list[tuple[float, Term]], dtype: mx.Dtype, fills: Fills | None = None
+    contributions: list[tuple[float, Term]],
+    dtype: mx.Dtype,
+    fills: Fills | None = None,
+    blocks: Blocks | None = None,
 ) -> LayerArrays:
     """One (down, up) pair for all low-rank terms on a layer, the Kronecker terms, and the summed full
     and bias differences, as MLX arrays in `dtype` (to be evaluated by the caller).
@@ -548,12 +617,17 @@ def build_layer_arrays(
     `contributions` are (per-LoRA scale, term) in stack order. The low-rank pair is written into its
     final buffers by `fills` (the caller's, run once for a whole stack; else one of its own, run here):
     scale * factor folded into the smaller of each term's two blocks (a float32 product, rounded once to
-    `dtype`; the down rows where the layer has no fewer outputs than inputs).
+    `dtype`; the down rows where the layer has no fewer outputs than inputs). Given `blocks`, low-rank
+    terms whose blocks all lie in files read into MLX buffers take the per-file form instead
+    (`LayerArrays.files`: views of those buffers, nothing written).
     """
     lowrank = [(s, t) for s, t in contributions if isinstance(t, LowRankTerm)]
     out = LayerArrays()
     if lowrank:
-        if _written_directly(lowrank, dtype):
+        files = None if blocks is None else _files(lowrank, dtype, blocks)
+        if files is not None:
+            out.files = files
+        elif _written_directly(lowrank, dtype):
             own = fills is None
             fills = fills or Fills()
             _lowrank(out, lowrank, dtype, fills)

@@ -50,11 +50,11 @@ class LoRA(Adapter):
             up = swap_halves(up)
         r_down, r_up = down.shape[0], up.shape[1]
         k = len(ctx.targets)
-        rows = ctx.rows
+        rows = ctx.rows if k > 1 else None
         if r_down == r_up:
             factor = ctx.scaling.factor(ctx.alpha, stored_rank)
             style = "single" if k == 1 else "shared"
-            parts = [(up[rs], down) for rs in rows]
+            parts = [(up[rs], down) for rs in rows] if k > 1 else [(up, down)]  # one target: its whole up block
             if k > 1 and r_down % k == 0:
                 r = r_down // k
                 blocks = [slice(i * r, (i + 1) * r) for i in range(k)]
