@@ -6,17 +6,19 @@ ever allocated). LoRA files are rank 16, bf16 (as most Flux LoRAs ship), coverin
 generated into a temp dir; a stack is 3 of them.
 
 Measured:
-- read_ms: reading the bytes of one stack's 3 files (page cache warm), as the reader does (one readinto
-  into an np.empty buffer each); the old bytearray way and Path.read_bytes are printed beside it, and
-  the two floors of a build that would read its files straight into MLX memory and use each file's blocks
-  where they land (no stacking: see bench/side_path_forms.py's "per_file" form for what that costs a step):
-  one readinto per file into one unfilled MLX buffer, and MLX's own `mx.load` (every tensor its own
+- read_ms: reading the bytes of one stack's 3 files (page cache warm), as the reader does by default (one
+  readinto into an np.empty buffer each); the old bytearray way and Path.read_bytes are printed beside
+  it, and the two floors of a build that reads its files straight into MLX memory and uses each file's
+  blocks where they land (the per-file form, daemon/lora/file_buffers.py): one readinto per file into one
+  unfilled MLX buffer (what the daemon's file cache does), and MLX's own `mx.load` (every tensor its own
   array, evaluated); with
   the time to allocate one stack's MLX arrays alone (unfilled, as the build does, and with `mx.zeros`)
   and to copy its bytes once (a memcpy: the second pass any build into a stacked layout pays, so
   read + copy is a floor under a cold switch that no Python removes);
 - cold switch: to a stack with nothing cached (files read, parsed, resolved, built), REPEATS times, each
-  right after a read of the same files (read_ms): cold_vs_read is the median of those paired ratios;
+  right after a read of the same files (read_ms): cold_vs_read is the median of those paired ratios. The
+  patcher takes the device's form (per file on a CPU, stacked on a GPU); the stacked form's cold switches
+  are timed the same way in the same run;
 - cold switch at weight 1: the same with every scale of both stacks 1 (alpha equals the rank in these
   files, so each block is copied and no scale is folded), paired with reads the same way; and at
   weights that are powers of two (each block's scale an add to its exponents);
@@ -358,8 +360,13 @@ def stopped_preloads(patcher, a, b, clear_caches, build_ms: float) -> list[tuple
     return out
 
 
-def new_patcher(transformer, resident_bytes: int = 4 * 1024**3, cache_bytes: int = 4 * 1024**3) -> LoraPatcher:
-    return LoraPatcher(transformer, LoraCache(cache_bytes), resident=ResidentStacks(resident_bytes))
+def new_patcher(
+    transformer, resident_bytes: int = 4 * 1024**3, cache_bytes: int = 4 * 1024**3, lowrank_form: str | None = None
+) -> LoraPatcher:
+    """The patcher as the daemon makes it (`lowrank_form` None: the device's default form)."""
+    return LoraPatcher(
+        transformer, LoraCache(cache_bytes), resident=ResidentStacks(resident_bytes), lowrank_form=lowrank_form
+    )
 
 
 def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
@@ -400,6 +407,20 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     out["paired_reads"], out["first_build"] = [], []
     out["cold"], _ = switch_figures(new, a, b, 0, clear_new, out["paired_reads"], out["first_build"])
     out["phases"] = {k: statistics.median(v) for k, v in phases.items()}
+    # The stacked form (every file's blocks written into one pair per layer, scales folded: the form
+    # before the per-file one, and the GPU's), cold switches paired with reads the same way.
+    stacked = new_patcher(transformer, lowrank_form="stacked")
+    stacked_reads: list[float] = []
+    stacked_colds, _ = switch_figures(
+        stacked, a, b, 0, lambda: (stacked.cache.clear(), stacked.resident.clear()), stacked_reads
+    )
+    out["stacked"] = {
+        "colds": stacked_colds,
+        "ratio": statistics.median(c / r for c, r in zip(stacked_colds, stacked_reads, strict=True)),
+        "form": new.lowrank_form,
+    }
+    stacked.resident.clear()  # its switches ended cleared (switch_figures): nothing of it stays wrapped
+    stacked.cache.clear()
     # The same cold switches with every weight 1 (scale * factor exactly 1: every block copied, no scale
     # folded), then with weights that are powers of two (each scale an add to the exponents), both stacks
     # alike, so that the build phases noted are those of that kind only.
@@ -671,6 +692,11 @@ def print_depths(full: dict, small: dict) -> None:
         )
         print(f"  a preload's build stopped (as a render arriving stops it), returned after the stop: {stops}")
         print("  new cold build, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in d["phases"].items()))
+        st = d["stacked"]
+        print(
+            f"  the new switch's form is {st['form']}; the stacked form's cold switch in the same run: median "
+            f"{statistics.median(st['colds']):.1f} ms, {st['ratio']:.2f}x its paired reads"
+        )
         for name, what in (
             ("weight1", "every weight 1 (blocks copied, no scale folded)"),
             ("pow2", f"weights {', '.join(map(str, POW2_WEIGHTS))} (powers of two: exponents moved)"),
