@@ -248,3 +248,21 @@ def test_peft_folder_with_lora_alpha_not_r_applies_alpha_over_r(tmp_path, layout
     assert set(_factors(folder / "adapter_model.safetensors", layout).values()) == {16 / 4}
     report = inspect_lora(folder / "adapter_model.safetensors", layout=layout)
     assert report.alpha == 16 and report.keys_applied == 4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_the_block_diagonal_scan_sees_exactly_what_np_any_sees(dtype):
+    """The scan of a fused up block reads 16-bit floats by their bits: every special value (signed zero,
+    subnormal, infinity, NaN) must count as np.any counts it."""
+    import ml_dtypes
+
+    from client.lorafile.adapters.lora import _nonzero
+
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    tiny = float(np.finfo(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype).smallest_subnormal)
+    for value in (0.0, -0.0, tiny, -tiny, 1.0, np.inf, -np.inf, np.nan):
+        block = np.zeros((6, 8), dt)
+        block[4, 5] = value
+        strided = block[:, 2:7]  # a column slice, as the scan takes them
+        assert _nonzero(strided) == bool(np.any(strided)), value
+        assert _nonzero(block) == bool(np.any(block)), value
