@@ -17,8 +17,9 @@ Measured:
   read + copy is a floor under a cold switch that no Python removes);
 - cold switch: to a stack with nothing cached (files read, parsed, resolved, built), REPEATS times, each
   right after a read of the same files (read_ms): cold_vs_read is the median of those paired ratios. The
-  patcher takes the device's form (per file on a CPU, stacked on a GPU); the stacked form's cold switches
-  are timed the same way in the same run;
+  patcher takes the daemon's default low-rank form (FORM, stacked); the other form's (OTHER_FORM, per
+  file: each file's blocks used where its read put them) cold switches are timed the same way in the same
+  run, and its step overhead beside the default's;
 - cold switch at weight 1: the same with every scale of both stacks 1 (alpha equals the rank in these
   files, so each block is copied and no scale is folded), paired with reads the same way; and at
   weights that are powers of two (each block's scale an add to its exponents);
@@ -100,6 +101,8 @@ GPU_SIZES = (512, 1024)
 FMTS = ["kohya", "diffusers", "kohya", "diffusers", "kohya", "diffusers"]
 SCALES_A, SCALES_B = (0.8, 0.45, 0.3), (0.7, 0.6, 0.2)  # no power of two: every block is folded
 POW2_WEIGHTS = (0.5, 0.25, 0.125)
+FORM = "stacked"  # the daemon's default low-rank form (--lowrank-form): the last line's figures
+OTHER_FORM = "per_file"  # timed beside it: cold switches at full depth and the step overhead
 
 
 def rss_mb() -> float:
@@ -361,9 +364,9 @@ def stopped_preloads(patcher, a, b, clear_caches, build_ms: float) -> list[tuple
 
 
 def new_patcher(
-    transformer, resident_bytes: int = 4 * 1024**3, cache_bytes: int = 4 * 1024**3, lowrank_form: str | None = None
+    transformer, resident_bytes: int = 4 * 1024**3, cache_bytes: int = 4 * 1024**3, lowrank_form: str = FORM
 ) -> LoraPatcher:
-    """The patcher as the daemon makes it (`lowrank_form` None: the device's default form)."""
+    """The patcher as the daemon makes it (in FORM unless told otherwise)."""
     return LoraPatcher(
         transformer, LoraCache(cache_bytes), resident=ResidentStacks(resident_bytes), lowrank_form=lowrank_form
     )
@@ -407,20 +410,27 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     out["paired_reads"], out["first_build"] = [], []
     out["cold"], _ = switch_figures(new, a, b, 0, clear_new, out["paired_reads"], out["first_build"])
     out["phases"] = {k: statistics.median(v) for k, v in phases.items()}
-    # The stacked form (every file's blocks written into one pair per layer, scales folded: the form
-    # before the per-file one, and the GPU's), cold switches paired with reads the same way.
-    stacked = new_patcher(transformer, lowrank_form="stacked")
-    stacked_reads: list[float] = []
-    stacked_colds, _ = switch_figures(
-        stacked, a, b, 0, lambda: (stacked.cache.clear(), stacked.resident.clear()), stacked_reads
-    )
-    out["stacked"] = {
-        "colds": stacked_colds,
-        "ratio": statistics.median(c / r for c, r in zip(stacked_colds, stacked_reads, strict=True)),
-        "form": new.lowrank_form,
+    # The other low-rank form (per file when the default is stacked), cold switches paired with reads the
+    # same way, and where its build's time went.
+    other = new_patcher(transformer, lowrank_form=OTHER_FORM)
+    other_reads: list[float] = []
+    other_phases: dict[str, list[float]] = {}
+
+    def other_apply(stack, apply=other.apply_stack):
+        report = apply(stack)
+        for k, v in other.build_phases_ms.items():
+            other_phases.setdefault(k, []).append(v)
+        return report
+
+    other.apply_stack = other_apply
+    other_colds, _ = switch_figures(other, a, b, 0, lambda: (other.cache.clear(), other.resident.clear()), other_reads)
+    out["other"] = {
+        "colds": other_colds,
+        "ratio": statistics.median(c / r for c, r in zip(other_colds, other_reads, strict=True)),
+        "phases": {k: statistics.median(v) for k, v in other_phases.items()},
     }
-    stacked.resident.clear()  # its switches ended cleared (switch_figures): nothing of it stays wrapped
-    stacked.cache.clear()
+    other.resident.clear()  # its switches ended cleared (switch_figures): nothing of it stays wrapped
+    other.cache.clear()
     # The same cold switches with every weight 1 (scale * factor exactly 1: every block copied, no scale
     # folded), then with weights that are powers of two (each scale an add to the exponents), both stacks
     # alike, so that the build phases noted are those of that kind only.
@@ -500,10 +510,11 @@ def rss_run(tmp: Path) -> tuple[float, float, dict]:
     return before, after, {"resident": stats, "files": p.cache.stats(), "stack_mb": one / 1024**2}
 
 
-def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int, float]]:
-    """{px: (step ms without, with a 3-LoRA stack, tokens, ratio)}: one transformer call of the tiny (mini)
-    model at the token counts of a px x px render (image tokens + the preset's text tokens). Base and
-    stacked steps are timed in alternation, STEP_ROUNDS rounds of min-of-3 each; the ratio is the median
+def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int, float, float]]:
+    """{px: (step ms without, with a 3-LoRA stack, tokens, ratio, ratio in OTHER_FORM)}: one transformer
+    call of the tiny (mini) model at the token counts of a px x px render (image tokens + the preset's text
+    tokens). Base and stacked steps (in both forms) are timed in alternation, STEP_ROUNDS rounds of min-of-3
+    each; each ratio is the median
     of the rounds' paired ratios (a disturbance hits both halves of a round alike, or one round only): this
     2-core machine is shared, and a whole render (text encoders, VAE) would drown the side path."""
     import numpy as np
@@ -514,7 +525,7 @@ def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int, float]]:
     transformer = model.flux.transformer
     files = make_files(tmp, linear_layout(transformer), "tiny", n=3, dtype="F32")
     stack = [StackEntry(p, s) for p, s in zip(files, SCALES_A, strict=True)]
-    patcher = new_patcher(transformer)
+    patcher, other = new_patcher(transformer), new_patcher(transformer, lowrank_form=OTHER_FORM)
     rng = np.random.default_rng(0)
     out = {}
     for px in (64, 128, 256):
@@ -524,14 +535,16 @@ def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int, float]]:
             return min(step()[0] for _ in range(3))
 
         step()
-        base, with_stack = [], []
+        base, with_stack, with_other = [], [], []
         for _ in range(STEP_ROUNDS):
             base.append(best_ms())
-            patcher.apply_stack(stack)
-            with_stack.append(best_ms())
-            patcher.clear()
+            for p, times in ((patcher, with_stack), (other, with_other)):
+                p.apply_stack(stack)
+                times.append(best_ms())
+                p.clear()
         ratios = [w / b for b, w in zip(base, with_stack, strict=True)]
-        out[px] = (min(base), min(with_stack), tokens, statistics.median(ratios))
+        other_ratio = statistics.median(w / b for b, w in zip(base, with_other, strict=True))
+        out[px] = (min(base), min(with_stack), tokens, statistics.median(ratios), other_ratio)
     return out
 
 
@@ -692,10 +705,11 @@ def print_depths(full: dict, small: dict) -> None:
         )
         print(f"  a preload's build stopped (as a render arriving stops it), returned after the stop: {stops}")
         print("  new cold build, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in d["phases"].items()))
-        st = d["stacked"]
+        o = d["other"]
         print(
-            f"  the new switch's form is {st['form']}; the stacked form's cold switch in the same run: median "
-            f"{statistics.median(st['colds']):.1f} ms, {st['ratio']:.2f}x its paired reads"
+            f"  the {OTHER_FORM} form's cold switch in the same run: median {statistics.median(o['colds']):.1f} ms, "
+            f"{o['ratio']:.2f}x its paired reads; build, median ms: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in o["phases"].items())
         )
         for name, what in (
             ("weight1", "every weight 1 (blocks copied, no scale folded)"),
@@ -754,10 +768,11 @@ def main() -> None:
         before, after, rss_info = rss_run(tmp)
         steps = step_overheads(tmp)
 
-    for px, (base, with_stack, tokens, ratio) in steps.items():
+    for px, (base, with_stack, tokens, ratio, other_ratio) in steps.items():
         print(
             f"tiny model step {px}x{px} ({tokens} tokens): {base:8.1f} ms, with a 3-LoRA stack (rank 16 each, "
-            f"every layer) {with_stack:8.1f} ms (min / min {with_stack / base:.3f}, median paired ratio {ratio:.3f})"
+            f"every layer) {with_stack:8.1f} ms (min / min {with_stack / base:.3f}, median paired ratio {ratio:.3f}; "
+            f"in the {OTHER_FORM} form {other_ratio:.3f})"
         )
     print(
         f"RSS over {RSS_SWITCHES} switches among 10 stacks (1 + 1, {rss_info['stack_mb']:.1f} MB per stack): "

@@ -108,6 +108,15 @@ from daemon.scheduler import Policy
     help="Bound of the built LoRA stacks kept for instant switches back to them, in bytes.",
 )
 @click.option(
+    "--lowrank-form",
+    type=click.Choice(["stacked", "per-file"]),
+    default=default_of(ServiceConfig, "lowrank_form").replace("_", "-"),
+    show_default=True,
+    help="How a LoRA stack's low-rank terms run: stacked (one pair of products a layer: the cheapest step) "
+    "or per-file (each file's blocks used where its read put them: a cold switch about half as long, "
+    "each step about a point dearer on a CPU).",
+)
+@click.option(
     "--heap-retain-bytes",
     type=click.IntRange(0),
     default=default_of(ServiceConfig, "heap_retain_bytes"),
@@ -144,8 +153,8 @@ from daemon.scheduler import Policy
 def serve_command(
     preset, model_path, transformer_path, quantize, force_load,
     socket_path, lora_roots, output_root, queue_capacity, interactive_reserve, max_connections,
-    drain_timeout, max_frame, max_size, max_steps, lora_cache_bytes, resident_stack_bytes, heap_retain_bytes,
-    lora_content_hash, no_warmup, no_preempt, max_preemptions, fair_slack, log_level,
+    drain_timeout, max_frame, max_size, max_steps, lora_cache_bytes, resident_stack_bytes, lowrank_form,
+    heap_retain_bytes, lora_content_hash, no_warmup, no_preempt, max_preemptions, fair_slack, log_level,
 ) -> None:  # fmt: skip
     """Run the render daemon in the foreground until SIGTERM/SIGINT or `easel stop`."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -165,6 +174,7 @@ def serve_command(
     service |= {
         "lora_cache_bytes": lora_cache_bytes,
         "resident_stack_bytes": resident_stack_bytes,
+        "lowrank_form": lowrank_form.replace("-", "_"),
         "heap_retain_bytes": heap_retain_bytes,
         "lora_content_hash": lora_content_hash,
     }

@@ -68,6 +68,7 @@ class ServiceConfig:
     resident_stack_bytes: int = 2 * 1024**3  # built stacks kept on the model side (MLX arrays)
     lora_content_hash: bool = False  # identify LoRA files by a digest of their bytes too (network filesystems)
     heap_retain_bytes: int = 2 * 1024**3  # freed memory kept for reuse by the next stack build (daemon.engine.heap)
+    lowrank_form: str = "stacked"  # "per_file": LoRA blocks used where the file read put them (faster cold switch)
     queue_capacity: int = 64
     interactive_reserve: int | None = None  # queue slots batch jobs may not take; None: a quarter of the queue
     policy: Policy = Policy()
@@ -89,6 +90,8 @@ class ServiceConfig:
             raise ValueError("queue_update_s must be >= 0")
         if self.lora_cache_bytes < 0 or self.resident_stack_bytes < 0 or self.heap_retain_bytes < 0:
             raise ValueError("lora_cache_bytes, resident_stack_bytes and heap_retain_bytes must be >= 0")
+        if self.lowrank_form not in ("stacked", "per_file"):
+            raise ValueError(f"lowrank_form must be 'stacked' or 'per_file', not {self.lowrank_form!r}")
         if self.interactive_reserve is None:
             object.__setattr__(self, "interactive_reserve", self.queue_capacity // 4)
         if not 0 <= self.interactive_reserve < self.queue_capacity:

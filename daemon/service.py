@@ -163,7 +163,9 @@ class RenderService:
         )
         cache = LoraCache(config.lora_cache_bytes, content_hash=config.lora_content_hash)
         resident = ResidentStacks(config.resident_stack_bytes)
-        patcher = LoraPatcher.for_model(model, cache, resident=resident)  # transformer + text encoders
+        patcher = LoraPatcher.for_model(  # transformer + text encoders
+            model, cache, resident=resident, lowrank_form=config.lowrank_form
+        )
         svc = cls(
             model,
             config,

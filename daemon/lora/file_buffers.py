@@ -65,6 +65,14 @@ class Blocks:
     def __init__(self) -> None:
         self._typed: dict[tuple[int, mx.Dtype, int], mx.array] = {}  # (buffer id, dtype, byte offset % size)
         self._starts: dict[int, tuple[np.ndarray, int]] = {}  # id(numpy view of a buffer) -> (it, its address)
+        self._buffers: dict[int, mx.array] = {}  # every buffer a view was made of, by id
+        self._converted = 0  # bytes of the blocks converted to another dtype (arrays of their own)
+
+    @property
+    def nbytes(self) -> int:
+        """What the views keep alive: each buffer they view, whole (the file's every byte, header and
+        unused tensors too), and the converted blocks."""
+        return sum(int(b.nbytes) for b in self._buffers.values()) + self._converted
 
     def view(self, arr: np.ndarray, dtype: mx.Dtype) -> mx.array | None:
         """`arr` as an MLX array of `dtype`: a view of its buffer, converted if its own dtype differs
@@ -86,5 +94,9 @@ class Blocks:
             usable = (chunk.size - start) // size * size
             typed = chunk[start : start + usable].view(own)
             self._typed[key] = typed
+        self._buffers[id(chunk)] = chunk
         block = mx.as_strided(typed, arr.shape, [s // size for s in arr.strides], offset // size)
-        return block if own == dtype else block.astype(dtype)
+        if own == dtype:
+            return block
+        self._converted += arr.size * dtype.size
+        return block.astype(dtype)

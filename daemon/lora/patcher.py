@@ -140,7 +140,7 @@ class LoraPatcher:
 
     `resident` keeps built stacks (side form) for O(1) switches back to them; its byte bound is the
     daemon's `--resident-stack-bytes`. Only the render thread may call apply_stack / clear; `prefetch`
-    (reading and parsing files, no MLX) is safe from any thread.
+    (reading and parsing files; its only MLX work the allocation of their buffers) is safe from any thread.
     """
 
     def __init__(
@@ -157,10 +157,10 @@ class LoraPatcher:
             raise ValueError(f"mode must be 'side' or 'bake', not {mode!r}")
         if lowrank_form not in (None, "per_file", "stacked"):
             raise ValueError(f"lowrank_form must be 'per_file' or 'stacked', not {lowrank_form!r}")
-        # The side form's low-rank pairs: per file (views of the files' buffers: a cold switch writes
-        # nothing) on a CPU, where the step costs the same; stacked on a GPU, where the per-file form's
-        # extra products have not been measured and the stacked one was (bench/side_path_forms.py).
-        self.lowrank_form: LowRankForm = lowrank_form or ("per_file" if mx.default_device() == mx.cpu else "stacked")
+        # The side form's low-rank terms: stacked by default (two products a layer; the per-step cost the
+        # daemon is held to), or per file (views of the files' buffers: a cold switch about half as long,
+        # at about a point more of each step on this CPU: bench/lora.py prints both).
+        self.lowrank_form: LowRankForm = lowrank_form or "stacked"
         self.transformer = transformer
         self.text_encoders = dict(text_encoders or {})  # root name on the model (clip_text_encoder) -> module
         self.cache = cache or LoraCache()
@@ -190,11 +190,23 @@ class LoraPatcher:
 
     @classmethod
     def for_model(
-        cls, model: Any, cache: LoraCache | None = None, mode: Mode = "side", resident: ResidentStacks | None = None
+        cls,
+        model: Any,
+        cache: LoraCache | None = None,
+        mode: Mode = "side",
+        resident: ResidentStacks | None = None,
+        lowrank_form: LowRankForm | None = None,
     ) -> LoraPatcher:
         """A patcher on a loaded model's transformer and text encoders, and the model's prompt embeddings
         keyed by what the active stack does to the text encoders (so none is reused across such stacks)."""
-        patcher = cls(model.flux.transformer, cache, mode, resident, text_encoders=text_encoders_of(model.flux))
+        patcher = cls(
+            model.flux.transformer,
+            cache,
+            mode,
+            resident,
+            text_encoders=text_encoders_of(model.flux),
+            lowrank_form=lowrank_form,
+        )
         model.key_prompts_by(lambda: patcher._text_encoder_key)
         return patcher
 
@@ -428,10 +440,9 @@ class LoraPatcher:
                     return False
             if fills.nbytes > self.resident.max_bytes:  # it would not be kept
                 return False
-            key, writing = self._stack_key(stack, sigs), threading.Event()
+            key, writing, blocks = self._stack_key(stack, sigs), threading.Event(), Blocks()
 
             def allocate() -> AllocatedFills:
-                blocks = Blocks()
                 for target, (contributions, dtype) in viewed.items():
                     layers[target] = build_layer_arrays(contributions, dtype, blocks=blocks)
                 if viewed:
@@ -444,7 +455,7 @@ class LoraPatcher:
             try:
                 allocated.write()
                 if key not in self.resident:
-                    self.resident.put(self._resident(stack, sigs, layers, reports, warnings))
+                    self.resident.put(self._resident(stack, sigs, layers, reports, warnings, blocks))
             finally:
                 del self._prebuilding[key]
                 writing.set()
@@ -519,7 +530,7 @@ class LoraPatcher:
             "write": write_ms,  # each file block written into them, beyond the allocation they overlap
             "evaluate": (time.perf_counter() - t3) * 1000,  # everything else evaluated
         }
-        return self._resident(stack, sigs, layers, reports, warnings)
+        return self._resident(stack, sigs, layers, reports, warnings, blocks)
 
     def _blocks(self) -> Blocks | None:
         """The views of a build in the per-file form (None: the stacked form, every pair written)."""
@@ -535,10 +546,12 @@ class LoraPatcher:
         layers: dict[str, LayerArrays],
         reports: list[FileReport],
         warnings: list[str],
+        blocks: Blocks | None = None,
     ) -> ResidentStack:
-        """The built stack, keyed by the signatures of the bytes it was built from."""
+        """The built stack, keyed by the signatures of the bytes it was built from. Its bytes: the arrays
+        its layers own, and the files' buffers its per-file blocks keep alive, each counted once."""
         key = self._stack_key(stack, sigs)
-        nbytes = sum(p.nbytes for p in layers.values())
+        nbytes = sum(p.nbytes_outside_files for p in layers.values()) + (blocks.nbytes if blocks else 0)
         built = ResidentStack(key=key, layers=layers, reports=reports, warnings=warnings, nbytes=nbytes)
         built.text_encoder_key = _text_encoder_key(key, reports)
         return built

@@ -2,11 +2,11 @@
 
 Default ("side"): each patched Linear is wrapped by `StackedLoraLinear`, which keeps the base layer
 untouched and adds the stack's low-rank terms on a side path, in one of two forms:
-- per file (`LayerArrays.files`, the CPU's): y = base(x) + sum_i s_i * (x @ D_i.T) @ U_i.T, each file's
+- per file (`LayerArrays.files`, `--lowrank-form per-file`): y = base(x) + sum_i s_i * (x @ D_i.T) @ U_i.T, each file's
   own down and up blocks viewed in the MLX buffer the file was read into (daemon/lora/file_buffers.py),
   its scale s_i = scale * alpha/rank passed to the up product as `alpha`: a cold switch copies, converts
   and scales nothing of a file whose dtype is the layer's;
-- stacked (`LayerArrays.down` / `up`, the GPU's, and any layer whose blocks are not in a file's buffer):
+- stacked (`LayerArrays.down` / `up`, the default, and any layer whose blocks are not in a file's buffer):
   ONE pair for the whole stack, y = base(x) + (x @ D.T) @ U.T, D every file's down matrix stacked along
   the rank axis, pre-scaled, and U the matching up columns: two products a layer whatever the stack.
 Full differences (`.diff`) add one dense product and bias differences one vector, each summed over the
@@ -103,10 +103,11 @@ class LayerArrays:
             and not self.kron_slices
         )
 
-    def arrays(self) -> list[mx.array]:
+    def arrays(self, files: bool = True) -> list[mx.array]:
+        """Every array of the layer (`files` False: but the per-file blocks)."""
         return (
             [a for a in (self.down, self.up, self.dense, self.bias, self.out_gain, self.in_gain) if a is not None]
-            + [a for down, up, _ in self.files for a in (down, up)]
+            + ([a for down, up, _ in self.files for a in (down, up)] if files else [])
             + [a for pair in self.krons for a in pair]
             + [a for w1, w2, _, _ in self.kron_slices for a in (w1, w2)]
         )
@@ -114,6 +115,12 @@ class LayerArrays:
     @property
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.arrays())
+
+    @property
+    def nbytes_outside_files(self) -> int:
+        """The bytes of the arrays the layer owns: all but the per-file blocks, which are views of the
+        files' buffers (a stack counts those buffers once, `file_buffers.Blocks.nbytes`)."""
+        return sum(int(a.nbytes) for a in self.arrays(files=False))
 
 
 class ActiveLayers:

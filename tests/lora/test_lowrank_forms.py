@@ -6,6 +6,8 @@ stacked form."""
 
 from __future__ import annotations
 
+import os
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -111,6 +113,11 @@ def test_per_file_blocks_are_views_of_the_buffer_the_file_was_read_into(tmp_path
     assert len(blocks) > 60
     inside = [any(lo <= _pointer(a) and _pointer(a) + a.nbytes <= hi for lo, hi in spans) for a in blocks]
     assert blocks and all(inside)  # float32 files on a float32 model: no block was copied
+    # The resident stack counts each file's whole buffer once, and the arrays its layers own.
+    built = p.resident.get(p._key(stack))
+    owned = sum(parts.nbytes_outside_files for parts in built.layers.values())
+    assert owned > 0  # the stacked fallback layer
+    assert built.nbytes == sum(os.path.getsize(e.path) for e in stack) + owned
 
 
 def test_a_block_of_another_dtype_is_converted_once_exactly(tmp_path):

@@ -45,6 +45,7 @@ def test_server_and_service_settings_are_separate_types(tmp_path):
         (ServiceConfig, {"queue_capacity": 4, "interactive_reserve": 4}, "interactive_reserve"),
         (ServiceConfig, {"max_preemptions": -1}, "max_preemptions"),
         (ServiceConfig, {"queue_update_s": -1.0}, "queue_update_s"),
+        (ServiceConfig, {"lowrank_form": "fused"}, "lowrank_form"),
     ],
 )
 def test_each_config_checks_its_own_settings(kind, settings, message):
@@ -79,6 +80,15 @@ def test_serve_preemption_and_fair_share_options():
     assert "--no-preempt" in r.output and "--max-preemptions" in r.output and "--fair-slack" in r.output
     r = CliRunner().invoke(easel, ["serve", "--max-preemptions", "-1"])
     assert r.exit_code == 2
+
+
+def test_serve_lowrank_form_option():
+    options = {p.name: p for p in serve_command.params}
+    assert options["lowrank_form"].default == "stacked" == ServiceConfig().lowrank_form
+    r = CliRunner().invoke(easel, ["serve", "--help"])
+    assert "--lowrank-form [stacked|per-file]" in r.output
+    r = CliRunner().invoke(easel, ["serve", "--lowrank-form", "per_file"])
+    assert r.exit_code == 2 and "per-file" in r.output
 
 
 def test_serve_refuses_options_that_do_not_fit_together(tmp_path):

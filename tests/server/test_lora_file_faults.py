@@ -6,6 +6,9 @@
   switches to the new bytes (`stack_switched`) and renders what a fresh daemon would;
 - a safetensors header of deeply nested JSON: `lora_format` from inspect and from render;
 - `--lora-cache-bytes` and `--resident-stack-bytes` show in `status`.
+
+The daemon runs with `--lowrank-form per-file`: its stacks view the files' read buffers, so a file that
+changes after it was read must not reach a built stack either.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def daemon(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     (root / "loras").mkdir()
     flags = ("--lora-cache-bytes", str(CACHE_BYTES), "--resident-stack-bytes", str(RESIDENT_BYTES), "--no-warmup")
+    flags += ("--lowrank-form", "per-file")
     d = ServeProcess(root, *flags, lora_root=root / "loras").start()
     yield d
     d.kill()
