@@ -10,11 +10,11 @@ Measured:
   readinto into an np.empty buffer each); the old bytearray way and Path.read_bytes are printed beside
   it, and the two floors of a build that reads its files straight into MLX memory and uses each file's
   blocks where they land (the per-file form, daemon/lora/file_buffers.py): one readinto per file into one
-  unfilled MLX buffer (what the daemon's file cache does), and MLX's own `mx.load` (every tensor its own
-  array, evaluated); with
-  the time to allocate one stack's MLX arrays alone (unfilled, as the build does, and with `mx.zeros`)
-  and to copy its bytes once (a memcpy: the second pass any build into a stacked layout pays, so
-  read + copy is a floor under a cold switch that no Python removes);
+  unfilled MLX buffer (what the daemon's file cache does in the per-file form), and MLX's own `mx.load`
+  (every tensor its own array, evaluated); with the time to allocate one stack's MLX arrays alone
+  (unfilled, as the build does, and with `mx.zeros`) and to copy its bytes once (a memcpy: the second
+  pass any build into a stacked layout pays, so read + copy is a floor under a stacked cold switch that
+  no Python removes);
 - cold switch: to a stack with nothing cached (files read, parsed, resolved, built), REPEATS times, each
   right after a read of the same files (read_ms): cold_vs_read is the median of those paired ratios. The
   patcher takes the daemon's default low-rank form (FORM, stacked); the other form's (OTHER_FORM, per

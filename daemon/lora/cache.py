@@ -2,9 +2,9 @@
 
 A file is identified by its `FileSignature` (device, inode, size, mtime_ns, ctime_ns, and a content
 digest when `content_hash` is on): any change re-reads it, and what was resolved from the old bytes
-goes with the old entry. The bytes are kept as the file stores them (bf16 stays bf16), read into MLX
-memory (daemon/lora/file_buffers.py): a stack built from them views its blocks there, converting only
-those whose dtype is not the layer's.
+goes with the old entry. The bytes are kept as the file stores them (bf16 stays bf16), in numpy memory
+or, for a patcher in the per-file form, in MLX memory (daemon/lora/file_buffers.py), where a stack built
+from them views its blocks, converting only those whose dtype is not the layer's.
 """
 
 from __future__ import annotations
@@ -57,10 +57,18 @@ class LoraCache:
     """
 
     def __init__(
-        self, max_bytes: int = 2 * 1024**3, keymaps: KeymapSet | None = None, *, content_hash: bool = False
+        self,
+        max_bytes: int = 2 * 1024**3,
+        keymaps: KeymapSet | None = None,
+        *,
+        content_hash: bool = False,
+        mlx_buffers: bool = False,
     ) -> None:
         self.max_bytes = int(max_bytes)
         self.content_hash = bool(content_hash)
+        # Read files into MLX buffers (file_buffers.file_buffer) rather than numpy memory: what a patcher in
+        # the per-file form views (it turns this on); other patchers keep reads free of MLX work.
+        self.mlx_buffers = bool(mlx_buffers)
         self._keymaps = keymaps
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
@@ -149,7 +157,8 @@ class LoraCache:
                     self._hits += 1
                 return other.entry
         try:  # outside the lock: slow I/O
-            opened = open_safetensors(key, with_digest=self.content_hash, allocate=file_buffer)
+            allocate = file_buffer if self.mlx_buffers else None
+            opened = open_safetensors(key, with_digest=self.content_hash, allocate=allocate)
             reading = self._reader.submit(opened.read)  # the bytes arrive while the keys are parsed here
             try:
                 parsed = parse_lora(opened.file, self.keymaps)  # names, shapes and metadata only

@@ -33,6 +33,11 @@ class NormArrays:
     def nbytes(self) -> int:
         return int(self.weight.nbytes)
 
+    @property
+    def nbytes_outside_files(self) -> int:
+        """All of `nbytes`: a norm's weight is an array of its own, never a view of a file's buffer."""
+        return self.nbytes
+
 
 class StackedNormScale(nn.Module):
     """A base RMSNorm whose weight the active stack may replace by w + delta (read at call time)."""

@@ -140,7 +140,8 @@ class LoraPatcher:
 
     `resident` keeps built stacks (side form) for O(1) switches back to them; its byte bound is the
     daemon's `--resident-stack-bytes`. Only the render thread may call apply_stack / clear; `prefetch`
-    (reading and parsing files; its only MLX work the allocation of their buffers) is safe from any thread.
+    (reading and parsing files; in the per-file form also allocating their MLX buffers) is safe from any
+    thread.
     """
 
     def __init__(
@@ -164,6 +165,8 @@ class LoraPatcher:
         self.transformer = transformer
         self.text_encoders = dict(text_encoders or {})  # root name on the model (clip_text_encoder) -> module
         self.cache = cache or LoraCache()
+        if self.lowrank_form == "per_file":  # its files read into MLX memory from now on: what it views
+            self.cache.mlx_buffers = True
         self.resident = resident if resident is not None else ResidentStacks()
         self.mode: Mode = mode
         self.layout = linear_layout(transformer)  # the transformer's layers (paths from the transformer)
@@ -393,9 +396,9 @@ class LoraPatcher:
 
     def prefetch(self, entries: Iterable[StackEntry | tuple[str, float]]) -> None:
         """Read and parse the files of a stack that is about to be applied, so its switch does not wait on
-        the disk. Touches nothing of the model: safe beside a render in progress (its only MLX work is
-        allocating each file's buffer, daemon/lora/file_buffers.py). Errors are left for the switch itself
-        to report."""
+        the disk. Touches nothing of the model: safe beside a render in progress (its only MLX work, in the
+        per-file form, is allocating each file's buffer: daemon/lora/file_buffers.py). Errors are left for
+        the switch itself to report."""
         for e in entries:
             path = e.path if isinstance(e, StackEntry) else str(e[0])
             try:

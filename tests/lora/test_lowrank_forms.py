@@ -18,30 +18,6 @@ from daemon.lora import LoraCache, StackEntry
 pytestmark = pytest.mark.model
 
 
-@pytest.fixture(scope="module")
-def transformer(tiny_model):
-    return tiny_model.flux.transformer
-
-
-@pytest.fixture(scope="module")
-def forward(tiny_model, transformer):
-    import mlx.core as mx
-    from mflux.models.common.config.config import Config
-
-    rng = np.random.default_rng(1)
-    hidden = mx.array(rng.standard_normal((1, 16, 64)).astype(np.float32))
-    prompt = mx.array(rng.standard_normal((1, 16, 4096)).astype(np.float32))
-    pooled = mx.array(rng.standard_normal((1, 768)).astype(np.float32))
-    config = Config(tiny_model.flux.model_config, num_inference_steps=2, height=64, width=64, guidance=3.5)
-
-    def run() -> np.ndarray:
-        out = transformer(t=0, config=config, hidden_states=hidden, prompt_embeds=prompt, pooled_prompt_embeds=pooled)
-        mx.eval(out)
-        return np.array(out)
-
-    return run
-
-
 @pytest.fixture
 def patcher_of(transformer):
     from daemon.lora import LoraPatcher
@@ -76,6 +52,8 @@ def _pointer(a) -> int:
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16"])
 def test_the_per_file_and_stacked_forms_render_the_same(tmp_path, patcher_of, forward, dtype):
+    from daemon.lora.file_buffers import viewable
+
     base = forward()
     per_file, stacked = patcher_of("per_file"), patcher_of("stacked")
     stack = _stack(tmp_path, per_file.layout, dtype)
@@ -90,6 +68,10 @@ def test_the_per_file_and_stacked_forms_render_the_same(tmp_path, patcher_of, fo
     np.testing.assert_array_equal(forward(), base)  # cleared bit for bit
     stacked.apply_stack(stack)
     assert all(p.down is not None and not p.files for p in stacked._live.layers.values())
+    # Only the per-file patcher's cache reads into MLX memory: the stacked one's reads do no MLX work.
+    assert per_file.cache.mlx_buffers and not stacked.cache.mlx_buffers
+    parsed, _ = stacked.cache.get(stack[0].path)
+    assert not any(viewable(a) for m in parsed.modules.values() for _, a in m.tensors.values())
     out_stacked = forward()
     stacked.clear()
     assert np.abs(out_stacked - base).max() > 1e-2  # the stack changes the output
