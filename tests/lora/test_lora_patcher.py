@@ -27,30 +27,6 @@ from daemon.lora import LoraCache, StackEntry
 pytestmark = pytest.mark.model
 
 
-@pytest.fixture(scope="module")
-def transformer(tiny_model):
-    return tiny_model.flux.transformer
-
-
-@pytest.fixture(scope="module")
-def forward(tiny_model, transformer):
-    import mlx.core as mx
-    from mflux.models.common.config.config import Config
-
-    rng = np.random.default_rng(0)
-    hidden = mx.array(rng.standard_normal((1, 16, 64)).astype(np.float32))
-    prompt = mx.array(rng.standard_normal((1, 16, 4096)).astype(np.float32))
-    pooled = mx.array(rng.standard_normal((1, 768)).astype(np.float32))
-    config = Config(tiny_model.flux.model_config, num_inference_steps=2, height=64, width=64, guidance=3.5)
-
-    def run() -> np.ndarray:
-        out = transformer(t=0, config=config, hidden_states=hidden, prompt_embeds=prompt, pooled_prompt_embeds=pooled)
-        mx.eval(out)
-        return np.array(out)
-
-    return run
-
-
 @pytest.fixture
 def patcher(transformer):
     from daemon.lora import LoraPatcher

@@ -16,30 +16,6 @@ from daemon.lora import LoraCache, StackEntry
 pytestmark = pytest.mark.model
 
 
-@pytest.fixture(scope="module")
-def transformer(tiny_model):
-    return tiny_model.flux.transformer
-
-
-@pytest.fixture(scope="module")
-def forward(tiny_model, transformer):
-    import mlx.core as mx
-    from mflux.models.common.config.config import Config
-
-    rng = np.random.default_rng(0)
-    hidden = mx.array(rng.standard_normal((1, 16, 64)).astype(np.float32))
-    prompt = mx.array(rng.standard_normal((1, 16, 4096)).astype(np.float32))
-    pooled = mx.array(rng.standard_normal((1, 768)).astype(np.float32))
-    config = Config(tiny_model.flux.model_config, num_inference_steps=2, height=64, width=64, guidance=3.5)
-
-    def run() -> np.ndarray:
-        out = transformer(t=0, config=config, hidden_states=hidden, prompt_embeds=prompt, pooled_prompt_embeds=pooled)
-        mx.eval(out)
-        return np.array(out)
-
-    return run
-
-
 def _module(root, path):
     for part in path.split("."):
         root = root[int(part)] if isinstance(root, list) else getattr(root, part)
@@ -54,8 +30,13 @@ def make_patcher(transformer):
     made = []
     originals = {}
 
-    def make(resident_bytes=1024**3, cache_bytes=512 * 1024**2):
-        p = LoraPatcher(transformer, LoraCache(max_bytes=cache_bytes), resident=ResidentStacks(resident_bytes))
+    def make(resident_bytes=1024**3, cache_bytes=512 * 1024**2, lowrank_form=None):
+        p = LoraPatcher(
+            transformer,
+            LoraCache(max_bytes=cache_bytes),
+            resident=ResidentStacks(resident_bytes),
+            lowrank_form=lowrank_form,
+        )
         for name in p.layout:  # as the model was before the first patcher of the test
             originals.setdefault(name, _module(transformer, name))
         made.append(p)
@@ -270,10 +251,11 @@ class _RenderThread:
         self._thread.join()
 
 
+@pytest.mark.parametrize("form", ["stacked", "per_file"])
 def test_a_stack_prebuilt_during_a_render_switches_as_a_resident_hit_and_renders_as_built_cold(
-    tmp_path, make_patcher, transformer, forward
+    tmp_path, make_patcher, transformer, forward, form
 ):
-    p = make_patcher()
+    p = make_patcher(lowrank_form=form)
     g = _files(tmp_path, p.layout)
     stack_a, stack_b = _two_stacks(g)
     p.apply_stack(stack_b)
@@ -297,6 +279,7 @@ def test_a_stack_prebuilt_during_a_render_switches_as_a_resident_hit_and_renders
     assert report.matched_keys == [len(g[2].keys), len(g[3].keys), len(g[0].keys)]
     np.testing.assert_array_equal(forward(), cold_b)
     assert not p.prebuild(stack_b, render.call)  # live already: nothing to build
+    assert any(parts.files for parts in p._live.layers.values()) == (form == "per_file")  # the form prebuilt
 
 
 def test_a_prebuild_under_a_tight_bound_never_evicts_the_live_stack(tmp_path, make_patcher, forward):
