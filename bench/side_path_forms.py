@@ -14,9 +14,9 @@ picks the order by device (daemon/lora/runtime.py), so the forms here are:
 - "now": the base layer first, the side product added into it: the order it uses on a GPU;
 - "compiled": as "now", the three products in one `mx.compile`d function;
 - "per_file": no stacking: each file's own down and up blocks, unscaled, two products per file, each
-  file's scale passed to the up product's `addmm` as its `alpha`, in the device's order. This is the form
-  a build could read straight from the files (no block is copied or scaled after the read), so it
-  measures what that cold switch would cost every step instead.
+  file's scale passed to the up product's `addmm` as its `alpha`, in the device's order: the side path of
+  the daemon's `--lowrank-form per-file` (`StackedLoraLinear._per_file`), whose build uses each file's
+  blocks where its read put them, so this measures what that faster cold switch costs every step.
 
 The model and the stack are the ones bench/lora.py builds (Flux.1-dev, random weights evaluated in bf16,
 three rank-16 bf16 files over every Linear layer). Each round times the base step and every form, in
@@ -76,20 +76,7 @@ def _per_file(self: StackedLoraLinear, x: mx.array) -> mx.array:
     parts = self._lora_active.layers.get(self._lora_target)
     if files is None or parts is None or not parts.lowrank_only or type(self.base) is not nn.Linear:
         return NOW(self, x)
-    if self._lora_active.base_first:
-        y = self.base(x)
-        for down, up, scale in files:
-            y = mx.addmm(y, x @ down.T, up.T, alpha=scale)
-        return y
-    bias = self.base.get("bias", None)
-    side = None
-    for down, up, scale in files:
-        h = x @ down.T
-        if side is None:
-            side = h @ up.T * scale if bias is None else mx.addmm(bias, h, up.T, alpha=scale)
-        else:
-            side = mx.addmm(side, h, up.T, alpha=scale)
-    return mx.addmm(side, x, self.base.weight.T)
+    return StackedLoraLinear._per_file(self, x, files)  # the daemon's per-file side path (--lowrank-form)
 
 
 def _per_file_arrays(patcher, stack) -> None:
