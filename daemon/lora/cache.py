@@ -25,7 +25,6 @@ from client.lorafile.safetensors_io import open_safetensors
 from client.lorafile.signature import FileSignature, file_signature
 from client.wire.messages import LoraCacheStats
 from client.wire.report import FileReport
-from daemon.lora.file_buffers import file_buffer
 
 Signature = FileSignature  # the one identity of a file version, shared with every LoRA cache
 
@@ -157,7 +156,11 @@ class LoraCache:
                     self._hits += 1
                 return other.entry
         try:  # outside the lock: slow I/O
-            allocate = file_buffer if self.mlx_buffers else None
+            allocate = None
+            if self.mlx_buffers:  # imported here: the cache itself runs without MLX (the thin client's tests)
+                from daemon.lora.file_buffers import file_buffer
+
+                allocate = file_buffer
             opened = open_safetensors(key, with_digest=self.content_hash, allocate=allocate)
             reading = self._reader.submit(opened.read)  # the bytes arrive while the keys are parsed here
             try:
