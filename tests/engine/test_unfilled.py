@@ -5,13 +5,15 @@ from __future__ import annotations
 import io
 import json
 import struct
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 mx = pytest.importorskip("mlx.core")
 
-from daemon.engine.unfilled import _UnwrittenTensorStream, unfilled  # noqa: E402
+from daemon.engine.unfilled import _UnwrittenTensorStream, advise_huge_pages, unfilled  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["uint8", "uint16", "float16", "bfloat16", "float32"])
@@ -40,3 +42,35 @@ def test_empty_and_unsupported_dtypes_fall_back_to_zeros():
     assert unfilled(0, mx.float32).shape == (0,)
     ints = unfilled(5, mx.int32)
     assert ints.dtype == mx.int32 and ints.tolist() == [0] * 5
+
+
+def _huge_kb_around(address: int) -> int:
+    """AnonHugePages (kB) of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or not THP.exists() or "[never]" in THP.read_text(), reason="needs Linux huge pages"
+)
+def test_a_large_unfilled_buffer_is_backed_by_huge_pages_once_written():
+    mx.clear_cache()  # a new buffer, not one the allocator kept (already paged in)
+    arr = unfilled(48 * 1024**2 + 4321, mx.uint8)
+    flat = np.array(arr, copy=False)
+    flat[:] = 7  # the first write pages it in
+    assert _huge_kb_around(flat.ctypes.data + flat.nbytes // 2) >= 8 * 1024
+    assert arr[-1].item() == 7
+
+
+def test_advice_is_refused_for_a_buffer_holding_no_whole_huge_page():
+    assert advise_huge_pages(np.empty(1024 * 1024, np.uint8)) is False
