@@ -8,10 +8,10 @@ section exactly, so a truncated or padded-with-garbage file is caught), and nump
 so `safetensors.numpy` refuses the dtype most Flux LoRAs ship in. bf16 and fp8 are numpy dtypes through
 `ml_dtypes`: read exactly, widened exactly, written back bit for bit.
 
-Reading is into owned memory, one `readinto` per file, never mmap (see `read_safetensors`): a file that
+Reading is into owned memory by positional reads, never mmap (see `read_safetensors`): a file that
 changes underneath is an error for that one request, never a signal for the whole process. The daemon
 opens a file first (`open_safetensors`: its header parsed, its tensors views of a buffer not read yet) and
-reads the bytes on another thread while it recognises the keys.
+reads the bytes on other threads (parts of one file side by side) while it recognises the keys.
 
 Files that are not safetensors are recognised from their first bytes and refused with a message naming
 what they look like (pickle, PyTorch zip checkpoint, Draw Things s4nnc/SQLite, GGUF, ...).
@@ -126,7 +126,7 @@ def read_safetensors(
     Float tensors come back as float32 unless `as_stored`: then every tensor keeps its stored dtype and
     is a view into the one buffer the file was read into (no second copy of the bytes).
 
-    The file is read into memory this process owns, with one `readinto` of the whole file, never through
+    The file is read into memory this process owns, by positional reads of the whole file, never through
     mmap: a mapped file that shrinks underneath its reader raises SIGBUS, which kills the whole daemon
     (every queued render with it). A read call can only come back short, so a file that changes while
     it is read (shorter than it was, or a different size, inode or change time by fstat before and after)
@@ -150,18 +150,64 @@ class OpenedSafetensors:
 
     `file` already holds every tensor, as a view (stored dtype) of the buffer the bytes will be read
     into: what needs only names, shapes and metadata (recognising the format, grouping the keys) can run
-    before or beside `read`, which fills the buffer (one `readinto`, letting go of the GIL) and checks the
-    file did not change since it was opened. A tensor's values are defined only once `read` returned."""
+    before or beside the read. `read` fills the buffer (one positional read, letting go of the GIL) and
+    checks the file did not change since it was opened; a caller with several threads reads the `parts`
+    side by side (`read_range`, one each) and then calls `finish`. A tensor's values are defined only once
+    the read is finished."""
 
     def __init__(self, file: SafetensorsFile, fh: BinaryIO, buf: np.ndarray, header: bytes, digest: bool) -> None:
         self.file, self._fh, self._buf, self._header, self._digest = file, fh, buf, header, digest
 
+    @property
+    def size(self) -> int:
+        return self.file.signature.size
+
     def read(self) -> None:
         """Read the whole file into the buffer (through the descriptor `open_safetensors` opened) and
         close it; LoraFormatError if the file is not the version that was opened by the end."""
+        try:
+            self.read_range(0, self.size)
+            self.finish()
+        finally:
+            self.close()
+
+    def parts(self, readers: int, min_bytes: int = 32 * 1024**2) -> list[tuple[int, int]]:
+        """(start, stop) ranges tiling the file, at most `readers` of them and none under `min_bytes`
+        (but one): how a file is split for readers side by side."""
+        count = max(1, min(int(readers), self.size // max(int(min_bytes), 1)))
+        bounds = [self.size * i // count for i in range(count + 1)]
+        return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+    def read_range(self, start: int, stop: int) -> None:
+        """Bytes [start, stop) of the file into the same bytes of the buffer, by positional reads (safe
+        beside other ranges of the same file on other threads); LoraFormatError if the file ends first."""
+        p = Path(self.file.path)
+        view = memoryview(self._buf)[start:stop]
+        got = 0
+        try:
+            while got < stop - start:
+                n = os.preadv(self._fh.fileno(), [view[got:]], start + got)
+                if not n:
+                    now = os.fstat(self._fh.fileno()).st_size
+                    raise _changed(p, self.size, start + got, now)
+                got += n
+        except OSError as exc:
+            raise LoraFormatError(f"cannot read {p}: {exc.strerror or exc}", path=str(p)) from exc
+        finally:
+            view.release()
+
+    def finish(self) -> None:
+        """Once every byte is read: LoraFormatError unless the file is still the version that was opened
+        (no byte beyond the size it had, the same size, inode and change time, the header bytes parsed);
+        adds the content digest of the bytes read to the file's signature when it was asked for."""
         p, before = Path(self.file.path), self.file.signature
-        with self._fh:
-            _read_whole(self._fh, before.size, before, p, self._buf)
+        try:
+            extra = os.pread(self._fh.fileno(), 1, before.size)
+            after = FileSignature.of_stat(os.fstat(self._fh.fileno()))
+        except OSError as exc:
+            raise LoraFormatError(f"cannot read {p}: {exc.strerror or exc}", path=str(p)) from exc
+        if extra or not after.same_file_version(before):
+            raise _changed(p, before.size, before.size, after.size)
         if self._buf[: len(self._header)].tobytes() != self._header:
             raise _changed(p, before.size, before.size, None)
         if self._digest:
@@ -169,7 +215,7 @@ class OpenedSafetensors:
             object.__setattr__(self.file, "signature", sig)
 
     def close(self) -> None:
-        """Give up the read (its descriptor closed; the tensors' values stay undefined)."""
+        """Close the file (a read not finished leaves the tensors' values undefined)."""
         self._fh.close()
 
 
@@ -266,34 +312,10 @@ def _changed(p: Path, size: int, got: int, now: int | None) -> LoraFormatError:
 
 
 def _empty(size: int) -> np.ndarray:
+    """The default read buffer: `np.empty`, not a bytearray. A bytearray is zero-filled first, one pass
+    over fresh memory in 4 KiB pages, where numpy leaves it unwritten and asks the kernel for huge pages
+    (madvise) on large arrays, so reading a 150 MB file costs about a third of the time (bench/lora.py)."""
     return np.empty(size, np.uint8)
-
-
-def _read_whole(fh: BinaryIO, size: int, before: FileSignature, p: Path, buf: np.ndarray) -> None:
-    """All `size` bytes of the open file into `buf`, or LoraFormatError if it is not the same file by the end.
-
-    The buffer is `np.empty` unless the caller allocates it, not a bytearray: a bytearray is zero-filled
-    first, one pass over fresh memory in 4 KiB pages, where numpy leaves it unwritten and asks the kernel
-    for huge pages (madvise) on large arrays, so reading a 150 MB file costs about a third of the time
-    (bench/lora.py).
-    """
-    view = memoryview(buf)
-    got = 0
-    try:
-        fh.seek(0)
-        while got < size:
-            n = fh.readinto(view[got:])
-            if not n:
-                break
-            got += n
-        extra = fh.read(1) if got == size else b""
-        after = FileSignature.of_stat(os.fstat(fh.fileno()))
-    except OSError as exc:
-        raise LoraFormatError(f"cannot read {p}: {exc.strerror or exc}", path=str(p)) from exc
-    finally:
-        view.release()
-    if got != size or extra or not after.same_file_version(before):
-        raise _changed(p, size, got, after.size)
 
 
 def _parse_header(raw_header: bytes, p: Path) -> dict:

@@ -194,3 +194,28 @@ def test_threads_resolving_a_file_against_one_layout_share_one_resolve(tmp_path,
     got, errors = race()
     assert calls == ["first"] and not errors and len(got) == 2 and got[0] is got[1]
     assert got[0][0].target == "transformer_blocks.0.attn.to_out.0"
+
+
+def test_a_large_file_is_read_in_parts_side_by_side_and_whole(tmp_path, monkeypatch):
+    from client.lorafile import safetensors_io
+
+    ranges = []
+    read_range = safetensors_io.OpenedSafetensors.read_range
+
+    def noted(self, start, stop):
+        ranges.append((start, stop))
+        return read_range(self, start, stop)
+
+    monkeypatch.setattr(safetensors_io.OpenedSafetensors, "read_range", noted)
+    path = _lora(tmp_path / "big.safetensors", rank=8, width=4096)
+    cache = LoraCache(max_bytes=10**8)
+    cache.part_bytes = 16 * 1024
+    parsed, _ = cache.get(path)
+    size = os.path.getsize(path)
+    assert len(ranges) == min(cache._readers, size // cache.part_bytes) >= 1
+    assert sorted(ranges)[0][0] == 0 and sorted(ranges)[-1][1] == size
+    want = safetensors_io.read_safetensors(path).tensors
+    got = {key: arr for module in parsed.modules.values() for key, arr in module.tensors.values()}
+    assert set(got) == set(want)
+    for key, arr in got.items():
+        np.testing.assert_array_equal(arr.astype(np.float32), want[key])

@@ -215,34 +215,41 @@ def test_as_stored_tensors_are_views_of_one_owned_buffer(tmp_path):
         np.testing.assert_array_equal(sf.tensors[key].astype(np.float32), bf16_round(value.astype(np.float32)))
 
 
-class _Shrinking:
-    """A file object whose file is truncated after its first chunk is read, as a writer racing the reader would."""
-
-    def __init__(self, fh, path):
-        self.fh, self.path, self.reads = fh, path, 0
-
-    def __getattr__(self, name):
-        return getattr(self.fh, name)
-
-    def readinto(self, view):
-        self.reads += 1
-        if self.reads == 1:
-            n = self.fh.readinto(view[:4096])
-            os.truncate(self.path, 5000)
-            return n
-        return self.fh.readinto(view)
-
-
 def test_a_file_shrinking_while_read_is_a_format_error(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "shrinks.safetensors"
     write_safetensors(path, {"a.lora_down.weight": rng.standard_normal((64, 3072))}, {})
-    size = path.stat().st_size
-    with open(path, "rb", buffering=0) as fh:
-        before = safetensors_io.FileSignature.of_stat(os.fstat(fh.fileno()))
-        with pytest.raises(LoraFormatError, match="changed while it was being read") as err:
-            safetensors_io._read_whole(_Shrinking(fh, path), size, before, path, np.empty(size, np.uint8))
+    opened = safetensors_io.open_safetensors(path)
+    opened.read_range(0, 4096)
+    os.truncate(path, 5000)  # a writer racing the reader
+    with pytest.raises(LoraFormatError, match="changed while it was being read") as err:
+        opened.read_range(4096, opened.size)
+    opened.close()
     assert err.value.details.get("changed") is True
+    assert "5000 now" in str(err.value)
+
+
+def test_parts_of_a_file_read_side_by_side_give_its_bytes(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(1)
+    path = tmp_path / "big.safetensors"
+    tensors = {f"l{i}.lora_down.weight": rng.standard_normal((16, 4096)).astype(np.float32) for i in range(40)}
+    write_safetensors(path, tensors, {})
+    opened = safetensors_io.open_safetensors(path)
+    parts = opened.parts(3, min_bytes=1024**2)
+    assert len(parts) == 3 and parts[0][0] == 0 and parts[-1][1] == opened.size
+    assert all(a[1] == b[0] for a, b in zip(parts[:-1], parts[1:], strict=True))  # they tile the file
+    assert opened.parts(8, min_bytes=opened.size) == [(0, opened.size)]  # a small file is one part
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda part: opened.read_range(*part), parts))
+    opened.finish()
+    opened.close()
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(opened.file.tensors[key], value)
+    assert opened.file.signature == safetensors_io.FileSignature.of_stat(
+        os.stat(path), sidecar=opened.file.signature.sidecar
+    )
 
 
 def test_an_opened_file_parses_before_its_bytes_are_read_and_refuses_a_change_in_between(tmp_path):
