@@ -67,6 +67,7 @@ class Blocks:
         self._starts: dict[int, tuple[np.ndarray, int]] = {}  # id(numpy view of a buffer) -> (it, its address)
         self._buffers: dict[int, mx.array] = {}  # every buffer a view was made of, by id
         self._converted = 0  # bytes of the blocks converted to another dtype (arrays of their own)
+        self._made: dict[tuple[int, mx.Dtype], tuple[np.ndarray, mx.array | None]] = {}  # id(block), dtype -> view
 
     @property
     def nbytes(self) -> int:
@@ -76,7 +77,16 @@ class Blocks:
 
     def view(self, arr: np.ndarray, dtype: mx.Dtype) -> mx.array | None:
         """`arr` as an MLX array of `dtype`: a view of its buffer, converted if its own dtype differs
-        (one conversion, done when evaluated); None when `arr` is not in an MLX buffer (`viewable`)."""
+        (one conversion, done when evaluated); None when `arr` is not in an MLX buffer (`viewable`). A
+        block asked for again gets the view made the first time."""
+        made = self._made.get((id(arr), dtype))
+        if made is not None and made[0] is arr:
+            return made[1]
+        view = self._view(arr, dtype)
+        self._made[(id(arr), dtype)] = (arr, view)  # the block kept: its id stays its own
+        return view
+
+    def _view(self, arr: np.ndarray, dtype: mx.Dtype) -> mx.array | None:
         found = _buffer_of(arr) if arr.dtype in _MLX_DTYPES and arr.ndim else None
         size = arr.itemsize
         if found is None or any(s < 0 or s % size for s in arr.strides):

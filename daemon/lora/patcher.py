@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import mlx.core as mx
@@ -33,6 +34,7 @@ import msgspec
 
 from client.lorafile.layout import TRANSFORMER_PART
 from client.lorafile.resolve import Term, corrupt_error
+from client.lorafile.terms import LowRankTerm
 from client.wire.errors import Cancelled, InvalidRequest, LoraZeroMatch
 from client.wire.report import FileReport
 from daemon.lora.cache import LoraCache, Signature
@@ -104,6 +106,12 @@ def _bake(slot: _Slot, weight: mx.array, bias: mx.array | None) -> None:
         layer.bias = bias
     elif "bias" in layer:
         del layer["bias"]
+
+
+def _side_dtype(original: nn.Module) -> mx.Dtype:
+    """The dtype a layer's side path computes in: its activations' (a float32 side path on a bf16 model
+    would promote every later block)."""
+    return original.scales.dtype if isinstance(original, nn.QuantizedLinear) else original.weight.dtype
 
 
 def _text_encoder_key(key: StackKey, reports: Sequence[FileReport]) -> StackKey:
@@ -494,7 +502,10 @@ class LoraPatcher:
         phases and by `Fills.run` before each buffer), with nothing of it kept."""
         stopped = stop or (lambda: False)
         t0 = time.perf_counter()
-        reports, sigs, per_layer, warnings = self._prepare(stack, zero_match)
+        blocks = self._blocks()
+        # Per-file views of each file's blocks are made as soon as it is resolved, while the next is read.
+        view_ahead = None if blocks is None else partial(self._view_ahead, blocks)
+        reports, sigs, per_layer, warnings = self._prepare(stack, zero_match, view_ahead)
         if stopped():
             raise BuildStopped("stopped after its files were read")
         t1 = time.perf_counter()
@@ -502,16 +513,14 @@ class LoraPatcher:
         to_eval: list[mx.array] = []
         weight_of = self._base_weights()
         gains = stack_gains(per_layer, weight_of)
-        fills, blocks = Fills(), self._blocks()
+        fills = Fills()
         for target, contributions in per_layer.items():
             slot = self._slot(target)
             if is_norm(slot.original):
                 layers[target] = parts = norm_arrays(contributions, slot.original)
                 to_eval.extend(parts.arrays())
                 continue
-            quantized = isinstance(slot.original, nn.QuantizedLinear)
-            # The activation dtype: a float32 side path on a bf16 model would promote every later block.
-            dtype = slot.original.scales.dtype if quantized else slot.original.weight.dtype
+            dtype = _side_dtype(slot.original)
             parts = layer_arrays(
                 target, contributions, dtype, slot.original, weight_of, gains, fills=fills, blocks=blocks
             )
@@ -538,6 +547,17 @@ class LoraPatcher:
     def _blocks(self) -> Blocks | None:
         """The views of a build in the per-file form (None: the stacked form, every pair written)."""
         return Blocks() if self.lowrank_form == "per_file" else None
+
+    def _view_ahead(self, blocks: Blocks, terms: Sequence[Term]) -> None:
+        """Make (and keep in `blocks`) the views the build will ask for of one file's low-rank blocks, in
+        the dtype of the layer each patches; blocks not in a file's MLX buffer are left for the build."""
+        for term in terms:
+            if isinstance(term, LowRankTerm):
+                original = self._slot(term.target).original
+                if not is_norm(original):
+                    dtype = _side_dtype(original)
+                    blocks.view(term.down, dtype)
+                    blocks.view(term.up, dtype)
 
     def _stack_key(self, stack: Sequence[StackEntry], sigs: Sequence[Signature]) -> StackKey:
         return tuple((self.cache.key(e.path), float(e.scale), sig) for e, sig in zip(stack, sigs, strict=True))
@@ -621,8 +641,13 @@ class LoraPatcher:
     # -- phases ------------------------------------------------------------------------------
 
     def _prepare(
-        self, stack: Sequence[StackEntry], zero_match: ZeroMatchPolicy
+        self,
+        stack: Sequence[StackEntry],
+        zero_match: ZeroMatchPolicy,
+        each_file: Callable[[Sequence[Term]], None] | None = None,
     ) -> tuple[list[FileReport], tuple[Signature, ...], dict[str, list], list[str]]:
+        """Every file's terms grouped by layer, with the files' reports and signatures. `each_file` is
+        given each file's terms on this thread as soon as that file is resolved (the next still reading)."""
         reports: list[FileReport] = []
         sigs: list[Signature] = []
         per_layer: dict[str, list[tuple[float, Term]]] = {}
@@ -646,6 +671,8 @@ class LoraPatcher:
                 warnings.append(msg)
             for term in terms:
                 per_layer.setdefault(term.target, []).append((float(entry.scale), term))
+            if each_file is not None:
+                each_file(terms)
             reports.append(report)
             sigs.append(sig)
         return reports, tuple(sigs), per_layer, warnings
@@ -657,8 +684,9 @@ class LoraPatcher:
         resolve = self.cache.resolved
         if len(stack) < 2:
             return [lambda e=e: resolve(e.path, self.model_layout, self._layout_key) for e in stack]
-        with ThreadPoolExecutor(max_workers=min(len(stack), READ_THREADS)) as pool:
-            futures = [pool.submit(resolve, e.path, self.model_layout, self._layout_key) for e in stack]
+        pool = ThreadPoolExecutor(max_workers=min(len(stack), READ_THREADS))
+        futures = [pool.submit(resolve, e.path, self.model_layout, self._layout_key) for e in stack]
+        pool.shutdown(wait=False)  # its threads end with their files; each result is taken as it is ready
         return [f.result for f in futures]
 
     def _base_weights(self) -> Callable[[str], mx.array]:

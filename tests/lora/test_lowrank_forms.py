@@ -123,6 +123,9 @@ def test_a_block_of_another_dtype_is_converted_once_exactly(tmp_path):
     np.testing.assert_array_equal(np.array(same.astype(mx.float32)), values.astype(np.float32))
     np.testing.assert_array_equal(np.array(widened), values.astype(np.float32))  # bf16 -> float32 is exact
     np.testing.assert_array_equal(np.array(transposed), values.astype(np.float32).T)
+    converted = blocks.nbytes
+    assert blocks.view(block, mx.float32) is widened  # asked again (made ahead, then by the build): the same view
+    assert blocks.nbytes == converted  # its conversion counted once
 
 
 def test_blocks_outside_a_files_mlx_buffer_take_the_stacked_form():
