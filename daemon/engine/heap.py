@@ -70,6 +70,16 @@ def _numpy_huge_pages(enabled: bool) -> bool:
     return bool(multiarray._get_madvise_hugepage())
 
 
+def huge_pages_advised() -> bool:
+    """Whether large arrays are to be backed by huge pages in this process: numpy's advice, on unless
+    `retain_freed` turned it off. MLX buffers made by `unfilled` follow the same setting."""
+    import numpy as np
+
+    multiarray = getattr(np, "_core", getattr(np, "core", None)).multiarray
+    getter = getattr(multiarray, "_get_madvise_hugepage", None)
+    return bool(getter()) if getter is not None else False
+
+
 def retain_freed(retain_bytes: int) -> HeapPolicy:
     """Keep up to `retain_bytes` of freed memory in this process for reuse (0: glibc's defaults), and turn
     numpy's huge-page advice off. Call it once, early (before the model loads): malloc's settings cannot be

@@ -24,6 +24,8 @@ import sys
 import mlx.core as mx
 import numpy as np
 
+from daemon.engine.heap import huge_pages_advised
+
 _SAFETENSORS_DTYPE = {mx.uint8: "U8", mx.uint16: "U16", mx.float16: "F16", mx.bfloat16: "BF16", mx.float32: "F32"}
 
 
@@ -74,17 +76,20 @@ def unfilled(length: int, dtype: mx.Dtype) -> mx.array:
         mx.eval(out)
         return out
     out = mx.load(_UnwrittenTensorStream(length, dtype), format="safetensors", stream=mx.cpu)["x"]
-    if out.nbytes >= _HUGE_PAGES_FROM:
+    if out.nbytes >= _HUGE_PAGES_FROM and huge_pages_advised():
         advise_huge_pages(np.array(out.view(mx.uint8), copy=False))
     return out
 
 
-# Huge pages for large buffers before their first write. MLX's CPU allocator hands out plain 4 KiB pages
-# where numpy asks the kernel for 2 MiB ones (for its arrays of 4 MiB and more, when transparent huge
-# pages are on "madvise"), so the first pass over a new MLX buffer took a page fault every 4 KiB: reading
-# 500 MB of LoRA files into MLX buffers took 1.7 times as long as into numpy memory (bench/lora.py prints
-# both). Advice only: where the kernel says no, nothing changes. Linux on the CPU backend only: with CUDA
-# the buffer is unified memory, which the driver pages.
+# Huge pages for large buffers before their first write, as numpy asks for its own arrays. MLX's CPU
+# allocator hands out plain 4 KiB pages where numpy asks the kernel for 2 MiB ones (for its arrays of
+# 4 MiB and more, when transparent huge pages are on "madvise"), so in a process that frees memory back to
+# the kernel the first pass over every new MLX buffer took a page fault every 4 KiB: reading 500 MB of
+# LoRA files into MLX buffers took 1.7 times as long as into numpy memory. The advice follows numpy's
+# setting (daemon/engine/heap.py): the daemon keeps freed memory for reuse, where faults are paid once,
+# and turns both off rather than risk a first touch stalling in memory compaction. Advice only: where the
+# kernel says no, nothing changes. Linux on the CPU backend only: with CUDA the buffer is unified memory,
+# which the driver pages.
 _HUGE_PAGE = 2 * 1024**2
 _HUGE_PAGES_FROM = 4 * 1024**2
 _MADV_HUGEPAGE = 14

@@ -63,14 +63,40 @@ THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 @pytest.mark.skipif(
     sys.platform != "linux" or not THP.exists() or "[never]" in THP.read_text(), reason="needs Linux huge pages"
 )
-def test_a_large_unfilled_buffer_is_backed_by_huge_pages_once_written():
-    mx.clear_cache()  # a new buffer, not one the allocator kept (already paged in)
-    arr = unfilled(48 * 1024**2 + 4321, mx.uint8)
-    flat = np.array(arr, copy=False)
-    flat[:] = 7  # the first write pages it in
-    assert _huge_kb_around(flat.ctypes.data + flat.nbytes // 2) >= 8 * 1024
-    assert arr[-1].item() == 7
+def test_a_large_unfilled_buffer_is_backed_by_huge_pages_once_written_where_numpy_asks_for_them():
+    from daemon.engine.heap import _numpy_huge_pages, huge_pages_advised
+
+    was = huge_pages_advised()
+    try:
+        _numpy_huge_pages(True)
+        mx.clear_cache()  # a new buffer, not one the allocator kept (already paged in)
+        arr = unfilled(48 * 1024**2 + 4321, mx.uint8)
+        flat = np.array(arr, copy=False)
+        flat[:] = 7  # the first write pages it in
+        assert _huge_kb_around(flat.ctypes.data + flat.nbytes // 2) >= 8 * 1024
+        assert arr[-1].item() == 7
+    finally:
+        _numpy_huge_pages(was)
 
 
 def test_advice_is_refused_for_a_buffer_holding_no_whole_huge_page():
     assert advise_huge_pages(np.empty(1024 * 1024, np.uint8)) is False
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or not THP.exists() or "[madvise]" not in THP.read_text(),
+    reason="needs huge pages given on advice only",
+)
+def test_no_huge_pages_where_the_heap_policy_turned_numpys_advice_off():
+    from daemon.engine.heap import _numpy_huge_pages, huge_pages_advised
+
+    was = huge_pages_advised()
+    try:
+        _numpy_huge_pages(False)  # as `retain_freed` leaves it in the daemon
+        mx.clear_cache()
+        arr = unfilled(48 * 1024**2 + 1234, mx.uint8)
+        flat = np.array(arr, copy=False)
+        flat[:] = 7
+        assert _huge_kb_around(flat.ctypes.data + flat.nbytes // 2) == 0
+    finally:
+        _numpy_huge_pages(was)
