@@ -49,6 +49,11 @@ def _buffer_of(arr: np.ndarray) -> tuple[np.ndarray, mx.array] | None:
     return root, chunk
 
 
+def same_dtype(arr: np.ndarray, dtype: mx.Dtype) -> bool:
+    """Whether `Blocks.view(arr, dtype)` is a plain view of the buffer (no conversion)."""
+    return _MLX_DTYPES.get(arr.dtype) == dtype
+
+
 def viewable(arr: np.ndarray) -> bool:
     """Whether `Blocks.view` can give `arr` as an MLX view (numpy only: safe on any thread)."""
     if arr.dtype not in _MLX_DTYPES or arr.ndim == 0 or any(s < 0 or s % arr.itemsize for s in arr.strides):

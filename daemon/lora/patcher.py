@@ -39,7 +39,7 @@ from client.wire.errors import Cancelled, InvalidRequest, LoraZeroMatch
 from client.wire.report import FileReport
 from daemon.lora.cache import LoraCache, Signature
 from daemon.lora.decompose import base_weight, layer_arrays, stack_gains
-from daemon.lora.file_buffers import Blocks
+from daemon.lora.file_buffers import Blocks, same_dtype
 from daemon.lora.inspect import text_encoder_layout, text_encoders_of
 from daemon.lora.norms import StackedNormScale, is_norm, norm_arrays, norm_layout
 from daemon.lora.resident import ResidentStack, ResidentStacks, StackKey
@@ -550,14 +550,21 @@ class LoraPatcher:
 
     def _view_ahead(self, blocks: Blocks, terms: Sequence[Term]) -> None:
         """Make (and keep in `blocks`) the views the build will ask for of one file's low-rank blocks, in
-        the dtype of the layer each patches; blocks not in a file's MLX buffer are left for the build."""
+        the dtype of the layer each patches, and evaluate those that are plain views (a view's evaluation
+        reads none of the bytes still being read; a conversion waits for the build); blocks not in a
+        file's MLX buffer are left for the build."""
+        ready = []
         for term in terms:
             if isinstance(term, LowRankTerm):
                 original = self._slot(term.target).original
                 if not is_norm(original):
                     dtype = _side_dtype(original)
-                    blocks.view(term.down, dtype)
-                    blocks.view(term.up, dtype)
+                    for block in (term.down, term.up):
+                        view = blocks.view(block, dtype)
+                        if view is not None and same_dtype(block, dtype):
+                            ready.append(view)
+        if ready:
+            mx.eval(ready)
 
     def _stack_key(self, stack: Sequence[StackEntry], sigs: Sequence[Signature]) -> StackKey:
         return tuple((self.cache.key(e.path), float(e.scale), sig) for e, sig in zip(stack, sigs, strict=True))
