@@ -73,6 +73,7 @@ import tempfile
 import threading
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,9 +83,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers.lora_factories import generate_lora  # noqa: E402
 
 import daemon.engine  # noqa: E402, F401  (OpenBLAS before MLX)
+from client.lorafile.safetensors_io import open_safetensors  # noqa: E402
 from daemon.config import ServiceConfig  # noqa: E402
 from daemon.engine.heap import retain_freed  # noqa: E402
 from daemon.lora import LoraCache, StackEntry  # noqa: E402
+from daemon.lora.cache import PART_BYTES, READERS  # noqa: E402
 from daemon.lora.patcher import LoraPatcher  # noqa: E402
 from daemon.lora.resident import ResidentStacks  # noqa: E402
 from daemon.lora.runtime import linear_layout  # noqa: E402
@@ -174,19 +177,25 @@ def read_ms(paths: list[str], how: str = "reader") -> float:
     - "read_bytes": `Path.read_bytes()`, the plain way;
     - "mlx": one `readinto` per file into one unfilled MLX buffer (daemon/engine/unfilled.py), evaluated
       first: the bytes land in memory the model's arrays can use;
-    - "mx.load": MLX's loader, every tensor its own MLX array, evaluated (its header parsed in C++)."""
+    - "mx.load": MLX's loader, every tensor its own MLX array, evaluated (its header parsed in C++);
+    - "parts": as the daemon's file cache reads (daemon/lora/cache.py): each file's parts side by side on
+      its reader threads (one per core, up to 4), into `np.empty` buffers."""
     import mlx.core as mx
     import numpy as np
 
     from daemon.engine.unfilled import unfilled
 
     best = float("inf")
+    readers = ThreadPoolExecutor(READERS) if how == "parts" else None
     for _ in range(3):
         t0 = time.perf_counter()
         bufs = []
         for p in paths:
             if how == "read_bytes":
                 bufs.append(Path(p).read_bytes())
+                continue
+            if how == "parts":
+                bufs.append(_read_in_parts(p, readers))
                 continue
             if how == "mx.load":
                 tensors = mx.load(p)
@@ -207,7 +216,20 @@ def read_ms(paths: list[str], how: str = "reader") -> float:
             bufs.append(buf)
         best = min(best, (time.perf_counter() - t0) * 1000)
         del bufs
+    if readers is not None:
+        readers.shutdown()
     return best
+
+
+def _read_in_parts(path: str, readers: ThreadPoolExecutor):
+    """One file's bytes, its parts read side by side by `readers` (as the file cache splits them)."""
+    opened = open_safetensors(path)
+    try:
+        list(readers.map(lambda part: opened.read_range(*part), opened.parts(READERS, PART_BYTES)))
+        opened.finish()
+    finally:
+        opened.close()
+    return opened
 
 
 def alloc_ms(nbytes: int, how: str = "unfilled") -> float:
@@ -383,6 +405,7 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     out["read_bytearray_ms"] = read_ms(files[3:], "bytearray")
     out["read_bytes_ms"] = read_ms(files[3:], "read_bytes")
     out["read_mlx_ms"] = read_ms(files[3:], "mlx")
+    out["read_parts_ms"] = read_ms(files[3:], "parts")
     out["load_mlx_ms"] = read_ms(files[3:], "mx.load")
     if with_old:
         old_cls, old_cache_cls = old_patcher_class()
@@ -685,7 +708,8 @@ def print_depths(full: dict, small: dict) -> None:
             f"{label}: {d['layers']} Linear layers, 3-LoRA stacks of rank {RANK} (bf16, every layer), "
             f"{d['file_mb']:.0f} MB per file, read 3 files {d['read_ms']:.1f} ms "
             f"(bytearray {d['read_bytearray_ms']:.1f} ms, read_bytes {d['read_bytes_ms']:.1f} ms; straight into MLX "
-            f"memory {d['read_mlx_ms']:.1f} ms, mx.load {d['load_mlx_ms']:.1f} ms), "
+            f"memory {d['read_mlx_ms']:.1f} ms, mx.load {d['load_mlx_ms']:.1f} ms; in parts on {READERS} threads "
+            f"{d['read_parts_ms']:.1f} ms), "
             f"allocating one stack's MLX arrays alone {d['alloc_ms']:.1f} ms (filled with zeros "
             f"{d['alloc_zeros_ms']:.1f} ms), copying its bytes once {d['copy_ms']:.1f} ms"
         )
