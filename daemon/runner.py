@@ -203,6 +203,7 @@ class RunnerStatus:
     model: ModelInfo | None = None
     preloads_waiting: int = 0  # preloads waiting for the render thread to be idle
     preloads_yielded: int = 0  # preload builds stopped for a render that arrived (each built again later)
+    lowrank_form: str | None = None  # the LoRA patcher's low-rank form (None: no patcher)
 
 
 class RenderRunner:
@@ -892,6 +893,7 @@ class RenderRunner:
             active_stack=svc.active_stack(),
             lora_cache=svc.lora_cache_stats(),
             resident_stacks=svc.resident_stack_stats(),
+            lowrank_form=svc.lowrank_form(),
             queue_depth=len(self.queue),
             queue_capacity=self.queue.capacity,
             interactive_reserve=self.queue.interactive_reserve,

@@ -691,6 +691,7 @@ class DaemonServer:
             active_stack=run.active_stack,
             lora_cache=run.lora_cache,
             resident_stacks=run.resident_stacks,
+            lowrank_form=run.lowrank_form,
             queue_depth=run.queue_depth,
             queue_capacity=run.queue_capacity,
             interactive_reserve=run.interactive_reserve,

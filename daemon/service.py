@@ -237,6 +237,10 @@ class RenderService:
     def resident_stack_stats(self) -> LoraCacheStats | None:
         return None if self.resident is None else self.resident.stats()
 
+    def lowrank_form(self) -> str | None:
+        """The LoRA patcher's low-rank form ("stacked" or "per_file"), None without a patcher."""
+        return getattr(self.patcher, "lowrank_form", None)
+
     def prefetch(
         self, stack: list[StackItem], on_model_thread: Callable[[Callable[[], Any]], Any] | None = None
     ) -> None:

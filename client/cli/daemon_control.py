@@ -48,6 +48,8 @@ def status_command(socket_path, as_json, timeout) -> None:
     if st.resident_stacks is not None:
         stacks = msgspec.structs.asdict(st.resident_stacks)
         click.echo("resident stacks: " + "  ".join(f"{k}={v}" for k, v in stacks.items()))
+    if st.lowrank_form is not None:
+        click.echo(f"low-rank form: {st.lowrank_form.replace('_', '-')}")
     if st.in_flight is not None:
         j = st.in_flight
         left = "?" if j.estimated_finish_s is None else f"{j.estimated_finish_s:.1f}s"

@@ -311,6 +311,7 @@ class StatusResult(Struct, omit_defaults=True):
     lora_cache: LoraCacheStats | None = None  # absent when the daemon keeps no LoRA cache
     model: ModelInfo | None = None
     resident_stacks: LoraCacheStats | None = None  # built stacks kept for instant switches; absent: none kept
+    lowrank_form: str | None = None  # how the side path holds LoRA blocks: "stacked" or "per_file"; absent: no LoRAs
     replicas: list[ReplicaStatus] = []  # behind a cluster gateway: each render replica; absent: a plain daemon
     preloads_waiting: int = 0  # `preload` requests waiting for the render thread to be idle
     preloads_yielded: int = 0  # preload builds stopped for a render that arrived, each built again later

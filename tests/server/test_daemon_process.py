@@ -319,6 +319,7 @@ def test_easel_status_shows_the_live_stack_and_the_lora_cache(daemon):
     assert r.exit_code == 0, r.output
     assert "active stack: l0.safetensors@0.5" in r.output
     assert "lora cache: hits=" in r.output and f"max_bytes={2 * 1024**3}" in r.output
+    assert st.lowrank_form == "stacked" and "low-rank form: stacked" in r.output  # the default
 
 
 def test_sigterm_drains_in_flight_and_exits_0(daemon):

@@ -148,4 +148,5 @@ def test_status_shows_both_lora_bounds(daemon):
         st = c.status()
     assert st.lora_cache is not None and st.lora_cache.max_bytes == CACHE_BYTES
     assert st.resident_stacks is not None and st.resident_stacks.max_bytes == RESIDENT_BYTES
+    assert st.lowrank_form == "per_file"  # as it was served (--lowrank-form per-file)
     assert json.loads(json.dumps(st.resident_stacks.bytes)) <= RESIDENT_BYTES
