@@ -58,11 +58,16 @@ def _glibc_mallopt() -> ctypes._CFuncPtr | None:
     return mallopt
 
 
-def _numpy_huge_pages(enabled: bool) -> bool:
-    """Set numpy's huge-page advice for large arrays; returns the setting now in force."""
+def _multiarray():
+    """numpy's multiarray module, where its huge-page advice is set and read (`_core` since numpy 2)."""
     import numpy as np
 
-    multiarray = getattr(np, "_core", getattr(np, "core", None)).multiarray
+    return getattr(np, "_core", getattr(np, "core", None)).multiarray
+
+
+def _numpy_huge_pages(enabled: bool) -> bool:
+    """Set numpy's huge-page advice for large arrays; returns the setting now in force."""
+    multiarray = _multiarray()
     setter = getattr(multiarray, "_set_madvise_hugepage", None)
     if setter is None:  # a numpy without the advice
         return False
@@ -73,10 +78,7 @@ def _numpy_huge_pages(enabled: bool) -> bool:
 def huge_pages_advised() -> bool:
     """Whether large arrays are to be backed by huge pages in this process: numpy's advice, on unless
     `retain_freed` turned it off. MLX buffers made by `unfilled` follow the same setting."""
-    import numpy as np
-
-    multiarray = getattr(np, "_core", getattr(np, "core", None)).multiarray
-    getter = getattr(multiarray, "_get_madvise_hugepage", None)
+    getter = getattr(_multiarray(), "_get_madvise_hugepage", None)
     return bool(getter()) if getter is not None else False
 
 
