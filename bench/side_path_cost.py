@@ -24,7 +24,6 @@ side_flops=...` (the two shares as fractions of the step, resp. of the Linear la
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import statistics
 import sys
@@ -32,11 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_lora", ROOT / "bench" / "lora.py")
-bench_lora = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_lora)  # puts the project on sys.path, OpenBLAS before MLX
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lora as bench_lora  # noqa: E402  (bench/lora.py: puts the project on sys.path, OpenBLAS before MLX)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
