@@ -72,7 +72,7 @@ def _numpy_huge_pages(enabled: bool) -> bool:
     if setter is None:  # a numpy without the advice
         return False
     setter(enabled)
-    return bool(multiarray._get_madvise_hugepage())
+    return huge_pages_advised()
 
 
 def huge_pages_advised() -> bool:
