@@ -416,6 +416,9 @@ class RenderService:
         )
         out = self.engine.render(spec)
         self.warmup_measure = (spec, dict(getattr(out, "timings", {}) or {}))  # seeds the runner's estimates
+        warm_patcher = getattr(self.patcher, "warm_up", None)
+        if warm_patcher is not None:
+            warm_patcher()
         self.warm = True
         return time.perf_counter() - t0
 

@@ -52,6 +52,7 @@ from daemon.lora.runtime import (
     StackedLoraLinear,
     build_layer_arrays,
     linear_layout,
+    load_bf16_kernels,
     per_file_ready,
     written_by_fills,
 )
@@ -401,6 +402,12 @@ class LoraPatcher:
             self._text_encoder_key = held.built.text_encoder_key
             self._report = held.report
             return True
+
+    @staticmethod
+    def warm_up() -> None:
+        """Load what a first stack build would otherwise wait for: the compiled writers that fold a scale
+        into a bf16 block (numba: about a second to import, compiled once per machine)."""
+        load_bf16_kernels()
 
     def prefetch(self, entries: Iterable[StackEntry | tuple[str, float]]) -> None:
         """Read and parse the files of a stack that is about to be applied, so its switch does not wait on

@@ -21,11 +21,13 @@ an exact restore. Cheaper per step, but every switch touches every patched weigh
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import ml_dtypes
 import mlx.core as mx
@@ -445,7 +447,11 @@ def _put(dst: np.ndarray, src: np.ndarray, scale: np.float32 | None) -> None:
     bf16 -> float32 is a 16-bit shift (a bf16 is the top half of its float32: exact); same-width copies
     are plain copies; anything else goes through numpy / ml_dtypes casts (one rounding). With a scale, a
     half-precision destination gets the float32 product rounded once to its dtype, as MLX would round
-    `(block.astype(float32) * scale).astype(dtype)`."""
+    `(block.astype(float32) * scale).astype(dtype)`; a bf16 block is scaled in one compiled pass
+    (daemon/lora/bf16_kernels.py) where `dst` is contiguous."""
+    if scale is not None and src.dtype == _BF16 and dst.dtype in (np.uint16, np.float32) and _compiled_target(dst):
+        _scale_bf16_into(src, scale, dst, 0)
+        return
     if dst.dtype == np.float32:
         if src.dtype == _BF16:
             np.left_shift(src.view(np.uint16), 16, out=dst.view(np.uint32), dtype=np.uint32)
@@ -453,9 +459,6 @@ def _put(dst: np.ndarray, src: np.ndarray, scale: np.float32 | None) -> None:
             np.copyto(dst, src, casting="unsafe")
         if scale is not None:
             np.multiply(dst, scale, out=dst)
-        return
-    if scale is not None and dst.dtype == np.uint16 and src.dtype == _BF16:
-        _fold_bf16(src, scale, dst)
         return
     if scale is not None:
         src = _scaled(src, scale)
@@ -465,42 +468,37 @@ def _put(dst: np.ndarray, src: np.ndarray, scale: np.float32 | None) -> None:
         np.copyto(dst, src, casting="unsafe")
 
 
-def _fold_bf16(src: np.ndarray, scale: np.float32, out: np.ndarray) -> None:
-    """out (uint16: bf16 bits) = bf16(float32(src) * scale) for a bf16 `src`, the product rounded to
-    nearest, ties to even, on its float32 bits: the very bits ml_dtypes' cast gives (checked on every bf16
-    value; a NaN stays a NaN, its payload kept), in three fewer passes over memory than a cast and a copy
-    (about 30% less time on the CPU). The product of a bf16 NaN is a NaN whose low 16 bits are zero, so
-    the rounding never carries out of it."""
-    if _scaled_by_exponent(src, scale, out):
-        return
-    bits = _scaled(src, scale).view(np.uint32)
-    odd = np.right_shift(bits, 16)
-    np.bitwise_and(odd, 1, out=odd)
-    bits += odd
-    bits += 0x7FFF
-    np.right_shift(bits, 16, out=out, casting="unsafe")
+def _compiled_target(dst: np.ndarray) -> bool:
+    """Whether the compiled bf16 kernels can write into `dst` (2-D, C-contiguous)."""
+    return dst.ndim == 2 and dst.flags.c_contiguous
 
 
-def _scaled_by_exponent(src: np.ndarray, scale: np.float32, out: np.ndarray) -> bool:
-    """out = `src` * `scale` for a positive power-of-two scale (weight 1 on a file whose alpha is its rank
-    over a power of two, as kohya's alpha 1 gives) when every value of `src` is a normal number whose
-    product stays normal: then the product is exact and only its exponent changes, so adding to the
-    exponent field gives the very bits of the fold in a few passes over 16-bit integers, against a float32
-    round trip. False (nothing written) for any other scale or block: zeros, subnormals, infinities,
-    NaNs or products leaving the normal range take the fold's rounding."""
-    mantissa, exponent = np.frexp(scale)
-    if mantissa != 0.5:
-        return False
-    shift = int(exponent) - 1  # scale == 2 ** shift
-    bits = src.view(np.uint16)
-    field = np.bitwise_and(bits, 0x7F80)  # each value's exponent field, where it sits
-    low, high = int(field.min()) >> 7, int(field.max()) >> 7
-    if low < 1 or high > 254 or low + shift < 1 or high + shift > 254:
-        return False
-    # Modulo 2**16 (a negative shift wraps): every exponent stays in 1..254, so no carry or borrow reaches
-    # the sign bit.
-    np.add(bits, np.uint16((shift << 7) & 0xFFFF), out=out, casting="unsafe")
-    return True
+def _scale_bf16_into(src: np.ndarray, scale: np.float32, dst: np.ndarray, start: int) -> None:
+    """dst[:, start:start + cols] = the bf16 block `src` times `scale`: folded into bf16 bits (a uint16
+    `dst`: the float32 product rounded once, ties to even) or widened (a float32 `dst`), in one pass."""
+    bits = np.ascontiguousarray(src.view(np.uint16))
+    if bits.ndim != 2 or bits.shape[0] != dst.shape[0] or not 0 <= start <= dst.shape[1] - bits.shape[1]:
+        # the kernels do not check their bounds: a block that does not fit is refused here
+        raise ValueError(f"a {bits.shape} block does not fit a {dst.shape} array at column {start}")
+    kernels = _bf16_kernels()
+    write = kernels.fold_into if dst.dtype == np.uint16 else kernels.widen_into
+    write(bits, np.float32(scale), dst, start)
+
+
+@functools.cache
+def _bf16_kernels() -> ModuleType:
+    """daemon/lora/bf16_kernels.py, imported on first use: importing numba and loading the kernels' machine
+    code takes about a second, which a process that never folds a scale into a bf16 block does not pay
+    (the daemon pays it in its warm-up: `load_bf16_kernels`)."""
+    from daemon.lora import bf16_kernels
+
+    return bf16_kernels
+
+
+def load_bf16_kernels() -> None:
+    """Import the compiled bf16 writers now (compiling them once per machine), so that no stack build
+    waits for them."""
+    _bf16_kernels()
 
 
 def _widened(src: np.ndarray) -> np.ndarray:
@@ -518,18 +516,18 @@ def _scaled(src: np.ndarray, scale: np.float32) -> np.ndarray:
 
 
 def _put_columns(dst: np.ndarray, src: np.ndarray, start: int, scale: np.float32 | None = None) -> None:
-    """dst[:, start:start + r] = src (out, r), times `scale` if given, as `_put`. For a plain copy (and
-    bf16 -> float32 or a scaled block, made in a small contiguous block first), each row's r elements are
-    copied as one r-element item through a void view: 25-45% faster than numpy's element-wise strided copy
-    at rank 16 (measured on this machine)."""
+    """dst[:, start:start + r] = src (out, r), times `scale` if given, as `_put`. A scaled bf16 block is
+    written into its columns by one compiled pass (daemon/lora/bf16_kernels.py). For a plain copy (and
+    bf16 -> float32 or another scaled block, made in a small contiguous block first), each row's r elements
+    are copied as one r-element item through a void view: 25-45% faster than numpy's element-wise strided
+    copy at rank 16 (measured on this machine)."""
     r = src.shape[1]
+    if scale is not None and src.dtype == _BF16 and dst.dtype in (np.uint16, np.float32) and _compiled_target(dst):
+        _scale_bf16_into(src, scale, dst, start)  # straight into its columns, in one pass
+        return
     if scale is not None:  # the scaled block first, in the destination's dtype
         if dst.dtype == np.float32:
             src = _scaled(src, scale)
-        elif dst.dtype == np.uint16 and src.dtype == _BF16:
-            folded = np.empty(src.shape, np.uint16)
-            _fold_bf16(src, scale, folded)
-            src = folded.view(_BF16)
         else:
             _put(dst[:, start : start + r], src, scale)
             return

@@ -296,68 +296,93 @@ def _active(layer):
     return active
 
 
-def test_the_bf16_fold_rounds_every_value_as_ml_dtypes_does():
-    """The scaled bf16 block is rounded on its float32 bits (`_fold_bf16`): for every one of the 65,536
-    bf16 values and scales small, large, negative and zero, the same bits as ml_dtypes' cast of the float32
-    product (overflow to infinity, subnormals and ties to even included); a NaN stays a NaN."""
+SCALES = (0.7, 0.3, 1.0, 0.0, -0.5, 1e-3, 3.0, 0.5, 2.0**-125, 2.0**100, 1e-30, 1e30, 1 / 3, -2.5e-38, 0.123456789)
+
+
+@pytest.mark.parametrize("into", ["rows", "columns"])
+def test_a_scaled_bf16_block_is_folded_as_ml_dtypes_rounds_every_value(into):
+    """A scaled bf16 block written into a bf16 buffer (the compiled one-pass fold, into a block of rows or
+    into its columns of a wider matrix): for every one of the 65,536 bf16 values and scales small, large,
+    negative, zero and powers of two, the same bits as ml_dtypes' cast of the float32 product (overflow
+    to infinity, subnormals and ties to even included); a NaN stays a NaN with its payload; the columns
+    around the block are untouched."""
     import ml_dtypes
 
-    from daemon.lora.runtime import _fold_bf16
+    from daemon.lora.runtime import _put, _put_columns
 
     bf16 = np.dtype(ml_dtypes.bfloat16)
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(bf16).reshape(256, 256)
-    for scale in (0.7, 0.3, 1.0, 0.0, -0.5, 1e-3, 3.0, 1e-30, 1e30, 1 / 3, -2.5e-38, 0.123456789):
-        scale = np.float32(scale)
-        got = np.empty(every.shape, np.uint16)
+    for scale in map(np.float32, SCALES):
         with np.errstate(over="ignore", invalid="ignore"):
-            _fold_bf16(every, scale, got)
-            want = (every.astype(np.float32) * scale).astype(bf16)
-        nan = np.isnan(want.astype(np.float32))
-        np.testing.assert_array_equal(got[~nan], want.view(np.uint16)[~nan], err_msg=f"scale {scale}")
+            want = (every.astype(np.float32) * scale).astype(bf16).view(np.uint16)
+        if into == "rows":
+            got = np.empty(every.shape, np.uint16)
+            _put(got, every, scale)
+        else:
+            wide = np.full((256, 256 + 7), 0x1234, np.uint16)
+            _put_columns(wide, every, 3, scale)
+            assert (wide[:, :3] == 0x1234).all() and (wide[:, 259:] == 0x1234).all()
+            got = wide[:, 3:259]
+        nan = np.isnan(want.view(bf16).astype(np.float32))
+        np.testing.assert_array_equal(got[~nan], want[~nan], err_msg=f"scale {scale}")
         assert np.isnan(got.view(bf16)[nan].astype(np.float32)).all()
         assert nan.sum() >= 254  # the NaN inputs at least (0 * inf adds more)
+        quiet_nan = every.view(np.uint16) == 0x7FC5
+        assert (got[quiet_nan] == 0x7FC5).all()  # its payload kept
 
 
-def test_a_power_of_two_scale_moves_the_exponent_and_gives_the_folds_bits():
-    """A positive power-of-two scale on a block of normal bf16 values whose products stay normal is an
-    add to the exponent field (`_scaled_by_exponent`): the same bits as ml_dtypes' cast of the float32
-    product, for every normal bf16 value of either sign. A block holding a zero, a subnormal, an infinity
-    or a NaN, a product that would leave the normal range, or any other scale is left to the rounding
-    (nothing written), and `_fold_bf16` gives ml_dtypes' bits either way."""
+@pytest.mark.parametrize("into", ["rows", "columns"])
+def test_a_scaled_bf16_block_widened_to_float32_is_the_float32_product(into):
+    """A scaled bf16 block written into a float32 buffer (a CPU layer; the compiled one-pass widening):
+    for every bf16 value, the bits numpy's float32 multiply gives the exactly widened value."""
     import ml_dtypes
 
-    from daemon.lora.runtime import _fold_bf16, _scaled_by_exponent
+    from daemon.lora.runtime import _put, _put_columns
 
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    field = (every >> 7) & 0xFF
-    normal = every[(field >= 1) & (field <= 254)].view(bf16).reshape(-1, 256)  # 254 exponents x 2 signs
-    rows = [normal[i : i + 1] for i in range(len(normal))]  # each: one sign, two neighbouring exponents
-    taken = []
-    for shift, scale in ((-4, 2.0**-4), (-1, 0.5), (1, 2.0), (3, 8.0), (-125, 2.0**-125), (100, 2.0**100)):
-        scale = np.float32(scale)
-        for block in [normal, *rows]:
-            exponents = (block.view(np.uint16) >> 7) & 0xFF
-            low, high = int(exponents.min()), int(exponents.max())
-            in_range = low + shift >= 1 and high + shift <= 254
-            got = np.zeros(block.shape, np.uint16)
-            assert _scaled_by_exponent(block, scale, got) == in_range, (shift, low, high)
-            taken.append(in_range)
-            if not in_range:
-                assert not got.any()
-            folded = np.empty(block.shape, np.uint16)
-            with np.errstate(over="ignore"):
-                want = (block.astype(np.float32) * scale).astype(bf16).view(np.uint16)
-                _fold_bf16(block, scale, folded)
-            np.testing.assert_array_equal(folded, want, err_msg=f"scale 2^{shift}")
-            if in_range:
-                np.testing.assert_array_equal(got, want, err_msg=f"scale 2^{shift}")
-    assert sum(taken) > len(taken) // 2 and not all(taken)  # most rows moved by their exponent
-    small = rows[1]
-    out = np.empty(small.shape, np.uint16)
-    assert not _scaled_by_exponent(small, np.float32(0.75), out)  # not a power of two
-    assert not _scaled_by_exponent(small, np.float32(-0.5), out)  # negative
-    for odd in (0x0000, 0x0001, 0x7F80, 0x7FC0):  # zero, a subnormal, infinity, NaN
-        block = small.copy().view(np.uint16)
-        block[0, 0] = odd
-        assert not _scaled_by_exponent(block.view(bf16), np.float32(0.5), out)
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(bf16).reshape(256, 256)
+    for scale in map(np.float32, SCALES):
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = every.astype(np.float32) * scale
+        if into == "rows":
+            got = np.empty(every.shape, np.float32)
+            _put(got, every, scale)
+        else:
+            wide = np.full((256, 260), 7.0, np.float32)
+            _put_columns(wide, every, 4, scale)
+            assert (wide[:, :4] == 7.0).all()
+            got = wide[:, 4:]
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"scale {scale}")
+
+
+def test_the_compiled_folds_take_any_source_layout():
+    """A transposed (not contiguous) bf16 source is folded like its contiguous copy."""
+    import ml_dtypes
+
+    from daemon.lora.runtime import _put
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    block = np.random.default_rng(3).standard_normal((24, 40)).astype(bf16)
+    got, want = np.empty((40, 24), np.uint16), np.empty((40, 24), np.uint16)
+    _put(got, block.T, np.float32(0.37))
+    _put(want, np.ascontiguousarray(block.T), np.float32(0.37))
+    np.testing.assert_array_equal(got, want)
+    assert np.any(got != 0)
+
+
+def test_a_block_that_does_not_fit_is_refused_before_the_compiled_write():
+    """The compiled writers do not check bounds: a block wider or taller than its place is refused first."""
+    import ml_dtypes
+
+    from daemon.lora.runtime import _put_columns
+
+    block = np.ones((8, 16), ml_dtypes.bfloat16)
+    dst = np.zeros((8, 40), np.uint16)
+    for start in (30, -1):
+        with pytest.raises(ValueError, match="does not fit"):
+            _put_columns(dst, block, start, np.float32(0.5))
+    with pytest.raises(ValueError, match="does not fit"):
+        _put_columns(np.zeros((9, 40), np.uint16), block, 0, np.float32(0.5))
+    assert not dst.any()
+    _put_columns(dst, block, 24, np.float32(0.5))
+    assert (dst[:, 24:].view(ml_dtypes.bfloat16).astype(np.float32) == 0.5).all() and not dst[:, :24].any()

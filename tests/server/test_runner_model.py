@@ -175,3 +175,35 @@ def test_easel_render_in_process_goes_through_the_runner(tmp_path):
     assert "queue_wait=" in r.stdout and "total=" in r.stdout  # the runner's timings: it queued, then rendered
     meta = read_metadata(str(out))
     assert (meta["prompt"], meta["seed"], meta["lora_paths"], meta["matched_keys"]) == ("a saloon", 8, [str(lora)], [3])
+
+
+def test_the_daemons_warm_up_loads_the_compiled_bf16_writers(tmp_path):
+    """The warm-up pays what the first stack build would otherwise wait for: after `RenderService.load`
+    the compiled bf16 writers (numba) are not imported yet, after `warm_up` they are, and a build then
+    folds a scale into a bf16 file's blocks with them (in a fresh process: imports are process-wide)."""
+    code = f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from helpers.lora_factories import TINY_ATTENTION, make_lora
+from daemon.config import ServiceConfig
+from daemon.service import RenderService
+
+loras = Path({str(tmp_path)!r}) / "loras"
+loras.mkdir()
+path = make_lora("kohya", loras / "a.safetensors", TINY_ATTENTION, rank=4, alpha=4, seed=1, dtype="BF16")
+config = ServiceConfig(preset="tiny", lora_roots=(loras,), output_root=Path({str(tmp_path)!r}) / "out")
+service = RenderService.load(config)
+assert "daemon.lora.bf16_kernels" not in sys.modules
+service.warm_up()
+assert "daemon.lora.bf16_kernels" in sys.modules
+from daemon.lora import StackEntry
+report = service.patcher.apply_stack([StackEntry(str(path), 0.7)])
+assert report.files[0].keys_applied == report.files[0].keys_total > 0
+print("ok")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
