@@ -21,8 +21,7 @@ Measured:
   file: each file's blocks used where its read put them) cold switches are timed the same way in the same
   run, and its step overhead beside the default's;
 - cold switch at weight 1: the same with every scale of both stacks 1 (alpha equals the rank in these
-  files, so each block is copied and no scale is folded), paired with reads the same way; and at
-  weights that are powers of two (each block's scale an add to its exponents);
+  files, so each block is copied and no scale is folded), paired with reads the same way;
 - prefetched cold switch: the same, after `prefetch` read, parsed and resolved its files: what the
   switch itself waits for when its stack could not be built ahead;
 - prebuilt switch: the switch after `prebuild` read, resolved and built the stack on another thread
@@ -103,7 +102,6 @@ GPU_ROUNDS = int(os.environ.get("EASEL_BENCH_GPU_ROUNDS", "5"))
 GPU_SIZES = (512, 1024)
 FMTS = ["kohya", "diffusers", "kohya", "diffusers", "kohya", "diffusers"]
 SCALES_A, SCALES_B = (0.8, 0.45, 0.3), (0.7, 0.6, 0.2)  # no power of two: every block is folded
-POW2_WEIGHTS = (0.5, 0.25, 0.125)
 FORM = "stacked"  # the daemon's default low-rank form (--lowrank-form): the last line's figures
 OTHER_FORM = "per_file"  # timed beside it: cold switches at full depth and the step overhead
 
@@ -388,10 +386,13 @@ def stopped_preloads(patcher, a, b, clear_caches, build_ms: float) -> list[tuple
 def new_patcher(
     transformer, resident_bytes: int = 4 * 1024**3, cache_bytes: int = 4 * 1024**3, lowrank_form: str = FORM
 ) -> LoraPatcher:
-    """The patcher as the daemon makes it (in FORM unless told otherwise)."""
-    return LoraPatcher(
+    """The patcher as the daemon makes it (in FORM unless told otherwise), warmed up as the daemon's warm-up
+    does (the compiled bf16 writers loaded), so that no build here times their import."""
+    patcher = LoraPatcher(
         transformer, LoraCache(cache_bytes), resident=ResidentStacks(resident_bytes), lowrank_form=lowrank_form
     )
+    patcher.warm_up()
+    return patcher
 
 
 def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
@@ -455,18 +456,16 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     other.resident.clear()  # its switches ended cleared (switch_figures): nothing of it stays wrapped
     other.cache.clear()
     # The same cold switches with every weight 1 (scale * factor exactly 1: every block copied, no scale
-    # folded), then with weights that are powers of two (each scale an add to the exponents), both stacks
-    # alike, so that the build phases noted are those of that kind only.
-    for name, weights in (("weight1", (1.0, 1.0, 1.0)), ("pow2", POW2_WEIGHTS)):
-        phases.clear()
-        reads: list[float] = []
-        a_w, b_w = ([StackEntry(e.path, w) for e, w in zip(s, weights, strict=True)] for s in (a, b))
-        colds, _ = switch_figures(new, a_w, b_w, 0, clear_new, reads)
-        out[name] = {
-            "colds": colds,
-            "ratio": statistics.median(c / r for c, r in zip(colds, reads, strict=True)),
-            "write": statistics.median(phases["write"]),
-        }
+    # folded), both stacks alike, so that the build phases noted are those of copies only.
+    phases.clear()
+    reads: list[float] = []
+    a_1, b_1 = ([StackEntry(e.path, 1.0) for e in s] for s in (a, b))
+    colds, _ = switch_figures(new, a_1, b_1, 0, clear_new, reads)
+    out["weight1"] = {
+        "colds": colds,
+        "ratio": statistics.median(c / r for c, r in zip(colds, reads, strict=True)),
+        "write": statistics.median(phases["write"]),
+    }
     out["prefetched"] = prefetched_colds(new, a, b, clear_new)
     out["prebuilds"], out["prebuilt"] = prebuilt_switches(new, a, b, clear_new)
     out["preloads"], out["preloaded"] = preloaded_switches(new, a, b, clear_new)
@@ -735,15 +734,11 @@ def print_depths(full: dict, small: dict) -> None:
             f"{o['ratio']:.2f}x its paired reads; build, median ms: "
             + ", ".join(f"{k} {v:.1f}" for k, v in o["phases"].items())
         )
-        for name, what in (
-            ("weight1", "every weight 1 (blocks copied, no scale folded)"),
-            ("pow2", f"weights {', '.join(map(str, POW2_WEIGHTS))} (powers of two: exponents moved)"),
-        ):
-            w = d[name]
-            print(
-                f"  new cold switch with {what}: median {statistics.median(w['colds']):.1f} ms, "
-                f"{w['ratio']:.2f}x its paired reads (write {w['write']:.1f} ms)"
-            )
+        w = d["weight1"]
+        print(
+            f"  new cold switch with every weight 1 (blocks copied, no scale folded): median "
+            f"{statistics.median(w['colds']):.1f} ms, {w['ratio']:.2f}x its paired reads (write {w['write']:.1f} ms)"
+        )
         print(f"  resident stacks {d['resident_mb']:.0f} MB, RSS after {d['rss_after_mb']:.0f} MB")
 
 

@@ -132,6 +132,7 @@ def main() -> None:
 
     from daemon.lora.runtime import linear_layout
 
+    LoraPatcher.warm_up()  # the compiled bf16 writers loaded, as the daemon's warm-up does: no build times it
     transformer = lazy_transformer()
     layout = linear_layout(transformer)
     for target in targets():  # the DoRA layers' base weights exist in a loaded daemon: make them real here
