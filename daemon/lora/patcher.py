@@ -406,7 +406,7 @@ class LoraPatcher:
     @staticmethod
     def warm_up() -> None:
         """Load what a first stack build would otherwise wait for: the compiled writers that fold a scale
-        into a bf16 block (numba: about a second to import, compiled once per machine)."""
+        into a bf16 block (numba: about 1.5 s to import and load; their machine code is cached on disk)."""
         load_bf16_kernels()
 
     def prefetch(self, entries: Iterable[StackEntry | tuple[str, float]]) -> None:

@@ -488,16 +488,16 @@ def _scale_bf16_into(src: np.ndarray, scale: np.float32, dst: np.ndarray, start:
 @functools.cache
 def _bf16_kernels() -> ModuleType:
     """daemon/lora/bf16_kernels.py, imported on first use: importing numba and loading the kernels' machine
-    code takes about a second, which a process that never folds a scale into a bf16 block does not pay
-    (the daemon pays it in its warm-up: `load_bf16_kernels`)."""
+    code takes about 1.5 s, which a process that never folds a scale into a bf16 block does not pay (the
+    daemon pays it in its warm-up: `load_bf16_kernels`)."""
     from daemon.lora import bf16_kernels
 
     return bf16_kernels
 
 
 def load_bf16_kernels() -> None:
-    """Import the compiled bf16 writers now (compiling them once per machine), so that no stack build
-    waits for them."""
+    """Import the compiled bf16 writers now (compiled on first import and cached on disk), so that no
+    stack build waits for them."""
     _bf16_kernels()
 
 
