@@ -50,9 +50,9 @@ from daemon.lora.runtime import (
     Fills,
     LayerArrays,
     StackedLoraLinear,
+    bf16_kernels,
     build_layer_arrays,
     linear_layout,
-    load_bf16_kernels,
     per_file_ready,
     written_by_fills,
 )
@@ -407,7 +407,7 @@ class LoraPatcher:
     def warm_up() -> None:
         """Load what a first stack build would otherwise wait for: the compiled writers that fold a scale
         into a bf16 block (numba: about 1.5 s to import and load; their machine code is cached on disk)."""
-        load_bf16_kernels()
+        bf16_kernels()
 
     def prefetch(self, entries: Iterable[StackEntry | tuple[str, float]]) -> None:
         """Read and parse the files of a stack that is about to be applied, so its switch does not wait on

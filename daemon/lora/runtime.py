@@ -449,7 +449,7 @@ def _put(dst: np.ndarray, src: np.ndarray, scale: np.float32 | None) -> None:
     half-precision destination gets the float32 product rounded once to its dtype, as MLX would round
     `(block.astype(float32) * scale).astype(dtype)`; a bf16 block is scaled in one compiled pass
     (daemon/lora/bf16_kernels.py) where `dst` is contiguous."""
-    if scale is not None and src.dtype == _BF16 and dst.dtype in (np.uint16, np.float32) and _compiled_target(dst):
+    if _compiled_scale(src, dst, scale):
         _scale_bf16_into(src, scale, dst, 0)
         return
     if dst.dtype == np.float32:
@@ -468,9 +468,16 @@ def _put(dst: np.ndarray, src: np.ndarray, scale: np.float32 | None) -> None:
         np.copyto(dst, src, casting="unsafe")
 
 
-def _compiled_target(dst: np.ndarray) -> bool:
-    """Whether the compiled bf16 kernels can write into `dst` (2-D, C-contiguous)."""
-    return dst.ndim == 2 and dst.flags.c_contiguous
+def _compiled_scale(src: np.ndarray, dst: np.ndarray, scale: np.float32 | None) -> bool:
+    """Whether `src` times `scale` goes into `dst` through the compiled bf16 kernels: a scaled bf16 block
+    into a bf16 (uint16 view) or float32 array that is 2-D and C-contiguous."""
+    return (
+        scale is not None
+        and src.dtype == _BF16
+        and dst.dtype in (np.uint16, np.float32)
+        and dst.ndim == 2
+        and dst.flags.c_contiguous
+    )
 
 
 def _scale_bf16_into(src: np.ndarray, scale: np.float32, dst: np.ndarray, start: int) -> None:
@@ -480,25 +487,19 @@ def _scale_bf16_into(src: np.ndarray, scale: np.float32, dst: np.ndarray, start:
     if bits.ndim != 2 or bits.shape[0] != dst.shape[0] or not 0 <= start <= dst.shape[1] - bits.shape[1]:
         # the kernels do not check their bounds: a block that does not fit is refused here
         raise ValueError(f"a {bits.shape} block does not fit a {dst.shape} array at column {start}")
-    kernels = _bf16_kernels()
+    kernels = bf16_kernels()
     write = kernels.fold_into if dst.dtype == np.uint16 else kernels.widen_into
     write(bits, np.float32(scale), dst, start)
 
 
 @functools.cache
-def _bf16_kernels() -> ModuleType:
+def bf16_kernels() -> ModuleType:
     """daemon/lora/bf16_kernels.py, imported on first use: importing numba and loading the kernels' machine
     code takes about 1.5 s, which a process that never folds a scale into a bf16 block does not pay (the
-    daemon pays it in its warm-up: `load_bf16_kernels`)."""
-    from daemon.lora import bf16_kernels
+    daemon pays it in its warm-up, `LoraPatcher.warm_up`)."""
+    from daemon.lora import bf16_kernels as kernels
 
-    return bf16_kernels
-
-
-def load_bf16_kernels() -> None:
-    """Import the compiled bf16 writers now (compiled on first import and cached on disk), so that no
-    stack build waits for them."""
-    _bf16_kernels()
+    return kernels
 
 
 def _widened(src: np.ndarray) -> np.ndarray:
@@ -522,7 +523,7 @@ def _put_columns(dst: np.ndarray, src: np.ndarray, start: int, scale: np.float32
     are copied as one r-element item through a void view: 25-45% faster than numpy's element-wise strided
     copy at rank 16 (measured on this machine)."""
     r = src.shape[1]
-    if scale is not None and src.dtype == _BF16 and dst.dtype in (np.uint16, np.float32) and _compiled_target(dst):
+    if _compiled_scale(src, dst, scale):
         _scale_bf16_into(src, scale, dst, start)  # straight into its columns, in one pass
         return
     if scale is not None:  # the scaled block first, in the destination's dtype
