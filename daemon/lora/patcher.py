@@ -50,8 +50,8 @@ from daemon.lora.runtime import (
     Fills,
     LayerArrays,
     StackedLoraLinear,
-    bf16_kernels,
     build_layer_arrays,
+    half_kernels,
     linear_layout,
     per_file_ready,
     written_by_fills,
@@ -405,9 +405,9 @@ class LoraPatcher:
 
     @staticmethod
     def warm_up() -> None:
-        """Load what a first stack build would otherwise wait for: the compiled writers that fold a scale
-        into a bf16 block (numba: about 1.5 s to import and load; their machine code is cached on disk)."""
-        bf16_kernels()
+        """Load what a first stack build would otherwise wait for: the compiled writers of scaled bf16 and
+        of fp16 blocks (numba: about 1.5 s to import and load; their machine code is cached on disk)."""
+        half_kernels()
 
     def prefetch(self, entries: Iterable[StackEntry | tuple[str, float]]) -> None:
         """Read and parse the files of a stack that is about to be applied, so its switch does not wait on

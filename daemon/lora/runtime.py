@@ -447,10 +447,10 @@ def _put(dst: np.ndarray, src: np.ndarray, scale: np.float32 | None) -> None:
     bf16 -> float32 is a 16-bit shift (a bf16 is the top half of its float32: exact); same-width copies
     are plain copies; anything else goes through numpy / ml_dtypes casts (one rounding). With a scale, a
     half-precision destination gets the float32 product rounded once to its dtype, as MLX would round
-    `(block.astype(float32) * scale).astype(dtype)`; a bf16 block is scaled in one compiled pass
-    (daemon/lora/bf16_kernels.py) where `dst` is contiguous."""
-    if _compiled_scale(src, dst, scale):
-        _scale_bf16_into(src, scale, dst, 0)
+    `(block.astype(float32) * scale).astype(dtype)`. Where `dst` is contiguous, a scaled bf16 block and
+    any fp16 block go into a bf16 or float32 `dst` in one compiled pass (daemon/lora/half_kernels.py)."""
+    if _compiled_write(src, dst, scale):
+        _write_compiled(src, scale, dst, 0)
         return
     if dst.dtype == np.float32:
         if src.dtype == _BF16:
@@ -468,36 +468,37 @@ def _put(dst: np.ndarray, src: np.ndarray, scale: np.float32 | None) -> None:
         np.copyto(dst, src, casting="unsafe")
 
 
-def _compiled_scale(src: np.ndarray, dst: np.ndarray, scale: np.float32 | None) -> bool:
-    """Whether `src` times `scale` goes into `dst` through the compiled bf16 kernels: a scaled bf16 block
-    into a bf16 (uint16 view) or float32 array that is 2-D and C-contiguous."""
-    return (
-        scale is not None
-        and src.dtype == _BF16
-        and dst.dtype in (np.uint16, np.float32)
-        and dst.ndim == 2
-        and dst.flags.c_contiguous
-    )
+def _compiled_write(src: np.ndarray, dst: np.ndarray, scale: np.float32 | None, columns: bool = False) -> bool:
+    """Whether `src` (times `scale`) goes into `dst` through the compiled kernels: into a bf16 (uint16
+    view) or float32 array that is 2-D and C-contiguous, an fp16 block (widened or rounded on the way,
+    scaled or not: numpy takes several passes either way), a scaled bf16 block, or an unscaled bf16
+    block into a float32 array's `columns` (numpy: a widened temporary, then its strided copy). An
+    unscaled bf16 block into bf16, or into float32 rows, is one numpy pass already."""
+    if dst.dtype not in (np.uint16, np.float32) or dst.ndim != 2 or not dst.flags.c_contiguous:
+        return False
+    if src.dtype == np.float16:
+        return True
+    return src.dtype == _BF16 and (scale is not None or (columns and dst.dtype == np.float32))
 
 
-def _scale_bf16_into(src: np.ndarray, scale: np.float32, dst: np.ndarray, start: int) -> None:
-    """dst[:, start:start + cols] = the bf16 block `src` times `scale`: folded into bf16 bits (a uint16
-    `dst`: the float32 product rounded once, ties to even) or widened (a float32 `dst`), in one pass."""
+def _write_compiled(src: np.ndarray, scale: np.float32 | None, dst: np.ndarray, start: int) -> None:
+    """dst[:, start:start + cols] = the bf16 or fp16 block `src` times `scale` (1 if None), in one pass:
+    rounded once to bf16 bits (a uint16 `dst`, ties to even) or the float32 product (a float32 `dst`)."""
     bits = np.ascontiguousarray(src.view(np.uint16))
     if bits.ndim != 2 or bits.shape[0] != dst.shape[0] or not 0 <= start <= dst.shape[1] - bits.shape[1]:
         # the kernels do not check their bounds: a block that does not fit is refused here
         raise ValueError(f"a {bits.shape} block does not fit a {dst.shape} array at column {start}")
-    kernels = bf16_kernels()
+    kernels = half_kernels()
     write = kernels.fold_into if dst.dtype == np.uint16 else kernels.widen_into
-    write(bits, np.float32(scale), dst, start)
+    write(bits, src.dtype == np.float16, np.float32(1.0 if scale is None else scale), dst, start)
 
 
 @functools.cache
-def bf16_kernels() -> ModuleType:
-    """daemon/lora/bf16_kernels.py, imported on first use: importing numba and loading the kernels' machine
-    code takes about 1.5 s, which a process that never folds a scale into a bf16 block does not pay (the
-    daemon pays it in its warm-up, `LoraPatcher.warm_up`)."""
-    from daemon.lora import bf16_kernels as kernels
+def half_kernels() -> ModuleType:
+    """daemon/lora/half_kernels.py, imported on first use: importing numba and loading the kernels' machine
+    code takes about 1.5 s, which a process that never writes a scaled bf16 or an fp16 block does not pay
+    (the daemon pays it in its warm-up, `LoraPatcher.warm_up`)."""
+    from daemon.lora import half_kernels as kernels
 
     return kernels
 
@@ -517,14 +518,14 @@ def _scaled(src: np.ndarray, scale: np.float32) -> np.ndarray:
 
 
 def _put_columns(dst: np.ndarray, src: np.ndarray, start: int, scale: np.float32 | None = None) -> None:
-    """dst[:, start:start + r] = src (out, r), times `scale` if given, as `_put`. A scaled bf16 block is
-    written into its columns by one compiled pass (daemon/lora/bf16_kernels.py). For a plain copy (and
-    bf16 -> float32 or another scaled block, made in a small contiguous block first), each row's r elements
-    are copied as one r-element item through a void view: 25-45% faster than numpy's element-wise strided
-    copy at rank 16 (measured on this machine)."""
+    """dst[:, start:start + r] = src (out, r), times `scale` if given, as `_put`. A bf16 block scaled or
+    widened to float32, and any fp16 block, is written into its columns by one compiled pass
+    (daemon/lora/half_kernels.py). For a plain copy (and another scaled block, made in a small contiguous
+    block first), each row's r elements are copied as one r-element item through a void view: 25-45%
+    faster than numpy's element-wise strided copy at rank 16 (measured on this machine)."""
     r = src.shape[1]
-    if _compiled_scale(src, dst, scale):
-        _scale_bf16_into(src, scale, dst, start)  # straight into its columns, in one pass
+    if _compiled_write(src, dst, scale, columns=True):
+        _write_compiled(src, scale, dst, start)  # straight into its columns, in one pass
         return
     if scale is not None:  # the scaled block first, in the destination's dtype
         if dst.dtype == np.float32:
@@ -533,12 +534,9 @@ def _put_columns(dst: np.ndarray, src: np.ndarray, start: int, scale: np.float32
             _put(dst[:, start : start + r], src, scale)
             return
     same = src.dtype == dst.dtype or (dst.dtype == np.uint16 and src.dtype == _BF16)
-    widen = dst.dtype == np.float32 and src.dtype == _BF16  # bf16 -> float32: shifted first, then copied
-    if not ((same or widen) and src.flags.c_contiguous and dst.flags.c_contiguous):
+    if not (same and src.flags.c_contiguous and dst.flags.c_contiguous):
         _put(dst[:, start : start + r], src, None)
         return
-    if widen:
-        src = _widened(src)
     item = np.dtype((np.void, r * dst.itemsize))
     rows = np.ndarray((dst.shape[0],), item, buffer=dst, offset=start * dst.itemsize, strides=(dst.strides[0],))
     np.copyto(rows, src.view(item).reshape(-1))

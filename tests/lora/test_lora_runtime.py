@@ -180,7 +180,15 @@ def test_a_build_packs_arrays_into_shared_chunks_and_every_view_holds_its_own_va
 @pytest.mark.parametrize("scale", [None, 0.37])
 @pytest.mark.parametrize(
     ("src_dtype", "dst_dtype"),
-    [("bf16", "uint16"), ("bf16", "float32"), ("float32", "float32"), ("float16", "float16"), ("float32", "uint16")],
+    [
+        ("bf16", "uint16"),
+        ("bf16", "float32"),
+        ("float32", "float32"),
+        ("float16", "float16"),
+        ("float32", "uint16"),
+        ("float16", "uint16"),
+        ("float16", "float32"),
+    ],
 )
 def test_column_blocks_are_written_exactly_whatever_the_path(src_dtype, dst_dtype, scale):
     """Each file's up block lands in its own columns of the stacked matrix, bit for bit as `_put` writes
@@ -355,19 +363,100 @@ def test_a_scaled_bf16_block_widened_to_float32_is_the_float32_product(into):
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"scale {scale}")
 
 
+def _every_fp16() -> np.ndarray:
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(256, 256)
+
+
+@pytest.mark.parametrize("into", ["rows", "columns"])
+def test_an_fp16_block_is_rounded_to_bf16_as_ml_dtypes_rounds_every_value(into):
+    """An fp16 block (a file saved in fp16) written into a bf16 buffer, scaled or not (the compiled
+    one-pass widening and rounding, into rows or into columns): for every one of the 65,536 fp16 values,
+    subnormals, infinities and signed zeros included, the same bits as ml_dtypes' cast of the float32
+    product (or of the value itself, unscaled); a NaN stays a quiet NaN with the top of its payload; the
+    columns around the block are untouched."""
+    import ml_dtypes
+
+    from daemon.lora.runtime import _put, _put_columns
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    every = _every_fp16()
+    for scale in (None, *map(np.float32, SCALES)):
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = (every.astype(bf16) if scale is None else (every.astype(np.float32) * scale).astype(bf16)).view(
+                np.uint16
+            )
+        if into == "rows":
+            got = np.empty(every.shape, np.uint16)
+            _put(got, every, scale)
+        else:
+            wide = np.full((256, 256 + 7), 0x1234, np.uint16)
+            _put_columns(wide, every, 3, scale)
+            assert (wide[:, :3] == 0x1234).all() and (wide[:, 259:] == 0x1234).all()
+            got = wide[:, 3:259]
+        nan = np.isnan(want.view(bf16).astype(np.float32))
+        np.testing.assert_array_equal(got[~nan], want[~nan], err_msg=f"scale {scale}")
+        assert np.isnan(got.view(bf16)[nan].astype(np.float32)).all()
+        assert nan.sum() >= 2046  # the fp16 NaNs at least (0 * inf adds more)
+        bits = every.view(np.uint16)
+        assert (got[bits == 0x7F85] == 0x7FF0).all() and (got[bits == 0xFF85] == 0xFFF0).all()  # quiet, sign kept
+
+
+@pytest.mark.parametrize("into", ["rows", "columns"])
+def test_an_fp16_block_widened_to_float32_is_the_float32_product(into):
+    """An fp16 block written into a float32 buffer (a CPU layer), scaled or not: for every fp16 value, the
+    bits numpy's float32 multiply gives the exactly widened value (the widened value itself, unscaled); a
+    NaN stays a NaN."""
+    from daemon.lora.runtime import _put, _put_columns
+
+    every = _every_fp16()
+    for scale in (None, *map(np.float32, SCALES)):
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = every.astype(np.float32) if scale is None else every.astype(np.float32) * scale
+        if into == "rows":
+            got = np.empty(every.shape, np.float32)
+            _put(got, every, scale)
+        else:
+            wide = np.full((256, 260), 7.0, np.float32)
+            _put_columns(wide, every, 4, scale)
+            assert (wide[:, :4] == 7.0).all()
+            got = wide[:, 4:]
+        nan = np.isnan(want)
+        np.testing.assert_array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan], err_msg=f"scale {scale}")
+        assert np.isnan(got[nan]).all() and nan.sum() >= 2046
+
+
+def test_an_unscaled_bf16_block_widened_into_columns_is_exact():
+    """A bf16 block at weight 1 into a float32 buffer's columns (one compiled pass): every bf16 value
+    widened exactly, NaNs included as NaNs."""
+    import ml_dtypes
+
+    from daemon.lora.runtime import _put_columns
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(bf16).reshape(256, 256)
+    wide = np.full((256, 300), 7.0, np.float32)
+    _put_columns(wide, every, 40, None)
+    want = every.astype(np.float32)
+    nan = np.isnan(want)
+    got = wide[:, 40:296]
+    np.testing.assert_array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+    assert np.isnan(got[nan]).all()
+    assert (wide[:, :40] == 7.0).all() and (wide[:, 296:] == 7.0).all()
+
+
 def test_the_compiled_folds_take_any_source_layout():
-    """A transposed (not contiguous) bf16 source is folded like its contiguous copy."""
+    """A transposed (not contiguous) bf16 or fp16 source is folded like its contiguous copy."""
     import ml_dtypes
 
     from daemon.lora.runtime import _put
 
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-    block = np.random.default_rng(3).standard_normal((24, 40)).astype(bf16)
-    got, want = np.empty((40, 24), np.uint16), np.empty((40, 24), np.uint16)
-    _put(got, block.T, np.float32(0.37))
-    _put(want, np.ascontiguousarray(block.T), np.float32(0.37))
-    np.testing.assert_array_equal(got, want)
-    assert np.any(got != 0)
+    for dtype in (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)):
+        block = np.random.default_rng(3).standard_normal((24, 40)).astype(dtype)
+        got, want = np.empty((40, 24), np.uint16), np.empty((40, 24), np.uint16)
+        _put(got, block.T, np.float32(0.37))
+        _put(want, np.ascontiguousarray(block.T), np.float32(0.37))
+        np.testing.assert_array_equal(got, want)
+        assert np.any(got != 0)
 
 
 def test_a_block_that_does_not_fit_is_refused_before_the_compiled_write():

@@ -194,9 +194,9 @@ loras.mkdir()
 path = make_lora("kohya", loras / "a.safetensors", TINY_ATTENTION, rank=4, alpha=4, seed=1, dtype="BF16")
 config = ServiceConfig(preset="tiny", lora_roots=(loras,), output_root=Path({str(tmp_path)!r}) / "out")
 service = RenderService.load(config)
-assert "daemon.lora.bf16_kernels" not in sys.modules
+assert "daemon.lora.half_kernels" not in sys.modules
 service.warm_up()
-assert "daemon.lora.bf16_kernels" in sys.modules
+assert "daemon.lora.half_kernels" in sys.modules
 from daemon.lora import StackEntry
 report = service.patcher.apply_stack([StackEntry(str(path), 0.7)])
 assert report.files[0].keys_applied == report.files[0].keys_total > 0
