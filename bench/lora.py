@@ -22,6 +22,8 @@ Measured:
   run, and its step overhead beside the default's;
 - cold switch at weight 1: the same with every scale of both stacks 1 (alpha equals the rank in these
   files, so each block is copied and no scale is folded), paired with reads the same way;
+- cold switch to fp16 files: to a stack of three files saved in fp16 (their blocks converted to the
+  model's bf16, and scaled, on the way in), paired with reads of those files the same way;
 - prefetched cold switch: the same, after `prefetch` read, parsed and resolved its files: what the
   switch itself waits for when its stack could not be built ahead;
 - prebuilt switch: the switch after `prebuild` read, resolved and built the stack on another thread
@@ -39,7 +41,8 @@ Measured:
 - old: the same switches with the patcher as it was before resident stacks (extracted from git at
   OLD_COMMIT): its "warm" switch re-resolved and rebuilt every layer from parsed files;
 - step overhead: one transformer step of the tiny (mini) model with a 3-LoRA stack / without, at the
-  token counts of 64, 128 and 256 px renders (timed in alternation; the median of paired ratios);
+  token counts of 64, 128 and 256 px renders (timed in alternation, in rotating order; the median of
+  paired ratios);
 - heap: the daemon's heap policy (daemon.engine.heap: freed memory reused, numpy's huge-page advice off)
   is set first, as `easel serve` does; EASEL_BENCH_HEAP_RETAIN=0 measures with malloc's defaults instead,
   and the first build of the run (fresh memory) is printed beside the cold switches;
@@ -466,6 +469,20 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
         "ratio": statistics.median(c / r for c, r in zip(colds, reads, strict=True)),
         "write": statistics.median(phases["write"]),
     }
+    # Files saved in fp16 (some trainers' choice) on this bf16 model: every block converted on the way in
+    # (and scaled), paired with reads of those files the same way.
+    half = make_files(tmp, layout, f"h{joint}x{single}", n=3, dtype="F16")
+    b_half = [StackEntry(p, s) for p, s in zip(half, SCALES_B, strict=True)]
+    phases.clear()
+    reads = []
+    colds, _ = switch_figures(new, a, b_half, 0, clear_new, reads)
+    out["fp16"] = {
+        "colds": colds,
+        "ratio": statistics.median(c / r for c, r in zip(colds, reads, strict=True)),
+        "write": statistics.median(phases["write"]),
+    }
+    for path in half:
+        os.unlink(path)
     out["prefetched"] = prefetched_colds(new, a, b, clear_new)
     out["prebuilds"], out["prebuilt"] = prebuilt_switches(new, a, b, clear_new)
     out["preloads"], out["preloaded"] = preloaded_switches(new, a, b, clear_new)
@@ -536,7 +553,7 @@ def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int, float, float
     """{px: (step ms without, with a 3-LoRA stack, tokens, ratio, ratio in OTHER_FORM)}: one transformer
     call of the tiny (mini) model at the token counts of a px x px render (image tokens + the preset's text
     tokens). Base and stacked steps (in both forms) are timed in alternation, STEP_ROUNDS rounds of min-of-3
-    each; each ratio is the median
+    each, the three in rotating order (each first in a third of the rounds); each ratio is the median
     of the rounds' paired ratios (a disturbance hits both halves of a round alike, or one round only): this
     2-core machine is shared, and a whole render (text encoders, VAE) would drown the side path."""
     import numpy as np
@@ -558,12 +575,14 @@ def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int, float, float
 
         step()
         base, with_stack, with_other = [], [], []
-        for _ in range(STEP_ROUNDS):
-            base.append(best_ms())
-            for p, times in ((patcher, with_stack), (other, with_other)):
-                p.apply_stack(stack)
+        kinds = [(None, base), (patcher, with_stack), (other, with_other)]
+        for k in range(STEP_ROUNDS):
+            for p, times in kinds[k % 3 :] + kinds[: k % 3]:  # each kind first in a third of the rounds
+                if p is not None:
+                    p.apply_stack(stack)
                 times.append(best_ms())
-                p.clear()
+                if p is not None:
+                    p.clear()
         ratios = [w / b for b, w in zip(base, with_stack, strict=True)]
         other_ratio = statistics.median(w / b for b, w in zip(base, with_other, strict=True))
         out[px] = (min(base), min(with_stack), tokens, statistics.median(ratios), other_ratio)
@@ -738,6 +757,11 @@ def print_depths(full: dict, small: dict) -> None:
         print(
             f"  new cold switch with every weight 1 (blocks copied, no scale folded): median "
             f"{statistics.median(w['colds']):.1f} ms, {w['ratio']:.2f}x its paired reads (write {w['write']:.1f} ms)"
+        )
+        h = d["fp16"]
+        print(
+            f"  new cold switch to a stack of fp16 files (converted to bf16 on the way in): median "
+            f"{statistics.median(h['colds']):.1f} ms, {h['ratio']:.2f}x its paired reads (write {h['write']:.1f} ms)"
         )
         print(f"  resident stacks {d['resident_mb']:.0f} MB, RSS after {d['rss_after_mb']:.0f} MB")
 
