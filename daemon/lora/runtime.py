@@ -470,11 +470,11 @@ def _put(dst: np.ndarray, src: np.ndarray, scale: np.float32 | None) -> None:
 
 def _compiled_write(src: np.ndarray, dst: np.ndarray, scale: np.float32 | None, columns: bool = False) -> bool:
     """Whether `src` (times `scale`) goes into `dst` through the compiled kernels: into a bf16 (uint16
-    view) or float32 array that is 2-D and C-contiguous, an fp16 block (widened or rounded on the way,
+    view) or float32 array that is 2-D and C-contiguous, a 2-D fp16 block (widened or rounded on the way,
     scaled or not: numpy takes several passes either way), a scaled bf16 block, or an unscaled bf16
     block into a float32 array's `columns` (numpy: a widened temporary, then its strided copy). An
     unscaled bf16 block into bf16, or into float32 rows, is one numpy pass already."""
-    if dst.dtype not in (np.uint16, np.float32) or dst.ndim != 2 or not dst.flags.c_contiguous:
+    if dst.dtype not in (np.uint16, np.float32) or dst.ndim != 2 or src.ndim != 2 or not dst.flags.c_contiguous:
         return False
     if src.dtype == np.float16:
         return True
