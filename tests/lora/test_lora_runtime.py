@@ -307,6 +307,28 @@ def _active(layer):
 SCALES = (0.7, 0.3, 1.0, 0.0, -0.5, 1e-3, 3.0, 0.5, 2.0**-125, 2.0**100, 1e-30, 1e30, 1 / 3, -2.5e-38, 0.123456789)
 
 
+def _every(dtype: np.dtype) -> np.ndarray:
+    """Every 16-bit pattern once, as a 256 x 256 block of `dtype` (bf16 or fp16)."""
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dtype).reshape(256, 256)
+
+
+def _written(block: np.ndarray, scale: np.float32 | None, into: str, dtype: type) -> np.ndarray:
+    """`block` (times `scale`) written by the build's writers into a `dtype` buffer: as a block of rows
+    (`_put`), or into columns 3-258 of a wider matrix (`_put_columns`), whose other columns are checked
+    untouched."""
+    from daemon.lora.runtime import _put, _put_columns
+
+    if into == "rows":
+        got = np.empty(block.shape, dtype)
+        _put(got, block, scale)
+        return got
+    mark = 0x1234 if dtype == np.uint16 else 7.0
+    wide = np.full((block.shape[0], block.shape[1] + 7), mark, dtype)
+    _put_columns(wide, block, 3, scale)
+    assert (wide[:, :3] == mark).all() and (wide[:, block.shape[1] + 3 :] == mark).all()
+    return wide[:, 3 : block.shape[1] + 3]
+
+
 @pytest.mark.parametrize("into", ["rows", "columns"])
 def test_a_scaled_bf16_block_is_folded_as_ml_dtypes_rounds_every_value(into):
     """A scaled bf16 block written into a bf16 buffer (the compiled one-pass fold, into a block of rows or
@@ -316,21 +338,12 @@ def test_a_scaled_bf16_block_is_folded_as_ml_dtypes_rounds_every_value(into):
     around the block are untouched."""
     import ml_dtypes
 
-    from daemon.lora.runtime import _put, _put_columns
-
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(bf16).reshape(256, 256)
+    every = _every(bf16)
     for scale in map(np.float32, SCALES):
         with np.errstate(over="ignore", invalid="ignore"):
             want = (every.astype(np.float32) * scale).astype(bf16).view(np.uint16)
-        if into == "rows":
-            got = np.empty(every.shape, np.uint16)
-            _put(got, every, scale)
-        else:
-            wide = np.full((256, 256 + 7), 0x1234, np.uint16)
-            _put_columns(wide, every, 3, scale)
-            assert (wide[:, :3] == 0x1234).all() and (wide[:, 259:] == 0x1234).all()
-            got = wide[:, 3:259]
+        got = _written(every, scale, into, np.uint16)
         nan = np.isnan(want.view(bf16).astype(np.float32))
         np.testing.assert_array_equal(got[~nan], want[~nan], err_msg=f"scale {scale}")
         assert np.isnan(got.view(bf16)[nan].astype(np.float32)).all()
@@ -345,26 +358,12 @@ def test_a_scaled_bf16_block_widened_to_float32_is_the_float32_product(into):
     for every bf16 value, the bits numpy's float32 multiply gives the exactly widened value."""
     import ml_dtypes
 
-    from daemon.lora.runtime import _put, _put_columns
-
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(bf16).reshape(256, 256)
+    every = _every(np.dtype(ml_dtypes.bfloat16))
     for scale in map(np.float32, SCALES):
         with np.errstate(over="ignore", invalid="ignore"):
             want = every.astype(np.float32) * scale
-        if into == "rows":
-            got = np.empty(every.shape, np.float32)
-            _put(got, every, scale)
-        else:
-            wide = np.full((256, 260), 7.0, np.float32)
-            _put_columns(wide, every, 4, scale)
-            assert (wide[:, :4] == 7.0).all()
-            got = wide[:, 4:]
+        got = _written(every, scale, into, np.float32)
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"scale {scale}")
-
-
-def _every_fp16() -> np.ndarray:
-    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(256, 256)
 
 
 @pytest.mark.parametrize("into", ["rows", "columns"])
@@ -376,23 +375,14 @@ def test_an_fp16_block_is_rounded_to_bf16_as_ml_dtypes_rounds_every_value(into):
     columns around the block are untouched."""
     import ml_dtypes
 
-    from daemon.lora.runtime import _put, _put_columns
-
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    every = _every_fp16()
+    every = _every(np.dtype(np.float16))
     for scale in (None, *map(np.float32, SCALES)):
         with np.errstate(over="ignore", invalid="ignore"):
             want = (every.astype(bf16) if scale is None else (every.astype(np.float32) * scale).astype(bf16)).view(
                 np.uint16
             )
-        if into == "rows":
-            got = np.empty(every.shape, np.uint16)
-            _put(got, every, scale)
-        else:
-            wide = np.full((256, 256 + 7), 0x1234, np.uint16)
-            _put_columns(wide, every, 3, scale)
-            assert (wide[:, :3] == 0x1234).all() and (wide[:, 259:] == 0x1234).all()
-            got = wide[:, 3:259]
+        got = _written(every, scale, into, np.uint16)
         nan = np.isnan(want.view(bf16).astype(np.float32))
         np.testing.assert_array_equal(got[~nan], want[~nan], err_msg=f"scale {scale}")
         assert np.isnan(got.view(bf16)[nan].astype(np.float32)).all()
@@ -406,20 +396,11 @@ def test_an_fp16_block_widened_to_float32_is_the_float32_product(into):
     """An fp16 block written into a float32 buffer (a CPU layer), scaled or not: for every fp16 value, the
     bits numpy's float32 multiply gives the exactly widened value (the widened value itself, unscaled); a
     NaN stays a NaN."""
-    from daemon.lora.runtime import _put, _put_columns
-
-    every = _every_fp16()
+    every = _every(np.dtype(np.float16))
     for scale in (None, *map(np.float32, SCALES)):
         with np.errstate(over="ignore", invalid="ignore"):
             want = every.astype(np.float32) if scale is None else every.astype(np.float32) * scale
-        if into == "rows":
-            got = np.empty(every.shape, np.float32)
-            _put(got, every, scale)
-        else:
-            wide = np.full((256, 260), 7.0, np.float32)
-            _put_columns(wide, every, 4, scale)
-            assert (wide[:, :4] == 7.0).all()
-            got = wide[:, 4:]
+        got = _written(every, scale, into, np.float32)
         nan = np.isnan(want)
         np.testing.assert_array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan], err_msg=f"scale {scale}")
         assert np.isnan(got[nan]).all() and nan.sum() >= 2046
@@ -430,18 +411,12 @@ def test_an_unscaled_bf16_block_widened_into_columns_is_exact():
     widened exactly, NaNs included as NaNs."""
     import ml_dtypes
 
-    from daemon.lora.runtime import _put_columns
-
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(bf16).reshape(256, 256)
-    wide = np.full((256, 300), 7.0, np.float32)
-    _put_columns(wide, every, 40, None)
+    every = _every(np.dtype(ml_dtypes.bfloat16))
+    got = _written(every, None, "columns", np.float32)
     want = every.astype(np.float32)
     nan = np.isnan(want)
-    got = wide[:, 40:296]
     np.testing.assert_array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
     assert np.isnan(got[nan]).all()
-    assert (wide[:, :40] == 7.0).all() and (wide[:, 296:] == 7.0).all()
 
 
 def test_the_compiled_folds_take_any_source_layout():
