@@ -45,7 +45,9 @@ Measured:
   paired ratios);
 - heap: the daemon's heap policy (daemon.engine.heap: freed memory reused, numpy's huge-page advice off)
   is set first, as `easel serve` does; EASEL_BENCH_HEAP_RETAIN=0 measures with malloc's defaults instead,
-  and the first build of the run (fresh memory) is printed beside the cold switches;
+  and the first build of the run (fresh memory) is printed beside the cold switches; each depth's model,
+  files and everything else alive before its switches are timed is frozen out of the garbage collector's
+  scans (daemon.engine.heap.freeze_long_lived), as `easel serve` freezes what its start-up left;
 - rss_growth_mb: RSS after 1,000 switches among 10 stacks minus RSS after the caches were filled
   (1 + 1 depth; bounds set so stacks are evicted and rebuilt along the way).
 - on a GPU only (MLX's CUDA backend; skipped with a line saying so on a CPU): Flux.1-dev at full size,
@@ -87,7 +89,7 @@ from helpers.lora_factories import generate_lora  # noqa: E402
 import daemon.engine  # noqa: E402, F401  (OpenBLAS before MLX)
 from client.lorafile.safetensors_io import open_safetensors  # noqa: E402
 from daemon.config import ServiceConfig  # noqa: E402
-from daemon.engine.heap import retain_freed  # noqa: E402
+from daemon.engine.heap import freeze_long_lived, retain_freed  # noqa: E402
 from daemon.lora import LoraCache, StackEntry  # noqa: E402
 from daemon.lora.cache import PART_BYTES, READERS  # noqa: E402
 from daemon.lora.patcher import LoraPatcher  # noqa: E402
@@ -405,6 +407,7 @@ def depth_run(tmp: Path, joint: int, single: int, with_old: bool) -> dict:
     a, b = stacks_of(files)
     out: dict = {"layers": len(layout), "file_mb": os.path.getsize(files[0]) / 1024**2}
     read_ms(files[3:])  # page cache warm
+    freeze_long_lived()  # what exists now lives through the run: out of the collector's scans, as in `easel serve`
     out["read_ms"] = read_ms(files[3:])
     out["read_bytearray_ms"] = read_ms(files[3:], "bytearray")
     out["read_bytes_ms"] = read_ms(files[3:], "read_bytes")

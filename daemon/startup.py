@@ -1,6 +1,7 @@
 """Process start-up for `easel serve`: the socket, the model, signals and the lines the daemon announces.
 
-    refuse if a daemon answers -> load the model -> warm up -> bind the socket -> serve -> remove the socket
+    refuse if a daemon answers -> load the model -> warm up -> freeze start-up's objects out of the
+    garbage collector's scans -> bind the socket -> serve -> remove the socket
 
 The first SIGTERM/SIGINT asks the server for a graceful stop (drain within the drain timeout); a second
 one during the drain forces the exit: queued renders are answered `shutting_down`, the running one
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from daemon.config import DaemonConfig
+from daemon.engine.heap import freeze_long_lived
 from daemon.runner import RenderRunner
 from daemon.security import bind_unix_socket, clear_stale_socket, ensure_private_dir, remove_socket, socket_inode
 from daemon.server import DaemonServer
@@ -59,6 +61,8 @@ def run_daemon(
     if config.service.warmup and not service.warm:
         announce(f"easel: warmed up in {service.warm_up():.1f}s")
     # with --no-warmup, `warm` stays false until the first render has run (service.run says so)
+    frozen = freeze_long_lived()  # start-up's objects out of the collector's full scans (daemon/engine/heap.py)
+    announce(f"easel: {frozen} start-up objects frozen (the garbage collector's full passes skip them)")
     sock = bind_unix_socket(path)
     inode = socket_inode(path)
     _event_loop_policy()

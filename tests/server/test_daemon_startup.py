@@ -162,3 +162,17 @@ def test_one_signal_drains_and_exits_0(spawn):
     t.join(10)
     assert box["r"].seed == 21 and not d.socket.exists()
     d.wait_for("easel: stopped", 10)
+
+
+def test_start_up_freezes_its_objects_out_of_the_garbage_collectors_scans(spawn):
+    """Before the socket is bound, what start-up left alive is frozen out of the cyclic collector's full
+    passes (daemon/engine/heap.py): the daemon says how many objects, and serves as before."""
+    d = spawn(step_s=0.01)
+    lines = list(d.output)
+    frozen = [i for i, line in enumerate(lines) if "start-up objects frozen" in line]
+    ready = [i for i, line in enumerate(lines) if "ready on" in line]
+    assert frozen and ready and frozen[0] < ready[0], lines
+    count = int(lines[frozen[0]].split("easel: ", 1)[1].split()[0])
+    assert count > 10_000, lines[frozen[0]]  # the interpreter, the imported packages, the service
+    with RenderClient(d.socket) as c:
+        assert c.send_render("after the freeze", width=64, height=64, steps=2, seed=3).seed == 3
