@@ -23,9 +23,9 @@ Python's own heap has a pause of its own: a full (generation 2) collection of th
 walks every tracked object, the model's modules and everything else loaded at start-up included. In a
 process holding a full-depth Flux transformer (bench/lora.py's, about 150,000 tracked objects), one took
 85-115 ms and came in 4 of 10 cold LoRA stack builds: the parsed files and terms a build keeps push the
-collector over its threshold. It holds the GIL, so a build on the prefetch thread stalls the render beside it. Once
-started, `easel serve` freezes what start-up left alive (`freeze_long_lived`); full collections then walk
-only what came after, and took 1-4 ms in the same process.
+collector over its threshold. A collection holds the GIL, so one during a prebuild would hold up the
+render beside it too. Once started, `easel serve` freezes what start-up left alive (`freeze_long_lived`);
+full collections then walk only what came after, and took 1-4 ms in the same kind of process.
 """
 
 from __future__ import annotations

@@ -93,9 +93,13 @@ class Node:
     pass
 
 kept = [[i] for i in range(50_000)]  # what start-up leaves alive: 50,001 tracked containers
-garbage_before = Node(); garbage_before.me = garbage_before; del garbage_before  # a cycle nobody holds
+garbage_before = Node(); garbage_before.me = garbage_before  # a cycle, dropped before the freeze
+reclaimed_before = []
+probe_before = weakref.ref(garbage_before, lambda _: reclaimed_before.append(True))
+del garbage_before
 scanned_before = len(gc.get_objects())
 frozen = freeze_long_lived()
+collected_first = bool(reclaimed_before)
 scanned_after = len(gc.get_objects())
 after = Node(); after.me = after  # a cycle made later, then dropped: the collector still reclaims it
 reclaimed = []
@@ -103,7 +107,8 @@ probe = weakref.ref(after, lambda _: reclaimed.append(True))
 del after
 collected = gc.collect()
 print(json.dumps({"frozen": frozen, "scanned_before": scanned_before, "scanned_after": scanned_after,
-                  "collected": collected, "reclaimed": bool(reclaimed), "kept": len(kept)}))
+                  "collected": collected, "reclaimed": bool(reclaimed), "kept": len(kept),
+                  "collected_first": collected_first}))
 """
 
 
@@ -118,3 +123,4 @@ def test_freezing_takes_start_ups_objects_out_of_the_collectors_scans_and_later_
     assert out["scanned_after"] < out["scanned_before"] - 50_000
     assert out["collected"] >= 1 and out["reclaimed"]
     assert out["kept"] == 50_000
+    assert out["collected_first"]  # the cycle dropped before the freeze was reclaimed, not frozen
