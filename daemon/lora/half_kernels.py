@@ -39,6 +39,12 @@ _F16_EXPONENT = np.uint32(0x7C00 << 13)  # an fp16's exponent field, where `_f32
 
 
 @njit(inline="always")
+def _f32_of_bf16(bits):
+    """The float32 equal to the bf16 whose bits are `bits` (the top half of its float32: exact)."""
+    return np.uint32(np.uint32(bits) << np.uint32(16)).view(np.float32)
+
+
+@njit(inline="always")
 def _f32_of_f16(half):
     """The float32 equal to the fp16 whose bits are `half`: its exponent and mantissa shifted into
     float32's places and re-biased; infinities and NaNs take float32's top exponent; zeros and subnormals
@@ -56,7 +62,7 @@ def _f32_of_f16(half):
 
 @njit(inline="always")
 def _bf16_bits(bits):
-    """The float32 whose bits are `bits` rounded to bf16 bits, to nearest with ties to even."""
+    """The float32 with these `bits`, rounded to bf16 bits: to nearest, ties to even."""
     odd = (bits >> np.uint32(16)) & np.uint32(1)
     return np.uint16((bits + np.uint32(0x7FFF) + odd) >> np.uint32(16))
 
@@ -79,8 +85,7 @@ def fold_into(src, fp16, scale, dst, start):
                 out[j] = _bf16_bits(bits & (np.uint32(0xFFFF0000) if nan else np.uint32(0xFFFFFFFF)))
         else:
             for j in range(cols):
-                product = np.uint32(np.uint32(row[j]) << np.uint32(16)).view(np.float32) * scale
-                out[j] = _bf16_bits(np.float32(product).view(np.uint32))
+                out[j] = _bf16_bits(np.float32(_f32_of_bf16(row[j]) * scale).view(np.uint32))
 
 
 @njit(void(_U16_2D, boolean, float32, _F32_2D, intp), nogil=True, cache=True, boundscheck=False)
@@ -95,4 +100,4 @@ def widen_into(src, fp16, scale, dst, start):
                 out[j] = _f32_of_f16(row[j]) * scale
         else:
             for j in range(cols):
-                out[j] = np.uint32(np.uint32(row[j]) << np.uint32(16)).view(np.float32) * scale
+                out[j] = _f32_of_bf16(row[j]) * scale
