@@ -26,16 +26,9 @@ interactive jobs run nested, and those never yield), a batch job yields at most 
 times, and one suspension runs at most `policy.max_bypass` interactive jobs before the batch job
 resumes.
 
-Preloads (`preload`): a stack built into the resident stacks ahead of the renders that will use it,
-without making it live. It runs on the render thread when no render is queued or running, one at a time
-in arrival order, so renders always go first. A render that arrives while one builds (of another stack)
-stops that build at its next chunk of buffers, and the preload waits again at the head of the
-preloads, to be built from its files (already read and parsed) once the renders are done; a render of the
-very stack being built waits for it instead, and then finds it resident. Cancelling a preload that is
-building stops it the same way, with nothing kept. A preload's files are read and parsed on the prefetch
-thread, never on the render thread: the next preload's while the render thread is busy, and a preload's
-own (where they were not read ahead) at its turn, while the render thread stays free, so a render arriving
-then starts at once. Its turn on the render thread is the build alone.
+Preloads (`preload`, daemon/preloads.py): a stack built into the resident stacks ahead of the renders
+that will use them, without making it live, on the render thread when no render is queued or running;
+a render that arrives stops a preload's build (of another stack) at its next chunk of buffers.
 """
 
 from __future__ import annotations
@@ -48,7 +41,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,6 +63,7 @@ from client.wire.messages import (
 )
 from daemon.config import ServiceConfig
 from daemon.model_thread import ModelThreadCalls
+from daemon.preloads import Preloads
 from daemon.scheduler import (
     BATCH,
     INTERACTIVE,
@@ -83,7 +76,7 @@ from daemon.scheduler import (
     estimate_queue,
     plan,
 )
-from daemon.service import Prepared, RenderService, StackItem, stack_key
+from daemon.service import Prepared, RenderService
 
 log = logging.getLogger("easel.runner")
 
@@ -165,22 +158,6 @@ class RenderJob(Job):
         return [f"{given}@{it.scale:g}" for given, it in zip(self.request.lora_paths, self.prepared.stack, strict=True)]
 
 
-@dataclass(eq=False)
-class PendingPreload:
-    """A preload waiting for an idle render thread: its checked stack, and the future its caller awaits."""
-
-    stack: list[StackItem]
-    zero_match: str
-    answer: asyncio.Future
-    expiry: asyncio.TimerHandle | None = None  # answers it DeadlineExceeded if it is still waiting then
-    expiry_s: float | None = None  # its deadline_s
-    key: tuple[Any, Any] | None = None  # (owner, request id): what `cancel_preload` names it by
-    stop: threading.Event = field(default_factory=threading.Event)  # its build, once running, stops when set
-    stopped: asyncio.Event = field(default_factory=asyncio.Event)  # `stop`, for the loop (ends its read's wait)
-    stopped_for: Literal["render", "cancel", "shutdown"] | None = None  # why `stop` was set (a render: yield)
-    stack_key: Any = None  # the stack as `service.stack_key` names it: a render of it waits for the build
-
-
 @dataclass(frozen=True)
 class RunnerStatus:
     """What the runner and the model it drives are doing (the runner's part of the `status` reply)."""
@@ -219,14 +196,12 @@ class RenderRunner:
         self.running: RenderJob | None = None
         self.suspended: list[RenderJob] = []  # at most one: see the module docstring
         self.renders_done = 0
-        self.preloads: deque[PendingPreload] = deque()  # in arrival order; run when no render is queued
-        self.preload_running: PendingPreload | None = None
-        self.preloads_yielded = 0  # preload builds stopped for a render that arrived (each built again later)
         self._seq = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-render")
         # reads and builds the LoRA stack of the job planned next while the current one renders; its
         # MLX work (allocating the stack's buffers) runs on the render thread at a step boundary
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-lora-prefetch")
+        self.preloads = Preloads(service, self.queue, self._executor, self._prefetcher)
         self._model_calls = ModelThreadCalls()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task | None = None
@@ -253,8 +228,7 @@ class RenderRunner:
         """Refuse new jobs (ShuttingDown), answer the preloads still waiting with it; the worker ends once
         the queue is empty."""
         self.queue.close()
-        while self.preloads:
-            self._answer_preload(self.preloads.popleft(), ShuttingDown("the daemon shut down before this preload ran"))
+        self.preloads.close()
 
     @property
     def shutting_down(self) -> bool:
@@ -291,8 +265,7 @@ class RenderRunner:
         for job in self.queue.jobs:
             self.queue.remove(job)
             self._fail(job, ShuttingDown("the daemon shut down before this render started"))
-        if self.preload_running is not None:
-            self._stop_preload(self.preload_running, "shutdown")
+        self.preloads.stop_building("shutdown")
         for job in [self.running, *self.suspended]:
             if job is None:
                 continue
@@ -368,9 +341,7 @@ class RenderRunner:
         self.queue.submit(job)
         self.jobs[job.job_id] = job
         self._depth_changed()
-        building = self.preload_running
-        if building is not None and building.stack_key != job.stack_key:
-            self._stop_preload(building, "render")
+        self.preloads.stop_building("render", unless_stack=job.stack_key)
         if request.deadline_s is not None:
             job.expiry = self._loop.call_later(request.deadline_s, self._expire, job)
         now = time.monotonic()
@@ -408,157 +379,20 @@ class RenderRunner:
 
     async def preload(self, request: Preload, owner: Any = None) -> PreloadResult:
         """Build `request`'s stack into the resident stacks, once no render is queued or running, without
-        making it live. Raises the request's error (LoraNotFound, PathNotAllowed, ...; then the build's:
-        LoraFormat, LoraZeroMatch, ...), ShuttingDown once draining, DeadlineExceeded when its deadline
-        passes before it starts, Cancelled when `cancel_preload(owner, request.id)` drops it first.
-        Cancelling the wait drops a preload not yet started too, and stops one that is building."""
+        making it live (daemon/preloads.py). Raises the request's error (LoraNotFound, PathNotAllowed, ...;
+        then the build's: LoraFormat, LoraZeroMatch, ...), ShuttingDown once draining, DeadlineExceeded
+        when its deadline passes before it starts, Cancelled when `cancel_preload(owner, request.id)` drops
+        it first. Cancelling the wait drops a preload not yet started too, and stops one that is building."""
         self.start()
         if self.queue.closed:
             raise ShuttingDown("the daemon is shutting down and accepts no new preloads")
         stack = self.service.stack_items(request.lora_paths, request.lora_scales, request.lora_names)
-        pending = PendingPreload(stack, request.zero_match, self._loop.create_future(), stack_key=stack_key(stack))
-        if owner is not None:
-            pending.key = (owner, request.id)
-        if request.deadline_s is not None:
-            pending.expiry_s = request.deadline_s
-            pending.expiry = self._loop.call_later(
-                request.deadline_s, self._expire_preload, pending, request.deadline_s
-            )
-        self.preloads.append(pending)
-        if len(self.preloads) == 1 and (self.running is not None or self.preload_running is not None):
-            self._prefetch_preload(pending)  # the render thread is busy: read its files meanwhile
-        self.queue.wake()
-        try:
-            return await pending.answer
-        finally:
-            if pending in self.preloads:  # the caller stopped waiting before it ran
-                self.preloads.remove(pending)
-            if pending is self.preload_running:  # ... or while it builds (an answered one is not running)
-                self._stop_preload(pending, "cancel")
-            if pending.expiry is not None:
-                pending.expiry.cancel()
+        return await self.preloads.wait(request, stack, owner, self._loop, busy=self.running is not None)
 
     def cancel_preload(self, owner: Any, request_id: Any) -> str:
-        """Drop the preload `request_id` of `owner`: its caller gets Cancelled. Returns where it was:
-        "queued" (dropped), "running" (its build stops at its next chunk and keeps nothing; a build that
-        finished before it saw the stop has its stack dropped), "cancelling" (an earlier cancel is stopping
-        its build), or "unknown" (no such preload waiting or running: answered already, or never sent).
-        Either of the first two: its caller gets Cancelled."""
-        key = (owner, request_id)
-        for pending in self.preloads:
-            if pending.key == key:
-                self.preloads.remove(pending)
-                self._answer_preload(pending, Cancelled("preload cancelled before it ran"))
-                return "queued"
-        running = self.preload_running
-        if running is None or running.key != key:
-            return "unknown"
-        if running.stopped_for == "cancel":
-            return "cancelling"
-        self._stop_preload(running, "cancel")
-        return "running"
-
-    def _prefetch_preload(self, pending: PendingPreload) -> None:
-        """Read and parse the files of the preload that runs next, on the prefetch thread, so its turn on
-        the render thread is the build alone (and a render arriving then waits for a chunk of it, not for
-        its reads). One preload ahead at most: the parsed-file cache is bounded."""
-        with contextlib.suppress(RuntimeError):  # the pool is shut down: the runner is closing
-            self._prefetcher.submit(self.service.prefetch, pending.stack)
-
-    @staticmethod
-    def _stop_preload(pending: PendingPreload, why: Literal["render", "cancel", "shutdown"]) -> None:
-        """Stop `pending`'s build at its next chunk (a cancel or a shutdown outranks a yield to a render)."""
-        if pending.stopped_for in (None, "render"):
-            pending.stopped_for = why
-        pending.stop.set()
-        pending.stopped.set()
-
-    def _expire_preload(self, pending: PendingPreload, deadline_s: float) -> None:
-        if pending in self.preloads:
-            self.preloads.remove(pending)
-            self._answer_preload(
-                pending,
-                DeadlineExceeded(
-                    f"deadline of {deadline_s}s passed before this preload was built", deadline_s=deadline_s
-                ),
-            )
-
-    @staticmethod
-    def _answer_preload(pending: PendingPreload, outcome: PreloadResult | EaselError) -> None:
-        if pending.answer.done():  # its caller stopped waiting
-            return
-        if isinstance(outcome, EaselError):
-            pending.answer.set_exception(outcome)
-        else:
-            pending.answer.set_result(outcome)
-
-    async def _run_preload(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The oldest waiting preload, on the render thread (the queue is empty: renders go first). Its build
-        stops for a render that arrives meanwhile (the preload goes back to the head of the preloads) or
-        for its cancel (answered Cancelled)."""
-        pending = self.preloads.popleft()  # out of the queue: its deadline applies again only if it yields
-        pending.stop.clear()
-        pending.stopped.clear()
-        pending.stopped_for = None
-        self.preload_running = pending
-        try:
-            await self._read_preload(pending)
-            if self.preloads:
-                self._prefetch_preload(self.preloads[0])  # the next one's files read while this one builds
-            if pending.stop.is_set():
-                outcome = Cancelled("stopped while its files were read; nothing was built")
-            else:
-                outcome = await loop.run_in_executor(
-                    self._executor, self.service.preload, pending.stack, pending.zero_match, pending.stop.is_set
-                )
-        except EaselError as err:
-            outcome = err
-        except Exception as exc:
-            log.exception("preload failed")
-            outcome = EaselError(f"preload failed: {type(exc).__name__}: {exc}")
-        finally:
-            self.preload_running = None
-        if isinstance(outcome, PreloadResult) and pending.stopped_for == "cancel":
-            # cancelled after its build's last check: the cancel's answer (`cancelled` true) holds, so what it
-            # built goes too (the render thread is idle: this preload's turn is not over)
-            if outcome.built:
-                try:
-                    await loop.run_in_executor(self._executor, self.service.discard_preload, pending.stack)
-                except Exception:  # a file gone meanwhile: no switch can reach the stack it built either
-                    log.exception("dropping a cancelled preload's stack failed")
-            outcome = Cancelled("preload cancelled while it was building; nothing was kept")
-        if isinstance(outcome, Cancelled) and pending.stopped_for is not None:  # its build was stopped
-            if pending.stopped_for == "render" and not self.queue.closed:
-                self.preloads_yielded += 1
-                if pending.expiry is None or loop.time() < pending.expiry.when():
-                    self.preloads.appendleft(pending)  # built again once the renders are done
-                    return
-                deadline_s = pending.expiry_s
-                outcome = DeadlineExceeded(
-                    f"deadline of {deadline_s}s passed before this preload was built", deadline_s=deadline_s
-                )
-            elif pending.stopped_for == "cancel":
-                outcome = Cancelled("preload cancelled while it was building; nothing was kept")
-            else:
-                outcome = ShuttingDown("the daemon shut down while this preload was building; nothing was kept")
-        self._answer_preload(pending, outcome)
-
-    async def _read_preload(self, pending: PendingPreload) -> None:
-        """`pending`'s files read, parsed and resolved on the prefetch thread (where they were read ahead,
-        a cache hit), so the render thread stays free for a render that arrives meanwhile: this wait ends
-        as soon as the preload is stopped (a render, its cancel, a shutdown); the read goes on, its files
-        cached for the preload's next turn. A file that fails here is read again by the build, which
-        reports it."""
-        try:
-            read = asyncio.wrap_future(self._prefetcher.submit(self.service.prefetch, pending.stack))
-        except RuntimeError:  # the pool is shut down: the runner is closing, the build reads for itself
-            return
-        stopped = asyncio.ensure_future(pending.stopped.wait())
-        read.add_done_callback(lambda done: done.cancelled() or done.exception())  # prefetch reports nothing
-        try:
-            await asyncio.wait({read, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
+        """Drop the preload `request_id` of `owner` (`Preloads.cancel`): "queued", "running", "cancelling"
+        or "unknown"."""
+        return self.preloads.cancel(owner, request_id)
 
     def _expire(self, job: RenderJob) -> None:
         """A queued job's deadline passed: answer now instead of when it reaches the head of the queue."""
@@ -621,7 +455,7 @@ class RenderRunner:
             job = await self.queue.take(self.service.active_key, idle_work=lambda: bool(self.preloads))
             if job is None:
                 if self.preloads and not self.queue.closed:
-                    await self._run_preload(loop)
+                    await self.preloads.run_next(loop)
                     continue
                 return
             self._depth_changed()
@@ -906,7 +740,7 @@ class RenderRunner:
             stack_switches=svc.stack_switches,
             model=svc.model_info(),
             preloads_waiting=len(self.preloads),
-            preloads_yielded=self.preloads_yielded,
+            preloads_yielded=self.preloads.yielded,
         )
 
 

@@ -250,9 +250,9 @@ def test_a_preload_is_cancelled_by_its_owner_and_id_waiting_or_building(tiny_mod
             await asyncio.to_thread(entered.wait, 60)
             fourth.cancel()
             await asyncio.gather(fourth, return_exceptions=True)
-            gone = runner.preload_running.stopped_for
+            gone = runner.preloads.running.stopped_for
             go.set()
-            while runner.preload_running is not None:
+            while runner.preloads.running is not None:
                 await asyncio.sleep(0.01)
             return states, waiting, built, running, after, gone, runner.status().preloads_yielded
         finally:
@@ -292,7 +292,7 @@ def test_a_render_stops_a_preload_building_another_stack_and_waits_for_one_build
             with_b = Render(id=2, prompt="b", lora_paths=[str(b)], lora_scales=[0.4], **SIZE)
             render_b = asyncio.ensure_future(track("render b", runner.render(with_b)))
             await asyncio.sleep(0)
-            stopped_for = runner.preload_running.stopped_for
+            stopped_for = runner.preloads.running.stopped_for
             go.set()
             first = await preload_a
             await render_b
@@ -307,7 +307,7 @@ def test_a_render_stops_a_preload_building_another_stack_and_waits_for_one_build
                 runner.render(Render(id=4, prompt="same", lora_paths=[str(b)], lora_scales=[0.9], **SIZE))
             )
             await asyncio.sleep(0)
-            kept_going = runner.preload_running.stopped_for is None
+            kept_going = runner.preloads.running.stopped_for is None
             go.set()
             second, rendered = await preload_again, await same
             after = patcher.resident.stats()
