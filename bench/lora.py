@@ -48,8 +48,13 @@ Measured:
   and the first build of the run (fresh memory) is printed beside the cold switches; each depth's model,
   files and everything else alive before its switches are timed is frozen out of the garbage collector's
   scans (daemon.engine.heap.freeze_long_lived), as `easel serve` freezes what its start-up left;
-- rss_growth_mb: RSS after 1,000 switches among 10 stacks minus RSS after the caches were filled
-  (1 + 1 depth; bounds set so stacks are evicted and rebuilt along the way).
+- rss_growth_mb: RSS after 1,000 switches among 10 stacks minus RSS before them, at full depth (the
+  full-depth files) and at 1 + 1, 4.5 stacks' bytes resident at each, so most switches evict a stack and
+  build another; the larger of the two growths (both are printed). Before them, every stack is built
+  three times (the caches filled) and then RSS_WARMUP switches run like the measured ones: the heap's
+  free bytes (memory freed and kept for reuse, daemon.engine.heap) settle over the first few hundred at
+  full depth. RSS after the fill is printed too, and malloc's bytes in use and kept free before and after
+  the measured switches: a leak grows the first.
 - on a GPU only (MLX's CUDA backend; skipped with a line saying so on a CPU): Flux.1-dev at full size,
   its random weights evaluated in bf16, one transformer step at 512 and 1024 px without a stack and with a
   full-depth 3-LoRA stack, and the switches (cold, warm, the first step after a cold switch) on that model,
@@ -89,7 +94,7 @@ from helpers.lora_factories import generate_lora  # noqa: E402
 import daemon.engine  # noqa: E402, F401  (OpenBLAS before MLX)
 from client.lorafile.safetensors_io import open_safetensors  # noqa: E402
 from daemon.config import ServiceConfig  # noqa: E402
-from daemon.engine.heap import freeze_long_lived, retain_freed  # noqa: E402
+from daemon.engine.heap import freeze_long_lived, malloc_usage, retain_freed  # noqa: E402
 from daemon.lora import LoraCache, StackEntry  # noqa: E402
 from daemon.lora.cache import PART_BYTES, READERS  # noqa: E402
 from daemon.lora.patcher import LoraPatcher  # noqa: E402
@@ -102,6 +107,7 @@ SWAPS = int(os.environ.get("EASEL_BENCH_SWAPS", "200"))
 OLD_SWAPS = int(os.environ.get("EASEL_BENCH_OLD_SWAPS", "4"))
 REPEATS = int(os.environ.get("EASEL_BENCH_REPEATS", "5"))
 RSS_SWITCHES = int(os.environ.get("EASEL_BENCH_RSS_SWITCHES", "1000"))
+RSS_WARMUP = int(os.environ.get("EASEL_BENCH_RSS_WARMUP", "500"))
 STEP_ROUNDS = int(os.environ.get("EASEL_BENCH_STEP_ROUNDS", "12"))
 GPU_ROUNDS = int(os.environ.get("EASEL_BENCH_GPU_ROUNDS", "5"))
 GPU_SIZES = (512, 1024)
@@ -519,13 +525,20 @@ def paired_warm(sides: list[tuple[LoraPatcher, list[StackEntry], list[StackEntry
     return times
 
 
-def rss_run(tmp: Path) -> tuple[float, float, dict]:
-    """RSS growth over RSS_SWITCHES switches among 10 stacks at 1 + 1 depth, after the caches are full."""
+def rss_run(tmp: Path, joint: int, single: int, files: list[str] | None = None) -> tuple[float, float, dict]:
+    """RSS before and after RSS_SWITCHES switches among 10 stacks of 6 files (`files`, else new ones) at
+    joint + single depth, once the caches are full (4.5 stacks' bytes resident, every file cached) and
+    RSS_WARMUP switches have run; with RSS after the fill and malloc's counts before and after."""
     import mlx.core as mx
 
-    transformer = lazy_transformer(1, 1)
+    def settled_rss() -> float:
+        gc.collect()
+        mx.clear_cache()  # MLX's cache of freed buffers is bounded by MLX, not the patcher
+        return rss_mb()
+
+    transformer = lazy_transformer(joint, single)
     layout = linear_layout(transformer)
-    files = make_files(tmp, layout, "rss")
+    files = files or make_files(tmp, layout, f"rss{joint}x{single}")
     rng = random.Random(0)
     stacks = [
         [StackEntry(p, round(rng.uniform(-1, 1), 3)) for p in rng.sample(files, 3)] for _ in range(10)
@@ -539,17 +552,32 @@ def rss_run(tmp: Path) -> tuple[float, float, dict]:
     for _ in range(3):
         for s in stacks:
             p.apply_stack(s)
-    gc.collect()
-    mx.clear_cache()
-    before = rss_mb()
+    filled = settled_rss()
+    for _ in range(RSS_WARMUP):
+        p.apply_stack(rng.choice(stacks))
+    before, heap_before = settled_rss(), malloc_usage()
     for _ in range(RSS_SWITCHES):
         p.apply_stack(rng.choice(stacks))
-    gc.collect()
-    mx.clear_cache()  # as before `before`: MLX's cache of freed buffers is bounded by MLX, not the patcher
-    after = rss_mb()
+    after, heap_after = settled_rss(), malloc_usage()
     stats = p.resident.stats()
     p.clear()
-    return before, after, {"resident": stats, "files": p.cache.stats(), "stack_mb": one / 1024**2}
+    info = {"resident": stats, "files": p.cache.stats(), "stack_mb": one / 1024**2, "filled": filled}
+    return before, after, {**info, "heap": (heap_before, heap_after)}
+
+
+def print_rss(joint: int, single: int, before: float, after: float, info: dict) -> None:
+    heap_before, heap_after = info["heap"]
+    heap = (
+        ""
+        if heap_before is None or heap_after is None
+        else f"; malloc in use {heap_before.in_use / 2**20:.0f} -> {heap_after.in_use / 2**20:.0f} MB, "
+        f"kept free {heap_before.free / 2**20:.0f} -> {heap_after.free / 2**20:.0f} MB"
+    )
+    print(
+        f"RSS over {RSS_SWITCHES} switches among 10 stacks ({joint} + {single}, {info['stack_mb']:.1f} MB per "
+        f"stack), after {RSS_WARMUP} to settle: {before:.0f} -> {after:.0f} MB ({info['filled']:.0f} MB once "
+        f"the caches were filled){heap}; resident {info['resident']}; files {info['files']}"
+    )
 
 
 def step_overheads(tmp: Path) -> dict[int, tuple[float, float, int, float, float]]:
@@ -809,9 +837,12 @@ def main() -> None:
         gc.collect()
         print_depths(full, small)  # each section printed once measured: a later failure keeps them
         print_gpu(gpu_steps(full_a, full_b))
+        rss_full = rss_run(tmp, 19, 38, [str(p) for p in sorted(tmp.glob("d19x38_*.safetensors"))])
+        print_rss(19, 38, *rss_full)
         for p in tmp.glob("d19x38_*"):
             p.unlink()
-        before, after, rss_info = rss_run(tmp)
+        rss_small = rss_run(tmp, 1, 1)
+        print_rss(1, 1, *rss_small)
         steps = step_overheads(tmp)
 
     for px, (base, with_stack, tokens, ratio, other_ratio) in steps.items():
@@ -820,10 +851,6 @@ def main() -> None:
             f"every layer) {with_stack:8.1f} ms (min / min {with_stack / base:.3f}, median paired ratio {ratio:.3f}; "
             f"in the {OTHER_FORM} form {other_ratio:.3f})"
         )
-    print(
-        f"RSS over {RSS_SWITCHES} switches among 10 stacks (1 + 1, {rss_info['stack_mb']:.1f} MB per stack): "
-        f"{before:.0f} -> {after:.0f} MB; resident {rss_info['resident']}; files {rss_info['files']}"
-    )
     warm_full, warm_small = statistics.median(full["warm"]), statistics.median(small["warm"])
     print(
         f"old vs new at full depth: warm {statistics.median(full['old_warm']):.1f} -> {warm_full:.3f} ms, "
@@ -837,10 +864,11 @@ def main() -> None:
         + f"; median ratio {cold_vs_read:.2f} "
         + f"(median cold against the first read: {statistics.median(full['cold']) / full['read_ms']:.2f})"
     )
+    rss_growth = max(after - before for before, after, _ in (rss_full, rss_small))  # the larger of the depths'
     print(
         f"bench lora: warm_swap_ms={warm_full:.3f} depth_ratio={warm_full / warm_small:.2f} "
         f"cold_vs_read={cold_vs_read:.2f} "
-        f"stack_overhead={steps[128][3]:.3f} rss_growth_mb={after - before:.1f}"
+        f"stack_overhead={steps[128][3]:.3f} rss_growth_mb={rss_growth:.1f}"
     )
 
 

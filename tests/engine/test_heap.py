@@ -124,3 +124,36 @@ def test_freezing_takes_start_ups_objects_out_of_the_collectors_scans_and_later_
     assert out["collected"] >= 1 and out["reclaimed"]
     assert out["kept"] == 50_000
     assert out["collected_first"]  # the cycle dropped before the freeze was reclaimed, not frozen
+
+
+USAGE_PROBE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from daemon.engine.heap import malloc_usage, retain_freed
+retain_freed(2 * 1024**3)
+import numpy as np
+
+MB = 2**20
+start = malloc_usage()
+held = [np.ones(64 * MB, np.uint8) for _ in range(3)]  # 192 MB from malloc's heap, written
+during = malloc_usage()
+del held[1]  # a hole between two buffers still in use: kept, not returned
+hole = malloc_usage()
+del held
+after = malloc_usage()
+print(json.dumps({name: [u.in_use // MB, u.free // MB] for name, u in
+                  (("start", start), ("during", during), ("hole", hole), ("after", after))}))
+"""
+
+
+@linux_glibc
+def test_malloc_usage_tells_memory_in_use_from_memory_freed_and_kept():
+    """With the daemon's policy, buffers freed stay in malloc's heap: `malloc_usage` counts them as free,
+    not in use (a leak would grow the first), a hole between live buffers included."""
+    done = subprocess.run([sys.executable, "-c", USAGE_PROBE, str(ROOT)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    (in0, free0), (in1, _), (in2, free2), (in3, free3) = out["start"], out["during"], out["hole"], out["after"]
+    assert 190 <= in1 - in0 <= 200, out  # three 64 MB buffers in use
+    assert 62 <= in1 - in2 <= 66 and free2 - free0 >= 62, out  # the middle one freed: a kept hole
+    assert -2 <= in3 - in0 <= 2 and free3 - free0 >= 190, out  # all freed: kept for reuse, not in use
