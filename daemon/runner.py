@@ -52,6 +52,7 @@ from opentelemetry.context import Context
 from client.wire.errors import Cancelled, DeadlineExceeded, EaselError, RenderFailed, ShuttingDown
 from client.wire.messages import (
     ActiveLora,
+    HeapStats,
     JobInfo,
     LoraCacheStats,
     ModelInfo,
@@ -181,6 +182,7 @@ class RunnerStatus:
     preloads_waiting: int = 0  # preloads waiting for the render thread to be idle
     preloads_yielded: int = 0  # preload builds stopped for a render that arrived (each built again later)
     lowrank_form: str | None = None  # the LoRA patcher's low-rank form (None: no patcher)
+    heap: HeapStats | None = None  # the process's malloc counts (None: not glibc)
 
 
 class RenderRunner:
@@ -741,6 +743,7 @@ class RenderRunner:
             model=svc.model_info(),
             preloads_waiting=len(self.preloads),
             preloads_yielded=self.preloads.yielded,
+            heap=svc.heap_stats(),
         )
 
 

@@ -705,4 +705,5 @@ class DaemonServer:
             model=run.model,
             preloads_waiting=run.preloads_waiting,
             preloads_yielded=run.preloads_yielded,
+            heap=run.heap,
         )

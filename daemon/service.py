@@ -26,7 +26,15 @@ from client.lorafile.resolve import corrupt_error
 from client.lorafile.signature import file_signature
 from client.tiers import TIERS
 from client.wire.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
-from client.wire.messages import ActiveLora, LoraCacheStats, ModelInfo, PreloadResult, Render, RenderResult
+from client.wire.messages import (
+    ActiveLora,
+    HeapStats,
+    LoraCacheStats,
+    ModelInfo,
+    PreloadResult,
+    Render,
+    RenderResult,
+)
 from client.wire.report import FileReport
 from daemon.config import ServiceConfig
 from daemon.engine.png import encode_png
@@ -134,6 +142,7 @@ class RenderService:
         self.warm = False
         self.warmup_measure: tuple[RenderSpec, dict[str, float]] | None = None
         self.stack_switches = 0
+        self.heap_retain_bytes = 0  # the heap policy's bound once `load` applied it (0: malloc's defaults)
         self.outputs = OutputRoot(config.output_root)
         self.use_telemetry(tel or setup_telemetry(config=TelemetryConfig("easel-daemon", disabled=True)))
 
@@ -176,6 +185,7 @@ class RenderService:
             default_guidance=model.preset.default_guidance,
             tel=tel,
         )
+        svc.heap_retain_bytes = heap.retain_bytes if heap.applied else 0
         return svc
 
     # ---- on the event loop ----------------------------------------------------------------------
@@ -236,6 +246,13 @@ class RenderService:
 
     def resident_stack_stats(self) -> LoraCacheStats | None:
         return None if self.resident is None else self.resident.stats()
+
+    def heap_stats(self) -> HeapStats | None:
+        """This process's malloc counts now (None off glibc): see daemon.engine.heap.malloc_usage."""
+        from daemon.engine.heap import malloc_usage
+
+        usage = malloc_usage()
+        return None if usage is None else HeapStats(usage.in_use, usage.free, self.heap_retain_bytes)
 
     def lowrank_form(self) -> str | None:
         """The LoRA patcher's low-rank form ("stacked" or "per_file"), None without a patcher."""

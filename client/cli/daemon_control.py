@@ -14,10 +14,20 @@ from client.cli.options import json_option, socket_option, timeout_option
 from client.client import RenderClient, default_socket_path
 from client.telemetry.client_spans import setup_command_telemetry
 from client.wire.errors import Timeout
+from client.wire.messages import HeapStats
 
 STATUS_TIMEOUT_S = 5.0  # `easel status` answers quickly or says so: shorter than the library's default
 
 __all__ = ["register", "status_command", "stop_command"]
+
+
+def heap_line(heap: HeapStats) -> str:
+    """The daemon's malloc heap in words: what a leak would grow, apart from freed memory kept for reuse."""
+    policy = f"up to {heap.retain_bytes / 2**20:.0f} MiB kept at its top" if heap.retain_bytes else "malloc's defaults"
+    return (
+        f"heap: in use {heap.in_use_bytes / 2**20:.0f} MiB, freed and kept for reuse {heap.free_bytes / 2**20:.0f} MiB "
+        f"({policy})"
+    )
 
 
 @click.command("status", cls=EaselCommand)
@@ -50,6 +60,8 @@ def status_command(socket_path, as_json, timeout) -> None:
         click.echo("resident stacks: " + "  ".join(f"{k}={v}" for k, v in stacks.items()))
     if st.lowrank_form is not None:
         click.echo(f"low-rank form: {st.lowrank_form.replace('_', '-')}")
+    if st.heap is not None:
+        click.echo(heap_line(st.heap))
     if st.in_flight is not None:
         j = st.in_flight
         left = "?" if j.estimated_finish_s is None else f"{j.estimated_finish_s:.1f}s"
@@ -63,6 +75,8 @@ def status_command(socket_path, as_json, timeout) -> None:
             f"loads {r.stack_loads}  queue {r.queue_depth}  renders {r.renders_done}  {steps}{job}  "
             f"(reported {r.report_age_s:.0f}s ago)"
         )
+        if r.heap is not None:
+            click.echo(f"  {heap_line(r.heap)}")
     reserve = f" ({st.interactive_reserve} kept for interactive)" if st.interactive_reserve else ""
     preloads = f"  preloads waiting {st.preloads_waiting}" if st.preloads_waiting else ""
     if st.preloads_yielded:

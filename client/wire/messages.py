@@ -246,6 +246,16 @@ class LoraCacheStats(Struct):
     max_bytes: int
 
 
+class HeapStats(Struct):
+    """The daemon process's malloc heap (glibc): what a leak grows (`in_use_bytes`) apart from memory
+    freed and kept for the next LoRA build (`free_bytes`: resident, reused, not a leak), and the bound
+    its heap policy keeps at the heap's top (`--heap-retain-bytes`; 0: malloc's defaults)."""
+
+    in_use_bytes: int
+    free_bytes: int
+    retain_bytes: int
+
+
 class ModelInfo(Struct, omit_defaults=True):
     """The model the daemon holds: where it came from, how it was read, what it costs in memory."""
 
@@ -286,6 +296,7 @@ class ReplicaStatus(Struct, omit_defaults=True):
     in_flight: JobInfo | None = None
     resident_stacks: LoraCacheStats | None = None
     preloads_yielded: int = 0  # its preload builds stopped for a render that arrived
+    heap: HeapStats | None = None  # its malloc heap (glibc); absent elsewhere
 
 
 class StatusResult(Struct, omit_defaults=True):
@@ -315,6 +326,7 @@ class StatusResult(Struct, omit_defaults=True):
     replicas: list[ReplicaStatus] = []  # behind a cluster gateway: each render replica; absent: a plain daemon
     preloads_waiting: int = 0  # `preload` requests waiting for the render thread to be idle
     preloads_yielded: int = 0  # preload builds stopped for a render that arrived, each built again later
+    heap: HeapStats | None = None  # the daemon's malloc heap (glibc); absent elsewhere and behind a gateway
 
 
 class PingResult(Struct, omit_defaults=True):

@@ -314,6 +314,7 @@ class RenderReplica:
             in_flight=run.in_flight,
             resident_stacks=run.resident_stacks,
             preloads_yielded=run.preloads_yielded,
+            heap=run.heap,
         )
         return {
             "status": msgspec.to_builtins(status),
