@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import sys
 from dataclasses import dataclass
@@ -60,11 +61,20 @@ class HeapPolicy:
         return self.detail
 
 
-def _glibc_mallopt() -> ctypes._CFuncPtr | None:
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (looked up once: `find_library` may run a subprocess), else None."""
     if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     if getattr(libc, "gnu_get_libc_version", None) is None:  # musl has a mallopt that does nothing
+        return None
+    return libc
+
+
+def _glibc_mallopt() -> ctypes._CFuncPtr | None:
+    libc = _glibc()
+    if libc is None:
         return None
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
@@ -143,10 +153,8 @@ def malloc_usage() -> MallocUsage | None:
     """malloc's bytes in use and kept free now (glibc's `mallinfo2`), or None where there is no such count
     (not glibc, or a glibc older than 2.33). Python's small objects and MLX's cache of freed buffers are
     outside it: the first has its own allocator, the second counts as in use until `mx.clear_cache()`."""
-    if _glibc_mallopt() is None:
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallinfo2 = getattr(libc, "mallinfo2", None)
+    libc = _glibc()
+    mallinfo2 = None if libc is None else getattr(libc, "mallinfo2", None)
     if mallinfo2 is None:
         return None
     mallinfo2.argtypes, mallinfo2.restype = [], _MallInfo2
