@@ -93,7 +93,7 @@ class Cluster:
         return ray.get_actor(snap["actor"], namespace="serve")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # down once the room is done: its replicas hold ~8 GB
 def cluster(tmp_path_factory):
     import ray
     from ray import serve
