@@ -151,6 +151,7 @@ class RenderService:
         self.tel = tel
         if self.cache is not None:
             tel.metrics.observe_lora_cache(self.cache.stats, None if self.resident is None else self.resident.stats)
+        tel.metrics.observe_heap(self.heap_stats)
 
     @classmethod
     def load(cls, config: ServiceConfig, tel: Telemetry | None = None) -> RenderService:

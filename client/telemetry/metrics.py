@@ -7,7 +7,7 @@ from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from client.wire.messages import LoraCacheStats
+from client.wire.messages import HeapStats, LoraCacheStats
 
 # Renders take seconds to minutes (tiny at 64x64 on CPU: ~4 s/step; dev at 1024^2: tens of seconds).
 RENDER_DURATION_BUCKETS_S = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -62,6 +62,15 @@ class Metrics:
             unit="By",
             description="Bytes held by resident LoRA stacks",
         )
+        # The process's malloc heap: bytes in use (what a leak grows) apart from freed bytes kept for reuse.
+        self._heap_stats: Callable[[], HeapStats | None] | None = None
+        for field, name, text in (
+            ("in_use_bytes", "in_use", "Heap bytes in use by the daemon process (malloc)"),
+            ("free_bytes", "free", "Heap bytes freed and kept for reuse, not returned to the system (malloc)"),
+        ):
+            meter.create_observable_gauge(
+                f"easel.heap.{name}", [self._observe_heap(field)], unit="By", description=text
+            )
         self.errors = meter.create_counter(
             "easel.errors", unit="{error}", description="Failed requests and renders, by error.type"
         )
@@ -91,6 +100,18 @@ class Metrics:
                 return []
             stats = source()
             return [Observation(int(getattr(stats, field)))]
+
+        return callback
+
+    def observe_heap(self, stats: Callable[[], HeapStats | None]) -> None:
+        """Report the process's malloc heap from `stats()` (None where it cannot be read: nothing is
+        reported then); read only when metrics are exported."""
+        self._heap_stats = stats
+
+    def _observe_heap(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            stats = None if self._heap_stats is None else self._heap_stats()
+            return [] if stats is None else [Observation(int(getattr(stats, field)))]
 
         return callback
 

@@ -182,6 +182,12 @@ def test_daemon_metrics_from_real_requests(traced_daemon):
     assert [p.value for p in points["easel.queue.depth"]] == [0]
     errors = {p.attributes["error.type"]: p.value for p in points["easel.errors"]}
     assert errors == {"lora_not_found": 1}
+    if sys.platform.startswith("linux"):  # glibc's counts; the gauges stay silent where malloc has none
+        heap = traced_daemon.service.heap_stats()
+        assert heap is not None and heap.in_use_bytes > 0
+        (in_use,) = points["easel.heap.in_use"]
+        (free,) = points["easel.heap.free"]
+        assert in_use.value > 1 << 20 and free.value >= 0  # this process's heap, read at the export
 
 
 def test_a_dead_collector_neither_fails_renders_nor_stops_the_daemon_stopping(tmp_path):

@@ -318,7 +318,7 @@ def test_set_stack_reads_the_patchers_file_reports():
 def _metric_points(reader: InMemoryMetricReader) -> dict[str, list]:
     out: dict[str, list] = {}
     data = reader.get_metrics_data()
-    for rm in data.resource_metrics:
+    for rm in data.resource_metrics if data is not None else ():  # None: nothing recorded yet
         for sm in rm.scope_metrics:
             for m in sm.metrics:
                 out.setdefault(m.name, []).extend(m.data.data_points)
@@ -354,6 +354,21 @@ def test_metrics_render_duration_errors_switches_queue_cache(tel):
     ]
     errors = {p.attributes["error.type"]: p.value for p in pts["easel.errors"]}
     assert errors == {"lora_zero_match": 1}
+
+
+def test_heap_gauges_report_the_callbacks_counts_and_nothing_where_the_heap_cannot_be_read(tel):
+    from client.wire.messages import HeapStats
+
+    pts = _metric_points(tel.reader)
+    assert "easel.heap.in_use" not in pts  # no source yet: no point
+    heap: list[HeapStats | None] = [HeapStats(in_use_bytes=3 << 20, free_bytes=5 << 20, retain_bytes=2**31 - 1)]
+    tel.metrics.observe_heap(lambda: heap[0])
+    pts = _metric_points(tel.reader)
+    assert [p.value for p in pts["easel.heap.in_use"]] == [3 << 20]
+    assert [p.value for p in pts["easel.heap.free"]] == [5 << 20]
+    heap[0] = None  # off glibc: the gauges stay silent rather than report a made-up zero
+    pts = _metric_points(tel.reader)
+    assert not pts.get("easel.heap.in_use") and not pts.get("easel.heap.free")
 
 
 def test_disabled_sdk_is_a_silent_no_op():
