@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -44,6 +45,17 @@ from daemon.telemetry import RenderSpan, Telemetry, TelemetryConfig, extract_con
 from daemon.telemetry import render_span as open_render_span
 
 log = logging.getLogger("easel.service")
+
+
+def _load_lora_kernels() -> None:
+    """The patcher's compiled writers, loaded ahead (a failure is the first build's to report, by name)."""
+    from daemon.lora.patcher import LoraPatcher
+
+    try:
+        LoraPatcher.warm_up()
+    except Exception as exc:  # noqa: BLE001 - logged; the build that needs them raises it again
+        log.warning("the LoRA writers' compiled kernels did not load ahead: %s", exc)
+
 
 StepCallback = Callable[[int, int], None]  # (i, steps) at each boundary, i = 0 before the first step
 StackKey = tuple  # ((path, scale, FileSignature), ...): the scheduler groups jobs by it; the patcher decides switches
@@ -164,6 +176,10 @@ class RenderService:
 
         heap = retain_freed(config.heap_retain_bytes)  # before the model's buffers are allocated
         log.info("%s", heap.describe())
+        # The compiled LoRA writers load (about 1.5 s) while the weights do, so neither
+        # the warm-up nor, with --no-warmup or --in-process, the first stack build waits for them.
+        kernels = threading.Thread(target=_load_lora_kernels, name="easel-lora-kernels", daemon=True)
+        kernels.start()
         model = load_model(
             config.preset,
             model_path=config.model_path,

@@ -497,7 +497,7 @@ def _write_compiled(src: np.ndarray, scale: np.float32 | None, dst: np.ndarray, 
 def half_kernels() -> ModuleType:
     """daemon/lora/half_kernels.py, imported on first use: importing numba and loading the kernels' machine
     code takes about 1.5 s, which a process that never writes a scaled bf16 or an fp16 block does not pay
-    (the daemon pays it in its warm-up, `LoraPatcher.warm_up`)."""
+    (the daemon loads it beside the model's weights: `RenderService.load`)."""
     from daemon.lora import half_kernels as kernels
 
     return kernels
