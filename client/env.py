@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from client.sizes import parse_byte_size
 from client.wire.errors import InvalidEnvVar
 
 T = TypeVar("T")
@@ -96,16 +97,6 @@ def _path(raw: str) -> Path:
 
 def _paths(raw: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
-
-
-def _positive_int(raw: str) -> int:
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ValueError("a positive integer") from None
-    if value <= 0:
-        raise ValueError("a positive integer")
-    return value
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -223,16 +214,7 @@ CACHE_DIR: EnvVar[Path] = _register(
 
 
 def _byte_size(raw: str) -> int:
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    text = raw.strip().lower().removesuffix("ib").removesuffix("b")
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "")
-    try:
-        value = float(number) * units[unit]
-    except ValueError:
-        raise ValueError("a size in bytes, e.g. 12G or 12884901888") from None
-    if value <= 0:
-        raise ValueError("a positive size")
-    return int(value)
+    return parse_byte_size(raw, minimum=1)
 
 
 MEMORY_LIMIT: EnvVar[int | None] = _register(
@@ -286,9 +268,9 @@ TRACES_FILE: EnvVar[Path | None] = _register(
 TRACES_FILE_MAX_BYTES: EnvVar[int] = _register(
     EnvVar(
         "EASEL_TRACES_FILE_MAX_BYTES",
-        _positive_int,
+        _byte_size,
         doc="Size past which the span file is rotated to `<file>.1`.",
-        values="bytes",
+        values="bytes, or with K/M/G/T (e.g. `64M`)",
         default_doc="67108864 (64 MiB)",
         read_by=BOTH,
         default=64 * 1024 * 1024,

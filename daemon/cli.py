@@ -18,7 +18,8 @@ from pathlib import Path
 import click
 
 from client.cli.errors import fail
-from client.cli.options import socket_option
+from client.cli.options import ByteSize, socket_option
+from client.sizes import format_byte_size
 from client.wire.errors import EaselError
 from client.wire.messages import Render, check_render
 from daemon.config import DaemonConfig, ServerConfig, ServiceConfig, default_of
@@ -79,10 +80,10 @@ from daemon.scheduler import Policy
 )
 @click.option(
     "--max-frame",
-    type=click.IntRange(1024),
-    default=default_of(ServerConfig, "max_frame"),
+    type=ByteSize(1024),
+    default=format_byte_size(default_of(ServerConfig, "max_frame")),  # shown as written; parsed by ByteSize
     show_default=True,
-    help="Largest accepted frame in bytes.",
+    help="Largest accepted frame (bytes, or with K/M/G: 16M).",
 )
 @click.option(
     "--max-size",
@@ -95,17 +96,17 @@ from daemon.scheduler import Policy
 )
 @click.option(
     "--lora-cache-bytes",
-    type=click.IntRange(0),
-    default=default_of(ServiceConfig, "lora_cache_bytes"),
+    type=ByteSize(0),
+    default=format_byte_size(default_of(ServiceConfig, "lora_cache_bytes")),  # shown as written; parsed by ByteSize
     show_default=True,
-    help="Bound of the parsed-LoRA-file cache, in bytes.",
+    help="Bound of the parsed-LoRA-file cache (bytes, or with K/M/G/T: 2GiB).",
 )
 @click.option(
     "--resident-stack-bytes",
-    type=click.IntRange(0),
-    default=default_of(ServiceConfig, "resident_stack_bytes"),
+    type=ByteSize(0),
+    default=format_byte_size(default_of(ServiceConfig, "resident_stack_bytes")),  # shown as written; parsed by ByteSize
     show_default=True,
-    help="Bound of the built LoRA stacks kept for instant switches back to them, in bytes.",
+    help="Bound of the built LoRA stacks kept for instant switches back to them (bytes, or with K/M/G/T).",
 )
 @click.option(
     "--lowrank-form",
@@ -118,8 +119,8 @@ from daemon.scheduler import Policy
 )
 @click.option(
     "--heap-retain-bytes",
-    type=click.IntRange(0),
-    default=default_of(ServiceConfig, "heap_retain_bytes"),
+    type=ByteSize(0),
+    default=format_byte_size(default_of(ServiceConfig, "heap_retain_bytes")),  # shown as written; parsed by ByteSize
     show_default=True,
     help="Freed memory the daemon keeps for reuse, so a stack build does not fault fresh pages in "
     "(0: malloc's defaults).",

@@ -16,6 +16,7 @@ import click
 
 from client import env
 from client.cli.errors import JSON_META_KEY
+from client.sizes import parse_byte_size
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,6 +45,21 @@ class EaselOption(click.Option):
     def get_error_hint(self, ctx: click.Context | None) -> str:  # "Invalid value for '--packs'"
         with self._only_shown_names():
             return super().get_error_hint(ctx)
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes, written `2GiB`, `512M` or `2147483648` (client.sizes), of at least `minimum`."""
+
+    name = "size"
+
+    def __init__(self, minimum: int = 0) -> None:
+        self.minimum = minimum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            return parse_byte_size(str(value), self.minimum)
+        except ValueError as exc:
+            self.fail(f"{value!r} is not {exc}", param, ctx)
 
 
 class ConfigDefault:

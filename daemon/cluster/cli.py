@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from client.cli.errors import EaselGroup, fail
-from client.cli.options import socket_option
+from client.cli.options import ByteSize, socket_option
 from client.wire.errors import EaselError, ReplicaFailed
 from daemon.config import ServerConfig, ServiceConfig, default_of
 
@@ -139,8 +139,8 @@ def cluster_group() -> None:
     help="LoRA stacks a replica keeps (Serve's max_num_models_per_replica) [default: what --resident-stack-bytes "
     "holds at --stack-bytes, else 4].",
 )
-@click.option("--stack-bytes", type=click.IntRange(1), default=None, help="A built stack's size, for the default.")
-@click.option("--resident-stack-bytes", type=click.IntRange(0), default=None)
+@click.option("--stack-bytes", type=ByteSize(1), default=None, help="A built stack's size, for the default.")
+@click.option("--resident-stack-bytes", type=ByteSize(0), default=None, help="Each replica's bound (bytes, or 2GiB).")
 @_lora_roots
 @click.option("--output-root", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--no-warmup", is_flag=True)

@@ -125,6 +125,8 @@ def test_unset_and_empty_give_the_default_and_a_value_is_parsed():
     assert env.CACHE_DIR.get({}) == Path.home() / ".cache" / "easel"
     assert env.BLAS.get({"EASEL_BLAS": " bundled "}) == "bundled" and env.BLAS.get({}) == "auto"
     assert env.TRACES_FILE_MAX_BYTES.get({"EASEL_TRACES_FILE_MAX_BYTES": "1024"}) == 1024
+    assert env.TRACES_FILE_MAX_BYTES.get({"EASEL_TRACES_FILE_MAX_BYTES": "64M"}) == 64 << 20
+    assert env.MEMORY_LIMIT.get({"EASEL_MEMORY_LIMIT": "4.5G"}) == int(4.5 * 2**30)
 
 
 def test_the_process_environment_is_read_when_asked(monkeypatch, tmp_path):
@@ -134,12 +136,17 @@ def test_the_process_environment_is_read_when_asked(monkeypatch, tmp_path):
     assert env.SOCKET.get() is None
 
 
+SIZE = "a size in bytes (e.g. 2GiB, 512M or 67108864)"
+
+
 @pytest.mark.parametrize(
     ("var", "raw", "expected"),
     [
         (env.DTYPE, "fp8", "EASEL_DTYPE must be one of float32, bfloat16, float16, got 'fp8'"),
-        (env.TRACES_FILE_MAX_BYTES, "-1", "EASEL_TRACES_FILE_MAX_BYTES must be a positive integer, got '-1'"),
-        (env.TRACES_FILE_MAX_BYTES, "lots", "EASEL_TRACES_FILE_MAX_BYTES must be a positive integer, got 'lots'"),
+        (env.TRACES_FILE_MAX_BYTES, "-1", f"EASEL_TRACES_FILE_MAX_BYTES must be {SIZE}, got '-1'"),
+        (env.TRACES_FILE_MAX_BYTES, "lots", f"EASEL_TRACES_FILE_MAX_BYTES must be {SIZE}, got 'lots'"),
+        (env.TRACES_FILE_MAX_BYTES, "0", "EASEL_TRACES_FILE_MAX_BYTES must be a size of at least 1, got '0'"),
+        (env.MEMORY_LIMIT, "12Q", f"EASEL_MEMORY_LIMIT must be {SIZE}, got '12Q'"),
         (env.CUDA, "yes", "EASEL_CUDA must be 0 or 1, got 'yes'"),
     ],
 )

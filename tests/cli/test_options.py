@@ -112,3 +112,66 @@ def test_old_spellings_parse_and_stay_out_of_help(tmp_path):
     (tmp_path / "file").write_text("")
     bad = CliRunner().invoke(main, [*args, "--packs-root", str(tmp_path / "file")], prog_name="easel")
     assert bad.exit_code == 2 and "Invalid value for '--packs':" in bad.stderr and "--packs-root" not in bad.stderr
+
+
+# --- sizes in bytes --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("67108864", 67108864),
+        ("0", 0),
+        ("2GiB", 2 << 30),
+        ("2G", 2 << 30),
+        ("2gb", 2 << 30),
+        (" 512 MiB ", 512 << 20),
+        ("1.5k", 1536),
+        (".5M", 512 << 10),
+        ("1T", 1 << 40),
+        ("10b", 10),
+    ],
+)
+def test_a_byte_size_reads_binary_units_with_or_without_an_i(text, expected):
+    from client.sizes import parse_byte_size
+
+    assert parse_byte_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "G", "2X", "-1", "1e9", "nan", "inf", "2 G B", "1,024"])
+def test_a_byte_size_refuses_what_it_cannot_read_and_says_what_it_wants(text):
+    from client.sizes import parse_byte_size
+
+    with pytest.raises(ValueError, match=r"^a size in bytes \(e\.g\. 2GiB, 512M or 67108864\)$"):
+        parse_byte_size(text)
+
+
+def test_a_byte_size_below_the_minimum_names_the_minimum_and_sizes_print_in_the_unit_that_divides():
+    from client.sizes import format_byte_size, parse_byte_size
+
+    with pytest.raises(ValueError, match=r"^a size of at least 1KiB$"):
+        parse_byte_size("1023", minimum=1024)
+    assert parse_byte_size("1K", minimum=1024) == 1024
+    assert [format_byte_size(n) for n in (2 << 30, 1536 << 10, 16 << 20, 1000, 0)] == [
+        "2GiB",
+        "1536KiB",
+        "16MiB",
+        "1000",
+        "0",
+    ]
+
+
+@pytest.mark.mlx  # `easel serve` joins the command line with the daemon's extra
+def test_serve_takes_its_byte_bounds_with_units_and_refuses_a_bad_one_by_option_name():
+    from daemon.config import ServerConfig, ServiceConfig
+
+    serve = command("serve")
+    ctx = serve.make_context("serve", ["--resident-stack-bytes", "512M", "--lora-cache-bytes", "1.5G"])
+    assert ctx.params["resident_stack_bytes"] == 512 << 20 and ctx.params["lora_cache_bytes"] == int(1.5 * 2**30)
+    assert ctx.params["heap_retain_bytes"] == ServiceConfig().heap_retain_bytes  # its default, written 2GiB
+    assert ctx.params["max_frame"] == ServerConfig().max_frame
+    out = CliRunner().invoke(main, ["serve", "--help"], terminal_width=200).stdout
+    assert "--resident-stack-bytes SIZE" in out and "[default: 2GiB]" in out and "[default: 16MiB]" in out
+    bad = CliRunner().invoke(main, ["serve", "--max-frame", "1000"])
+    assert bad.exit_code == 2
+    assert "Invalid value for '--max-frame': '1000' is not a size of at least 1KiB" in bad.output
