@@ -97,14 +97,14 @@ from daemon.scheduler import Policy
 @click.option(
     "--lora-cache-bytes",
     type=ByteSize(0),
-    default=format_byte_size(default_of(ServiceConfig, "lora_cache_bytes")),  # shown as written; parsed by ByteSize
+    default=format_byte_size(default_of(ServiceConfig, "lora_cache_bytes")),
     show_default=True,
     help="Bound of the parsed-LoRA-file cache (bytes, or with K/M/G/T: 2GiB).",
 )
 @click.option(
     "--resident-stack-bytes",
     type=ByteSize(0),
-    default=format_byte_size(default_of(ServiceConfig, "resident_stack_bytes")),  # shown as written; parsed by ByteSize
+    default=format_byte_size(default_of(ServiceConfig, "resident_stack_bytes")),
     show_default=True,
     help="Bound of the built LoRA stacks kept for instant switches back to them (bytes, or with K/M/G/T).",
 )
@@ -120,7 +120,7 @@ from daemon.scheduler import Policy
 @click.option(
     "--heap-retain-bytes",
     type=ByteSize(0),
-    default=format_byte_size(default_of(ServiceConfig, "heap_retain_bytes")),  # shown as written; parsed by ByteSize
+    default=format_byte_size(default_of(ServiceConfig, "heap_retain_bytes")),
     show_default=True,
     help="Freed memory the daemon keeps for reuse, so a stack build does not fault fresh pages in "
     "(0: malloc's defaults).",
