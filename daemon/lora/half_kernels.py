@@ -24,8 +24,8 @@ tests/lora/test_lora_runtime.py checks on every bf16 and every fp16 value. A NaN
 with its payload, an fp16 one quiet with the top of its payload. The kernels let go of the GIL, so a
 build's writer threads run them side by side. They are compiled when this module is first imported and
 cached on disk (`cache=True`: beside this file, or in numba's user cache where that is not writable);
-importing numba and loading them takes about 1.5 s, which the daemon's warm-up pays
-(`LoraPatcher.warm_up`).
+importing numba and loading them takes about 1.5 s, which the daemon pays on a thread of its own while
+the model's weights load (`RenderService.load` calls `LoraPatcher.warm_up` there).
 """
 
 from __future__ import annotations
