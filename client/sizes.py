@@ -32,3 +32,16 @@ def format_byte_size(n: int) -> str:
         if n and n % size == 0:
             return f"{n // size}{unit}iB"
     return str(n)
+
+
+def describe_byte_size(n: int) -> str:
+    """`n` bytes for a person to read, to three figures in the largest binary unit it fills (`3.72 GiB`,
+    `170 MiB`, `512 B`); `format_byte_size` is the exact form that options and variables read back."""
+    for unit in ("T", "G", "M", "K"):
+        size = UNITS[unit.lower()]
+        if abs(n) >= size:
+            for digits in (2, 1, 0):  # three figures, counted after rounding (9.999 is `10.0`)
+                text = f"{n / size:.{digits}f}"
+                if len(text.lstrip("-").partition(".")[0]) + digits <= 3 or not digits:
+                    return f"{text} {unit}iB"
+    return f"{n} B"

@@ -12,9 +12,10 @@ import msgspec
 from client.cli.errors import EaselCommand
 from client.cli.options import json_option, socket_option, timeout_option
 from client.client import RenderClient, default_socket_path
+from client.sizes import describe_byte_size
 from client.telemetry.client_spans import setup_command_telemetry
 from client.wire.errors import Timeout
-from client.wire.messages import HeapStats
+from client.wire.messages import HeapStats, LoraCacheStats
 
 STATUS_TIMEOUT_S = 5.0  # `easel status` answers quickly or says so: shorter than the library's default
 
@@ -23,10 +24,19 @@ __all__ = ["register", "status_command", "stop_command"]
 
 def heap_line(heap: HeapStats) -> str:
     """The daemon's malloc heap in words: what a leak would grow, apart from freed memory kept for reuse."""
-    policy = f"up to {heap.retain_bytes / 2**20:.0f} MiB kept at its top" if heap.retain_bytes else "malloc's defaults"
+    retain = heap.retain_bytes
+    policy = f"up to {describe_byte_size(retain)} kept at its top" if retain else "malloc's defaults"
     return (
-        f"heap: in use {heap.in_use_bytes / 2**20:.0f} MiB, freed and kept for reuse {heap.free_bytes / 2**20:.0f} MiB "
-        f"({policy})"
+        f"heap: in use {describe_byte_size(heap.in_use_bytes)}, freed and kept for reuse "
+        f"{describe_byte_size(heap.free_bytes)} ({policy})"
+    )
+
+
+def cache_line(name: str, stats: LoraCacheStats) -> str:
+    """A bounded cache in words; `--json` keeps the exact counts for scripts."""
+    return (
+        f"{name}: {stats.entries} entries, {describe_byte_size(stats.bytes)} of {describe_byte_size(stats.max_bytes)}"
+        f"  hits {stats.hits}  misses {stats.misses}  evictions {stats.evictions}"
     )
 
 
@@ -49,15 +59,14 @@ def status_command(socket_path, as_json, timeout) -> None:
         bits = f"{m.quantization}-bit" if m.quantization else "not quantized"
         click.echo(
             f"model: {m.layout} checkpoint {m.source}  {bits}, {m.dtype} on {m.device}, "
-            f"{m.resident_bytes / 2**30:.2f} GiB resident, loaded in {m.load_s:.1f}s"
+            f"{describe_byte_size(m.resident_bytes)} resident, loaded in {m.load_s:.1f}s"
         )
     stack = ", ".join(f"{Path(s.path).name}@{s.scale:g}" for s in st.active_stack) or "(none)"
     click.echo(f"active stack: {stack}  (switches so far: {st.stack_switches})")
     if st.lora_cache is not None:
-        click.echo("lora cache: " + "  ".join(f"{k}={v}" for k, v in msgspec.structs.asdict(st.lora_cache).items()))
+        click.echo(cache_line("lora cache", st.lora_cache))
     if st.resident_stacks is not None:
-        stacks = msgspec.structs.asdict(st.resident_stacks)
-        click.echo("resident stacks: " + "  ".join(f"{k}={v}" for k, v in stacks.items()))
+        click.echo(cache_line("resident stacks", st.resident_stacks))
     if st.lowrank_form is not None:
         click.echo(f"low-rank form: {st.lowrank_form.replace('_', '-')}")
     if st.heap is not None:

@@ -161,6 +161,24 @@ def test_a_byte_size_below_the_minimum_names_the_minimum_and_sizes_print_in_the_
     ]
 
 
+def test_sizes_for_people_keep_three_figures_after_rounding():
+    from client.sizes import describe_byte_size
+
+    sizes = (0, 512, 1023, 1024, 1536, 170 << 20, int(3.72 * 2**30), 2**31 - 1, int(9.999 * 2**20), int(99.996 * 2**20))
+    assert [describe_byte_size(n) for n in sizes] == [
+        "0 B",
+        "512 B",
+        "1023 B",
+        "1.00 KiB",
+        "1.50 KiB",
+        "170 MiB",
+        "3.72 GiB",
+        "2.00 GiB",
+        "10.0 MiB",
+        "100 MiB",
+    ]
+
+
 @pytest.mark.mlx  # `easel serve` joins the command line with the daemon's extra
 def test_serve_takes_its_byte_bounds_with_units_and_refuses_a_bad_one_by_option_name():
     from daemon.config import ServerConfig, ServiceConfig
