@@ -31,9 +31,9 @@ from opentelemetry import context, trace
 from opentelemetry.trace import TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from client.address import default_socket_path  # one rule for both ends
 from client.telemetry import TRACER_NAME, client_span, inject_trace_context
 from client.wire import framing
-from client.wire.address import default_socket_path  # one rule for both ends
 from client.wire.errors import (
     Busy,
     DaemonUnavailable,

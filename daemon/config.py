@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from client import env
-from client.wire.address import default_socket_path
+from client.address import default_socket_path
 from client.wire.framing import DEFAULT_MAX_FRAME
 from daemon.render_spec import Limits
 from daemon.scheduler import Policy

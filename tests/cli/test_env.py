@@ -180,11 +180,11 @@ def test_a_family_names_its_members():
 
 
 def test_the_client_side_readers_follow_the_registry(monkeypatch, tmp_path):
+    from client.address import default_socket_path
     from client.cli.batch import default_out
     from client.lorafile.keymaps import default_keymap_dir, shipped_keymap_dir
     from client.packs.load import default_lora_root
     from client.telemetry.config import config_from_env, default_traces_file
-    from client.wire.address import default_socket_path
 
     monkeypatch.setenv("EASEL_SOCKET", "~/s.sock")
     assert default_socket_path() == Path.home() / "s.sock"
