@@ -389,6 +389,52 @@ def test_the_gateway_counts_the_preloads_waiting_on_its_replicas_and_cancels_one
     assert counts[-1] == 1 and (cancel.cancelled, cancel.state) == (True, "queued") and after == 0
 
 
+def test_a_preload_cancelled_at_the_gateway_keeps_nothing_on_its_replica(cluster):
+    """`cancel` at the gateway for a preload its replica is still working on (two 176 MB files, so the
+    work takes long enough to be caught) reaches that replica: Serve cancels the replica's call, whose
+    runner drops or stops the preload. The preload answers `cancelled` and the replica kept nothing:
+    preloading the same stack again builds it (it goes to the replica that took the stack's id in, which
+    would answer `built` false had it finished and kept the stack). A preload answered before its cancel
+    is tried again with the cancel sent sooner, three times at most."""
+    from helpers.lora_factories import make_lora
+
+    from client.client import AsyncRenderClient
+    from client.wire.errors import Cancelled
+
+    from .conftest import LAYOUT
+
+    paths = []
+    for i in range(2):
+        path = cluster.loras / f"big{i}.safetensors"
+        make_lora("kohya", path, LAYOUT, rank=2048, alpha=2048, seed=40 + i, dtype="BF16")
+        paths.append(str(path))
+
+    async def run():
+        async with AsyncRenderClient(cluster.gateway.socket, render_timeout=600) as c:
+            t0 = time.monotonic()
+            whole = await c.preload(paths, [0.5, 0.5])  # both files read, hashed and built once, uncancelled
+            wait = (time.monotonic() - t0) / 2
+            tries = []
+            for n, scale in enumerate((0.61, 0.62, 0.63)):
+                preload = asyncio.create_task(c.preload(paths, [scale, scale], request_id=f"big-{n}"))
+                await asyncio.sleep(wait)
+                cancel = await c.cancel(f"big-{n}")
+                if cancel.cancelled:
+                    with pytest.raises(Cancelled):
+                        await asyncio.wait_for(preload, 120)
+                    again = await c.preload(paths, [scale, scale])
+                    return whole, tries, cancel, again
+                tries.append((wait, (await preload).build_ms))  # answered first: send the next cancel sooner
+                wait /= 4
+            return whole, tries, None, None
+
+    whole, tries, cancel, again = asyncio.run(run())
+    assert whole.built and whole.resident and whole.build_ms > 0
+    assert cancel is not None, tries
+    assert (cancel.cancelled, cancel.state) == (True, "queued")  # the gateway's call was still unanswered
+    assert again.built and again.resident and not again.live, again
+
+
 def test_a_replica_killed_mid_batch_loses_nothing(cluster):
     """`easel batch --cluster`: the batch runs through the `cluster` renderer (entry point) with 4 renders in
     flight; a replica is killed while it renders; every item is rendered exactly once, the manifest is whole."""
