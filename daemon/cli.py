@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from client.cli.errors import fail
-from client.cli.options import ByteSize, socket_option
+from client.cli.options import ByteSize, log_level_option, socket_option
 from client.sizes import format_byte_size
 from client.wire.errors import EaselError
 from client.wire.messages import Render, check_render
@@ -150,7 +150,7 @@ from daemon.scheduler import Policy
     show_default=True,
     help="How many renders one client's batch work may get ahead of another's for fewer stack switches.",
 )
-@click.option("--log-level", default="WARNING", show_default=True)
+@log_level_option
 def serve_command(
     preset, model_path, transformer_path, quantize, force_load,
     socket_path, lora_roots, output_root, queue_capacity, interactive_reserve, max_connections,
@@ -158,7 +158,7 @@ def serve_command(
     heap_retain_bytes, lora_content_hash, no_warmup, no_preempt, max_preemptions, fair_slack, log_level,
 ) -> None:  # fmt: skip
     """Run the render daemon in the foreground until SIGTERM/SIGINT or `easel stop`."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # A crash in native code (MLX, numpy, msgspec) then leaves every thread's Python stack on stderr:
     # the one record an operator has of what the daemon was doing when it died.
     with contextlib.suppress(ValueError, OSError):  # a stderr with no file descriptor (a test's capture)

@@ -96,6 +96,21 @@ def socket_option(fn: F) -> F:
     )(fn)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def log_level_option(fn: F) -> F:
+    """`--log-level LEVEL` -> `log_level`: logging's name for it (`WARNING`), whatever case was typed."""
+    return option(
+        "--log-level",
+        type=click.Choice(LOG_LEVELS, case_sensitive=False),
+        default="warning",
+        show_default=True,
+        callback=lambda _ctx, _param, value: value.upper(),
+        help="How much the process logs to stderr.",
+    )(fn)
+
+
 def _remember_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
     if value:
         ctx.meta[JSON_META_KEY] = True  # an error is then printed as JSON on stdout too (client.cli.errors)

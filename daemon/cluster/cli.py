@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from client.cli.errors import EaselGroup, fail
-from client.cli.options import ByteSize, socket_option
+from client.cli.options import ByteSize, log_level_option, socket_option
 from client.wire.errors import EaselError, ReplicaFailed
 from daemon.config import ServerConfig, ServiceConfig, default_of
 
@@ -64,10 +64,10 @@ _lora_roots = click.option(
     "--max-connections", type=click.IntRange(1), default=default_of(ServerConfig, "max_connections"), show_default=True
 )
 @click.option("--drain-timeout", type=click.FloatRange(0), default=default_of(ServerConfig, "drain_timeout_s"))
-@click.option("--log-level", default="WARNING", show_default=True)
+@log_level_option
 def gateway_command(address, socket_path, lora_roots, queue_capacity, max_connections, drain_timeout, log_level):
     """Serve the daemon's socket and protocol over a Ray cluster's render replicas (`easel cluster up`)."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server: dict[str, Any] = {"max_connections": max_connections, "drain_timeout_s": drain_timeout}
     if socket_path is not None:
         server["socket_path"] = socket_path

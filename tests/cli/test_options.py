@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def command(*path: str) -> click.Command:
     cmd: click.Command = main
-    for name in path:
-        cmd = cmd.commands[name]  # type: ignore[attr-defined]
+    for name in path:  # get_command: a daemon command joins through its entry point on first use
+        cmd = cmd.get_command(click.Context(cmd), name)  # type: ignore[attr-defined]
     return cmd
 
 
@@ -193,3 +193,18 @@ def test_serve_takes_its_byte_bounds_with_units_and_refuses_a_bad_one_by_option_
     bad = CliRunner().invoke(main, ["serve", "--max-frame", "1000"])
     assert bad.exit_code == 2
     assert "Invalid value for '--max-frame': '1000' is not a size of at least 1KiB" in bad.output
+
+
+@pytest.mark.mlx  # `easel serve` joins the command line with the daemon's extra
+@pytest.mark.parametrize("name", ["serve", "gateway"])
+def test_the_log_level_is_one_of_loggings_names_in_any_case_and_a_bad_one_is_a_usage_error(name):
+    required = ["--cluster", "auto"] if name == "gateway" else []
+    if name == "gateway":
+        pytest.importorskip("ray")
+    cmd = command(name)
+    assert cmd.make_context(name, [*required, "--log-level", "info"]).params["log_level"] == "INFO"
+    assert cmd.make_context(name, [*required, "--log-level", "Debug"]).params["log_level"] == "DEBUG"
+    assert cmd.make_context(name, required).params["log_level"] == "WARNING"
+    bad = CliRunner().invoke(main, [name, *required, "--log-level", "bogus"])
+    assert bad.exit_code == 2, bad.output  # a usage error, not a traceback from logging
+    assert "Invalid value for '--log-level': 'bogus' is not one of 'debug', 'info'" in bad.output
