@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import random
 import socket
@@ -175,6 +176,14 @@ def _connect_error(path: Path, exc: OSError) -> DaemonUnavailable:
     return DaemonUnavailable(f"cannot connect to {path}: {exc}", socket=str(path))
 
 
+def check_timeout(name: str, value: Any) -> float:
+    """`value` as a timeout: a positive, finite number of seconds (a socket takes 0 as "never block" and
+    refuses a negative one with a bare ValueError; asyncio takes either as "already expired")."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    return float(value)
+
+
 class _Shared:
     """What both twins share: ids, request construction, reply interpretation."""
 
@@ -189,12 +198,16 @@ class _Shared:
     ) -> None:
         self.socket_path = Path(socket_path) if socket_path is not None else default_socket_path()
         self._tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
-        self.timeout = timeout
-        self.render_timeout = render_timeout
+        self.timeout = check_timeout("timeout", timeout)
+        self.render_timeout = check_timeout("render_timeout", render_timeout)
         self.retry = retry
         self.max_frame = max_frame
         self._ids = itertools.count(1)
         self.hello: Hello | None = None  # the greeting of the current connection (protocol, version, limits)
+
+    def _render_wait(self, timeout: float | None) -> float:
+        """A render's or preload's own timeout, else the client's (0 is refused by `_call`, not defaulted)."""
+        return self.render_timeout if timeout is None else timeout
 
     def _next_id(self) -> int:
         return next(self._ids)
@@ -292,6 +305,7 @@ class RenderClient(_Shared):
         return self._sock
 
     def _call(self, msg: Any, timeout: float, on_progress: ProgressCallback | None = None) -> Any:
+        timeout = check_timeout("timeout", timeout)
         with self._traced(msg) as traced:
             return self._send(traced, timeout, on_progress)
 
@@ -384,7 +398,7 @@ class RenderClient(_Shared):
 
         def once() -> RenderResult:
             msg = msgspec.structs.replace(req, id=self._next_id())
-            return self._call(msg, timeout or self.render_timeout, on_progress)
+            return self._call(msg, self._render_wait(timeout), on_progress)
 
         return self._with_retry(once)
 
@@ -402,7 +416,7 @@ class RenderClient(_Shared):
         includes that wait."""
         req = build_preload(lora_paths, lora_scales, **fields)
         return self._with_retry(
-            lambda: self._call(msgspec.structs.replace(req, id=self._next_id()), timeout or self.render_timeout)
+            lambda: self._call(msgspec.structs.replace(req, id=self._next_id()), self._render_wait(timeout))
         )
 
 
@@ -495,6 +509,7 @@ class AsyncRenderClient(_Shared):
             q.put_nowait(None)
 
     async def _call(self, msg: Any, timeout: float, on_progress: ProgressCallback | None = None) -> Any:
+        timeout = check_timeout("timeout", timeout)
         with self._traced(msg) as traced:
             return await self._send(traced, timeout, on_progress)
 
@@ -590,7 +605,7 @@ class AsyncRenderClient(_Shared):
 
         async def once() -> RenderResult:
             rid = request_id if request_id is not None else self._next_id()
-            return await self._call(msgspec.structs.replace(req, id=rid), timeout or self.render_timeout, on_progress)
+            return await self._call(msgspec.structs.replace(req, id=rid), self._render_wait(timeout), on_progress)
 
         return await self._with_retry(once)
 
@@ -609,6 +624,6 @@ class AsyncRenderClient(_Shared):
 
         async def once() -> PreloadResult:
             msg = msgspec.structs.replace(req, id=request_id if request_id is not None else self._next_id())
-            return await self._call(msg, timeout or self.render_timeout)
+            return await self._call(msg, self._render_wait(timeout))
 
         return await self._with_retry(once)

@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from client.client import DEFAULT_RENDER_TIMEOUT_S, build_render
+from client.client import DEFAULT_RENDER_TIMEOUT_S, build_render, check_timeout
 from client.lorafile.signature import file_signature
 from client.wire import framing
 from client.wire.errors import DaemonUnavailable, PeerNotAllowed, ProtocolError, ReplicaFailed, error_from_wire
@@ -93,7 +93,7 @@ class HttpRenderClient:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
-        self.url, self.parts, self.timeout = url, parts, timeout
+        self.url, self.parts, self.timeout = url, parts, check_timeout("timeout", timeout)
         self.token = token if token is not None else ray_token()
         self.last_replica: str | None = None  # the replica that answered the last render
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from client.cli.errors import fail
-from client.cli.options import ByteSize, log_level_option, socket_option
+from client.cli.options import ByteSize, Finite, log_level_option, seconds, socket_option
 from client.sizes import format_byte_size
 from client.wire.errors import EaselError
 from client.wire.messages import Render, check_render
@@ -73,7 +73,7 @@ from daemon.scheduler import Policy
 )
 @click.option(
     "--drain-timeout",
-    type=click.FloatRange(0),
+    type=seconds(zero=True),
     default=default_of(ServerConfig, "drain_timeout_s"),
     show_default=True,
     help="Seconds queued and running renders get on SIGTERM/SIGINT or `easel stop`; a second signal stops at once.",
@@ -145,7 +145,7 @@ from daemon.scheduler import Policy
 )
 @click.option(
     "--fair-slack",
-    type=click.FloatRange(0),
+    type=Finite(0),
     default=Policy().fair_slack,
     show_default=True,
     help="How many renders one client's batch work may get ahead of another's for fewer stack switches.",

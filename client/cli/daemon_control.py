@@ -10,7 +10,7 @@ import click
 import msgspec
 
 from client.cli.errors import EaselCommand
-from client.cli.options import json_option, socket_option, timeout_option
+from client.cli.options import json_option, seconds, socket_option, timeout_option
 from client.client import RenderClient, default_socket_path
 from client.sizes import describe_byte_size
 from client.telemetry.client_spans import setup_command_telemetry
@@ -105,8 +105,8 @@ def status_command(socket_path, as_json, timeout) -> None:
 
 @click.command("stop", cls=EaselCommand)
 @socket_option
-@click.option("--drain-timeout", type=click.FloatRange(0), default=None, help="Override the daemon's drain timeout.")
-@click.option("--wait", "wait_s", type=float, default=120.0, show_default=True, help="Seconds to wait for exit.")
+@click.option("--drain-timeout", type=seconds(zero=True), default=None, help="Override the daemon's drain timeout.")
+@click.option("--wait", "wait_s", type=seconds(), default=120.0, show_default=True, help="Seconds to wait for exit.")
 def stop_command(socket_path, drain_timeout, wait_s) -> None:
     """Ask the daemon to drain and exit; wait until its socket is gone."""
     path = socket_path or default_socket_path()

@@ -8,6 +8,7 @@ renamed option keeps its old spelling as a hidden alias, so scripts written for 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,6 +61,36 @@ class ByteSize(click.ParamType):
             return parse_byte_size(str(value), self.minimum)
         except ValueError as exc:
             self.fail(f"{value!r} is not {exc}", param, ctx)
+
+
+class Finite(click.ParamType):
+    """A finite number of at least `minimum` (more than it, with `above`). Written rather than
+    click.FloatRange, which lets nan through (it compares false with any bound) and prints its range
+    beside every default."""
+
+    name = "number"
+
+    def __init__(self, minimum: float = 0.0, *, above: bool = False, metavar: str = "NUMBER") -> None:
+        self.minimum, self.above, self.metavar = minimum, above, metavar
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        return self.metavar
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number.", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        if number < self.minimum or (self.above and number == self.minimum):
+            self.fail(f"{value!r} is not {'more than' if self.above else 'at least'} {self.minimum:g}.", param, ctx)
+        return number
+
+
+def seconds(*, zero: bool = False) -> Finite:
+    """A number of seconds: more than 0 (a wait), or at least 0 with `zero` (a drain that may be cut short)."""
+    return Finite(0.0, above=not zero, metavar="SECONDS")
 
 
 class ConfigDefault:
@@ -124,7 +155,7 @@ def json_option(help: str = "Print the result as JSON.") -> Callable[[F], F]:  #
 
 def timeout_option(default: Any, help: str) -> Callable[[F], F]:  # noqa: A002
     """`--timeout SECONDS` -> `timeout`."""
-    return option("--timeout", type=float, default=default, show_default=True, help=help)
+    return option("--timeout", type=seconds(), default=default, show_default=True, help=help)
 
 
 def packs_option(fn: F) -> F:

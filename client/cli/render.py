@@ -10,7 +10,7 @@ import click
 import msgspec
 
 from client.cli.errors import EaselCommand
-from client.cli.options import json_option, size_options, socket_option, timeout_option
+from client.cli.options import json_option, seconds, size_options, socket_option, timeout_option
 from client.client import DEFAULT_RENDER_TIMEOUT_S, RenderClient
 from client.telemetry.client_spans import setup_command_telemetry
 from client.wire.errors import EaselError
@@ -41,7 +41,7 @@ def parse_lora(spec: str) -> tuple[str, float]:
 @click.option("--lora", "loras", multiple=True, help="PATH[:SCALE], repeatable, in stack order.")
 @click.option("--zero-match", type=click.Choice(["error", "warn"]), default="error", show_default=True)
 @click.option("--priority", type=click.Choice(["interactive", "batch"]), default="interactive", show_default=True)
-@click.option("--deadline", type=float, default=None, help="Seconds after which the daemon abandons the job.")
+@click.option("--deadline", type=seconds(), default=None, help="Seconds after which the daemon abandons the job.")
 @click.option("-o", "--output", default=None, help="Output PNG; relative paths are inside the daemon's output root.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file at --output (without it: output_exists).")
 @timeout_option(DEFAULT_RENDER_TIMEOUT_S, "Seconds to wait for the render, time in the queue included.")

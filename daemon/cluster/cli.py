@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from client.cli.errors import EaselGroup, fail
-from client.cli.options import ByteSize, log_level_option, socket_option
+from client.cli.options import ByteSize, Finite, log_level_option, seconds, socket_option
 from client.wire.errors import EaselError, ReplicaFailed
 from daemon.config import ServerConfig, ServiceConfig, default_of
 
@@ -63,7 +63,7 @@ _lora_roots = click.option(
 @click.option(
     "--max-connections", type=click.IntRange(1), default=default_of(ServerConfig, "max_connections"), show_default=True
 )
-@click.option("--drain-timeout", type=click.FloatRange(0), default=default_of(ServerConfig, "drain_timeout_s"))
+@click.option("--drain-timeout", type=seconds(zero=True), default=default_of(ServerConfig, "drain_timeout_s"))
 @log_level_option
 def gateway_command(address, socket_path, lora_roots, queue_capacity, max_connections, drain_timeout, log_level):
     """Serve the daemon's socket and protocol over a Ray cluster's render replicas (`easel cluster up`)."""
@@ -127,8 +127,10 @@ def cluster_group() -> None:
 @click.option("--preset", default=default_of(ServiceConfig, "preset"), show_default=True)
 @click.option("--model-path", default=None, help="A checkpoint at the same path on every machine.")
 @click.option("--address", default=None, help=f"{ADDRESS_HELP} Default: start a Ray head on this machine.")
-@click.option("--num-cpus", type=float, default=1, show_default=True, help="CPUs each replica reserves.")
-@click.option("--num-gpus", type=float, default=0, show_default=True, help="GPUs each replica reserves.")
+@click.option(
+    "--num-cpus", type=Finite(0, above=True), default=1, show_default=True, help="CPUs each replica reserves."
+)
+@click.option("--num-gpus", type=Finite(0), default=0, show_default=True, help="GPUs each replica reserves.")
 @click.option(
     "--blas-threads", type=click.IntRange(1), default=None, help="BLAS threads per replica [default: --num-cpus]."
 )

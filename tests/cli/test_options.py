@@ -208,3 +208,25 @@ def test_the_log_level_is_one_of_loggings_names_in_any_case_and_a_bad_one_is_a_u
     bad = CliRunner().invoke(main, [name, *required, "--log-level", "bogus"])
     assert bad.exit_code == 2, bad.output  # a usage error, not a traceback from logging
     assert "Invalid value for '--log-level': 'bogus' is not one of 'debug', 'info'" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["render", "x", "--timeout", "0"], "Invalid value for '--timeout': '0' is not more than 0."),
+        (["status", "--timeout", "-1"], "Invalid value for '--timeout': '-1' is not more than 0."),
+        (["status", "--timeout", "nan"], "Invalid value for '--timeout': 'nan' is not a finite number."),
+        (["render", "x", "--deadline", "inf"], "Invalid value for '--deadline': 'inf' is not a finite number."),
+        (["stop", "--wait", "0"], "Invalid value for '--wait': '0' is not more than 0."),
+        (["stop", "--drain-timeout", "nan"], "Invalid value for '--drain-timeout': 'nan' is not a finite number."),
+    ],
+)
+def test_a_number_of_seconds_is_positive_and_finite_or_a_usage_error(args, message):
+    """Before this was checked, `--timeout 0` reached the socket as "never block" (a BlockingIOError
+    traceback) and `--timeout -1` raised socket's own ValueError."""
+    bad = CliRunner().invoke(main, args)
+    assert bad.exit_code == 2 and message in bad.output, bad.output
+
+
+def test_a_drain_timeout_of_zero_is_a_drain_cut_short_and_parses():
+    assert command("stop").make_context("stop", ["--drain-timeout", "0"]).params["drain_timeout"] == 0.0

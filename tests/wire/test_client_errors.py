@@ -23,6 +23,7 @@ from client.client import (
     build_render,
     default_socket_path,
 )
+from client.http_render import HttpRenderClient
 from client.wire.errors import Busy, DaemonUnavailable, InvalidRequest, Timeout
 
 
@@ -277,3 +278,25 @@ def test_every_error_code_is_documented_in_the_protocol():
     missing = [code for code in ERROR_CLASSES if f"`{code}`" not in doc]
     assert not missing, f"error codes not in docs/protocol.md: {missing}"
     assert {"keymap_error", "lora_promote"} <= set(ERROR_CLASSES)  # one registry, not one per module
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, "5", True])
+def test_a_timeout_that_is_not_a_positive_finite_number_of_seconds_is_refused_by_name(bad, tmp_path):
+    """A socket takes a timeout of 0 as "never block" (a BlockingIOError later) and refuses a negative one
+    with a bare ValueError; both twins refuse them up front, naming the parameter, before any I/O (no
+    daemon here): at construction and per call."""
+    path = tmp_path / "nobody.sock"
+    for twin in (RenderClient, AsyncRenderClient):
+        for name in ("timeout", "render_timeout"):
+            with pytest.raises(ValueError, match=rf"^{name} must be a positive, finite number of seconds, got "):
+                twin(path, **{name: bad})
+    with pytest.raises(ValueError, match=r"^timeout must be a positive, finite number of seconds"):
+        RenderClient(path).send_render("x", width=64, height=64, steps=1, timeout=bad)
+    with pytest.raises(ValueError, match=r"^timeout must be a positive, finite number of seconds"):
+        HttpRenderClient("http://127.0.0.1:9", token="t", timeout=bad)  # the cluster's HTTP route: http.client
+
+    async def per_call():
+        with pytest.raises(ValueError, match=r"^timeout must be a positive, finite number of seconds"):
+            await AsyncRenderClient(path).preload([str(tmp_path / "a.safetensors")], [1.0], timeout=bad)
+
+    asyncio.run(per_call())
