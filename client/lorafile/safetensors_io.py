@@ -390,6 +390,8 @@ def dtype_name(dtype: np.dtype) -> str:
 
 def serialize_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
     """The bytes of a safetensors file holding `tensors` in their own dtypes (keys ordered by the library)."""
+    if not tensors:  # the library (0.8) writes `{},"__metadata__":{}}` for no tensors and empty metadata
+        return _tensorless_safetensors(metadata)
     arrays = {name: np.require(a, requirements="C") for name, a in tensors.items()}  # alive for the pointers
     names = {name: dtype_name(a.dtype) for name, a in arrays.items()}
     spec = getattr(safetensors, "TensorSpec", None)
@@ -401,6 +403,14 @@ def serialize_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[s
     else:  # older releases take dicts named like the header
         flat = {name: {"dtype": names[name], "shape": list(a.shape), "data": a.tobytes()} for name, a in arrays.items()}
     return bytes(safetensors.serialize(flat, metadata=dict(metadata)))
+
+
+def _tensorless_safetensors(metadata: Mapping[str, str]) -> bytes:
+    """A safetensors file with no tensors: its header (only the metadata, if any), padded with spaces to a
+    multiple of 8 bytes after its 8-byte little-endian length, as the format lays a header out."""
+    header = json.dumps({"__metadata__": dict(metadata)} if metadata else {}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
 
 
 def write_safetensors(

@@ -185,6 +185,22 @@ def test_writer_keeps_every_dtype_bit_for_bit(tmp_path):
         np.testing.assert_array_equal(st.get_tensor("t.F32"), tensors["t.F32"])
 
 
+@pytest.mark.parametrize("metadata", [{}, {"note": "nothing trained"}])
+def test_a_file_with_no_tensors_is_written_as_valid_safetensors(tmp_path, metadata):
+    """The safetensors library (0.8) serializes no tensors and empty metadata as `{},"__metadata__":{}}`,
+    which is not JSON; the writer lays a tensorless header out itself, readable by easel and the library."""
+    path = tmp_path / "empty.safetensors"
+    size = safetensors_io.write_safetensors(path, {}, metadata)
+    data = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    assert size == len(data) == 8 + header_len and header_len % 8 == 0
+    assert json.loads(data[8:]) == ({"__metadata__": metadata} if metadata else {})
+    got = read_safetensors(path)
+    assert got.tensors == {} and got.metadata == metadata
+    with safe_open(str(path), framework="numpy") as st:
+        assert list(st.keys()) == [] and (st.metadata() or {}) == metadata
+
+
 def test_writer_refuses_a_dtype_safetensors_cannot_hold(tmp_path):
     with pytest.raises(LoraFormatError, match="cannot store"):
         safetensors_io.write_safetensors(tmp_path / "c.safetensors", {"c": np.ones(2, dtype=np.complex64)}, {})
