@@ -7,6 +7,7 @@ the LoRA's scale (and, with `baseline`, a first column without the LoRA for refe
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -84,8 +85,17 @@ def write_grid(image: Image.Image, output: str | os.PathLike[str]) -> Path:
 
 
 def parse_strengths(values: Sequence[str]) -> tuple[float, ...]:
-    """`0.3 0.5` or `0.3,0.5` (both forms, mixed) -> floats."""
+    """`0.3 0.5` or `0.3,0.5` (both forms, mixed) -> floats: at least one, each finite, checked before any
+    render (a bad one would otherwise fail the grid after its first columns). ValueError names the word."""
     out: list[float] = []
-    for v in values:
-        out.extend(float(x) for x in str(v).replace(",", " ").split())
+    for word in " ".join(map(str, values)).replace(",", " ").split():
+        try:
+            number = float(word)
+        except ValueError:
+            raise ValueError(f"{word!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{word!r} is not a finite number")
+        out.append(number)
+    if not out:
+        raise ValueError("no strength given")
     return tuple(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers.lora_factories import generate_lora, make_s4nnc, write_safetensors
@@ -47,3 +48,18 @@ def test_inspect_errors(tmp_path):
     write_safetensors(te, {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": np.ones((2, 8))}, {})
     result = CliRunner().invoke(main, ["lora", "inspect", str(te), "--preset", "tiny"])
     assert result.exit_code == 1 and "zero keys" in result.output and "text encoder" in result.output
+
+
+@pytest.mark.parametrize(
+    ("strengths", "why"),
+    [("", "no strength given"), ("0.5 nan", "'nan' is not a finite number"), ("0.5,abc", "'abc' is not a number")],
+)
+def test_grid_strengths_are_checked_before_any_render(tmp_path, strengths, why):
+    """A usage error naming the bad word, with no daemon asked anything (there is none at this socket):
+    before, an empty list was a ValueError traceback and `nan` failed the grid after its first column."""
+    lora = tmp_path / "a.safetensors"
+    write_safetensors(lora, {"x": np.zeros(2, np.float32)}, {})
+    args = ["lora", "grid", str(lora), "--strengths", strengths, "--socket", str(tmp_path / "nobody.sock")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2, r.output
+    assert f"Invalid value for --strengths: {why}" in r.output
