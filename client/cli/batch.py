@@ -11,7 +11,15 @@ import click
 
 from client import env
 from client.cli.errors import EaselGroup, ExitStatus
-from client.cli.options import lora_root_option, option, packs_option, size_options, socket_option, timeout_option
+from client.cli.options import (
+    Finite,
+    lora_root_option,
+    option,
+    packs_option,
+    size_options,
+    socket_option,
+    timeout_option,
+)
 from client.client import DEFAULT_RENDER_TIMEOUT_S
 
 
@@ -55,7 +63,7 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Base of the per-item seeds (each item's seed is derived from it and the item).",
         ),
         size_options,
-        click.option("--guidance", type=float, default=None),
+        click.option("--guidance", type=Finite(), default=None),
         click.option("--preset", default=None, help="Model preset [default: the tier's, else the pack's]."),
         click.option("--limit", type=int, default=None, help="Only the first N items (before sharding)."),
         click.option("--dry-run", is_flag=True, help="Print prompts and stacks; render nothing."),

@@ -13,7 +13,15 @@ from pathlib import Path
 import click
 
 from client.cli.errors import EaselGroup, ExitStatus, failure
-from client.cli.options import ConfigDefault, json_option, lora_root_option, packs_option, size_options, socket_option
+from client.cli.options import (
+    ConfigDefault,
+    Finite,
+    json_option,
+    lora_root_option,
+    packs_option,
+    size_options,
+    socket_option,
+)
 from client.wire.errors import LoraZeroMatch
 
 
@@ -107,28 +115,28 @@ def remap(source: str, output: str, keymap: str) -> None:
 @size_options
 @click.option(
     "--scale",
-    type=float,
+    type=Finite(),
     default=ConfigDefault(lambda: _verify_config().scale),
     show_default=True,
     help="LoRA scale for the gate renders.",
 )
 @click.option(
     "--min-match",
-    type=click.FloatRange(0, 1),
+    type=Finite(0, maximum=1),
     default=ConfigDefault(lambda: _verify_config().thresholds.min_match_ratio),
     show_default=True,
     help="Check 1: minimum fraction of keys that must reach the model.",
 )
 @click.option(
     "--max-ssim-lora",
-    type=float,
+    type=Finite(-1, maximum=1),
     default=ConfigDefault(lambda: _verify_config().thresholds.max_ssim_lora),
     show_default=True,
     help="Check 2: SSIM(LoRA, no LoRA) must be below this.",
 )
 @click.option(
     "--max-ssim-trigger",
-    type=float,
+    type=Finite(-1, maximum=1),
     default=ConfigDefault(lambda: _verify_config().thresholds.max_ssim_trigger),
     show_default=True,
     help="Check 3: SSIM(trigger prompt, control prompt) must be below this.",

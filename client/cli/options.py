@@ -64,14 +64,21 @@ class ByteSize(click.ParamType):
 
 
 class Finite(click.ParamType):
-    """A finite number of at least `minimum` (more than it, with `above`). Written rather than
-    click.FloatRange, which lets nan through (it compares false with any bound) and prints its range
-    beside every default."""
+    """A finite number of at least `minimum` (more than it, with `above`), at most `maximum` if given.
+    Written rather than click.FloatRange, which lets nan through (it compares false with any bound) and
+    prints its range beside every default."""
 
     name = "number"
 
-    def __init__(self, minimum: float = 0.0, *, above: bool = False, metavar: str = "NUMBER") -> None:
-        self.minimum, self.above, self.metavar = minimum, above, metavar
+    def __init__(
+        self,
+        minimum: float = -math.inf,
+        *,
+        above: bool = False,
+        maximum: float = math.inf,
+        metavar: str = "NUMBER",
+    ) -> None:
+        self.minimum, self.above, self.maximum, self.metavar = minimum, above, maximum, metavar
 
     def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
         return self.metavar
@@ -85,6 +92,8 @@ class Finite(click.ParamType):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         if number < self.minimum or (self.above and number == self.minimum):
             self.fail(f"{value!r} is not {'more than' if self.above else 'at least'} {self.minimum:g}.", param, ctx)
+        if number > self.maximum:
+            self.fail(f"{value!r} is not at most {self.maximum:g}.", param, ctx)
         return number
 
 

@@ -10,7 +10,7 @@ import click
 import msgspec
 
 from client.cli.errors import EaselCommand
-from client.cli.options import json_option, seconds, size_options, socket_option, timeout_option
+from client.cli.options import Finite, json_option, seconds, size_options, socket_option, timeout_option
 from client.client import DEFAULT_RENDER_TIMEOUT_S, RenderClient
 from client.telemetry.client_spans import setup_command_telemetry
 from client.wire.errors import EaselError
@@ -35,7 +35,7 @@ def parse_lora(spec: str) -> tuple[str, float]:
 @socket_option
 @click.option("--tier", default=None, help="Render tier giving default size/steps/guidance.")
 @size_options
-@click.option("--guidance", type=float, default=None)
+@click.option("--guidance", type=Finite(), default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--preset", default=None, help="Must match the daemon's preset (default: the daemon's).")
 @click.option("--lora", "loras", multiple=True, help="PATH[:SCALE], repeatable, in stack order.")

@@ -85,7 +85,7 @@ def test_help_shows_the_owners_defaults():
     from client.lora_tools.verify import Thresholds
 
     out = CliRunner().invoke(main, ["lora", "verify", "--help"], terminal_width=200).stdout
-    assert f"[default: {Thresholds().min_match_ratio};" in out and f"[default: {Thresholds().max_ssim_lora}]" in out
+    assert f"[default: {Thresholds().min_match_ratio}]" in out and f"[default: {Thresholds().max_ssim_lora}]" in out
     out = CliRunner().invoke(main, ["render", "--help"], terminal_width=200).stdout
     assert "[default: 900.0]" in out
     out = CliRunner().invoke(main, ["lora", "grid", "--help"], terminal_width=200).stdout
@@ -230,3 +230,20 @@ def test_a_number_of_seconds_is_positive_and_finite_or_a_usage_error(args, messa
 
 def test_a_drain_timeout_of_zero_is_a_drain_cut_short_and_parses():
     assert command("stop").make_context("stop", ["--drain-timeout", "0"]).params["drain_timeout"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["lora", "verify", "a.safetensors", "--scale", "nan"], "Invalid value for '--scale': 'nan' is not a finite"),
+        (["lora", "verify", "a.safetensors", "--min-match", "1.5"], "'--min-match': '1.5' is not at most 1."),
+        (["lora", "verify", "a.safetensors", "--max-ssim-lora", "nan"], "'--max-ssim-lora': 'nan' is not a finite"),
+        (["render", "x", "--guidance", "inf"], "Invalid value for '--guidance': 'inf' is not a finite number."),
+    ],
+)
+def test_numbers_that_would_only_fail_at_the_daemon_are_refused_as_usage_errors(tmp_path, args, message):
+    """A nan scale sent to the verify gate came back as a failed report (every render refused); nan passed
+    click's FloatRange bounds too."""
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    bad = CliRunner().invoke(main, [str(tmp_path / a) if a == "a.safetensors" else a for a in args])
+    assert bad.exit_code == 2 and message in bad.output, bad.output
