@@ -132,6 +132,8 @@ def plan_batch(
     gdir = Path(packs_root) / genre
     if kind not in CONTENT_KINDS:
         raise InvalidRequest(f"unknown batch kind {kind!r}; known: {', '.join(CONTENT_KINDS)}", field="kind")
+    if limit is not None and limit < 0:  # a slice would quietly drop items from the end
+        raise InvalidRequest(f"limit must be >= 0, got {limit}", field="limit")
     tier = tier or CONTENT_KINDS[kind].default_tier
     style = load_visual_style(gdir, world, tier=tier, lora_root=lora_root, check_files=check_files)
     items = load_items(gdir / "worlds" / world, kind)

@@ -7,7 +7,8 @@ error and the batch goes on; if the daemon is gone the batch stops and the rest 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from client.batch.plan import BatchItem, BatchPlan
 from client.batch.records import (
@@ -19,7 +20,7 @@ from client.batch.records import (
     write_record,
 )
 from client.renderer import Renderer
-from client.wire.errors import DaemonUnavailable, EaselError
+from client.wire.errors import DaemonUnavailable, EaselError, PathNotAllowed
 from client.wire.messages import Event
 
 
@@ -52,6 +53,16 @@ def render_item(
     return RenderOutcome(result.image_path or str(item.output_path), result.seed, tuple(result.stack), result.timings)
 
 
+def dooms_the_rest(error: Mapping[str, Any], item: BatchItem) -> bool:
+    """Whether every item after this failure would fail the same way, so the batch stops (the rest stay
+    pending, to be rendered by a resumed run): no daemon, or the daemon refusing the item's output path,
+    which lies in the folder every item of the plan writes to."""
+    if error.get("code") == DaemonUnavailable.code:
+        return True
+    path = (error.get("details") or {}).get("path")
+    return error.get("code") == PathNotAllowed.code and path == str(item.output_path)
+
+
 def run_batch(
     plan: BatchPlan,
     renderer: Renderer,
@@ -64,7 +75,8 @@ def run_batch(
     """Render every item not already finished, then write the manifest.
 
     An item that fails is recorded with its typed error and the batch goes on (unless `stop_on_error`, or
-    the daemon is gone: then it stops at once instead of failing every remaining item);
+    a failure every later item would share, `dooms_the_rest`: then it stops at once instead of failing
+    every remaining item, which stay pending);
     an interruption (Ctrl-C) leaves every finished item's files in place for the next run to skip.
     `workers` > 1 keeps that many renders in flight (a renderer that is safe to call from several threads,
     e.g. a cluster's): items of one LoRA stack are sent together so each stays where it is loaded.
@@ -96,7 +108,7 @@ def run_batch(
                 results.append(ItemResult(item, "failed", None, err.to_wire(), time.monotonic() - t0))
                 bar.write(f"failed: {item.content.name}: [{err.code}] {err.message}")
                 bar.update(1)
-                if stop_on_error or isinstance(err, DaemonUnavailable):  # no daemon: the rest would fail too
+                if stop_on_error or dooms_the_rest(err.to_wire(), item):
                     break
                 continue
             write_record(item, outcome)
@@ -167,7 +179,7 @@ def _run_concurrently(
                     if result.status == "failed":
                         err = result.error or {}
                         bar.write(f"failed: {result.item.content.name}: [{err.get('code')}] {err.get('message')}")
-                        if stop_on_error or err.get("code") == DaemonUnavailable.code:
+                        if stop_on_error or dooms_the_rest(err, result.item):
                             stop = True
     finally:
         bar.close()

@@ -65,7 +65,7 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
         size_options,
         click.option("--guidance", type=Finite(), default=None),
         click.option("--preset", default=None, help="Model preset [default: the tier's, else the pack's]."),
-        click.option("--limit", type=int, default=None, help="Only the first N items (before sharding)."),
+        click.option("--limit", type=click.IntRange(0), default=None, help="Only the first N items (before sharding)."),
         click.option("--dry-run", is_flag=True, help="Print prompts and stacks; render nothing."),
         click.option("--no-resume", is_flag=True, help="Render items again even if already done."),
         click.option("--no-progress", is_flag=True, help="No progress bar."),

@@ -299,6 +299,16 @@ def test_cli_malformed_shard_and_unknown_world_are_clear_errors(packs, tmp_path)
     assert res.exit_code != 0 and "no world 'atlantis'" in res.output
 
 
+def test_a_negative_limit_is_refused_not_sliced_from_the_end(packs, tmp_path):
+    """`--limit -1` once planned every item but the last (a Python slice)."""
+    with pytest.raises(InvalidRequest, match=r"^limit must be >= 0, got -1$"):
+        plan(packs, tmp_path, limit=-1)
+    assert len(plan(packs, tmp_path, limit=0).items) == 0
+    base = ["batch", "poi", "--genre", "spaghetti_western", "--world", "dust_and_lead", "--packs", str(packs)]
+    res = CliRunner().invoke(cli, [*base, "--dry-run", "--limit", "-1"])
+    assert res.exit_code == 2 and "Invalid value for '--limit': -1 is not in the range x>=0." in res.output
+
+
 def test_default_out_lies_inside_the_daemons_default_output_root(monkeypatch, tmp_path):
     from client.cli.batch import default_out
 

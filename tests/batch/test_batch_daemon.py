@@ -105,6 +105,36 @@ def test_a_lora_the_daemon_rejects_is_a_failed_item_not_a_crash(daemon, packs, t
     assert all(e["code"] == "lora_zero_match" and "zero_match" in e["message"] for e in errors)
 
 
+class ClientPerCall:
+    """A renderer safe to call from several threads (as a cluster's is): one connection per render."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+
+    def send_render(self, prompt, **fields):
+        with RenderClient(self.socket_path) as client:
+            return client.send_render(prompt, **fields)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_output_folder_the_daemon_refuses_stops_the_batch_at_once(daemon, packs, tmp_path, workers):
+    """Every item of a plan writes into one folder: once the daemon refuses an item's output path (outside
+    its output root), every other item would be refused too, so the batch stops instead of sending them
+    all; they stay pending, listed in the manifest, for a run with another --out. (A LoRA refused for an
+    item does not stop a batch: the test above.)"""
+    plan = plan_batch(packs, "spaghetti_western", "dust_and_lead", "poi", tmp_path / "elsewhere", width=64,
+                      height=64, steps=1)  # fmt: skip
+    assert len(plan.items) == 5
+    renderer = ClientPerCall(daemon.config.socket_path)
+    result = run_batch(plan, renderer, progress=False, workers=workers)
+    statuses = [r.status for r in result.items]
+    failed = [r for r in result.items if r.status == "failed"]
+    assert 1 <= len(failed) <= workers and statuses.count("pending") >= len(plan.items) - workers, statuses
+    assert all(r.error["code"] == "path_not_allowed" for r in failed) and not result.ok
+    assert daemon.engine.rendered == []
+    assert manifest_of(plan)["counts"]["pending"] == statuses.count("pending")
+
+
 def test_cli_batch_against_the_daemon_and_summary(daemon, packs, tmp_path):
     args = ["batch", "creature", "--genre", "spaghetti_western", "--world", "the_real_mccoy", "--packs", str(packs),
             "--out", str(tmp_path / "out" / "cli"), "--socket", str(daemon.config.socket_path), "--width", "64",
