@@ -1,4 +1,5 @@
-"""`easel status`, `easel stop`: talk to the running daemon about itself (`easel serve` is the daemon's own command)."""
+"""`easel status`, `easel cancel`, `easel stop`: talk to the running daemon about itself and its jobs (`easel serve` is
+the daemon's own command)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from client.wire.messages import HeapStats, LoraCacheStats
 
 STATUS_TIMEOUT_S = 5.0  # `easel status` answers quickly or says so: shorter than the library's default
 
-__all__ = ["register", "status_command", "stop_command"]
+__all__ = ["cancel_command", "register", "status_command", "stop_command"]
 
 
 def heap_line(heap: HeapStats) -> str:
@@ -103,6 +104,35 @@ def status_command(socket_path, as_json, timeout) -> None:
         )
 
 
+CANCEL_OUTCOMES = {  # where a job was when its cancel arrived -> what became of it, in words
+    "queued": "cancelled (it was queued)",
+    "running": "cancelled (it stops at its next step)",
+    "suspended": "cancelled (it was suspended behind an interactive render)",
+    "cancelling": "already being cancelled",
+    "done": "already answered",
+    "unknown": "no such job",
+}
+
+
+@click.command("cancel", cls=EaselCommand)
+@click.argument("jobs", nargs=-1, required=True, metavar="JOB...")
+@socket_option
+@json_option("Print the cancels' results as a JSON list.")
+@timeout_option(STATUS_TIMEOUT_S, "Seconds to wait for each answer.")
+def cancel_command(jobs, socket_path, as_json, timeout) -> None:
+    """Cancel renders by the job ids `easel status` lists, whichever client sent them; fails if one is unknown."""
+    setup_command_telemetry()
+    with RenderClient(socket_path, timeout=timeout) as c:
+        results = [c.cancel(job=job) for job in jobs]
+    if as_json:
+        click.echo(json.dumps(msgspec.to_builtins(results), indent=2))
+    for r in [] if as_json else results:
+        click.echo(f"{r.job}: {CANCEL_OUTCOMES[r.state]}")
+    unknown = [r.job for r in results if r.state == "unknown"]
+    if unknown:
+        raise click.ClickException(f"no job {', '.join(map(repr, unknown))} on this daemon (`easel status` lists them)")
+
+
 @click.command("stop", cls=EaselCommand)
 @socket_option
 @click.option("--drain-timeout", type=seconds(zero=True), default=None, help="Override the daemon's drain timeout.")
@@ -123,4 +153,5 @@ def stop_command(socket_path, drain_timeout, wait_s) -> None:
 
 def register(group: click.Group) -> None:
     group.add_command(status_command)
+    group.add_command(cancel_command)
     group.add_command(stop_command)

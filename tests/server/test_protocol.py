@@ -359,6 +359,50 @@ def test_cancel_has_one_shape_and_cancels_once(daemon):
     assert (unknown_job.cancelled, unknown_job.state, unknown_job.job) == (False, "unknown", "77:1")
 
 
+def test_easel_cancel_stops_another_clients_jobs_by_the_ids_status_lists(daemon):
+    """`easel cancel JOB...` from the shell, on its own connection: the running render stops at its next
+    step, the queued one is dropped, an unknown id fails the command (exit 1) after the others were
+    cancelled; cancelling again says the job was already answered (exit 0)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from client.cli import main as easel
+    from client.wire.errors import Cancelled
+
+    daemon.engine.step_s = 0.1
+    sock = ["--socket", str(daemon.config.socket_path)]
+
+    async def go():
+        async with AsyncRenderClient(daemon.config.socket_path) as c:
+            running = asyncio.create_task(c.send_render("r", steps=100, request_id="run", **SIZE))
+            queued = asyncio.create_task(c.send_render("q", steps=1, request_id="wait", **SIZE))
+            while (st := await c.status()).in_flight is None or not st.queue:
+                assert not running.done() and not queued.done()
+                await asyncio.sleep(0.02)
+            jobs = [st.in_flight.job, st.queue[0].job]
+            shown = await asyncio.to_thread(CliRunner().invoke, easel, ["status", *sock, "--json"])
+            first = await asyncio.to_thread(CliRunner().invoke, easel, ["cancel", *jobs, "9:9", *sock])
+            for task in (running, queued):
+                with pytest.raises(Cancelled):
+                    await asyncio.wait_for(task, 30)
+            again = await asyncio.to_thread(CliRunner().invoke, easel, ["cancel", jobs[0], *sock, "--json"])
+            return jobs, shown, first, again
+
+    jobs, shown, first, again = asyncio.run(go())
+    listed = json.loads(shown.stdout)
+    assert [listed["in_flight"]["job"], listed["queue"][0]["job"]] == jobs  # the ids status shows
+    assert first.exit_code == 1, first.output
+    assert first.stdout.splitlines() == [
+        f"{jobs[0]}: cancelled (it stops at its next step)",
+        f"{jobs[1]}: cancelled (it was queued)",
+        "9:9: no such job",
+    ]
+    assert "easel: failed: no job '9:9' on this daemon (`easel status` lists them)" in first.stderr
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout) == [{"cancelled": False, "state": "done", "job": jobs[0]}]
+
+
 def test_every_cancel_result_carries_all_three_fields_on_the_wire(daemon):
     s = connect(daemon.config.socket_path)
     s.sendall(frame({"op": "cancel", "id": 1, "target": 404}))
