@@ -83,8 +83,9 @@ def tail(
         path = file_ or default_traces_file()
         if no_follow and not path.exists():
             raise click.ClickException(f"no span file at {path} (set {env.TRACES_FILE.name} on the daemon)")
+        waiting = "" if no_follow or path.exists() else " (not there yet: waiting for the daemon to write it)"
         records = follow_file(path, from_start=from_start or no_follow, follow=not no_follow, stop=stop)
-        click.echo(f"easel traces: following {path}", err=True)
+        click.echo(f"easel traces: {'reading' if no_follow else 'following'} {path}{waiting}", err=True)
 
     for rec in records:
         if as_json:

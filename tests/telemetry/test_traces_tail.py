@@ -78,6 +78,7 @@ def test_tail_prints_one_line_per_render(recorded):
     assert "western:120/120" in second
     assert re.match(r"\d\d:\d\d:\d\d  ok ", third) and "scene" in third and "no-lora" in third
     assert "\x1b[" not in result.stdout  # not a terminal: no colour codes
+    assert result.stderr == f"easel traces: reading {recorded}\n"  # not "following": it exits at the end
 
 
 def test_tail_colours_status_when_asked(recorded):
@@ -180,7 +181,8 @@ def test_tail_follows_a_live_file_across_rotation(tmp_path):
     path = tmp_path / "live" / "traces.jsonl"
     tail = Proc("--file", str(path))
     try:
-        assert "following" in tail.next_line(tail.errs)
+        said = tail.next_line(tail.errs)
+        assert said.strip() == f"easel traces: following {path} (not there yet: waiting for the daemon to write it)"
         tel = setup_telemetry(env={"EASEL_TRACES_FILE": str(path)})  # the file appears after the tail started
         emit_renders(tel)
         tel.shutdown()
