@@ -150,6 +150,24 @@ def test_step_times_exact_per_step_and_scaled():
     assert t.estimate(Shape("dev", 64, 64, 2)) is None
 
 
+def test_an_unmeasured_size_is_read_off_the_line_through_the_two_nearest_measured_sizes():
+    """Per-step times of the tiny preset from bench/lora.py (0.67 s at 64 px, 0.82 s at 128 px, 1.49 s at
+    256 px): from 64 and 128 px the line gives 256 px within 5 %, where pixels alone gave 10.7 s a step."""
+    t = StepTimes(smoothing=1.0)
+    t.observe(Shape("tiny", 64, 64, 1), denoise_s=0.67, other_s=1.0)
+    t.observe(Shape("tiny", 128, 128, 1), denoise_s=0.82, other_s=1.3)
+    assert t.step_s(Shape("tiny", 256, 256, 6)) == pytest.approx(0.67 + 0.15 * 60 / 12, rel=1e-9)  # 1.42 s
+    assert abs(t.step_s(Shape("tiny", 256, 256, 6)) - 1.49) / 1.49 < 0.05
+    assert t.estimate(Shape("tiny", 256, 256, 6)) == pytest.approx(6 * 1.42 + (1.0 + 0.3 * 60 / 12))
+    assert t.step_s(Shape("tiny", 96, 96, 1)) == pytest.approx(0.67 + 0.15 * 5 / 12)  # between the two
+    t.observe(Shape("tiny", 512, 512, 1), denoise_s=4.0, other_s=2.0)
+    assert t.step_s(Shape("tiny", 384, 384, 1)) == pytest.approx(0.82 + (4.0 - 0.82) * (144 - 16) / (256 - 16))
+    noisy = StepTimes(smoothing=1.0)  # the larger size measured faster: the line falls below zero further up
+    noisy.observe(Shape("tiny", 64, 64, 1), denoise_s=1.0, other_s=0.5)
+    noisy.observe(Shape("tiny", 128, 128, 1), denoise_s=0.9, other_s=0.5)
+    assert noisy.step_s(Shape("tiny", 1024, 1024, 1)) == pytest.approx(0.9 * 64)  # scaled from 128 px instead
+
+
 def test_estimates_follow_the_plan_and_add_switch_cost():
     t = StepTimes(smoothing=1.0)
     t.observe(SHAPE, 2.0, 0.0)
