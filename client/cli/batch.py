@@ -53,7 +53,9 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
         ),
         lora_root_option,
         click.option("--tier", default=None, help="Render tier [default: landscape/portrait/scene by kind]."),
-        click.option("--shard", default=None, metavar="I/N", help="Render only share I of N (1-based)."),
+        click.option(
+            "--shard", default=None, metavar="I/N", callback=_shard, help="Render only share I of N (1-based)."
+        ),
         click.option(
             "--seed",
             "base_seed",
@@ -91,12 +93,23 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _shard(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, int]:
+    """`--shard i/n` checked as the command line is read: a bad one is a usage error."""
+    from client.batch import parse_shard
+    from client.wire.errors import InvalidRequest
+
+    try:
+        return parse_shard(value)
+    except InvalidRequest as exc:
+        raise click.BadParameter(exc.message) from None
+
+
 def _run(kind: str, **kw: Any) -> None:
-    from client.batch import describe_plan, parse_shard, plan_batch, run_batch, summary_lines
+    from client.batch import describe_plan, plan_batch, run_batch, summary_lines
 
     plan = plan_batch(
         kw["packs_root"], kw["genre"], kw["world"], kind, kw["out_root"] or default_out(),
-        tier=kw["tier"], shard=parse_shard(kw["shard"]), base_seed=kw["base_seed"],
+        tier=kw["tier"], shard=kw["shard"], base_seed=kw["base_seed"],
         width=kw["width"], height=kw["height"], steps=kw["steps"], guidance=kw["guidance"],
         preset=kw["preset"], limit=kw["limit"], lora_root=kw["lora_root"],
     )  # fmt: skip

@@ -294,7 +294,7 @@ def test_dry_run_prints_prompts_and_stacks_and_renders_nothing(packs, tmp_path):
 def test_cli_malformed_shard_and_unknown_world_are_clear_errors(packs, tmp_path):
     base = ["batch", "creature", "--genre", "gothic_horror", "--packs", str(packs), "--dry-run"]
     res = CliRunner().invoke(cli, [*base, "--world", "ravenmoor", "--shard", "3/2"])
-    assert res.exit_code != 0 and "shard '3/2'" in res.output
+    assert res.exit_code == 2 and "Invalid value for '--shard': shard '3/2': need 1 <= i <= n" in res.output
     res = CliRunner().invoke(cli, [*base, "--world", "atlantis"])
     assert res.exit_code != 0 and "no world 'atlantis'" in res.output
 
