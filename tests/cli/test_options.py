@@ -245,5 +245,8 @@ def test_numbers_that_would_only_fail_at_the_daemon_are_refused_as_usage_errors(
     """A nan scale sent to the verify gate came back as a failed report (every render refused); nan passed
     click's FloatRange bounds too."""
     (tmp_path / "a.safetensors").write_bytes(b"")
-    bad = CliRunner().invoke(main, [str(tmp_path / a) if a == "a.safetensors" else a for a in args])
+    args = [str(tmp_path / a) if a == "a.safetensors" else a for a in args]
+    if args[0] == "lora":  # were the value taken, the gate's report would go here, not into the working directory
+        args += ["--report-dir", str(tmp_path / "report"), "--socket", str(tmp_path / "nobody.sock")]
+    bad = CliRunner().invoke(main, args)
     assert bad.exit_code == 2 and message in bad.output, bad.output

@@ -66,7 +66,7 @@ def test_serve_option_defaults_are_read_from_the_config_classes():
     assert {k: parsed[k] for k in expected} == expected  # max_frame is written 16MiB, read back as bytes
     assert (expected["queue_capacity"], expected["max_connections"], expected["drain_timeout"]) == (64, 128, 30.0)
     r = CliRunner().invoke(easel, ["serve", "--help"])
-    assert r.exit_code == 0 and "[default: 64;" in r.output and "[default: 30.0;" in r.output
+    assert r.exit_code == 0 and "[default: 64;" in r.output and "[default: 30.0]" in r.output
     with pytest.raises(ValueError, match="no plain default"):
         default_of(ServerConfig, "socket_path")  # computed from the environment: the option says so instead
 
