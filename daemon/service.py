@@ -15,7 +15,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -124,6 +124,20 @@ def resolve_shape(req: Render, preset: str, default_steps: int, default_guidance
         seed=req.seed if req.seed is not None else random.randrange(2**32),
         preset=preset,
     )
+
+
+def lora_file(path: str, roots: Sequence[Path], *, field: str, index: int | None = None) -> Path:
+    """A requested LoRA path, confined to the LoRA roots and naming a regular file."""
+    where = f"{field}: " if index is not None else ""
+    extra = {"index": index} if index is not None else {}
+    resolved = confine(path, roots, what="LoRA", must_exist=True, field=field, unresolvable=LoraNotFound)
+    try:
+        is_file = resolved.is_file()
+    except OSError as exc:
+        raise LoraNotFound(f"{where}cannot reach {resolved}: {exc.strerror or exc}", path=path, **extra) from None
+    if not is_file:
+        raise LoraNotFound(f"{where}no LoRA file at {resolved}", path=path, **extra)
+    return resolved
 
 
 class RenderService:
@@ -235,19 +249,7 @@ class RenderService:
         return items
 
     def _lora_file(self, path: str, *, field: str, index: int | None = None) -> Path:
-        """A requested LoRA path, confined to the LoRA roots and naming a regular file."""
-        where = f"{field}: " if index is not None else ""
-        extra = {"index": index} if index is not None else {}
-        resolved = confine(
-            path, self.config.lora_roots, what="LoRA", must_exist=True, field=field, unresolvable=LoraNotFound
-        )
-        try:
-            is_file = resolved.is_file()
-        except OSError as exc:
-            raise LoraNotFound(f"{where}cannot reach {resolved}: {exc.strerror or exc}", path=path, **extra) from None
-        if not is_file:
-            raise LoraNotFound(f"{where}no LoRA file at {resolved}", path=path, **extra)
-        return resolved
+        return lora_file(path, self.config.lora_roots, field=field, index=index)
 
     def active_stack(self) -> list[ActiveLora]:
         return [ActiveLora(path=k[0], scale=k[1]) for k in self.active_key]

@@ -177,6 +177,25 @@ def test_easel_render_in_process_goes_through_the_runner(tmp_path):
     assert (meta["prompt"], meta["seed"], meta["lora_paths"], meta["matched_keys"]) == ("a saloon", 8, [str(lora)], [3])
 
 
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--width", "63"], "easel: invalid_request: width must be a multiple of 16, got 63"),
+        (["--tier", "nosuch"], "easel: invalid_request: unknown tier 'nosuch'"),
+        (["--lora", "missing.safetensors"], "easel: lora_not_found: lora_paths[0]: no LoRA file at"),
+    ],
+)
+def test_easel_render_in_process_refuses_a_bad_request_before_loading_the_model(tmp_path, args, error):
+    """What the daemon would refuse, `--in-process` refuses before the load (minutes for a real preset):
+    the error, and no "model loaded" line (before, it loaded the model first)."""
+    cmd = [sys.executable, "-c", "from client.cli import main; main()", "render", "x", "--in-process", *args]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    assert r.returncode == 1 and error in r.stderr, r.stderr
+    assert "model loaded" not in r.stdout + r.stderr
+
+
 def test_the_compiled_bf16_writers_load_beside_the_weights_before_any_warm_up(tmp_path):
     """What the first stack build would otherwise wait for (numba's compiled bf16 writers, about 1.5 s) loads
     on a thread of its own while `RenderService.load` reads the weights, so with --no-warmup or
