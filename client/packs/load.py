@@ -36,8 +36,10 @@ def read_style_file(path: str | os.PathLike[str]) -> StyleDoc:
 
 
 def genre_dirs(packs_root: str | os.PathLike[str]) -> list[Path]:
-    """Genres are the directories under `packs_root` with a visual_style.yaml."""
+    """Genres are the directories under `packs_root` with a visual_style.yaml; PackError if it is no directory."""
     root = Path(packs_root)
+    if not root.is_dir():
+        raise PackError(f"{root}: no such directory (where are the genre packs? --packs names it)", file=str(root))
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / STYLE_FILE).is_file())
 
 

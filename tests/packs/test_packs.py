@@ -25,6 +25,14 @@ def packs_copy(tmp_path: Path) -> Path:
     return dst
 
 
+def test_a_packs_directory_that_is_not_there_is_a_pack_error_not_a_traceback(tmp_path):
+    """`easel packs make-loras --packs <missing>` was a FileNotFoundError traceback."""
+    r = CliRunner().invoke(cli, ["packs", "make-loras", "--packs", str(tmp_path / "nope")])
+    assert r.exit_code == 1, r.output
+    assert f"easel: pack_error: {tmp_path / 'nope'}: no such directory" in r.stderr
+    assert not (tmp_path / "nope").exists()
+
+
 def test_examples_show_both_world_forms_and_at_least_two_genres():
     genres = {g.name for g in genre_dirs(PACKS)}
     assert {"spaghetti_western", "gothic_horror"} <= genres
