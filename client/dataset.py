@@ -205,8 +205,16 @@ def render_report(report: DatasetReport) -> str:
     return "\n".join(lines)
 
 
-# Problems that make a train.jsonl line wrong or missing (the minimum count and purity do not).
-_JSONL_BLOCKERS = ("not_a_directory", "missing_caption", "corrupt_image", "shared_stem", "empty_caption")
+# Problems that make a train.jsonl line wrong or missing, or the file empty (a training set's minimum count
+# and caption purity do not: `write_jsonl` asks for one pair at least).
+_JSONL_BLOCKERS = (
+    "not_a_directory",
+    "missing_caption",
+    "corrupt_image",
+    "shared_stem",
+    "empty_caption",
+    "too_few_images",
+)
 
 
 @dataclass(frozen=True)
@@ -221,10 +229,11 @@ def write_jsonl(directory: str | Path, output: str | Path | None = None) -> Json
     """Write mlx-examples' train.jsonl ({"image", "prompt"} per line, paths relative to the directory).
 
     Refuses (written=False, no file touched) when an image lacks a usable caption or cannot be
-    decoded, since the trainer would fail on it or learn from a wrong pair.
+    decoded, since the trainer would fail on it or learn from a wrong pair, and when there is no pair at
+    all (an empty train.jsonl only fails later, in the trainer).
     """
     root = Path(directory)
-    report = check_dataset(root, min_images=0)
+    report = check_dataset(root, min_images=1)
     target = Path(output) if output is not None else root / "train.jsonl"
     if report.kinds() & set(_JSONL_BLOCKERS):
         return JsonlResult(target, False, 0, report)

@@ -154,6 +154,16 @@ def test_jsonl_refuses_broken_pairs_and_writes_nothing(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "2 pairs" in result.output and out.is_file()
 
 
+def test_jsonl_of_a_folder_without_pairs_writes_nothing(tmp_path: Path) -> None:
+    """It wrote an empty train.jsonl and said `0 pairs` (exit 0); the trainer would fail on it later."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "notes.md").write_text("no images yet")
+    result = CliRunner().invoke(easel, ["dataset", "jsonl", str(d)])
+    assert result.exit_code == 1 and "too_few_images" in result.output and "not written" in result.output
+    assert not (d / "train.jsonl").exists()
+
+
 @pytest.mark.parametrize("name", ["notes.md", ".DS_Store"])
 def test_other_files_do_not_block(tmp_path: Path, name: str) -> None:
     d = make_set(tmp_path / "d", 2)
