@@ -21,6 +21,7 @@ import math
 import os
 import random
 import socket
+import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -168,6 +169,9 @@ def _connect_error(path: Path, exc: OSError) -> DaemonUnavailable:
     if isinstance(exc, FileNotFoundError):
         return DaemonUnavailable(f"no easel daemon socket at {path}; start one with `easel serve`", socket=str(path))
     if isinstance(exc, ConnectionRefusedError):
+        with contextlib.suppress(OSError):
+            if not stat.S_ISSOCK(path.stat().st_mode):  # a directory or a file, not a socket nobody listens on
+                return DaemonUnavailable(f"{path} is not a socket (the daemon's socket path?)", socket=str(path))
         return DaemonUnavailable(
             f"nothing accepts connections on {path} (the daemon is not running; stale socket?)", socket=str(path)
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import socket
 import threading
 import time
@@ -51,10 +52,13 @@ def test_stale_socket_is_refused_not_hung(tmp_path):
 
 
 def test_wrong_path_that_is_not_a_socket(tmp_path):
+    """A file or a directory at the socket path (an EASEL_SOCKET pointing at the wrong thing) is named as
+    such, not taken for a stale socket."""
     f = tmp_path / "file.txt"
     f.write_text("hi")
-    with pytest.raises(DaemonUnavailable):
-        RenderClient(f).ping()
+    for path in (f, tmp_path):
+        with pytest.raises(DaemonUnavailable, match=rf"^{re.escape(str(path))} is not a socket "):
+            RenderClient(path).ping()
 
 
 @pytest.fixture
