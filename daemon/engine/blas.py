@@ -26,6 +26,13 @@ class BlasInfo:
     path: str | None
     detail: str
 
+    def cpu_warning(self) -> str | None:
+        """What to tell an operator whose CPU renders go through MLX's generic BLAS without asking for it
+        (no OpenBLAS found, a library that would not load, MLX imported first); None otherwise."""
+        if self.name != "bundled" or not sys.platform.startswith("linux") or self.detail.startswith("EASEL_BLAS="):
+            return None
+        return f"{self.detail}: CPU renders use MLX's generic BLAS, about 20 times slower"
+
     def threads(self) -> int | None:
         """The threads the loaded OpenBLAS computes with (None: another BLAS, which does not say)."""
         if not self.path:
@@ -66,9 +73,7 @@ def _load_blas() -> BlasInfo:
         return BlasInfo("bundled", None, "EASEL_BLAS=bundled: MLX's generic BLAS (slow on CPU)")
     path = _find_openblas() if choice == "auto" else choice
     if not path:
-        return BlasInfo(
-            "bundled", None, "no OpenBLAS found (install Debian's libopenblas0-pthread; CPU renders ~20x slower)"
-        )
+        return BlasInfo("bundled", None, "no OpenBLAS found (install Debian's libopenblas0-pthread)")
     try:
         lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:

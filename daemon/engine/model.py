@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, MutableMapping
 from dataclasses import dataclass, field
@@ -270,4 +271,7 @@ def load_model(
         preset.name, model.source, source.layout, f", {loaded.bits}-bit" if loaded.bits else "",
         model.load_seconds, loaded.resident_bytes / 2**30, BLAS.describe(),
     )  # fmt: skip
+    slow = BLAS.cpu_warning() if mx.default_device().type == mx.cpu else None
+    if slow is not None:  # `easel serve` prints it as `easel: warning: ...`: easy to miss in a log at INFO
+        warnings.warn(slow, stacklevel=2)
     return model

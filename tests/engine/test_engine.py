@@ -271,3 +271,43 @@ def test_process_that_rendered_in_threads_exits_cleanly(tiny_model):
         out = subprocess.run([sys.executable, "-c", RENDER_IN_THREADS], capture_output=True, text=True, timeout=600)
         assert out.returncode == 0 and "rendered" in out.stdout, out.stderr[-2000:]
         assert "terminate called" not in out.stderr
+
+
+def test_an_unoptimised_cpu_blas_is_a_warning_unless_asked_for():
+    from daemon.engine.blas import BlasInfo
+
+    assert BlasInfo("openblas", "/usr/lib/libopenblas.so.0", "OpenBLAS 0.3").cpu_warning() is None
+    assert BlasInfo("bundled", None, "EASEL_BLAS=bundled: MLX's generic BLAS (slow on CPU)").cpu_warning() is None
+    said = BlasInfo("bundled", None, "no OpenBLAS found (install Debian's libopenblas0-pthread)").cpu_warning()
+    assert said == (
+        "no OpenBLAS found (install Debian's libopenblas0-pthread): CPU renders use MLX's generic BLAS, "
+        "about 20 times slower"
+    )
+
+
+@pytest.mark.parametrize(("blas", "warned"), [("/nonexistent/libblas.so", True), ("bundled", False)])
+def test_loading_the_model_on_the_cpu_warns_when_the_blas_fell_back_unasked(blas, warned):
+    """A CPU daemon whose EASEL_BLAS library would not load (or that found no OpenBLAS) runs about 20 times
+    slower; that was a line at INFO in the load log. Loading the model now warns (`easel serve` prints it as
+    `easel: warning: ...`); asking for MLX's own BLAS (`bundled`) does not."""
+    import os
+
+    code = (
+        "import json, warnings\n"
+        "from daemon.engine.model import load_model\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    load_model('tiny')\n"
+        "print(json.dumps([str(w.message) for w in caught if 'BLAS' in str(w.message)]))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "EASEL_BLAS": blas},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    messages = json.loads(r.stdout.strip().splitlines()[-1])
+    if warned:
+        assert len(messages) == 1 and messages[0].startswith(f"could not load {blas}: "), messages
+        assert messages[0].endswith(": CPU renders use MLX's generic BLAS, about 20 times slower")
+    else:
+        assert messages == []
