@@ -23,7 +23,7 @@ from client.sizes import format_byte_size
 from client.wire.errors import EaselError
 from client.wire.messages import Render, check_render
 from daemon.config import DaemonConfig, ServerConfig, ServiceConfig, default_of
-from daemon.render_spec import Limits, validate_spec
+from daemon.render_spec import Limits
 from daemon.scheduler import Policy
 
 
@@ -233,13 +233,11 @@ def render_in_process(prompt, paths, scales, zero_match, output, fields, *, log=
     check_render(req)
     from daemon.engine.presets import get_preset
     from daemon.runner import RenderRunner
-    from daemon.service import RenderService, lora_file, resolve_shape
+    from daemon.service import RenderService, admit_render
 
     # what the daemon would refuse is refused before the model loads (minutes for a real preset)
     preset = get_preset(config.preset)
-    validate_spec(resolve_shape(req, preset.name, preset.default_steps, preset.default_guidance), config.limits)
-    for i, path in enumerate(req.lora_paths):
-        lora_file(path, config.lora_roots, field=f"lora_paths[{i}]", index=i)
+    admit_render(req, config, preset.name, preset.default_steps, preset.default_guidance)
     t0 = time.perf_counter()
     service = RenderService.load(config)
     log(f"model loaded in {time.perf_counter() - t0:.1f}s")

@@ -140,6 +140,27 @@ def lora_file(path: str, roots: Sequence[Path], *, field: str, index: int | None
     return resolved
 
 
+def stack_items_in(
+    roots: Sequence[Path], paths: list[str], scales: list[float], names: list[str] | None
+) -> list[StackItem]:
+    """A requested stack's files, each confined to the LoRA roots and naming a regular file."""
+    items = []
+    for i, (p, s) in enumerate(zip(paths, scales, strict=True)):
+        resolved = lora_file(p, roots, field=f"lora_paths[{i}]", index=i)
+        items.append(StackItem(resolved, float(s), names[i] if names else None))
+    return items
+
+
+def admit_render(
+    req: Render, config: ServiceConfig, preset: str, default_steps: int, default_guidance: float
+) -> tuple[RenderSpec, list[StackItem]]:
+    """What a render is checked for before its output path: its shape (tier defaults, the limits) and its
+    stack's files. Needs no model: `easel render --in-process` runs it before loading one."""
+    spec = resolve_shape(req, preset, default_steps, default_guidance)
+    validate_spec(spec, config.limits)
+    return spec, stack_items_in(config.lora_roots, req.lora_paths, req.lora_scales, req.lora_names)
+
+
 class RenderService:
     """Owns the live model's LoRA stack. `run` must only ever be called from the one render thread."""
 
@@ -222,9 +243,7 @@ class RenderService:
     # ---- on the event loop ----------------------------------------------------------------------
 
     def prepare(self, req: Render) -> Prepared:
-        spec = resolve_shape(req, self.preset_name, self.default_steps, self.default_guidance)
-        validate_spec(spec, self.config.limits)
-        items = self.stack_items(req.lora_paths, req.lora_scales, req.lora_names)
+        spec, items = admit_render(req, self.config, self.preset_name, self.default_steps, self.default_guidance)
         out = None
         if not req.return_bytes:  # checked now, written through the held root later (security.OutputRoot)
             generated = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.png"
@@ -242,11 +261,7 @@ class RenderService:
 
     def stack_items(self, paths: list[str], scales: list[float], names: list[str] | None) -> list[StackItem]:
         """A requested stack's files, each confined to the LoRA roots and naming a regular file."""
-        items = []
-        for i, (p, s) in enumerate(zip(paths, scales, strict=True)):
-            resolved = self._lora_file(p, field=f"lora_paths[{i}]", index=i)
-            items.append(StackItem(resolved, float(s), names[i] if names else None))
-        return items
+        return stack_items_in(self.config.lora_roots, paths, scales, names)
 
     def _lora_file(self, path: str, *, field: str, index: int | None = None) -> Path:
         return lora_file(path, self.config.lora_roots, field=field, index=index)
