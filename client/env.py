@@ -155,7 +155,8 @@ OUTPUT_ROOT: EnvVar[Path] = _register(
     EnvVar(
         "EASEL_OUTPUT_ROOT",
         _path,
-        doc="Directory the daemon writes outputs into (`--output-root`); `easel batch` writes under its `batch/`.",
+        doc="Directory the daemon writes outputs into (`--output-root`); `easel batch` writes under the `batch/` "
+        "of the root its daemon reports, of this one when none answers.",
         values="path",
         default_doc="`./easel-output`",
         read_by=BOTH,

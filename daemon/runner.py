@@ -183,6 +183,8 @@ class RunnerStatus:
     preloads_yielded: int = 0  # preload builds stopped for a render that arrived (each built again later)
     lowrank_form: str | None = None  # the LoRA patcher's low-rank form (None: no patcher)
     heap: HeapStats | None = None  # the process's malloc counts (None: not glibc)
+    output_root: str | None = None  # where relative output paths land and the only place it writes
+    lora_roots: list[str] = dataclasses.field(default_factory=list)  # the folders LoRA paths must lie in
 
 
 class RenderRunner:
@@ -744,6 +746,8 @@ class RenderRunner:
             preloads_waiting=len(self.preloads),
             preloads_yielded=self.preloads.yielded,
             heap=svc.heap_stats(),
+            output_root=str(self.config.output_root),
+            lora_roots=[str(p) for p in self.config.lora_roots],
         )
 
 

@@ -706,4 +706,6 @@ class DaemonServer:
             preloads_waiting=run.preloads_waiting,
             preloads_yielded=run.preloads_yielded,
             heap=run.heap,
+            output_root=run.output_root,
+            lora_roots=run.lora_roots,
         )

@@ -22,11 +22,28 @@ from client.cli.options import (
 )
 from client.client import DEFAULT_RENDER_TIMEOUT_S
 
+STATUS_TIMEOUT_S = 5.0  # asking the daemon where its output root is
+
 
 def default_out() -> Path:
     """Inside the daemon's default output root (`$EASEL_OUTPUT_ROOT`, else ./easel-output), which is the
     only place a daemon started with defaults will write to."""
     return env.OUTPUT_ROOT.get() / "batch"
+
+
+def daemon_out(socket_path: str | None) -> Path:
+    """`batch` inside the output root the daemon at `socket_path` reports, the one folder it writes to
+    (`easel serve --output-root`); `default_out()` when no daemon answers or it reports none (a cluster
+    gateway), so a dry run needs no daemon and an unreachable one is reported by the run itself."""
+    from client.client import RenderClient
+    from client.wire.errors import EaselError
+
+    try:
+        with RenderClient(socket_path, timeout=STATUS_TIMEOUT_S) as client:
+            root = client.status().output_root
+    except EaselError:
+        return default_out()
+    return default_out() if root is None else Path(root) / "batch"
 
 
 def register(group: click.Group) -> None:
@@ -48,8 +65,9 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "out_root",
             type=click.Path(file_okay=False, path_type=Path),
             default=None,
-            help=f"Outputs go to OUT/<genre>/<world>/<kind>/ [default: ${env.OUTPUT_ROOT.name}/batch, else "
-            "./easel-output/batch]; must lie inside the daemon's output root.",
+            help="Outputs go to OUT/<genre>/<world>/<kind>/ [default: batch/ in the output root the daemon "
+            f"reports, else ${env.OUTPUT_ROOT.name}/batch, else ./easel-output/batch]; must lie inside the "
+            "daemon's output root.",
         ),
         lora_root_option,
         click.option("--tier", default=None, help="Render tier [default: landscape/portrait/scene by kind]."),
@@ -107,8 +125,11 @@ def _shard(_ctx: click.Context, _param: click.Parameter, value: str | None) -> t
 def _run(kind: str, **kw: Any) -> None:
     from client.batch import describe_plan, plan_batch, run_batch, summary_lines
 
+    out_root = kw["out_root"]
+    if out_root is None:
+        out_root = default_out() if kw["cluster"] is not None else daemon_out(kw["socket_path"])
     plan = plan_batch(
-        kw["packs_root"], kw["genre"], kw["world"], kind, kw["out_root"] or default_out(),
+        kw["packs_root"], kw["genre"], kw["world"], kind, out_root,
         tier=kw["tier"], shard=kw["shard"], base_seed=kw["base_seed"],
         width=kw["width"], height=kw["height"], steps=kw["steps"], guidance=kw["guidance"],
         preset=kw["preset"], limit=kw["limit"], lora_root=kw["lora_root"],

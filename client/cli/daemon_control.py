@@ -62,6 +62,8 @@ def status_command(socket_path, as_json, timeout) -> None:
             f"model: {m.layout} checkpoint {m.source}  {bits}, {m.dtype} on {m.device}, "
             f"{describe_byte_size(m.resident_bytes)} resident, loaded in {m.load_s:.1f}s"
         )
+    if st.output_root is not None:
+        click.echo(f"writes into {st.output_root}  reads LoRAs from {', '.join(st.lora_roots) or '(nowhere)'}")
     stack = ", ".join(f"{Path(s.path).name}@{s.scale:g}" for s in st.active_stack) or "(none)"
     click.echo(f"active stack: {stack}  (switches so far: {st.stack_switches})")
     if st.lora_cache is not None:

@@ -327,6 +327,8 @@ class StatusResult(Struct, omit_defaults=True):
     preloads_waiting: int = 0  # `preload` requests waiting for the render thread to be idle
     preloads_yielded: int = 0  # preload builds stopped for a render that arrived, each built again later
     heap: HeapStats | None = None  # the daemon's malloc heap (glibc); absent elsewhere and behind a gateway
+    output_root: str | None = None  # the one folder it writes images into; absent behind a gateway
+    lora_roots: list[str] = []  # the folders LoRA paths must lie in; absent behind a gateway
 
 
 class PingResult(Struct, omit_defaults=True):

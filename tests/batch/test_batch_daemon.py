@@ -149,6 +149,33 @@ def test_cli_batch_against_the_daemon_and_summary(daemon, packs, tmp_path):
     assert sheet.is_file()
 
 
+def test_cli_batch_without_out_writes_into_the_output_root_the_daemon_reports(daemon, packs, tmp_path, monkeypatch):
+    """A daemon started with its own --output-root refuses the client's default folder; without --out the
+    batch asks the daemon where its root is, even with $EASEL_OUTPUT_ROOT naming another folder here."""
+    monkeypatch.setenv("EASEL_OUTPUT_ROOT", str(tmp_path / "not-the-daemons"))
+    args = ["batch", "creature", "--genre", "spaghetti_western", "--world", "the_real_mccoy", "--packs", str(packs),
+            "--socket", str(daemon.config.socket_path), "--width", "64", "--height", "64", "--steps", "1",
+            "--no-progress"]  # fmt: skip
+    dry = CliRunner().invoke(cli, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    root = daemon.config.output_root / "batch" / "spaghetti_western" / "the_real_mccoy" / "creature"
+    assert str(root) in dry.output and "not-the-daemons" not in dry.output
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert "2 rendered, 0 skipped (already done), 0 failed" in res.output
+    assert len(list(root.glob("*.png"))) == 3  # two renders and the contact sheet
+    assert not (tmp_path / "not-the-daemons").exists()
+
+
+def test_cli_batch_dry_run_without_a_daemon_plans_into_the_local_default(packs, tmp_path, monkeypatch):
+    monkeypatch.setenv("EASEL_OUTPUT_ROOT", str(tmp_path / "here"))
+    args = ["batch", "poi", "--genre", "spaghetti_western", "--world", "dust_and_lead", "--packs", str(packs),
+            "--socket", str(tmp_path / "nobody.sock"), "--dry-run"]  # fmt: skip
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert str(tmp_path / "here" / "batch" / "spaghetti_western" / "dust_and_lead" / "poi") in res.output
+
+
 def test_cli_batch_without_a_daemon_is_a_clear_error_not_a_hang(packs, tmp_path):
     args = ["batch", "poi", "--genre", "spaghetti_western", "--world", "dust_and_lead", "--packs", str(packs),
             "--out", str(tmp_path / "o"), "--socket", str(tmp_path / "nobody.sock"), "--no-progress"]  # fmt: skip

@@ -113,6 +113,9 @@ def test_easel_status_prints_the_typed_status(tmp_path):
         assert "active stack: western.safetensors@0.7  (switches so far: 1)" in r.output
         assert "preset tiny  warm=True" in r.output and "queue 0/8 (2 kept for interactive)" in r.output
         assert "lora cache" not in r.output
+        roots = ", ".join(str(p) for p in d.config.lora_roots)
+        assert f"writes into {d.config.output_root}  reads LoRAs from {roots}" in r.output
+        assert st.output_root == str(d.config.output_root) and st.lora_roots == [str(p) for p in d.config.lora_roots]
         r = CliRunner().invoke(easel, ["status", "--socket", socket, "--json"])
         data = json.loads(r.output)
         assert data["active_stack"] == [{"path": str(lora), "scale": 0.7}]
