@@ -23,13 +23,18 @@ from client.sizes import format_byte_size
 from client.wire.errors import EaselError
 from client.wire.messages import Render, check_render
 from daemon.config import DaemonConfig, ServerConfig, ServiceConfig, default_of
+from daemon.engine.presets import PRESETS
 from daemon.render_spec import Limits
 from daemon.scheduler import Policy
 
 
 @click.command("serve")
 @click.option(
-    "--preset", default=default_of(ServiceConfig, "preset"), show_default=True, help="Model preset to keep loaded."
+    "--preset",
+    type=click.Choice(list(PRESETS), case_sensitive=False),
+    default=default_of(ServiceConfig, "preset"),
+    show_default=True,
+    help="Model preset to keep loaded.",
 )
 @click.option(
     "--model-path",

@@ -13,6 +13,7 @@ import click
 
 from client.cli.errors import EaselCommand, EaselGroup
 from client.cli.options import json_option
+from daemon.engine.presets import PRESETS
 
 GIB = 1 << 30
 
@@ -36,7 +37,13 @@ def _config(preset: str):
     return getattr(ModelConfig, get_preset(preset).mflux_config)()
 
 
-_preset = click.option("--preset", default="dev", show_default=True, help="The preset whose model this is.")
+_preset = click.option(
+    "--preset",
+    type=click.Choice(list(PRESETS), case_sensitive=False),
+    default="dev",
+    show_default=True,
+    help="The preset whose model this is.",
+)
 _transformer = click.option(
     "--transformer", type=click.Path(dir_okay=False, exists=True), default=None, help="A single-file transformer."
 )

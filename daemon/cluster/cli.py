@@ -23,6 +23,7 @@ from client.cli.errors import EaselGroup, fail
 from client.cli.options import ByteSize, Finite, log_level_option, seconds, socket_option
 from client.wire.errors import EaselError, ReplicaFailed
 from daemon.config import ServerConfig, ServiceConfig, default_of
+from daemon.engine.presets import PRESETS
 
 log = logging.getLogger("easel.cluster.cli")
 
@@ -124,7 +125,12 @@ def cluster_group() -> None:
 
 @cluster_group.command("up")
 @click.option("--replicas", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--preset", default=default_of(ServiceConfig, "preset"), show_default=True)
+@click.option(
+    "--preset",
+    type=click.Choice(list(PRESETS), case_sensitive=False),
+    default=default_of(ServiceConfig, "preset"),
+    show_default=True,
+)
 @click.option("--model-path", default=None, help="A checkpoint at the same path on every machine.")
 @click.option("--address", default=None, help=f"{ADDRESS_HELP} Default: start a Ray head on this machine.")
 @click.option(

@@ -210,6 +210,22 @@ def test_the_log_level_is_one_of_loggings_names_in_any_case_and_a_bad_one_is_a_u
     assert "Invalid value for '--log-level': 'bogus' is not one of 'debug', 'info'" in bad.output
 
 
+@pytest.mark.mlx  # the daemon's commands join the command line with the daemon's extra
+@pytest.mark.parametrize("path", [("serve",), ("model", "info"), ("model", "save"), ("cluster", "up")])
+def test_a_daemon_commands_preset_is_one_it_knows_in_any_case_and_another_is_a_usage_error(path, tmp_path):
+    """An unknown preset was a `weights_not_found` error after the command had started (for `serve`, after
+    it had claimed its socket); it is refused as the command line is read, naming the presets."""
+    if path[0] == "cluster":
+        pytest.importorskip("ray")
+    paths = {"serve": [], "info": [str(tmp_path)], "save": [str(tmp_path), str(tmp_path / "dst")], "up": []}
+    args = paths[path[-1]]
+    cmd = command(*path)
+    assert cmd.make_context(path[-1], [*args, "--preset", "TINY"]).params["preset"] == "tiny"
+    bad = CliRunner().invoke(main, [*path, *args, "--preset", "bogus"])
+    assert bad.exit_code == 2, bad.output
+    assert "Invalid value for '--preset': 'bogus' is not one of 'dev', 'schnell', 'krea-dev', 'tiny'." in bad.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
