@@ -13,9 +13,8 @@ import click
 
 from client.cli.errors import EaselCommand, EaselGroup
 from client.cli.options import json_option
+from client.sizes import describe_byte_size
 from daemon.engine.presets import PRESETS
-
-GIB = 1 << 30
 
 
 @click.group("model", cls=EaselGroup)
@@ -66,20 +65,32 @@ def info_command(path: str, preset: str, transformer: str | None, quantize: str 
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"{summary['source']}: {summary['layout']} layout, {summary['stored_bytes'] / GIB:.2f} GiB on disk")
+    stored = summary["stored_quantization"]
+    kept = f", stored {stored}-bit quantized" if stored else ""
+    click.echo(
+        f"{summary['source']}: {summary['layout']} layout, {describe_byte_size(summary['stored_bytes'])} on disk{kept}"
+    )
     for part, p in summary["parts"].items():
         depth = f" depth {p['depth']}" if p["depth"] else ""
         click.echo(f"  {part:<11} {p['naming']:<5} {','.join(p['stored_dtypes']):<12} {len(p['files'])} file(s){depth}")
     by = summary["resident_bytes_by_quantization"]
-    click.echo(
-        f"resident as {summary['dtype']}: {by['None'] / GIB:.2f} GiB; 8-bit {by['8'] / GIB:.2f} GiB; "
-        f"4-bit {by['4'] / GIB:.2f} GiB (+1 GiB and a tenth of that to render)"
-    )
+    if stored:  # it loads at its stored bits: there is no other choice to show
+        weights = f"resident {describe_byte_size(by[str(stored)])}"
+    else:
+        weights = (
+            f"resident as {summary['dtype']}: {describe_byte_size(by['None'])}; 8-bit {describe_byte_size(by['8'])}; "
+            f"4-bit {describe_byte_size(by['4'])}"
+        )
+    click.echo(f"{weights} (rendering needs 1 GiB more, and a tenth of the weights)")
     verdict = "fits" if summary["fits"] else "does NOT fit"
     click.echo(
-        f"this load ({summary['quantization'] or 'no'} quantization) needs {summary['needed_bytes'] / GIB:.2f} GiB; "
-        f"{summary['available_bytes'] / GIB:.2f} GiB available: {verdict}"
+        f"this load ({_bits(summary['quantization'])}) needs {describe_byte_size(summary['needed_bytes'])}; "
+        f"{describe_byte_size(summary['available_bytes'])} available: {verdict}"
     )
+
+
+def _bits(bits: int | None) -> str:
+    return f"{bits}-bit quantized" if bits else "not quantized"
 
 
 @model_group.command("save", cls=EaselCommand)
@@ -94,16 +105,22 @@ def save_command(src: str, dst: str, preset: str, transformer: str | None, quant
     import daemon.engine  # noqa: F401
     from daemon.engine.checkpoint.load import load_checkpoint
     from daemon.engine.checkpoint.save import save_checkpoint
+    from daemon.engine.checkpoint.staging import StagedFolder
 
     t0 = time.perf_counter()
-    loaded = load_checkpoint(
-        _source(src, transformer), _config(preset), quantize=int(quantize) if quantize else None, force=force
-    )
+    target = StagedFolder(Path(dst).resolve())  # a destination that cannot be written fails before the load
+    try:
+        loaded = load_checkpoint(
+            _source(src, transformer), _config(preset), quantize=int(quantize) if quantize else None, force=force
+        )
+    except BaseException:
+        target.discard()
+        raise
     t1 = time.perf_counter()
-    out = save_checkpoint(loaded, Path(dst))
+    out = save_checkpoint(loaded, target)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     click.echo(
-        f"{out}: mflux layout, {loaded.bits or 'no'} quantization, {size / GIB:.2f} GiB "
+        f"{out}: mflux layout, {_bits(loaded.bits)}, {describe_byte_size(size)} "
         f"(loaded in {t1 - t0:.1f}s, written in {time.perf_counter() - t1:.1f}s)"
     )
 
@@ -126,4 +143,4 @@ def make_mini_command(dst: str, layout: str, quantize: str | None, fp8: bool) ->
         transformer_dtype="fp8" if fp8 else "bf16",
     )
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    click.echo(f"{out}: {layout} layout, {size / GIB:.2f} GiB, written in {time.perf_counter() - t0:.1f}s")
+    click.echo(f"{out}: {layout} layout, {describe_byte_size(size)}, written in {time.perf_counter() - t0:.1f}s")

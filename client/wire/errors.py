@@ -114,6 +114,13 @@ class SaveTargetExists(EaselError):
     code = "save_target_exists"
 
 
+class SaveFailed(EaselError):
+    """A checkpoint folder could not be written (its place cannot be made or written, the disk filled);
+    nothing is left at the destination."""
+
+    code = "save_failed"
+
+
 class LoraError(EaselError):
     """A LoRA file could not be used (unreadable, wrong format, unsupported, matched nothing)."""
 

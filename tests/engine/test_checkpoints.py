@@ -129,10 +129,15 @@ def test_quantized_8_saved_and_4_at_load_render(hf_image, hf_root, tmp_path):
     out = subprocess.run([*EASEL, "model", "save", str(hf_root), str(saved), "--quantize", "8", "--preset", "tiny"],
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr
+    assert f"{saved}: mflux layout, 8-bit quantized, " in out.stdout
     meta = json.loads((saved / "transformer" / "model.safetensors.index.json").read_text())["metadata"]
     assert meta["quantization_level"] == "8" and meta["mflux_version"]
     again = subprocess.run([*EASEL, "model", "save", str(hf_root), str(saved)], capture_output=True, text=True)
     assert again.returncode == 1 and "save_target_exists" in again.stderr
+    info = subprocess.run([*EASEL, "model", "info", str(saved), "--preset", "tiny"], capture_output=True, text=True,
+                          timeout=300, check=True).stdout  # fmt: skip
+    assert "on disk, stored 8-bit quantized" in info and "this load (8-bit quantized) needs" in info
+    assert "resident as" not in info  # a stored-quantized folder loads at its bits: no float32 figure to offer
 
     images, infos = {}, {}
     for bits, args in ((8, ("--model-path", str(saved))), (4, ("--model-path", str(hf_root), "--quantize", "4"))):
@@ -218,6 +223,20 @@ def _link_tree(src: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to(item)
     return dst
+
+
+def test_a_save_whose_destination_cannot_be_made_fails_before_the_load(tmp_path):
+    """The destination is checked before the model is loaded (minutes for a real one): a SRC that would fail
+    to load (an empty folder) is not reached, and nothing is left beside the destination."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    dst = tmp_path / "a-file" / "saved"
+    out = subprocess.run([*EASEL, "model", "save", str(tmp_path / "src"), str(dst), "--preset", "tiny"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    blocker = tmp_path / "a-file"
+    assert f"easel: save_failed: cannot write a folder at {dst}: {blocker} is not a folder" in out.stderr
+    assert "Traceback" not in out.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "src"]
 
 
 def test_missing_component_folder_is_model_part_missing(hf_root, tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.wire.errors import InvalidRequest
+from client.wire.errors import InvalidRequest, SaveFailed, SaveTargetExists
 from daemon.engine.checkpoint import mini, tokenizer_files
 from daemon.engine.checkpoint.mini import MINI_SEED, MINI_VERSION, write_mini
 from daemon.engine.runtime import mx
@@ -387,7 +387,7 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(mini, "write_tokenizers", fail_midway)
     monkeypatch.setenv("EASEL_CACHE_DIR", str(tmp_path / "no-cache"))
     dst = tmp_path / "ckpt"
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(SaveFailed, match=r"writing .*ckpt failed: disk full \(simulated\)"):
         write_mini(dst, layout="hf")
     assert not dst.exists()
     assert list(tmp_path.iterdir()) == []  # the staging folder went too
@@ -398,10 +398,15 @@ def test_refuses_to_write_over_anything(tmp_path):
     (tmp_path / "full" / "keep.txt").write_text("mine")
     (tmp_path / "file").write_text("x")
     for dst in (tmp_path / "full", tmp_path / "file"):
-        with pytest.raises(InvalidRequest) as info:
+        with pytest.raises(SaveTargetExists) as info:
             write_mini(dst)
-        assert info.value.field == "dst" and str(dst) in info.value.message
+        assert info.value.details["path"] == str(dst) and str(dst) in info.value.message
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    with pytest.raises(SaveFailed) as failed:  # its folder cannot be made: a file is where a folder must be
+        write_mini(tmp_path / "file" / "mini")
+    assert failed.value.details["path"] == str(tmp_path / "file" / "mini")
+    assert f"{tmp_path / 'file'} is not a folder" in failed.value.message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full"]  # no staging folder left
     with pytest.raises(InvalidRequest):
         write_mini(tmp_path / "q", layout="hf", quantize=8)
     with pytest.raises(InvalidRequest):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import shutil
 import struct
@@ -31,6 +30,7 @@ import numpy as np
 from client import env
 from client.wire.errors import InvalidRequest
 from daemon.engine.checkpoint import tokenizer_files
+from daemon.engine.checkpoint.staging import StagedFolder, wrote_into
 from daemon.engine.runtime import mx
 
 log = logging.getLogger("easel.engine.mini")
@@ -571,25 +571,18 @@ def write_mini(
         raise InvalidRequest("--quantize takes 4 or 8 and applies to the mflux layout only", field="quantize")
     if transformer_dtype not in ("bf16", "fp8") or (transformer_dtype == "fp8" and layout != "single-file"):
         raise InvalidRequest("fp8 applies to the single-file layout's transformer only", field="transformer_dtype")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise InvalidRequest(f"{dst} exists and is not an empty folder; refusing to write over it", field="dst")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     started = time.perf_counter()
-    try:
-        if layout == "hf":
-            _write_hf(staging, _mflux_weights(seed))
-        elif layout == "mflux":
-            _write_mflux(staging, seed, quantize)
-        else:
-            _write_single_file(staging, seed, transformer_dtype)
-        staging.chmod(0o755)
-        if dst.exists():
-            dst.rmdir()  # empty, checked above
-        os.rename(staging, dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with StagedFolder(dst, empty_ok=True) as staged:
+        staging = staged.staging
+        try:
+            if layout == "hf":
+                _write_hf(staging, _mflux_weights(seed))
+            elif layout == "mflux":
+                _write_mflux(staging, seed, quantize)
+            else:
+                _write_single_file(staging, seed, transformer_dtype)
+        except OSError as exc:
+            raise wrote_into(staged, exc) from None
     log.info("mini checkpoint (%s) written to %s in %.1fs", layout, dst, time.perf_counter() - started)
     return dst
 

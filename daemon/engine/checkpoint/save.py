@@ -9,44 +9,38 @@ every released FLUX.1), not the CPU's fp32 compute dtype: the saved folder is no
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from mflux.models.flux.weights.flux_weight_definition import FluxWeightDefinition
 
-from client.wire.errors import SaveTargetExists
 from daemon.engine.checkpoint.load import LoadedCheckpoint
+from daemon.engine.checkpoint.staging import StagedFolder, wrote_into
 from daemon.engine.runtime import mx
 
 _STORED = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
 _COMPONENTS = {"transformer": "transformer", "t5": "t5_encoder", "clip": "clip_encoder", "vae": "vae"}
 
 
-def save_checkpoint(loaded: LoadedCheckpoint, dst: Path) -> Path:
+def save_checkpoint(loaded: LoadedCheckpoint, dst: Path | StagedFolder) -> Path:
+    """Write `loaded` to `dst`: a path, or a folder already staged there (`StagedFolder(dst)` before the load,
+    so a destination that cannot be written is found before the load's minutes)."""
     from mflux.models.common.weights.saving.model_saver import ModelSaver
 
-    dst = dst.expanduser().resolve()
-    if dst.exists():
-        raise SaveTargetExists(f"{dst} exists; easel model save writes a new folder", path=str(dst))
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    staged = dst if isinstance(dst, StagedFolder) else StagedFolder(Path(dst).expanduser().resolve())
     dtypes = {}
     for part, name in _COMPONENTS.items():
         stored = loaded.source.parts[part].files.float_dtypes & set(_STORED)
         if len(stored) == 1:
             dtypes[name] = _STORED[stored.pop()]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".saving", dir=dst.parent))
-    try:
-        ModelSaver.save_model(
-            model=loaded.flux,
-            bits=loaded.bits,
-            base_path=str(tmp),
-            weight_definition=FluxWeightDefinition,
-            dtypes=dtypes,
-        )
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+    with staged:
+        try:
+            ModelSaver.save_model(
+                model=loaded.flux,
+                bits=loaded.bits,
+                base_path=str(staged.staging),
+                weight_definition=FluxWeightDefinition,
+                dtypes=dtypes,
+            )
+        except OSError as exc:
+            raise wrote_into(staged, exc) from None
+    return staged.dst
