@@ -187,7 +187,7 @@ class LoadedModel:
             source=self.source,
             layout=ck.source.layout,
             dtype=str(self.dtype).removeprefix("mlx.core."),
-            device=str(mx.default_device()),
+            device=mx.default_device().type.name,  # "cpu" or "gpu"
             resident_bytes=ck.resident_bytes,
             load_s=round(self.load_seconds, 2),
             depth=ck.depth,

@@ -58,11 +58,11 @@ def _mae(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_hf_snapshot_is_what_the_tiny_preset_serves(hf_image, hf_root):
     image, info, shown = hf_image
-    assert f"model: hf checkpoint {hf_root}  not quantized, float32" in shown and "GiB resident" in shown
+    assert f"model: hf checkpoint {hf_root}  not quantized, float32 on cpu," in shown and "GiB resident" in shown
     assert image.shape == (64, 64, 3) and image.std() > 1
     assert info.layout == "hf" and info.source == str(hf_root)
     assert info.depth == {"transformer": [1, 1], "t5": [1], "clip": [1]}
-    assert info.quantization is None and info.dtype == "float32"
+    assert info.quantization is None and info.dtype == "float32" and info.device == "cpu"
     assert info.resident_bytes > 3 * 2**30 and info.load_s > 0
 
 
