@@ -9,6 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from client.wire.errors import InvalidRequest
+from client.wire.messages import MAX_SEED
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Limits:
     min_guidance: float = 0.0
     max_guidance: float = 30.0
     max_prompt_chars: int = 4000
-    max_seed: int = 2**32 - 1
+    max_seed: int = MAX_SEED
 
 
 @dataclass(frozen=True)

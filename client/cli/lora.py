@@ -14,6 +14,7 @@ import click
 
 from client.cli.errors import EaselGroup, ExitStatus, failure
 from client.cli.options import (
+    SEED,
     ConfigDefault,
     Finite,
     json_option,
@@ -110,7 +111,7 @@ def remap(source: str, output: str, keymap: str) -> None:
 @click.option("--prompt", default=None, help="Prompt of the gate renders.")
 @click.option("--control-prompt", default=None, help="Prompt without the trigger (default: --prompt).")
 @click.option("--trigger", default=None, help="The LoRA's trigger word (enables check 3).")
-@click.option("--seed", type=int, default=ConfigDefault(lambda: _verify_config().seed), show_default=True)
+@click.option("--seed", type=SEED, default=ConfigDefault(lambda: _verify_config().seed), show_default=True)
 @click.option("--tier", default=None, help="Render tier (its size/steps), e.g. portrait.")
 @size_options
 @click.option(
@@ -223,7 +224,7 @@ def verify(
     show_default=True,
     help="LoRA scales, space- or comma-separated (repeatable).",
 )
-@click.option("--seed", type=int, default=ConfigDefault(lambda: _grid_defaults().seed), show_default=True)
+@click.option("--seed", type=SEED, default=ConfigDefault(lambda: _grid_defaults().seed), show_default=True)
 @click.option("--tier", default=None)
 @size_options
 @click.option(

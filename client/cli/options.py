@@ -18,6 +18,7 @@ import click
 from client import env
 from client.cli.errors import JSON_META_KEY
 from client.sizes import parse_byte_size
+from client.wire.messages import MAX_SEED
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -193,13 +194,16 @@ def lora_root_option(fn: F) -> F:
     )(fn)
 
 
+SEED = click.IntRange(0, MAX_SEED)  # a render's seed, as the protocol carries it
+
+
 def size_options(fn: F) -> F:
     """`--width`, `--height`, `--steps`: override the tier's size and step count."""
     for opt in reversed(
         (
-            option("--width", type=int, default=None, help="Width in pixels [default: the tier's]."),
-            option("--height", type=int, default=None, help="Height in pixels [default: the tier's]."),
-            option("--steps", type=int, default=None, help="Denoising steps [default: the tier's]."),
+            option("--width", type=click.IntRange(1), default=None, help="Width in pixels [default: the tier's]."),
+            option("--height", type=click.IntRange(1), default=None, help="Height in pixels [default: the tier's]."),
+            option("--steps", type=click.IntRange(1), default=None, help="Denoising steps [default: the tier's]."),
         )
     ):
         fn = opt(fn)

@@ -10,7 +10,7 @@ import click
 import msgspec
 
 from client.cli.errors import EaselCommand
-from client.cli.options import Finite, json_option, seconds, size_options, socket_option, timeout_option
+from client.cli.options import SEED, Finite, json_option, seconds, size_options, socket_option, timeout_option
 from client.client import DEFAULT_RENDER_TIMEOUT_S, RenderClient
 from client.telemetry.client_spans import setup_command_telemetry
 from client.wire.errors import EaselError
@@ -36,7 +36,7 @@ def parse_lora(spec: str) -> tuple[str, float]:
 @click.option("--tier", default=None, help="Render tier giving default size/steps/guidance.")
 @size_options
 @click.option("--guidance", type=Finite(), default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=SEED, default=None, help="0 to 4294967295 [default: the daemon picks one].")
 @click.option("--preset", default=None, help="Must match the daemon's preset (default: the daemon's).")
 @click.option("--lora", "loras", multiple=True, help="PATH[:SCALE], repeatable, in stack order.")
 @click.option("--zero-match", type=click.Choice(["error", "warn"]), default="error", show_default=True)

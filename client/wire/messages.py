@@ -23,6 +23,8 @@ MAX_STACK = 32  # LoRAs per request
 MAX_SCALE = 16.0  # |scale| beyond this is a typo, not a style
 MAX_PATH_CHARS = 4096
 MAX_ID_CHARS = 128
+MAX_SEED = 2**32 - 1  # seeds are 32-bit: what the daemon picks, what a render result reports
+MAX_SIZE_FIELD = 2**31 - 1  # width, height, steps: beyond any daemon's limits, and inside what JSON carries
 MIN_INT_ID, MAX_INT_ID = -(2**63), 2**63 - 1  # signed 64-bit; JavaScript clients: stay within +-(2**53 - 1)
 
 IntId = Annotated[int, Meta(ge=MIN_INT_ID, le=MAX_INT_ID)]
@@ -548,8 +550,10 @@ def check_render(req: Render) -> None:
         v = getattr(req, name)
         if v is not None and v <= 0:
             raise InvalidRequest(f"{name} must be a positive integer, got {v}", field=name)
-    if req.seed is not None and req.seed < 0:
-        raise InvalidRequest(f"seed must be >= 0, got {req.seed}", field="seed")
+        if v is not None and v > MAX_SIZE_FIELD:
+            raise InvalidRequest(f"{name} must be at most {MAX_SIZE_FIELD}, got {v}", field=name)
+    if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
+        raise InvalidRequest(f"seed must be within 0..{MAX_SEED}, got {req.seed}", field="seed")
     if req.return_bytes and req.output_path is not None:
         raise InvalidRequest("give either output_path or return_bytes, not both", field="output_path")
 

@@ -150,8 +150,8 @@ def test_an_error_the_daemon_sends_back_keeps_its_code(tmp_path):
         r = run("render", "x", "--socket", sock, "--width", "64", "--height", "64", "--steps", "1",
                 "-o", "/etc/escape.png", "--quiet")  # fmt: skip
         assert r.exit_code == 1 and error_of(r)[0] == "path_not_allowed"
-        r = run("render", "x", "--socket", sock, "--steps", "0", "--quiet")
-        assert r.exit_code == 1 and error_of(r)[0] == "invalid_request" and "steps" in r.stderr
+        r = run("render", "x", "--socket", sock, "--width", "4096", "--quiet")  # over the daemon's own limit
+        assert r.exit_code == 1 and error_of(r)[0] == "invalid_request" and "width must be within" in r.stderr
     finally:
         d.stop()
 

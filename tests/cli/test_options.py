@@ -210,6 +210,21 @@ def test_the_log_level_is_one_of_loggings_names_in_any_case_and_a_bad_one_is_a_u
     assert "Invalid value for '--log-level': 'bogus' is not one of 'debug', 'info'" in bad.output
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["render", "x", "--seed", "-1"], "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295."),
+        (["render", "x", "--seed", "4294967296"], "is not in the range 0<=x<=4294967295."),
+        (["render", "x", "--width", "0"], "Invalid value for '--width': 0 is not in the range x>=1."),
+        (["lora", "grid", "f.safetensors", "--seed", "-3"], "Invalid value for '--seed': -3 is not in the range"),
+        (["batch", "poi", "--genre", "g", "--world", "w", "--steps", "0"], "Invalid value for '--steps': 0 is not"),
+    ],
+)
+def test_seeds_and_sizes_out_of_range_are_usage_errors_before_any_connection(args, message, tmp_path):
+    res = CliRunner().invoke(main, [*args, "--socket", str(tmp_path / "nobody.sock")])
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
 @pytest.mark.mlx  # the daemon's commands join the command line with the daemon's extra
 @pytest.mark.parametrize("path", [("serve",), ("model", "info"), ("model", "save"), ("cluster", "up")])
 def test_a_daemon_commands_preset_is_one_it_knows_in_any_case_and_another_is_a_usage_error(path, tmp_path):

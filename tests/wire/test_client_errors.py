@@ -195,6 +195,11 @@ def test_busy_is_reported_after_retries(tmp_path):
         (dict(lora_paths="a.safetensors", lora_scales=[1.0]), "lora_paths"),
         (dict(guidance=math.nan), "guidance"),
         (dict(steps=0), "steps"),
+        (dict(seed=-1), "seed"),
+        (dict(seed=2**32), "seed"),  # past the 32-bit seeds the daemon takes
+        (dict(seed=2**64), "seed"),  # past what the encoder can write: was an OverflowError
+        (dict(width=10**20), "width"),
+        (dict(steps=2**31), "steps"),
     ],
 )
 def test_send_render_validates_before_sending(tmp_path, kwargs, field):
