@@ -11,7 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from client.packs import ContentItem, LoraEntry, VisualStyle, compose_prompt, load_items, load_visual_style
+from client.packs import (
+    ContentItem,
+    LoraEntry,
+    VisualStyle,
+    compose_prompt,
+    genre_dir,
+    load_items,
+    load_visual_style,
+    pack_name,
+)
 from client.packs.schema import CONTENT_KINDS
 from client.wire.errors import InvalidRequest
 
@@ -129,14 +138,14 @@ def plan_batch(
     check_files: bool = True,
 ) -> BatchPlan:
     """Resolve every item of a world to a BatchItem. Explicit size/steps/guidance/preset beat the pack's tier."""
-    gdir = Path(packs_root) / genre
+    gdir = genre_dir(packs_root, genre)
     if kind not in CONTENT_KINDS:
         raise InvalidRequest(f"unknown batch kind {kind!r}; known: {', '.join(CONTENT_KINDS)}", field="kind")
     if limit is not None and limit < 0:  # a slice would quietly drop items from the end
         raise InvalidRequest(f"limit must be >= 0, got {limit}", field="limit")
     tier = tier or CONTENT_KINDS[kind].default_tier
     style = load_visual_style(gdir, world, tier=tier, lora_root=lora_root, check_files=check_files)
-    items = load_items(gdir / "worlds" / world, kind)
+    items = load_items(gdir / "worlds" / pack_name("world", world), kind)
     if limit is not None:
         items = items[:limit]
     settings = style.tier_settings(tier)

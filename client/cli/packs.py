@@ -47,9 +47,9 @@ def make_loras(packs_root: Path, lora_root: Path | None, force: bool) -> None:
 @lora_root_option
 def show(packs_root: Path, genre: str, world: str | None, tier: str | None, lora_root: Path | None) -> None:
     """Print the composed LoRA stack (and triggers) of a genre/world for a tier."""
-    from client.packs import load_visual_style
+    from client.packs import genre_dir, load_visual_style
 
-    style = load_visual_style(packs_root / genre, world, tier=tier, lora_root=lora_root, check_files=False)
+    style = load_visual_style(genre_dir(packs_root, genre), world, tier=tier, lora_root=lora_root, check_files=False)
     entries = style.stack.active
     click.echo(f"{genre}/{world or '-'} tier={tier or 'any'}: {len(entries)} LoRA(s)")
     for e in entries:
@@ -85,10 +85,10 @@ def preload(
     import msgspec
 
     from client.client import RenderClient
-    from client.packs import load_visual_style, world_names
+    from client.packs import genre_dir, load_visual_style, world_names
     from client.tiers import TIERS
 
-    gdir = packs_root / genre
+    gdir = genre_dir(packs_root, genre)
     for tier in tiers:
         if tier not in TIERS:
             raise click.BadParameter(f"unknown tier {tier!r}; known tiers: {', '.join(TIERS)}", param_hint="--tier")

@@ -24,6 +24,7 @@ import yaml
 from client import env
 from client.fs import atomic_write_text, atomic_writer
 from client.lora_tools.verify import VerifyResult, file_sha256
+from client.packs import pack_name
 from client.wire.errors import EaselError, PromoteError
 
 MANIFEST_NAME = "loras.yaml"
@@ -75,12 +76,13 @@ def promote(
     if file_sha256(source) != result.sha256:
         raise PromoteError(f"{source} changed on disk after it was verified; verify it again", file=str(source))
     packs = Path(packs_root)
+    genre = pack_name("genre", genre)
     genre_dir = packs / genre
     if not (genre_dir / "visual_style.yaml").is_file():
         raise PromoteError(f"no genre {genre!r} in {packs} (no {genre_dir / 'visual_style.yaml'})", genre=genre)
     roots = env.LORA_ROOTS.get()
     root = Path(lora_root) if lora_root is not None else (roots[0] if roots else packs)
-    name = name or source.stem
+    name = pack_name("name", name or source.stem)  # the shipped file's stem, under lora/<genre>/
     relative = Path("lora") / genre / f"{name}.safetensors"
     shipped = root / relative
     manifest = genre_dir / MANIFEST_NAME

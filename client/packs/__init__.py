@@ -22,7 +22,7 @@ from client.packs.compose import (
     resolve_lora_args,
 )
 from client.packs.errors import PackError, VisualStyleError, VisualStyleWarning
-from client.packs.load import genre_dirs, load_items, load_visual_style, world_names
+from client.packs.load import genre_dir, genre_dirs, load_items, load_visual_style, pack_name, world_names
 from client.packs.prompts import ContentItem, apply_triggers, base_prompt, compose_prompt
 
 __all__ = [
@@ -39,11 +39,13 @@ __all__ = [
     "compose_lora_stack",
     "compose_prompt",
     "compose_style",
+    "genre_dir",
     "genre_dirs",
     "load_items",
     "load_visual_style",
     "merge_fields",
     "migrate_flat",
     "resolve_lora_args",
+    "pack_name",
     "world_names",
 ]

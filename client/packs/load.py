@@ -43,6 +43,23 @@ def genre_dirs(packs_root: str | os.PathLike[str]) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / STYLE_FILE).is_file())
 
 
+def pack_name(what: str, name: str) -> str:
+    """`name` if it is one folder name. Genre and world names are joined to the packs folder and to a batch's
+    output folder, so one holding a separator or being `..` would reach outside both."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise InvalidRequest(f"{what} must be the name of one folder, got {name!r}", field=what)
+    return name
+
+
+def genre_dir(packs_root: str | os.PathLike[str], genre: str) -> Path:
+    """The folder of the genre pack `genre` under `packs_root`; PackError naming the genres there if none."""
+    gdir = Path(packs_root) / pack_name("genre", genre)
+    if not (gdir / STYLE_FILE).is_file():
+        known = ", ".join(p.name for p in genre_dirs(packs_root)) or "none"
+        raise PackError(f"no genre {genre!r} in {packs_root} (genres: {known})", file=str(gdir / STYLE_FILE))
+    return gdir
+
+
 def world_names(genre_dir: str | os.PathLike[str]) -> list[str]:
     wdir = Path(genre_dir) / "worlds"
     return sorted(p.name for p in wdir.iterdir() if p.is_dir()) if wdir.is_dir() else []
@@ -56,7 +73,7 @@ def default_lora_root(genre_dir: str | os.PathLike[str]) -> Path:
 
 
 def _world_dir(genre_dir: Path, world: str) -> Path:
-    wdir = genre_dir / "worlds" / world
+    wdir = genre_dir / "worlds" / pack_name("world", world)
     if not wdir.is_dir():
         known = world_names(genre_dir)
         raise PackError(f"{genre_dir.name}: no world {world!r} (worlds: {', '.join(known) or 'none'})", file=str(wdir))

@@ -22,6 +22,7 @@ from client.lora_tools.verify import (
     file_sha256,
     write_report,
 )
+from client.wire.errors import InvalidRequest
 
 
 def noise(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
@@ -132,5 +133,9 @@ def test_promote_refuses_failed_or_changed_files(tmp_path: Path) -> None:
         promote(result, genre="noir", packs_root=packs)
     with pytest.raises(PromoteError, match="no genre"):
         promote(_result(tmp_path, passed=True), genre="western", packs_root=packs)
+    for where in ({"genre": "../noir"}, {"genre": "noir", "name": "../../../escaped"}):  # never outside the packs
+        with pytest.raises(InvalidRequest, match="must be the name of one folder"):
+            promote(_result(tmp_path, passed=True), packs_root=packs, **{"genre": "noir", **where})
+    assert not list(tmp_path.rglob("escaped*"))
     assert not (packs / "noir" / "loras.yaml").exists()
     assert not (packs / "lora").exists()

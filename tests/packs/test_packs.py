@@ -33,6 +33,33 @@ def test_a_packs_directory_that_is_not_there_is_a_pack_error_not_a_traceback(tmp
     assert not (tmp_path / "nope").exists()
 
 
+@pytest.mark.parametrize(
+    ("genre", "world", "field", "bad"),
+    [
+        ("../genre_packs/spaghetti_western", "dust_and_lead", "genre", "../genre_packs/spaghetti_western"),
+        ("", "dust_and_lead", "genre", ""),
+        ("spaghetti_western", "../../spaghetti_western", "world", "../../spaghetti_western"),
+        ("spaghetti_western", "..", "world", ".."),
+    ],
+)
+def test_genre_and_world_are_folder_names_never_paths_reaching_out(packs_copy, tmp_path, genre, world, field, bad):
+    """A genre or world is joined to the packs folder and to a batch's --out: `../x` read another folder's
+    style as a genre's, and a batch would have written its records and contact sheet outside --out."""
+    base = ["--packs", str(packs_copy), "--genre", genre, "--world", world]
+    batch = ["batch", "poi", "--out", str(tmp_path / "out"), "--dry-run", "--socket", str(tmp_path / "no.sock")]
+    for cmd in (["packs", "show"], batch):
+        r = CliRunner().invoke(cli, [*cmd, *base])
+        assert r.exit_code == 1, r.output
+        assert f"easel: invalid_request: {field} must be the name of one folder, got {bad!r}" in r.stderr, r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_genre_names_the_genres_there(packs_copy):
+    r = CliRunner().invoke(cli, ["packs", "show", "--packs", str(packs_copy), "--genre", "noir"])
+    assert r.exit_code == 1
+    assert f"easel: pack_error: no genre 'noir' in {packs_copy} (genres: gothic_horror, spaghetti_western)" in r.stderr
+
+
 def test_examples_show_both_world_forms_and_at_least_two_genres():
     genres = {g.name for g in genre_dirs(PACKS)}
     assert {"spaghetti_western", "gothic_horror"} <= genres
