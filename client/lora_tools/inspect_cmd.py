@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from client.sizes import describe_byte_size
+
 
 def format_report(report) -> str:
     """The human-readable form of a FileReport."""
@@ -24,7 +26,7 @@ def format_report(report) -> str:
     if len(report.alphas) > 1:
         alpha += f" (alphas {', '.join(f'{a:g}' for a in report.alphas)})"
     lines.append(f"  alpha:    {alpha}")
-    lines.append(f"  size:     {report.nbytes / 1e6:.1f} MB of tensors")
+    lines.append(f"  size:     {describe_byte_size(report.nbytes)} of tensors")
     if report.resolved:
         lines.append(f"  keys:     {report.keys_applied}/{report.keys_total} applied")
         if report.keys_applied_by_part:

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers.lora_factories import generate_lora, make_s4nnc, write_safetensors
+from safetensors import safe_open
 
 from client.cli import main
 from client.lorafile.layout import preset_layout
+from client.sizes import describe_byte_size
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,9 @@ def test_inspect_human_without_preset(tmp_path, layout):
     assert result.exit_code == 0, result.output
     assert "format:   mlx_examples" in result.output and "rank:     8" in result.output
     assert "not resolved" in result.output
+    with safe_open(str(gen.path), "numpy") as fh:
+        nbytes = sum(fh.get_tensor(k).nbytes for k in fh.keys())  # noqa: SIM118 (a safe_open handle)
+    assert f"size:     {describe_byte_size(nbytes)} of tensors" in result.output  # binary units, as `status`
 
 
 def test_inspect_errors(tmp_path):
