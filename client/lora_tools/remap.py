@@ -20,6 +20,7 @@ import numpy as np
 from client.fs import atomic_write_bytes
 from client.lorafile.keymaps import RemapKeymap, RemapRule, load_remap_keymap
 from client.lorafile.safetensors_io import dtype_name, read_safetensors, serialize_safetensors
+from client.sizes import describe_byte_size
 from client.wire.errors import LoraFormatError
 
 # Dtypes an alpha scalar is written in when its module is stored in them (fp8 is too coarse: float32).
@@ -50,7 +51,7 @@ class RemapSummary:
 
     def line(self) -> str:
         """The one-line summary the command prints."""
-        return f"{self.keys_translated} keys translated, rank {self.rank}, {self.bytes_written / 1e6:.2f} MB"
+        return f"{self.keys_translated} keys translated, rank {self.rank}, {describe_byte_size(self.bytes_written)}"
 
 
 def _down(a: np.ndarray, rule: RemapRule) -> np.ndarray:
@@ -85,6 +86,15 @@ def _alpha(value: float, like: np.ndarray) -> np.ndarray:
     return np.array(value, dtype=like.dtype if name in _ALPHA_DTYPES else np.float32)
 
 
+def _naming_of(keys: list[str]) -> str | None:
+    """The format whose keymap recognises these keys (what `easel lora inspect` reports), if any."""
+    from client.lorafile.keymaps import load_keymaps
+    from client.lorafile.parse import detect_format
+
+    found = detect_format(keys, {}, load_keymaps())
+    return None if found is None else found.name
+
+
 def remap_tensors(tensors: dict[str, np.ndarray], keymap: RemapKeymap) -> RemapResult:
     """Translate every tensor; any key no rule owns is an error naming all of them (nothing is dropped)."""
     if not tensors:
@@ -100,9 +110,12 @@ def remap_tensors(tensors: dict[str, np.ndarray], keymap: RemapKeymap) -> RemapR
         target = rule.target_name(index)
         matched.setdefault(keymap.module_of(target, rule.role), {})[rule.role] = (rule, target, tensors[key])
     if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        naming = _naming_of(list(tensors)) if len(unknown) == len(tensors) else None
+        hint = f" (its keys are {naming}'s naming: nothing to remap)" if naming else ""
         raise LoraFormatError(
-            f"{len(unknown)} source key(s) not covered by keymap {keymap.name} v{keymap.version}: "
-            + ", ".join(unknown),
+            f"{len(unknown)} of {len(tensors)} source key(s) not covered by keymap {keymap.name} "
+            f"v{keymap.version}{hint}: {shown}",
             unknown_keys=unknown,
             keymap=str(keymap.path),
         )

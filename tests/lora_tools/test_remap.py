@@ -17,6 +17,7 @@ from client.cli.lora import remap as remap_command
 from client.lora_tools.remap import remap_file
 from client.lorafile.keymaps import default_keymap_dir, load_keymaps, load_remap_keymap
 from client.lorafile.safetensors_io import read_safetensors, write_safetensors
+from client.sizes import describe_byte_size
 from client.wire.errors import LoraFormatError
 
 W = 8  # a narrow stand-in for Flux's 3072 width: every shape keeps Flux's ratios
@@ -185,8 +186,8 @@ def test_metadata_and_summary_line(tmp_path: Path) -> None:
     assert meta["easel.remap.rank"] == "8"
     assert json.loads(meta["easel.remap.source_metadata"]) == {"lora_rank": "8", "lora_blocks": "-1"}
     assert len(meta["easel.remap.source_sha256"]) == 64
-    size_mb = (tmp_path / "out.safetensors").stat().st_size / 1e6
-    assert summary.line() == f"26 keys translated, rank 8, {size_mb:.2f} MB"
+    size = describe_byte_size((tmp_path / "out.safetensors").stat().st_size)
+    assert summary.line() == f"26 keys translated, rank 8, {size}"
 
 
 def test_unknown_keys_name_every_one_and_leave_no_file(tmp_path: Path) -> None:
@@ -205,6 +206,22 @@ def test_unknown_keys_name_every_one_and_leave_no_file(tmp_path: Path) -> None:
     )
     assert not out.exists()
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_a_file_in_another_naming_is_named_and_its_keys_cut_short(tmp_path: Path) -> None:
+    """A kohya file given to remap (already what remap writes) listed every one of its keys in one line,
+    hundreds for a real LoRA; it says whose naming the keys are and names the first five."""
+    mlx = tmp_path / "mlx.safetensors"
+    save_file(mlx_examples_lora(1, 1, rank=4), str(mlx))
+    src = tmp_path / "kohya.safetensors"
+    remap_file(mlx, src, "mlx_examples_flux")
+    with pytest.raises(LoraFormatError) as err:
+        remap_file(src, tmp_path / "again.safetensors", "mlx_examples_flux")
+    n = err.value.details["unknown_keys"]
+    assert len(n) > 5 and f"{len(n)} of {len(n)} source key(s) not covered" in err.value.message
+    assert "(its keys are kohya's naming: nothing to remap)" in err.value.message
+    assert err.value.message.endswith(f"{n[4]} and {len(n) - 5} more")
+    assert not (tmp_path / "again.safetensors").exists()
 
 
 def test_cli_prints_summary_and_fails_cleanly(tmp_path: Path) -> None:
