@@ -245,6 +245,13 @@ class LoraNotShared(LoraError):
     code = "lora_not_shared"
 
 
+class ClusterUnavailable(EaselError):
+    """No Ray cluster answers at the address a cluster command was given (`auto`: none on this machine);
+    `address` names it. `easel cluster up` starts one."""
+
+    code = "cluster_unavailable"
+
+
 class ReplicaFailed(EaselError):
     """In a cluster: the render replicas could not do a render: a replica died twice under it (it is
     retried once on another replica), or none could load the model (reported, never retried forever)."""

@@ -23,7 +23,7 @@ from ray.serve.config import RequestRouterConfig
 
 from client import env as easel_env
 from client.http_render import ROUTE_PREFIX
-from client.wire.errors import ReplicaFailed
+from client.wire.errors import ClusterUnavailable, ReplicaFailed
 from daemon.cluster.board import NAMESPACE, board_handle
 from daemon.cluster.faults import concise_failure
 from daemon.cluster.replica import replica_deployment
@@ -44,7 +44,13 @@ def init(address: str | None = None, **kwargs: Any) -> None:
     None (kwargs go to ray.init, e.g. num_cpus). Idempotent within a process."""
     if ray.is_initialized():
         return
-    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False, **kwargs)
+    try:
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False, **kwargs)
+    except ConnectionError as exc:  # "auto" with no cluster on this machine, or an address nothing answers at
+        raise ClusterUnavailable(
+            f"no Ray cluster at {address!r} ({str(exc).split('. ')[0]}); start one with `easel cluster up`",
+            address=address,
+        ) from None
 
 
 def start_serve(http: str | None = None) -> None:
@@ -160,6 +166,15 @@ def connect() -> tuple[Any, Any]:
             f"no easel application on this Ray cluster ({type(exc).__name__}: {exc}); start it with `easel cluster up`",
         ) from None
     return handle, board
+
+
+def deployed() -> bool:
+    """Whether the render application is on the joined cluster."""
+    try:
+        serve.get_app_handle(APP_NAME)
+    except Exception:  # Serve not started, or no such application: both say "not deployed"
+        return False
+    return True
 
 
 def undeploy() -> None:

@@ -21,7 +21,7 @@ import click
 
 from client.cli.errors import EaselGroup, fail
 from client.cli.options import ByteSize, Finite, log_level_option, seconds, socket_option
-from client.wire.errors import EaselError, ReplicaFailed
+from client.wire.errors import ClusterUnavailable, EaselError, ReplicaFailed
 from daemon.config import ServerConfig, ServiceConfig, default_of
 from daemon.engine.presets import PRESETS
 
@@ -201,12 +201,17 @@ def down_command(address, stop_ray) -> None:
     """Delete the render application (and with --stop-ray, this machine's Ray cluster)."""
     from daemon.cluster import app
 
-    with contextlib.suppress(Exception):
+    try:
         app.init(address)
+    except ClusterUnavailable as err:
+        said = f"easel: no Ray cluster at {err.details['address']!r}: no application to remove"
+    else:
+        said = "easel: cluster application removed" if app.deployed() else "easel: no easel application was deployed"
         app.undeploy()
     if stop_ray:
         _ray_cli("stop")
-    click.echo("easel: cluster application removed")
+        said += "; this machine's Ray processes stopped"
+    click.echo(said)
 
 
 def _ray_cli(*args: str) -> None:

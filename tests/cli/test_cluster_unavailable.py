@@ -1,0 +1,53 @@
+"""The cluster commands with no Ray cluster to join: a `cluster_unavailable` line naming the address, never
+Ray's ConnectionError traceback; `cluster down` says there was nothing to remove rather than "removed"."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client.packs.example_loras import make_pack_loras
+
+pytestmark = pytest.mark.mlx  # the cluster commands come with the daemon's extra
+ray = pytest.importorskip("ray")
+
+EASEL = [sys.executable, "-c", "from client.cli import main; main()"]
+
+
+@pytest.fixture()
+def no_cluster_env(tmp_path):
+    from ray._private.services import find_gcs_addresses
+
+    if find_gcs_addresses():
+        pytest.skip("a Ray cluster runs on this machine: `auto` would join it")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["TMPDIR"] = str(tmp_path)  # no address file of an earlier cluster to try for a minute
+    return env
+
+
+def run(env, *args):
+    return subprocess.run([*EASEL, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_gateway_and_batch_without_a_cluster_name_the_address(no_cluster_env, tmp_path):
+    expected = "easel: cluster_unavailable: no Ray cluster at 'auto' (Could not find any running Ray instance); "
+    gateway = run(no_cluster_env, "gateway", "--cluster", "auto", "--socket", str(tmp_path / "run" / "g.sock"))
+    assert gateway.returncode == 1 and expected in gateway.stderr, gateway.stderr
+    assert "Traceback" not in gateway.stderr and not (tmp_path / "run" / "g.sock").exists()
+    packs = tmp_path / "genre_packs"  # with its LoRA files: the plan is made before the cluster is joined
+    shutil.copytree(Path(__file__).resolve().parents[2] / "genre_packs", packs, ignore=shutil.ignore_patterns("lora"))
+    make_pack_loras(packs)
+    batch = run(no_cluster_env, "batch", "poi", "--packs", str(packs), "--genre", "spaghetti_western", "--world",
+                "dust_and_lead", "--cluster", "auto", "--out", str(tmp_path / "out"), "--no-progress")  # fmt: skip
+    assert batch.returncode == 1 and expected in batch.stderr, batch.stderr
+
+
+def test_cluster_down_without_a_cluster_says_there_was_nothing_to_remove(no_cluster_env):
+    down = run(no_cluster_env, "cluster", "down")
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.strip() == "easel: no Ray cluster at 'auto': no application to remove"
