@@ -36,7 +36,7 @@ def parse_lora(spec: str) -> tuple[str, float]:
 @click.option("--tier", default=None, help="Render tier giving default size/steps/guidance.")
 @size_options
 @click.option("--guidance", type=Finite(), default=None)
-@click.option("--seed", type=SEED, default=None, help="0 to 4294967295 [default: the daemon picks one].")
+@click.option("--seed", type=SEED, default=None, help="[default: the daemon picks one]")
 @click.option("--preset", default=None, help="Must match the daemon's preset (default: the daemon's).")
 @click.option("--lora", "loras", multiple=True, help="PATH[:SCALE], repeatable, in stack order.")
 @click.option("--zero-match", type=click.Choice(["error", "warn"]), default="error", show_default=True)
