@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import threading
 import time
@@ -136,8 +137,24 @@ def lora_file(path: str, roots: Sequence[Path], *, field: str, index: int | None
     except OSError as exc:
         raise LoraNotFound(f"{where}cannot reach {resolved}: {exc.strerror or exc}", path=path, **extra) from None
     if not is_file:
-        raise LoraNotFound(f"{where}no LoRA file at {resolved}", path=path, **extra)
+        raise LoraNotFound(f"{where}{_not_found(path, resolved, roots)}", path=path, **extra)
     return resolved
+
+
+def _not_found(path: str, resolved: Path, roots: Sequence[Path]) -> str:
+    """Why `path` names no LoRA file: where it was looked for (every root, for a relative path), and the
+    file the caller probably meant when only the `.safetensors` suffix is missing."""
+    relative = not Path(os.path.expanduser(path)).is_absolute()
+    if relative and len(roots) > 1:  # each root was tried in turn
+        said = f"no LoRA file {path!r} in the LoRA roots ({', '.join(map(str, roots))})"
+    else:
+        said = f"no LoRA file at {resolved}"
+    if not path.endswith(".safetensors"):
+        with_suffix = f"{path}.safetensors"
+        for candidate in [Path(with_suffix)] if not relative else [r / with_suffix for r in roots]:
+            if candidate.is_file():
+                return f"{said} (did you mean {with_suffix!r}?)"
+    return said
 
 
 def stack_items_in(

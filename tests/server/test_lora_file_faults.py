@@ -150,3 +150,30 @@ def test_status_shows_both_lora_bounds(daemon):
     assert st.resident_stacks is not None and st.resident_stacks.max_bytes == RESIDENT_BYTES
     assert st.lowrank_form == "per_file"  # as it was served (--lowrank-form per-file)
     assert json.loads(json.dumps(st.resident_stacks.bytes)) <= RESIDENT_BYTES
+
+
+def test_a_relative_path_found_in_no_root_names_every_root_and_the_file_meant(tmp_path):
+    """Relative LoRA paths are tried against each root in turn; the error named only the first root's
+    candidate, and a name without its `.safetensors` suffix gave no hint of the file beside it."""
+    from client.wire.errors import LoraNotFound
+    from daemon.service import lora_file
+
+    roots = [tmp_path / "packs", tmp_path / "loras"]
+    for root in roots:
+        root.mkdir()
+    (roots[1] / "western.safetensors").write_bytes(b"x")
+    with pytest.raises(LoraNotFound) as err:
+        lora_file("western", roots, field="lora_paths[0]", index=0)
+    assert err.value.message == (
+        f"lora_paths[0]: no LoRA file 'western' in the LoRA roots ({roots[0]}, {roots[1]}) "
+        "(did you mean 'western.safetensors'?)"
+    )
+    with pytest.raises(LoraNotFound) as err:
+        lora_file("eastern.safetensors", roots, field="lora_paths[0]", index=0)
+    assert err.value.message.endswith(f"no LoRA file 'eastern.safetensors' in the LoRA roots ({roots[0]}, {roots[1]})")
+    with pytest.raises(LoraNotFound) as err:  # one root, or an absolute path: the one place looked at
+        lora_file(str(roots[1] / "western"), roots, field="lora_paths[0]", index=0)
+    assert err.value.message.endswith(
+        f"no LoRA file at {roots[1] / 'western'} (did you mean '{roots[1] / 'western'}.safetensors'?)"
+    )
+    assert lora_file("western.safetensors", roots, field="lora_paths[0]") == roots[1] / "western.safetensors"
