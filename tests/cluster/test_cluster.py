@@ -96,6 +96,49 @@ def test_progress_and_cancel_cross_the_hop(cluster):
     asyncio.run(run())
 
 
+def test_easel_cancel_through_the_gateway_stops_another_clients_job_by_the_id_status_lists(cluster):
+    """The operator's `easel cancel JOB` against the gateway socket: the job id from the gateway's `status`,
+    the render sent by another connection, stopped on its replica; an unknown id fails the command."""
+    from click.testing import CliRunner
+
+    from client.cli import main as cli
+    from client.client import AsyncRenderClient
+    from client.wire.errors import Cancelled
+
+    stack = [str(cluster.loras / "s1.safetensors")]
+    socket = str(cluster.gateway.socket)
+
+    async def run():
+        async with AsyncRenderClient(cluster.gateway.socket, render_timeout=600) as c:
+            stepped = asyncio.Event()
+            long = asyncio.create_task(
+                c.send_render(
+                    "operator",
+                    lora_paths=stack,
+                    lora_scales=[1.0],
+                    seed=3,
+                    return_bytes=True,
+                    on_progress=lambda e: e.event == "progress" and stepped.set(),
+                    width=64,
+                    height=64,
+                    steps=100,
+                )  # fmt: skip
+            )
+            step = asyncio.create_task(stepped.wait())
+            await asyncio.wait({long, step}, timeout=300, return_when=asyncio.FIRST_COMPLETED)
+            assert not long.done(), long.exception()
+            (job,) = [j.job for j in (await c.status()).queue if j.state == "running"]
+            res = await asyncio.to_thread(CliRunner().invoke, cli, ["cancel", job, "--socket", socket])
+            assert res.exit_code == 0, res.output
+            assert res.output.strip() == f"{job}: cancelled (it stops at its next step)"
+            with pytest.raises(Cancelled):
+                await long
+            res = await asyncio.to_thread(CliRunner().invoke, cli, ["cancel", job, "nope-1", "--socket", socket])
+            assert res.exit_code == 1 and f"{job}: already answered" in res.output and "no job 'nope-1'" in res.output
+
+    asyncio.run(run())
+
+
 def test_a_deadline_ends_a_render_on_the_replica(cluster):
     from client.wire.errors import DeadlineExceeded
 
