@@ -184,6 +184,11 @@ def verify(
 
     if promote and not genre:
         raise click.UsageError("--promote needs --genre")
+    if promote:  # where it would ship is checked before the gate's renders, not after them
+        from client.packs import genre_dir, pack_name
+
+        genre_dir(packs_root, genre or "")
+        pack_name("name", name or Path(file).stem)
     config = VerifyConfig(
         prompt=prompt or DEFAULT_PROMPT,
         control_prompt=control_prompt,

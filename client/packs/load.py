@@ -47,7 +47,7 @@ def pack_name(what: str, name: str) -> str:
     """`name` if it is one folder name. Genre and world names are joined to the packs folder and to a batch's
     output folder, so one holding a separator or being `..` would reach outside both."""
     if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
-        raise InvalidRequest(f"{what} must be the name of one folder, got {name!r}", field=what)
+        raise InvalidRequest(f"{what} must be one name, not a path or empty, got {name!r}", field=what)
     return name
 
 

@@ -68,3 +68,23 @@ def test_grid_strengths_are_checked_before_any_render(tmp_path, strengths, why):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 2, r.output
     assert f"Invalid value for --strengths: {why}" in r.output
+
+
+def test_verify_checks_where_it_would_promote_before_any_render(tmp_path, layout):
+    """A bad --genre or --name was found only after the gate's three renders (minutes on a real model); it is
+    found first: no daemon is asked (the socket here answers nothing)."""
+    gen = generate_lora("kohya", tmp_path / "cand.safetensors", layout, rank=4)
+    packs = tmp_path / "packs"
+    (packs / "noir").mkdir(parents=True)
+    (packs / "noir" / "visual_style.yaml").write_text("loras: []\n")
+    base = ["lora", "verify", str(gen.path), "--socket", str(tmp_path / "none.sock"), "--packs", str(packs),
+            "--report-dir", str(tmp_path / "report"), "--promote"]  # fmt: skip
+    for extra, said in (
+        (["--genre", "western"], f"easel: pack_error: no genre 'western' in {packs} (genres: noir)"),
+        (["--genre", "noir", "--name", "../../x"], "easel: invalid_request: name must be one name, not a path"),
+    ):
+        r = CliRunner().invoke(main, [*base, *extra])
+        assert r.exit_code == 1 and said in r.stderr, r.output
+    assert not (tmp_path / "report").exists()
+    r = CliRunner().invoke(main, [*base, "--genre", "noir"])  # a good place: the gate runs (and fails: no daemon)
+    assert r.exit_code == 1 and "not promoted: the gate failed" in r.stderr and (tmp_path / "report").is_dir()

@@ -134,7 +134,7 @@ def test_promote_refuses_failed_or_changed_files(tmp_path: Path) -> None:
     with pytest.raises(PromoteError, match="no genre"):
         promote(_result(tmp_path, passed=True), genre="western", packs_root=packs)
     for where in ({"genre": "../noir"}, {"genre": "noir", "name": "../../../escaped"}):  # never outside the packs
-        with pytest.raises(InvalidRequest, match="must be the name of one folder"):
+        with pytest.raises(InvalidRequest, match="must be one name, not a path"):
             promote(_result(tmp_path, passed=True), packs_root=packs, **{"genre": "noir", **where})
     assert not list(tmp_path.rglob("escaped*"))
     assert not (packs / "noir" / "loras.yaml").exists()

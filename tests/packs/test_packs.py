@@ -50,7 +50,8 @@ def test_genre_and_world_are_folder_names_never_paths_reaching_out(packs_copy, t
     for cmd in (["packs", "show"], batch):
         r = CliRunner().invoke(cli, [*cmd, *base])
         assert r.exit_code == 1, r.output
-        assert f"easel: invalid_request: {field} must be the name of one folder, got {bad!r}" in r.stderr, r.output
+        said = f"easel: invalid_request: {field} must be one name, not a path or empty, got {bad!r}"
+        assert said in r.stderr, r.output
     assert not (tmp_path / "out").exists()
 
 
