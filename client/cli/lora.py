@@ -22,6 +22,7 @@ from client.cli.options import (
     packs_option,
     size_options,
     socket_option,
+    writable_png,
 )
 from client.wire.errors import LoraZeroMatch
 
@@ -244,6 +245,7 @@ def verify(
     "output",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
+    callback=lambda _ctx, _param, value: None if value is None else writable_png(value),
     help="PNG to write (default: ./<file stem>-grid.png).",
 )
 @socket_option

@@ -194,6 +194,19 @@ def lora_root_option(fn: F) -> F:
     )(fn)
 
 
+def writable_png(path: Path) -> Path:
+    """`path` as a PNG this command may write: a `.png` name whose nearest existing folder is a folder, checked
+    as the command line is read (before renders that take minutes), a usage error otherwise."""
+    if path.suffix.lower() != ".png":
+        raise click.BadParameter(f"{str(path)!r} does not end in .png (the picture is written as a PNG)")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise click.BadParameter(f"{str(path)!r} cannot be written: {parent} is not a folder")
+            break
+    return path
+
+
 SEED = click.IntRange(0, MAX_SEED)  # a render's seed, as the protocol carries it
 
 

@@ -281,3 +281,18 @@ def test_numbers_that_would_only_fail_at_the_daemon_are_refused_as_usage_errors(
         args += ["--report-dir", str(tmp_path / "report"), "--socket", str(tmp_path / "nobody.sock")]
     bad = CliRunner().invoke(main, args)
     assert bad.exit_code == 2 and message in bad.output, bad.output
+
+
+def test_a_grid_picture_is_a_png_in_a_folder_or_a_usage_error_before_any_render(tmp_path):
+    """`lora grid --out g.jpg` wrote PNG bytes under a .jpg name, and a path under a file failed only after
+    every cell had rendered."""
+    (tmp_path / "afile").write_text("x")
+    base = ["lora", "grid", "f.safetensors", "--socket", str(tmp_path / "nobody.sock"), "--out"]
+    for out, said in (
+        ("g.jpg", "Invalid value for '-o' / '--out': 'g.jpg' does not end in .png"),
+        (str(tmp_path / "afile" / "g.png"), f"cannot be written: {tmp_path / 'afile'} is not a folder"),
+    ):
+        res = CliRunner().invoke(main, [*base, out])
+        assert res.exit_code == 2 and said in res.output, res.output
+    res = CliRunner().invoke(main, [*base, str(tmp_path / "new" / "G.PNG")])  # a folder to make is fine
+    assert res.exit_code == 1 and "daemon_unavailable" in res.output
