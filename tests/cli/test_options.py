@@ -287,7 +287,8 @@ def test_a_grid_picture_is_a_png_in_a_folder_or_a_usage_error_before_any_render(
     """`lora grid --out g.jpg` wrote PNG bytes under a .jpg name, and a path under a file failed only after
     every cell had rendered."""
     (tmp_path / "afile").write_text("x")
-    base = ["lora", "grid", "f.safetensors", "--socket", str(tmp_path / "nobody.sock"), "--out"]
+    (tmp_path / "f.safetensors").write_bytes(b"not read before the daemon is asked")
+    base = ["lora", "grid", str(tmp_path / "f.safetensors"), "--socket", str(tmp_path / "nobody.sock"), "--out"]
     for out, said in (
         ("g.jpg", "Invalid value for '-o' / '--out': 'g.jpg' does not end in .png"),
         (str(tmp_path / "afile" / "g.png"), f"cannot be written: {tmp_path / 'afile'} is not a folder"),
