@@ -63,6 +63,7 @@ from client.wire.messages import (
     StepTime,
 )
 from daemon.config import ServiceConfig
+from daemon.engine.presets import PRESETS
 from daemon.model_thread import ModelThreadCalls
 from daemon.preloads import Preloads
 from daemon.scheduler import (
@@ -114,6 +115,12 @@ class JobListener(Protocol):
     def finished(self, job: RenderJob, result: RenderResult) -> None: ...
 
     def failed(self, job: RenderJob, error: EaselError) -> None: ...
+
+
+def _text_tokens(preset: str) -> dict[str, int]:
+    """The preset's text tokens for the step estimates (StepTimes); none for a name that is no preset."""
+    found = PRESETS.get(preset)
+    return {} if found is None else {preset: found.text_tokens}
 
 
 def tell(event: Callable[..., None], *args: object) -> None:
@@ -195,7 +202,7 @@ class RenderRunner:
         self.config = config
         self.policy = dataclasses.replace(config.policy, preempt=config.preempt)
         self.queue = JobQueue(config.queue_capacity, self.policy, config.interactive_reserve)
-        self.times = StepTimes()
+        self.times = StepTimes(text_tokens=_text_tokens(service.preset_name))
         self.jobs: dict[str, RenderJob] = {}  # job id -> job, while queued or running
         self.running: RenderJob | None = None
         self.suspended: list[RenderJob] = []  # at most one: see the module docstring

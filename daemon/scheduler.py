@@ -19,7 +19,9 @@ choice over the current queue to estimate when each queued job will start and fi
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import operator
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -193,12 +195,17 @@ def count_switches(stacks: Iterable[Hashable], active_stack: Hashable = None) ->
 class StepTimes:
     """Render durations as measured by this daemon: exact (preset, size, steps) when seen, else the
     per-step time and fixed overhead at that size, else read off the line through the two measured sizes
-    nearest in pixels (one measured size: scaled by pixels). A step is not proportional to pixels: the
-    prompt's tokens and per-operation costs are paid at every size (the tiny preset's step: 0.67 s at
-    64 px, 0.82 s at 128 px, 1.49 s at 256 px, where pixels alone would say 10.7 s)."""
+    nearest in pixels. With one size measured, a step is scaled by the transformer's sequence (the
+    preset's text tokens, `text_tokens`, plus one image token per 16 x 16 pixels) and the overhead (mostly
+    the VAE's decode) by pixels. A step is not proportional to pixels: the prompt's tokens and
+    per-operation costs are paid at every size (the tiny preset's step: 0.67 s at 64 px, 0.82 s at 128 px,
+    1.49 s at 256 px, where pixels alone would say 10.7 s at 256 px and its sequence 1.79 s). The sequence
+    leaves out attention's quadratic part, so it errs low at large sizes; a second size measured replaces
+    it. A preset whose text tokens are not given is scaled by pixels."""
 
-    def __init__(self, smoothing: float = 0.3) -> None:
+    def __init__(self, smoothing: float = 0.3, text_tokens: dict[str, int] | None = None) -> None:
         self._a = smoothing
+        self._text_tokens = dict(text_tokens or {})
         self._total: dict[Shape, float] = {}
         self._per_step: dict[tuple[str, int, int], float] = {}
         self._overhead: dict[tuple[str, int, int], float] = {}
@@ -255,11 +262,22 @@ class StepTimes:
             return None
         near = same[0]
         pixels = {k[1] * k[2]: k for k in same}  # one measured size per pixel count
+        step_ratio = functools.partial(self._step_ratio, shape.preset, px)
+        pixel_ratio = functools.partial(operator.truediv, px)  # p -> px / p
         if len(pixels) < 2:
-            ratio = px / (near[1] * near[2])
-            return self._per_step[near] * ratio, self._overhead[near] * ratio
+            p = near[1] * near[2]
+            return self._per_step[near] * step_ratio(p), self._overhead[near] * pixel_ratio(p)
         (p0, k0), (p1, k1) = sorted(sorted(pixels.items(), key=lambda e: abs(e[0] - px))[:2])
-        return _on_line(self._per_step, k0, k1, p0, p1, px), _on_line(self._overhead, k0, k1, p0, p1, px)
+        return (
+            _on_line(self._per_step, k0, k1, p0, p1, px, step_ratio),
+            _on_line(self._overhead, k0, k1, p0, p1, px, pixel_ratio),
+        )
+
+    def _step_ratio(self, preset: str, px: int, p: int) -> float:
+        """A step at `px` pixels over one at `p`: the ratio of the transformer's sequences (text tokens plus
+        an image token per 256 pixels), or of pixels when the preset's text tokens are not known."""
+        text = self._text_tokens.get(preset)
+        return px / p if text is None else (text + px / 256) / (text + p / 256)
 
     def estimate(self, shape: Shape) -> float | None:
         with self._lock:
@@ -276,15 +294,16 @@ class StepTimes:
             ]
 
 
-def _on_line(table: dict, k0: Any, k1: Any, p0: int, p1: int, px: int) -> float:
+def _on_line(table: dict, k0: Any, k1: Any, p0: int, p1: int, px: int, scaled: Callable[[int], float]) -> float:
     """The value at `px` pixels on the line through two measured sizes (`p0` < `p1`); where that line gives
-    nothing positive (extrapolated from noisy measurements), the nearer size's value scaled by pixels."""
+    nothing positive (extrapolated from noisy measurements), the nearer size's value times `scaled(p)`, its
+    ratio from that size's `p` pixels to `px`."""
     slope = (table[k1] - table[k0]) / (p1 - p0)
     value = table[k0] + slope * (px - p0)
     if value > 0:
         return value
     near, p = (k0, p0) if abs(px - p0) <= abs(px - p1) else (k1, p1)
-    return table[near] * px / p
+    return table[near] * scaled(p)
 
 
 @dataclass(frozen=True)

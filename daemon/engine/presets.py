@@ -15,6 +15,8 @@ from pathlib import Path
 from client import env
 from client.wire.errors import WeightsNotFound
 
+MFLUX_T5_LENGTHS = {"dev": 512, "schnell": 256, "krea_dev": 512}  # mflux's ModelConfig.max_sequence_length
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -26,6 +28,11 @@ class Preset:
     default_guidance: float
     real: bool = True
     t5_max_length: int | None = None  # None: mflux's own for the model (512 for dev, 256 for schnell)
+
+    @property
+    def text_tokens(self) -> int:
+        """The T5 sequence every prompt is padded to: the text half of the transformer's joint sequence."""
+        return self.t5_max_length or MFLUX_T5_LENGTHS[self.mflux_config]
 
     @property
     def env_var(self) -> str:

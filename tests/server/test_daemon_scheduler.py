@@ -150,6 +150,33 @@ def test_step_times_exact_per_step_and_scaled():
     assert t.estimate(Shape("dev", 64, 64, 2)) is None
 
 
+def test_with_one_size_measured_a_step_scales_with_the_transformers_sequence_not_pixels():
+    """From the tiny preset's 64 px step (0.67 s; 128 text tokens) pixels said 2.68 s at 128 px and 10.7 s at
+    256 px, against 0.82 s and 1.49 s measured (bench/lora.py); the sequence (128 text + 16, 64 or 256 image
+    tokens) says 0.89 s and 1.79 s. The overhead, mostly the VAE's decode, still scales by pixels."""
+    t = StepTimes(smoothing=1.0, text_tokens={"tiny": 128})
+    t.observe(Shape("tiny", 64, 64, 1), denoise_s=0.67, other_s=0.5)
+    assert t.step_s(Shape("tiny", 128, 128, 4)) == pytest.approx(0.67 * (128 + 64) / (128 + 16))
+    assert t.step_s(Shape("tiny", 256, 256, 4)) == pytest.approx(0.67 * (128 + 256) / (128 + 16))
+    assert abs(t.step_s(Shape("tiny", 128, 128, 4)) - 0.82) / 0.82 < 0.1
+    assert t.estimate(Shape("tiny", 128, 128, 4)) == pytest.approx(4 * 0.67 * 192 / 144 + 0.5 * 4)
+    assert t.step_s(Shape("tiny", 32, 32, 1)) == pytest.approx(0.67 * (128 + 4) / (128 + 16))  # smaller: less
+    other = StepTimes(smoothing=1.0, text_tokens={"tiny": 128})  # another preset's: pixels, as before
+    other.observe(Shape("custom", 64, 64, 1), denoise_s=0.67, other_s=0.5)
+    assert other.step_s(Shape("custom", 128, 128, 1)) == pytest.approx(0.67 * 4)
+
+
+def test_the_presets_text_tokens_are_mfluxs_or_their_own():
+    from mflux.models.common.config.model_config import ModelConfig
+
+    from daemon.engine.presets import PRESETS
+
+    for p in PRESETS.values():
+        mflux = getattr(ModelConfig, p.mflux_config)().max_sequence_length
+        assert p.text_tokens == (p.t5_max_length or mflux)
+    assert PRESETS["tiny"].text_tokens == 128 and PRESETS["schnell"].text_tokens == 256
+
+
 def test_an_unmeasured_size_is_read_off_the_line_through_the_two_nearest_measured_sizes():
     """Per-step times of the tiny preset from bench/lora.py (0.67 s at 64 px, 0.82 s at 128 px, 1.49 s at
     256 px): from 64 and 128 px the line gives 256 px within 5 %, where pixels alone gave 10.7 s a step."""
