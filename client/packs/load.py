@@ -44,8 +44,9 @@ def genre_dirs(packs_root: str | os.PathLike[str]) -> list[Path]:
 
 
 def pack_name(what: str, name: str) -> str:
-    """`name` if it is one folder name. Genre and world names are joined to the packs folder and to a batch's
-    output folder, so one holding a separator or being `..` would reach outside both."""
+    """`name` if it is one name, not a path: a genre's or world's folder, a shipped LoRA's file stem. They are
+    joined to the packs folder and a batch's output folder, so one holding a separator or being `..` would
+    reach outside both."""
     if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
         raise InvalidRequest(f"{what} must be one name, not a path or empty, got {name!r}", field=what)
     return name

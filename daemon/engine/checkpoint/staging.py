@@ -58,8 +58,8 @@ class StagedFolder:
 
 
 def _not_a_folder(path: Path) -> str | None:
-    """ "X is not a folder" for the nearest existing ancestor of `path` that is something else (mkdir says
-    only "File exists" there), else None."""
+    """Why no folder can be made at `path` when its nearest existing ancestor is not a folder (where mkdir
+    says only "File exists"), else None."""
     for p in (path, *path.parents):
         if p.exists():
             return None if p.is_dir() else f"{p} is not a folder"
