@@ -378,7 +378,36 @@ ID_RULE = f"an integer in -2**63..2**63-1 or a string of 1..{MAX_ID_CHARS} chara
 
 
 def encode(msg: Struct | dict[str, Any]) -> bytes:
-    return _encoder.encode(msg)
+    """The frame body of `msg`; text that is not Unicode (a lone surrogate: what Python makes of a command
+    line's or a file name's bytes that are not UTF-8) is `invalid_request` naming its field."""
+    try:
+        return _encoder.encode(msg)
+    except UnicodeEncodeError as exc:
+        where = _not_unicode(msg) or "the request"
+        bad = exc.object[exc.start : exc.end]
+        raise InvalidRequest(
+            f"{where} is not UTF-8 text ({bad!r} at position {exc.start}); the protocol carries text only",
+            field=where if where != "the request" else None,
+        ) from None
+
+
+def _not_unicode(value: Any, path: str = "") -> str | None:
+    """The path (`prompt`, `lora_paths[1]`) of the first string in `value` that UTF-8 cannot encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "the request"
+        return None
+    if isinstance(value, Struct):
+        value = msgspec.structs.asdict(value)
+    if isinstance(value, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((found for p, v in items if (found := _not_unicode(v, p))), None)
 
 
 def _field_of(err: msgspec.ValidationError) -> str | None:

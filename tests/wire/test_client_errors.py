@@ -309,3 +309,19 @@ def test_a_timeout_that_is_not_a_positive_finite_number_of_seconds_is_refused_by
             await AsyncRenderClient(path).preload([str(tmp_path / "a.safetensors")], [1.0], timeout=bad)
 
     asyncio.run(per_call())
+
+
+@pytest.mark.parametrize(
+    ("prompt", "kwargs", "field"),
+    [
+        ("bad \udcff byte", {}, "prompt"),  # what Python makes of a command line's bytes that are not UTF-8
+        ("x", {"output_path": "o\udcff.png"}, "output_path"),
+        ("x", {"lora_paths": ["/a.safetensors", "/x/\udcfe.safetensors"], "lora_scales": [1.0, 1.0]}, "lora_paths[1]"),
+    ],
+)
+def test_text_that_is_not_unicode_is_refused_by_field_not_a_unicode_traceback(tmp_path, prompt, kwargs, field):
+    with serving(tmp_path) as d, RenderClient(d.config.socket_path) as c:
+        with pytest.raises(InvalidRequest) as info:
+            c.send_render(prompt, width=64, height=64, steps=1, **kwargs)
+        assert info.value.field == field and f"{field} is not UTF-8 text" in info.value.message
+        assert c.ping().pong  # the connection was never written to: still usable
