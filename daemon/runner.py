@@ -224,8 +224,8 @@ class RenderRunner:
         seed = getattr(service, "warmup_measure", None)
         if seed is not None:  # estimates from the first render on: the warm-up's step time
             spec, t = seed
-            other = t.get("text_encode", 0.0) + t.get("decode", 0.0)
-            self.times.seed(Shape(spec.preset, spec.width, spec.height, spec.steps), t.get("denoise", 0.0), other)
+            shape = Shape(spec.preset, spec.width, spec.height, spec.steps)
+            self.times.seed(shape, t.get("denoise", 0.0), t.get("decode", 0.0), fixed_s=t.get("text_encode", 0.0))
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -528,8 +528,8 @@ class RenderRunner:
         if job.suspended_s:  # the nested renders ran inside this one's denoising phase
             t["suspended"] = job.suspended_s
             t["denoise"] = max(0.0, t.get("denoise", 0.0) - job.suspended_s)
-        other = t.get("text_encode", 0.0) + t.get("decode", 0.0) + t.get("write", 0.0)
-        self.times.observe(job.shape, t.get("denoise", 0.0), other)
+        other = t.get("decode", 0.0) + t.get("write", 0.0)  # grows with the picture; encoding the prompt does not
+        self.times.observe(job.shape, t.get("denoise", 0.0), other, fixed_s=t.get("text_encode", 0.0))
         if result.stack_switched:
             self.times.observe_switch(t.get("stack_switch", 0.0))
         return result

@@ -201,7 +201,9 @@ class StepTimes:
     per-operation costs are paid at every size (the tiny preset's step: 0.67 s at 64 px, 0.82 s at 128 px,
     1.49 s at 256 px, where pixels alone would say 10.7 s at 256 px and its sequence 1.79 s). The sequence
     leaves out attention's quadratic part, so it errs low at large sizes; a second size measured replaces
-    it. A preset whose text tokens are not given is scaled by pixels."""
+    it. A preset whose text tokens are not given is scaled by pixels. What a render pays whatever its size
+    (`fixed_s`: encoding the prompt, often a cache hit) is kept per preset, apart from the overhead that
+    grows with the picture."""
 
     def __init__(self, smoothing: float = 0.3, text_tokens: dict[str, int] | None = None) -> None:
         self._a = smoothing
@@ -209,6 +211,7 @@ class StepTimes:
         self._total: dict[Shape, float] = {}
         self._per_step: dict[tuple[str, int, int], float] = {}
         self._overhead: dict[tuple[str, int, int], float] = {}
+        self._fixed: dict[str, float] = {}  # preset -> what a render pays whatever its size
         self._switch: float | None = None
         self._seeded: set[tuple[str, int, int]] = set()
         self._lock = threading.Lock()
@@ -217,15 +220,18 @@ class StepTimes:
         old = table.get(key)
         table[key] = value if old is None else old + self._a * (value - old)
 
-    def observe(self, shape: Shape, denoise_s: float, other_s: float) -> None:
+    def observe(self, shape: Shape, denoise_s: float, other_s: float, fixed_s: float = 0.0) -> None:
+        """One render: its denoising, its overhead that grows with the picture (decode, write) and what it
+        paid whatever its size (`fixed_s`)."""
         with self._lock:
             size = (shape.preset, shape.width, shape.height)
             if size in self._seeded:
                 self._seeded.discard(size)
                 del self._per_step[size], self._overhead[size]
-            self._ema(self._total, shape, denoise_s + other_s)
+            self._ema(self._total, shape, denoise_s + other_s + fixed_s)
             self._ema(self._per_step, size, denoise_s / max(shape.steps, 1))
             self._ema(self._overhead, size, other_s)
+            self._ema(self._fixed, shape.preset, fixed_s)
 
     def observe_switch(self, seconds: float) -> None:
         with self._lock:
@@ -235,7 +241,7 @@ class StepTimes:
     def switch_s(self) -> float:
         return self._switch or 0.0
 
-    def seed(self, shape: Shape, denoise_s: float, other_s: float) -> None:
+    def seed(self, shape: Shape, denoise_s: float, other_s: float, fixed_s: float = 0.0) -> None:
         """A first guess (the warm-up render) so estimates exist before the first real render; the first
         real measurement at that size replaces it instead of being averaged with it."""
         with self._lock:
@@ -243,6 +249,7 @@ class StepTimes:
             if size not in self._per_step:
                 self._per_step[size] = denoise_s / max(shape.steps, 1)
                 self._overhead[size] = other_s
+                self._fixed.setdefault(shape.preset, fixed_s)
                 self._seeded.add(size)
 
     def step_s(self, shape: Shape) -> float | None:
@@ -252,7 +259,13 @@ class StepTimes:
         return None if found is None else found[0]
 
     def _per_size(self, shape: Shape) -> tuple[float, float] | None:
-        """(per-step, overhead) at the shape's size, else from the measured sizes (the class docstring)."""
+        """(per-step, overhead with the fixed part) at the shape's size, else from the measured sizes (the
+        class docstring)."""
+        found = self._sized(shape)
+        return None if found is None else (found[0], found[1] + self._fixed.get(shape.preset, 0.0))
+
+    def _sized(self, shape: Shape) -> tuple[float, float] | None:
+        """(per-step, the overhead that grows with the picture) at the shape's size."""
         size = (shape.preset, shape.width, shape.height)
         if size in self._per_step:
             return self._per_step[size], self._overhead[size]
@@ -289,7 +302,13 @@ class StepTimes:
     def table(self) -> list[StepTime]:
         with self._lock:
             return [
-                StepTime(preset=k[0], width=k[1], height=k[2], step_s=v, overhead_s=self._overhead[k])
+                StepTime(
+                    preset=k[0],
+                    width=k[1],
+                    height=k[2],
+                    step_s=v,
+                    overhead_s=self._overhead[k] + self._fixed.get(k[0], 0.0),
+                )  # fmt: skip
                 for k, v in self._per_step.items()
             ]
 

@@ -166,6 +166,17 @@ def test_with_one_size_measured_a_step_scales_with_the_transformers_sequence_not
     assert other.step_s(Shape("custom", 128, 128, 1)) == pytest.approx(0.67 * 4)
 
 
+def test_what_a_render_pays_whatever_its_size_is_not_scaled_with_the_picture():
+    """Encoding the prompt (0.4 s at any size when not cached) was scaled with the decode by pixels: 1.6 s
+    of a 128 px estimate from 64 px. It is kept per preset and added once."""
+    t = StepTimes(smoothing=1.0, text_tokens={"tiny": 128})
+    t.observe(Shape("tiny", 64, 64, 1), denoise_s=0.67, other_s=0.45, fixed_s=0.4)
+    assert t.estimate(Shape("tiny", 128, 128, 4)) == pytest.approx(4 * 0.67 * 192 / 144 + 0.45 * 4 + 0.4)
+    assert t.estimate(Shape("tiny", 64, 64, 1)) == pytest.approx(0.67 + 0.45 + 0.4)  # this shape, as measured
+    (row,) = t.table()
+    assert row.overhead_s == pytest.approx(0.85)  # what a render of that size pays besides its steps
+
+
 def test_the_presets_text_tokens_are_mfluxs_or_their_own():
     from mflux.models.common.config.model_config import ModelConfig
 
