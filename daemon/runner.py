@@ -153,6 +153,7 @@ class RenderJob(Job):
     step: int | None = None  # denoising steps done, while running
     started_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str | None = None  # why, when not a client's `cancel`: said in the Cancelled answer
     expiry: asyncio.TimerHandle | None = None  # answers a queued job whose deadline passes before its turn
     preemptions: int = 0  # times this (batch) job yielded to interactive ones
     suspended_s: float = 0.0  # seconds spent suspended (not billed to its denoising time)
@@ -280,6 +281,7 @@ class RenderRunner:
         for job in [self.running, *self.suspended]:
             if job is None:
                 continue
+            job.cancel_reason = "the daemon is shutting down and its drain timeout passed"
             job.cancel_event.set()
             if force:
                 self._fail(job, Cancelled("the daemon was forced to stop during this render"))
@@ -373,6 +375,8 @@ class RenderRunner:
         one stops at its next denoising step and is answered Cancelled then, a suspended one as it would
         resume. Returns the state it was in."""
         state = job.state
+        if reason is not None:
+            job.cancel_reason = reason.message
         job.cancel_event.set()
         if state == "queued" and self.queue.remove(job):
             self._fail(job, reason or Cancelled("cancelled while queued"))
@@ -538,7 +542,8 @@ class RenderRunner:
     def _check(job: RenderJob, i: int, n: int) -> None:
         """Raise when `job` was cancelled or its deadline passed (at a step boundary)."""
         if job.cancel_event.is_set():
-            raise Cancelled(f"render cancelled at step {i} of {n}", step=i)
+            why = f": {job.cancel_reason}" if job.cancel_reason else ""
+            raise Cancelled(f"render cancelled at step {i} of {n}{why}", step=i)
         if job.deadline is not None and time.monotonic() > job.deadline:
             s = job.request.deadline_s
             raise DeadlineExceeded(f"deadline of {s}s passed at step {i} of {n}", step=i)

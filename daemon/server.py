@@ -398,7 +398,7 @@ class DaemonServer:
             conn.closed = True
             self.connections.discard(conn)
             for job in list(conn.jobs.values()):  # dropped if queued, stopped at its next step if running
-                self.runner.cancel(job, Cancelled("the client went away while the render was queued"))
+                self.runner.cancel(job, Cancelled("the client that sent it went away"))
             conn.jobs.clear()
             writer.close()
             with contextlib.suppress(Exception):

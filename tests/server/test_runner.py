@@ -6,6 +6,7 @@ engine and patcher of tests/helpers/daemon_standin.py. The real tiny model runs 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -262,6 +263,26 @@ def test_drain_timeout_answers_the_rest(tmp_path):
     outcomes, took = run(tmp_path, body, step_s=0.1)
     assert {type(e) for e in outcomes} == {Cancelled, ShuttingDown}
     assert took < 3  # far less than 2 x 30 steps x 0.1 s
+    (cut,) = [e for e in outcomes if isinstance(e, Cancelled)]  # says why: not a client's cancel
+    assert cut.message.endswith(": the daemon is shutting down and its drain timeout passed"), cut.message
+
+
+def test_a_running_render_cancelled_for_a_reason_says_it_and_a_clients_cancel_says_only_the_step(tmp_path):
+    async def body(runner, service):
+        gone, asked = Recorder(), Recorder()
+        job = runner.submit(req("gone", steps=30), gone)
+        await until(lambda: job.step)
+        runner.cancel(job, Cancelled("the client that sent it went away"))
+        await asyncio.wait({gone.answer}, timeout=10)
+        job = runner.submit(req("asked", steps=30), asked)
+        await until(lambda: job.step)
+        runner.cancel(job)  # the `cancel` op
+        await asyncio.wait({asked.answer}, timeout=10)
+        return gone.answer.exception(), asked.answer.exception()
+
+    gone, asked = run(tmp_path, body, step_s=0.05)
+    assert re.fullmatch(r"render cancelled at step \d+ of 30: the client that sent it went away", gone.message)
+    assert re.fullmatch(r"render cancelled at step \d+ of 30", asked.message)
 
 
 def test_a_forced_abort_answers_the_running_job_at_once(tmp_path):
