@@ -20,6 +20,7 @@ import itertools
 import math
 import os
 import random
+import select
 import socket
 import stat
 import time
@@ -180,6 +181,15 @@ def _connect_error(path: Path, exc: OSError) -> DaemonUnavailable:
     return DaemonUnavailable(f"cannot connect to {path}: {exc}", socket=str(path))
 
 
+def _readable(sock: socket.socket) -> bool:
+    """Whether `sock` has something to read now (EOF included), without waiting or reading it."""
+    try:
+        ready, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):  # closed under us: as good as ended
+        return True
+    return bool(ready)
+
+
 def check_timeout(name: str, value: Any) -> float:
     """`value` as a timeout: a positive, finite number of seconds (a socket takes 0 as "never block" and
     refuses a negative one with a bare ValueError; asyncio takes either as "already expired")."""
@@ -281,7 +291,11 @@ class RenderClient(_Shared):
 
     def _connect(self, timeout: float | None = None) -> socket.socket:
         """The open connection, or a new one once the daemon has greeted it (within `timeout`, at most the
-        client's own). A refused connection raises the daemon's reason (busy, peer_not_allowed)."""
+        client's own). A refused connection raises the daemon's reason (busy, peer_not_allowed). A kept
+        connection the daemon has closed since the last call (it restarted, or closed an idle connection to
+        make room) is replaced: between calls nothing is due on it, so anything readable there is its end."""
+        if self._sock is not None and _readable(self._sock):
+            self.close()
         if self._sock is None:
             wait = min(self.timeout, timeout) if timeout is not None else self.timeout
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

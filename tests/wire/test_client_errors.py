@@ -325,3 +325,15 @@ def test_text_that_is_not_unicode_is_refused_by_field_not_a_unicode_traceback(tm
             c.send_render(prompt, width=64, height=64, steps=1, **kwargs)
         assert info.value.field == field and f"{field} is not UTF-8 text" in info.value.message
         assert c.ping().pong  # the connection was never written to: still usable
+
+
+def test_the_sync_client_reconnects_to_a_restarted_daemon_as_the_async_one_does(tmp_path):
+    """A kept connection to a daemon that restarted failed the next call ("closed the connection") and only
+    the one after it worked; the async twin reconnected. Both now replace a connection the daemon ended."""
+    with serving(tmp_path) as d:
+        c = RenderClient(d.config.socket_path)
+        assert c.send_render("before", width=64, height=64, steps=1).steps == 1
+    with serving(tmp_path) as d:  # the same socket path, a new daemon
+        assert c.send_render("after", width=64, height=64, steps=1).steps == 1
+        assert c.status().renders_done == 1  # the new daemon rendered it
+        c.close()
