@@ -34,7 +34,8 @@ def default_out() -> Path:
 def daemon_out(socket_path: str | None) -> Path:
     """`batch` inside the output root the daemon at `socket_path` reports, the one folder it writes to
     (`easel serve --output-root`); `default_out()` when no daemon answers or it reports none (a cluster
-    gateway), so a dry run needs no daemon and an unreachable one is reported by the run itself."""
+    gateway whose replicas write to different places), so a dry run needs no daemon and an unreachable one
+    is reported by the run itself."""
     from client.client import RenderClient
     from client.wire.errors import EaselError
 

@@ -299,6 +299,7 @@ class ReplicaStatus(Struct, omit_defaults=True):
     resident_stacks: LoraCacheStats | None = None
     preloads_yielded: int = 0  # its preload builds stopped for a render that arrived
     heap: HeapStats | None = None  # its malloc heap (glibc); absent elsewhere
+    output_root: str | None = None  # the folder it writes images into
 
 
 class StatusResult(Struct, omit_defaults=True):
@@ -329,8 +330,8 @@ class StatusResult(Struct, omit_defaults=True):
     preloads_waiting: int = 0  # `preload` requests waiting for the render thread to be idle
     preloads_yielded: int = 0  # preload builds stopped for a render that arrived, each built again later
     heap: HeapStats | None = None  # the daemon's malloc heap (glibc); absent elsewhere and behind a gateway
-    output_root: str | None = None  # the one folder it writes images into; absent behind a gateway
-    lora_roots: list[str] = []  # the folders LoRA paths must lie in; absent behind a gateway
+    output_root: str | None = None  # the one folder it writes images into (a gateway: its replicas', if one)
+    lora_roots: list[str] = []  # the folders LoRA paths must lie in
 
 
 class PingResult(Struct, omit_defaults=True):

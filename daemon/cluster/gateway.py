@@ -482,6 +482,7 @@ class ClusterRunner:
             model=None,
             preloads_waiting=self.preloads_waiting,
             preloads_yielded=sum(r.preloads_yielded for r in replicas),
+            lora_roots=[str(p) for p in self.config.lora_roots],  # it reads each stack's files to route it
         )
 
 
@@ -497,7 +498,9 @@ class GatewayServer(DaemonServer):
     def status(self) -> StatusResult:
         base = super().status()
         replicas = self.runner.replica_statuses()
-        return msgspec.structs.replace(base, model_loaded=bool(replicas), replicas=replicas)
+        roots = {r.output_root for r in replicas}
+        root = roots.pop() if len(roots) == 1 else None  # where a batch through this gateway writes, if one place
+        return msgspec.structs.replace(base, model_loaded=bool(replicas), replicas=replicas, output_root=root)
 
 
 async def serve_gateway(

@@ -315,6 +315,7 @@ class RenderReplica:
             resident_stacks=run.resident_stacks,
             preloads_yielded=run.preloads_yielded,
             heap=run.heap,
+            output_root=run.output_root,
         )
         return {
             "status": msgspec.to_builtins(status),

@@ -139,6 +139,16 @@ def test_easel_cancel_through_the_gateway_stops_another_clients_job_by_the_id_st
     asyncio.run(run())
 
 
+def test_the_gateway_reports_the_output_root_its_replicas_share(cluster):
+    """`easel batch` without --out writes into the root `status` reports: through a gateway, its replicas'."""
+    with RenderClient(cluster.gateway.socket) as c:
+        st = c.status()
+    root = str(Path(cluster.out).resolve())
+    assert st.replicas and all(r.output_root == root for r in st.replicas)
+    assert st.output_root == root
+    assert st.lora_roots == [str(Path(cluster.loras).resolve())]  # the gateway reads a stack's files to route it
+
+
 def test_a_deadline_ends_a_render_on_the_replica(cluster):
     from client.wire.errors import DeadlineExceeded
 
