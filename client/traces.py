@@ -7,6 +7,7 @@ ExportTraceServiceRequest into the same shape, so a render prints the same which
 from __future__ import annotations
 
 import base64
+import collections
 import gzip
 import json
 import os
@@ -186,6 +187,44 @@ def format_render(rec: Record) -> str:
         if message:
             line += "  " + click.style(str(message), fg="red")
     return line
+
+
+RENDER_CALL = "easel.Daemon/render"  # the server span of a render request
+
+
+class TailLines:
+    """What `easel traces tail` prints for each span: a line per render span, and one for a render request
+    refused before it rendered (its server span ended in error with no render span under it: a LoRA not
+    found, a size over the limits, a full queue). A render span ends before its request's server span, so
+    the render spans seen (their parents, the last few thousand) say which refusals had none."""
+
+    def __init__(self, remember: int = 4096) -> None:
+        self._rendered: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._remember = remember
+
+    def line(self, rec: Record) -> str | None:
+        if rec.get("name") == RENDER_SPAN:
+            parent = rec.get("parent_span_id")
+            if parent:
+                self._rendered[parent] = None
+                while len(self._rendered) > self._remember:
+                    self._rendered.popitem(last=False)
+            return format_render(rec)
+        failed = (rec.get("status") or {}).get("code") == "ERROR"
+        if rec.get("name") == RENDER_CALL and failed and rec.get("span_id") not in self._rendered:
+            return format_refused(rec)
+        return None
+
+
+def format_refused(rec: Record) -> str:
+    """One line for a render request answered with an error before any render: time, ERROR, why."""
+    attrs = rec.get("attributes") or {}
+    end_ns = rec.get("end_time_unix_nano") or rec.get("start_time_unix_nano") or 0
+    when = datetime.fromtimestamp(end_ns / 1e9).strftime("%H:%M:%S") if end_ns else "--:--:--"
+    code = attrs.get("error.type") or "error"
+    message = (rec.get("status") or {}).get("message") or ""
+    said = click.style(f"refused {code}: {message}", fg="red")
+    return f"{when}  {click.style('ERROR', fg='red', bold=True)}  {said}"
 
 
 # ------------------------------------------------------------------------------------------------ sources

@@ -58,8 +58,8 @@ def tail(
     file_: Path | None, listen: str | None, as_json: bool, from_start: bool, no_follow: bool, color: bool | None
 ) -> None:
     """Follow renders live: one line per render with time, status, tier, model, stack as
-    name:applied/total, phase durations and total time."""
-    from client.traces import RENDER_SPAN, follow_file, format_render
+    name:applied/total, phase durations and total time, and one per render refused before it rendered."""
+    from client.traces import TailLines, follow_file
     from client.traces import listen as listen_otlp
 
     stop = threading.Event()
@@ -87,11 +87,12 @@ def tail(
         records = follow_file(path, from_start=from_start or no_follow, follow=not no_follow, stop=stop)
         click.echo(f"easel traces: {'reading' if no_follow else 'following'} {path}{waiting}", err=True)
 
+    lines = TailLines()
     for rec in records:
         if as_json:
             click.echo(json.dumps(rec, separators=(",", ":")))
-        elif rec.get("name") == RENDER_SPAN:
-            click.echo(format_render(rec), color=color)
+        elif (line := lines.line(rec)) is not None:
+            click.echo(line, color=color)
 
 
 def register(group: click.Group) -> None:

@@ -23,7 +23,7 @@ from helpers.reports import file_report
 from client.cli import main
 from client.cli.traces import stop_on_signal
 from client.traces import OtlpHttpReceiver, format_render, otlp_json_to_request, parse_record
-from client.wire.errors import Cancelled
+from client.wire.errors import Cancelled, LoraNotFound
 from daemon.render_spec import RenderSpec
 from daemon.telemetry import render_span, server_span, setup_telemetry
 
@@ -79,6 +79,27 @@ def test_tail_prints_one_line_per_render(recorded):
     assert re.match(r"\d\d:\d\d:\d\d  ok ", third) and "scene" in third and "no-lora" in third
     assert "\x1b[" not in result.stdout  # not a terminal: no colour codes
     assert result.stderr == f"easel traces: reading {recorded}\n"  # not "following": it exits at the end
+
+
+def test_tail_prints_a_render_refused_before_it_rendered_once(tmp_path):
+    """A render answered with an error before any render (a LoRA not found, a size over the limits) has a
+    server span and no render span: the tail showed nothing. It prints one line for it; a render that
+    failed while rendering still prints only its render line."""
+    path = tmp_path / "traces.jsonl"
+    tel = setup_telemetry(env={"EASEL_TRACES_FILE": str(path)})
+    emit_renders(tel)  # three renders, two of them failed: three lines
+    with pytest.raises(LoraNotFound), server_span(tel, "render"):
+        raise LoraNotFound("lora_paths[0]: no LoRA file at /l/gone.safetensors")
+    with server_span(tel, "status"):
+        pass
+    tel.shutdown()
+    result = CliRunner().invoke(main, ["traces", "tail", "--file", str(path), "--no-follow"])
+    lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 4, lines
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d  ERROR  refused lora_not_found: lora_paths\[0\]: no LoRA file at /l/gone.safetensors",
+        lines[3],
+    )
 
 
 def test_tail_colours_status_when_asked(recorded):
