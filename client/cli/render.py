@@ -24,8 +24,11 @@ def parse_lora(spec: str) -> tuple[str, float]:
         try:
             scale = float(tail)
             path = head
-        except ValueError:
-            pass
+        except ValueError:  # a path with a colon in it, unless it reads as a file and a mistyped scale
+            if head.endswith(".safetensors") and not Path(spec).expanduser().exists():
+                raise click.BadParameter(
+                    f"{spec!r}: the scale after ':' must be a number, got {tail!r}", param_hint="--lora"
+                ) from None
     p = Path(path).expanduser()
     return (str(p.resolve()) if p.exists() else path), scale
 

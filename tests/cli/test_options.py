@@ -297,3 +297,17 @@ def test_a_grid_picture_is_a_png_in_a_folder_or_a_usage_error_before_any_render(
         assert res.exit_code == 2 and said in res.output, res.output
     res = CliRunner().invoke(main, [*base, str(tmp_path / "new" / "G.PNG")])  # a folder to make is fine
     assert res.exit_code == 1 and "daemon_unavailable" in res.output
+
+
+def test_a_lora_whose_scale_is_not_a_number_is_a_usage_error_not_a_missing_file(tmp_path):
+    """`--lora a.safetensors:abc` was sent as the path `a.safetensors:abc` (lora_not_found); a path may hold
+    a colon, so only a `.safetensors` name with a scale that is no number, and no file of the whole name, is
+    taken for a typo."""
+    (tmp_path / "a.safetensors").write_bytes(b"x")
+    (tmp_path / "odd:name").write_bytes(b"x")
+    base = ["render", "x", "--socket", str(tmp_path / "nobody.sock"), "--lora"]
+    res = CliRunner().invoke(main, [*base, f"{tmp_path}/a.safetensors:abc"])
+    assert res.exit_code == 2 and "the scale after ':' must be a number, got 'abc'" in res.output, res.output
+    for fine in (f"{tmp_path}/odd:name", f"{tmp_path}/a.safetensors:0.5"):  # a colon in a name; a good scale
+        res = CliRunner().invoke(main, [*base, fine])
+        assert res.exit_code == 1 and "daemon_unavailable" in res.output, res.output
