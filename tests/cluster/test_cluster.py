@@ -42,6 +42,28 @@ def test_twenty_serial_renders_over_three_stacks_load_each_stack_once(cluster):
     assert {s for r in status.replicas for s in r.stacks} >= {s for _, s in loads}
 
 
+async def rendering(c, prompt: str, stack: list[str], **fields) -> asyncio.Task:
+    """A 100-step render sent on `c`, returned once a replica has done its first step (still running)."""
+    stepped = asyncio.Event()
+    long = asyncio.create_task(
+        c.send_render(
+            prompt,
+            lora_paths=stack,
+            lora_scales=[1.0],
+            return_bytes=True,
+            width=64,
+            height=64,
+            steps=100,
+            on_progress=lambda e: e.event == "progress" and stepped.set(),
+            **fields,
+        )  # fmt: skip
+    )
+    step = asyncio.create_task(stepped.wait())
+    await asyncio.wait({long, step}, timeout=300, return_when=asyncio.FIRST_COMPLETED)
+    assert not long.done(), long.exception()
+    return long
+
+
 def test_progress_and_cancel_cross_the_hop(cluster):
     from client.client import AsyncRenderClient
     from client.wire.errors import Cancelled
@@ -58,29 +80,7 @@ def test_progress_and_cancel_cross_the_hop(cluster):
             assert [e.step for e in events if e.event == "progress"] == [1, 2, 3]
             assert r.steps == 3 and r.job.startswith(str(c.hello.connection))
 
-            stepped = asyncio.Event()
-
-            def on_step(e):
-                if e.event == "progress":
-                    stepped.set()
-
-            long = asyncio.create_task(
-                c.send_render(
-                    "long",
-                    lora_paths=stack,
-                    lora_scales=[1.0],
-                    seed=2,
-                    return_bytes=True,
-                    request_id="long",
-                    on_progress=on_step,
-                    width=64,
-                    height=64,
-                    steps=100,
-                )  # fmt: skip
-            )
-            step = asyncio.create_task(stepped.wait())
-            await asyncio.wait({long, step}, timeout=300, return_when=asyncio.FIRST_COMPLETED)
-            assert not long.done(), long.exception()
+            long = await rendering(c, "long", stack, seed=2, request_id="long")
             cancel = await c.cancel("long")
             assert cancel.cancelled and cancel.state == "running"
             with pytest.raises(Cancelled):
@@ -110,23 +110,7 @@ def test_easel_cancel_through_the_gateway_stops_another_clients_job_by_the_id_st
 
     async def run():
         async with AsyncRenderClient(cluster.gateway.socket, render_timeout=600) as c:
-            stepped = asyncio.Event()
-            long = asyncio.create_task(
-                c.send_render(
-                    "operator",
-                    lora_paths=stack,
-                    lora_scales=[1.0],
-                    seed=3,
-                    return_bytes=True,
-                    on_progress=lambda e: e.event == "progress" and stepped.set(),
-                    width=64,
-                    height=64,
-                    steps=100,
-                )  # fmt: skip
-            )
-            step = asyncio.create_task(stepped.wait())
-            await asyncio.wait({long, step}, timeout=300, return_when=asyncio.FIRST_COMPLETED)
-            assert not long.done(), long.exception()
+            long = await rendering(c, "operator", stack, seed=3)
             (job,) = [j.job for j in (await c.status()).queue if j.state == "running"]
             res = await asyncio.to_thread(CliRunner().invoke, cli, ["cancel", job, "--socket", socket])
             assert res.exit_code == 0, res.output
