@@ -13,14 +13,14 @@ import pytest
 
 from client.packs.example_loras import make_pack_loras
 
-pytestmark = pytest.mark.mlx  # the cluster commands come with the daemon's extra
-ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.mlx  # the cluster commands come with the daemon's extra (the thin run deselects)
 
 EASEL = [sys.executable, "-c", "from client.cli import main; main()"]
 
 
 @pytest.fixture()
 def no_cluster_env(tmp_path):
+    pytest.importorskip("ray")
     from ray._private.services import find_gcs_addresses
 
     if find_gcs_addresses():
