@@ -15,6 +15,16 @@ from pathlib import Path
 from typing import IO
 
 
+def file_in_the_way(folder: str | os.PathLike[str]) -> Path | None:
+    """The nearest existing one of `folder` and its parents when it is not a folder (so `folder` can never be
+    made there: mkdir would say only "File exists"), else None."""
+    p = Path(folder).absolute()
+    for candidate in (p, *p.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[IO[bytes]]:
     """Yield a binary file that replaces `path` only if the block finishes without an exception.

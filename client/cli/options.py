@@ -17,6 +17,7 @@ import click
 
 from client import env
 from client.cli.errors import JSON_META_KEY
+from client.fs import file_in_the_way
 from client.sizes import parse_byte_size
 from client.wire.messages import MAX_SEED
 
@@ -199,11 +200,9 @@ def writable_png(path: Path) -> Path:
     as the command line is read (before renders that take minutes), a usage error otherwise."""
     if path.suffix.lower() != ".png":
         raise click.BadParameter(f"{str(path)!r} does not end in .png (the picture is written as a PNG)")
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise click.BadParameter(f"{str(path)!r} cannot be written: {parent} is not a folder")
-            break
+    blocker = file_in_the_way(path.absolute().parent)
+    if blocker is not None:
+        raise click.BadParameter(f"{str(path)!r} cannot be written: {blocker} is not a folder")
     return path
 
 

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from client.fs import file_in_the_way
 from client.wire.errors import SaveFailed, SaveTargetExists
 
 
@@ -29,7 +30,8 @@ class StagedFolder:
             self.dst.parent.mkdir(parents=True, exist_ok=True)
             self.staging = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.", suffix=".partial", dir=self.dst.parent))
         except OSError as exc:
-            reason = _not_a_folder(self.dst.parent) or exc.strerror or str(exc)
+            blocker = file_in_the_way(self.dst.parent)
+            reason = f"{blocker} is not a folder" if blocker is not None else exc.strerror or str(exc)
             raise SaveFailed(f"cannot write a folder at {self.dst}: {reason}", path=str(self.dst)) from None
 
     def commit(self) -> Path:
@@ -55,15 +57,6 @@ class StagedFolder:
             self.commit()
         else:
             self.discard()
-
-
-def _not_a_folder(path: Path) -> str | None:
-    """Why no folder can be made at `path` when its nearest existing ancestor is not a folder (where mkdir
-    says only "File exists"), else None."""
-    for p in (path, *path.parents):
-        if p.exists():
-            return None if p.is_dir() else f"{p} is not a folder"
-    return None
 
 
 def wrote_into(staged: StagedFolder, exc: OSError) -> SaveFailed:
