@@ -3,6 +3,7 @@
     plan     items -> prompts, seeds, stacks, settings, output paths; shards (pure)
     run      through a Renderer (the daemon's client), resumably, with progress
     records  the per-item resume records and the manifest
+    versions the LoRA files' content digests a record keeps (a retrained file renders again)
     report   the dry-run description and the summary
 
 The contact sheet of a batch is drawn by client.contact_sheet.

@@ -1,7 +1,8 @@
 """What a batch leaves on disk: one record per finished item (so a re-run can skip it) and the manifest.
 
-A record sits beside its PNG and holds the item's fingerprint; an item whose PNG and record exist, with the
-same fingerprint and record version, is finished. Both are msgspec structs written as JSON, atomically.
+A record sits beside its PNG and holds the item's fingerprint and the content digests of its LoRA files
+(client/batch/versions.py); an item whose PNG and record exist, with the same fingerprint and record version
+and none of its LoRA files changed since, is finished. Both are msgspec structs written as JSON, atomically.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import msgspec
 
 from client.batch.plan import BatchItem, BatchPlan
+from client.batch.versions import LoraVersions, changed_files
 from client.fs import atomic_write_bytes
 from client.wire.report import FileReport
 
@@ -38,6 +40,7 @@ class ItemResult:
     outcome: RenderOutcome | None = None
     error: dict[str, Any] | None = None
     seconds: float = 0.0
+    changed: tuple[str, ...] = ()  # finished before, rendered again: these LoRAs of its stack changed since
 
 
 @dataclass
@@ -88,6 +91,9 @@ class ItemRecord(msgspec.Struct, kw_only=True):
     fingerprint: str
     error: dict[str, Any] | None  # the typed error's wire form (code, message, details)
     record_version: int = RECORD_VERSION
+    # The content digest of each file of `stack` when the item rendered (None where it could not be read);
+    # absent from records written before they were kept.
+    lora_digests: list[str | None] | None = None
 
 
 class Manifest(msgspec.Struct, kw_only=True):
@@ -105,7 +111,11 @@ class Manifest(msgspec.Struct, kw_only=True):
 
 
 def item_record(
-    item: BatchItem, outcome: RenderOutcome | None, status: str, error: dict[str, Any] | None = None
+    item: BatchItem,
+    outcome: RenderOutcome | None,
+    status: str,
+    error: dict[str, Any] | None = None,
+    digests: list[str | None] | None = None,
 ) -> ItemRecord:
     return ItemRecord(
         kind=item.content.kind,
@@ -126,6 +136,7 @@ def item_record(
         output_path=str(item.output_path),
         fingerprint=item.fingerprint(),
         error=error,
+        lora_digests=digests,
     )
 
 
@@ -133,21 +144,41 @@ def _write_json(path: Path, obj: msgspec.Struct) -> None:
     atomic_write_bytes(path, msgspec.json.format(msgspec.json.encode(obj), indent=2) + b"\n")
 
 
-def write_record(item: BatchItem, outcome: RenderOutcome) -> None:
-    _write_json(item.record_path, item_record(item, outcome, "rendered"))
+def write_record(item: BatchItem, outcome: RenderOutcome, versions: LoraVersions) -> None:
+    """The item's record, with the digests of its LoRA files (read before its render was sent, so a file
+    changed during the render is rendered again by the next run)."""
+    _write_json(item.record_path, item_record(item, outcome, "rendered", digests=versions.of(item)))
 
 
-def finished_outcome(item: BatchItem) -> RenderOutcome | None:
-    """The outcome of an earlier run of this exact item, if its PNG and matching record are on disk."""
+@dataclass(frozen=True)
+class Earlier:
+    """What an earlier run left of one item: its outcome when it is finished, else the names of its LoRAs
+    that changed since it rendered (empty when it was never finished, or its settings changed)."""
+
+    outcome: RenderOutcome | None
+    changed: tuple[str, ...] = ()
+
+
+def earlier_run(item: BatchItem, versions: LoraVersions) -> Earlier:
+    """Whether an earlier run finished this exact item: its PNG and a record of the same fingerprint and
+    version on disk, and its LoRA files the versions it rendered with."""
     if not item.output_path.is_file() or not item.record_path.is_file():
-        return None
+        return Earlier(None)
     try:
         rec = msgspec.json.decode(item.record_path.read_bytes(), type=ItemRecord)
     except (OSError, msgspec.DecodeError):
-        return None  # unreadable, or written by another version: render again
+        return Earlier(None)  # unreadable, or written by another version: render again
     if rec.record_version != RECORD_VERSION or rec.fingerprint != item.fingerprint():
-        return None
-    return RenderOutcome(rec.output_path, rec.seed, tuple(rec.stack_applied), rec.timings)
+        return Earlier(None)
+    changed = changed_files(rec.lora_digests, versions.of(item))
+    if changed:
+        return Earlier(None, tuple(item.stack[i].name for i in changed))
+    return Earlier(RenderOutcome(rec.output_path, rec.seed, tuple(rec.stack_applied), rec.timings))
+
+
+def finished_outcome(item: BatchItem, versions: LoraVersions | None = None) -> RenderOutcome | None:
+    """The outcome of an earlier run of this exact item, if it is finished (`earlier_run`)."""
+    return earlier_run(item, versions or LoraVersions()).outcome
 
 
 def manifest(result: BatchResult) -> Manifest:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from client.batch.plan import BatchPlan
-from client.batch.records import BatchResult, finished_outcome
+from client.batch.records import BatchResult, earlier_run
+from client.batch.versions import LoraVersions
 from client.wire.report import FileReport
 
 
@@ -17,8 +18,12 @@ def describe_plan(plan: BatchPlan) -> str:
         + (", ".join(f"{e.name}@{e.scale:g}" for e in plan.style.stack.active) or "(no LoRAs)")
         + f"   triggers: {', '.join(plan.style.stack.triggers) or '-'}",
     ]
+    versions = LoraVersions()
     for item in plan.items:
-        state = "done" if finished_outcome(item) else "todo"
+        earlier = earlier_run(item, versions)
+        state = "done" if earlier.outcome else "todo"
+        if earlier.changed:
+            state += f": {', '.join(earlier.changed)} changed since it rendered"
         lines.append(
             f"- [{state}] {item.content.id}  seed={item.seed}  {item.width}x{item.height}  steps={item.steps}"
             f"  guidance={item.guidance:g}  preset={item.preset or '(daemon default)'}"
@@ -46,6 +51,10 @@ def summary_lines(result: BatchResult, *, paths: bool = True) -> list[str]:
         lines.append(f"  {e.name} @ {e.scale:g}: {keys}")
     if not plan.style.stack.active:
         lines.append("  (no LoRAs for this tier)")
+    again = [r for r in result.items if r.changed]
+    if again:
+        names = sorted({n for r in again for n in r.changed})
+        lines.append(f"  {len(again)} rendered again: {', '.join(names)} changed since they rendered")
     for r in result.items:
         if r.status == "failed" and r.error:
             lines.append(f"  FAILED {r.item.content.name}: [{r.error.get('code')}] {r.error.get('message')}")

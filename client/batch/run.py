@@ -1,6 +1,7 @@
 """Running a planned batch through a Renderer (in practice the daemon's RenderClient), item by item.
 
-Resumable: a finished item (client/batch/records.py) is skipped. A failed item is recorded with its typed
+Resumable: a finished item (client/batch/records.py) is skipped, unless a LoRA file of its stack changed
+since it rendered (client/batch/versions.py). A failed item is recorded with its typed
 error and the batch goes on; if the daemon is gone the batch stops and the rest are listed as pending.
 """
 
@@ -13,12 +14,14 @@ from typing import Any
 from client.batch.plan import BatchItem, BatchPlan
 from client.batch.records import (
     BatchResult,
+    Earlier,
     ItemResult,
     RenderOutcome,
-    finished_outcome,
+    earlier_run,
     write_manifest,
     write_record,
 )
+from client.batch.versions import LoraVersions
 from client.renderer import Renderer
 from client.wire.errors import DaemonUnavailable, EaselError, PathNotAllowed
 from client.wire.messages import Event
@@ -87,14 +90,15 @@ def run_batch(
     from tqdm import tqdm
 
     started = time.monotonic()
+    versions = LoraVersions()
     results: list[ItemResult] = []
     bar = tqdm(total=len(plan.items), unit="img", disable=not progress, dynamic_ncols=True, leave=True)
     try:
         for item in plan.items:
             bar.set_description(item.content.id[:24])
-            done = finished_outcome(item) if resume else None
-            if done is not None:
-                results.append(ItemResult(item, "skipped", done))
+            earlier = _earlier(item, versions, resume)
+            if earlier.outcome is not None:
+                results.append(ItemResult(item, "skipped", earlier.outcome))
                 bar.update(1)
                 continue
             t0 = time.monotonic()
@@ -111,8 +115,8 @@ def run_batch(
                 if stop_on_error or dooms_the_rest(err.to_wire(), item):
                     break
                 continue
-            write_record(item, outcome)
-            results.append(ItemResult(item, "rendered", outcome, None, time.monotonic() - t0))
+            write_record(item, outcome, versions)
+            results.append(ItemResult(item, "rendered", outcome, None, time.monotonic() - t0, earlier.changed))
             bar.update(1)
     finally:
         bar.close()
@@ -120,6 +124,13 @@ def run_batch(
     result = BatchResult(plan, results, time.monotonic() - started)
     result.manifest_path = write_manifest(result)
     return result
+
+
+def _earlier(item: BatchItem, versions: LoraVersions, resume: bool) -> Earlier:
+    """What an earlier run left of `item` (nothing without `resume`); either way its LoRA files' digests are
+    taken now, before its render is sent, for its record."""
+    versions.of(item)
+    return earlier_run(item, versions) if resume else Earlier(None)
 
 
 def _stack_of(item: BatchItem) -> tuple:
@@ -135,14 +146,17 @@ def _run_concurrently(
     from tqdm import tqdm
 
     started = time.monotonic()
+    versions = LoraVersions()
     outcomes: dict[int, ItemResult] = {}
     todo: list[int] = []
+    changed: dict[int, tuple[str, ...]] = {}
     for i, item in enumerate(plan.items):
-        done = finished_outcome(item) if resume else None
-        if done is not None:
-            outcomes[i] = ItemResult(item, "skipped", done)
+        earlier = _earlier(item, versions, resume)
+        if earlier.outcome is not None:
+            outcomes[i] = ItemResult(item, "skipped", earlier.outcome)
         else:
             todo.append(i)
+            changed[i] = earlier.changed
     first_seen: dict[tuple, int] = {}
     for i in todo:  # one stack's items together, stacks in the order they first appear
         first_seen.setdefault(_stack_of(plan.items[i]), i)
@@ -156,8 +170,8 @@ def _run_concurrently(
             outcome = render_item(renderer, item)
         except EaselError as err:
             return ItemResult(item, "failed", None, err.to_wire(), time.monotonic() - t0)
-        write_record(item, outcome)
-        return ItemResult(item, "rendered", outcome, None, time.monotonic() - t0)
+        write_record(item, outcome, versions)
+        return ItemResult(item, "rendered", outcome, None, time.monotonic() - t0, changed[i])
 
     stop = False
     pending: dict[Future, int] = {}

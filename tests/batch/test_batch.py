@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from client.batch import item_seed, parse_shard, plan_batch, run_batch, shard_items
+from client.batch import describe_plan, item_seed, parse_shard, plan_batch, run_batch, shard_items, summary_lines
 from client.cli import main as cli
 from client.contact_sheet import write_contact_sheet
 from client.packs import ContentItem, PackError, base_prompt, compose_prompt, genre_dirs, load_items, world_names
@@ -348,3 +348,49 @@ def test_progress_reaches_the_caller_as_steps(packs, tmp_path):
     item = plan(packs, tmp_path).items[0]
     outcome = render_item(PngRenderer(), item, lambda step, steps: seen.append((step, steps)))
     assert seen == [(1, 2), (2, 2)] and outcome.seed == item.seed and outcome.image_path == str(item.output_path)
+
+
+def _new_version(path: str) -> None:
+    """The LoRA file at `path` saved again with one weight changed (a retrained file at the same path)."""
+    data = bytearray(Path(path).read_bytes())
+    data[-1] ^= 0x01  # a bit of the last tensor's last value: still a valid file
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_bytes(bytes(data))
+    tmp.replace(path)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_resume_renders_again_an_item_whose_lora_file_changed(packs, tmp_path, workers):
+    """A LoRA retrained and saved over the same path keeps every item's fingerprint (paths and scales):
+    resume once skipped every picture drawn with the old weights."""
+    mine = tmp_path / "packs"
+    shutil.copytree(packs, mine)
+    p = plan(mine, tmp_path / "out")
+    (name,) = {e.name for item in p.items for e in item.stack}
+    run_batch(p, PngRenderer(), progress=False, workers=workers)
+    record = json.loads(p.items[0].record_path.read_text())
+    assert len(record["lora_digests"]) == 1 and len(record["lora_digests"][0]) == 32
+    same = PngRenderer()
+    assert run_batch(p, same, progress=False, workers=workers).count("skipped") == len(p.items) and not same.calls
+
+    _new_version(p.items[0].lora_paths[0])
+    assert f"[todo: {name} changed since it rendered] {p.items[0].content.id}" in describe_plan(p)
+    again = PngRenderer()
+    result = run_batch(p, again, progress=False, workers=workers)
+    assert sorted(again.calls) == sorted(j.content.id for j in p.items)
+    assert all(r.status == "rendered" and r.changed == (name,) for r in result.items)
+    assert f"  {len(p.items)} rendered again: {name} changed since they rendered" in summary_lines(result)
+    assert json.loads(p.items[0].record_path.read_text())["lora_digests"] != record["lora_digests"]
+    after = PngRenderer()
+    assert run_batch(p, after, progress=False, workers=workers).count("skipped") == len(p.items) and not after.calls
+
+
+def test_a_record_without_lora_digests_is_still_finished(packs, tmp_path):
+    """Records written before the digests were kept say nothing about their files' versions: trusted."""
+    p = plan(packs, tmp_path)
+    run_batch(p, PngRenderer(), progress=False)
+    record = json.loads(p.items[0].record_path.read_text())
+    del record["lora_digests"]
+    p.items[0].record_path.write_text(json.dumps(record))
+    r = PngRenderer()
+    assert run_batch(p, r, progress=False).count("skipped") == len(p.items) and r.calls == []
