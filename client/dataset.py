@@ -21,7 +21,33 @@ from client.fs import atomic_write_text
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_SUFFIX = ".txt"
 DEFAULT_MIN_IMAGES = 150  # style LoRAs in the source project
-DEFAULT_MIN_SIDE = 512  # mlx-examples dreambooth trains at 512x512 by default; smaller images get upscaled
+# mlx-examples' trainer (512x512 by default) crops at least its resolution from each image: past a smaller
+# image's edge Pillow's crop is black, so such an image trains with black borders.
+DEFAULT_MIN_SIDE = 512
+
+# mlx-examples' Flux trainer turns each image into an array as it is stored (`np.array(image)`) and takes its
+# first three channels as RGB: it converts no pixel mode and applies no EXIF orientation. So an image whose
+# pixels are not RGB(A) fails there (one channel: the array has no third axis) or trains in wrong colours
+# (CMYK's C, M, Y read as R, G, B), and an RGBA image trains on the colours under its transparent pixels.
+TRAINER_MODES = ("RGB", "RGBA")
+_MODE_NAMES = {
+    "1": "1-bit black and white",
+    "L": "grayscale",
+    "LA": "grayscale with alpha",
+    "La": "grayscale with alpha",
+    "P": "palette (indexed colour)",
+    "PA": "palette with alpha",
+    "I": "32-bit integer grayscale",
+    "I;16": "16-bit grayscale",
+    "I;16B": "16-bit grayscale",
+    "I;16L": "16-bit grayscale",
+    "F": "32-bit float grayscale",
+    "CMYK": "CMYK",
+    "YCbCr": "YCbCr",
+    "LAB": "Lab",
+    "HSV": "HSV",
+}
+EXIF_ORIENTATION = 0x0112  # 1 = as stored; 2-8 = mirrored and/or rotated for display
 
 
 @dataclass(frozen=True)
@@ -64,20 +90,36 @@ class DatasetReport:
         return json.dumps(data, indent=2, ensure_ascii=False)
 
 
-def _read_caption(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace").strip()
+def _read_caption(path: Path) -> str | None:
+    """The caption's text, stripped (a UTF-8 byte order mark dropped); None when it is not UTF-8."""
+    try:
+        return path.read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        return None
 
 
-def _inspect_image(path: Path) -> tuple[int, int] | str:
-    """(width, height) of a fully decodable image, or why it is not one."""
+@dataclass(frozen=True)
+class _Pixels:
+    """What the checks need of one decoded image."""
+
+    size: tuple[int, int]
+    mode: str
+    transparent: bool  # an alpha channel with a pixel under fully opaque
+    orientation: int  # its EXIF orientation (1: none, or as stored)
+
+
+def _inspect_image(path: Path) -> _Pixels | str:
+    """The pixels of a fully decodable image, or why it is not one."""
     try:
         with Image.open(path) as im:
             im.verify()  # structure and checksums
         with Image.open(path) as im:
             im.load()  # every pixel: catches truncated data verify() lets through
-            return im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return f"{type(exc).__name__}: {exc}"
+            transparent = im.mode == "RGBA" and im.getchannel("A").getextrema()[0] < 255
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+            return _Pixels(im.size, im.mode, transparent, orientation if isinstance(orientation, int) else 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return f"{type(exc).__name__}: {exc}"  # a bomb: the trainer's Image.open refuses it the same way
 
 
 def check_dataset(
@@ -124,17 +166,31 @@ def check_dataset(
     reasons: list[str] = []
     hashes: dict[str, list[str]] = {}
     small: list[str] = []
+    modes: list[str] = []
+    transparent: list[str] = []
+    oriented: list[str] = []
+    not_utf8: list[str] = []
     for p in images:
         hashes.setdefault(hashlib.sha256(p.read_bytes()).hexdigest(), []).append(p.name)
-        size = _inspect_image(p)
-        if isinstance(size, str):
+        pixels = _inspect_image(p)
+        if isinstance(pixels, str):
             corrupt.append(p.name)
-            reasons.append(f"{p.name}: {size}")
+            reasons.append(f"{p.name}: {pixels}")
             continue
-        width, height = size
+        width, height = pixels.size
         if min(width, height) < min_side:
             small.append(f"{p.name} ({width}x{height})")
-        caption = _read_caption(captions[p.stem]) if p.stem in captions else None
+        if pixels.mode not in TRAINER_MODES:
+            modes.append(f"{p.name} ({_MODE_NAMES.get(pixels.mode, 'mode ' + pixels.mode)})")
+        if pixels.transparent:
+            transparent.append(p.name)
+        if pixels.orientation != 1:
+            oriented.append(f"{p.name} (orientation {pixels.orientation})")
+        caption = None
+        if p.stem in captions:
+            caption = _read_caption(captions[p.stem])
+            if caption is None:
+                not_utf8.append(captions[p.stem].name)
         report.images.append(ImageInfo(p.name, width, height, caption))
     if corrupt:
         report.problems.append(
@@ -153,7 +209,46 @@ def check_dataset(
         )
     if small:
         report.problems.append(
-            Problem("small_image", f"{len(small)} image(s) have a side under {min_side}px", tuple(small), False)
+            Problem(
+                "small_image",
+                f"{len(small)} image(s) have a side under {min_side}px (a trainer cropping at {min_side}px pads "
+                "them with black)",
+                tuple(small),
+                False,
+            )
+        )
+    if modes:
+        report.problems.append(
+            Problem(
+                "image_mode",
+                f"{len(modes)} image(s) are not RGB: the trainer reads their pixels as stored and takes three "
+                "channels as RGB (one channel fails, CMYK trains in wrong colours); save them as RGB",
+                tuple(modes),
+            )
+        )
+    if transparent:
+        report.problems.append(
+            Problem(
+                "transparent_image",
+                f"{len(transparent)} image(s) have transparent pixels: the trainer drops the alpha channel and "
+                "learns whatever colour is stored under them (often black); flatten them onto a background",
+                tuple(transparent),
+                False,
+            )
+        )
+    if oriented:
+        report.problems.append(
+            Problem(
+                "exif_orientation",
+                f"{len(oriented)} image(s) carry an EXIF orientation the trainer does not apply: they train as "
+                "stored, rotated or mirrored from how a viewer shows them; rotate the pixels themselves",
+                tuple(oriented),
+                False,
+            )
+        )
+    if not_utf8:
+        report.problems.append(
+            Problem("caption_encoding", f"{len(not_utf8)} caption(s) are not UTF-8 text", tuple(not_utf8))
         )
 
     empty = [i.path for i in report.images if i.caption == ""]
@@ -213,6 +308,8 @@ _JSONL_BLOCKERS = (
     "corrupt_image",
     "shared_stem",
     "empty_caption",
+    "caption_encoding",
+    "image_mode",
     "too_few_images",
 )
 

@@ -169,3 +169,81 @@ def test_other_files_do_not_block(tmp_path: Path, name: str) -> None:
     d = make_set(tmp_path / "d", 2)
     (d / name).write_text("x")
     assert check_dataset(d, min_images=2, min_side=1).ok
+
+
+def _problem(report, kind: str):
+    found = [p for p in report.problems if p.kind == kind]
+    return found[0] if found else None
+
+
+def test_pixel_modes_the_trainer_cannot_read_are_blocking(tmp_path: Path) -> None:
+    """mlx-examples' trainer reads an image's array as stored and takes three channels as RGB: a grayscale,
+    palette or 16-bit image has no third axis (it fails there), a CMYK one trains in wrong colours."""
+    d = make_set(tmp_path / "d", 6)
+    rgb = Image.open(d / "img_000.png").convert("RGB")
+    rgb.convert("L").save(d / "img_000.png")
+    rgb.convert("P").save(d / "img_001.png")
+    Image.fromarray(np.full((48, 64), 40000, np.uint16)).save(d / "img_002.png")
+    (d / "img_003.png").unlink()
+    (d / "img_003.txt").rename(d / "img_003b.txt")
+    rgb.convert("CMYK").save(d / "img_003b.jpg")
+    rgb.convert("RGBA").save(d / "img_004.png")  # fully opaque alpha: read as RGB, fine
+    report = check_dataset(d, min_images=1, min_side=1)
+    problem = _problem(report, "image_mode")
+    assert problem is not None and problem.blocking and not report.ok
+    assert problem.paths == (
+        "img_000.png (grayscale)",
+        "img_001.png (palette (indexed colour))",
+        "img_002.png (16-bit grayscale)",
+        "img_003b.jpg (CMYK)",
+    )
+    assert _problem(report, "transparent_image") is None
+    result = write_jsonl(d)
+    assert not result.written and not (d / "train.jsonl").exists()
+    for i, name in enumerate(("img_000.png", "img_001.png", "img_002.png", "img_003b.jpg")):
+        make_image(d / name, seed=100 + i)  # RGB again (distinct pictures: no duplicates)
+    assert check_dataset(d, min_images=1, min_side=1).ok and write_jsonl(d).written
+
+
+def test_transparency_and_an_exif_orientation_are_warnings(tmp_path: Path) -> None:
+    d = make_set(tmp_path / "d", 3)
+    rgba = Image.open(d / "img_000.png").convert("RGBA")
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    rgba.save(d / "img_000.png")
+    (d / "img_001.png").unlink()
+    (d / "img_001.txt").rename(d / "img_001j.txt")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    Image.open(d / "img_002.png").convert("RGB").save(d / "img_001j.jpg", exif=exif.tobytes())
+    report = check_dataset(d, min_images=1, min_side=1)
+    assert report.ok  # warnings only
+    assert _problem(report, "transparent_image").paths == ("img_000.png",)
+    assert not _problem(report, "transparent_image").blocking
+    assert _problem(report, "exif_orientation").paths == ("img_001j.jpg (orientation 6)",)
+    assert "warn  [exif_orientation]" in render_report(report)
+
+
+def test_a_caption_that_is_not_utf8_is_blocking_and_a_byte_order_mark_is_dropped(tmp_path: Path) -> None:
+    """Captions were decoded with replacement characters, which went into train.jsonl as the prompt."""
+    d = make_set(tmp_path / "d", 2)
+    (d / "img_000.txt").write_bytes(b"caf\xe9 style\n")  # Latin-1
+    (d / "img_001.txt").write_bytes(b"\xef\xbb\xbfsks style\n")  # UTF-8 with a byte order mark (Notepad)
+    report = check_dataset(d, min_images=1, min_side=1, trigger="sks style")
+    assert _problem(report, "caption_encoding").paths == ("img_000.txt",) and not report.ok
+    assert _problem(report, "caption_impure") is None  # the marked caption is exactly the trigger
+    assert not write_jsonl(d).written
+    (d / "img_000.txt").write_text("café style")
+    assert write_jsonl(d).written
+    rows = [json.loads(line) for line in (d / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in rows] == ["café style", "sks style"]
+
+
+def test_an_image_too_large_to_open_is_reported_not_raised(tmp_path: Path, monkeypatch) -> None:
+    """Pillow refuses images past twice its pixel limit (DecompressionBombError), which escaped the check
+    as a traceback; the trainer's own Image.open refuses them the same way."""
+    d = make_set(tmp_path / "d", 2)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 48 // 4)  # so a 64x48 image is past twice the limit
+    report = check_dataset(d, min_images=1, min_side=1)
+    problem = _problem(report, "corrupt_image")
+    assert problem is not None and problem.paths == ("img_000.png", "img_001.png")
+    assert "DecompressionBombError" in problem.message
