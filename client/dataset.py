@@ -143,6 +143,16 @@ def check_dataset(
         report.problems.append(
             Problem("ignored_files", f"{len(others)} file(s) are neither images nor captions", tuple(others), False)
         )
+    folders = sorted(p.name + "/" for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if folders:  # kohya's `10_style/` repeat folders, say: train.jsonl lists this folder's own files only
+        report.problems.append(
+            Problem(
+                "ignored_folders",
+                f"{len(folders)} folder(s) are not read: a training set is one flat folder",
+                tuple(folders),
+                False,
+            )
+        )
 
     by_stem: dict[str, list[Path]] = {}
     for p in images:

@@ -247,3 +247,13 @@ def test_an_image_too_large_to_open_is_reported_not_raised(tmp_path: Path, monke
     problem = _problem(report, "corrupt_image")
     assert problem is not None and problem.paths == ("img_000.png", "img_001.png")
     assert "DecompressionBombError" in problem.message
+
+
+def test_folders_inside_the_set_are_named_not_silently_skipped(tmp_path: Path) -> None:
+    """A kohya-style set (`10_style/` holding the pairs) checked at its parent said only `too_few_images`."""
+    d = tmp_path / "d"
+    make_set(d / "10_style", 3)
+    (d / ".cache").mkdir()
+    report = check_dataset(d, min_images=1, min_side=1)
+    assert _problem(report, "ignored_folders").paths == ("10_style/",)
+    assert not _problem(report, "ignored_folders").blocking and _problem(report, "too_few_images") is not None
