@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import ray
@@ -22,7 +23,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from client import env as easel_env
-from client.http_render import ROUTE_PREFIX
+from client.http_render import ROUTE_PREFIX, ray_token
 from client.wire.errors import ClusterUnavailable, ReplicaFailed
 from daemon.cluster.board import NAMESPACE, board_handle
 from daemon.cluster.faults import concise_failure
@@ -44,6 +45,9 @@ def init(address: str | None = None, **kwargs: Any) -> None:
     None (kwargs go to ray.init, e.g. num_cpus). Idempotent within a process."""
     if ray.is_initialized():
         return
+    missing = missing_token()
+    if missing is not None:
+        raise ClusterUnavailable(missing, address=address)
     try:
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False, **kwargs)
     except ConnectionError as exc:  # "auto" with no cluster on this machine, or an address nothing answers at
@@ -51,6 +55,20 @@ def init(address: str | None = None, **kwargs: Any) -> None:
             f"no Ray cluster at {address!r} ({str(exc).split('. ')[0]}); start one with `easel cluster up`",
             address=address,
         ) from None
+
+
+def missing_token(environ: Mapping[str, str] | None = None) -> str | None:
+    """Why Ray cannot start or join a cluster here, when token authentication is on (RAY_AUTH_MODE=token)
+    and this machine has no token: Ray itself would fail with a traceback, after starting nothing. None
+    when a token is found, or authentication is off."""
+    env = os.environ if environ is None else environ
+    if env.get("RAY_AUTH_MODE", "").strip().lower() != "token" or ray_token(env) is not None:
+        return None
+    return (
+        "RAY_AUTH_MODE=token but this machine has no Ray token (RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH "
+        "names, or ~/.ray/auth_token); `ray get-auth-token --generate` writes one for a cluster started here, "
+        "and every machine of a cluster needs the head's"
+    )
 
 
 def start_serve(http: str | None = None) -> None:

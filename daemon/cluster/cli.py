@@ -21,7 +21,7 @@ import click
 
 from client.cli.errors import EaselGroup, fail
 from client.cli.options import ByteSize, Finite, log_level_option, seconds, socket_option
-from client.wire.errors import ClusterUnavailable, EaselError, ReplicaFailed
+from client.wire.errors import ClusterUnavailable, EaselError
 from daemon.config import ServerConfig, ServiceConfig, default_of
 from daemon.engine.presets import PRESETS
 
@@ -150,8 +150,16 @@ def cluster_group() -> None:
 @click.option("--stack-bytes", type=ByteSize(1), default=None, help="A built stack's size, for the default.")
 @click.option("--resident-stack-bytes", type=ByteSize(0), default=None, help="Each replica's bound (bytes, or 2GiB).")
 @_lora_roots
-@click.option("--output-root", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--no-warmup", is_flag=True)
+@click.option(
+    "--output-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory the replicas write into (the same path on every machine) [default: $EASEL_OUTPUT_ROOT, "
+    "else ./easel-output].",
+)
+@click.option(
+    "--no-warmup", is_flag=True, help="Replicas skip their warm-up render (ready sooner, first render slower)."
+)
 @click.option(
     "--http",
     "http",
@@ -173,6 +181,9 @@ def up_command(
     )  # fmt: skip
     try:
         if address is None:
+            missing = app.missing_token()
+            if missing is not None:  # before `ray start`, which would fail on it with a traceback
+                raise ClusterUnavailable(missing, address="(a head on this machine)")
             need = max(1, int(replicas * num_cpus + 0.999))
             _ray_cli("start", "--head", f"--num-cpus={need}", "--include-dashboard=false", "--disable-usage-stats")
             address = "auto"
@@ -201,6 +212,9 @@ def down_command(address, stop_ray) -> None:
     """Delete the render application (and with --stop-ray, this machine's Ray cluster)."""
     from daemon.cluster import app
 
+    missing = app.missing_token()
+    if missing is not None:  # whether a cluster runs here cannot be asked without one
+        fail(ClusterUnavailable(missing, address=address))
     try:
         app.init(address)
     except ClusterUnavailable as err:
@@ -215,10 +229,16 @@ def down_command(address, stop_ray) -> None:
 
 
 def _ray_cli(*args: str) -> None:
+    """Run Ray's own command line (`ray start`, `ray stop`); ClusterUnavailable with the last line it wrote
+    (its error, not the traceback above it) when it fails."""
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     proc = subprocess.run([ray_bin, *args], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ReplicaFailed(f"`ray {' '.join(args)}` failed: {proc.stderr.strip()[-2000:]}")
+        said = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+        raise ClusterUnavailable(
+            f"`ray {' '.join(args)}` failed (exit {proc.returncode}): {said[-1] if said else 'it said nothing'}",
+            address="(this machine)",
+        )
 
 
 # ---- `easel batch ... --cluster ADDRESS` --------------------------------------------------------------

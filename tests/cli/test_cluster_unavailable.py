@@ -51,3 +51,24 @@ def test_cluster_down_without_a_cluster_says_there_was_nothing_to_remove(no_clus
     down = run(no_cluster_env, "cluster", "down")
     assert down.returncode == 0, down.stderr
     assert down.stdout.strip() == "easel: no Ray cluster at 'auto': no application to remove"
+
+
+def test_token_authentication_without_a_token_is_named_before_ray_starts(no_cluster_env, tmp_path):
+    """With RAY_AUTH_MODE=token and no token on the machine, `cluster up` ended in `ray start`'s
+    AuthenticationError traceback under a `replica_failed: ... failed: ()` line; the gateway and `cluster
+    down` in Ray's traceback too."""
+    env = {k: v for k, v in no_cluster_env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env |= {"RAY_AUTH_MODE": "token", "HOME": str(tmp_path / "home")}  # no ~/.ray/auth_token
+    expected = "easel: cluster_unavailable: RAY_AUTH_MODE=token but this machine has no Ray token ("
+    up = run(env, "cluster", "up", "--replicas", "1", "--output-root", str(tmp_path / "out"))
+    gateway = run(env, "gateway", "--cluster", "auto", "--socket", str(tmp_path / "run" / "g.sock"))
+    down = run(env, "cluster", "down")
+    for done in (up, gateway, down):
+        assert done.returncode == 1 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert "`ray get-auth-token --generate` writes one" in done.stderr
+    token = tmp_path / "token"
+    token.write_text("0" * 64 + "\n")
+    from daemon.cluster.app import missing_token
+
+    assert missing_token({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}) is None
+    assert missing_token({"RAY_AUTH_MODE": "disabled"}) is None and missing_token({}) is None
