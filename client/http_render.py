@@ -131,6 +131,8 @@ class HttpRenderClient:
                 text = resp.read(2000).decode(errors="replace").strip()
                 raise PeerNotAllowed(f"the cluster at {self.url} refused the request ({resp.status}): {text}",
                                      status=resp.status)  # fmt: skip
+            if resp.status == 400 and (resp.getheader("content-type") or "").startswith(CONTENT_TYPE):
+                return self._answer(resp, on_progress)  # a request the route could not read: its error frame
             if resp.status != 200:
                 text = resp.read(2000).decode(errors="replace").strip()
                 raise ProtocolError(

@@ -14,7 +14,10 @@ Token: Ray 2.60's token authentication guards Ray's own RPC and dashboard, not S
 passes every request through to the application. So the route checks the `Authorization: Bearer <token>`
 header itself, with Ray's own validator (the cluster's token, Ray's precedence of sources), and refuses
 401 without a token, 403 with a wrong one, and 403 for every request when the cluster runs without token
-authentication (RAY_AUTH_MODE=disabled): the route is never open.
+authentication (RAY_AUTH_MODE=disabled): the route is never open. Past the token: another method on the
+route is 405 (`Allow: POST`), a body past the frame cap 413 (counted as it is read, whatever its
+Content-Length says), and a body that is not one render request 400 with its `error` frame; anything the
+render itself refuses comes, like its result, in the frames of a 200.
 """
 
 from __future__ import annotations
@@ -90,23 +93,42 @@ def _frame(reply: Reply) -> bytes:
     return framing.encode_frame(encode(reply))
 
 
+async def _body(request: Request) -> bytes | None:
+    """The request's body; None once it passes MAX_BODY (read no further: a chunked body has no length to
+    check first, and a Content-Length can say less than what follows)."""
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def handle(replica: RenderReplica, request: Request) -> Response:
     """Answer one HTTP request on the replica (its deployment's `__call__`)."""
     refused = refusal(request.headers)
     if refused is not None:
         return refused
-    if request.method != "POST" or not request.url.path.rstrip("/").endswith("/render"):
+    if not request.url.path.rstrip("/").endswith("/render"):
         return PlainTextResponse(f"Not found: easel answers POST {RENDER_PATH}", status_code=404)
-    if int(request.headers.get("content-length") or 0) > MAX_BODY:
-        return PlainTextResponse(f"Payload too large: a render request is at most {MAX_BODY} bytes", 413)
+    if request.method != "POST":
+        return PlainTextResponse(
+            f"Method not allowed: {RENDER_PATH} takes POST", status_code=405, headers={"Allow": "POST"}
+        )
     headers = {REPLICA_HEADER: replica.replica_id}
-    body = await request.body()
+    body = await _body(request)
+    if body is None:
+        return PlainTextResponse(f"Payload too large: a render request is at most {MAX_BODY} bytes", 413)
     try:
         req = decode_request(body)
         if not isinstance(req, Render):
             raise InvalidRequest(f"{RENDER_PATH} takes a render request, got op {type(req).__name__.lower()!r}")
     except EaselError as err:
-        return Response(_frame(error_reply(None, err, op="render")), media_type=CONTENT_TYPE, headers=headers)
+        frame = _frame(error_reply(None, err, op="render"))
+        return Response(frame, status_code=400, media_type=CONTENT_TYPE, headers=headers)
     stack_id = serve.get_multiplexed_model_id()  # Serve's proxy read the header and routed by it ("": none)
 
     async def frames():

@@ -232,6 +232,44 @@ def test_the_http_route_refuses_a_missing_or_wrong_token_and_answers_errors_in_f
         )  # fmt: skip
 
 
+def test_the_http_route_answers_a_wrong_method_an_oversized_or_unreadable_body_in_http_terms(cluster, monkeypatch):
+    """A GET on the route was a 404, a body that is no render request a 200 (its error in a frame), and a
+    chunked body was read whole whatever its size (only a Content-Length was checked)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    import client.http_render as http_render
+    from client.http_render import HttpRenderClient, _read_frame
+    from client.wire.errors import ProtocolError
+    from client.wire.framing import DEFAULT_MAX_FRAME
+    from client.wire.messages import Error, decode_reply
+
+    url, auth = urlsplit(cluster.http_url), {"Authorization": f"Bearer {cluster.token}"}
+    before = cluster.board()["attempts"]
+
+    def ask(method: str, body=None, **kw) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+        conn.request(method, "/easel/render", body=body, headers=auth, **kw)
+        return conn.getresponse(), conn
+
+    resp, conn = ask("GET")
+    assert (resp.status, resp.getheader("allow")) == (405, "POST") and b"takes POST" in resp.read()
+    conn.close()
+    resp, conn = ask("POST", b"not msgpack")
+    assert resp.status == 400 and resp.getheader("content-type").startswith("application/msgpack")
+    reply = decode_reply(_read_frame(resp))
+    assert isinstance(reply, Error) and reply.error.code == "protocol_error"
+    conn.close()
+    chunks = (b"\0" * 2**20 for _ in range(DEFAULT_MAX_FRAME // 2**20 + 1))  # no Content-Length
+    resp, conn = ask("POST", chunks, encode_chunked=True)
+    assert resp.status == 413 and b"Payload too large" in resp.read()
+    conn.close()
+    monkeypatch.setattr(http_render, "encode", lambda req: b"\x92\x01")  # the client's bytes, garbled
+    with pytest.raises(ProtocolError, match="not a request|msgpack|map"):  # the 400's frame, typed
+        HttpRenderClient(cluster.http_url, timeout=60).send_render("x", seed=1, stack="no-lora", **SIZE)
+    assert cluster.board()["attempts"] == before  # none of them reached a render
+
+
 def test_closing_the_http_connection_cancels_the_render_on_the_replica(cluster):
     import http.client
     from urllib.parse import urlsplit
