@@ -11,6 +11,15 @@ the replica's own report of the stack reaches the router (`RecentRoutes`), so tw
 stack arriving together do not load it on two replicas. A stack nobody holds goes to the replicas
 holding the fewest stacks, as before; a request without a stack id to any replica. Among the candidates
 of a round, two are drawn at random and the one with the shorter queue wins (the power of two choices).
+
+A holder has room for far more requests than it renders at once (its runner queues them), so affinity
+alone keeps a hot stack (the world every player is in) on one replica while the others idle. So a stack
+spreads while it is hot: when every holder has SPILL_AT requests or more in flight (one rendering and one
+waiting behind it, as this router counts them) and a replica has none, the request's first round is the
+least busy holder and that idle replica, and the idle one wins: one cold switch there instead of a whole
+render's wait. The count is the router's own (Serve's queue-length cache: raised as a request is sent,
+lowered as it ends); at SPILL_AT 2, a count one behind (a render just answered, its end not yet counted)
+never spreads a stack that serial renders keep on one replica.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ AFFINITY_S = 1.0  # how long a request waits for a replica holding its stack bef
 QUEUE_ANSWER_S = 0.3  # the first deadline for a replica's queue-length answer (doubled per retry, to 1 s)
 ROUTED_MEMORY_S = 5.0  # how long a replica counts as holding a stack this router just sent it
 ROUTED_KEPT = 4096  # stacks remembered at most (the oldest forgotten first)
+SPILL_AT = 2  # a held stack spreads to an idle replica once every holder has this many requests in flight
 PROBES = frozenset({"holds"})  # replica calls routed by a stack id that take no stack in (daemon/cluster/replica.py)
 R = TypeVar("R")
 
@@ -57,13 +67,20 @@ def _two(replicas: list[R]) -> list[R]:
 
 
 def ranked(
-    replicas: Sequence[R], stacks_of: Callable[[R], Collection[str]], stack_id: str, waited_s: float, affinity_s: float
+    replicas: Sequence[R],
+    stacks_of: Callable[[R], Collection[str]],
+    stack_id: str,
+    waited_s: float,
+    affinity_s: float,
+    load_of: Callable[[R], int | None] = lambda r: None,
 ) -> list[list[R]]:
     """The rounds of candidates for a request for `stack_id` that has waited `waited_s` to be routed, each
     round at most two replicas (the router takes the one with the shorter queue that has room): the
-    replicas holding the stack alone while `waited_s` < `affinity_s`; after that the holders, then the
-    replicas holding the fewest stacks, then any. A stack nobody holds starts at the fewest stacks; a
-    request without a stack id (`""`) goes to any replica."""
+    replicas holding the stack alone while `waited_s` < `affinity_s`, unless every holder has SPILL_AT
+    requests in flight by `load_of` (None: not known) and a replica known to have none does not hold the
+    stack: then that replica (the one of them holding the fewest stacks) beside the least busy holder.
+    After the window the holders, then the replicas holding the fewest stacks, then any. A stack nobody
+    holds starts at the fewest stacks; a request without a stack id (`""`) goes to any replica."""
     if not replicas:
         return []
     everyone = list(replicas)
@@ -71,6 +88,13 @@ def ranked(
         return [_two(everyone)]
     holders = [r for r in everyone if stack_id in stacks_of(r)]
     if holders and waited_s < affinity_s:
+        busy = [load_of(r) for r in holders]
+        if all(n is not None and n >= SPILL_AT for n in busy):
+            idle = [r for r in everyone if r not in holders and load_of(r) == 0]
+            if idle:
+                fewest = min(len(stacks_of(r)) for r in idle)
+                spill = random.choice([r for r in idle if len(stacks_of(r)) == fewest])
+                return [[min(holders, key=lambda r: load_of(r) or 0), spill]]
         return [_two(holders)]
     least = min(len(stacks_of(r)) for r in everyone)
     fewest = [r for r in everyone if len(stacks_of(r)) == least]
@@ -104,7 +128,12 @@ class StackRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             held = r.multiplexed_model_ids
             return held | {stack_id} if r.replica_id == sent_to and stack_id not in held else held
 
-        return ranked(candidate_replicas, stacks_of, stack_id, waited_s, self.affinity_s)
+        cache = getattr(self, "replica_queue_len_cache", None)  # Serve's count of each replica's requests
+
+        def load_of(r: RunningReplica) -> int | None:
+            return None if cache is None else cache.get(r.replica_id)
+
+        return ranked(candidate_replicas, stacks_of, stack_id, waited_s, self.affinity_s, load_of)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
         stack_id = pending_request.metadata.multiplexed_model_id

@@ -42,14 +42,14 @@ def test_twenty_serial_renders_over_three_stacks_load_each_stack_once(cluster):
     assert {s for r in status.replicas for s in r.stacks} >= {s for _, s in loads}
 
 
-async def rendering(c, prompt: str, stack: list[str], **fields) -> asyncio.Task:
+async def rendering(c, prompt: str, stack: list[str], scale: float = 1.0, **fields) -> asyncio.Task:
     """A 100-step render sent on `c`, returned once a replica has done its first step (still running)."""
     stepped = asyncio.Event()
     long = asyncio.create_task(
         c.send_render(
             prompt,
             lora_paths=stack,
-            lora_scales=[1.0],
+            lora_scales=[scale] * len(stack),
             return_bytes=True,
             width=64,
             height=64,
@@ -94,6 +94,37 @@ def test_progress_and_cancel_cross_the_hop(cluster):
             raise AssertionError(f"a replica still renders the cancelled job: {st.replicas}")
 
     asyncio.run(run())
+
+
+def test_a_hot_stack_spreads_to_an_idle_replica_instead_of_queueing_behind_its_holder(cluster):
+    """Every render of one stack went to the replica holding it, however many waited there, while the
+    other replica idled: a third render sent while the holder renders one and has another waiting goes to
+    the idle replica (one cold switch there) and is answered while the holder is still busy."""
+    from client.client import AsyncRenderClient
+    from client.wire.errors import Cancelled
+
+    stack, scale = [str(cluster.loras / "s2.safetensors")], 0.45  # a stack no other test renders
+
+    async def run():
+        async with AsyncRenderClient(cluster.gateway.socket, render_timeout=600) as c:
+            long = await rendering(c, "hot", stack, scale, seed=21, request_id="hot-long")
+            kw = dict(lora_paths=stack, lora_scales=[scale], return_bytes=True, **SIZE)
+            behind = asyncio.create_task(c.send_render("hot", seed=22, **kw))
+            await asyncio.sleep(1.0)  # routed by now: the holder has two renders
+            spread = await asyncio.wait_for(c.send_render("hot", seed=23, **kw), 300)
+            still = not long.done()
+            assert (await c.cancel("hot-long")).cancelled
+            with pytest.raises(Cancelled):
+                await long
+            await behind
+            return spread, still
+
+    before = cluster.board()
+    spread, still = asyncio.run(run())
+    assert spread.image_bytes and still  # answered while the holder still rendered the long one
+    after = cluster.board()
+    new = [reps for k, reps in after["attempts"].items() if k not in before["attempts"]]
+    assert len(new) == 3 and len({reps[-1] for reps in new}) == 2, new  # both replicas rendered the stack
 
 
 def test_easel_cancel_through_the_gateway_stops_another_clients_job_by_the_id_status_lists(cluster):
