@@ -57,6 +57,28 @@ def init(address: str | None = None, **kwargs: Any) -> None:
         ) from None
 
 
+def local_cluster_runs() -> bool:
+    """Whether a Ray cluster's head runs on this machine (its GCS process: what `ray start --head` would
+    refuse to start a second of)."""
+    from ray._private.services import find_gcs_addresses  # private: Ray is pinned exactly
+
+    return bool(find_gcs_addresses())
+
+
+def check_room(cpus: float, gpus: float) -> None:
+    """ClusterUnavailable unless the joined cluster has `cpus` CPUs and `gpus` GPUs in all: Serve would
+    wait for ever for replicas that cannot be placed."""
+    have = ray.cluster_resources()
+    if have.get("CPU", 0) < cpus or have.get("GPU", 0) < gpus:
+        raise ClusterUnavailable(
+            f"the Ray cluster has {have.get('CPU', 0):g} CPU(s) and {have.get('GPU', 0):g} GPU(s); the replicas "
+            f"need {cpus:g} and {gpus:g}: `easel cluster down --stop-ray` stops it, then `easel cluster up` "
+            "starts one to size",
+            cpus=have.get("CPU", 0),
+            gpus=have.get("GPU", 0),
+        )
+
+
 def missing_token(environ: Mapping[str, str] | None = None) -> str | None:
     """Why Ray cannot start or join a cluster here, when token authentication is on (RAY_AUTH_MODE=token)
     and this machine has no token: Ray itself would fail with a traceback, after starting nothing. None

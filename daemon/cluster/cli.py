@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -172,7 +173,8 @@ def up_command(
     replicas, preset, model_path, address, num_cpus, num_gpus, blas_threads, stacks_per_replica, stack_bytes,
     resident_stack_bytes, lora_roots, output_root, no_warmup, http,
 ) -> None:  # fmt: skip
-    """Deploy N replicas of a preset (starting a one-machine Ray cluster unless --address names one)."""
+    """Deploy N replicas of a preset (starting a one-machine Ray cluster unless --address names one, or one
+    already runs on this machine)."""
     from daemon.cluster import app
 
     config = _service_config(
@@ -180,14 +182,18 @@ def up_command(
         resident_stack_bytes=resident_stack_bytes, warmup=not no_warmup,
     )  # fmt: skip
     try:
-        if address is None:
+        joined = address is None and app.local_cluster_runs()
+        if address is None and not joined:
             missing = app.missing_token()
             if missing is not None:  # before `ray start`, which would fail on it with a traceback
                 raise ClusterUnavailable(missing, address="(a head on this machine)")
             need = max(1, int(replicas * num_cpus + 0.999))
             _ray_cli("start", "--head", f"--num-cpus={need}", "--include-dashboard=false", "--disable-usage-stats")
-            address = "auto"
+        address = address or "auto"
         app.init(address)
+        if joined:  # an earlier `cluster up` left its head running: deploy onto it rather than fail to start one
+            click.echo("easel: using the Ray cluster already running on this machine")
+            app.check_room(replicas * num_cpus, replicas * num_gpus)
         try:
             app.start_serve(http)
         except ValueError as exc:
@@ -234,11 +240,16 @@ def _ray_cli(*args: str) -> None:
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     proc = subprocess.run([ray_bin, *args], capture_output=True, text=True)
     if proc.returncode != 0:
-        said = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
-        raise ClusterUnavailable(
-            f"`ray {' '.join(args)}` failed (exit {proc.returncode}): {said[-1] if said else 'it said nothing'}",
-            address="(this machine)",
-        )
+        said = _last_line(proc.stderr) or _last_line(proc.stdout) or "it said nothing"
+        raise ClusterUnavailable(f"`ray {' '.join(args)}` failed (exit {proc.returncode}): {said}",
+                                 address="(this machine)")  # fmt: skip
+
+
+def _last_line(text: str) -> str:
+    """The last non-empty line of a command's output, its terminal colours removed (an error's own line,
+    under the traceback that led to it)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in text.splitlines()]
+    return next((line for line in reversed(lines) if line), "")
 
 
 # ---- `easel batch ... --cluster ADDRESS` --------------------------------------------------------------

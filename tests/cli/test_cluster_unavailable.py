@@ -72,3 +72,20 @@ def test_token_authentication_without_a_token_is_named_before_ray_starts(no_clus
 
     assert missing_token({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}) is None
     assert missing_token({"RAY_AUTH_MODE": "disabled"}) is None and missing_token({}) is None
+
+
+def test_a_failed_ray_command_is_named_by_its_own_last_line(no_cluster_env):
+    """`ray start` failing (a head already running here, say) was `replica_failed` with Ray's whole stderr,
+    traceback included; it is `cluster_unavailable` with the line that says why, colours removed."""
+    from client.wire.errors import ClusterUnavailable
+    from daemon.cluster.cli import _last_line, _ray_cli
+
+    assert _last_line("Traceback (most recent call last):\n  File x\nConnectionError: already running\n\n") == (
+        "ConnectionError: already running"
+    )
+    assert _last_line("\x1b[37mLocal node IP\x1b[39m: \x1b[1m10.0.0.1\x1b[22m\n") == "Local node IP: 10.0.0.1"
+    assert _last_line("") == ""
+    with pytest.raises(ClusterUnavailable) as info:
+        _ray_cli("start", "--no-such-option")
+    assert info.value.message.startswith("`ray start --no-such-option` failed (exit 2): ")
+    assert "No such option" in info.value.message and "Traceback" not in info.value.message

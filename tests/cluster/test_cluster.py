@@ -541,6 +541,24 @@ def test_a_preload_cancelled_at_the_gateway_keeps_nothing_on_its_replica(cluster
     assert again.built and again.resident and not again.live, again
 
 
+def test_cluster_up_deploys_onto_the_ray_cluster_running_here_after_checking_its_room(cluster):
+    """A second `easel cluster up` on a machine whose Ray head still runs failed in `ray start` ("already
+    running"); it joins that cluster, and refuses replicas the cluster has no CPUs for before deploying
+    anything (Serve would wait for ever to place them)."""
+    from click.testing import CliRunner
+
+    from client.cli import main as cli
+    from daemon.cluster import app
+
+    assert app.local_cluster_runs()  # the room's cluster: its GCS runs on this machine
+    before = cluster.board()["replicas"].keys()
+    res = CliRunner().invoke(cli, ["cluster", "up", "--replicas", "64", "--output-root", str(cluster.out)])
+    assert res.exit_code == 1, res.output
+    assert "easel: using the Ray cluster already running on this machine" in res.output
+    assert "cluster_unavailable: the Ray cluster has 2 CPU(s) and 0 GPU(s); the replicas need 64 and 0" in res.output
+    assert cluster.board()["replicas"].keys() == before  # nothing redeployed
+
+
 def test_a_replica_killed_mid_batch_loses_nothing(cluster):
     """`easel batch --cluster`: the batch runs through the `cluster` renderer (entry point) with 4 renders in
     flight; a replica is killed while it renders; every item is rendered exactly once, the manifest is whole."""
