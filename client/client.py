@@ -458,6 +458,7 @@ class AsyncRenderClient(_Shared):
         self._waiting: dict[Any, asyncio.Queue] = {}
         self._lock: asyncio.Lock | None = None
         self._broken: EaselError | None = None
+        self._cancelling: set[asyncio.Task] = set()  # cancels of requests whose callers gave up, being sent
 
     async def __aenter__(self) -> AsyncRenderClient:
         await self._connect()
@@ -538,11 +539,13 @@ class AsyncRenderClient(_Shared):
         q: asyncio.Queue = asyncio.Queue()
         self._waiting[msg.id] = q
         op = type(msg).__struct_config__.tag
+        sent = False
         try:
             async with asyncio.timeout(timeout):
                 assert self._writer is not None and self._lock is not None
                 async with self._lock:
                     self._writer.write(framing.encode_frame(encode(msg), self.max_frame))
+                    sent = True
                     await self._writer.drain()
                 while True:
                     reply = await q.get()
@@ -562,6 +565,13 @@ class AsyncRenderClient(_Shared):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._send_only(Cancel(id=self._next_id(), target=msg.id)), 1.0)
             raise Timeout(f"no answer from the daemon within {timeout}s", op=op) from None
+        except asyncio.CancelledError:
+            # The caller gave up (its task cancelled, `asyncio.wait_for` timed out): the connection stays
+            # open, so the daemon would render on for nobody, and hold up the renders behind it. Its cancel
+            # is sent from a task of its own, which this task's cancellation cannot interrupt.
+            if sent and op in ("render", "preload") and self._broken is None:
+                self._cancel_later(msg.id)
+            raise
         except (ConnectionError, BrokenPipeError):
             if self._pump is not None:  # it reads the reason the daemon sent as it closed, if it sent one
                 with contextlib.suppress(Exception):
@@ -570,6 +580,17 @@ class AsyncRenderClient(_Shared):
             raise self._broken from None
         finally:
             self._waiting.pop(msg.id, None)
+
+    def _cancel_later(self, target: Any) -> None:
+        """Send a `cancel` of request `target` from a task of its own (kept until it is written)."""
+
+        async def send() -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._send_only(Cancel(id=self._next_id(), target=target)), 1.0)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
 
     async def _send_only(self, msg: Any) -> None:
         assert self._writer is not None and self._lock is not None

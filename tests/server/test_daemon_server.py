@@ -150,6 +150,40 @@ def test_cancel_queued_and_running(daemon):
     assert daemon.engine.rendered == []  # the running one stopped at a step, the queued one never ran
 
 
+def test_a_render_whose_caller_gives_up_is_cancelled_on_the_daemon(daemon):
+    """Cancelling the task that awaits `AsyncRenderClient.send_render`, or `asyncio.wait_for` timing it
+    out, left its job rendering on the daemon for nobody (the connection stays open), the renders behind it
+    waiting, and a queued one queued for good. The client now sends the job's cancel."""
+    daemon.engine.step_s = 0.1
+
+    async def idle(c) -> bool:
+        for _ in range(100):
+            st = await c.status()
+            if st.in_flight is None and st.queue_depth == 0:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def go():
+        async with AsyncRenderClient(daemon.config.socket_path) as c:
+            running = asyncio.create_task(c.send_render("r", width=64, height=64, steps=50))
+            queued = asyncio.create_task(c.send_render("q", width=64, height=64, steps=1))
+            await asyncio.sleep(0.35)
+            running.cancel()
+            queued.cancel()
+            for task in (running, queued):
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            assert await idle(c)  # the running job stopped at a step, the queued one dropped
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(c.send_render("w", width=64, height=64, steps=50), 0.35)
+            assert await idle(c)
+            return await c.send_render("after", width=64, height=64, steps=1)  # the connection still serves
+
+    after = asyncio.run(go())
+    assert after.steps == 1 and [spec.prompt for spec in daemon.engine.rendered] == ["after"]
+
+
 def test_disconnect_drops_queued_and_stops_running(daemon):
     daemon.engine.step_s = 0.1
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
