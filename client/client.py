@@ -358,6 +358,11 @@ class RenderClient(_Shared):
         except ProtocolError:
             self.close()
             raise
+        except EaselError:  # the daemon's answer to this request: the connection is fine
+            raise
+        except BaseException:  # interrupted (Ctrl-C), or the caller's progress callback raised: the daemon
+            self.close()  # drops this connection's jobs as it goes, instead of rendering on for nobody
+            raise
 
     def _parting_error(self, sock: socket.socket) -> EaselError | None:
         """The reason the daemon sent as it closed this connection (`busy`, `peer_not_allowed`), if any:
@@ -436,6 +441,9 @@ class RenderClient(_Shared):
         return self._with_retry(
             lambda: self._call(msgspec.structs.replace(req, id=self._next_id()), self._render_wait(timeout))
         )
+
+
+_JOBS = ("render", "preload")  # requests that queue a job on the daemon, which a caller giving up cancels
 
 
 class AsyncRenderClient(_Shared):
@@ -539,7 +547,7 @@ class AsyncRenderClient(_Shared):
         q: asyncio.Queue = asyncio.Queue()
         self._waiting[msg.id] = q
         op = type(msg).__struct_config__.tag
-        sent = False
+        sent = answered = False
         try:
             async with asyncio.timeout(timeout):
                 assert self._writer is not None and self._lock is not None
@@ -557,19 +565,21 @@ class AsyncRenderClient(_Shared):
                             if asyncio.iscoroutine(ret):
                                 await ret
                         continue
+                    answered = True  # its result, or its error raised by _interpret
                     done, value = self._interpret(reply, None)
                     if done:
                         return value
         except TimeoutError:
-            if op == "render":  # do not leave a job behind that nobody waits for
+            if op in _JOBS:  # do not leave a job behind that nobody waits for
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._send_only(Cancel(id=self._next_id(), target=msg.id)), 1.0)
             raise Timeout(f"no answer from the daemon within {timeout}s", op=op) from None
-        except asyncio.CancelledError:
-            # The caller gave up (its task cancelled, `asyncio.wait_for` timed out): the connection stays
-            # open, so the daemon would render on for nobody, and hold up the renders behind it. Its cancel
-            # is sent from a task of its own, which this task's cancellation cannot interrupt.
-            if sent and op in ("render", "preload") and self._broken is None:
+        except BaseException:
+            # The caller gave up (its task cancelled, `asyncio.wait_for` timed out) or its progress callback
+            # raised: the connection stays open, so the daemon would render on for nobody and hold up the
+            # renders behind it. The cancel is sent from a task of its own, which this task's cancellation
+            # cannot interrupt.
+            if sent and not answered and op in _JOBS and self._broken is None:
                 self._cancel_later(msg.id)
             raise
         except (ConnectionError, BrokenPipeError):

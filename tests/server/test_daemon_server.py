@@ -178,10 +178,23 @@ def test_a_render_whose_caller_gives_up_is_cancelled_on_the_daemon(daemon):
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(c.send_render("w", width=64, height=64, steps=50), 0.35)
             assert await idle(c)
+            with pytest.raises(ZeroDivisionError):  # the caller's own progress callback fails
+                await c.send_render("cb", width=64, height=64, steps=50, on_progress=lambda e: e.step and 1 / 0)
+            assert await idle(c)
             return await c.send_render("after", width=64, height=64, steps=1)  # the connection still serves
 
     after = asyncio.run(go())
     assert after.steps == 1 and [spec.prompt for spec in daemon.engine.rendered] == ["after"]
+    with RenderClient(daemon.config.socket_path) as c:  # the sync twin closes its connection instead
+        with pytest.raises(ZeroDivisionError):
+            c.send_render("sync", width=64, height=64, steps=50, on_progress=lambda e: e.step and 1 / 0)
+        for _ in range(100):
+            st = c.status()
+            if st.in_flight is None and st.queue_depth == 0:
+                break
+            time.sleep(0.05)
+        assert st.in_flight is None and st.queue_depth == 0
+    assert [spec.prompt for spec in daemon.engine.rendered] == ["after"]
 
 
 def test_disconnect_drops_queued_and_stops_running(daemon):
