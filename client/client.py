@@ -23,6 +23,7 @@ import random
 import select
 import socket
 import stat
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -441,6 +442,44 @@ class RenderClient(_Shared):
         return self._with_retry(
             lambda: self._call(msgspec.structs.replace(req, id=self._next_id()), self._render_wait(timeout))
         )
+
+
+class RenderClientPool:
+    """A Renderer (client/renderer.py) that threads share: each calling thread renders on a RenderClient
+    (a connection) of its own, made on its first render. What keeps several renders in flight from worker
+    threads (`run_batch(..., workers=N)`): through a cluster gateway's socket they reach several replicas
+    at once; a plain daemon queues them and renders one at a time. `options` go to each RenderClient."""
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, **options: Any) -> None:
+        self.socket_path, self._options = socket_path, options
+        self._local = threading.local()
+        self._clients: list[RenderClient] = []
+        self._lock = threading.Lock()
+
+    def _client(self) -> RenderClient:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = RenderClient(self.socket_path, **self._options)
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def send_render(self, prompt: str, **fields: Any) -> RenderResult:
+        """`RenderClient.send_render` on this thread's connection."""
+        return self._client().send_render(prompt, **fields)
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+
+    def __enter__(self) -> RenderClientPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 _JOBS = ("render", "preload")  # requests that queue a job on the daemon, which a caller giving up cancels

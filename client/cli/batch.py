@@ -104,7 +104,9 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
             "--workers",
             type=click.IntRange(1),
             default=None,
-            help="With --cluster: renders kept in flight [default: 4]; items of one LoRA stack go together.",
+            help="Renders kept in flight [default: 4 with --cluster, else 1]. Through a cluster gateway's socket, "
+            "more than 1 keeps several replicas busy (each render on a connection of its own); a daemon renders "
+            "them one at a time. Items of one LoRA stack go together.",
         ),
     ]
     for opt in reversed(opts):
@@ -138,7 +140,7 @@ def _run(kind: str, **kw: Any) -> None:
     if kw["dry_run"]:
         click.echo(describe_plan(plan))
         return
-    from client.client import RenderClient
+    from client.client import RenderClient, RenderClientPool
     from client.contact_sheet import write_contact_sheet
     from client.telemetry.client_spans import setup_command_telemetry
 
@@ -150,6 +152,9 @@ def _run(kind: str, **kw: Any) -> None:
             result = run_batch(plan, renderer, workers=kw["workers"] or 4, **opts)
         finally:
             renderer.close()
+    elif (kw["workers"] or 1) > 1:
+        with RenderClientPool(kw["socket_path"], render_timeout=kw["timeout"]) as pool:
+            result = run_batch(plan, pool, workers=kw["workers"], **opts)
     else:
         with RenderClient(kw["socket_path"], render_timeout=kw["timeout"]) as client:
             result = run_batch(plan, client, **opts)

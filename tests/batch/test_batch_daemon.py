@@ -149,6 +149,61 @@ def test_cli_batch_against_the_daemon_and_summary(daemon, packs, tmp_path):
     assert sheet.is_file()
 
 
+def test_a_client_pool_renders_each_thread_on_a_connection_of_its_own(daemon):
+    """What `easel batch --workers N` renders through on a socket: N threads, N connections, N renders in
+    flight at once (through a cluster gateway, on several replicas)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from client.client import RenderClientPool
+
+    together = threading.Barrier(3)
+
+    def render(i: int):
+        together.wait(10)  # three threads at once
+        return pool.send_render(f"p{i}", width=64, height=64, steps=2)
+
+    with RenderClientPool(daemon.config.socket_path) as pool, ThreadPoolExecutor(3) as threads:
+        results = list(threads.map(render, range(3)))
+        again = pool.send_render("main thread", width=64, height=64, steps=1)
+    assert len({r.job.split(":")[0] for r in results}) == 3  # job ids are "<connection>:<request>"
+    assert again.job.split(":")[0] not in {r.job.split(":")[0] for r in results}
+    assert pool._clients == []  # closed
+
+
+def test_cli_batch_workers_through_a_socket(daemon, packs, tmp_path):
+    """`--workers` was read only with --cluster: on a socket it was ignored without a word, one render in
+    flight at a time."""
+    import threading
+    import time
+
+    args = ["batch", "poi", "--genre", "spaghetti_western", "--world", "dust_and_lead", "--packs", str(packs),
+            "--out", str(tmp_path / "out" / "w"), "--socket", str(daemon.config.socket_path), "--width", "64",
+            "--height", "64", "--steps", "40", "--no-progress", "--workers", "3"]  # fmt: skip
+    seen, done = [], threading.Event()
+
+    def watch() -> None:  # how many of the batch's renders the daemon holds at once
+        with RenderClient(daemon.config.socket_path) as c:
+            while not done.is_set():
+                st = c.status()
+                seen.append(st.queue_depth + (st.in_flight is not None))
+                time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        res = CliRunner().invoke(cli, args)
+    finally:
+        done.set()
+        watcher.join()
+    assert res.exit_code == 0, res.output
+    assert max(seen) == 3, seen
+    assert "5 rendered, 0 skipped (already done), 0 failed" in res.output
+    manifest = json.loads((tmp_path / "out" / "w" / "spaghetti_western" / "dust_and_lead" / "poi" /
+                           "manifest.json").read_text())  # fmt: skip
+    assert manifest["counts"]["rendered"] == 5 and all(Path(i["output_path"]).is_file() for i in manifest["items"])
+
+
 def test_cli_batch_without_out_writes_into_the_output_root_the_daemon_reports(daemon, packs, tmp_path, monkeypatch):
     """A daemon started with its own --output-root refuses the client's default folder; without --out the
     batch asks the daemon where its root is, even with $EASEL_OUTPUT_ROOT naming another folder here."""
