@@ -14,16 +14,20 @@ of a round, two are drawn at random and the one with the shorter queue wins (the
 
 A holder has room for far more requests than it renders at once (its runner queues them), so affinity
 alone keeps a hot stack (the world every player is in) on one replica while the others idle. So a stack
-spreads while it is hot: when every holder has SPILL_AT requests or more in flight (one rendering and one
-waiting behind it, as this router counts them) and a replica has none, the request's first round is the
-least busy holder and that idle replica, and the idle one wins: one cold switch there instead of a whole
-render's wait. The count is the router's own (Serve's queue-length cache: raised as a request is sent,
-lowered as it ends); at SPILL_AT 2, a count one behind (a render just answered, its end not yet counted)
-never spreads a stack that serial renders keep on one replica.
+spreads while it is hot: when every holder has a request in flight (SPILL_AT) and a replica has none, the
+request's first round is the least busy holder and that idle replica, and the idle one wins: one cold
+switch there instead of waiting a whole render. The counts are Serve's queue-length cache (raised as
+the router sends a request, lowered as it ends, refreshed by probes, forgotten after 10 s); a replica
+whose count is not known, and the holders themselves, are asked first (`_learn_loads`): Serve lowers a
+count from another thread once a render's answer has ended, so the same client's next render can find
+its holder's count a request behind, and renders sent one at a time must keep their stack on one
+replica. Only renders spread: a preload builds its stack where the stack's renders go, and the
+gateway's `holds` probe asks that same place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -35,7 +39,8 @@ AFFINITY_S = 1.0  # how long a request waits for a replica holding its stack bef
 QUEUE_ANSWER_S = 0.3  # the first deadline for a replica's queue-length answer (doubled per retry, to 1 s)
 ROUTED_MEMORY_S = 5.0  # how long a replica counts as holding a stack this router just sent it
 ROUTED_KEPT = 4096  # stacks remembered at most (the oldest forgotten first)
-SPILL_AT = 2  # a held stack spreads to an idle replica once every holder has this many requests in flight
+SPILL_AT = 1  # a held stack spreads to an idle replica once every holder has this many requests in flight
+SPREADS = frozenset({"render"})  # replica calls a busy holder may pass to an idle replica (not preloads, probes)
 PROBES = frozenset({"holds"})  # replica calls routed by a stack id that take no stack in (daemon/cluster/replica.py)
 R = TypeVar("R")
 
@@ -133,7 +138,34 @@ class StackRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         def load_of(r: RunningReplica) -> int | None:
             return None if cache is None else cache.get(r.replica_id)
 
-        return ranked(candidate_replicas, stacks_of, stack_id, waited_s, self.affinity_s, load_of)
+        spreads = pending_request is not None and pending_request.metadata.call_method in SPREADS
+        if spreads and stack_id:
+            await self._learn_loads(candidate_replicas, stacks_of, stack_id, load_of)
+        return ranked(candidate_replicas, stacks_of, stack_id, waited_s, self.affinity_s,
+                      load_of if spreads else lambda r: None)  # fmt: skip
+
+    async def _learn_loads(
+        self,
+        replicas: list[RunningReplica],
+        stacks_of: Callable[[RunningReplica], Collection[str]],
+        stack_id: str,
+        load_of: Callable[[RunningReplica], int | None],
+    ) -> None:
+        """When Serve's counts say every holder of the stack is busy, ask the holders and the replicas whose
+        count is not known (none was sent a request within Serve's 10 s) how busy they are now, before
+        `ranked` spreads the stack. The holders' counts can be a request behind: Serve lowers a count from
+        another thread once the replica's answer has ended, and the same client's next render can reach
+        the router first; a replica's own answer is its count now. Serve's own choice would not ask: it
+        takes a candidate whose count it knows over asking one it does not."""
+        holders = [r for r in replicas if stack_id in stacks_of(r)]
+        counts = [load_of(r) for r in holders]
+        if not holders or not all(n is not None and n >= SPILL_AT for n in counts):
+            return
+        ask = holders + [r for r in replicas if r not in holders and load_of(r) is None]
+        probe = getattr(self, "_probe_queue_lens", None)  # Serve's probe, which refreshes its count cache
+        if probe is not None:
+            with contextlib.suppress(Exception):  # no answer: the count stays as it was
+                await probe(ask, 0)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
         stack_id = pending_request.metadata.multiplexed_model_id

@@ -96,37 +96,6 @@ def test_progress_and_cancel_cross_the_hop(cluster):
     asyncio.run(run())
 
 
-def test_a_hot_stack_spreads_to_an_idle_replica_instead_of_queueing_behind_its_holder(cluster):
-    """Every render of one stack went to the replica holding it, however many waited there, while the
-    other replica idled: a third render sent while the holder renders one and has another waiting goes to
-    the idle replica (one cold switch there) and is answered while the holder is still busy."""
-    from client.client import AsyncRenderClient
-    from client.wire.errors import Cancelled
-
-    stack, scale = [str(cluster.loras / "s2.safetensors")], 0.45  # a stack no other test renders
-
-    async def run():
-        async with AsyncRenderClient(cluster.gateway.socket, render_timeout=600) as c:
-            long = await rendering(c, "hot", stack, scale, seed=21, request_id="hot-long")
-            kw = dict(lora_paths=stack, lora_scales=[scale], return_bytes=True, **SIZE)
-            behind = asyncio.create_task(c.send_render("hot", seed=22, **kw))
-            await asyncio.sleep(1.0)  # routed by now: the holder has two renders
-            spread = await asyncio.wait_for(c.send_render("hot", seed=23, **kw), 300)
-            still = not long.done()
-            assert (await c.cancel("hot-long")).cancelled
-            with pytest.raises(Cancelled):
-                await long
-            await behind
-            return spread, still
-
-    before = cluster.board()
-    spread, still = asyncio.run(run())
-    assert spread.image_bytes and still  # answered while the holder still rendered the long one
-    after = cluster.board()
-    new = [reps for k, reps in after["attempts"].items() if k not in before["attempts"]]
-    assert len(new) == 3 and len({reps[-1] for reps in new}) == 2, new  # both replicas rendered the stack
-
-
 def test_easel_cancel_through_the_gateway_stops_another_clients_job_by_the_id_status_lists(cluster):
     """The operator's `easel cancel JOB` against the gateway socket: the job id from the gateway's `status`,
     the render sent by another connection, stopped on its replica; an unknown id fails the command."""
@@ -539,6 +508,36 @@ def test_a_preload_cancelled_at_the_gateway_keeps_nothing_on_its_replica(cluster
     assert cancel is not None, tries
     assert (cancel.cancelled, cancel.state) == (True, "queued")  # the gateway's call was still unanswered
     assert again.built and again.resident and not again.live, again
+
+
+def test_a_hot_stack_spreads_to_an_idle_replica_instead_of_queueing_behind_its_holder(cluster):
+    """Every render of one stack went to the replica holding it, however many waited there, while the
+    other replica idled: a render sent while the holder is busy with another goes to the idle replica (one
+    cold switch there) and is answered while the holder still renders. (After the preload tests: the
+    stack it spreads stays on both replicas.)"""
+    from client.client import AsyncRenderClient
+    from client.wire.errors import Cancelled
+
+    stack, scale = [str(cluster.loras / "s2.safetensors")], 0.45  # a stack no other test renders
+
+    async def run():
+        async with AsyncRenderClient(cluster.gateway.socket, render_timeout=600) as c:
+            long = await rendering(c, "hot", stack, scale, seed=21, request_id="hot-long")
+            spread = await asyncio.wait_for(
+                c.send_render("hot", seed=22, lora_paths=stack, lora_scales=[scale], return_bytes=True, **SIZE), 300
+            )
+            still = not long.done()
+            assert (await c.cancel("hot-long")).cancelled
+            with pytest.raises(Cancelled):
+                await long
+            return spread, still
+
+    before = cluster.board()
+    spread, still = asyncio.run(run())
+    assert spread.image_bytes and still  # answered while the holder still rendered the long one
+    after = cluster.board()
+    new = [reps for k, reps in after["attempts"].items() if k not in before["attempts"]]
+    assert len(new) == 2 and len({reps[-1] for reps in new}) == 2, new  # both replicas rendered the stack
 
 
 def test_cluster_up_deploys_onto_the_ray_cluster_running_here_after_checking_its_room(cluster):

@@ -92,16 +92,16 @@ def test_the_router_notes_a_stack_sent_with_a_render_or_preload_but_not_a_probe(
     assert router.routes.replica_for("", now) is None
 
 
-def test_a_hot_stack_spreads_to_an_idle_replica_once_every_holder_has_a_render_waiting():
+def test_a_hot_stack_spreads_to_an_idle_replica_once_every_holder_is_busy():
     """x is held by a and d. Requests in flight by the router's count: the holders' least busy one beside
     an idle replica (the one holding fewest stacks), so the idle one takes it; else the holders alone."""
-    busy = {"a": 2, "d": 3, "b": 0, "c": 0}
+    busy = {"a": 1, "d": 3, "b": 0, "c": 0}
     assert rounds("x", 0.0, load=busy) == [["a", "c"]]  # c holds nothing, b holds y
     assert rounds("x", 0.0, load=busy | {"c": 1}) == [["a", "b"]]
-    one_free = rounds("x", 0.0, load=busy | {"a": 1})  # a renders one and has none waiting
+    one_free = rounds("x", 0.0, load=busy | {"a": 0})  # a holder has nothing to do: it takes it
     assert len(one_free) == 1 and sorted(one_free[0]) == ["a", "d"]
     assert sorted(rounds("x", 0.0, load=busy | {"d": None})[0]) == ["a", "d"]  # a holder's count unknown
     assert sorted(rounds("x", 0.0, load=busy | {"b": 1, "c": None})[0]) == ["a", "d"]  # no replica known idle
     assert sorted(rounds("x", 0.0)[0]) == ["a", "d"]  # no counts at all: affinity as before
-    assert rounds("z", 0.0, load={"d": 2, "a": 0, "b": 0, "c": 0}) == [["d", "c"]]
+    assert rounds("z", 0.0, load={"d": 1, "a": 0, "b": 0, "c": 0}) == [["d", "c"]]
     assert rounds("x", 1.0, load=busy)[0] != ["a", "c"] and len(rounds("x", 1.0, load=busy)) == 3  # past the window
