@@ -613,6 +613,12 @@ class AsyncRenderClient(_Shared):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._send_only(Cancel(id=self._next_id(), target=msg.id)), 1.0)
             raise Timeout(f"no answer from the daemon within {timeout}s", op=op) from None
+        except (ConnectionError, BrokenPipeError):
+            if self._pump is not None:  # it reads the reason the daemon sent as it closed, if it sent one
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(self._pump), PARTING_READ_S)
+            self._broken = self._broken or DaemonUnavailable(f"the daemon at {self.socket_path} closed the connection")
+            raise self._broken from None
         except BaseException:
             # The caller gave up (its task cancelled, `asyncio.wait_for` timed out) or its progress callback
             # raised: the connection stays open, so the daemon would render on for nobody and hold up the
@@ -621,12 +627,6 @@ class AsyncRenderClient(_Shared):
             if sent and not answered and op in _JOBS and self._broken is None:
                 self._cancel_later(msg.id)
             raise
-        except (ConnectionError, BrokenPipeError):
-            if self._pump is not None:  # it reads the reason the daemon sent as it closed, if it sent one
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(self._pump), PARTING_READ_S)
-            self._broken = self._broken or DaemonUnavailable(f"the daemon at {self.socket_path} closed the connection")
-            raise self._broken from None
         finally:
             self._waiting.pop(msg.id, None)
 
