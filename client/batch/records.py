@@ -31,6 +31,7 @@ class RenderOutcome:
     seed: int
     stack: tuple[FileReport, ...]
     timings: Mapping[str, float] = field(default_factory=dict)
+    lora_digests: list[str | None] | None = None  # each stack file's content digest as it rendered
 
 
 @dataclass
@@ -115,7 +116,6 @@ def item_record(
     outcome: RenderOutcome | None,
     status: str,
     error: dict[str, Any] | None = None,
-    digests: list[str | None] | None = None,
 ) -> ItemRecord:
     return ItemRecord(
         kind=item.content.kind,
@@ -136,7 +136,7 @@ def item_record(
         output_path=str(item.output_path),
         fingerprint=item.fingerprint(),
         error=error,
-        lora_digests=digests,
+        lora_digests=outcome.lora_digests if outcome else None,
     )
 
 
@@ -144,10 +144,8 @@ def _write_json(path: Path, obj: msgspec.Struct) -> None:
     atomic_write_bytes(path, msgspec.json.format(msgspec.json.encode(obj), indent=2) + b"\n")
 
 
-def write_record(item: BatchItem, outcome: RenderOutcome, versions: LoraVersions) -> None:
-    """The item's record, with the digests of its LoRA files (read before its render was sent, so a file
-    changed during the render is rendered again by the next run)."""
-    _write_json(item.record_path, item_record(item, outcome, "rendered", digests=versions.of(item)))
+def write_record(item: BatchItem, outcome: RenderOutcome) -> None:
+    _write_json(item.record_path, item_record(item, outcome, "rendered"))
 
 
 @dataclass(frozen=True)
@@ -173,7 +171,7 @@ def earlier_run(item: BatchItem, versions: LoraVersions) -> Earlier:
     changed = changed_files(rec.lora_digests, versions.of(item))
     if changed:
         return Earlier(None, tuple(item.stack[i].name for i in changed))
-    return Earlier(RenderOutcome(rec.output_path, rec.seed, tuple(rec.stack_applied), rec.timings))
+    return Earlier(RenderOutcome(rec.output_path, rec.seed, tuple(rec.stack_applied), rec.timings, rec.lora_digests))
 
 
 def finished_outcome(item: BatchItem, versions: LoraVersions | None = None) -> RenderOutcome | None:

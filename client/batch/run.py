@@ -28,9 +28,15 @@ from client.wire.messages import Event
 
 
 def render_item(
-    renderer: Renderer, item: BatchItem, on_progress: Callable[[int, int], None] | None = None
+    renderer: Renderer,
+    item: BatchItem,
+    on_progress: Callable[[int, int], None] | None = None,
+    versions: LoraVersions | None = None,
 ) -> RenderOutcome:
-    """One item as a render request at batch priority; the typed result is the outcome as it is."""
+    """One item as a render request at batch priority; the typed result is the outcome as it is, with its
+    LoRA files' digests from `versions` (taken before the request is sent: a file changed while it
+    renders is rendered again by the next run)."""
+    digests = versions.of(item) if versions is not None else None
 
     def progress(event: Event) -> None:
         if on_progress is not None and event.step is not None and event.steps:
@@ -53,7 +59,9 @@ def render_item(
         priority="batch",
         on_progress=progress,
     )
-    return RenderOutcome(result.image_path or str(item.output_path), result.seed, tuple(result.stack), result.timings)
+    return RenderOutcome(
+        result.image_path or str(item.output_path), result.seed, tuple(result.stack), result.timings, digests
+    )
 
 
 def dooms_the_rest(error: Mapping[str, Any], item: BatchItem) -> bool:
@@ -107,7 +115,7 @@ def run_batch(
                 _bar.set_postfix_str(f"step {step}/{steps}")
 
             try:
-                outcome = render_item(renderer, item, on_progress)
+                outcome = render_item(renderer, item, on_progress, versions)
             except EaselError as err:
                 results.append(ItemResult(item, "failed", None, err.to_wire(), time.monotonic() - t0))
                 bar.write(f"failed: {item.content.name}: [{err.code}] {err.message}")
@@ -115,7 +123,7 @@ def run_batch(
                 if stop_on_error or dooms_the_rest(err.to_wire(), item):
                     break
                 continue
-            write_record(item, outcome, versions)
+            write_record(item, outcome)
             results.append(ItemResult(item, "rendered", outcome, None, time.monotonic() - t0, earlier.changed))
             bar.update(1)
     finally:
@@ -127,9 +135,7 @@ def run_batch(
 
 
 def _earlier(item: BatchItem, versions: LoraVersions, resume: bool) -> Earlier:
-    """What an earlier run left of `item` (nothing without `resume`); either way its LoRA files' digests are
-    taken now, before its render is sent, for its record."""
-    versions.of(item)
+    """What an earlier run left of `item` (nothing without `resume`)."""
     return earlier_run(item, versions) if resume else Earlier(None)
 
 
@@ -167,10 +173,10 @@ def _run_concurrently(
         item = plan.items[i]
         t0 = time.monotonic()
         try:
-            outcome = render_item(renderer, item)
+            outcome = render_item(renderer, item, versions=versions)
         except EaselError as err:
             return ItemResult(item, "failed", None, err.to_wire(), time.monotonic() - t0)
-        write_record(item, outcome, versions)
+        write_record(item, outcome)
         return ItemResult(item, "rendered", outcome, None, time.monotonic() - t0, changed[i])
 
     stop = False

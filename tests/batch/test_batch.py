@@ -372,6 +372,8 @@ def test_resume_renders_again_an_item_whose_lora_file_changed(packs, tmp_path, w
     assert len(record["lora_digests"]) == 1 and len(record["lora_digests"][0]) == 32
     same = PngRenderer()
     assert run_batch(p, same, progress=False, workers=workers).count("skipped") == len(p.items) and not same.calls
+    listed = json.loads(p.manifest_path.read_text())["items"]  # skipped items list the digests they rendered with
+    assert [i["lora_digests"] for i in listed] == [record["lora_digests"]] * len(p.items)
 
     _new_version(p.items[0].lora_paths[0])
     assert f"[todo: {name} changed since it rendered] {p.items[0].content.id}" in describe_plan(p)
