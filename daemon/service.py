@@ -347,7 +347,9 @@ class RenderService:
                     if rep.keys_applied == 0:
                         broken = corrupt_error(rep)  # a malformed file stays lora_format, live or not
                         raise broken or LoraZeroMatch(
-                            f"LoRA {rep.path} matched zero keys of the loaded model", path=rep.path
+                            f"LoRA {rep.path} matched zero keys of the loaded model",
+                            path=rep.path,
+                            reports=self.active_report,
                         )
             return False
         if self.patcher is None:
@@ -434,8 +436,14 @@ class RenderService:
         with self.render_span(prepared, parent, enqueued_ns) as span:
             if "queue_wait" in span.phases:
                 t["queue_wait"] = span.phases["queue_wait"]
+            span.set_requested([(it.name, str(it.path), it.scale) for it in prepared.stack])
             with span.phase("stack_switch"):
-                switched = self.switch_stack(prepared)
+                try:
+                    switched = self.switch_stack(prepared)
+                except LoraZeroMatch as refused:  # what each file matched, though none reached the model
+                    if refused.reports:
+                        span.set_stack(_reply_files(refused.reports, prepared.stack), switched=False)
+                    raise
             t["stack_switch"] = span.phases["stack_switch"]
             span.set_stack(self.active_report, switched=switched)  # the patcher's own per-file counts
             out = self.engine.render(prepared.spec, on_step=on_step, limits=self.config.limits)

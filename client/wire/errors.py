@@ -6,7 +6,11 @@ error response; the client turns an error response back into the same class by i
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from client.wire.report import FileReport
 
 # code -> class, filled as each EaselError subclass is defined (see EaselError.__init_subclass__).
 ERROR_CLASSES: dict[str, type[EaselError]] = {}
@@ -144,9 +148,16 @@ class LoraUnsupported(LoraError):
 
 
 class LoraZeroMatch(LoraError):
-    """A LoRA matched zero keys of the loaded model: never a silent no-op."""
+    """A LoRA matched zero keys of the loaded model: never a silent no-op.
+
+    `reports` (the daemon's side only, never on the wire) is what each file of the refused stack matched,
+    in stack order, for the render's span: a trace shows `dust:0/96` beside the files that did match."""
 
     code = "lora_zero_match"
+
+    def __init__(self, message: str, *, reports: Sequence[FileReport] = (), **details: Any) -> None:
+        super().__init__(message, **details)
+        self.reports = list(reports)
 
 
 class PromoteError(LoraError):

@@ -500,6 +500,7 @@ class LoraPatcher:
                     path=f.path,
                     name=f.name,
                     format=f.format,
+                    reports=files,
                 )
 
     def _build_resident(
@@ -666,7 +667,16 @@ class LoraPatcher:
         sigs: list[Signature] = []
         per_layer: dict[str, list[tuple[float, Term]]] = {}
         warnings: list[str] = []
+        refused: LoraZeroMatch | None = None  # the first file that matched nothing, under the error policy
         for entry, resolving in zip(stack, self._resolve_all(stack), strict=True):
+            if refused is not None:  # only the reports of the files after it, for the render's span
+                try:
+                    _terms, report, _sig = resolving()
+                except Exception:  # noqa: BLE001 - the first failing file is the one reported
+                    break
+                report.path, report.scale, report.name = entry.path, float(entry.scale), entry.name
+                refused.reports.append(report)
+                continue
             terms, report, sig = resolving()
             report.path, report.scale, report.name = entry.path, float(entry.scale), entry.name
             if report.keys_applied == 0:
@@ -681,7 +691,10 @@ class LoraPatcher:
                 if report.explanation:
                     msg += f"; {report.explanation}"
                 if zero_match == "error":
-                    raise LoraZeroMatch(msg, path=entry.path, name=entry.name, format=report.format)
+                    refused = LoraZeroMatch(
+                        msg, path=entry.path, name=entry.name, format=report.format, reports=[*reports, report]
+                    )
+                    continue
                 warnings.append(msg)
             for term in terms:
                 per_layer.setdefault(term.target, []).append((float(entry.scale), term))
@@ -689,6 +702,8 @@ class LoraPatcher:
                 each_file(terms)
             reports.append(report)
             sigs.append(sig)
+        if refused is not None:
+            raise refused
         return reports, tuple(sigs), per_layer, warnings
 
     def _resolve_all(self, stack: Sequence[StackEntry]) -> list[Callable[[], tuple[list[Term], FileReport, Signature]]]:

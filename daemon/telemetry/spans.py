@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import PurePath
 from typing import Any
 
 from opentelemetry import context as context_api
@@ -234,6 +235,20 @@ class RenderSpan:
 
     def set_attribute(self, key: str, value: Any) -> None:
         self.span.set_attribute(key, value)
+
+    def set_requested(self, entries: Sequence[tuple[str | None, str, float]]) -> None:
+        """The stack the request asked for, as (name, file, scale) in stack order, before the patcher has
+        reported on it: a render whose stack fails to build still shows which stack it was. `set_stack`
+        replaces these with the applied stack's attributes."""
+        if entries:
+            self.span.set_attributes(
+                {
+                    "render.lora.stack_size": len(entries),
+                    "render.lora.names": [name or PurePath(path).stem for name, path, _ in entries],
+                    "render.lora.files": [path for _, path, _ in entries],
+                    "render.lora.scales": [float(scale) for _, _, scale in entries],
+                }
+            )
 
     def set_stack(self, files: Sequence[FileReport], *, switched: bool | None = None) -> list[FileReport]:
         """Record the stack the patcher really applied (its per-file reports, in stack order); any zero

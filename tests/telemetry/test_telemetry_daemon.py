@@ -25,6 +25,7 @@ from opentelemetry.trace import SpanKind
 
 from client.cli import main as easel
 from client.client import RenderClient
+from client.wire.errors import LoraZeroMatch
 
 try:
     from test_telemetry_rotel import Rotel, _span_block
@@ -204,6 +205,24 @@ def test_zero_match_warn_render_span_is_error_naming_the_lora(daemon):
     assert render["attributes"]["error.type"] == "lora_zero_match"
     assert [e["attributes"]["lora.name"] for e in render["events"] if e["name"] == "lora.zero_match"] == ["nothing"]
     assert spans["easel.Daemon/render"]["status"]["code"] == "UNSET"  # the request itself was answered
+
+
+def test_zero_match_refused_render_span_shows_what_each_file_matched(daemon):
+    """Under the error policy nothing reaches the model, but the span still names the stack it refused and
+    what each file matched, so `traces tail` shows `nothing:0/N` beside the file that did match."""
+    client, client_spans = _traced_client(daemon)
+    stack = [str(daemon.loras / "western.safetensors"), str(daemon.loras / "nothing.safetensors")]
+    with client, pytest.raises(LoraZeroMatch):
+        client.send_render("an empty street", lora_paths=stack, lora_scales=[1.0, 0.5], seed=3, **SIZE)
+    (cs,) = client_spans.get_finished_spans()
+    spans = daemon.trace(f"{cs.context.trace_id:032x}", "easel.Daemon/render", "flux_mlx.render")
+    attrs = spans["flux_mlx.render"]["attributes"]
+    assert attrs["render.lora.names"] == ["western", "nothing"]
+    assert attrs["render.lora.files"] == stack and attrs["render.lora.scales"] == [1.0, 0.5]
+    matched, total = attrs["render.lora.matched_keys"], attrs["render.lora.total_keys"]
+    assert matched[0] == total[0] > 0 and matched[1] == 0 and total[1] > 0
+    assert attrs["render.lora.stack_switched"] is False and attrs["error.type"] == "lora_zero_match"
+    assert "render.phase.denoise.duration" not in attrs
 
 
 def test_rotel_receives_the_daemons_render_span(collector, stacked):
