@@ -261,22 +261,22 @@ def _open_header(
     looks_like = None if _plausible_safetensors(head, size) else sniff(head, str(p))
     if looks_like is not None:
         raise LoraFormatError(
-            f"{p.name} is not a safetensors file: it looks like {looks_like}; easel reads safetensors only "
+            f"{p} is not a safetensors file: it looks like {looks_like}; easel reads safetensors only "
             "and never unpickles (convert it to .safetensors first)",
             path=str(p),
             looks_like=looks_like,
         )
     if size < 8:
-        raise LoraFormatError(f"{p.name} is not a safetensors file ({size} bytes: too short)", path=str(p))
+        raise LoraFormatError(f"{p} is not a safetensors file ({size} bytes: too short)", path=str(p))
     (header_len,) = struct.unpack("<Q", head[:8])
     if header_len > MAX_HEADER_BYTES or (len(head) > 8 and head[8:9] != b"{"):
         raise LoraFormatError(
-            f"{p.name} is not a safetensors file (first bytes {head[:16]!r} are not a safetensors header)",
+            f"{p} is not a safetensors file (first bytes {head[:16]!r} are not a safetensors header)",
             path=str(p),
         )
     if 8 + header_len > size:
         raise LoraFormatError(
-            f"{p.name} is truncated: its header says {header_len} header bytes but the file has {size}",
+            f"{p} is truncated: its header says {header_len} header bytes but the file has {size}",
             path=str(p),
         )
     try:
@@ -304,7 +304,7 @@ def _open_header(
 
 def _changed(p: Path, size: int, got: int, now: int | None) -> LoraFormatError:
     return LoraFormatError(
-        f"{p.name} changed while it was being read ({size} bytes when opened, {got} read, "
+        f"{p} changed while it was being read ({size} bytes when opened, {got} read, "
         f"{size if now is None else now} now); try again once it is written",
         path=str(p),
         changed=True,
@@ -324,13 +324,11 @@ def _parse_header(raw_header: bytes, p: Path) -> dict:
     try:
         header = json.loads(raw_header.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoraFormatError(f"{p.name} has a corrupt safetensors header: {exc}", path=str(p)) from exc
+        raise LoraFormatError(f"{p} has a corrupt safetensors header: {exc}", path=str(p)) from exc
     except RecursionError as exc:
-        raise LoraFormatError(
-            f"{p.name} has a corrupt safetensors header (JSON nested too deeply)", path=str(p)
-        ) from exc
+        raise LoraFormatError(f"{p} has a corrupt safetensors header (JSON nested too deeply)", path=str(p)) from exc
     if not isinstance(header, dict):
-        raise LoraFormatError(f"{p.name} has a corrupt safetensors header (not a JSON object)", path=str(p))
+        raise LoraFormatError(f"{p} has a corrupt safetensors header (not a JSON object)", path=str(p))
     return header
 
 
@@ -338,7 +336,7 @@ def _metadata(raw: object, p: Path) -> dict[str, str]:
     if raw is None:
         return {}
     if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
-        raise LoraFormatError(f"{p.name} has corrupt metadata (must map strings to strings)", path=str(p))
+        raise LoraFormatError(f"{p} has corrupt metadata (must map strings to strings)", path=str(p))
     return dict(raw)
 
 
@@ -350,19 +348,19 @@ def _tensor_specs(header: dict, data_len: int, p: Path) -> dict[str, tuple[str, 
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
         except (TypeError, KeyError, ValueError) as exc:
-            raise LoraFormatError(f"{p.name}: corrupt header entry for tensor {key!r}", path=str(p)) from exc
+            raise LoraFormatError(f"{p}: corrupt header entry for tensor {key!r}", path=str(p)) from exc
         if dtype not in DTYPES:
-            raise LoraFormatError(f"{p.name}: tensor {key!r} has unsupported dtype {dtype}", path=str(p), key=key)
+            raise LoraFormatError(f"{p}: tensor {key!r} has unsupported dtype {dtype}", path=str(p), key=key)
         expected = math.prod(shape) * DTYPES[dtype].itemsize
         if begin < 0 or end < begin or end - begin != expected:
             raise LoraFormatError(
-                f"{p.name}: tensor {key!r} offsets {begin}..{end} do not fit its shape {list(shape)}",
+                f"{p}: tensor {key!r} offsets {begin}..{end} do not fit its shape {list(shape)}",
                 path=str(p),
                 key=key,
             )
         if end > data_len:
             raise LoraFormatError(
-                f"{p.name} is truncated: tensor {key!r} ends at byte {end} of a {data_len}-byte data section",
+                f"{p} is truncated: tensor {key!r} ends at byte {end} of a {data_len}-byte data section",
                 path=str(p),
                 key=key,
             )
@@ -371,11 +369,11 @@ def _tensor_specs(header: dict, data_len: int, p: Path) -> dict[str, tuple[str, 
     cursor = 0
     for _key, (_d, _s, begin, end) in sorted(specs.items(), key=lambda kv: kv[1][2]):
         if begin != cursor:
-            raise LoraFormatError(f"{p.name}: corrupt safetensors data layout (gap or overlap)", path=str(p))
+            raise LoraFormatError(f"{p}: corrupt safetensors data layout (gap or overlap)", path=str(p))
         cursor = end
     if cursor != data_len:
         raise LoraFormatError(
-            f"{p.name}: {data_len - cursor} trailing bytes after the last tensor (corrupt file)", path=str(p)
+            f"{p}: {data_len - cursor} trailing bytes after the last tensor (corrupt file)", path=str(p)
         )
     return specs
 

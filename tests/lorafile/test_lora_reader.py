@@ -68,6 +68,7 @@ def test_refuses_non_safetensors_naming_what_it_looks_like(tmp_path, maker, word
     with pytest.raises(LoraFormatError) as err:
         read_safetensors(path)
     assert words in err.value.message
+    assert str(path) in err.value.message  # the whole path: two worlds may each have a style.safetensors
     assert err.value.code == "lora_format"
 
 
