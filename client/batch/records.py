@@ -51,6 +51,7 @@ class BatchResult:
     seconds: float
     manifest_path: Path | None = None
     contact_sheet_path: Path | None = None  # set by whoever draws it (client.contact_sheet)
+    stopped_after: ItemResult | None = None  # the failure every later item would have shared (run.dooms_the_rest)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.items)
@@ -109,6 +110,7 @@ class Manifest(msgspec.Struct, kw_only=True):
     stack: list[dict[str, Any]]
     triggers: list[str]
     items: list[ItemRecord]
+    stopped_after: str | None = None  # the id of the item whose failure stopped the batch
 
 
 def item_record(
@@ -193,6 +195,7 @@ def manifest(result: BatchResult) -> Manifest:
         stack=[e.to_dict() for e in plan.style.stack.active],
         triggers=list(plan.style.stack.triggers),
         items=[item_record(r.item, r.outcome, r.status, r.error) for r in result.items],
+        stopped_after=result.stopped_after.item.content.id if result.stopped_after else None,
     )
 
 

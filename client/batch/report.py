@@ -58,6 +58,12 @@ def summary_lines(result: BatchResult, *, paths: bool = True) -> list[str]:
     for r in result.items:
         if r.status == "failed" and r.error:
             lines.append(f"  FAILED {r.item.content.name}: [{r.error.get('code')}] {r.error.get('message')}")
+    stop = result.stopped_after
+    if stop is not None and result.count("pending"):
+        lines.append(
+            f"  stopped after {stop.item.content.name} failed ([{(stop.error or {}).get('code')}]): "
+            f"the other {result.count('pending')} would fail alike and were not sent; a run after the fix renders them"
+        )
     if paths and result.manifest_path:
         lines.append(f"  manifest: {result.manifest_path}")
     if paths and result.contact_sheet_path:

@@ -23,7 +23,14 @@ from client.batch.records import (
 )
 from client.batch.versions import LoraVersions
 from client.renderer import Renderer
-from client.wire.errors import DaemonUnavailable, EaselError, PathNotAllowed
+from client.wire.errors import (
+    ERROR_CLASSES,
+    DaemonUnavailable,
+    EaselError,
+    LoraError,
+    LoraNotShared,
+    PathNotAllowed,
+)
 from client.wire.messages import Event
 
 
@@ -66,12 +73,19 @@ def render_item(
 
 def dooms_the_rest(error: Mapping[str, Any], item: BatchItem) -> bool:
     """Whether every item after this failure would fail the same way, so the batch stops (the rest stay
-    pending, to be rendered by a resumed run): no daemon, or the daemon refusing the item's output path,
-    which lies in the folder every item of the plan writes to."""
-    if error.get("code") == DaemonUnavailable.code:
+    pending, to be rendered by a resumed run): no daemon; the daemon refusing the item's output path,
+    which lies in the folder every item of the plan writes to; or refusing its LoRA stack (a file missing,
+    outside the daemon's roots, corrupt, unsupported, matching nothing), which every item of a plan shares
+    (one tier, one preset, one stack), rather than sending hundreds of renders to be refused alike."""
+    code = error.get("code")
+    if code == DaemonUnavailable.code:
         return True
     path = (error.get("details") or {}).get("path")
-    return error.get("code") == PathNotAllowed.code and path == str(item.output_path)
+    if code == PathNotAllowed.code:
+        return path == str(item.output_path) or path in item.lora_paths
+    refused = ERROR_CLASSES.get(str(code))
+    # not LoraNotShared: a cluster's replica that reads other bytes at a path says nothing of the others
+    return refused is not None and issubclass(refused, LoraError) and refused is not LoraNotShared
 
 
 def run_batch(
@@ -100,6 +114,7 @@ def run_batch(
     started = time.monotonic()
     versions = LoraVersions()
     results: list[ItemResult] = []
+    stopped_after: ItemResult | None = None
     bar = tqdm(total=len(plan.items), unit="img", disable=not progress, dynamic_ncols=True, leave=True)
     try:
         for item in plan.items:
@@ -121,6 +136,7 @@ def run_batch(
                 bar.write(f"failed: {item.content.name}: [{err.code}] {err.message}")
                 bar.update(1)
                 if stop_on_error or dooms_the_rest(err.to_wire(), item):
+                    stopped_after = results[-1]
                     break
                 continue
             write_record(item, outcome)
@@ -129,7 +145,7 @@ def run_batch(
     finally:
         bar.close()
     results += [ItemResult(item, "pending") for item in plan.items[len(results) :]]  # left after an early stop
-    result = BatchResult(plan, results, time.monotonic() - started)
+    result = BatchResult(plan, results, time.monotonic() - started, stopped_after=stopped_after)
     result.manifest_path = write_manifest(result)
     return result
 
@@ -179,13 +195,13 @@ def _run_concurrently(
         write_record(item, outcome)
         return ItemResult(item, "rendered", outcome, None, time.monotonic() - t0, changed[i])
 
-    stop = False
+    stop: ItemResult | None = None  # the failure that stopped the batch
     pending: dict[Future, int] = {}
     queue = list(reversed(todo))
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="easel-batch") as pool:
             while queue or pending:
-                while queue and not stop and len(pending) < workers:
+                while queue and stop is None and len(pending) < workers:
                     i = queue.pop()
                     pending[pool.submit(one, i)] = i
                 if not pending:
@@ -199,11 +215,11 @@ def _run_concurrently(
                     if result.status == "failed":
                         err = result.error or {}
                         bar.write(f"failed: {result.item.content.name}: [{err.get('code')}] {err.get('message')}")
-                        if stop_on_error or dooms_the_rest(err, result.item):
-                            stop = True
+                        if stop is None and (stop_on_error or dooms_the_rest(err, result.item)):
+                            stop = result
     finally:
         bar.close()
     results = [outcomes.get(i) or ItemResult(item, "pending") for i, item in enumerate(plan.items)]
-    result = BatchResult(plan, results, time.monotonic() - started)
+    result = BatchResult(plan, results, time.monotonic() - started, stopped_after=stop)
     result.manifest_path = write_manifest(result)
     return result

@@ -25,7 +25,7 @@ from client.contact_sheet import write_contact_sheet
 from client.packs import ContentItem, PackError, base_prompt, compose_prompt, genre_dirs, load_items, world_names
 from client.packs.example_loras import make_pack_loras
 from client.packs.schema import CONTENT_KINDS as KINDS
-from client.wire.errors import DaemonUnavailable, InvalidRequest, LoraZeroMatch
+from client.wire.errors import DaemonUnavailable, InvalidRequest, LoraZeroMatch, RenderFailed
 from client.wire.messages import Event, RenderResult
 from client.wire.report import FileReport
 
@@ -45,10 +45,13 @@ class PngRenderer:
     """A Renderer without a socket: writes a small real PNG per request, reports every stack file as fully
     applied, counts calls (by item id, the output file's stem)."""
 
-    def __init__(self, fail_on: set[str] = frozenset(), interrupt_after: int | None = None, gone_after=None) -> None:
+    def __init__(
+        self, fail_on: set[str] = frozenset(), interrupt_after: int | None = None, gone_after=None, lora_refused=False
+    ) -> None:
         self.calls: list[str] = []
         self.gone_after = gone_after
-        self.fail_on = fail_on
+        self.fail_on = fail_on  # these items fail alone (their render failed)
+        self.lora_refused = lora_refused  # every item's stack is refused (its first file matched nothing)
         self.interrupt_after = interrupt_after
 
     def send_render(self, prompt, *, lora_paths=(), lora_scales=(), on_progress=None, **f) -> RenderResult:
@@ -59,6 +62,8 @@ class PngRenderer:
             raise DaemonUnavailable("the daemon at /x.sock closed the connection")
         self.calls.append(out.stem)
         if out.stem in self.fail_on:
+            raise RenderFailed("render failed: RuntimeError: [metal::malloc] out of memory")
+        if self.lora_refused:
             raise LoraZeroMatch(f"{lora_paths[0]} matched zero keys", path=lora_paths[0])
         for step in range(1, f["steps"] + 1):
             if on_progress:
@@ -250,7 +255,7 @@ def test_a_failed_item_is_recorded_and_the_batch_goes_on(packs, tmp_path):
     assert not result.ok and result.count("failed") == 1 and result.count("rendered") == len(p.items) - 1
     manifest = json.loads(p.manifest_path.read_text())
     failed = next(i for i in manifest["items"] if i["id"] == bad)
-    assert failed["status"] == "failed" and failed["error"]["code"] == "lora_zero_match"
+    assert failed["status"] == "failed" and failed["error"]["code"] == "render_failed"
     assert not p.items[1].record_path.exists()
     r = PngRenderer()
     run_batch(p, r, progress=False)  # the next run retries only the failed item
@@ -316,6 +321,26 @@ def test_default_out_lies_inside_the_daemons_default_output_root(monkeypatch, tm
     assert default_out() == Path("easel-output") / "batch"
     monkeypatch.setenv("EASEL_OUTPUT_ROOT", str(tmp_path))
     assert default_out() == tmp_path / "batch"
+
+
+def test_a_refused_lora_stack_stops_the_batch_instead_of_failing_every_item(packs, tmp_path):
+    """Every item of a plan has the one stack: once the daemon refuses it, the rest are not sent."""
+    p = plan(packs, tmp_path)
+    r = PngRenderer(lora_refused=True)
+    result = run_batch(p, r, progress=False)
+    assert r.calls == [p.items[0].content.id]
+    assert [x.status for x in result.items] == ["failed"] + ["pending"] * (len(p.items) - 1)
+    assert result.stopped_after is result.items[0] and not result.ok
+    manifest = json.loads(p.manifest_path.read_text())
+    assert manifest["stopped_after"] == p.items[0].content.id
+    lines = summary_lines(result, paths=False)
+    assert lines[-1] == (
+        f"  stopped after {p.items[0].content.name} failed ([lora_zero_match]): the other {len(p.items) - 1} "
+        "would fail alike and were not sent; a run after the fix renders them"
+    )
+    again = PngRenderer()
+    run_batch(p, again, progress=False)  # the file fixed: the next run renders every item
+    assert again.calls == [j.content.id for j in p.items]
 
 
 def test_a_vanished_daemon_stops_the_batch_instead_of_failing_every_item(packs, tmp_path):

@@ -88,7 +88,7 @@ def test_second_run_through_the_daemon_renders_nothing(daemon, packs, tmp_path):
     assert second.count("skipped") == len(plan.items) and len(daemon.engine.rendered) == n
 
 
-def test_a_lora_the_daemon_rejects_is_a_failed_item_not_a_crash(daemon, packs, tmp_path):
+def test_a_lora_the_daemon_rejects_fails_one_item_and_stops_the_batch(daemon, packs, tmp_path):
     zero = packs / "lora" / "gothic_horror" / "zero_match.safetensors"  # the stand-in patcher matches nothing
     shutil.copy(packs / "lora" / "gothic_horror" / "gothic_portrait.safetensors", zero)
     style = packs / "gothic_horror" / "worlds" / "ravenmoor" / "visual_style.yaml"
@@ -100,9 +100,12 @@ def test_a_lora_the_daemon_rejects_is_a_failed_item_not_a_crash(daemon, packs, t
                       steps=1)  # fmt: skip
     with RenderClient(daemon.config.socket_path) as client:
         result = run_batch(plan, client, progress=False)
-    assert result.count("failed") == len(plan.items)
-    errors = [i["error"] for i in manifest_of(plan)["items"]]
-    assert all(e["code"] == "lora_zero_match" and "zero_match" in e["message"] for e in errors)
+    assert [r.status for r in result.items] == ["failed"] + ["pending"] * (len(plan.items) - 1)
+    assert len(plan.items) > 1 and daemon.engine.rendered == []
+    manifest = manifest_of(plan)
+    error = manifest["items"][0]["error"]
+    assert error["code"] == "lora_zero_match" and "zero_match" in error["message"]
+    assert manifest["stopped_after"] == plan.items[0].content.id
 
 
 class ClientPerCall:
@@ -120,8 +123,7 @@ class ClientPerCall:
 def test_an_output_folder_the_daemon_refuses_stops_the_batch_at_once(daemon, packs, tmp_path, workers):
     """Every item of a plan writes into one folder: once the daemon refuses an item's output path (outside
     its output root), every other item would be refused too, so the batch stops instead of sending them
-    all; they stay pending, listed in the manifest, for a run with another --out. (A LoRA refused for an
-    item does not stop a batch: the test above.)"""
+    all; they stay pending, listed in the manifest, for a run with another --out."""
     plan = plan_batch(packs, "spaghetti_western", "dust_and_lead", "poi", tmp_path / "elsewhere", width=64,
                       height=64, steps=1)  # fmt: skip
     assert len(plan.items) == 5
