@@ -300,6 +300,7 @@ class ReplicaStatus(Struct, omit_defaults=True):
     preloads_yielded: int = 0  # its preload builds stopped for a render that arrived
     heap: HeapStats | None = None  # its malloc heap (glibc); absent elsewhere
     output_root: str | None = None  # the folder it writes images into
+    lora_roots: list[str] = []  # the folders it takes LoRA paths from
 
 
 class StatusResult(Struct, omit_defaults=True):

@@ -208,6 +208,16 @@ def connect() -> tuple[Any, Any]:
     return handle, board
 
 
+def replica_lora_roots(board: Any) -> list[str]:
+    """The LoRA roots the replicas report (each its own, in first-seen order, none twice); empty before
+    any replica has reported."""
+    replicas = ray.get(board.snapshot.remote())["replicas"]
+    roots: dict[str, None] = {}
+    for _age, snap in replicas.values():
+        roots |= dict.fromkeys((snap.get("status") or {}).get("lora_roots") or ())
+    return list(roots)
+
+
 def deployed() -> bool:
     """Whether the render application is on the joined cluster."""
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -15,11 +16,13 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from client import env
 from client.cli.errors import EaselGroup, fail
 from client.cli.options import ByteSize, Finite, log_level_option, seconds, socket_option
 from client.wire.errors import ClusterUnavailable, EaselError
@@ -41,20 +44,24 @@ def _service_config(**kw: Any) -> ServiceConfig:
         raise click.UsageError(str(exc)) from None
 
 
-_lora_roots = click.option(
-    "--lora-roots",
-    "lora_roots",
-    multiple=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory LoRA paths must resolve into (repeatable; the same path on every machine) "
-    "[default: $EASEL_LORA_ROOTS, else the working directory].",
-)
+def _lora_roots_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--lora-roots",
+        "lora_roots",
+        multiple=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Directory LoRA paths must resolve into (repeatable; the same path on every machine) "
+        f"[default: {default}].",
+    )
+
+
+_lora_roots = _lora_roots_option("$EASEL_LORA_ROOTS, else the working directory")
 
 
 @click.command("gateway")
 @click.option("--cluster", "address", required=True, help=ADDRESS_HELP)
 @socket_option
-@_lora_roots
+@_lora_roots_option("$EASEL_LORA_ROOTS, else the roots the replicas were deployed with")
 @click.option(
     "--queue-capacity",
     type=click.IntRange(1),
@@ -74,14 +81,24 @@ def gateway_command(address, socket_path, lora_roots, queue_capacity, max_connec
     if socket_path is not None:
         server["socket_path"] = socket_path
     config = _service_config(lora_roots=lora_roots, queue_capacity=queue_capacity)
+    roots_given = bool(lora_roots) or env.LORA_ROOTS.is_set()
     try:
-        sys.exit(run_gateway(address, ServerConfig(**server), config))
+        sys.exit(run_gateway(address, ServerConfig(**server), config, replica_roots=not roots_given))
     except EaselError as err:
         fail(err)
 
 
-def run_gateway(address: str, server_config: ServerConfig, config: ServiceConfig, announce=click.echo) -> int:
-    """The gateway process: join Ray, bind the socket (refusing a live daemon there), serve until stopped."""
+def run_gateway(
+    address: str,
+    server_config: ServerConfig,
+    config: ServiceConfig,
+    announce=click.echo,
+    *,
+    replica_roots: bool = False,
+) -> int:
+    """The gateway process: join Ray, bind the socket (refusing a live daemon there), serve until stopped.
+    With `replica_roots` it takes LoRA paths from the roots its replicas report instead of `config`'s
+    (a gateway started elsewhere than `cluster up` would otherwise refuse every path the replicas take)."""
     from daemon.cluster import app
     from daemon.cluster.gateway import ClusterRunner, GatewayServer
     from daemon.security import bind_unix_socket, clear_stale_socket, ensure_private_dir, remove_socket, socket_inode
@@ -93,6 +110,8 @@ def run_gateway(address: str, server_config: ServerConfig, config: ServiceConfig
     clear_stale_socket(path)
     app.init(address)
     handle, board = app.connect()
+    if replica_roots and (roots := app.replica_lora_roots(board)):
+        config = dataclasses.replace(config, lora_roots=tuple(Path(r) for r in roots))
     tel = setup_telemetry("easel-gateway")
     sock = bind_unix_socket(path)
     inode = socket_inode(path)

@@ -316,6 +316,7 @@ class RenderReplica:
             preloads_yielded=run.preloads_yielded,
             heap=run.heap,
             output_root=run.output_root,
+            lora_roots=run.lora_roots,
         )
         return {
             "status": msgspec.to_builtins(status),

@@ -133,6 +133,19 @@ def test_the_gateway_reports_the_output_root_its_replicas_share(cluster):
     assert st.lora_roots == [str(Path(cluster.loras).resolve())]  # the gateway reads a stack's files to route it
 
 
+def test_a_gateway_started_without_roots_takes_the_replicas(cluster):
+    """`easel gateway` with no --lora-roots and no EASEL_LORA_ROOTS takes the roots the replicas report
+    (`run_gateway(replica_roots=True)`), not its working directory, which would refuse their paths."""
+    from daemon.cluster import app
+    from daemon.cluster.board import board_handle
+
+    root = str(Path(cluster.loras).resolve())
+    with RenderClient(cluster.gateway.socket) as c:
+        st = c.status()
+    assert st.replicas and all(r.lora_roots == [root] for r in st.replicas)
+    assert app.replica_lora_roots(board_handle()) == [root]
+
+
 def test_a_deadline_ends_a_render_on_the_replica(cluster):
     from client.wire.errors import DeadlineExceeded
 
