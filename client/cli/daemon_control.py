@@ -16,7 +16,7 @@ from client.client import RenderClient, default_socket_path
 from client.sizes import describe_byte_size
 from client.telemetry.client_spans import setup_command_telemetry
 from client.wire.errors import Timeout
-from client.wire.messages import HeapStats, LoraCacheStats
+from client.wire.messages import HeapStats, JobInfo, LoraCacheStats
 
 STATUS_TIMEOUT_S = 5.0  # `easel status` answers quickly or says so: shorter than the library's default
 
@@ -98,12 +98,17 @@ def status_command(socket_path, as_json, timeout) -> None:
         + ("  (shutting down)" if st.shutting_down else "")
     )
     for j in st.queue:
-        start = "?" if j.estimated_start_s is None else f"{j.estimated_start_s:.1f}s"
-        finish = "?" if j.estimated_finish_s is None else f"{j.estimated_finish_s:.1f}s"
         stack = ",".join(j.stack) or "-"
-        click.echo(
-            f"  {j.job:>8} {j.priority:<11} {j.width}x{j.height}x{j.steps} [{stack}] start~{start} done~{finish}"
-        )
+        click.echo(f"  {j.job:>8} {j.priority:<11} {j.width}x{j.height}x{j.steps} [{stack}] {_where(j)}")
+
+
+def _where(j: JobInfo) -> str:
+    """A listed job's progress: a gateway lists the renders its replicas run beside those still waiting."""
+    if j.state == "running":
+        return f"running, step {j.step or 0}/{j.steps}"
+    start = "?" if j.estimated_start_s is None else f"{j.estimated_start_s:.1f}s"
+    finish = "?" if j.estimated_finish_s is None else f"{j.estimated_finish_s:.1f}s"
+    return f"start~{start} done~{finish}"
 
 
 CANCEL_OUTCOMES = {  # where a job was when its cancel arrived -> what became of it, in words

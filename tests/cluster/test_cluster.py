@@ -112,6 +112,9 @@ def test_easel_cancel_through_the_gateway_stops_another_clients_job_by_the_id_st
         async with AsyncRenderClient(cluster.gateway.socket, render_timeout=600) as c:
             long = await rendering(c, "operator", stack, seed=3)
             (job,) = [j.job for j in (await c.status()).queue if j.state == "running"]
+            res = await asyncio.to_thread(CliRunner().invoke, cli, ["status", "--socket", socket])
+            listed = [line.split() for line in res.output.splitlines() if line.strip().startswith(f"{job} ")]
+            assert len(listed) == 1 and listed[0][4:6] == ["running,", "step"], res.output  # not start~? done~?
             res = await asyncio.to_thread(CliRunner().invoke, cli, ["cancel", job, "--socket", socket])
             assert res.exit_code == 0, res.output
             assert res.output.strip() == f"{job}: cancelled (it stops at its next step)"
