@@ -84,7 +84,7 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Base of the per-item seeds (each item's seed is derived from it and the item).",
         ),
         size_options,
-        click.option("--guidance", type=Finite(), default=None),
+        click.option("--guidance", type=Finite(), default=None, help="Guidance strength [default: the tier's]."),
         click.option("--preset", default=None, help="Model preset [default: the tier's, else the pack's]."),
         click.option("--limit", type=click.IntRange(0), default=None, help="Only the first N items (before sharding)."),
         click.option("--dry-run", is_flag=True, help="Print prompts and stacks; render nothing."),

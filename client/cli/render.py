@@ -38,12 +38,29 @@ def parse_lora(spec: str) -> tuple[str, float]:
 @socket_option
 @click.option("--tier", default=None, help="Render tier giving default size/steps/guidance.")
 @size_options
-@click.option("--guidance", type=Finite(), default=None)
-@click.option("--seed", type=SEED, default=None, help="[default: the daemon picks one]")
+@click.option("--guidance", type=Finite(), default=None, help="Guidance strength [default: the tier's].")
+@click.option(
+    "--seed",
+    type=SEED,
+    default=None,
+    help="Noise seed; the same seed and settings give the same image [default: the daemon picks one].",
+)
 @click.option("--preset", default=None, help="Must match the daemon's preset (default: the daemon's).")
 @click.option("--lora", "loras", multiple=True, help="PATH[:SCALE], repeatable, in stack order.")
-@click.option("--zero-match", type=click.Choice(["error", "warn"]), default="error", show_default=True)
-@click.option("--priority", type=click.Choice(["interactive", "batch"]), default="interactive", show_default=True)
+@click.option(
+    "--zero-match",
+    type=click.Choice(["error", "warn"]),
+    default="error",
+    show_default=True,
+    help="A LoRA that matches no key of the model: refuse the render, or render and warn.",
+)
+@click.option(
+    "--priority",
+    type=click.Choice(["interactive", "batch"]),
+    default="interactive",
+    show_default=True,
+    help="An interactive render goes ahead of batch ones (and may pause one between steps).",
+)
 @click.option("--deadline", type=seconds(), default=None, help="Seconds after which the daemon abandons the job.")
 @click.option("-o", "--output", default=None, help="Output PNG; relative paths are inside the daemon's output root.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file at --output (without it: output_exists).")
