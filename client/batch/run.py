@@ -2,7 +2,8 @@
 
 Resumable: a finished item (client/batch/records.py) is skipped, unless a LoRA file of its stack changed
 since it rendered (client/batch/versions.py). A failed item is recorded with its typed
-error and the batch goes on; if the daemon is gone the batch stops and the rest are listed as pending.
+error and the batch goes on, unless every later item would fail alike (`dooms_the_rest`: the daemon gone,
+its output folder or the plan's LoRA stack refused): then it stops and the rest are listed as pending.
 """
 
 from __future__ import annotations
