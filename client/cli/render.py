@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 import msgspec
@@ -33,6 +35,11 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return (str(p.resolve()) if p.exists() else path), scale
 
 
+def choice_option(name: str, choices: list[str], help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """An option taking one of `choices`, the first by default."""
+    return click.option(name, type=click.Choice(choices), default=choices[0], show_default=True, help=help_text)
+
+
 @click.command("render", cls=EaselCommand)
 @click.argument("prompt")
 @socket_option
@@ -47,20 +54,8 @@ def parse_lora(spec: str) -> tuple[str, float]:
 )
 @click.option("--preset", default=None, help="Must match the daemon's preset (default: the daemon's).")
 @click.option("--lora", "loras", multiple=True, help="PATH[:SCALE], repeatable, in stack order.")
-@click.option(
-    "--zero-match",
-    type=click.Choice(["error", "warn"]),
-    default="error",
-    show_default=True,
-    help="A LoRA that matches no key of the model: refuse the render, or render and warn.",
-)
-@click.option(
-    "--priority",
-    type=click.Choice(["interactive", "batch"]),
-    default="interactive",
-    show_default=True,
-    help="An interactive render goes ahead of batch ones (and may pause one between steps).",
-)
+@choice_option("--zero-match", ["error", "warn"], "A LoRA matching no key of the model: refuse, or render and warn.")
+@choice_option("--priority", ["interactive", "batch"], "Interactive renders go first (a batch one may pause for them).")
 @click.option("--deadline", type=seconds(), default=None, help="Seconds after which the daemon abandons the job.")
 @click.option("-o", "--output", default=None, help="Output PNG; relative paths are inside the daemon's output root.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file at --output (without it: output_exists).")
