@@ -11,7 +11,9 @@ so the largest temporary is one strip's unfolded input (STRIP_BYTES) beside the 
 the 512x512 decode took 1.5 GiB, in the same time.
 The mid block's attention runs in chunks of queries once the latent has more than ATTENTION_CHUNK tokens
 (each query's row of scores is the same computation, only fewer rows at a time). `install` puts it in
-place of the VAE's own `decode`; tests/engine/test_vae_decode.py holds it to mflux's output bit for bit.
+place of the VAE's own `decode`; tests/engine/test_vae_decode.py holds it to mflux's output bit for bit
+on the CPU (on a GPU, where a convolution's algorithm may depend on its size, neither the bits nor the
+memory were compared: a size still decodes the same way every time).
 """
 
 from __future__ import annotations
