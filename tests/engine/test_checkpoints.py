@@ -245,6 +245,25 @@ def test_missing_component_folder_is_model_part_missing(hf_root, tmp_path):
     assert line.startswith("easel: model_part_missing: ") and "text_encoder_2/" in line
 
 
+def test_a_part_folder_or_a_hugging_face_cache_folder_names_the_checkpoint_beside_it(hf_root, tmp_path):
+    """The two near misses: a checkpoint's transformer/ folder, and the cache folder above its snapshots."""
+    from client.wire.errors import ModelPartMissing
+    from daemon.engine.checkpoint.source import resolve_source
+
+    root = _link_tree(hf_root, tmp_path / "ck")
+    with pytest.raises(ModelPartMissing) as err:
+        resolve_source(root / "transformer")
+    assert err.value.message.endswith(f"the transformer/ folder of the checkpoint at {root}: pass that folder")
+    cache = tmp_path / "models--black-forest-labs--FLUX.1-dev"
+    snapshot = _link_tree(hf_root, cache / "snapshots" / "0123abc")
+    with pytest.raises(ModelPartMissing) as err:
+        resolve_source(cache)
+    assert err.value.message.endswith(f"a Hugging Face cache folder: pass a snapshot in it, such as {snapshot}")
+    with pytest.raises(ModelPartMissing) as err:
+        resolve_source(tmp_path)  # nothing near: no advice
+    assert err.value.message.endswith("tokenizer/ and tokenizer_2/)")
+
+
 def test_missing_tokenizer_is_model_part_missing(hf_root, tmp_path):
     root = _link_tree(hf_root, tmp_path / "ck", skip=("tokenizer_2",))
     line = _serve_refuses(tmp_path, root)

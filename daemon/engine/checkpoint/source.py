@@ -105,13 +105,31 @@ def resolve_source(path: Path, *, transformer_file: Path | None = None) -> Check
     return source
 
 
+FOLDERS = (*HF_FOLDERS.values(), *TOKENIZER_FOLDERS)  # what a checkpoint folder holds, every one of them
+
+
+def _whole(folder: Path) -> bool:
+    return all((folder / name).is_dir() for name in FOLDERS)
+
+
+def _nearby(root: Path) -> str:
+    """Where the checkpoint is when `root` is next to it: one of its part folders, or a Hugging Face cache
+    folder (models--org--name) whose snapshots hold it."""
+    if root.name in FOLDERS and _whole(root.parent):
+        return f"; {root} is the {root.name}/ folder of the checkpoint at {root.parent}: pass that folder"
+    snapshots = sorted(p for p in (root / "snapshots").glob("*") if p.is_dir() and _whole(p))
+    if snapshots:
+        return f"; {root} is a Hugging Face cache folder: pass a snapshot in it, such as {snapshots[-1]}"
+    return ""
+
+
 def _from_folder(root: Path) -> CheckpointSource:
-    missing = [f"{name}/" for name in (*HF_FOLDERS.values(), *TOKENIZER_FOLDERS) if not (root / name).is_dir()]
+    missing = [f"{name}/" for name in FOLDERS if not (root / name).is_dir()]
     if missing:
         raise ModelPartMissing(
             f"{root} is not a complete Flux checkpoint: missing {', '.join(missing)} "
             "(a Hugging Face snapshot or an mflux-saved folder has transformer/, vae/, text_encoder/, "
-            "text_encoder_2/, tokenizer/ and tokenizer_2/)",
+            f"text_encoder_2/, tokenizer/ and tokenizer_2/){_nearby(root)}",
             path=str(root),
             missing=missing,
         )
