@@ -21,6 +21,11 @@ class Leftover(NamedTuple):
     reason: str
 
 
+def display_name(name: str | None, path: str) -> str:
+    """A stack entry's name, else its file's stem: how spans, manifests and the CLI label a LoRA."""
+    return name or PurePath(path).stem
+
+
 class FileReport(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Per-file accounting: format, rank, alpha, keys total/applied, layers patched, leftovers with reasons."""
 
@@ -49,8 +54,7 @@ class FileReport(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     @property
     def display_name(self) -> str:
-        """The entry's name, else the file's stem: how spans, manifests and the CLI label it."""
-        return self.name or PurePath(self.path).stem
+        return display_name(self.name, self.path)
 
     def for_reply(self, *, with_layers: bool = False) -> FileReport:
         """The report as a reply carries it: leftovers capped, the layer list only where asked for."""

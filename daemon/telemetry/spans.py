@@ -31,7 +31,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import PurePath
 from typing import Any
 
 from opentelemetry import context as context_api
@@ -43,7 +42,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from client.telemetry.setup import Telemetry
 from client.wire.errors import EaselError
 from client.wire.messages import PreloadResult
-from client.wire.report import FileReport
+from client.wire.report import FileReport, display_name
 from daemon.render_spec import RenderSpec
 
 RENDER_SPAN = "flux_mlx.render"
@@ -244,7 +243,7 @@ class RenderSpan:
             self.span.set_attributes(
                 {
                     "render.lora.stack_size": len(entries),
-                    "render.lora.names": [name or PurePath(path).stem for name, path, _ in entries],
+                    "render.lora.names": [display_name(name, path) for name, path, _ in entries],
                     "render.lora.files": [path for _, path, _ in entries],
                     "render.lora.scales": [float(scale) for _, _, scale in entries],
                 }
