@@ -18,7 +18,7 @@ from mflux.models.flux.variants.txt2img.flux import Flux1
 from mlx import nn
 
 from client.wire.errors import ModelLoadError, ModelPartMissing, ModelVersionMismatch
-from daemon.engine import vae_decode
+from daemon.engine import attention, vae_decode
 from daemon.engine.checkpoint.estimate import MemoryPlan, available_bytes, check_fits, resident_bytes
 from daemon.engine.checkpoint.parts import PreparedPart, prepare_part
 from daemon.engine.checkpoint.source import PARTS, CheckpointSource, check_tokenizers
@@ -104,6 +104,7 @@ def assemble(model_config: ModelConfig, parts: dict[str, nn.Module], tokenizers:
     flux.clip_text_encoder = parts["clip"]
     flux.vae = parts["vae"]
     vae_decode.install(flux.vae)  # the same pixels in a fraction of the memory
+    attention.install()  # the same attention, its scores a group of heads at a time
     return flux
 
 
