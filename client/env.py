@@ -222,8 +222,9 @@ MEMORY_LIMIT: EnvVar[int | None] = _register(
     EnvVar(
         "EASEL_MEMORY_LIMIT",
         _byte_size,
-        doc="Memory the daemon may use for its model: a load that would need more is refused (`model_too_large`) "
-        "unless forced. Set it below the machine's free memory to leave room for a game.",
+        doc="Memory the daemon may use: a load that would need more is refused (`model_too_large`) unless "
+        "forced, and so is a render whose size would not fit beside the model (`render_too_large`). Set it below "
+        "the machine's free memory to leave room for a game.",
         values="bytes, or with K/M/G/T (e.g. `12G`)",
         default_doc="the memory the system reports available",
         read_by=DAEMON,

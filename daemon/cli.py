@@ -49,7 +49,12 @@ from daemon.scheduler import Policy
     help="A single-file transformer (BFL names, bf16/fp16/fp8) used with --model-path's other parts.",
 )
 @click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the weights at load.")
-@click.option("--force", "force_load", is_flag=True, help="Load even if the memory estimate says it will not fit.")
+@click.option(
+    "--force",
+    "force_load",
+    is_flag=True,
+    help="Load even if the memory estimate says it will not fit, and accept every size up to --max-size.",
+)
 @socket_option
 @click.option(
     "--lora-root",

@@ -27,7 +27,7 @@ from client.lorafile.inspect import inspect_lora
 from client.lorafile.resolve import corrupt_error
 from client.lorafile.signature import file_signature
 from client.tiers import TIERS
-from client.wire.errors import InvalidRequest, LoraNotFound, LoraZeroMatch
+from client.wire.errors import InvalidRequest, LoraNotFound, LoraZeroMatch, ModelTooLarge
 from client.wire.messages import (
     ActiveLora,
     HeapStats,
@@ -40,6 +40,7 @@ from client.wire.messages import (
 from client.wire.report import FileReport
 from daemon.config import ServiceConfig
 from daemon.engine.png import encode_png
+from daemon.render_memory import RenderBudget
 from daemon.render_spec import RenderSpec, validate_spec
 from daemon.security import OutputRoot, OutputTarget, confine
 from daemon.telemetry import RenderSpan, Telemetry, TelemetryConfig, extract_context, setup_telemetry
@@ -178,6 +179,20 @@ def admit_render(
     return spec, stack_items_in(config.lora_roots, req.lora_paths, req.lora_scales, req.lora_names)
 
 
+def _check_renders_fit(memory: RenderBudget | None, config: ServiceConfig) -> None:
+    """Refuse to serve (ModelTooLarge) when not even the smallest render fits beside the model."""
+    size = config.limits.min_size
+    if memory is None or memory.needs(size, size).peak_bytes <= memory.budget_bytes:
+        return
+    raise ModelTooLarge(
+        f"the model loaded, but not even a {size}x{size} render fits beside it: {memory.budget_bytes / 2**30:.1f} "
+        f"GiB to render in ({memory.how}); lower --lora-cache-bytes or --resident-stack-bytes, raise "
+        "EASEL_MEMORY_LIMIT, or --force to serve without checking renders against memory",
+        needed_bytes=memory.needs(size, size).peak_bytes,
+        available_bytes=memory.budget_bytes,
+    )
+
+
 class RenderService:
     """Owns the live model's LoRA stack. `run` must only ever be called from the one render thread."""
 
@@ -207,6 +222,7 @@ class RenderService:
         self.warmup_measure: tuple[RenderSpec, dict[str, float]] | None = None
         self.stack_switches = 0
         self.heap_retain_bytes = 0  # the heap policy's bound once `load` applied it (0: malloc's defaults)
+        self.memory: RenderBudget | None = None  # the sizes that fit, once `load` measured it (None: unchecked)
         self.outputs = OutputRoot(config.output_root)
         self.use_telemetry(tel or setup_telemetry(config=TelemetryConfig("easel-daemon", disabled=True)))
 
@@ -220,6 +236,7 @@ class RenderService:
     @classmethod
     def load(cls, config: ServiceConfig, tel: Telemetry | None = None) -> RenderService:
         """Load the preset's model and a patcher on its transformer, then warm up (slow: seconds to minutes)."""
+        from daemon.engine.checkpoint.estimate import render_budget
         from daemon.engine.heap import retain_freed
         from daemon.engine.model import load_model
         from daemon.lora.cache import LoraCache
@@ -255,12 +272,21 @@ class RenderService:
             tel=tel,
         )
         svc.heap_retain_bytes = heap.retain_bytes if heap.applied else 0
+        if not config.force_load:
+            svc.memory = render_budget(
+                resident_bytes=model.info.resident_bytes,
+                held_bytes=config.lora_cache_bytes + config.resident_stack_bytes,
+                text_tokens=model.preset.text_tokens,
+            )
+            _check_renders_fit(svc.memory, config)
         return svc
 
     # ---- on the event loop ----------------------------------------------------------------------
 
     def prepare(self, req: Render) -> Prepared:
         spec, items = admit_render(req, self.config, self.preset_name, self.default_steps, self.default_guidance)
+        if self.memory is not None:
+            self.memory.check(spec.width, spec.height)
         out = None
         if not req.return_bytes:  # checked now, written through the held root later (security.OutputRoot)
             generated = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.png"

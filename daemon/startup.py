@@ -56,6 +56,7 @@ def run_daemon(
         t0 = time.perf_counter()
         service = RenderService.load(config.service, tel=tel)
         announce(f"easel: preset {service.preset_name} loaded in {time.perf_counter() - t0:.1f}s")
+        announce(f"easel: {_memory_line(service, config)}")
     elif tel is not None:
         service.use_telemetry(tel)
     if config.service.warmup and not service.warm:
@@ -79,6 +80,14 @@ def run_daemon(
     service.release_thread()  # this thread loaded and warmed the model
     announce("easel: stopped (forced)" if server.forced else "easel: stopped")
     return 1 if server.forced else 0
+
+
+def _memory_line(service: RenderService, config: DaemonConfig) -> str:
+    if service.memory is not None:
+        return service.memory.describe()
+    if config.service.force_load:
+        return "renders are not checked against memory (--force)"
+    return "renders are not checked against memory (the GPU's own: a render that does not fit fails alone)"
 
 
 async def _serve(config: DaemonConfig, service: RenderService, sock: socket.socket, announce: Announce) -> DaemonServer:

@@ -112,6 +112,13 @@ class ModelTooLarge(ModelLoadError):
     code = "model_too_large"
 
 
+class RenderTooLarge(InvalidRequest):
+    """A render's size would need more memory than the daemon has beside its model and LoRA caches (its
+    estimate); `details`: needed_bytes, available_bytes and largest_pixels, the most that fits."""
+
+    code = "render_too_large"
+
+
 class SaveTargetExists(EaselError):
     """`easel model save` never writes over an existing folder."""
 

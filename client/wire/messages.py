@@ -164,6 +164,7 @@ class ConnectionLimits(Struct):
     max_steps: int
     max_prompt_chars: int
     queue_capacity: int
+    max_pixels: int | None = None  # width x height: --max-size squared, or less where memory allows less
 
 
 class Hello(_Reply, tag="hello"):

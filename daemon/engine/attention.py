@@ -22,8 +22,10 @@ from collections.abc import Callable
 from mflux.models.flux.model.flux_transformer.common.attention_utils import AttentionUtils
 
 from daemon.engine.runtime import mx
+from daemon.render_memory import ATTENTION_GROUP_BYTES
 
-ATTENTION_BYTES = 512 << 20  # one group's scores (heads x tokens x tokens x 4 bytes); a group is at least one head
+# one group's scores (heads x tokens x tokens x 4 bytes); a group is at least one head
+ATTENTION_BYTES = ATTENTION_GROUP_BYTES
 
 _mflux_attention: Callable[..., mx.array] = AttentionUtils.compute_attention
 

@@ -17,7 +17,8 @@ from mlx.utils import tree_flatten
 from client import env
 from client.wire.errors import ModelTooLarge
 from daemon.engine.checkpoint.parts import QUANT_GROUP_SIZE, quantizable
-from daemon.engine.runtime import mx
+from daemon.engine.runtime import compute_dtype, mx
+from daemon.render_memory import RenderBudget
 
 GIB = 1 << 30
 # A render's working set on top of the weights (activations, the prompt cache, the LoRA side path): 1 GiB plus
@@ -88,4 +89,28 @@ def check_fits(plan: MemoryPlan, *, what: str, bits: int | None, force: bool) ->
         needed_bytes=plan.needed_bytes,
         available_bytes=plan.available_bytes,
         suggested_quantize=options[0] if options else None,
+    )
+
+
+def render_budget(*, resident_bytes: int, held_bytes: int, text_tokens: int) -> RenderBudget | None:
+    """What a render may use beyond the weights, measured once the model is loaded: the memory the system
+    has free plus MLX's cache of freed buffers (capped by EASEL_MEMORY_LIMIT less the weights), less
+    `held_bytes`, which the LoRA caches may fill at any time. None where the model's memory is not the
+    system's (a CUDA GPU's own memory: there an allocation that fails raises in the render, and the
+    daemon goes on; the kernel's OOM killer, which takes the whole daemon, is the system memory's)."""
+    if mx.default_device() != mx.cpu and not mx.metal.is_available():
+        return None
+    free = int(psutil.virtual_memory().available) + mx.get_cache_memory()
+    how = f"{free / GIB:.1f} GiB free once the model was loaded"
+    limit = env.MEMORY_LIMIT.get()
+    if limit is not None and limit - resident_bytes < free:
+        free = max(0, limit - resident_bytes)
+        how = f"EASEL_MEMORY_LIMIT {limit / GIB:.1f} GiB less {resident_bytes / GIB:.1f} GiB of weights"
+    if held_bytes:
+        how += f", less {held_bytes / GIB:.1f} GiB the LoRA caches may hold"
+    return RenderBudget(
+        budget_bytes=max(0, free - held_bytes),
+        text_tokens=text_tokens,
+        itemsize=compute_dtype().size,
+        how=how,
     )

@@ -1,0 +1,127 @@
+"""Renders are admitted by memory (daemon/render_memory.py): the estimate covers the peaks measured per size,
+a size that would not fit is refused at submission naming the largest that does, and a real daemon says
+what fits when it starts, refuses beyond it, keeps serving, and refuses to start when nothing would fit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from client.client import RenderClient
+from client.wire.errors import RenderTooLarge
+from daemon.render_memory import GIB, RenderBudget, render_memory
+
+# Peaks above the weights measured on the CPU (fp32, tiny preset: 128 text tokens), in GiB.
+STEP_PEAKS = {512: 0.52, 1024: 1.16, 1536: 2.56, 2048: 4.53}  # text encoding and one step
+DECODE_PEAKS = {256: 0.46, 512: 1.50, 1024: 6.01}  # the strip decode
+
+
+@pytest.mark.parametrize(("side", "peak"), STEP_PEAKS.items())
+def test_the_step_estimate_covers_each_measured_peak_without_doubling_it(side, peak):
+    step = render_memory(side * side, text_tokens=128).step_bytes / GIB
+    assert peak <= step <= 1.6 * peak
+
+
+@pytest.mark.parametrize(("side", "peak"), DECODE_PEAKS.items())
+def test_the_decode_estimate_covers_each_measured_peak_without_doubling_it(side, peak):
+    decode = render_memory(side * side, text_tokens=128).decode_bytes / GIB
+    assert peak <= decode <= 1.3 * peak
+
+
+def test_activations_at_bf16_need_half():
+    fp32, bf16 = (render_memory(1024 * 1024, text_tokens=512, itemsize=n) for n in (4, 2))
+    assert bf16.peak_bytes == fp32.peak_bytes // 2
+
+
+def _budget(gib: float) -> RenderBudget:
+    return RenderBudget(budget_bytes=int(gib * GIB), text_tokens=128, itemsize=4, how="a test's figure")
+
+
+def test_the_largest_size_is_the_edge_of_the_budget():
+    budget = _budget(10)
+    largest = budget.largest_pixels
+    assert largest % 256 == 0
+    assert budget.needs(largest, 1).peak_bytes <= budget.budget_bytes < budget.needs(largest + 256, 1).peak_bytes
+    assert 1.5e6 < largest < 1.7e6  # 10 GiB: the decode's 6,400 bytes a pixel
+    assert _budget(0).largest_pixels == 0
+
+
+def test_a_render_past_the_budget_is_refused_naming_the_largest_that_fits_at_its_aspect():
+    budget = _budget(10)
+    budget.check(1024, 1024)
+    with pytest.raises(RenderTooLarge) as caught:
+        budget.check(1920, 1088)
+    err = caught.value
+    assert err.code == "render_too_large" and err.field == "width"
+    assert err.details["available_bytes"] == 10 * GIB and err.details["needed_bytes"] > 10 * GIB
+    assert err.details["largest_pixels"] == budget.largest_pixels
+    w, h = budget.largest_at(1920, 1088)
+    assert w % 16 == 0 == h % 16 and w * h <= budget.largest_pixels and abs(w / h - 1920 / 1088) < 0.05
+    budget.check(w, h)
+    assert "a 1920x1088 render needs about 12.6 GiB" in err.message
+    assert f"largest that fits is {w}x{h} at this aspect" in err.message and "(a test's figure)" in err.message
+
+
+# ---- a real daemon ------------------------------------------------------------------------------------------
+
+SERVE = [sys.executable, "-c", "from client.cli import main; main()", "serve", "--preset", "tiny", "--no-warmup"]
+SMALL_CACHES = ["--lora-cache-bytes", str(64 << 20), "--resident-stack-bytes", str(64 << 20)]
+WEIGHTS_GIB = 3.72  # the tiny preset at fp32
+
+
+def _serve(tmp_path: Path, *args: str, limit_gib: float) -> tuple[subprocess.Popen, Path]:
+    sock = tmp_path / "run" / "easel.sock"
+    proc = subprocess.Popen(
+        [*SERVE, "--socket", str(sock), "--output-root", str(tmp_path / "out"), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "EASEL_MEMORY_LIMIT": f"{limit_gib}G"},
+    )  # fmt: skip
+    return proc, sock
+
+
+@pytest.mark.model
+def test_a_daemon_refuses_a_render_its_memory_cannot_hold_and_keeps_serving(tmp_path):
+    # 2.5 GiB beyond the weights and the 128 MiB of LoRA caches: about 0.4 megapixels
+    proc, sock = _serve(tmp_path, *SMALL_CACHES, limit_gib=WEIGHTS_GIB + 0.125 + 2.5)
+    lines = []
+    try:
+        deadline = time.monotonic() + 600
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if "ready on" in line or time.monotonic() > deadline:
+                break
+        said = next(line for line in lines if "fit in memory" in line)
+        assert said.startswith("easel: renders up to 0.3") or said.startswith("easel: renders up to 0.4"), lines
+        assert "EASEL_MEMORY_LIMIT" in said and "less 0.1 GiB the LoRA caches may hold" in said
+        with RenderClient(sock) as client:
+            client.ping()
+            hello = client.hello
+            assert 3e5 < hello.limits.max_pixels < 4.2e5
+            with pytest.raises(RenderTooLarge) as caught:
+                client.send_render("a harbour at night", width=1024, height=1024, steps=1, return_bytes=True)
+            assert "a 1024x1024 render needs about 6.4 GiB" in caught.value.message
+            assert caught.value.details["largest_pixels"] == hello.limits.max_pixels
+            assert client.status().queue_depth == 0  # refused before it was queued
+            done = client.send_render("a harbour at night", width=128, height=128, steps=1, return_bytes=True)
+            assert done.image_bytes.startswith(b"\x89PNG")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+@pytest.mark.model
+def test_a_daemon_whose_caches_leave_no_room_to_render_refuses_to_start(tmp_path):
+    """The load itself fits (weights and its headroom: 5.1 GiB), but the LoRA caches' default bounds (2 GiB
+    each) would take every byte a render needs: better said at start than as every render refused."""
+    proc, sock = _serve(tmp_path, limit_gib=WEIGHTS_GIB + 1.5)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("easel: model_too_large: the model loaded, but not even a 64x64 render fits"), line
+    assert "--lora-cache-bytes" in line and "--force" in line
+    assert not sock.exists()
