@@ -4,12 +4,13 @@ allows (pure Python: the arithmetic only; daemon.engine.checkpoint.estimate meas
 A daemon killed for memory loses every job in its queue, so a render that would not fit is refused when it
 is submitted (`render_too_large`), not discovered by the kernel's OOM killer minutes later. The figures
 are peaks measured with MLX's peak-memory count above the weights, on the CPU (fp32 activations), with
-the tiny preset, whose blocks have FLUX.1's widths (3,072 wide, 24 heads; its depth changes which block
-runs, not how much one holds):
+the tiny preset, whose blocks have FLUX.1's widths (3,072 wide, 24 heads), and 128 text tokens:
 - the text encoding and a step, attention in groups of heads (daemon/engine/attention.py): 0.52 GiB at
-  512x512, 1.16 at 1024, 2.56 at 1536 and 4.53 at 2048 (128 text tokens). Beside the largest group's
-  scores that is 170-250 KiB a token (image and text) from 1024 up, plus about 0.3 GiB at 512, where the
-  text encoders' own peak shows; TOKEN_BYTES a token plus STEP_BASE_BYTES covers each.
+  512x512, 1.16 at 1024, 2.56 at 1536 and 4.53 at 2048 with 1 + 1 blocks. Deeper, the step alone took
+  0.53 GiB at 512 and 1.36 at 1024 with 3 + 6 blocks, and 1.36 at 1024 with 6 + 12: more than one block of
+  each kind adds about a sixth, more blocks than that nothing. Beside the largest group's scores that is
+  170-250 KiB a token (image and text) with 1 + 1 blocks, 220 deeper; TOKEN_BYTES a token plus
+  STEP_BASE_BYTES covers each with room for the same sixth at 1536 and 2048.
 - the VAE decode in strips (daemon/engine/vae_decode.py): 0.46 GiB at 256x256, 1.50 at 512 and 6.01 at
   1024, about 6,150 bytes a pixel; PIXEL_BYTES plus DECODE_BASE_BYTES covers each.
 Activations scale with the compute dtype: half as much at bf16 (a GPU's) as at fp32, `itemsize` says which.
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from client.wire.errors import RenderTooLarge
 
 GIB = 1 << 30
-TOKEN_BYTES = 256 << 10  # a step's activations a token, at fp32
+TOKEN_BYTES = 320 << 10  # a step's activations a token, at fp32
 STEP_BASE_BYTES = 256 << 20  # the text encoders' and the step's fixed part
 HEADS = 24  # FLUX.1's attention heads: the scores of one group of them are alive at a time
 ATTENTION_GROUP_BYTES = 512 << 20  # daemon/engine/attention.py's bound on a group's scores (fp32)

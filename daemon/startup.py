@@ -87,7 +87,7 @@ def _memory_line(service: RenderService, config: DaemonConfig) -> str:
         return service.memory.describe()
     if config.service.force_load:
         return "renders are not checked against memory (--force)"
-    return "renders are not checked against memory (the GPU's own: a render that does not fit fails alone)"
+    return "renders are not checked against memory (the model is in the GPU's own)"
 
 
 async def _serve(config: DaemonConfig, service: RenderService, sock: socket.socket, announce: Announce) -> DaemonServer:

@@ -96,8 +96,8 @@ def render_budget(*, resident_bytes: int, held_bytes: int, text_tokens: int) -> 
     """What a render may use beyond the weights, measured once the model is loaded: the memory the system
     has free plus MLX's cache of freed buffers (capped by EASEL_MEMORY_LIMIT less the weights), less
     `held_bytes`, which the LoRA caches may fill at any time. None where the model's memory is not the
-    system's (a CUDA GPU's own memory: there an allocation that fails raises in the render, and the
-    daemon goes on; the kernel's OOM killer, which takes the whole daemon, is the system memory's)."""
+    system's: a CUDA GPU's own, which the system's figure does not describe (and where no peaks were
+    measured). On a CPU or Apple silicon the kernel's OOM killer would take the whole daemon."""
     if mx.default_device() != mx.cpu and not mx.metal.is_available():
         return None
     free = int(psutil.virtual_memory().available) + mx.get_cache_memory()
