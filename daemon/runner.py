@@ -193,6 +193,7 @@ class RunnerStatus:
     heap: HeapStats | None = None  # the process's malloc counts (None: not glibc)
     output_root: str | None = None  # where relative output paths land and the only place it writes
     lora_roots: list[str] = dataclasses.field(default_factory=list)  # the folders LoRA paths must lie in
+    max_pixels: int | None = None  # the largest render accepted: the limits, or less where memory allows less
 
 
 class RenderRunner:
@@ -760,7 +761,14 @@ class RenderRunner:
             heap=svc.heap_stats(),
             output_root=str(self.config.output_root),
             lora_roots=[str(p) for p in self.config.lora_roots],
+            max_pixels=self.max_pixels(),
         )
+
+    def max_pixels(self) -> int:
+        """The most pixels a render may have here: the limits', or fewer where the memory holds fewer."""
+        limit = self.config.limits.max_pixels
+        memory = getattr(self.service, "memory", None)  # stand-in services in tests have none
+        return limit if memory is None else min(limit, memory.largest_pixels)
 
 
 class ResultListener:

@@ -674,14 +674,9 @@ class DaemonServer:
                 max_steps=limits.max_steps,
                 max_prompt_chars=limits.max_prompt_chars,
                 queue_capacity=self.runner.queue.capacity,
-                max_pixels=self._max_pixels(),
+                max_pixels=self.runner.max_pixels(),
             ),
         )
-
-    def _max_pixels(self) -> int:
-        limit = self.runner.config.limits.max_pixels
-        memory = getattr(self.runner.service, "memory", None)  # stand-in services in tests have none
-        return limit if memory is None else min(limit, memory.largest_pixels)
 
     def status(self) -> StatusResult:
         run = self.runner.status()
@@ -714,4 +709,5 @@ class DaemonServer:
             heap=run.heap,
             output_root=run.output_root,
             lora_roots=run.lora_roots,
+            max_pixels=run.max_pixels,
         )

@@ -4,6 +4,7 @@ the daemon's own command)."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def status_command(socket_path, as_json, timeout) -> None:
         )
     if st.output_root is not None:
         click.echo(f"writes into {st.output_root}  reads LoRAs from {', '.join(st.lora_roots) or '(nowhere)'}")
+    if st.max_pixels is not None:
+        side = math.isqrt(st.max_pixels) // 16 * 16
+        click.echo(f"renders up to {st.max_pixels / 1e6:.2f} megapixels (e.g. {side}x{side})")
     stack = ", ".join(f"{Path(s.path).name}@{s.scale:g}" for s in st.active_stack) or "(none)"
     click.echo(f"active stack: {stack}  (switches so far: {st.stack_switches})")
     if st.lora_cache is not None:

@@ -302,6 +302,7 @@ class ReplicaStatus(Struct, omit_defaults=True):
     heap: HeapStats | None = None  # its malloc heap (glibc); absent elsewhere
     output_root: str | None = None  # the folder it writes images into
     lora_roots: list[str] = []  # the folders it takes LoRA paths from
+    max_pixels: int | None = None  # the largest render it accepts (width x height), its memory allowing
 
 
 class StatusResult(Struct, omit_defaults=True):
@@ -334,6 +335,7 @@ class StatusResult(Struct, omit_defaults=True):
     heap: HeapStats | None = None  # the daemon's malloc heap (glibc); absent elsewhere and behind a gateway
     output_root: str | None = None  # the one folder it writes images into (a gateway: its replicas', if one)
     lora_roots: list[str] = []  # the folders LoRA paths must lie in
+    max_pixels: int | None = None  # the largest render accepted (width x height): --max-size or its memory
 
 
 class PingResult(Struct, omit_defaults=True):

@@ -483,7 +483,14 @@ class ClusterRunner:
             preloads_waiting=self.preloads_waiting,
             preloads_yielded=sum(r.preloads_yielded for r in replicas),
             lora_roots=[str(p) for p in self.config.lora_roots],  # it reads each stack's files to route it
+            max_pixels=self.max_pixels(),
         )
+
+    def max_pixels(self) -> int:
+        """The gateway's limit, or the smallest a replica reported (its memory): a render larger than that
+        could land on a replica that refuses it."""
+        reported = [r.max_pixels for r in self.replica_statuses() if r.max_pixels is not None]
+        return min([self.config.limits.max_pixels, *reported])
 
 
 class GatewayServer(DaemonServer):
@@ -511,6 +518,7 @@ async def serve_gateway(
 
     handle, board = connect()
     server = GatewayServer(server_config, ClusterRunner(handle, service_config, tel, board=board))
+    await server.runner.refresh()  # the replicas' reports, before the first greeting tells their limits
     await server.serve(sock, on_ready=on_ready)
     return server
 
@@ -545,6 +553,7 @@ class GatewayThread:
         async def main() -> None:
             handle, board = connect()
             self.server = GatewayServer(self.server_config, ClusterRunner(handle, self.config, self.tel, board=board))
+            await self.server.runner.refresh()  # the replicas' reports, before the first greeting tells their limits
             await self.server.serve(sock, on_ready=self.ready.set)
 
         try:

@@ -317,6 +317,7 @@ class RenderReplica:
             heap=run.heap,
             output_root=run.output_root,
             lora_roots=run.lora_roots,
+            max_pixels=run.max_pixels,
         )
         return {
             "status": msgspec.to_builtins(status),

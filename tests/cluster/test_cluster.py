@@ -149,6 +149,19 @@ def test_a_gateway_started_without_roots_takes_the_replicas(cluster):
     assert app.replica_lora_roots(board_handle()) == [root]
 
 
+def test_the_gateway_tells_the_largest_render_its_smallest_replica_holds(cluster):
+    """Each replica measures what its memory holds once loaded; a render larger than the smallest could land
+    on a replica that refuses it, so that is the gateway's bound, in `status` and in the greeting."""
+    with RenderClient(cluster.gateway.socket) as c:
+        st = c.status()
+    reported = [r.max_pixels for r in st.replicas]
+    assert len(reported) == 2 and all(p is not None and 0 < p <= 2048 * 2048 for p in reported)
+    assert st.max_pixels == min(reported)
+    with RenderClient(cluster.gateway.socket) as c:
+        c.ping()
+        assert c.hello.limits.max_pixels == min(reported)
+
+
 def test_a_deadline_ends_a_render_on_the_replica(cluster):
     from client.wire.errors import DeadlineExceeded
 

@@ -107,9 +107,17 @@ def test_a_daemon_refuses_a_render_its_memory_cannot_hold_and_keeps_serving(tmp_
                 client.send_render("a harbour at night", width=1024, height=1024, steps=1, return_bytes=True)
             assert "a 1024x1024 render needs about 6.4 GiB" in caught.value.message
             assert caught.value.details["largest_pixels"] == hello.limits.max_pixels
-            assert client.status().queue_depth == 0  # refused before it was queued
+            status = client.status()
+            assert status.queue_depth == 0  # refused before it was queued
+            assert status.max_pixels == hello.limits.max_pixels
             done = client.send_render("a harbour at night", width=128, height=128, steps=1, return_bytes=True)
             assert done.image_bytes.startswith(b"\x89PNG")
+        shown = subprocess.run(
+            [sys.executable, "-c", "from client.cli import main; main()", "status", "--socket", str(sock)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        side = int(hello.limits.max_pixels**0.5) // 16 * 16
+        assert f"renders up to {hello.limits.max_pixels / 1e6:.2f} megapixels (e.g. {side}x{side})" in shown.stdout
     finally:
         proc.terminate()
         proc.wait(60)
