@@ -3,7 +3,8 @@
 Resumable: a finished item (client/batch/records.py) is skipped, unless a LoRA file of its stack changed
 since it rendered (client/batch/versions.py). A failed item is recorded with its typed
 error and the batch goes on, unless every later item would fail alike (`dooms_the_rest`: the daemon gone,
-its output folder or the plan's LoRA stack refused): then it stops and the rest are listed as pending.
+its output folder, the plan's LoRA stack or its size refused): then it stops and the rest are listed as
+pending.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from client.wire.errors import (
     ERROR_CLASSES,
     DaemonUnavailable,
     EaselError,
+    InvalidRequest,
     LoraError,
     LoraNotShared,
     PathNotAllowed,
@@ -72,12 +74,17 @@ def render_item(
     )
 
 
+SHARED_FIELDS = frozenset({"width", "height", "steps", "guidance", "preset"})  # the same for every item of a plan
+
+
 def dooms_the_rest(error: Mapping[str, Any], item: BatchItem) -> bool:
     """Whether every item after this failure would fail the same way, so the batch stops (the rest stay
     pending, to be rendered by a resumed run): no daemon; the daemon refusing the item's output path,
     which lies in the folder every item of the plan writes to; or refusing its LoRA stack (a file missing,
     outside the daemon's roots, corrupt, unsupported, matching nothing), which every item of a plan shares
-    (one tier, one preset, one stack), rather than sending hundreds of renders to be refused alike."""
+    (one tier, one preset, one stack), rather than sending hundreds of renders to be refused alike; or
+    refusing a field every item shares (the size, too large for the daemon's memory or its limits, the
+    steps, the guidance, the preset). A refused prompt or seed is the item's own."""
     code = error.get("code")
     if code == DaemonUnavailable.code:
         return True
@@ -85,6 +92,8 @@ def dooms_the_rest(error: Mapping[str, Any], item: BatchItem) -> bool:
     if code == PathNotAllowed.code:
         return path == str(item.output_path) or path in item.lora_paths
     refused = ERROR_CLASSES.get(str(code))
+    if refused is not None and issubclass(refused, InvalidRequest):
+        return (error.get("details") or {}).get("field") in SHARED_FIELDS
     # not LoraNotShared: a cluster's replica that reads other bytes at a path says nothing of the others
     return refused is not None and issubclass(refused, LoraError) and refused is not LoraNotShared
 

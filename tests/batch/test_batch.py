@@ -25,7 +25,7 @@ from client.contact_sheet import write_contact_sheet
 from client.packs import ContentItem, PackError, base_prompt, compose_prompt, genre_dirs, load_items, world_names
 from client.packs.example_loras import make_pack_loras
 from client.packs.schema import CONTENT_KINDS as KINDS
-from client.wire.errors import DaemonUnavailable, InvalidRequest, LoraZeroMatch, RenderFailed
+from client.wire.errors import DaemonUnavailable, InvalidRequest, LoraZeroMatch, RenderFailed, RenderTooLarge
 from client.wire.messages import Event, RenderResult
 from client.wire.report import FileReport
 
@@ -46,13 +46,19 @@ class PngRenderer:
     applied, counts calls (by item id, the output file's stem)."""
 
     def __init__(
-        self, fail_on: set[str] = frozenset(), interrupt_after: int | None = None, gone_after=None, lora_refused=False
+        self,
+        fail_on: set[str] = frozenset(),
+        interrupt_after: int | None = None,
+        gone_after=None,
+        lora_refused=False,
+        refused: Exception | None = None,
     ) -> None:
         self.calls: list[str] = []
         self.gone_after = gone_after
         self.fail_on = fail_on  # these items fail alone (their render failed)
         self.lora_refused = lora_refused  # every item's stack is refused (its first file matched nothing)
         self.interrupt_after = interrupt_after
+        self.refused = refused  # raised for every item
 
     def send_render(self, prompt, *, lora_paths=(), lora_scales=(), on_progress=None, **f) -> RenderResult:
         out = Path(f["output_path"])
@@ -63,6 +69,8 @@ class PngRenderer:
         self.calls.append(out.stem)
         if out.stem in self.fail_on:
             raise RenderFailed("render failed: RuntimeError: [metal::malloc] out of memory")
+        if self.refused is not None:
+            raise self.refused
         if self.lora_refused:
             raise LoraZeroMatch(f"{lora_paths[0]} matched zero keys", path=lora_paths[0])
         for step in range(1, f["steps"] + 1):
@@ -341,6 +349,29 @@ def test_a_refused_lora_stack_stops_the_batch_instead_of_failing_every_item(pack
     again = PngRenderer()
     run_batch(p, again, progress=False)  # the file fixed: the next run renders every item
     assert again.calls == [j.content.id for j in p.items]
+
+
+@pytest.mark.parametrize(
+    ("refused", "stops"),
+    [
+        (RenderTooLarge("a 64x64 render needs about 1.0 GiB", field="width", largest_pixels=0), True),
+        (InvalidRequest("steps must be within 1..1, got 2", field="steps"), True),
+        (InvalidRequest("unknown preset 'dev'", field="preset"), True),
+        (InvalidRequest("prompt is 5000 characters; the limit is 4000", field="prompt"), False),
+    ],
+    ids=["too-large-for-memory", "steps", "preset", "prompt"],
+)
+def test_a_refused_size_or_setting_every_item_shares_stops_the_batch(packs, tmp_path, refused, stops):
+    """Every item of a plan has one size, steps, guidance and preset; its prompt and seed are its own."""
+    p = plan(packs, tmp_path)
+    r = PngRenderer(refused=refused)
+    result = run_batch(p, r, progress=False)
+    if stops:
+        assert r.calls == [p.items[0].content.id] and result.stopped_after is result.items[0]
+        assert [x.status for x in result.items] == ["failed"] + ["pending"] * (len(p.items) - 1)
+    else:
+        assert len(r.calls) == len(p.items) and result.stopped_after is None
+        assert all(x.status == "failed" for x in result.items)
 
 
 def test_a_vanished_daemon_stops_the_batch_instead_of_failing_every_item(packs, tmp_path):
