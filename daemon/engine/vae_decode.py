@@ -1,4 +1,4 @@
-"""The Flux VAE's decode in bounded memory, bit-identical to mflux's.
+"""The Flux VAE's decode in bounded memory: mflux's pixels, bit for bit where the BLAS allows.
 
 mflux's decoder is one lazy graph over the whole image. On a CPU each 3x3 convolution unfolds its input
 nine times over, and the graph keeps several such buffers alive at once: decoding a 512x512 image took
@@ -8,12 +8,20 @@ nine times over, and the graph keeps several such buffers alive at once: decodin
 This decode runs the same layers with the same weights and the same operations in the same order, but
 evaluates one layer at a time and each 3x3 convolution in strips of rows (one halo row above and below),
 so the largest temporary is one strip's unfolded input (STRIP_BYTES) beside the image's own activations:
-the 512x512 decode took 1.5 GiB, in the same time.
+the 512x512 decode took 1.5 GiB, in the same time. Each GroupNorm + SiLU before a convolution is applied
+strip by strip too (`_norm_silu_rows`): MLX's own held five times its input at once.
 The mid block's attention runs in chunks of queries once the latent has more than ATTENTION_CHUNK tokens
 (each query's row of scores is the same computation, only fewer rows at a time). `install` puts it in
-place of the VAE's own `decode`; tests/engine/test_vae_decode.py holds it to mflux's output bit for bit
-on the CPU (on a GPU, where a convolution's algorithm may depend on its size, neither the bits nor the
-memory were compared: a size still decodes the same way every time).
+place of the VAE's own `decode`.
+
+The bits: a strip's convolution is a smaller matrix product than the whole image's. On an earlier VM's
+OpenBLAS (its CPU model not recorded) each output row summed in the same order either way, and the
+decode gave mflux's very bits; on an AMD EPYC's (Zen kernels, OpenBLAS 0.3.21) a strip's rows differ
+from the whole's in the last bits (up to 5e-6 on one convolution, 1.5e-6 on the decoded pixels at
+256 px), so there the pixels are mflux's to float32 rounding. A size decodes the same way every time
+on one machine. tests/engine/test_vae_decode.py checks which BLAS it runs on and holds the decode to the
+matching promise. On a GPU, where a convolution's algorithm may depend on its size, neither the bits nor
+the memory were compared.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from mlx import nn
 from daemon.engine.runtime import mx
 
 STRIP_BYTES = 256 << 20  # a strip's unfolded convolution input: rows x width x 9 x channels x 4 bytes at most
-# Not fewer output pixels a strip: in a probe, strips of a row or two (a few hundred pixels) summed in
+# Not fewer output pixels a strip: on an earlier VM, strips of a row or two (a few hundred pixels) summed in
 # another order than the whole image's convolution (last bits differ; the product takes another path
 # through the BLAS), while strips of 2,048 pixels and more gave the whole image's bits at every size tried.
 MIN_STRIP_PIXELS = 16384
@@ -61,19 +69,21 @@ def decode(vae: VAE, latents: mx.array) -> mx.array:
             x = _resnet(resnet, x)
         for upsampler in getattr(block, "upsamplers", None) or ():
             x = _upsample(upsampler, x)
-    h = _norm_silu(decoder.conv_norm_out.norm, x)
+    shape = x.shape
+    rows = _norm_silu_rows(decoder.conv_norm_out.norm, x)
     del x
-    x = _conv_rows(decoder.conv_out.conv2d, _rows_of(h), h.shape)
+    x = _conv_rows(decoder.conv_out.conv2d, rows, shape)
     return mx.transpose(x, (0, 3, 1, 2))[:, :, None, :, :]
 
 
 def _resnet(block: nn.Module, x: mx.array) -> mx.array:
     """ResnetBlock2D: norm, SiLU, conv, norm, SiLU, conv, plus the input (through its 1x1 conv if any)."""
-    h = _norm_silu(block.norm1, x)
-    h = _conv_rows(block.conv1, _rows_of(h), h.shape)
-    h = _norm_silu(block.norm2, h)
+    h = _conv_rows(block.conv1, _norm_silu_rows(block.norm1, x), x.shape)
+    shape = h.shape
+    rows = _norm_silu_rows(block.norm2, h)
+    del h
     residual = x if block.conv_shortcut is None else _evaluated(block.conv_shortcut(x))
-    return _conv_rows(block.conv2, _rows_of(h), h.shape, residual=residual)
+    return _conv_rows(block.conv2, rows, shape, residual=residual)
 
 
 def _upsample(block: nn.Module, x: mx.array) -> mx.array:
@@ -112,9 +122,36 @@ def _attention(block: nn.Module, x: mx.array) -> mx.array:
     return _evaluated(x + block.to_out[0](y))
 
 
-def _norm_silu(norm: nn.GroupNorm, x: mx.array) -> mx.array:
-    """GroupNorm over the whole image in float32 (as mflux's blocks run it), then SiLU, evaluated."""
-    return _evaluated(nn.silu(norm(x.astype(mx.float32)).astype(ModelConfig.precision)))
+def _norm_silu_rows(norm: nn.GroupNorm, x: mx.array) -> Rows:
+    """GroupNorm in float32 (as mflux's blocks run it), then SiLU, as rows a convolution reads strip by strip.
+
+    MLX's GroupNorm (PyTorch-compatible) copies the image into group order and normalises each group with
+    `mx.fast.layer_norm`, which on a CPU is its parts: the mean, the mean of the squared deviations, then
+    (x - mean) * rsqrt(var + eps); with the copy back and the SiLU, a 1 GiB input peaked at 5.5 GiB. Here the
+    two reductions run over the very same group-order copy (the same sums, so the same bits), and the rest,
+    element by element, only for the rows a strip reads: the copy and one squared temporary at the peak.
+    """
+    if not norm.pytorch_compatible:
+        raise ValueError(f"a strip GroupNorm follows MLX's PyTorch-compatible one: {norm}")
+    batch, height, width, channels = x.shape
+    groups = norm.num_groups
+    size = channels // groups
+    grouped = x.astype(mx.float32).reshape(batch, -1, groups, size).transpose(0, 2, 1, 3).reshape(batch, groups, -1)
+    mean = mx.mean(grouped, axis=-1, keepdims=True)
+    var = mx.mean(mx.square(grouped - mean), axis=-1, keepdims=True)
+    mx.eval(grouped, mean, var)
+    grouped = grouped.reshape(batch, groups, height * width, size)
+    mean, scale = mean[..., None], mx.rsqrt(var + norm.eps)[..., None]
+    affine = "weight" in norm
+
+    def rows(a: int, b: int) -> mx.array:
+        y = (grouped[:, :, a * width : b * width] - mean) * scale
+        y = y.transpose(0, 2, 1, 3).reshape(batch, b - a, width, channels)
+        if affine:
+            y = norm.weight * y + norm.bias
+        return nn.silu(y.astype(ModelConfig.precision))
+
+    return rows
 
 
 def _rows_of(x: mx.array) -> Rows:
