@@ -11,8 +11,9 @@ the tiny preset, whose blocks have FLUX.1's widths (3,072 wide, 24 heads), and 1
   each kind adds about a sixth, more blocks than that nothing. Beside the largest group's scores that is
   170-250 KiB a token (image and text) with 1 + 1 blocks, 220 deeper; TOKEN_BYTES a token plus
   STEP_BASE_BYTES covers each with room for the same sixth at 1536 and 2048.
-- the VAE decode in strips (daemon/engine/vae_decode.py): 0.46 GiB at 256x256, 1.50 at 512 and 6.01 at
-  1024, about 6,150 bytes a pixel; PIXEL_BYTES plus DECODE_BASE_BYTES covers each.
+- the VAE decode in strips, GroupNorm by rows (daemon/engine/vae_decode.py): 0.51 GiB at 256x256, 1.00 at
+  512 and 4.01 at 1024, under 4,096 bytes a pixel from 512 up; PIXEL_BYTES plus DECODE_BASE_BYTES covers
+  each.
 Activations scale with the compute dtype: half as much at bf16 (a GPU's) as at fp32, `itemsize` says which.
 """
 
@@ -28,8 +29,8 @@ TOKEN_BYTES = 320 << 10  # a step's activations a token, at fp32
 STEP_BASE_BYTES = 256 << 20  # the text encoders' and the step's fixed part
 HEADS = 24  # FLUX.1's attention heads: the scores of one group of them are alive at a time
 ATTENTION_GROUP_BYTES = 512 << 20  # daemon/engine/attention.py's bound on a group's scores (fp32)
-PIXEL_BYTES = 6400  # the strip decode's working set a pixel, at fp32
-DECODE_BASE_BYTES = 128 << 20
+PIXEL_BYTES = 4096  # the strip decode's working set a pixel, at fp32
+DECODE_BASE_BYTES = 320 << 20
 PIXELS_PER_TOKEN = 256  # a latent patch: 8x8 pixels a latent, 2x2 latents a token
 
 

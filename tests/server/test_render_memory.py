@@ -19,7 +19,7 @@ from daemon.render_memory import GIB, RenderBudget, render_memory
 # Peaks above the weights measured on the CPU (fp32, tiny preset: 128 text tokens), in GiB.
 # text encoding and one step (1 + 1 blocks), or the step alone deeper where larger (3 + 6 and 6 + 12 blocks)
 STEP_PEAKS = {512: 0.53, 1024: 1.36, 1536: 2.56, 2048: 4.53}
-DECODE_PEAKS = {256: 0.46, 512: 1.50, 1024: 6.01}  # the strip decode
+DECODE_PEAKS = {256: 0.51, 512: 1.00, 1024: 4.01}  # the strip decode, GroupNorm by rows
 
 
 @pytest.mark.parametrize(("side", "peak"), STEP_PEAKS.items())
@@ -31,7 +31,7 @@ def test_the_step_estimate_covers_each_measured_peak_without_doubling_it(side, p
 @pytest.mark.parametrize(("side", "peak"), DECODE_PEAKS.items())
 def test_the_decode_estimate_covers_each_measured_peak_without_doubling_it(side, peak):
     decode = render_memory(side * side, text_tokens=128).decode_bytes / GIB
-    assert peak <= decode <= 1.3 * peak
+    assert peak <= decode <= 1.4 * peak
 
 
 def test_activations_at_bf16_need_half():
@@ -48,7 +48,7 @@ def test_the_largest_size_is_the_edge_of_the_budget():
     largest = budget.largest_pixels
     assert largest % 256 == 0
     assert budget.needs(largest, 1).peak_bytes <= budget.budget_bytes < budget.needs(largest + 256, 1).peak_bytes
-    assert 1.5e6 < largest < 1.7e6  # 10 GiB: the decode's 6,400 bytes a pixel
+    assert 2.5e6 < largest < 2.6e6  # 10 GiB: the decode's 4,096 bytes a pixel
     assert _budget(0).largest_pixels == 0
 
 
@@ -56,15 +56,15 @@ def test_a_render_past_the_budget_is_refused_naming_the_largest_that_fits_at_its
     budget = _budget(10)
     budget.check(1024, 1024)
     with pytest.raises(RenderTooLarge) as caught:
-        budget.check(1920, 1088)
+        budget.check(2560, 1440)
     err = caught.value
     assert err.code == "render_too_large" and err.field == "width"
     assert err.details["available_bytes"] == 10 * GIB and err.details["needed_bytes"] > 10 * GIB
     assert err.details["largest_pixels"] == budget.largest_pixels
-    w, h = budget.largest_at(1920, 1088)
-    assert w % 16 == 0 == h % 16 and w * h <= budget.largest_pixels and abs(w / h - 1920 / 1088) < 0.05
+    w, h = budget.largest_at(2560, 1440)
+    assert w % 16 == 0 == h % 16 and w * h <= budget.largest_pixels and abs(w / h - 2560 / 1440) < 0.05
     budget.check(w, h)
-    assert "a 1920x1088 render needs about 12.6 GiB" in err.message
+    assert "a 2560x1440 render needs about 14.4 GiB" in err.message
     assert f"largest that fits is {w}x{h} at this aspect" in err.message and "(a test's figure)" in err.message
 
 
@@ -87,7 +87,7 @@ def _serve(tmp_path: Path, *args: str, limit_gib: float) -> tuple[subprocess.Pop
 
 @pytest.mark.model
 def test_a_daemon_refuses_a_render_its_memory_cannot_hold_and_keeps_serving(tmp_path):
-    # 2.5 GiB beyond the weights and the 128 MiB of LoRA caches: about 0.4 megapixels
+    # 2.5 GiB beyond the weights and the 128 MiB of LoRA caches: about 0.57 megapixels
     proc, sock = _serve(tmp_path, *SMALL_CACHES, limit_gib=WEIGHTS_GIB + 0.125 + 2.5)
     lines = []
     try:
@@ -97,15 +97,15 @@ def test_a_daemon_refuses_a_render_its_memory_cannot_hold_and_keeps_serving(tmp_
             if "ready on" in line or time.monotonic() > deadline:
                 break
         said = next(line for line in lines if "fit in memory" in line)
-        assert said.startswith("easel: renders up to 0.3") or said.startswith("easel: renders up to 0.4"), lines
+        assert said.startswith("easel: renders up to 0.5"), lines
         assert "EASEL_MEMORY_LIMIT" in said and "less 0.1 GiB the LoRA caches may hold" in said
         with RenderClient(sock) as client:
             client.ping()
             hello = client.hello
-            assert 3e5 < hello.limits.max_pixels < 4.2e5
+            assert 5e5 < hello.limits.max_pixels < 6e5
             with pytest.raises(RenderTooLarge) as caught:
                 client.send_render("a harbour at night", width=1024, height=1024, steps=1, return_bytes=True)
-            assert "a 1024x1024 render needs about 6.4 GiB" in caught.value.message
+            assert "a 1024x1024 render needs about 4.3 GiB" in caught.value.message
             assert caught.value.details["largest_pixels"] == hello.limits.max_pixels
             status = client.status()
             assert status.queue_depth == 0  # refused before it was queued
