@@ -10,9 +10,7 @@ at 1024 with 1 + 1 blocks and 1.36 with 3 + 6 and with 6 + 12 (groups of heads; 
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,10 +18,9 @@ sys.path.insert(0, str(ROOT))  # the project's `daemon`, not bench/daemon.py bes
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="512,1024", help="comma-separated square sizes in pixels")
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    from side_by_side import best_of, parse_sizes
+
+    sizes, repeats = parse_sizes(__doc__, "512,1024")
 
     from daemon.engine.runtime import mx  # first: it loads the optimised BLAS before MLX  # isort: skip
     import numpy as np
@@ -35,21 +32,15 @@ def main() -> None:
 
     model = load_model("tiny")
     transformer = model.flux.transformer
-    ways = {"mflux": attention._mflux_attention, "groups": attention.compute_attention}
 
-    def run(way, config, inputs) -> tuple[float, int, np.ndarray]:
+    def step(way, config, inputs):
         AttentionUtils.compute_attention = staticmethod(way)
-        mx.reset_peak_memory()
-        before = mx.get_active_memory()
-        t0 = time.perf_counter()
-        out = transformer(t=0, config=config, **inputs)
-        mx.eval(out)
-        return time.perf_counter() - t0, mx.get_peak_memory() - before, np.array(out)
+        return transformer(t=0, config=config, **inputs)
 
     print(f"{'size':>6} {'tokens':>7} {'way':<7} {'peak GiB':>9} {'time s':>8}")
     last = None
     try:
-        for px in (int(s) for s in args.sizes.split(",")):
+        for px in sizes:
             rng = np.random.default_rng(px)
             config = Config(model.flux.model_config, num_inference_steps=2, height=px, width=px, guidance=3.5)
             text = model.preset.text_tokens
@@ -59,13 +50,11 @@ def main() -> None:
                 "pooled_prompt_embeds": mx.array(rng.standard_normal((1, 768)).astype(np.float32)),
             }
             mx.eval(inputs)
-            best: dict[str, tuple[float, int]] = {}
-            outs: dict[str, np.ndarray] = {}
-            for _ in range(args.repeats):
-                for name, way in ways.items():
-                    seconds, peak, outs[name] = run(way, config, inputs)
-                    t, p = best.get(name, (float("inf"), 0))
-                    best[name] = (min(t, seconds), max(p, peak))
+            ways = {
+                "mflux": lambda c=config, i=inputs: step(attention._mflux_attention, c, i),
+                "groups": lambda c=config, i=inputs: step(attention.compute_attention, c, i),
+            }
+            best, outs = best_of(ways, repeats)
             tokens = (px // 16) ** 2 + text
             for name, (seconds, peak) in best.items():
                 print(f"{px:>6} {tokens:>7} {name:<7} {peak / 2**30:>9.2f} {seconds:>8.2f}")

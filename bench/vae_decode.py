@@ -10,9 +10,7 @@ mflux's decode on a CPU: ask for it with `--sizes 256,512,1024` on a machine tha
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,10 +18,9 @@ sys.path.insert(0, str(ROOT))  # the project's `daemon`, not bench/daemon.py bes
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="256,512", help="comma-separated square sizes in pixels")
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    from side_by_side import best_of, parse_sizes
+
+    sizes, repeats = parse_sizes(__doc__, "256,512")
 
     from daemon.engine.runtime import mx  # first: it loads the optimised BLAS before MLX  # isort: skip
     import numpy as np
@@ -33,29 +30,17 @@ def main() -> None:
     from daemon.engine.model import load_model
 
     vae = load_model("tiny").flux.vae
-    ways = {"whole": VAE.decode, "strips": vae_decode.decode}
-
-    def run(decode, latents) -> tuple[float, int, np.ndarray]:
-        mx.reset_peak_memory()
-        before = mx.get_active_memory()
-        t0 = time.perf_counter()
-        out = decode(vae, latents)
-        mx.eval(out)
-        return time.perf_counter() - t0, mx.get_peak_memory() - before, np.array(out)
-
     print(f"{'size':>6} {'way':<7} {'peak GiB':>9} {'time s':>8}")
     last = None
-    for px in (int(s) for s in args.sizes.split(",")):
+    for px in sizes:
         rng = np.random.default_rng(px)
         latents = mx.array(rng.standard_normal((1, 16, px // 8, px // 8)).astype(np.float32))
         mx.eval(latents)
-        best: dict[str, tuple[float, int]] = {}
-        pixels: dict[str, np.ndarray] = {}
-        for _ in range(args.repeats):
-            for name, decode in ways.items():
-                seconds, peak, pixels[name] = run(decode, latents)
-                t, p = best.get(name, (float("inf"), 0))
-                best[name] = (min(t, seconds), max(p, peak))
+        ways = {
+            "whole": lambda z=latents: VAE.decode(vae, z),  # the class's own, past the installed decode
+            "strips": lambda z=latents: vae_decode.decode(vae, z),
+        }
+        best, pixels = best_of(ways, repeats)
         for name, (seconds, peak) in best.items():
             print(f"{px:>6} {name:<7} {peak / 2**30:>9.2f} {seconds:>8.2f}")
         same = bool(np.array_equal(pixels["whole"], pixels["strips"]))
