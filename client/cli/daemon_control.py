@@ -109,7 +109,8 @@ def status_command(socket_path, as_json, timeout) -> None:
 def _where(j: JobInfo) -> str:
     """A listed job's progress: a gateway lists the renders its replicas run beside those still waiting."""
     if j.state == "running":
-        return f"running, step {j.step or 0}/{j.steps}"
+        left = "" if j.estimated_finish_s is None else f", done~{j.estimated_finish_s:.1f}s"
+        return f"running, step {j.step or 0}/{j.steps}{left}"
     start = "?" if j.estimated_start_s is None else f"{j.estimated_start_s:.1f}s"
     finish = "?" if j.estimated_finish_s is None else f"{j.estimated_finish_s:.1f}s"
     return f"start~{start} done~{finish}"

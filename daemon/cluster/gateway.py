@@ -84,6 +84,10 @@ class ClusterJob:
     state: str = "queued"  # queued | running | done
     shape: Shape = field(default_factory=lambda: Shape("", 0, 0, 0))
     step: int | None = None
+    forecast: Estimate | None = None  # the replica's last estimate while it queued the job there
+    forecast_at: float = 0.0  # when that estimate came (monotonic)
+    elapsed_s: float = 0.0  # the render's seconds at its last step, as the replica measured them
+    step_at: float = 0.0  # when that step's progress came (monotonic)
     replica: str | None = None
     replicas: list[str] = field(default_factory=list)  # every replica that took it, in order
     attempts: int = 0
@@ -96,6 +100,30 @@ class ClusterJob:
     stream: Any = None  # the DeploymentResponseGenerator of the attempt in flight
     span: Any = None
     expiry: asyncio.TimerHandle | None = None
+
+
+def _estimates(job: ClusterJob, times: dict[tuple, StepTime], now: float) -> dict[str, float | None]:
+    """A forwarded job's estimated start and finish, in seconds from now: a queued one's from the last
+    estimate its replica sent (less the time since); a running one's finish from the replica's step time
+    at its size (or, before the replica reports one, the pace of its steps so far). Unknown: None."""
+    if job.state == "running":
+        if not job.step:
+            return {"estimated_start_s": 0.0, "estimated_finish_s": None}
+        since = now - job.step_at
+        t = times.get((job.shape.preset, job.shape.width, job.shape.height))
+        if t is not None:
+            left = t.step_s * job.shape.steps + t.overhead_s - job.elapsed_s - since
+        else:
+            left = job.elapsed_s / job.step * (job.shape.steps - job.step) - since
+        return {"estimated_start_s": 0.0, "estimated_finish_s": max(0.0, left)}
+    if job.forecast is None:
+        return {"estimated_start_s": None, "estimated_finish_s": None}
+    since = now - job.forecast_at
+    start, finish = job.forecast.start_s, job.forecast.finish_s
+    return {
+        "estimated_start_s": None if start is None else max(0.0, start - since),
+        "estimated_finish_s": None if finish is None else max(0.0, finish - since),
+    }
 
 
 class _Queue:
@@ -264,7 +292,7 @@ class ClusterRunner:
                             replicas=job.replicas,
                         ) from exc
                     self.retries += 1
-                    job.state, job.step = "queued", None
+                    job.state, job.step, job.forecast = "queued", None, None
         except asyncio.CancelledError:
             self._fail(job, job.reason or Cancelled(f"render cancelled at step {job.step or 0}", step=job.step or 0))
         except EaselError as err:
@@ -379,6 +407,7 @@ class ClusterRunner:
             job.span.set_attribute("easel.replica.id", event[1])
         elif kind in ("queued", "queue_update"):
             estimate = Estimate(event[2], event[3])
+            job.forecast, job.forecast_at = estimate, time.monotonic()
             if kind == "queued" and job.attempts == 1:
                 tell(listener.queued, job, event[1], estimate)
             else:
@@ -389,7 +418,7 @@ class ClusterRunner:
             if job.attempts == 1:
                 tell(listener.started, job)
         elif kind == "progress":
-            job.step = event[1]
+            job.step, job.elapsed_s, job.step_at = event[1], event[3], time.monotonic()
             tell(listener.progress, job, event[1], event[2], event[3])
         elif kind in ("suspended", "resumed"):
             tell_optional(job, kind, event[1], event[2])
@@ -460,6 +489,7 @@ class ClusterRunner:
                 stack=[f"{p}@{s:g}" for p, s in zip(j.request.lora_paths, j.request.lora_scales, strict=True)],
                 waited_s=(j.started_at or now) - j.enqueued_at,
                 step=j.step,
+                **_estimates(j, times, now),
             )
             for j in self.jobs.values()
         ]

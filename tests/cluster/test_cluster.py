@@ -115,6 +115,7 @@ def test_easel_cancel_through_the_gateway_stops_another_clients_job_by_the_id_st
             res = await asyncio.to_thread(CliRunner().invoke, cli, ["status", "--socket", socket])
             listed = [line.split() for line in res.output.splitlines() if line.strip().startswith(f"{job} ")]
             assert len(listed) == 1 and listed[0][4:6] == ["running,", "step"], res.output  # not start~? done~?
+            assert listed[0][-1].startswith("done~") and listed[0][-1] != "done~?", res.output  # it has stepped
             res = await asyncio.to_thread(CliRunner().invoke, cli, ["cancel", job, "--socket", socket])
             assert res.exit_code == 0, res.output
             assert res.output.strip() == f"{job}: cancelled (it stops at its next step)"
