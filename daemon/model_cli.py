@@ -58,9 +58,18 @@ _quantize = click.option("--quantize", type=click.Choice(["4", "8"]), default=No
 def info_command(path: str, preset: str, transformer: str | None, quantize: str | None, as_json: bool) -> None:
     """What PATH is, what loading it would hold in memory, and whether it fits: headers only, no weights read."""
     import daemon.engine  # noqa: F401  (BLAS before MLX)
+    from daemon.config import ServiceConfig
+    from daemon.engine.checkpoint.estimate import Beside
     from daemon.engine.checkpoint.load import plan_load
+    from daemon.engine.presets import get_preset
 
-    plan = plan_load(_source(path, transformer), _config(preset), quantize=int(quantize) if quantize else None)
+    serve = ServiceConfig()  # what `easel serve` keeps beside the weights by default
+    beside = Beside(
+        serve.lora_cache_bytes + serve.resident_stack_bytes, get_preset(preset).text_tokens, serve.limits.min_size
+    )
+    plan = plan_load(
+        _source(path, transformer), _config(preset), quantize=int(quantize) if quantize else None, beside=beside
+    )
     summary = plan.summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -81,11 +90,16 @@ def info_command(path: str, preset: str, transformer: str | None, quantize: str 
             f"resident as {summary['dtype']}: {describe_byte_size(by['None'])}; 8-bit {describe_byte_size(by['8'])}; "
             f"4-bit {describe_byte_size(by['4'])}"
         )
-    click.echo(f"{weights} (rendering needs 1 GiB more, and a tenth of the weights)")
+    click.echo(
+        f"{weights}; beside them `easel serve` keeps {describe_byte_size(summary['held_bytes'])} for its LoRA caches "
+        f"by default and {describe_byte_size(summary['render_bytes'])} for its smallest render"
+    )
     verdict = "fits" if summary["fits"] else "does NOT fit"
+    largest = summary["largest_pixels"]
+    sizes = f", renders up to {largest / 1e6:.2f} megapixels" if summary["fits"] else ""
     click.echo(
         f"this load ({_bits(summary['quantization'])}) needs {describe_byte_size(summary['needed_bytes'])}; "
-        f"{describe_byte_size(summary['available_bytes'])} available: {verdict}"
+        f"{describe_byte_size(summary['available_bytes'])} available: {verdict}{sizes}"
     )
 
 

@@ -180,7 +180,9 @@ def admit_render(
 
 
 def _check_renders_fit(memory: RenderBudget | None, config: ServiceConfig) -> None:
-    """Refuse to serve (ModelTooLarge) when not even the smallest render fits beside the model."""
+    """Refuse to serve (ModelTooLarge) when not even the smallest render fits beside the model. The load
+    estimated as much before reading a weight; this is measured once loaded (others may have taken memory
+    meanwhile)."""
     size = config.limits.min_size
     if memory is None or memory.needs(size, size).peak_bytes <= memory.budget_bytes:
         return
@@ -255,6 +257,8 @@ class RenderService:
             transformer=config.transformer_path,
             quantize=config.quantize,
             force=config.force_load,
+            held_bytes=config.lora_cache_bytes + config.resident_stack_bytes,
+            min_side=config.limits.min_size,
         )
         cache = LoraCache(config.lora_cache_bytes, content_hash=config.lora_content_hash)
         resident = ResidentStacks(config.resident_stack_bytes)

@@ -107,7 +107,8 @@ class ModelVersionMismatch(ModelLoadError):
 
 
 class ModelTooLarge(ModelLoadError):
-    """The model would not fit in the memory available; `--quantize` or `--force` are the ways on."""
+    """The model would leave no room in the memory available for its LoRA caches' bounds and the smallest
+    render; `--quantize`, smaller caches or `--force` are the ways on."""
 
     code = "model_too_large"
 

@@ -240,11 +240,16 @@ def load_model(
     transformer: str | os.PathLike[str] | None = None,
     quantize: int | None = None,
     force: bool = False,
+    held_bytes: int = 0,
+    min_side: int = 64,
 ) -> LoadedModel:
     """Load a preset through the one checkpoint loader: real presets from local weights only (WeightsNotFound
-    says where it looked), `tiny` from the miniature checkpoint in easel's cache (written on first use)."""
+    says where it looked), `tiny` from the miniature checkpoint in easel's cache (written on first use).
+    Before reading a weight, ModelTooLarge unless the weights leave room for `held_bytes` of LoRA caches and a
+    `min_side` x `min_side` render (or `force`)."""
     from mflux.models.common.config.model_config import ModelConfig
 
+    from daemon.engine.checkpoint.estimate import Beside
     from daemon.engine.checkpoint.load import load_checkpoint
     from daemon.engine.checkpoint.source import resolve_source
 
@@ -264,6 +269,7 @@ def load_model(
         force=force,
         t5_max_length=preset.t5_max_length,
         what=f"preset {preset.name} from {root}" + (f" at {quantize} bits" if quantize else ""),
+        beside=Beside(held_bytes, preset.text_tokens, min_side),
     )
     model = LoadedModel(preset, loaded, time.perf_counter() - t0)
     log.info(

@@ -75,6 +75,10 @@ def test_model_info_estimate_equals_what_the_daemon_holds(hf_image, hf_root):
     assert summary["resident_bytes"] == hf_image[1].resident_bytes
     by = summary["resident_bytes_by_quantization"]
     assert by["4"] < by["8"] < by["None"] / 2
+    # beside the weights: `easel serve`'s default LoRA cache bounds and its smallest (64x64) render
+    assert summary["held_bytes"] == 4 * 2**30 and 0.3 * 2**30 < summary["render_bytes"] < 0.4 * 2**30
+    assert summary["needed_bytes"] == summary["resident_bytes"] + summary["held_bytes"] + summary["render_bytes"]
+    assert summary["largest_pixels"] > 0 if summary["fits"] else summary["largest_pixels"] >= 0
 
 
 def test_mflux_saved_layout_renders_the_identical_image(hf_image, tmp_path):
@@ -336,9 +340,14 @@ def test_quantized_folder_of_another_mflux_version_is_model_version_mismatch(hf_
 
 
 def test_model_that_does_not_fit_is_model_too_large_with_the_quantization_that_would(hf_root, tmp_path):
-    # 4.5 GiB for the daemon: fp32 needs 3.7 + 1.4 GiB, 8-bit 1.3 + 1.1 GiB.
-    line = _serve_refuses(tmp_path, hf_root, env={"EASEL_MEMORY_LIMIT": "4.5G"})
-    assert line.startswith("easel: model_too_large: ") and "--quantize 8" in line and "--force" in line
+    # 3.9 GiB for the daemon, and beside the weights 0.125 GiB of LoRA caches and 0.33 GiB for a 64x64
+    # render: fp32 needs 3.72 GiB of weights (4.2 in all), 8-bit 1.27 (1.7)
+    caches = ("--lora-cache-bytes", str(64 << 20), "--resident-stack-bytes", str(64 << 20))
+    line = _serve_refuses(tmp_path, hf_root, *caches, env={"EASEL_MEMORY_LIMIT": "3.9G"})
+    assert line.startswith("easel: model_too_large: preset tiny from ") and "needs 4.2 GiB" in line, line
+    assert "(3.7 GiB of weights, 0.1 GiB the LoRA caches may hold, 0.3 GiB for a 64x64 render)" in line
+    assert "--quantize 8 would need 1.7 GiB" in line and "--force" in line
+    assert "--lora-cache-bytes" not in line  # without any caches it would not fit either
 
 
 def test_single_safetensors_file_as_model_path_says_what_else_is_needed(tmp_path):

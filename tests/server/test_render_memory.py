@@ -124,13 +124,36 @@ def test_a_daemon_refuses_a_render_its_memory_cannot_hold_and_keeps_serving(tmp_
 
 
 @pytest.mark.model
-def test_a_daemon_whose_caches_leave_no_room_to_render_refuses_to_start(tmp_path):
-    """The load itself fits (weights and its headroom: 5.1 GiB), but the LoRA caches' default bounds (2 GiB
-    each) would take every byte a render needs: better said at start than as every render refused."""
+def test_a_daemon_whose_caches_leave_no_room_to_render_refuses_before_loading(tmp_path):
+    """The weights alone fit (3.72 GiB of 5.22), but the LoRA caches' default bounds (2 GiB each) would take
+    every byte a render needs: said before the weights are read, with what would fit instead."""
     proc, sock = _serve(tmp_path, limit_gib=WEIGHTS_GIB + 1.5)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 1, out
     line = out.strip().splitlines()[-1]
-    assert line.startswith("easel: model_too_large: the model loaded, but not even a 64x64 render fits"), line
-    assert "--lora-cache-bytes" in line and "--force" in line
+    assert line.startswith("easel: model_too_large: preset tiny from "), line
+    assert "4.0 GiB the LoRA caches may hold" in line and "and 5.2 GiB is available" in line
+    # 4-bit weights (0.84 GiB) leave room for the caches; so do caches of 5.22 - 3.72 - 0.33 GiB
+    assert "--quantize 4 would need 5.2 GiB; or --lora-cache-bytes and --resident-stack-bytes of 1.2 GiB" in line
+    assert "loaded from" not in out  # no weight was read
     assert not sock.exists()
+
+
+def test_a_loaded_model_without_room_for_the_smallest_render_is_model_too_large():
+    """Measured once loaded (the memory may have gone elsewhere since the estimate): serving a daemon that
+    would refuse every render is refused instead, naming what to change."""
+    from client.wire.errors import ModelTooLarge
+    from daemon.config import ServiceConfig
+    from daemon.service import _check_renders_fit
+
+    need = render_memory(64 * 64, text_tokens=128).peak_bytes
+    roomy = RenderBudget(budget_bytes=need, text_tokens=128, itemsize=4, how="test")
+    _check_renders_fit(roomy, ServiceConfig())
+    _check_renders_fit(None, ServiceConfig())  # unchecked (--force, a CUDA GPU)
+    tight = RenderBudget(budget_bytes=need - 1, text_tokens=128, itemsize=4, how="EASEL_MEMORY_LIMIT 5.0 GiB")
+    with pytest.raises(ModelTooLarge) as caught:
+        _check_renders_fit(tight, ServiceConfig())
+    message = caught.value.message
+    assert message.startswith("the model loaded, but not even a 64x64 render fits beside it"), message
+    assert "(EASEL_MEMORY_LIMIT 5.0 GiB)" in message and "--lora-cache-bytes" in message and "--force" in message
+    assert caught.value.details == {"needed_bytes": need, "available_bytes": need - 1}

@@ -1,9 +1,11 @@
 """Before a byte of weights is read: how much memory the model will hold, and whether this machine has it.
 
 The estimate is exact for the weights: it sums the parameters of the modules as they will be (built
-lazily, quantized structure included) at the dtype they will hold; activations come on top and are
-covered by a fixed headroom. The memory available is the operating system's figure (psutil), which on
-Apple silicon is the unified memory the GPU shares.
+lazily, quantized structure included) at the dtype they will hold. Beside them a daemon needs room for
+the LoRA caches' bounds, which they may fill at any time, and for the smallest render it serves
+(daemon/render_memory.py): the same test the loaded daemon makes with the memory it then measures, made
+before a load that could take minutes. The memory available is the operating system's figure (psutil),
+which on Apple silicon is the unified memory the GPU shares.
 """
 
 from __future__ import annotations
@@ -18,17 +20,19 @@ from client import env
 from client.wire.errors import ModelTooLarge
 from daemon.engine.checkpoint.parts import QUANT_GROUP_SIZE, quantizable
 from daemon.engine.runtime import compute_dtype, mx
-from daemon.render_memory import RenderBudget
+from daemon.render_memory import RenderBudget, render_memory
 
 GIB = 1 << 30
-# A render's working set on top of the weights (activations, the prompt cache, the LoRA side path): 1 GiB plus
-# a tenth of the weights, which grow with the activations they produce (4.1 GiB for dev at bf16).
-HEADROOM_BASE = 1 << 30
-HEADROOM_SHARE = 0.10
 
 
-def headroom(weights_bytes: int) -> int:
-    return HEADROOM_BASE + int(HEADROOM_SHARE * weights_bytes)
+@dataclass(frozen=True)
+class Beside:
+    """What the weights must leave room for: the LoRA caches' bounds (`held_bytes`) and a `side` x `side`
+    render with prompts of `text_tokens` tokens (the smallest a daemon serves)."""
+
+    held_bytes: int = 0
+    text_tokens: int = 512
+    side: int = 64
 
 
 def resident_bytes(modules: list[nn.Module], *, itemsize: int, bits: int | None) -> int:
@@ -52,17 +56,42 @@ class MemoryPlan:
     weights_bytes: int
     available_bytes: int
     by_bits: dict[int | None, int]  # the same model at fp / 8 / 4 bits
+    beside: Beside = Beside()
+    itemsize: int = 4  # bytes of an activation (the compute dtype's)
+
+    @property
+    def render_bytes(self) -> int:
+        side = self.beside.side
+        return render_memory(side * side, text_tokens=self.beside.text_tokens, itemsize=self.itemsize).peak_bytes
 
     @property
     def needed_bytes(self) -> int:
-        return self.weights_bytes + headroom(self.weights_bytes)
+        return self.weights_bytes + self.beside.held_bytes + self.render_bytes
 
     def needed_at(self, bits: int | None) -> int:
-        return self.by_bits[bits] + headroom(self.by_bits[bits])
+        return self.by_bits[bits] + self.beside.held_bytes + self.render_bytes
 
     @property
     def fits(self) -> bool:
         return self.needed_bytes <= self.available_bytes
+
+    def budget(self) -> RenderBudget:
+        """The renders that would fit once loaded, by this estimate (the daemon measures again then)."""
+        return RenderBudget(
+            budget_bytes=max(0, self.available_bytes - self.weights_bytes - self.beside.held_bytes),
+            text_tokens=self.beside.text_tokens,
+            itemsize=self.itemsize,
+            how="estimated before loading",
+        )
+
+    def describe_needs(self) -> str:
+        held = self.beside.held_bytes
+        caches = f", {held / GIB:.1f} GiB the LoRA caches may hold" if held else ""
+        side = self.beside.side
+        return (
+            f"{self.weights_bytes / GIB:.1f} GiB of weights{caches}, {self.render_bytes / GIB:.1f} GiB for a "
+            f"{side}x{side} render"
+        )
 
 
 def available_bytes() -> int:
@@ -73,21 +102,24 @@ def available_bytes() -> int:
 
 
 def check_fits(plan: MemoryPlan, *, what: str, bits: int | None, force: bool) -> None:
+    """Refuse (ModelTooLarge) a load that would leave no room for the smallest render, naming what would fit:
+    a lower quantization, smaller LoRA caches, or both."""
     if plan.fits or force:
         return
-    options = [b for b in (8, 4) if (bits is None or b < bits) and plan.needed_at(b) <= plan.available_bytes]
-    advice = (
-        f"--quantize {options[0]} would need {plan.needed_at(options[0]) / GIB:.1f} GiB"
-        if options
-        else f"no quantization easel offers fits either (4-bit needs {plan.needed_at(4) / GIB:.1f} GiB)"
-    )
+    room = plan.available_bytes
+    options = [b for b in (8, 4) if (bits is None or b < bits) and plan.needed_at(b) <= room]
+    advice = [f"--quantize {options[0]} would need {plan.needed_at(options[0]) / GIB:.1f} GiB"] if options else []
+    held = plan.beside.held_bytes
+    if held and plan.needed_bytes - held <= room:
+        spare = room - (plan.needed_bytes - held)
+        advice.append(f"--lora-cache-bytes and --resident-stack-bytes of {spare / GIB:.1f} GiB between them would fit")
+    if not advice:
+        advice.append(f"no quantization easel offers fits either (4-bit needs {plan.needed_at(4) / GIB:.1f} GiB)")
     raise ModelTooLarge(
-        f"{what} needs {plan.needed_bytes / GIB:.1f} GiB ({plan.weights_bytes / GIB:.1f} GiB of weights + "
-        f"{headroom(plan.weights_bytes) / GIB:.1f} GiB to render) and {plan.available_bytes / GIB:.1f} GiB is "
-        "available: "
-        f"{advice}; --force loads it anyway",
+        f"{what} needs {plan.needed_bytes / GIB:.1f} GiB ({plan.describe_needs()}) and {room / GIB:.1f} GiB is "
+        f"available: {'; or '.join(advice)}; --force loads it anyway",
         needed_bytes=plan.needed_bytes,
-        available_bytes=plan.available_bytes,
+        available_bytes=room,
         suggested_quantize=options[0] if options else None,
     )
 

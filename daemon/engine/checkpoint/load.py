@@ -19,7 +19,7 @@ from mlx import nn
 
 from client.wire.errors import ModelLoadError, ModelPartMissing, ModelVersionMismatch
 from daemon.engine import attention, vae_decode
-from daemon.engine.checkpoint.estimate import MemoryPlan, available_bytes, check_fits, resident_bytes
+from daemon.engine.checkpoint.estimate import Beside, MemoryPlan, available_bytes, check_fits, resident_bytes
 from daemon.engine.checkpoint.parts import PreparedPart, prepare_part
 from daemon.engine.checkpoint.source import PARTS, CheckpointSource, check_tokenizers
 from daemon.engine.runtime import configure_mflux_precision, mx
@@ -144,6 +144,9 @@ class LoadPlan:
             "resident_bytes": self.memory.weights_bytes,
             "resident_bytes_by_quantization": {str(b): n for b, n in self.memory.by_bits.items()},
             "needed_bytes": self.memory.needed_bytes,
+            "held_bytes": self.memory.beside.held_bytes,
+            "render_bytes": self.memory.render_bytes,
+            "largest_pixels": self.memory.budget().largest_pixels,
             "available_bytes": self.memory.available_bytes,
             "fits": self.memory.fits,
         }
@@ -157,8 +160,11 @@ def load_streams() -> list:
     return [mx.default_stream(device)] + [mx.new_stream(device) for _ in range(min(2, os.cpu_count() or 1) - 1)]
 
 
-def plan_load(source: CheckpointSource, model_config: ModelConfig, *, quantize: int | None = None) -> LoadPlan:
-    """Every check that needs no weight data: names, shapes, depth, version, the memory it will take."""
+def plan_load(
+    source: CheckpointSource, model_config: ModelConfig, *, quantize: int | None = None, beside: Beside | None = None
+) -> LoadPlan:
+    """Every check that needs no weight data: names, shapes, depth, version, the memory it will take (the
+    weights, and `beside` them the LoRA caches and the smallest render)."""
     t0 = time.perf_counter()
     dtype = configure_mflux_precision()
     bits = check_request(source, quantize)
@@ -169,7 +175,7 @@ def plan_load(source: CheckpointSource, model_config: ModelConfig, *, quantize: 
     stored = source.stored_bits is not None
     by_bits = {b: resident_bytes(modules, itemsize=itemsize, bits=None if stored else b) for b in (None, 8, 4)}
     weights = by_bits[None if stored else bits]
-    memory = MemoryPlan(weights, available_bytes(), by_bits)
+    memory = MemoryPlan(weights, available_bytes(), by_bits, beside or Beside(), itemsize)
     return LoadPlan(source, model_config, dtype, bits, prepared, memory, time.perf_counter() - t0)
 
 
@@ -181,8 +187,9 @@ def load_checkpoint(
     force: bool = False,
     t5_max_length: int | None = None,
     what: str = "this model",
+    beside: Beside | None = None,
 ) -> LoadedCheckpoint:
-    plan = plan_load(source, model_config, quantize=quantize)
+    plan = plan_load(source, model_config, quantize=quantize, beside=beside)
     check_fits(plan.memory, what=what, bits=plan.bits, force=force)
     check_tokenizers(source.tokenizer_root)
     t0 = time.perf_counter()
