@@ -19,6 +19,7 @@ Activations scale with the compute dtype: half as much at bf16 (a GPU's) as at f
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -73,9 +74,10 @@ class RenderBudget:
     def needs(self, width: int, height: int) -> RenderMemory:
         return render_memory(width * height, text_tokens=self.text_tokens, itemsize=self.itemsize)
 
-    @property
+    @functools.cached_property
     def largest_pixels(self) -> int:
-        """The most pixels a render may have (a multiple of 256: whole latent patches); 0 when none fits."""
+        """The most pixels a render may have (a multiple of 256: whole latent patches); 0 when none fits.
+        Searched once: every status, greeting and refusal reads it."""
         fits = lambda n: self.needs(n * PIXELS_PER_TOKEN, 1).peak_bytes <= self.budget_bytes  # noqa: E731
         lo, hi = 0, 1
         while fits(hi):
