@@ -102,6 +102,15 @@ class ClusterJob:
     expiry: asyncio.TimerHandle | None = None
 
 
+def _step_times(replicas: list[ReplicaStatus]) -> dict[tuple, StepTime]:
+    """(preset, width, height) -> a step time some replica measured there."""
+    times: dict[tuple, StepTime] = {}
+    for r in replicas:
+        for t in r.step_times:
+            times.setdefault((t.preset, t.width, t.height), t)
+    return times
+
+
 def _estimates(job: ClusterJob, times: dict[tuple, StepTime], now: float) -> dict[str, float | None]:
     """A forwarded job's estimated start and finish, in seconds from now: a queued one's from the last
     estimate its replica sent (less the time since); a running one's finish from the replica's step time
@@ -462,37 +471,48 @@ class ClusterRunner:
                 self._snapshot = await asyncio.wait_for(asyncio.wrap_future(self.board.snapshot.remote().future()), 5)
         return self._snapshot
 
-    def replica_statuses(self) -> list[ReplicaStatus]:
+    def _reports(self) -> list[ReplicaStatus]:
         out = []
         for age, snap in self._snapshot.get("replicas", {}).values():
             status = msgspec.convert(snap["status"], ReplicaStatus)
             out.append(msgspec.structs.replace(status, report_age_s=age))
         return sorted(out, key=lambda r: r.replica)
 
+    def replica_statuses(self) -> list[ReplicaStatus]:
+        """Each replica as it last reported itself, except the render it runs for this gateway: that one as
+        the gateway knows it now (its step from the last progress, not the last report) and by the job id
+        this gateway's `status` lists and `cancel` takes."""
+        reports = self._reports()
+        now, times = time.monotonic(), _step_times(reports)
+        running = {j.replica: j for j in self.jobs.values() if j.state == "running" and j.replica is not None}
+        return [
+            r
+            if r.replica not in running
+            else msgspec.structs.replace(r, in_flight=self._job_info(running[r.replica], times, now))
+            for r in reports
+        ]
+
+    def _job_info(self, j: ClusterJob, times: dict[tuple, StepTime], now: float) -> JobInfo:
+        return JobInfo(
+            job=j.job_id,
+            request_id=j.request.id,
+            priority=j.request.priority,
+            state=j.state,
+            width=j.shape.width or (j.request.width or 0),
+            height=j.shape.height or (j.request.height or 0),
+            steps=j.shape.steps or (j.request.steps or 0),
+            stack=[f"{p}@{s:g}" for p, s in zip(j.request.lora_paths, j.request.lora_scales, strict=True)],
+            waited_s=(j.started_at or now) - j.enqueued_at,
+            step=j.step,
+            **_estimates(j, times, now),
+        )
+
     def status(self) -> RunnerStatus:
         now = time.monotonic()
-        replicas = self.replica_statuses()
+        replicas = self._reports()
         snaps = [snap for _, snap in self._snapshot.get("replicas", {}).values()]
-        times: dict[tuple, StepTime] = {}
-        for r in replicas:
-            for t in r.step_times:
-                times.setdefault((t.preset, t.width, t.height), t)
-        queue = [
-            JobInfo(
-                job=j.job_id,
-                request_id=j.request.id,
-                priority=j.request.priority,
-                state=j.state,
-                width=j.shape.width or (j.request.width or 0),
-                height=j.shape.height or (j.request.height or 0),
-                steps=j.shape.steps or (j.request.steps or 0),
-                stack=[f"{p}@{s:g}" for p, s in zip(j.request.lora_paths, j.request.lora_scales, strict=True)],
-                waited_s=(j.started_at or now) - j.enqueued_at,
-                step=j.step,
-                **_estimates(j, times, now),
-            )
-            for j in self.jobs.values()
-        ]
+        times = _step_times(replicas)
+        queue = [self._job_info(j, times, now) for j in self.jobs.values()]
         return RunnerStatus(
             preset=next((s["preset"] for s in snaps), self.config.preset),
             warm=any(s["warm"] for s in snaps),
@@ -519,7 +539,7 @@ class ClusterRunner:
     def max_pixels(self) -> int:
         """The gateway's limit, or the smallest a replica reported (its memory): a render larger than that
         could land on a replica that refuses it."""
-        reported = [r.max_pixels for r in self.replica_statuses() if r.max_pixels is not None]
+        reported = [r.max_pixels for r in self._reports() if r.max_pixels is not None]
         return min([self.config.limits.max_pixels, *reported])
 
 

@@ -116,6 +116,9 @@ def test_easel_cancel_through_the_gateway_stops_another_clients_job_by_the_id_st
             listed = [line.split() for line in res.output.splitlines() if line.strip().startswith(f"{job} ")]
             assert len(listed) == 1 and listed[0][4:6] == ["running,", "step"], res.output  # not start~? done~?
             assert listed[0][-1].startswith("done~") and listed[0][-1] != "done~?", res.output  # it has stepped
+            # its replica's line names it by the same id (the replica's own differs), at a step it has reached
+            (replica,) = [line for line in res.output.splitlines() if f"rendering {job} step " in line]
+            assert replica.startswith("replica ") and int(replica.split(f"rendering {job} step ")[1].split("/")[0]) >= 1
             res = await asyncio.to_thread(CliRunner().invoke, cli, ["cancel", job, "--socket", socket])
             assert res.exit_code == 0, res.output
             assert res.output.strip() == f"{job}: cancelled (it stops at its next step)"
