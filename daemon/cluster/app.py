@@ -45,6 +45,9 @@ def init(address: str | None = None, **kwargs: Any) -> None:
     None (kwargs go to ray.init, e.g. num_cpus). Idempotent within a process."""
     if ray.is_initialized():
         return
+    # Serve's driver-side INFO lines would say "ready at http://127.0.0.1:8000" with no HTTP proxy started and
+    # "new http_options will not be applied" on every deploy: easel says what it started itself.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     missing = missing_token()
     if missing is not None:
         raise ClusterUnavailable(missing, address=address)

@@ -591,6 +591,15 @@ def test_cluster_up_deploys_onto_the_ray_cluster_running_here_after_checking_its
     assert cluster.board()["replicas"].keys() == before  # nothing redeployed
 
 
+def test_the_driver_keeps_serves_info_lines_to_itself(cluster):
+    """`easel cluster up` printed Serve's INFO lines, one saying the application was "ready at
+    http://127.0.0.1:8000" when no HTTP proxy had been started: a driver that joined through easel hears
+    Serve's warnings only, and easel says what it started."""
+    import logging
+
+    assert logging.getLogger("ray.serve").getEffectiveLevel() == logging.WARNING
+
+
 def test_a_replica_killed_mid_batch_loses_nothing(cluster):
     """`easel batch --cluster`: the batch runs through the `cluster` renderer (entry point) with 4 renders in
     flight; a replica is killed while it renders; every item is rendered exactly once, the manifest is whole."""
