@@ -226,7 +226,8 @@ MEMORY_LIMIT: EnvVar[int | None] = _register(
         "forced, and so is a render whose size would not fit beside the model (`render_too_large`). Set it below "
         "the machine's free memory to leave room for a game.",
         values="bytes, or with K/M/G/T (e.g. `12G`)",
-        default_doc="the memory the system reports available",
+        default_doc="the memory the system reports available (split evenly between the replicas `easel cluster up` "
+        "starts on one machine)",
         read_by=DAEMON,
     )
 )

@@ -82,6 +82,22 @@ def check_room(cpus: float, gpus: float) -> None:
         )
 
 
+def alive_nodes() -> int:
+    """The machines of the joined cluster."""
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def memory_share(replicas: int, *, nodes: int, available: int, limit_set: bool) -> int | None:
+    """What each replica may use (its EASEL_MEMORY_LIMIT) when all of them share one machine: the memory
+    the machine has available, split evenly. A replica measures what is free when it loads, so without a
+    share the first would count memory the second then takes, and each would admit renders the two together
+    cannot hold. None where EASEL_MEMORY_LIMIT was set, there is one replica, or the cluster has other
+    machines (where Serve places each replica is its own choice)."""
+    if limit_set or nodes != 1 or replicas < 2:
+        return None
+    return available // replicas
+
+
 def missing_token(environ: Mapping[str, str] | None = None) -> str | None:
     """Why Ray cannot start or join a cluster here, when token authentication is on (RAY_AUTH_MODE=token)
     and this machine has no token: Ray itself would fail with a traceback, after starting nothing. None

@@ -218,16 +218,36 @@ def up_command(
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
         n = stacks_per_replica or app.stacks_for(config, stack_bytes)
+        env_vars = _memory_shares(replicas)
         click.echo(f"easel: deploying {replicas} replica(s) of {config.preset} ({n} stacks each) ...")
         app.deploy(
             config, replicas=replicas, stacks_per_replica=n, num_cpus=num_cpus, num_gpus=num_gpus,
-            blas_threads=blas_threads,
+            blas_threads=blas_threads, env_vars=env_vars,
         )  # fmt: skip
     except EaselError as err:
         fail(err)
     click.echo(f"easel: {replicas} replica(s) ready; serve them on a socket with: easel gateway --cluster {address}")
     if http is not None:
         click.echo(f"easel: HTTP route: POST http://{http}/easel/render (Authorization: Bearer <the Ray token>)")
+
+
+def _memory_shares(replicas: int) -> dict[str, str] | None:
+    """The replicas' EASEL_MEMORY_LIMIT when they share this machine (app.memory_share), said on the way."""
+    import psutil
+
+    from daemon.cluster import app
+
+    available = int(psutil.virtual_memory().available)
+    share = app.memory_share(
+        replicas, nodes=app.alive_nodes(), available=available, limit_set=env.MEMORY_LIMIT.is_set()
+    )
+    if share is None:
+        return None
+    click.echo(
+        f"easel: the {replicas} replicas share this machine's memory: each may use {share / 2**30:.1f} GiB "
+        f"({available / 2**30:.1f} GiB available / {replicas}; EASEL_MEMORY_LIMIT sets it)"
+    )
+    return {env.MEMORY_LIMIT.name: str(share)}
 
 
 @cluster_group.command("down")

@@ -591,6 +591,32 @@ def test_cluster_up_deploys_onto_the_ray_cluster_running_here_after_checking_its
     assert cluster.board()["replicas"].keys() == before  # nothing redeployed
 
 
+def test_replicas_on_one_machine_split_its_available_memory(cluster, monkeypatch, capsys):
+    """Each replica measures what is free when it loads: two on one machine would each count the memory
+    the other then takes. `cluster up` gives each an even share as its EASEL_MEMORY_LIMIT, unless one was
+    set, or the cluster has other machines, or there is one replica."""
+    import psutil
+
+    from daemon.cluster import app
+    from daemon.cluster.cli import _memory_shares
+
+    assert app.memory_share(2, nodes=1, available=10 * 2**30, limit_set=False) == 5 * 2**30
+    assert app.memory_share(3, nodes=1, available=10, limit_set=False) == 3
+    assert app.memory_share(2, nodes=2, available=10 * 2**30, limit_set=False) is None  # Serve places them
+    assert app.memory_share(2, nodes=1, available=10 * 2**30, limit_set=True) is None  # the operator's choice
+    assert app.memory_share(1, nodes=1, available=10 * 2**30, limit_set=False) is None
+
+    monkeypatch.delenv("EASEL_MEMORY_LIMIT", raising=False)
+    assert app.alive_nodes() == 1  # the room's cluster: this machine
+    before = psutil.virtual_memory().available
+    ((name, share),) = _memory_shares(2).items()
+    said = capsys.readouterr().out
+    assert name == "EASEL_MEMORY_LIMIT" and abs(int(share) * 2 - before) < 2**30, (share, before)
+    assert said.startswith("easel: the 2 replicas share this machine's memory: each may use "), said
+    monkeypatch.setenv("EASEL_MEMORY_LIMIT", "6G")
+    assert _memory_shares(2) is None and capsys.readouterr().out == ""
+
+
 def test_the_driver_keeps_serves_info_lines_to_itself(cluster):
     """`easel cluster up` printed Serve's INFO lines, one saying the application was "ready at
     http://127.0.0.1:8000" when no HTTP proxy had been started: a driver that joined through easel hears
