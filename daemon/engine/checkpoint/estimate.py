@@ -28,11 +28,12 @@ GIB = 1 << 30
 @dataclass(frozen=True)
 class Beside:
     """What the weights must leave room for: the LoRA caches' bounds (`held_bytes`) and a `side` x `side`
-    render with prompts of `text_tokens` tokens (the smallest a daemon serves)."""
+    render with prompts of `text_tokens` tokens (the smallest a daemon serves; None: no render, as for
+    `easel model save`)."""
 
     held_bytes: int = 0
     text_tokens: int = 512
-    side: int = 64
+    side: int | None = None
 
 
 def resident_bytes(modules: list[nn.Module], *, itemsize: int, bits: int | None) -> int:
@@ -62,6 +63,8 @@ class MemoryPlan:
     @property
     def render_bytes(self) -> int:
         side = self.beside.side
+        if side is None:
+            return 0
         return render_memory(side * side, text_tokens=self.beside.text_tokens, itemsize=self.itemsize).peak_bytes
 
     @property
@@ -85,13 +88,12 @@ class MemoryPlan:
         )
 
     def describe_needs(self) -> str:
-        held = self.beside.held_bytes
-        caches = f", {held / GIB:.1f} GiB the LoRA caches may hold" if held else ""
-        side = self.beside.side
-        return (
-            f"{self.weights_bytes / GIB:.1f} GiB of weights{caches}, {self.render_bytes / GIB:.1f} GiB for a "
-            f"{side}x{side} render"
-        )
+        parts = [f"{self.weights_bytes / GIB:.1f} GiB of weights"]
+        if self.beside.held_bytes:
+            parts.append(f"{self.beside.held_bytes / GIB:.1f} GiB the LoRA caches may hold")
+        if (side := self.beside.side) is not None:
+            parts.append(f"{self.render_bytes / GIB:.1f} GiB for a {side}x{side} render")
+        return ", ".join(parts)
 
 
 def available_bytes() -> int:
