@@ -169,6 +169,12 @@ def cluster_group() -> None:
 )
 @click.option("--stack-bytes", type=ByteSize(1), default=None, help="A built stack's size, for the default.")
 @click.option("--resident-stack-bytes", type=ByteSize(0), default=None, help="Each replica's bound (bytes, or 2GiB).")
+@click.option(
+    "--lora-cache-bytes",
+    type=ByteSize(0),
+    default=None,
+    help="Each replica's bound on parsed LoRA files (bytes, or 2GiB) [default: `easel serve`'s].",
+)
 @_lora_roots
 @click.option(
     "--output-root",
@@ -190,7 +196,7 @@ def cluster_group() -> None:
 )
 def up_command(
     replicas, preset, model_path, address, num_cpus, num_gpus, blas_threads, stacks_per_replica, stack_bytes,
-    resident_stack_bytes, lora_roots, output_root, no_warmup, http,
+    resident_stack_bytes, lora_cache_bytes, lora_roots, output_root, no_warmup, http,
 ) -> None:  # fmt: skip
     """Deploy N replicas of a preset (starting a one-machine Ray cluster unless --address names one, or one
     already runs on this machine)."""
@@ -198,7 +204,7 @@ def up_command(
 
     config = _service_config(
         preset=preset, model_path=model_path, lora_roots=lora_roots, output_root=output_root,
-        resident_stack_bytes=resident_stack_bytes, warmup=not no_warmup,
+        resident_stack_bytes=resident_stack_bytes, lora_cache_bytes=lora_cache_bytes, warmup=not no_warmup,
     )  # fmt: skip
     try:
         joined = address is None and app.local_cluster_runs()

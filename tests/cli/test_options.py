@@ -195,6 +195,20 @@ def test_serve_takes_its_byte_bounds_with_units_and_refuses_a_bad_one_by_option_
     assert "Invalid value for '--max-frame': '1000' is not a size of at least 1KiB" in bad.output
 
 
+@pytest.mark.mlx  # the cluster commands come with the daemon's extra (the thin run deselects)
+@pytest.mark.ray
+def test_cluster_up_bounds_each_replicas_lora_caches_as_serve_does():
+    """A replica refused for memory is told to lower --lora-cache-bytes or --resident-stack-bytes: `cluster
+    up` takes both, with units, into the replicas' configuration."""
+    from daemon.cluster.cli import _service_config
+
+    up = command("cluster", "up")
+    ctx = up.make_context("up", ["--resident-stack-bytes", "512M", "--lora-cache-bytes", "256M"])
+    assert ctx.params["resident_stack_bytes"] == 512 << 20 and ctx.params["lora_cache_bytes"] == 256 << 20
+    config = _service_config(lora_cache_bytes=ctx.params["lora_cache_bytes"], resident_stack_bytes=None)
+    assert config.lora_cache_bytes == 256 << 20 and config.resident_stack_bytes == 2 << 30  # unset: serve's
+
+
 @pytest.mark.mlx  # `easel serve` joins the command line with the daemon's extra
 @pytest.mark.parametrize("name", ["serve", "gateway"])
 def test_the_log_level_is_one_of_loggings_names_in_any_case_and_a_bad_one_is_a_usage_error(name):
