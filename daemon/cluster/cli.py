@@ -253,6 +253,11 @@ def _memory_shares(replicas: int) -> dict[str, str] | None:
         f"easel: the {replicas} replicas share this machine's memory: each may use {share / 2**30:.1f} GiB "
         f"({available / 2**30:.1f} GiB available / {replicas}; EASEL_MEMORY_LIMIT sets it)"
     )
+    if app.deployed():  # the replicas being replaced hold their memory until the new ones are up
+        click.echo(
+            "easel: warning: an easel application already runs here and its replicas' memory counted as taken; "
+            "`easel cluster down` first gives the new replicas all of it"
+        )
     return {env.MEMORY_LIMIT.name: str(share)}
 
 

@@ -613,6 +613,8 @@ def test_replicas_on_one_machine_split_its_available_memory(cluster, monkeypatch
     said = capsys.readouterr().out
     assert name == "EASEL_MEMORY_LIMIT" and abs(int(share) * 2 - before) < 2**30, (share, before)
     assert said.startswith("easel: the 2 replicas share this machine's memory: each may use "), said
+    # the room's replicas run: their memory is not available, which a redeploy over them should hear
+    assert "easel: warning: an easel application already runs here" in said, said
     monkeypatch.setenv("EASEL_MEMORY_LIMIT", "6G")
     assert _memory_shares(2) is None and capsys.readouterr().out == ""
 
