@@ -95,8 +95,8 @@ def info_command(path: str, preset: str, transformer: str | None, quantize: str 
         f"by default and {describe_byte_size(summary['render_bytes'])} for its smallest render"
     )
     verdict = "fits" if summary["fits"] else "does NOT fit"
-    largest = summary["largest_pixels"]
-    sizes = f", renders up to {largest / 1e6:.2f} megapixels" if summary["fits"] else ""
+    largest = summary["largest_pixels"]  # None on a CUDA GPU, where renders are not checked against memory
+    sizes = f", renders up to {largest / 1e6:.2f} megapixels" if summary["fits"] and largest is not None else ""
     click.echo(
         f"this load ({_bits(summary['quantization'])}) needs {describe_byte_size(summary['needed_bytes'])}; "
         f"{describe_byte_size(summary['available_bytes'])} available: {verdict}{sizes}"

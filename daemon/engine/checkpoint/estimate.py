@@ -126,13 +126,19 @@ def check_fits(plan: MemoryPlan, *, what: str, bits: int | None, force: bool) ->
     )
 
 
+def renders_checked() -> bool:
+    """Whether renders are checked against memory here: on a CPU or Apple silicon, whose memory is the
+    system's; not on a CUDA GPU, whose own memory the system's figure does not describe."""
+    return mx.default_device() == mx.cpu or mx.metal.is_available()
+
+
 def render_budget(*, resident_bytes: int, held_bytes: int, text_tokens: int) -> RenderBudget | None:
     """What a render may use beyond the weights, measured once the model is loaded: the memory the system
     has free plus MLX's cache of freed buffers (capped by EASEL_MEMORY_LIMIT less the weights), less
     `held_bytes`, which the LoRA caches may fill at any time. None where the model's memory is not the
     system's: a CUDA GPU's own, which the system's figure does not describe (and where no peaks were
     measured). On a CPU or Apple silicon the kernel's OOM killer would take the whole daemon."""
-    if mx.default_device() != mx.cpu and not mx.metal.is_available():
+    if not renders_checked():
         return None
     free = int(psutil.virtual_memory().available) + mx.get_cache_memory()
     how = f"{free / GIB:.1f} GiB free once the model was loaded"

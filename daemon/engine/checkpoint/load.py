@@ -19,7 +19,14 @@ from mlx import nn
 
 from client.wire.errors import ModelLoadError, ModelPartMissing, ModelVersionMismatch
 from daemon.engine import attention, vae_decode
-from daemon.engine.checkpoint.estimate import Beside, MemoryPlan, available_bytes, check_fits, resident_bytes
+from daemon.engine.checkpoint.estimate import (
+    Beside,
+    MemoryPlan,
+    available_bytes,
+    check_fits,
+    renders_checked,
+    resident_bytes,
+)
 from daemon.engine.checkpoint.parts import PreparedPart, prepare_part
 from daemon.engine.checkpoint.source import PARTS, CheckpointSource, check_tokenizers
 from daemon.engine.runtime import configure_mflux_precision, mx
@@ -146,7 +153,7 @@ class LoadPlan:
             "needed_bytes": self.memory.needed_bytes,
             "held_bytes": self.memory.beside.held_bytes,
             "render_bytes": self.memory.render_bytes,
-            "largest_pixels": self.memory.budget().largest_pixels,
+            "largest_pixels": self.memory.budget().largest_pixels if renders_checked() else None,
             "available_bytes": self.memory.available_bytes,
             "fits": self.memory.fits,
         }
