@@ -5,7 +5,9 @@ One local Ray cluster (2 CPUs) with the tiny preset, the gateway on a Unix socke
    through the gateway socket): wall time -> throughput of 2; stack loads on the board (each replica's
    multiplexed loader counts its loads) over 6 distinct stacks; affinity hit rate = requests served by a
    replica that already held the stack = 1 - loads / requests (every load is a miss); the replicas route
-   with easel's StackRouter (daemon/cluster/routing.py);
+   with easel's StackRouter (daemon/cluster/routing.py), whose DEBUG lines say why each render it sent to a
+   replica without its stack could go there (a spread of a hot stack, its affinity window run out, nobody
+   holding the stack): counted and printed after the phase;
 1b. the same two replicas deployed again with Serve's default router, the same workload over 6 other
    stacks: its stack loads beside the StackRouter's (loads_per_distinct_stack_default_router);
 2. one replica (the application deployed again) reserving both CPUs, as a daemon alone on the machine has
@@ -29,6 +31,7 @@ gateway_overhead=... loads_per_distinct_stack_default_router=...`
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import statistics
@@ -36,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +132,31 @@ def describe(facts: dict) -> str:
     return f"{facts['blas']} {facts['blas_threads']} threads on {facts['cpus']} cpus, nice {facts['nice']}, {env}"
 
 
+class RoutedAway(logging.Handler):
+    """Counts StackRouter's DEBUG lines for renders sent to a replica without their stack, by reason."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.reasons: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "which did not hold it (" in message:
+            self.reasons[message.rsplit("(", 1)[1].rstrip(")")] += 1
+
+    def __enter__(self) -> RoutedAway:
+        logger = logging.getLogger("easel.cluster.routing")
+        self._level = logger.level
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("easel.cluster.routing")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
+
+
 def board_loads() -> int:
     import ray
 
@@ -211,10 +240,14 @@ def main() -> None:
                 print(f"  replica: {describe(facts)}", flush=True)
             gw = gateway(f"two-{seed}.sock")
             loads0 = board_loads()
-            wall = asyncio.run(run_workload(gw.socket, workload(stacks, seed)))
+            with RoutedAway() as away:
+                wall = asyncio.run(run_workload(gw.socket, workload(stacks, seed)))
             loads = board_loads() - loads0
             print(f"2 replicas, {label}: {REQUESTS} renders in {wall:.1f}s, {loads} stack loads over {STACKS} stacks",
                   flush=True)  # fmt: skip
+            if router is not None:
+                why = ", ".join(f"{reason} {n}" for reason, n in sorted(away.reasons.items())) or "none"
+                print(f"  renders the router sent to a replica without their stack: {why}", flush=True)
             gw.stop()
             serve.delete(app.APP_NAME)
             return wall, loads

@@ -28,8 +28,10 @@ gateway's `holds` probe asks that same place.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
@@ -43,6 +45,7 @@ SPILL_AT = 1  # a held stack spreads to an idle replica once every holder has th
 SPREADS = frozenset({"render"})  # replica calls a busy holder may pass to an idle replica (not preloads, probes)
 PROBES = frozenset({"holds"})  # replica calls routed by a stack id that take no stack in (daemon/cluster/replica.py)
 R = TypeVar("R")
+log = logging.getLogger("easel.cluster.routing")
 
 
 class RecentRoutes:
@@ -118,6 +121,8 @@ class StackRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     def initialize_state(self, affinity_s: float = AFFINITY_S, **kwargs: Any) -> None:
         self.affinity_s = affinity_s
         self.routes = RecentRoutes()
+        # With DEBUG on: request -> (its stack's holders, why it may leave them), to log where it went.
+        self._choices: OrderedDict[str, tuple[frozenset, str]] = OrderedDict()
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -141,8 +146,25 @@ class StackRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         spreads = pending_request is not None and pending_request.metadata.call_method in SPREADS
         if spreads and stack_id:
             await self._learn_loads(candidate_replicas, stacks_of, stack_id, load_of)
-        return ranked(candidate_replicas, stacks_of, stack_id, waited_s, self.affinity_s,
-                      load_of if spreads else lambda r: None)  # fmt: skip
+        rounds = ranked(candidate_replicas, stacks_of, stack_id, waited_s, self.affinity_s,
+                        load_of if spreads else lambda r: None)  # fmt: skip
+        if stack_id and pending_request is not None and log.isEnabledFor(logging.DEBUG):
+            self._note_choice(pending_request, candidate_replicas, stacks_of, stack_id, waited_s)
+        return rounds
+
+    def _note_choice(
+        self,
+        pending_request: PendingRequest,
+        replicas: list[RunningReplica],
+        stacks_of: Callable[[RunningReplica], Collection[str]],
+        stack_id: str,
+        waited_s: float,
+    ) -> None:
+        holders = frozenset(r.replica_id for r in replicas if stack_id in stacks_of(r))
+        why = "nobody held it" if not holders else "spread" if waited_s < self.affinity_s else "past the window"
+        self._choices[pending_request.metadata.internal_request_id] = (holders, why)
+        while len(self._choices) > ROUTED_KEPT:
+            self._choices.popitem(last=False)
 
     async def _learn_loads(
         self,
@@ -169,5 +191,8 @@ class StackRouter(FIFOMixin, MultiplexMixin, RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
         stack_id = pending_request.metadata.multiplexed_model_id
+        choice = self._choices.pop(pending_request.metadata.internal_request_id, None)
+        if choice is not None and replica_id not in choice[0]:  # DEBUG: a stack sent where it was not held
+            log.debug("stack %s sent to replica %s, which did not hold it (%s)", stack_id, replica_id, choice[1])
         if stack_id and pending_request.metadata.call_method not in PROBES:
             self.routes.note(stack_id, replica_id, time.time())

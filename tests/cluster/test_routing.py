@@ -105,3 +105,44 @@ def test_a_hot_stack_spreads_to_an_idle_replica_once_every_holder_is_busy():
     assert sorted(rounds("x", 0.0)[0]) == ["a", "d"]  # no counts at all: affinity as before
     assert rounds("z", 0.0, load={"d": 1, "a": 0, "b": 0, "c": 0}) == [["d", "c"]]
     assert rounds("x", 1.0, load=busy)[0] != ["a", "c"] and len(rounds("x", 1.0, load=busy)) == 3  # past the window
+
+
+def test_with_debug_logging_the_router_says_each_stack_it_sent_where_it_was_not_held(caplog):
+    """Why a stack loaded on a second replica (bench/cluster.py counts these): the router logs, at DEBUG,
+    each render it sent to a replica that did not hold its stack, and why it could (a spread of a hot
+    stack, the affinity window run out, no holder at all); a render sent to a holder says nothing."""
+    import logging
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from daemon.cluster.routing import StackRouter
+
+    router = StackRouter.__new__(StackRouter)
+    router.initialize_state()
+    replicas = [SimpleNamespace(replica_id=name) for name in "ab"]
+    held = {"a": {"x"}, "b": set()}
+
+    async def send(rid: str, stack_id: str, waited_s: float, to: str) -> None:
+        meta = RequestMetadata(request_id=rid, internal_request_id=rid, call_method="render",
+                               multiplexed_model_id=stack_id)  # fmt: skip
+        pending = PendingRequest(args=[], kwargs={}, metadata=meta)
+        router._note_choice(pending, replicas, lambda r: held[r.replica_id], stack_id, waited_s)
+        router.on_request_routed(pending, to, None)
+
+    async def main() -> None:
+        await send("r1", "x", 0.0, "a")  # to its holder
+        await send("r2", "x", 0.2, "b")  # spread
+        await send("r3", "x", 1.5, "b")  # after the window
+        await send("r4", "y", 0.0, "b")  # nobody held y
+
+    with caplog.at_level(logging.DEBUG, logger="easel.cluster.routing"):
+        asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records if r.name == "easel.cluster.routing"]
+    assert said == [
+        "stack x sent to replica b, which did not hold it (spread)",
+        "stack x sent to replica b, which did not hold it (past the window)",
+        "stack y sent to replica b, which did not hold it (nobody held it)",
+    ]
+    assert not router._choices  # nothing kept once routed
