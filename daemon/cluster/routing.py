@@ -160,6 +160,8 @@ class StackRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         stack_id: str,
         waited_s: float,
     ) -> None:
+        if pending_request.metadata.call_method in PROBES:  # a probe takes no stack in
+            return
         holders = frozenset(r.replica_id for r in replicas if stack_id in stacks_of(r))
         why = "nobody held it" if not holders else "spread" if waited_s < self.affinity_s else "past the window"
         self._choices[pending_request.metadata.internal_request_id] = (holders, why)

@@ -124,8 +124,8 @@ def test_with_debug_logging_the_router_says_each_stack_it_sent_where_it_was_not_
     replicas = [SimpleNamespace(replica_id=name) for name in "ab"]
     held = {"a": {"x"}, "b": set()}
 
-    async def send(rid: str, stack_id: str, waited_s: float, to: str) -> None:
-        meta = RequestMetadata(request_id=rid, internal_request_id=rid, call_method="render",
+    async def send(rid: str, stack_id: str, waited_s: float, to: str, method: str = "render") -> None:
+        meta = RequestMetadata(request_id=rid, internal_request_id=rid, call_method=method,
                                multiplexed_model_id=stack_id)  # fmt: skip
         pending = PendingRequest(args=[], kwargs={}, metadata=meta)
         router._note_choice(pending, replicas, lambda r: held[r.replica_id], stack_id, waited_s)
@@ -136,6 +136,7 @@ def test_with_debug_logging_the_router_says_each_stack_it_sent_where_it_was_not_
         await send("r2", "x", 0.2, "b")  # spread
         await send("r3", "x", 1.5, "b")  # after the window
         await send("r4", "y", 0.0, "b")  # nobody held y
+        await send("p1", "x", 0.0, "b", "holds")  # the gateway's probe takes no stack in: not a load
 
     with caplog.at_level(logging.DEBUG, logger="easel.cluster.routing"):
         asyncio.run(main())
