@@ -97,6 +97,11 @@ class ServiceConfig:
         if not 0 <= self.interactive_reserve < self.queue_capacity:
             raise ValueError(f"interactive_reserve must be in 0..{self.queue_capacity - 1}")
 
+    @property
+    def held_bytes(self) -> int:
+        """What the two LoRA caches may hold at once beside the weights (each fills up to its bound)."""
+        return self.lora_cache_bytes + self.resident_stack_bytes
+
 
 _SERVER_FIELDS = frozenset(f.name for f in dataclasses.fields(ServerConfig))
 _SERVICE_FIELDS = frozenset(f.name for f in dataclasses.fields(ServiceConfig))

@@ -64,9 +64,7 @@ def info_command(path: str, preset: str, transformer: str | None, quantize: str 
     from daemon.engine.presets import get_preset
 
     serve = ServiceConfig()  # what `easel serve` keeps beside the weights by default
-    beside = Beside(
-        serve.lora_cache_bytes + serve.resident_stack_bytes, get_preset(preset).text_tokens, serve.limits.min_size
-    )
+    beside = Beside(serve.held_bytes, get_preset(preset).text_tokens, serve.limits.min_size)
     plan = plan_load(
         _source(path, transformer), _config(preset), quantize=int(quantize) if quantize else None, beside=beside
     )

@@ -257,7 +257,7 @@ class RenderService:
             transformer=config.transformer_path,
             quantize=config.quantize,
             force=config.force_load,
-            held_bytes=config.lora_cache_bytes + config.resident_stack_bytes,
+            held_bytes=config.held_bytes,
             min_side=config.limits.min_size,
         )
         cache = LoraCache(config.lora_cache_bytes, content_hash=config.lora_content_hash)
@@ -279,7 +279,7 @@ class RenderService:
         if not config.force_load:
             svc.memory = render_budget(
                 resident_bytes=model.info.resident_bytes,
-                held_bytes=config.lora_cache_bytes + config.resident_stack_bytes,
+                held_bytes=config.held_bytes,
                 text_tokens=model.preset.text_tokens,
             )
             _check_renders_fit(svc.memory, config)
