@@ -29,7 +29,7 @@ from client.contact_sheet import labelled_sheet
 from client.fs import atomic_write_bytes, atomic_write_text
 from client.lora_tools.images import ssim
 from client.renderer import Renderer
-from client.wire.errors import EaselError, LoraError
+from client.wire.errors import EaselError, LoraError, PathNotAllowed
 
 DEFAULT_PROMPT = "a lone rider crossing a desert town at dusk"
 
@@ -161,10 +161,15 @@ def check_key_match(applied: int | None, total: int | None, t: Thresholds, error
     return CheckResult(1, "key match", ok, ratio, need, detail if ok else detail + f", under {t.min_match_ratio:.0%}")
 
 
-def check_ssim(number: int, name: str, value: float | None, limit: float, what: str) -> CheckResult:
+def check_ssim(
+    number: int, name: str, value: float | None, limit: float, what: str, refused: str | None = None
+) -> CheckResult:
+    """`what` compared by SSIM; `refused`: the LoRA itself was refused, so nothing was rendered to compare."""
     need = f"SSIM < {limit}"
+    if refused is not None:
+        return CheckResult(number, name, False, None, need, f"not rendered: the daemon refused the LoRA ({refused})")
     if value is None:
-        return CheckResult(number, name, False, None, need, f"no {what} to compare (render failed)")
+        return CheckResult(number, name, False, None, need, f"{what}: not both made (a render failed)")
     ok = value < limit
     verdict = "differ enough" if ok else "are (nearly) identical"
     return CheckResult(number, name, ok, value, need, f"SSIM {value:.6f}: {what} {verdict}")
@@ -202,9 +207,10 @@ def run_verification(
     applied = total = None
     preset = None
     leftover: list[str] = []
+    refused: str | None = None  # the daemon's refusal of the file itself: no comparison can be rendered
 
     def render(role: str, prompt: str, with_lora: bool) -> Image.Image | None:
-        nonlocal applied, total, preset
+        nonlocal applied, total, preset, refused
         try:
             r = client.send_render(
                 prompt,
@@ -218,6 +224,8 @@ def run_verification(
             errors.append(f"{role}: [{exc.code}] {exc.message}")
             if isinstance(exc, LoraError) and exc.code == "lora_zero_match":
                 applied, total = 0, int(exc.details.get("keys_total") or 0) or None
+            elif with_lora and isinstance(exc, LoraError | PathNotAllowed):
+                refused = exc.code
             return None
         preset = getattr(r, "preset", preset)
         if with_lora and r.stack:
@@ -229,18 +237,24 @@ def run_verification(
 
     main_prompt = config.trigger_prompt
     lora_img = render("lora", main_prompt, True)
-    base_img = render("base", main_prompt, False)
-    control_img = render("control", config.control_prompt or config.prompt, True) if config.trigger else None
+    # A file the daemon refuses (missing, corrupt, unsupported, outside its roots) fails every check:
+    # the renders without it would compare with nothing.
+    base_img = render("base", main_prompt, False) if refused is None else None
+    control_img = None
+    if config.trigger and refused is None:
+        control_img = render("control", config.control_prompt or config.prompt, True)
 
     checks = [check_key_match(applied, total, t, errors[0] if errors else None)]
     ssim_lora = ssim(lora_img, base_img) if lora_img is not None and base_img is not None else None
-    checks.append(check_ssim(2, "LoRA vs no LoRA", ssim_lora, t.max_ssim_lora, "the LoRA and no-LoRA renders"))
+    checks.append(check_ssim(2, "LoRA vs no LoRA", ssim_lora, t.max_ssim_lora, "the LoRA and no-LoRA renders", refused))
     ssim_trigger = None
     if config.trigger:
         if lora_img is not None and control_img is not None:
             ssim_trigger = ssim(lora_img, control_img)
         checks.append(
-            check_ssim(3, "trigger vs control", ssim_trigger, t.max_ssim_trigger, "the trigger and control renders")
+            check_ssim(
+                3, "trigger vs control", ssim_trigger, t.max_ssim_trigger, "the trigger and control renders", refused
+            )
         )
     else:
         checks.append(

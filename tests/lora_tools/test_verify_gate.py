@@ -156,6 +156,21 @@ def test_all_zero_up_matrices_fail_check_2(daemon, tmp_path: Path) -> None:
         assert im.size == SheetLayout(1, 2, SIZE, SIZE).size
 
 
+def test_a_file_the_daemon_refuses_fails_every_check_without_rendering_the_others(daemon, tmp_path: Path) -> None:
+    """A corrupt file (not a safetensors file): every check fails on the daemon's refusal, and neither the
+    render without the LoRA nor the control render is made, having nothing to be compared with."""
+    d, loras = daemon
+    lora = loras / "broken.safetensors"
+    lora.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    report = tmp_path / "report"
+    result = _verify(d.config.socket_path, lora, report, "--trigger", "nr_style")
+    assert result.exit_code == 1, result.output
+    assert "check 1 key match: FAIL" in result.output and "[lora_format]" in result.output
+    for check in ("check 2 LoRA vs no LoRA", "check 3 trigger vs control"):
+        assert f"{check}: FAIL — not rendered: the daemon refused the LoRA (lora_format)" in result.output
+    assert not list(report.glob("*.png"))  # no render made it, so no picture and no contact sheet
+
+
 def test_strength_grid_is_one_labelled_picture(daemon, tmp_path: Path) -> None:
     d, loras = daemon
     lora = _kohya_lora(loras, "grid_style")
