@@ -65,15 +65,19 @@ def render_grid(
     total = len(spec.prompts) * len(stacks)
     rows: list[list[Image.Image]] = []
     done = 0
+    # The LoRA's cells are rendered before the baseline's, so a file the daemon refuses fails the grid
+    # on its first render, not after a render without it.
+    order = [*range(1, len(stacks)), 0] if spec.baseline else list(range(len(stacks)))
     for prompt in spec.prompts:
-        row = []
-        for paths, scales in stacks:
+        row: list[Image.Image | None] = [None] * len(stacks)
+        for i in order:
+            paths, scales = stacks[i]
             r = client.send_render(prompt, lora_paths=paths, lora_scales=scales, return_bytes=True, **spec.fields())
-            row.append(_image(r))
+            row[i] = _image(r)
             done += 1
             if on_cell:
                 on_cell(done, total)
-        rows.append(row)
+        rows.append([image for image in row if image is not None])
     return labelled_sheet(rows, spec.columns, list(spec.prompts), title=f"seed {spec.seed}")
 
 

@@ -6,6 +6,7 @@ socket, run in-process on the session's shared tiny model so no second 4 GB copy
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,22 @@ def test_strength_grid_is_one_labelled_picture(daemon, tmp_path: Path) -> None:
         cells.append(sheet[y : y + SIZE, x : x + SIZE].astype(int))
     assert np.abs(cells[0] - cells[2]).max() > 0  # strength 1.0 differs from no LoRA
     assert np.abs(cells[1] - cells[2]).max() > 0  # and from strength 0.5
+    from client.client import RenderClient
+
+    with RenderClient(d.config.socket_path) as c:  # the first column is the render without the LoRA
+        plain = c.send_render("a red barn", seed=7, width=SIZE, height=SIZE, steps=1, return_bytes=True)
+    with Image.open(io.BytesIO(plain.image_bytes)) as im:
+        np.testing.assert_array_equal(cells[0], np.asarray(im.convert("RGB")).astype(int))
+
+
+def test_a_grid_of_a_file_the_daemon_refuses_fails_on_its_first_render(daemon, tmp_path: Path) -> None:
+    """The LoRA's cells go first, the baseline last: a corrupt file fails the grid before any render
+    without it is spent, and no picture is written."""
+    d, loras = daemon
+    lora = loras / "broken_grid.safetensors"
+    lora.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    out = tmp_path / "grid.png"
+    args = [str(lora), "--socket", str(d.config.socket_path), "--width", str(SIZE), "--height", str(SIZE)]
+    result = CliRunner().invoke(grid_command, [*args, "--steps", "1", "--strengths", "0.5,1.0", "-o", str(out)])
+    assert result.exit_code == 1 and "lora_format" in result.output, result.output
+    assert "rendered 1/" not in result.output and not out.exists()
