@@ -18,15 +18,17 @@ spreads while it is hot: when every holder has a request in flight (SPILL_AT) an
 request's first round is the least busy holder and that idle replica, and the idle one wins: one cold
 switch there instead of waiting a whole render. The counts are Serve's queue-length cache (raised as
 the router sends a request, lowered as it ends, refreshed by probes, forgotten after 10 s); a replica
-whose count is not known, and the holders themselves, are asked first (`_learn_loads`): Serve lowers a
-count from another thread once a render's answer has ended, so the same client's next render can find
-its holder's count a request behind, and renders sent one at a time must keep their stack on one
-replica. Only renders spread: a preload builds its stack where the stack's renders go, and the
+whose count is not known, and the holders themselves, are asked first, once the holders' counts have
+had SETTLE_S (0.1 s) to fall (`_learn_loads`): Serve lowers a count from another thread once a render's
+answer has ended, so the same client's next render can find its holder's count a request behind, and
+renders sent one at a time must keep their stack on one replica. A spread waits those 0.1 s, against a
+render's seconds. Only renders spread: a preload builds its stack where the stack's renders go, and the
 gateway's `holds` probe asks that same place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -41,6 +43,7 @@ AFFINITY_S = 1.0  # how long a request waits for a replica holding its stack bef
 QUEUE_ANSWER_S = 0.3  # the first deadline for a replica's queue-length answer (doubled per retry, to 1 s)
 ROUTED_MEMORY_S = 5.0  # how long a replica counts as holding a stack this router just sent it
 ROUTED_KEPT = 4096  # stacks remembered at most (the oldest forgotten first)
+SETTLE_S = 0.1  # how long a holder's count of 'busy' is given to fall before the stack spreads (see _learn_loads)
 SPILL_AT = 1  # a held stack spreads to an idle replica once every holder has this many requests in flight
 SPREADS = frozenset({"render"})  # replica calls a busy holder may pass to an idle replica (not preloads, probes)
 PROBES = frozenset({"holds"})  # replica calls routed by a stack id that take no stack in (daemon/cluster/replica.py)
@@ -139,13 +142,16 @@ class StackRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             return held | {stack_id} if r.replica_id == sent_to and stack_id not in held else held
 
         cache = getattr(self, "replica_queue_len_cache", None)  # Serve's count of each replica's requests
+        asked: dict[Any, int | None] = {}  # replica id -> its own answer just now (None: none in time)
 
         def load_of(r: RunningReplica) -> int | None:
+            if r.replica_id in asked:
+                return asked[r.replica_id]
             return None if cache is None else cache.get(r.replica_id)
 
         spreads = pending_request is not None and pending_request.metadata.call_method in SPREADS
         if spreads and stack_id:
-            await self._learn_loads(candidate_replicas, stacks_of, stack_id, load_of)
+            asked = await self._learn_loads(candidate_replicas, stacks_of, stack_id, load_of)
         rounds = ranked(candidate_replicas, stacks_of, stack_id, waited_s, self.affinity_s,
                         load_of if spreads else lambda r: None)  # fmt: skip
         if stack_id and pending_request is not None and log.isEnabledFor(logging.DEBUG):
@@ -174,22 +180,37 @@ class StackRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         stacks_of: Callable[[RunningReplica], Collection[str]],
         stack_id: str,
         load_of: Callable[[RunningReplica], int | None],
-    ) -> None:
-        """When Serve's counts say every holder of the stack is busy, ask the holders and the replicas whose
-        count is not known (none was sent a request within Serve's 10 s) how busy they are now, before
-        `ranked` spreads the stack. The holders' counts can be a request behind: Serve lowers a count from
-        another thread once the replica's answer has ended, and the same client's next render can reach
-        the router first; a replica's own answer is its count now. Serve's own choice would not ask: it
-        takes a candidate whose count it knows over asking one it does not."""
+    ) -> dict[Any, int | None]:
+        """When Serve's counts say every holder of the stack is busy, make sure before `ranked` spreads the
+        stack; returns the answers of the replicas asked, by id (None: no answer in time), or {} where the
+        stack does not spread. A holder's count can be a request behind: Serve lowers it from another
+        thread once a render's answer has ended, and the same client's next render can reach the router
+        first; the replica's own count lags the same way (it counts a request until its answer is sent).
+        So the counts are read again SETTLE_S later: a holder busy with another render keeps its count.
+        (tests/cluster/test_cluster.py's twenty renders sent one after another, with a busy loop beside
+        them on one of the machine's two cores: 6 stack loads for 3 stacks without this wait, 3 with it,
+        one run each; each stale count had fallen within the 0.1 s.) A count still up, the holders and
+        the replicas whose count is not known (none was sent a request within Serve's 10 s) are asked; a
+        holder that does not answer in time is not known to be busy, so the stack does not spread on its
+        count. Serve's own choice would not ask: it takes a candidate whose count it knows over asking
+        one it does not."""
         holders = [r for r in replicas if stack_id in stacks_of(r)]
         counts = [load_of(r) for r in holders]
         if not holders or not all(n is not None and n >= SPILL_AT for n in counts):
-            return
+            return {}
+        await asyncio.sleep(SETTLE_S)
+        settled = [load_of(r) for r in holders]
+        if not all(n is not None and n >= SPILL_AT for n in settled):
+            log.debug("stack %s not spread: its holders' counts fell from %s to %s within %.1f s", stack_id, counts,
+                      settled, SETTLE_S)  # fmt: skip
+            return {}
         ask = holders + [r for r in replicas if r not in holders and load_of(r) is None]
+        answers: dict[Any, int | None] = {r.replica_id: None for r in ask}
         probe = getattr(self, "_probe_queue_lens", None)  # Serve's probe, which refreshes its count cache
         if probe is not None:
-            with contextlib.suppress(Exception):  # no answer: the count stays as it was
-                await probe(ask, 0)
+            with contextlib.suppress(Exception):  # no answer: not known
+                answers.update((r.replica_id, n) for r, n in await probe(ask, 0))
+        return answers
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
         stack_id = pending_request.metadata.multiplexed_model_id

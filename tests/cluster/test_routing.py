@@ -147,3 +147,62 @@ def test_with_debug_logging_the_router_says_each_stack_it_sent_where_it_was_not_
         "stack y sent to replica b, which did not hold it (nobody held it)",
     ]
     assert not router._choices  # nothing kept once routed
+
+
+def test_a_holder_counted_busy_by_a_render_that_just_ended_keeps_its_stack():
+    """Serve lowers a holder's count only once a render's answer has ended, from another thread, so the
+    same client's next render can see its holder busy. The count gets SETTLE_S to fall before the stack
+    spreads: fallen (the holder was idle), the stack stays and no replica is asked; still up, the
+    replicas are asked, a holder answering busy lets it spread, one not answering in time does not."""
+    from types import SimpleNamespace
+
+    from daemon.cluster import routing
+    from daemon.cluster.routing import StackRouter
+
+    router = StackRouter.__new__(StackRouter)
+    router.initialize_state()
+    replicas = [SimpleNamespace(replica_id=name) for name in "ab"]
+    held = {"a": {"x"}, "b": set()}
+    counts: dict[str, int | None] = {}
+    answers: dict[str, int | None] = {}
+    asked: list[list[str]] = []
+
+    async def probe(ask, backoff_index):  # stands in for Serve's RPC to each replica, answering `answers`
+        asked.append([r.replica_id for r in ask])
+        return [(r, answers.get(r.replica_id)) for r in ask]
+
+    router._probe_queue_lens = probe
+
+    async def learn(falls_after_s: float | None):
+        if falls_after_s is not None:  # Serve's callback for the render that just ended
+            asyncio.get_running_loop().call_later(falls_after_s, counts.update, {"a": 0})
+        t0 = time.perf_counter()
+        got = await router._learn_loads(replicas, lambda r: held[r.replica_id], "x", lambda r: counts[r.replica_id])
+        return got, time.perf_counter() - t0
+
+    counts.update(a=1, b=0)
+    got, took = asyncio.run(learn(routing.SETTLE_S / 5))
+    assert got == {} and not asked and routing.SETTLE_S <= took < 1.0
+    assert sorted(rounds("x", 0.0, load={"a": 0, "b": 0, "c": 0, "d": 0})[0]) == ["a", "d"]  # stays with holders
+
+    counts.update(a=1, b=0)
+    answers.update(a=1, b=0)
+    got, _ = asyncio.run(learn(None))  # a holder busy with another render: asked, it says so
+    assert asked == [["a"]] and got == {"a": 1}
+    load = {**counts, **got}
+    assert routing.ranked(replicas, lambda r: held[r.replica_id], "x", 0.0, 1.0, lambda r: load[r.replica_id]) == [
+        [replicas[0], replicas[1]]
+    ]  # the idle replica beside the busy holder: it spreads
+
+    answers["a"] = None  # no answer in time (a loaded machine): not known to be busy
+    got, _ = asyncio.run(learn(None))
+    load = {**counts, **got}
+    assert got == {"a": None}
+    assert routing.ranked(replicas, lambda r: held[r.replica_id], "x", 0.0, 1.0, lambda r: load[r.replica_id]) == [
+        [replicas[0]]
+    ]
+
+    counts.update(a=0, b=0)  # a holder already idle by its count: nothing waited for, nobody asked
+    asked.clear()
+    got, took = asyncio.run(learn(None))
+    assert got == {} and not asked and took < routing.SETTLE_S
