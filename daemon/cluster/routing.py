@@ -151,7 +151,7 @@ class StackRouter(FIFOMixin, MultiplexMixin, RequestRouter):
 
         spreads = pending_request is not None and pending_request.metadata.call_method in SPREADS
         if spreads and stack_id:
-            asked = await self._learn_loads(candidate_replicas, stacks_of, stack_id, load_of)
+            asked = await self._learn_loads(candidate_replicas, stacks_of, stack_id, load_of, waited_s)
         rounds = ranked(candidate_replicas, stacks_of, stack_id, waited_s, self.affinity_s,
                         load_of if spreads else lambda r: None)  # fmt: skip
         if stack_id and pending_request is not None and log.isEnabledFor(logging.DEBUG):
@@ -180,13 +180,15 @@ class StackRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         stacks_of: Callable[[RunningReplica], Collection[str]],
         stack_id: str,
         load_of: Callable[[RunningReplica], int | None],
+        waited_s: float = 0.0,
     ) -> dict[Any, int | None]:
         """When Serve's counts say every holder of the stack is busy, make sure before `ranked` spreads the
         stack; returns the answers of the replicas asked, by id (None: no answer in time), or {} where the
         stack does not spread. A holder's count can be a request behind: Serve lowers it from another
         thread once a render's answer has ended, and the same client's next render can reach the router
         first; the replica's own count lags the same way (it counts a request until its answer is sent).
-        So the counts are read again SETTLE_S later: a holder busy with another render keeps its count.
+        So the counts are read again once the request is SETTLE_S old (`waited_s` is its age: a request
+        routed again after a refusal has had its time): a holder busy with another render keeps its count.
         (tests/cluster/test_cluster.py's twenty renders sent one after another, with a busy loop beside
         them on one of the machine's two cores: 6 stack loads for 3 stacks without this wait, 3 with it,
         one run each; each stale count had fallen within the 0.1 s.) A count still up, the holders and
@@ -198,7 +200,8 @@ class StackRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         counts = [load_of(r) for r in holders]
         if not holders or not all(n is not None and n >= SPILL_AT for n in counts):
             return {}
-        await asyncio.sleep(SETTLE_S)
+        if waited_s < SETTLE_S:
+            await asyncio.sleep(SETTLE_S - waited_s)
         settled = [load_of(r) for r in holders]
         if not all(n is not None and n >= SPILL_AT for n in settled):
             log.debug("stack %s not spread: its holders' counts fell from %s to %s within %.1f s", stack_id, counts,

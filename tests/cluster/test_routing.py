@@ -152,8 +152,9 @@ def test_with_debug_logging_the_router_says_each_stack_it_sent_where_it_was_not_
 def test_a_holder_counted_busy_by_a_render_that_just_ended_keeps_its_stack():
     """Serve lowers a holder's count only once a render's answer has ended, from another thread, so the
     same client's next render can see its holder busy. The count gets SETTLE_S to fall before the stack
-    spreads: fallen (the holder was idle), the stack stays and no replica is asked; still up, the
-    replicas are asked, a holder answering busy lets it spread, one not answering in time does not."""
+    spreads (counted from the request's creation: one routed again has had its time): fallen (the holder
+    was idle), the stack stays and no replica is asked; still up, the replicas are asked, a holder
+    answering busy lets it spread, one not answering in time does not."""
     from types import SimpleNamespace
 
     from daemon.cluster import routing
@@ -173,11 +174,13 @@ def test_a_holder_counted_busy_by_a_render_that_just_ended_keeps_its_stack():
 
     router._probe_queue_lens = probe
 
-    async def learn(falls_after_s: float | None):
+    async def learn(falls_after_s: float | None, waited_s: float = 0.0):
         if falls_after_s is not None:  # Serve's callback for the render that just ended
             asyncio.get_running_loop().call_later(falls_after_s, counts.update, {"a": 0})
         t0 = time.perf_counter()
-        got = await router._learn_loads(replicas, lambda r: held[r.replica_id], "x", lambda r: counts[r.replica_id])
+        got = await router._learn_loads(
+            replicas, lambda r: held[r.replica_id], "x", lambda r: counts[r.replica_id], waited_s
+        )
         return got, time.perf_counter() - t0
 
     counts.update(a=1, b=0)
@@ -201,6 +204,10 @@ def test_a_holder_counted_busy_by_a_render_that_just_ended_keeps_its_stack():
     assert routing.ranked(replicas, lambda r: held[r.replica_id], "x", 0.0, 1.0, lambda r: load[r.replica_id]) == [
         [replicas[0]]
     ]
+
+    asked.clear()  # a request already SETTLE_S old (routed again after a refusal) waits no more: asked at once
+    got, took = asyncio.run(learn(None, waited_s=routing.SETTLE_S))
+    assert asked == [["a"]] and got == {"a": None} and took < routing.SETTLE_S
 
     counts.update(a=0, b=0)  # a holder already idle by its count: nothing waited for, nobody asked
     asked.clear()
