@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench fuzz lock clean
+.PHONY: setup demo test lint bench fuzz soak lock clean
 
 setup:
 	@bash scripts/setup.sh
@@ -25,6 +25,11 @@ bench: setup
 # 1,000,000 fuzzed request bodies against `easel serve --preset tiny`; prints its figures and invariants
 fuzz: setup
 	$(PY) scripts/fuzz_daemon.py --inputs 1000000
+
+# ten minutes of a live game against `easel serve --preset tiny`: renders of every kind, cancels, hang-ups,
+# a LoRA rewritten, bad requests; prints its figures and invariants
+soak: setup
+	$(PY) scripts/soak_daemon.py --minutes 10
 
 lock:
 	bash scripts/lock.sh
