@@ -2,8 +2,10 @@
 in bytes, so switching back to one is a reference swap instead of a rebuild.
 
 A stack is keyed by what it was built from: each file's path, scale and `FileSignature`. A file that
-changes on disk has a new signature, so no lookup can reach a stack built from its old bytes; such a
-stack ages out of the LRU like any other.
+changes on disk has a new signature, so no lookup can reach a stack built from its old bytes. Such stacks
+go when a stack with that file is next put (built): a LoRA author re-exporting one file between renders
+would otherwise fill the bound with dead versions. One whose file is never built again ages out of the
+LRU like any other.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from client.lorafile.signature import FileSignature
+from client.lorafile.signature import FileSignature, file_signature
+from client.wire.errors import LoraError
 from client.wire.messages import LoraCacheStats
 from client.wire.report import FileReport
 from daemon.lora.runtime import LayerArrays
@@ -79,12 +82,14 @@ class ResidentStacks:
             return self._stacks.get(key)
 
     def put(self, stack: ResidentStack, *, live: bool = False) -> None:
-        """Keep `stack`, evicting the least recently used others down to the bound (never the live one);
-        `live`: it is the stack about to go live."""
+        """Keep `stack`, dropping the stacks built from other versions of its files than those on disk now,
+        then evicting the least recently used others down to the bound (never the live one); `live`: it is
+        the stack about to go live."""
         with self._lock:
             if live:
                 self._live = stack.key
             self._drop(stack.key)
+            self._drop_superseded(stack.key)
             if stack.nbytes > self.max_bytes:
                 return
             self._stacks[stack.key] = stack
@@ -96,6 +101,25 @@ class ResidentStacks:
                     continue
                 self._drop(key)
                 self._evictions += 1
+
+    def _drop_superseded(self, put: StackKey) -> None:
+        """Drop the stacks (but the one being put and the live one) built from a version of one of `put`'s
+        files other than the file at that path now, or from a file now gone. Compared by what a stat sees
+        (an inode, size and times), under the lock, so two puts in either order keep the newest version."""
+        for path in {entry[0] for entry in put}:
+            try:
+                now: FileSignature | None = file_signature(path)
+            except LoraError:  # gone or unreadable: no version of it can be reached
+                now = None
+            dead = [
+                key
+                for key in self._stacks
+                if key not in (put, self._live)
+                and any(p == path and (now is None or not sig.same_file_version(now)) for p, _, sig in key)
+            ]
+            for key in dead:
+                self._drop(key)
+            self._evictions += len(dead)
 
     def _drop(self, key: StackKey) -> None:
         old = self._stacks.pop(key, None)

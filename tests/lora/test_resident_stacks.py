@@ -511,3 +511,36 @@ def test_a_preload_stopped_at_any_of_its_checks_keeps_nothing_and_changes_nothin
     cold.apply_stack(other)
     np.testing.assert_array_equal(forward(), preloaded)
     cold.clear()
+
+
+def test_a_rewritten_files_old_stacks_leave_the_resident_stacks_at_its_next_build(tmp_path, make_patcher, forward):
+    """No lookup can reach a stack built from a file's old bytes, so the build of its new version drops every
+    such stack (a LoRA author re-exporting one file between renders would otherwise fill the bound with dead
+    versions); stacks of other files, and of the same file through another path, stay."""
+    p = make_patcher()
+    path = tmp_path / "wip.safetensors"
+    generate_lora("kohya", path, p.layout, rank=4, alpha=4.0, seed=1, magnitude=0.2)
+    other = generate_lora("diffusers", tmp_path / "other.safetensors", p.layout, rank=4, alpha=4.0, seed=3)
+    wip, rest = StackEntry(str(path), 1.0), StackEntry(str(other.path), 0.5)
+    p.apply_stack([wip])
+    p.apply_stack([rest, wip])
+    two = p.resident.stats().bytes
+    p.apply_stack([rest])
+    alone = p.resident.stats().bytes - two  # [rest]'s own bytes
+    assert p.resident.stats().entries == 3
+    b = generate_lora("kohya", tmp_path / "b.safetensors", p.layout, rank=4, alpha=4.0, seed=2, magnitude=0.2)
+    shutil.copyfile(b.path, tmp_path / "next.safetensors")
+    os.replace(tmp_path / "next.safetensors", path)  # an atomic re-export: a new inode
+    p.apply_stack([wip])
+    new = forward()
+    stats = p.resident.stats()
+    assert stats.entries == 2 and stats.evictions == 2  # [wip v1] and [rest, wip v1] dropped
+    assert stats.bytes == alone + p._live_built.nbytes
+    p.apply_stack([rest])  # still resident
+    assert p.resident.stats().misses == stats.misses
+    p.apply_stack([wip])
+    np.testing.assert_array_equal(forward(), new)
+    fresh = make_patcher()
+    p.clear()
+    fresh.apply_stack([StackEntry(str(b.path), 1.0)])
+    np.testing.assert_array_equal(forward(), new)
