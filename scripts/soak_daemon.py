@@ -23,7 +23,7 @@ output root and nothing but the finished renders' PNGs inside it, the queue drai
 fixed-seed render has the same pixels before and after (the loaded model is unchanged).
 
 Figures printed: renders by priority, interactive latency (send to answer) p50/p95, batch renders
-preempted, answers by code, ping p50/p99, the daemon's RSS before and after (when it is a child).
+preempted, answers by code, ping p50/p99, the daemon's RSS every 30 s (when it is a child).
 tests/server/test_soak.py runs `run_soak` for a short while in the normal test run.
 """
 
@@ -426,6 +426,13 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def _sample_rss(pid: int, into: list[float], done: threading.Event) -> None:
+    while not done.is_set():
+        with contextlib.suppress(OSError):
+            into.append(rss_mib(pid))
+        done.wait(30.0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="how long the soak runs (default 10)")
@@ -451,16 +458,20 @@ def main() -> int:
             lora_root.mkdir()
             print("starting `easel serve --preset tiny` ...", flush=True)
             daemon = DaemonProcess(sock, [lora_root], output_root, echo=False).start()
-        rss_before = rss_mib(daemon.proc.pid) if daemon else float("nan")
+        rss: list[float] = []  # the child daemon's, every 30 s
+        done = threading.Event()
+        if daemon:
+            threading.Thread(target=_sample_rss, args=(daemon.proc.pid, rss, done), daemon=True).start()
         t0 = time.monotonic()
         print(f"soaking for {args.minutes:g} min (references first) ...", flush=True)
         stats = run_soak(sock, lora_root, output_root, outside, seconds=args.minutes * 60, seed=args.seed)
         took = time.monotonic() - t0
-        rss_after = rss_mib(daemon.proc.pid) if daemon else float("nan")
+        done.set()
         for line in summary(stats):
             print(line)
         if daemon:
-            print(f"daemon RSS {rss_before:.0f} -> {rss_after:.0f} MiB")
+            rss.append(rss_mib(daemon.proc.pid))
+            print(f"daemon RSS every 30 s (MiB): {' '.join(f'{r:.0f}' for r in rss)}")
         for failure in stats.failures:
             print(f"FAILED: {failure}")
         ok = not stats.failures
