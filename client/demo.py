@@ -44,6 +44,7 @@ class DaemonProcess:
     preset: str = "tiny"
     ready_timeout_s: float = 600.0
     echo: bool = True
+    options: Sequence[str] = ()  # more `easel serve` options, as on its command line
     proc: subprocess.Popen | None = None
     lines: list[str] = field(default_factory=list)
 
@@ -52,7 +53,7 @@ class DaemonProcess:
         cmd += ["--socket", str(self.socket_path), "--output-root", str(self.output_root)]
         for root in self.lora_roots:
             cmd += ["--lora-root", str(root)]
-        return cmd
+        return cmd + list(self.options)
 
     def _pump(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None

@@ -11,6 +11,7 @@ probe alone once (the references), then runs these side by side for the time ask
 - an operator cancelling a batch job picked from `status` now and then;
 - a client that sends a render and hangs up at its first answer (queued or started);
 - a LoRA author rewriting one file between the renders that use it (each must see the new content);
+- a scene loader preloading the next scene's stack (a three-second deadline: the model is rarely free);
 - bad requests (a missing, a corrupt and an outside LoRA file; an output outside the root; an
   existing output; steps out of range), each expecting its own error code;
 - a monitor pinging every quarter second.
@@ -23,7 +24,9 @@ output root and nothing but the finished renders' PNGs inside it, the queue drai
 fixed-seed render has the same pixels before and after (the loaded model is unchanged).
 
 Figures printed: renders by priority, interactive latency (send to answer) p50/p95, batch renders
-preempted, answers by code, ping p50/p99, the daemon's RSS every 30 s (when it is a child).
+preempted, answers by code, ping p50/p99, the LoRA caches' hits, misses and evictions, the daemon's RSS
+every 30 s (when it is a child). `--serve-option` passes options to the daemon it starts (a per-file
+form, tight cache bounds: soak the configuration that will run).
 tests/server/test_soak.py runs `run_soak` for a short while in the normal test run.
 """
 
@@ -118,6 +121,7 @@ class SoakStats:
     hangups: int = 0
     rewrites: int = 0
     failures: list[str] = field(default_factory=list)  # broken invariants, in words
+    caches: list[str] = field(default_factory=list)  # the daemon's LoRA caches at the end, as `status` has them
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answer(self, code: str) -> None:
@@ -293,6 +297,26 @@ def misbehaving_client(soak: Soak, rng: random.Random) -> None:
                 soak.stats.fail(f"bad request ({what}) was rendered")
 
 
+def scene_loader(soak: Soak, rng: random.Random) -> None:
+    """Preload the next scene's stack, as a game server does before players get there: built when the
+    model is free, or refused once its three-second deadline passes (the batch scripts keep it busy)."""
+    with soak.client() as c:
+        while soak.running():
+            _pace(rng, soak, 4.0, 10.0)
+            probe = rng.choice([p for p in PROBES if p.stack])
+            fields = probe.fields(soak.lora_root)
+            try:
+                result = c.preload(fields["lora_paths"], fields["lora_scales"], deadline_s=3.0)
+            except EaselError as err:
+                soak.stats.answer(err.code)
+                if err.code != "deadline_exceeded":
+                    soak.stats.fail(f"preload of {probe.name} answered {err.code}: {err.message}")
+                continue
+            soak.stats.answer("result")
+            if not (result.resident or result.live) or len(result.stack) != len(probe.stack):
+                soak.stats.fail(f"preload of {probe.name} answered {result}")
+
+
 def monitor(soak: Soak, rng: random.Random) -> None:
     with soak.client() as c:
         while soak.running():
@@ -304,7 +328,7 @@ def monitor(soak: Soak, rng: random.Random) -> None:
 
 
 WORKERS: tuple[Callable, ...] = (game_server, batch_script, batch_script, operator, hang_up, author)
-WORKERS += (misbehaving_client, monitor)
+WORKERS += (scene_loader, misbehaving_client, monitor)
 
 
 def render_references(socket_path: Path, lora_root: Path) -> dict[str, bytes]:
@@ -378,6 +402,12 @@ def _check_after(soak: Soak, before: bytes) -> None:
             time.sleep(0.5)
         if st.queue:
             stats.fail(f"the queue still held {len(st.queue)} job(s) after the soak: {[j.job for j in st.queue]}")
+        for what, c in (("parsed files", st.lora_cache), ("resident stacks", st.resident_stacks)):
+            if c is not None:
+                stats.caches.append(
+                    f"{what}: {c.hits} hits, {c.misses} misses, {c.evictions} evictions, {c.entries} held "
+                    f"({c.bytes / 2**20:.1f} of {c.max_bytes / 2**20:.0f} MiB)"
+                )
     if pixels(fixed_render(soak.socket_path)) != pixels(before):
         stats.fail("the fixed-seed render differs after the soak: the loaded model changed")
     if files_under(soak.outside):
@@ -415,6 +445,7 @@ def summary(stats: SoakStats) -> list[str]:
         f"interactive latency p50 {_percentile(stats.interactive_s, 50):.2f}s p95 "
         f"{_percentile(stats.interactive_s, 95):.2f}s; ping p50 {_percentile(stats.pings_s, 50) * 1e3:.1f}ms "
         f"p99 {_percentile(stats.pings_s, 99) * 1e3:.1f}ms over {len(stats.pings_s)} pings",
+        *stats.caches,
     ]
 
 
@@ -438,11 +469,18 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=10.0, help="how long the soak runs (default 10)")
     ap.add_argument("--seed", type=int, default=0, help="the workers' random seed")
     ap.add_argument("--socket", type=Path, help="a running daemon's socket (default: start one of its own)")
+    ap.add_argument(
+        "--serve-option", action="append", default=[], metavar="OPTION",
+        help="one more `easel serve` option for the daemon it starts (repeatable; one word each, "
+        "e.g. --serve-option=--lowrank-form --serve-option=per-file)",
+    )  # fmt: skip
     ap.add_argument("--lora-root", type=Path, help="with --socket: one of that daemon's LoRA roots")
     ap.add_argument("--output-root", type=Path, help="with --socket: that daemon's output root")
     args = ap.parse_args()
     if args.socket and not (args.lora_root and args.output_root):
         ap.error("--socket needs --lora-root and --output-root (the soak writes LoRA files and checks outputs)")
+    if args.socket and args.serve_option:
+        ap.error("--serve-option is for the daemon the soak starts, not one given by --socket")
 
     from client.demo import DaemonProcess
 
@@ -457,7 +495,7 @@ def main() -> int:
             sock, lora_root, output_root = scratch / "easel.sock", scratch / "loras", scratch / "out"
             lora_root.mkdir()
             print("starting `easel serve --preset tiny` ...", flush=True)
-            daemon = DaemonProcess(sock, [lora_root], output_root, echo=False).start()
+            daemon = DaemonProcess(sock, [lora_root], output_root, echo=False, options=args.serve_option).start()
         rss: list[float] = []  # the child daemon's, every 30 s
         done = threading.Event()
         if daemon:
