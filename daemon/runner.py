@@ -154,6 +154,8 @@ class RenderJob(Job):
     started_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str | None = None  # why, when not a client's `cancel`: said in the Cancelled answer
+    committed: bool = False  # its picture is made and being written or answered: a cancel is too late now
+    commit_lock: threading.Lock = field(default_factory=threading.Lock)  # a cancel against the commit
     expiry: asyncio.TimerHandle | None = None  # answers a queued job whose deadline passes before its turn
     preemptions: int = 0  # times this (batch) job yielded to interactive ones
     suspended_s: float = 0.0  # seconds spent suspended (not billed to its denoising time)
@@ -373,12 +375,16 @@ class RenderRunner:
 
     def cancel(self, job: RenderJob, reason: EaselError | None = None) -> JobState:
         """Stop `job`: a queued one is dropped and answered now (`reason`, default Cancelled); a running
-        one stops at its next denoising step and is answered Cancelled then, a suspended one as it would
-        resume. Returns the state it was in."""
-        state = job.state
-        if reason is not None:
-            job.cancel_reason = reason.message
-        job.cancel_event.set()
+        one stops at its next denoising step, or after its last one before its picture is written, and is
+        answered Cancelled then, a suspended one as it would resume. Returns the state it was in: "done"
+        also for a render whose picture is already being written (it is answered with it)."""
+        with job.commit_lock:
+            if job.committed:
+                return "done"
+            state = job.state
+            if reason is not None:
+                job.cancel_reason = reason.message
+            job.cancel_event.set()
         if state == "queued" and self.queue.remove(job):
             self._fail(job, reason or Cancelled("cancelled while queued"))
         return state
@@ -528,7 +534,19 @@ class RenderRunner:
             if not nested and self._may_preempt(job):
                 self._yield_to_interactive(job, loop, i, n)
 
-        result = self.service.run(job.prepared, on_step, parent=job.trace_parent, enqueued_ns=job.enqueued_ns)
+        def commit() -> None:  # the picture is made: the last moment a cancel can still keep it unwritten
+            with job.commit_lock:
+                if job.cancel_event.is_set():
+                    why = f": {job.cancel_reason}" if job.cancel_reason else ""
+                    raise Cancelled(
+                        f"render cancelled after its last step, before its picture was written{why}",
+                        step=job.prepared.spec.steps,
+                    )
+                job.committed = True
+
+        result = self.service.run(
+            job.prepared, on_step, parent=job.trace_parent, enqueued_ns=job.enqueued_ns, before_output=commit
+        )
         t = result.timings
         if job.suspended_s:  # the nested renders ran inside this one's denoising phase
             t["suspended"] = job.suspended_s

@@ -458,9 +458,12 @@ class RenderService:
         *,
         parent: Context | None = None,
         enqueued_ns: int | None = None,
+        before_output: Callable[[], None] | None = None,
     ) -> RenderResult:
         """Render `prepared` (in the render thread). `parent` and `enqueued_ns` place the render span in
-        its request's trace and time its wait in the queue (`queue_wait`, counted in `total`)."""
+        its request's trace and time its wait in the queue (`queue_wait`, counted in `total`).
+        `before_output` runs once the picture is encoded, before it is written or returned: it may raise
+        (a cancel that came after the last step) and then nothing is written."""
         t0 = time.perf_counter()
         t: dict[str, float] = {}
         with self.render_span(prepared, parent, enqueued_ns) as span:
@@ -486,6 +489,8 @@ class RenderService:
                 "matched_keys": [r.keys_applied for r in self.active_report],
             }
             data = encode_png(out.image, meta)
+            if before_output is not None:
+                before_output()
             if prepared.output is not None:
                 self.outputs.write(prepared.output, data)
             t["write"] = time.perf_counter() - t_write

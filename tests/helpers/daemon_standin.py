@@ -36,6 +36,7 @@ class StandinEngine:
     step_s: float = 0.05
     rendered: list = field(default_factory=list)
     encode_s: float = 0.0  # "prompt encoding" before boundary 0
+    decode_s: float = 0.0  # "VAE decode" after the last step
 
     def render(self, spec, on_step=None, limits=None):
         t0 = time.perf_counter()
@@ -46,6 +47,7 @@ class StandinEngine:
             time.sleep(self.step_s)
             if on_step is not None:
                 on_step(i, spec.steps)
+        time.sleep(self.decode_s)
         self.rendered.append(spec)
         img = Image.new("RGB", (spec.width, spec.height), (spec.seed % 256, 0, 0))
         return SimpleNamespace(

@@ -160,6 +160,29 @@ def test_cancel_a_queued_job_answers_at_once_and_a_running_one_stops_at_its_next
     assert rendered == [] and st.in_flight is None and st.queue_depth == 0 and st.renders_done == 0
 
 
+def test_a_cancel_after_the_last_step_answers_cancelled_and_writes_no_picture(tmp_path):
+    """A cancel that arrives while the picture is decoded (no step left to stop at) still keeps it from
+    being written: the client told `cancelled` finds no file (a gateway answers such a cancel at once)."""
+
+    async def body(runner, service):
+        service.engine.decode_s = 0.5
+        rec = Recorder()
+        job = runner.submit(req("decoding", steps=2, output_path="late.png"), rec)
+        await until(lambda: ("progress", 2, 2) in rec.events)
+        assert runner.cancel(job) == "running"
+        with pytest.raises(Cancelled, match="after its last step, before its picture was written") as err:
+            await rec.answer
+        assert err.value.details["step"] == 2
+        assert runner.cancel(job) == "done"
+        done = Recorder()  # the runner goes on: the next render is written as ever
+        runner.submit(req("next", steps=1, output_path="next.png"), done)
+        return await done.answer
+
+    result = run(tmp_path, body)
+    assert not (tmp_path / "out" / "late.png").exists()
+    assert Path(result.image_path).exists()
+
+
 def test_deadlines_answer_a_queued_job_before_its_turn_and_stop_a_running_one(tmp_path):
     async def body(runner, service):
         long_rec, hurry, late = Recorder(), Recorder(), Recorder()
