@@ -628,6 +628,29 @@ def test_the_driver_keeps_serves_info_lines_to_itself(cluster):
     assert logging.getLogger("ray.serve").getEffectiveLevel() == logging.WARNING
 
 
+def test_a_minute_of_a_live_game_through_the_gateway_keeps_every_invariant(cluster):
+    """scripts/soak_daemon.py through the gateway: interactive and batch renders, cancels by the job ids the
+    gateway lists, hang-ups, a rewritten LoRA, preloads, bad requests, pings. The gateway answers a cancel
+    at once, so a replica already writing the picture when Serve's cancel reaches it may still write it:
+    such a file must be whole (`late_cancels`); every other invariant is the daemon's."""
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "soak_daemon.py"
+    spec = importlib.util.spec_from_file_location("soak_daemon", script)
+    soak = importlib.util.module_from_spec(spec)
+    sys.modules["soak_daemon"] = soak
+    spec.loader.exec_module(soak)
+    outside = cluster.root / "soak-outside"
+    outside.mkdir()
+    stats = soak.run_soak(
+        cluster.gateway.socket, cluster.loras, cluster.out / "soak", outside, seconds=60.0, seed=5, late_cancels=True
+    )
+    assert stats.failures == [], "\n".join(stats.failures)
+    assert stats.renders["interactive"] >= 3 and stats.renders["batch"] >= 1, stats.renders
+    assert stats.cancels_sent >= 1 and stats.hangups >= 1 and "internal" not in stats.answers, stats.answers
+
+
 def test_a_replica_killed_mid_batch_loses_nothing(cluster):
     """`easel batch --cluster`: the batch runs through the `cluster` renderer (entry point) with 4 renders in
     flight; a replica is killed while it renders; every item is rendered exactly once, the manifest is whole."""
