@@ -516,7 +516,7 @@ def test_a_preload_stopped_at_any_of_its_checks_keeps_nothing_and_changes_nothin
 def test_a_rewritten_files_old_stacks_leave_the_resident_stacks_at_its_next_build(tmp_path, make_patcher, forward):
     """No lookup can reach a stack built from a file's old bytes, so the build of its new version drops every
     such stack (a LoRA author re-exporting one file between renders would otherwise fill the bound with dead
-    versions); stacks of other files, and of the same file through another path, stay."""
+    versions); stacks of other files stay."""
     p = make_patcher()
     path = tmp_path / "wip.safetensors"
     generate_lora("kohya", path, p.layout, rank=4, alpha=4.0, seed=1, magnitude=0.2)
