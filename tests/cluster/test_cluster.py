@@ -633,14 +633,9 @@ def test_a_minute_of_a_live_game_through_the_gateway_keeps_every_invariant(clust
     gateway lists, hang-ups, a rewritten LoRA, preloads, bad requests, pings. The gateway answers a cancel
     at once, so a replica already writing the picture when Serve's cancel reaches it may still write it:
     such a file must be whole (`late_cancels`); every other invariant is the daemon's."""
-    import importlib.util
-    import sys
+    from helpers.scripts import load_script
 
-    script = Path(__file__).resolve().parents[2] / "scripts" / "soak_daemon.py"
-    spec = importlib.util.spec_from_file_location("soak_daemon", script)
-    soak = importlib.util.module_from_spec(spec)
-    sys.modules["soak_daemon"] = soak
-    spec.loader.exec_module(soak)
+    soak = load_script("soak_daemon")
     outside = cluster.root / "soak-outside"
     outside.mkdir()
     stats = soak.run_soak(

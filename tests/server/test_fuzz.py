@@ -4,34 +4,22 @@ generator for 1,000,000 inputs against `easel serve` (scripts/fuzz_daemon.py).""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 from helpers.daemon_standin import InProcessDaemon, make_config
+from helpers.scripts import load_script
 
 from daemon.render_spec import Limits
 
 pytestmark = pytest.mark.model
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "fuzz_daemon.py"
 INPUTS = 10_000
 TIME_CAP_S = 600.0  # a hang fails the test instead of stalling the run
-
-
-def load_fuzzer():
-    spec = importlib.util.spec_from_file_location("fuzz_daemon", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fuzz_daemon"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_decoder_fuzz_10000_inputs_fixed_seed(tiny_model, tmp_path):
     from daemon.service import RenderService
 
-    fuzz = load_fuzzer()
+    fuzz = load_script("fuzz_daemon")
     outside = tmp_path / "outside"
     outside.mkdir()
     config = make_config(

@@ -6,25 +6,13 @@ socket; then every invariant the script checks. `make soak` runs the same for te
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 from helpers.daemon_standin import InProcessDaemon, make_config
+from helpers.scripts import load_script
 
 pytestmark = pytest.mark.model
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "soak_daemon.py"
 SOAK_S = 60.0
-
-
-def load_soak():
-    spec = importlib.util.spec_from_file_location("soak_daemon", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak_daemon"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_minute_of_a_live_game_keeps_every_invariant(tiny_model, tmp_path):
@@ -33,7 +21,7 @@ def test_a_minute_of_a_live_game_keeps_every_invariant(tiny_model, tmp_path):
     from daemon.lora.resident import ResidentStacks
     from daemon.service import RenderService
 
-    soak = load_soak()
+    soak = load_script("soak_daemon")
     outside = tmp_path / "outside"
     outside.mkdir()
     config = make_config(tmp_path, queue_capacity=32)
