@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,6 +123,18 @@ def _inspect_image(path: Path) -> _Pixels | str:
         return f"{type(exc).__name__}: {exc}"  # a bomb: the trainer's Image.open refuses it the same way
 
 
+def _linked_outside(root: Path, files: list[Path]) -> list[str]:
+    """`name -> target` for each file that is a link (through any chain) to a file outside `root`."""
+    inside = root.resolve()
+    named = []
+    for p in files:
+        if p.is_symlink():
+            target = p.resolve()
+            if not target.is_relative_to(inside):
+                named.append(f"{p.name} -> {target}")
+    return named
+
+
 def check_dataset(
     directory: str | Path,
     *,
@@ -135,15 +148,38 @@ def check_dataset(
     if not root.is_dir():
         report.problems.append(Problem("not_a_directory", f"{root} is not a directory", (str(root),)))
         return report
-    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    broken = [p for p in entries if p.is_symlink() and not p.exists()]
+    files = [p for p in entries if p.is_file()]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     captions = {p.stem: p for p in files if p.suffix.lower() == CAPTION_SUFFIX}
     others = [p.name for p in files if p not in images and p.suffix.lower() != CAPTION_SUFFIX]
+    # a FIFO, socket or device: never opened (reading a FIFO would wait for a writer), only named
+    others += [p.name for p in entries if not p.is_file() and not p.is_dir() and p not in broken]
+    if broken:  # is_file() is False for a link to nothing, so it was skipped without a word
+        report.problems.append(
+            Problem(
+                "broken_link",
+                f"{len(broken)} link(s) point at nothing",
+                tuple(f"{p.name} -> {os.readlink(p)}" for p in broken),
+            )
+        )
+    outside = _linked_outside(root, files)
+    if outside:
+        report.problems.append(
+            Problem(
+                "linked_outside",
+                f"{len(outside)} file(s) are links to files outside the folder: the set is not self-contained, "
+                "and a copy that keeps links as links loses them",
+                tuple(outside),
+                False,
+            )
+        )
     if others:
         report.problems.append(
             Problem("ignored_files", f"{len(others)} file(s) are neither images nor captions", tuple(others), False)
         )
-    folders = sorted(p.name + "/" for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [p.name + "/" for p in entries if p.is_dir()]
     if folders:  # kohya's `10_style/` repeat folders, say: train.jsonl lists this folder's own files only
         report.problems.append(
             Problem(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +258,41 @@ def test_folders_inside_the_set_are_named_not_silently_skipped(tmp_path: Path) -
     report = check_dataset(d, min_images=1, min_side=1)
     assert _problem(report, "ignored_folders").paths == ("10_style/",)
     assert not _problem(report, "ignored_folders").blocking and _problem(report, "too_few_images") is not None
+
+
+def test_a_link_to_nothing_is_named_and_blocks(tmp_path: Path) -> None:
+    """A dangling link is neither a file nor a folder, so the check skipped it without a word: its caption
+    then read as an orphan and the image the author meant to train on was simply not there."""
+    d = make_set(tmp_path / "d", 2)
+    (d / "img_002.png").symlink_to(tmp_path / "moved_away.png")
+    (d / "img_002.txt").write_text("sks style\n")
+    report = check_dataset(d, min_images=1, min_side=1)
+    problem = _problem(report, "broken_link")
+    assert problem is not None and problem.blocking and not report.ok
+    assert problem.paths == (f"img_002.png -> {tmp_path / 'moved_away.png'}",)
+    assert [i.path for i in report.images] == ["img_000.png", "img_001.png"]
+
+
+def test_a_link_out_of_the_folder_is_read_and_warned_of(tmp_path: Path) -> None:
+    """The trainer follows links, so a linked image trains; the warning says the set is not self-contained.
+    A link to a file inside the set is not warned of."""
+    d = make_set(tmp_path / "d", 2)
+    make_image(tmp_path / "elsewhere.png", seed=9)
+    (d / "img_002.png").symlink_to(tmp_path / "elsewhere.png")
+    (d / "img_002.txt").write_text("sks style\n")
+    (d / "notes.md").write_text("x")
+    (d / "also_notes.md").symlink_to(d / "notes.md")
+    report = check_dataset(d, min_images=3, min_side=1)
+    problem = _problem(report, "linked_outside")
+    assert problem is not None and not problem.blocking and report.ok
+    assert problem.paths == (f"img_002.png -> {(tmp_path / 'elsewhere.png').resolve()}",)
+    assert [i.path for i in report.images] == ["img_000.png", "img_001.png", "img_002.png"]
+
+
+def test_a_fifo_in_the_set_is_named_and_never_opened(tmp_path: Path) -> None:
+    """Opening a FIFO waits for a writer: the check must name it among the ignored files, not read it."""
+    d = make_set(tmp_path / "d", 2)
+    os.mkfifo(d / "pipe.png")
+    report = check_dataset(d, min_images=1, min_side=1)
+    assert _problem(report, "ignored_files").paths == ("pipe.png",)
+    assert report.ok
