@@ -170,7 +170,7 @@ class Soak:
                 self.not_written[Path(fields["output_path"])] = (want, err.code)
             return err
         self.stats.answer("result")
-        got = result.image_bytes if result.image_bytes is not None else None
+        got = result.image_bytes
         if got is None and result.image_path:
             got = Path(result.image_path).read_bytes()
             self.written[Path(result.image_path)] = want
