@@ -389,6 +389,11 @@ class RenderRunner:
             self._fail(job, reason or Cancelled("cancelled while queued"))
         return state
 
+    async def cancel_verdict(self, job: RenderJob, state: JobState) -> JobState:
+        """What the cancel that returned `state` came to: here, decided when it was made (the gateway's
+        runner waits for its replica's word)."""
+        return state
+
     async def render(self, request: Render, *, owner: object = "local") -> RenderResult:
         """Submit `request` and wait for its picture (raises its error). Cancelling the wait cancels the job."""
         listener = ResultListener()

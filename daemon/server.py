@@ -639,7 +639,7 @@ class DaemonServer:
             if job.cancel_event.is_set():
                 result = CancelResult(cancelled=False, state="cancelling", job=job.job_id)
             else:
-                state = self.runner.cancel(job)
+                state = await self.runner.cancel_verdict(job, self.runner.cancel(job))
                 result = CancelResult(cancelled=state != "done", state=state, job=job.job_id)
         elif job is not None or answered is not None:
             result = CancelResult(cancelled=False, state="done", job=job.job_id if job is not None else answered)

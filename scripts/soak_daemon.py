@@ -19,10 +19,10 @@ probe alone once (the references), then runs these side by side for the time ask
 Invariants, checked at the end (exit 1 if any fails): every request got its final answer, no answer
 was `internal` or a code its sender did not expect, every image (returned or written) has its
 reference's pixels (a PNG's text names the LoRA files, so bytes can differ where only a path does), a
-render that was cancelled, failed or lost its client left no file (through a cluster gateway, which
-answers a cancel at once, `late_cancels` lets such a file be whole instead), nothing was written outside
-the output root and nothing but the finished renders' PNGs inside it, the queue drains to empty, and a
-fixed-seed render has the same pixels before and after (the loaded model is unchanged).
+render that was cancelled, failed or lost its client left no file, no render answered its picture after
+a cancel of it answered `cancelled` (a cancel that comes too late answers `done`), nothing was written
+outside the output root and nothing but the finished renders' PNGs inside it, the queue drains to empty,
+and a fixed-seed render has the same pixels before and after (the loaded model is unchanged).
 
 Figures printed: renders by priority, interactive latency (send to answer) p50/p95, batch renders
 preempted, answers by code, ping p50/p99, the LoRA caches' hits, misses and evictions, the daemon's RSS
@@ -119,7 +119,7 @@ class SoakStats:
     pings_s: list[float] = field(default_factory=list)
     preempted: int = 0  # batch renders that were suspended at least once and still finished
     cancels_sent: int = 0
-    late_cancel_files: int = 0  # with `late_cancels`: whole pictures of renders answered `cancelled`
+    cancels_too_late: int = 0  # answered `done`: the job was past its last check (or already answered)
     hangups: int = 0
     rewrites: int = 0
     failures: list[str] = field(default_factory=list)  # broken invariants, in words
@@ -145,9 +145,10 @@ class Soak:
     stats: SoakStats
     stop_at: float
     written: dict[Path, bytes] = field(default_factory=dict)  # output files expected, with their bytes
-    # outputs of renders that failed, were cancelled or lost their client: (reference, the answer's code)
-    not_written: dict[Path, tuple[bytes, str]] = field(default_factory=dict)
-    late_cancels: bool = False  # a file may still appear, whole, for a render answered `cancelled` at once
+    # outputs of renders that failed, were cancelled or lost their client, with the answer's code
+    not_written: dict[Path, str] = field(default_factory=dict)
+    finished_jobs: set[str] = field(default_factory=set)  # job ids answered with their picture
+    stopped_jobs: set[str] = field(default_factory=set)  # job ids a cancel answered `cancelled` for
 
     def running(self) -> bool:
         return time.monotonic() < self.stop_at
@@ -167,9 +168,11 @@ class Soak:
             if err.code not in expect:
                 self.stats.fail(f"{who}: {probe.name} answered {err.code}: {err.message}")
             if fields.get("output_path"):
-                self.not_written[Path(fields["output_path"])] = (want, err.code)
+                self.not_written[Path(fields["output_path"])] = err.code
             return err
         self.stats.answer("result")
+        with self.stats.lock:
+            self.finished_jobs.add(result.job)
         got = result.image_bytes
         if got is None and result.image_path:
             got = Path(result.image_path).read_bytes()
@@ -227,9 +230,13 @@ def operator(soak: Soak, rng: random.Random) -> None:
             _pace(rng, soak, 3.0, 8.0)
             batch = [j.job for j in c.status().queue if j.priority == "batch"]
             if batch and soak.running():
-                c.cancel(job=rng.choice(batch))
+                answer = c.cancel(job=rng.choice(batch))
                 with soak.stats.lock:
                     soak.stats.cancels_sent += 1
+                    if answer.cancelled:
+                        soak.stopped_jobs.add(answer.job)
+                    elif answer.state == "done":
+                        soak.stats.cancels_too_late += 1
 
 
 def hang_up(soak: Soak, rng: random.Random) -> None:
@@ -254,7 +261,7 @@ def hang_up(soak: Soak, rng: random.Random) -> None:
             reply = decode_reply(framing.recv_frame(s))
             if not isinstance(reply, Event):
                 soak.stats.fail(f"hang-up: the render's first answer was {reply}, not an event")
-        soak.not_written[path] = (soak.references[probe.name], "hang-up")  # dropped or stopped at its next step
+        soak.not_written[path] = "hang-up"  # dropped or stopped at its next step
         with soak.stats.lock:
             soak.stats.hangups += 1
 
@@ -371,12 +378,8 @@ def run_soak(
     *,
     seconds: float,
     seed: int = 0,
-    late_cancels: bool = False,
 ) -> SoakStats:
-    """Make the LoRA files, render the references, soak for `seconds`, then check every invariant.
-    `late_cancels`: the socket is a cluster gateway's, which answers a cancel at once, so a replica
-    already writing the picture when the cancel reaches it may still write it (whole: it is counted,
-    not failed)."""
+    """Make the LoRA files, render the references, soak for `seconds`, then check every invariant."""
     make_soak_loras(lora_root)
     output_root.mkdir(parents=True, exist_ok=True)
     (output_root / "taken.png").write_bytes(TAKEN)
@@ -384,7 +387,6 @@ def run_soak(
     refs = render_references(socket_path, lora_root)
     stats = SoakStats()
     soak = Soak(socket_path, lora_root, output_root, outside, refs, stats, time.monotonic() + seconds)
-    soak.late_cancels = late_cancels
     errors: list[str] = []
 
     def guarded(fn: Callable, *args) -> None:
@@ -437,13 +439,11 @@ def _check_after(soak: Soak, before: bytes) -> None:
             stats.fail(f"{path} is in the output root, and no finished render wrote it")
         elif pixels(path.read_bytes()) != pixels(soak.written[path]):
             stats.fail(f"{path} differs from its reference")
-    for path, (want, code) in soak.not_written.items():
-        if not path.exists():
-            continue
-        if soak.late_cancels and code == "cancelled" and pixels(path.read_bytes()) == pixels(want):
-            stats.late_cancel_files += 1
-        else:
+    for path, code in soak.not_written.items():
+        if path.exists():
             stats.fail(f"{path} exists, but its render was answered {code}")
+    for job in sorted(soak.finished_jobs & soak.stopped_jobs):
+        stats.fail(f"job {job} answered its picture, though a cancel of it answered `cancelled`")
     if "internal" in stats.answers:
         stats.fail(f"{stats.answers['internal']} answer(s) were `internal`")
 
@@ -460,7 +460,7 @@ def summary(stats: SoakStats) -> list[str]:
         f"renders: {stats.renders['interactive']} interactive, {stats.renders['batch']} batch "
         f"({stats.preempted} batch renders preempted and resumed); {stats.cancels_sent} cancels sent, "
         f"{stats.hangups} hang-ups, {stats.rewrites} LoRA rewrites"
-        + (f"; {stats.late_cancel_files} written though answered `cancelled`" if stats.late_cancel_files else ""),
+        + (f"; {stats.cancels_too_late} cancels came too late (answered `done`)" if stats.cancels_too_late else ""),
         f"answers: {answers}",
         f"interactive latency p50 {_percentile(stats.interactive_s, 50):.2f}s p95 "
         f"{_percentile(stats.interactive_s, 95):.2f}s; ping p50 {_percentile(stats.pings_s, 50) * 1e3:.1f}ms "

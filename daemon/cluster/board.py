@@ -4,7 +4,8 @@ Ray Serve routes a request to *some* replica; it has no call for "ask every repl
 posts its own status here (after each render and each stack load) and the gateway's `status` reads them
 all at once. The board also remembers finished results by request key, which makes a retried request
 idempotent: a replica that is handed a retry (its first replica died) answers with the stored result
-when the first attempt did finish, instead of rendering it twice.
+when the first attempt did finish, instead of rendering it twice. And it carries what a cancel came to
+on its replica back to the gateway, whose cancelled stream can no longer say it (`cancel_outcome`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class ClusterBoard:
         self.results: OrderedDict[str, Any] = OrderedDict()  # request key -> RenderResult
         self.attempts: dict[str, list[str]] = {}  # request key -> replicas that took it, in order
         self.finished_by: Counter[str] = Counter()  # request key -> renders finished (must stay <= 1)
+        self.cancels: OrderedDict[str, tuple] = OrderedDict()  # request key -> what its cancel came to
 
     def report(self, replica: str, snapshot: dict[str, Any]) -> None:
         self.replicas[replica] = (time.time(), snapshot)
@@ -51,6 +53,18 @@ class ClusterBoard:
 
     def result(self, key: str) -> Any:
         return self.results.get(key)
+
+    def cancel_outcome(self, key: str, outcome: tuple) -> None:
+        """A replica's word on a cancel of `key`: ("cancelled",) stopped before its picture was written;
+        ("committed",) past its last check, the picture being written; then its answer, ("result", RenderResult)
+        or ("error", wire error)."""
+        self.cancels[key] = outcome
+        self.cancels.move_to_end(key)
+        while len(self.cancels) > RESULTS_KEPT:
+            self.cancels.popitem(last=False)
+
+    def outcome(self, key: str) -> tuple | None:
+        return self.cancels.get(key)
 
     def snapshot(self) -> dict[str, Any]:
         now = time.time()

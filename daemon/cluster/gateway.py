@@ -13,7 +13,9 @@ request is never rendered twice, and the retry overwrites only its own output fi
 by whoever finishes). A second death is reported (`replica_failed`), never retried forever. Cancel
 cancels the stream (Serve cancels the replica's call, which cancels the runner's job); a deadline is
 carried to the replica (what is left of it) and also watched here, so a request waiting in Ray's router
-queue still ends on time.
+queue still ends on time. A cancelled stream says nothing more, so a cancel of a render a replica has
+taken is answered by what the replica tells the board it came to: stopped, or too late (past its last
+check, its picture being written: the cancel answers `done` and the render its result).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import random
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +73,9 @@ FORWARD_SPAN = "easel.cluster.forward"
 MAX_ATTEMPTS = 2  # the first try and one retry on another replica
 ROUTE_LEARN_S = 3.0  # the longest a preload's answer waits for the router to know where its stack is
 ROUTE_PROBE_S = 0.05  # between two probes of where the router sends a stack
+OUTCOME_WAIT_S = 2.0  # the longest a cancel waits for its replica's word (a dead replica never gives it)
+ANSWER_WAIT_S = 60.0  # the longest a render cancelled too late waits for its replica's answer
+OUTCOME_POLL_S = 0.02  # between two looks at the board for that word
 
 
 @dataclass(eq=False, kw_only=True)
@@ -98,6 +104,7 @@ class ClusterJob:
     reason: EaselError | None = None  # why it was cancelled here
     task: asyncio.Task | None = None
     stream: Any = None  # the DeploymentResponseGenerator of the attempt in flight
+    verdict: asyncio.Future | None = None  # a cancel's word from the replica: True when it came too late
     span: Any = None
     expiry: asyncio.TimerHandle | None = None
 
@@ -165,6 +172,9 @@ class ClusterRunner:
         self.jobs: dict[str, ClusterJob] = {}
         self.renders_done = 0
         self.retries = 0
+        # what the cancels of renders a replica had taken came to, by the replica's word: "stopped" before
+        # the picture was written, "too_late" (the render answered its picture), "no_word" (none came in time)
+        self.cancel_outcomes: Counter[str] = Counter()
         self.preloads: dict[tuple[Any, Any], Any] = {}  # (owner, request id) -> the forwarded call, until answered
         self._seq = itertools.count(1)
         self._closed = False
@@ -203,7 +213,8 @@ class ClusterRunner:
         self.stop_accepting()
         for job in list(self.jobs.values()):
             reason = ShuttingDown("the gateway shut down before this render started")
-            self.cancel(job, reason if job.state == "queued" else Cancelled("the gateway was stopped"))
+            stopped = reason if job.state == "queued" else Cancelled("the gateway was stopped")
+            self.cancel(job, stopped, ask_replica=False)
 
     async def close(self, *, forced_grace_s: float = 2.0) -> None:
         self.abort()
@@ -245,19 +256,30 @@ class ClusterRunner:
     def get(self, job_id: str) -> ClusterJob | None:
         return self.jobs.get(job_id)
 
-    def cancel(self, job: ClusterJob, reason: EaselError | None = None) -> str:
-        """Stop `job`: its stream is cancelled (the replica's job stops at its next step) and it is answered
-        at once. Returns the state it was in."""
+    def cancel(self, job: ClusterJob, reason: EaselError | None = None, *, ask_replica: bool = True) -> str:
+        """Stop `job`: its stream is cancelled (Serve cancels the replica's call; the runner stops the job at
+        its next step, or lets it finish if it is past its last check). One no replica has taken yet is
+        answered at once; one a replica has is answered by the replica's word (`cancel_verdict`). Returns the
+        state it was in."""
         state = job.state
         if state == "done" or job.cancel_event.is_set():
             return state
         job.reason = reason
         job.cancel_event.set()
-        if job.stream is not None:  # Serve cancels the replica's call: the runner stops the job at its next step
+        if job.stream is not None:
             job.stream.cancel()
-        if job.task is not None:  # answered now, not when the stream ends (a dead replica's never may)
+        if ask_replica and job.stream is not None and job.replica is not None and self.board is not None:
+            job.verdict = asyncio.get_running_loop().create_future()  # the forward task asks the board
+        elif job.task is not None:  # answered now, not when the stream ends (a dead replica's never may)
             job.task.cancel()
         return state
+
+    async def cancel_verdict(self, job: ClusterJob, state: str) -> str:
+        """What the cancel that found `job` in `state` came to: `done` where its replica had passed its last
+        check (the render answers its result), else `state`."""
+        if job.verdict is None:
+            return state
+        return "done" if await asyncio.shield(job.verdict) else state
 
     def _expire(self, job: ClusterJob) -> None:
         if job.state != "done":
@@ -303,14 +325,12 @@ class ClusterRunner:
                     self.retries += 1
                     job.state, job.step, job.forecast = "queued", None, None
         except asyncio.CancelledError:
-            self._fail(job, job.reason or Cancelled(f"render cancelled at step {job.step or 0}", step=job.step or 0))
+            await self._answer_cancelled(job)
         except EaselError as err:
             self._fail(job, err)
         except Exception as exc:
             if job.cancel_event.is_set():  # a cancelled stream ends with Ray's own cancellation error
-                self._fail(
-                    job, job.reason or Cancelled(f"render cancelled at step {job.step or 0}", step=job.step or 0)
-                )
+                await self._answer_cancelled(job)
             else:
                 log.exception("forwarding %s failed", job.job_id)
                 self._fail(
@@ -321,6 +341,56 @@ class ClusterRunner:
                         replica=job.replica,
                     ),
                 )
+
+    async def _answer_cancelled(self, job: ClusterJob) -> None:
+        """Answer a cancelled render: `cancelled`, unless its replica says the cancel came too late, when it
+        answers what the replica answered (its result, as a daemon does). No word within OUTCOME_WAIT_S (a
+        dead or stalled replica) counts as stopped."""
+        stopped = job.reason or Cancelled(f"render cancelled at step {job.step or 0}", step=job.step or 0)
+        if job.verdict is None or job.verdict.done():
+            self._fail(job, stopped)
+            return
+        try:
+            outcome = await self._outcome(job, OUTCOME_WAIT_S)
+            committed = outcome is not None and outcome[0] != "cancelled"
+            self.cancel_outcomes["no_word" if outcome is None else "too_late" if committed else "stopped"] += 1
+            job.verdict.set_result(committed)
+            if not committed:
+                self._fail(job, stopped)
+                return
+            answer = await self._outcome(job, ANSWER_WAIT_S, answer=True)
+        except asyncio.CancelledError:  # the gateway stops: it does not wait for the replica's word
+            if not job.verdict.done():
+                job.verdict.set_result(False)
+            self._fail(job, stopped)
+            return
+        if answer is None:
+            self._fail(
+                job,
+                ReplicaFailed(
+                    f"render {job.job_id} was cancelled too late to stop on replica {job.replica}, and no answer "
+                    f"came from it within {ANSWER_WAIT_S:g}s",
+                    replica=job.replica,
+                ),
+            )
+        else:
+            self._event(job, answer)
+
+    async def _outcome(self, job: ClusterJob, wait_s: float, *, answer: bool = False) -> tuple | None:
+        """The board's word on `job`'s cancel (with `answer`, only the job's answer: a result or an error), or
+        None after `wait_s` (a board that cannot be asked gives no word either)."""
+        until = time.monotonic() + wait_s
+        while True:
+            try:
+                outcome = await self.board.outcome.remote(job.key)
+            except Exception as exc:
+                log.warning("asking the board how the cancel of %s ended failed: %s", job.job_id, cause_of(exc))
+                outcome = None
+            if outcome is not None and (not answer or outcome[0] in ("result", "error")):
+                return outcome
+            if time.monotonic() >= until:
+                return None
+            await asyncio.sleep(OUTCOME_POLL_S)
 
     @property
     def preloads_waiting(self) -> int:
@@ -392,6 +462,7 @@ class ClusterRunner:
         return self.ids.stack_id(paths, req.lora_scales)
 
     async def _attempt(self, job: ClusterJob, req: Render) -> None:
+        job.replica = None  # until this attempt's replica says who it is
         stream = self.handle.options(stream=True, multiplexed_model_id=job.stack_id).render.remote(
             encode(req), job.key, job.attempts
         )
@@ -447,6 +518,8 @@ class ClusterRunner:
         self.jobs.pop(job.job_id, None)
         if job.expiry is not None:
             job.expiry.cancel()
+        if job.verdict is not None and not job.verdict.done():  # answered before the cancel could stop it
+            job.verdict.set_result(True)
         return True
 
     def _finish(self, job: ClusterJob, result: RenderResult) -> None:

@@ -46,6 +46,7 @@ log = logging.getLogger("easel.cluster.replica")
 REPLICA_SPAN = "easel.replica.render"
 REPLICA_ATTRIBUTE = "easel.replica.id"
 FINAL = ("result", "error")
+CANCELLED_BY_CALLER = "the caller cancelled this render (or went away)"
 
 
 class HopListener:
@@ -54,6 +55,7 @@ class HopListener:
     def __init__(self) -> None:
         self.events: asyncio.Queue[tuple] = asyncio.Queue()
         self.settled = asyncio.Event()  # the job was answered (also when nobody reads the events any more)
+        self.answer: tuple | None = None  # that answer: ("result", RenderResult) or ("error", wire error)
 
     def queued(self, job: RenderJob, position: int, estimate: Estimate) -> None:
         self.events.put_nowait(("queued", position, estimate.start_s, estimate.finish_s))
@@ -75,11 +77,14 @@ class HopListener:
         self.events.put_nowait(("resumed", step, steps))
 
     def finished(self, job: RenderJob, result: Any) -> None:
-        self.events.put_nowait(("result", result))
-        self.settled.set()
+        self._answer(("result", result))
 
     def failed(self, job: RenderJob, error: EaselError) -> None:
-        self.events.put_nowait(("error", error.to_wire()))
+        self._answer(("error", error.to_wire()))
+
+    def _answer(self, event: tuple) -> None:
+        self.answer = event
+        self.events.put_nowait(event)
         self.settled.set()
 
 
@@ -227,8 +232,7 @@ class RenderReplica:
                     return
         except (asyncio.CancelledError, GeneratorExit):
             if job is not None:
-                self.runner.cancel(job, Cancelled("the caller cancelled this render (or went away)"))
-                asyncio.get_running_loop().create_task(self._report_when_settled(listener))
+                self._settle_cancel(key, job, listener)
             span.set_attribute("error.type", Cancelled.code)
             raise
         except Exception as exc:  # never leave the stream without an answer
@@ -288,10 +292,23 @@ class RenderReplica:
         self.board.report.remote(self.replica_id, snap)
         return snap
 
-    async def _report_when_settled(self, listener: HopListener, timeout_s: float = 600) -> None:
-        """Report once a cancelled job has stopped (at its next step), so the board does not show it running."""
+    def _settle_cancel(self, key: str, job: RenderJob, listener: HopListener) -> None:
+        """Stop a job whose caller cancelled its stream, and tell the board what that came to: the gateway
+        answers the cancel (and the render) by it. A job past its runner's last check (its picture being
+        written), or already answered, keeps its answer, which goes to the board when it comes."""
+        committed = listener.answer is not None or self.runner.cancel(job, Cancelled(CANCELLED_BY_CALLER)) == "done"
+        self.board.cancel_outcome.remote(key, ("committed",) if committed else ("cancelled",))
+        asyncio.get_running_loop().create_task(self._report_when_settled(key, listener, committed))
+
+    async def _report_when_settled(
+        self, key: str, listener: HopListener, committed: bool, timeout_s: float = 600
+    ) -> None:
+        """Once a cancelled job has stopped (at its next step) or been answered: the answer of one that kept
+        it to the board, and this replica's report, so the board does not show the job running."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(listener.settled.wait(), timeout_s)
+        if committed and listener.answer is not None:
+            self.board.cancel_outcome.remote(key, listener.answer)
         self._report()
 
     def _report(self) -> None:

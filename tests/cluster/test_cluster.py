@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from client.client import RenderClient
@@ -80,9 +81,12 @@ def test_progress_and_cancel_cross_the_hop(cluster):
             assert [e.step for e in events if e.event == "progress"] == [1, 2, 3]
             assert r.steps == 3 and r.job.startswith(str(c.hello.connection))
 
+            outcomes = cluster.gateway.server.runner.cancel_outcomes
+            stopped = outcomes["stopped"]
             long = await rendering(c, "long", stack, seed=2, request_id="long")
             cancel = await c.cancel("long")
             assert cancel.cancelled and cancel.state == "running"
+            assert outcomes["stopped"] == stopped + 1, outcomes  # answered by the replica's word, not a timeout
             with pytest.raises(Cancelled):
                 await long
             # the replica stopped it too: no replica has a job in flight soon after
@@ -94,6 +98,51 @@ def test_progress_and_cancel_cross_the_hop(cluster):
             raise AssertionError(f"a replica still renders the cancelled job: {st.replicas}")
 
     asyncio.run(run())
+
+
+def test_a_cancel_the_replica_calls_too_late_answers_done_and_the_render_its_picture(cluster):
+    """A cancelled stream says nothing more, so the gateway answers a cancel by the replica's word on the
+    board: past its last check (its picture being written) the cancel answers `done` and the render its
+    result, as on a daemon; stopped, `cancelled`; no word in time (a dead replica), `cancelled` too. The
+    words are posted here as a replica posts them (the window is too short to hit on purpose)."""
+    from opentelemetry import trace as trace_api
+
+    from client.client import build_render
+    from client.wire.errors import Cancelled
+    from client.wire.messages import RenderResult
+    from daemon.cluster.gateway import ClusterJob
+    from daemon.runner import ResultListener
+
+    runner = cluster.gateway.server.runner
+    picture = RenderResult(64, 64, 1, 2, 3.5, "tiny", [], [], {}, False, image_path="/x.png", job="r-side")
+
+    async def cancelled_with(words: list[tuple]) -> tuple[str, object]:
+        job = ClusterJob(job_id="test:1", request=build_render("late"), listener=ResultListener())
+        job.span, job.replica, job.state = trace_api.get_tracer("t").start_span("t"), "replica-x", "running"
+        job.cancel_event.set()
+        job.verdict = asyncio.get_running_loop().create_future()
+        for word in words:
+            await runner.board.cancel_outcome.remote(job.key, word)
+        answering = asyncio.create_task(runner._answer_cancelled(job))
+        state = await runner.cancel_verdict(job, "running")
+        await answering
+        try:
+            return state, await job.listener.result
+        except Cancelled as err:
+            return state, err
+
+    async def run():
+        before = dict(runner.cancel_outcomes)
+        state, answer = await cancelled_with([("committed",), ("result", picture)])
+        assert state == "done" and answer == msgspec.structs.replace(picture, job="test:1")
+        state, answer = await cancelled_with([("cancelled",)])
+        assert state == "running" and isinstance(answer, Cancelled)
+        state, answer = await cancelled_with([])
+        assert state == "running" and isinstance(answer, Cancelled)
+        got = {k: runner.cancel_outcomes[k] - before.get(k, 0) for k in ("too_late", "stopped", "no_word")}
+        assert got == {"too_late": 1, "stopped": 1, "no_word": 1}
+
+    asyncio.run(asyncio.wait_for(run(), 30))
 
 
 def test_easel_cancel_through_the_gateway_stops_another_clients_job_by_the_id_status_lists(cluster):
@@ -630,17 +679,15 @@ def test_the_driver_keeps_serves_info_lines_to_itself(cluster):
 
 def test_a_minute_of_a_live_game_through_the_gateway_keeps_every_invariant(cluster):
     """scripts/soak_daemon.py through the gateway: interactive and batch renders, cancels by the job ids the
-    gateway lists, hang-ups, a rewritten LoRA, preloads, bad requests, pings. The gateway answers a cancel
-    at once, so a replica already writing the picture when Serve's cancel reaches it may still write it:
-    such a file must be whole (`late_cancels`); every other invariant is the daemon's."""
+    gateway lists, hang-ups, a rewritten LoRA, preloads, bad requests, pings: every invariant is the
+    daemon's, a cancel's answer included (`cancelled` only where the replica stopped the job before its
+    picture was written)."""
     from helpers.scripts import load_script
 
     soak = load_script("soak_daemon")
     outside = cluster.root / "soak-outside"
     outside.mkdir()
-    stats = soak.run_soak(
-        cluster.gateway.socket, cluster.loras, cluster.out / "soak", outside, seconds=60.0, seed=5, late_cancels=True
-    )
+    stats = soak.run_soak(cluster.gateway.socket, cluster.loras, cluster.out / "soak", outside, seconds=60.0, seed=5)
     assert stats.failures == [], "\n".join(stats.failures)
     assert stats.renders["interactive"] >= 3 and stats.renders["batch"] >= 1, stats.renders
     assert stats.cancels_sent >= 1 and stats.hangups >= 1 and "internal" not in stats.answers, stats.answers
