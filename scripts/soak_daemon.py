@@ -76,11 +76,12 @@ class Probe:
     stack: tuple[tuple[str, float], ...]  # LoRA names (files under the LoRA root) and scales
     seed: int
     steps: int
+    size: tuple[int, int] = (SIZE, SIZE)  # width, height
 
     def fields(self, lora_root: Path, files: dict[str, str] | None = None) -> dict:
         files = files or {}
         return dict(
-            width=SIZE, height=SIZE, steps=self.steps, seed=self.seed,
+            width=self.size[0], height=self.size[1], steps=self.steps, seed=self.seed,
             lora_paths=[str(lora_root / f"{files.get(n, n)}.safetensors") for n, _ in self.stack],
             lora_scales=[s for _, s in self.stack],
         )  # fmt: skip
@@ -93,6 +94,9 @@ PROBES = (
     Probe("glow+ash+ink", (("soak_glow", 0.7), ("soak_ash", 0.4), ("soak_ink", -0.3)), 14, 2),
     Probe("moss long", (("soak_moss", 1.0),), 15, 4),
     Probe("ash+rust long", (("soak_ash", 0.9), ("soak_rust", 0.3)), 16, 4),
+    # other sizes: a batch render suspended for an interactive one of another size resumes at its own
+    Probe("ink wide", (("soak_ink", 0.6),), 18, 2, (96, 64)),
+    Probe("glow+moss 128", (("soak_glow", 0.5), ("soak_moss", 0.7)), 19, 3, (128, 128)),
 )
 SHIFT_PROBES = tuple(Probe(f"shift {n[-1]}", ((n, 0.9),), 17, 2) for n in SHIFTING)
 
@@ -114,10 +118,12 @@ def write_shifting(lora_root: Path, content: str) -> None:
 @dataclass
 class SoakStats:
     renders: collections.Counter = field(default_factory=collections.Counter)  # by priority, finished
+    sizes: collections.Counter = field(default_factory=collections.Counter)  # finished renders by WxH
     answers: collections.Counter = field(default_factory=collections.Counter)  # by code ("result" for success)
     interactive_s: list[float] = field(default_factory=list)
     pings_s: list[float] = field(default_factory=list)
     preempted: int = 0  # batch renders that were suspended at least once and still finished
+    preempted_other_size: int = 0  # of those, renders whose size is not the interactive renders' (64x64)
     cancels_sent: int = 0
     cancels_too_late: int = 0  # answered `done`: the job was past its last check (or already answered)
     hangups: int = 0
@@ -181,6 +187,7 @@ class Soak:
             self.stats.fail(f"{who}: {probe.name} (seed {probe.seed}) differs from its reference")
         with self.stats.lock:
             self.stats.renders[fields.get("priority", "interactive")] += 1
+            self.stats.sizes[f"{probe.size[0]}x{probe.size[1]}"] += 1
         return result
 
 
@@ -222,6 +229,7 @@ def batch_script(soak: Soak, rng: random.Random, k: int) -> None:
             if any(e.event == "suspended" for e in events) and not isinstance(out, EaselError):
                 with soak.stats.lock:
                     soak.stats.preempted += 1
+                    soak.stats.preempted_other_size += probe.size != (SIZE, SIZE)
 
 
 def operator(soak: Soak, rng: random.Random) -> None:
@@ -458,8 +466,10 @@ def summary(stats: SoakStats) -> list[str]:
     answers = ", ".join(f"{k} {v}" for k, v in sorted(stats.answers.items()))
     return [
         f"renders: {stats.renders['interactive']} interactive, {stats.renders['batch']} batch "
-        f"({stats.preempted} batch renders preempted and resumed); {stats.cancels_sent} cancels sent, "
-        f"{stats.hangups} hang-ups, {stats.rewrites} LoRA rewrites"
+        f"({stats.preempted} batch renders preempted and resumed, {stats.preempted_other_size} of them at "
+        f"another size than the interactive ones); {stats.cancels_sent} cancels sent, "
+        f"{stats.hangups} hang-ups, {stats.rewrites} LoRA rewrites; by size "
+        + ", ".join(f"{size} {n}" for size, n in sorted(stats.sizes.items()))
         + (f"; {stats.cancels_too_late} cancels came too late (answered `done`)" if stats.cancels_too_late else ""),
         f"answers: {answers}",
         f"interactive latency p50 {_percentile(stats.interactive_s, 50):.2f}s p95 "
