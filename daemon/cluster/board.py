@@ -56,8 +56,8 @@ class ClusterBoard:
 
     def cancel_outcome(self, key: str, outcome: tuple) -> None:
         """A replica's word on a cancel of `key`: ("cancelled",) stopped before its picture was written;
-        ("committed",) past its last check, the picture being written; then its answer, ("result", RenderResult)
-        or ("error", wire error)."""
+        ("committed",) too late (past its last check, the picture being written, or already answered); then
+        its answer, ("result", RenderResult) or ("error", wire error)."""
         self.cancels[key] = outcome
         self.cancels.move_to_end(key)
         while len(self.cancels) > RESULTS_KEPT:

@@ -203,6 +203,9 @@ class RenderReplica:
         except EaselError as err:
             yield ("error", err.to_wire())
             return
+        except (asyncio.CancelledError, GeneratorExit):  # before its job was made (its stack loading, say)
+            self.board.cancel_outcome.remote(key, ("cancelled",))
+            raise
         parent = extract_context(req.trace_context)
         span = self.tel.tracer.start_span(
             REPLICA_SPAN, context=parent, kind=SpanKind.SERVER, attributes=self._span_attributes(key, attempt, stack_id)

@@ -687,8 +687,11 @@ def test_a_minute_of_a_live_game_through_the_gateway_keeps_every_invariant(clust
     soak = load_script("soak_daemon")
     outside = cluster.root / "soak-outside"
     outside.mkdir()
+    outcomes = cluster.gateway.server.runner.cancel_outcomes
+    unheard = outcomes["no_word"]
     stats = soak.run_soak(cluster.gateway.socket, cluster.loras, cluster.out / "soak", outside, seconds=60.0, seed=5)
     assert stats.failures == [], "\n".join(stats.failures)
+    assert outcomes["no_word"] == unheard, outcomes  # no replica died: each cancel had its replica's word
     assert stats.renders["interactive"] >= 3 and stats.renders["batch"] >= 1, stats.renders
     assert stats.cancels_sent >= 1 and stats.hangups >= 1 and "internal" not in stats.answers, stats.answers
 
