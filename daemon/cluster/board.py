@@ -64,7 +64,12 @@ class ClusterBoard:
             self.cancels.popitem(last=False)
 
     def outcome(self, key: str) -> tuple | None:
-        return self.cancels.get(key)
+        """What a cancel of `key` came to: its replica's word, unless an attempt of it finished (its picture
+        exists whatever a later attempt says: a retry cancelled as it answered the first attempt's result)."""
+        word = self.cancels.get(key)
+        if key in self.results and (word is None or word[0] == "cancelled"):
+            return ("result", self.results[key])
+        return word
 
     def snapshot(self) -> dict[str, Any]:
         now = time.time()

@@ -103,8 +103,9 @@ def test_progress_and_cancel_cross_the_hop(cluster):
 def test_a_cancel_the_replica_calls_too_late_answers_done_and_the_render_its_picture(cluster):
     """A cancelled stream says nothing more, so the gateway answers a cancel by the replica's word on the
     board: past its last check (its picture being written) the cancel answers `done` and the render its
-    result, as on a daemon; stopped, `cancelled`; no word in time (a dead replica), `cancelled` too. The
-    words are posted here as a replica posts them (the window is too short to hit on purpose)."""
+    result, as on a daemon; stopped, `cancelled`; no word in time (a dead replica), `cancelled` too; a
+    finished attempt's result on the board outranks a later attempt's `cancelled`. The words are posted
+    here as a replica posts them (the window is too short to hit on purpose)."""
     from opentelemetry import trace as trace_api
 
     from client.client import build_render
@@ -116,11 +117,13 @@ def test_a_cancel_the_replica_calls_too_late_answers_done_and_the_render_its_pic
     runner = cluster.gateway.server.runner
     picture = RenderResult(64, 64, 1, 2, 3.5, "tiny", [], [], {}, False, image_path="/x.png", job="r-side")
 
-    async def cancelled_with(words: list[tuple]) -> tuple[str, object]:
+    async def cancelled_with(words: list[tuple], finished: RenderResult | None = None) -> tuple[str, object]:
         job = ClusterJob(job_id="test:1", request=build_render("late"), listener=ResultListener())
         job.span, job.replica, job.state = trace_api.get_tracer("t").start_span("t"), "replica-x", "running"
         job.cancel_event.set()
         job.verdict = asyncio.get_running_loop().create_future()
+        if finished is not None:
+            await runner.board.finished.remote(job.key, finished)
         for word in words:
             await runner.board.cancel_outcome.remote(job.key, word)
         answering = asyncio.create_task(runner._answer_cancelled(job))
@@ -139,8 +142,11 @@ def test_a_cancel_the_replica_calls_too_late_answers_done_and_the_render_its_pic
         assert state == "running" and isinstance(answer, Cancelled)
         state, answer = await cancelled_with([])
         assert state == "running" and isinstance(answer, Cancelled)
+        # an attempt of it finished (a retry cancelled as it answered the first attempt's stored result)
+        state, answer = await cancelled_with([("cancelled",)], finished=picture)
+        assert state == "done" and answer == msgspec.structs.replace(picture, job="test:1")
         got = {k: runner.cancel_outcomes[k] - before.get(k, 0) for k in ("too_late", "stopped", "no_word")}
-        assert got == {"too_late": 1, "stopped": 1, "no_word": 1}
+        assert got == {"too_late": 2, "stopped": 1, "no_word": 1}
 
     asyncio.run(asyncio.wait_for(run(), 30))
 
