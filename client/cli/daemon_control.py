@@ -93,6 +93,12 @@ def status_command(socket_path, as_json, timeout) -> None:
         )
         if r.heap is not None:
             click.echo(f"  {heap_line(r.heap)}")
+    if st.gateway is not None:
+        g = st.gateway
+        click.echo(
+            f"gateway: retries {g.retries}  cancels of replicas' renders: stopped {g.cancels_stopped}, "
+            f"too late {g.cancels_too_late}, no word {g.cancels_no_word}"
+        )
     reserve = f" ({st.interactive_reserve} kept for interactive)" if st.interactive_reserve else ""
     preloads = f"  preloads waiting {st.preloads_waiting}" if st.preloads_waiting else ""
     if st.preloads_yielded:

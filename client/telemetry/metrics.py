@@ -74,6 +74,16 @@ class Metrics:
         self.errors = meter.create_counter(
             "easel.errors", unit="{error}", description="Failed requests and renders, by error.type"
         )
+        # A cluster gateway's own: renders sent again after their replica died, and what the cancels of
+        # renders a replica had taken came to (easel.cancel.outcome: stopped, too_late, no_word).
+        self.cluster_retries = meter.create_counter(
+            "easel.cluster.retries", unit="{render}", description="Renders sent to another replica after theirs died"
+        )
+        self.cluster_cancels = meter.create_counter(
+            "easel.cluster.cancels",
+            unit="{cancel}",
+            description="Cancels of renders a replica had taken, by what the replica said they came to",
+        )
 
     def record_render(self, seconds: float, attributes: Mapping[str, Any] | None = None) -> None:
         self.render_duration.record(seconds, dict(attributes or {}))
@@ -114,6 +124,13 @@ class Metrics:
             return [] if stats is None else [Observation(int(getattr(stats, field)))]
 
         return callback
+
+    def cluster_retried(self) -> None:
+        self.cluster_retries.add(1)
+
+    def cluster_cancel(self, outcome: str) -> None:
+        """One cancel of a replica's render: "stopped", "too_late" or "no_word"."""
+        self.cluster_cancels.add(1, {"easel.cancel.outcome": outcome})
 
     def error(self, error_type: str, operation: str | None = None) -> None:
         attrs = {"error.type": error_type}

@@ -305,6 +305,16 @@ class ReplicaStatus(Struct, omit_defaults=True):
     max_pixels: int | None = None  # the largest render it accepts (width x height), its memory allowing
 
 
+class GatewayStats(Struct):
+    """A cluster gateway's own counts since it started: renders it sent again, and what the cancels of
+    renders a replica had taken came to, by that replica's word."""
+
+    retries: int  # renders sent to another replica after theirs died under them
+    cancels_stopped: int  # the replica stopped the render before its picture was written: `cancelled`
+    cancels_too_late: int  # past the replica's last check, its picture being written: answered `done`
+    cancels_no_word: int  # no word from the replica in time (a dead one): counted as stopped
+
+
 class StatusResult(Struct, omit_defaults=True):
     version: str
     protocol: int
@@ -336,6 +346,7 @@ class StatusResult(Struct, omit_defaults=True):
     output_root: str | None = None  # the one folder it writes images into (a gateway: its replicas', if one)
     lora_roots: list[str] = []  # the folders LoRA paths must lie in
     max_pixels: int | None = None  # the largest render accepted (width x height): --max-size or its memory
+    gateway: GatewayStats | None = None  # a cluster gateway's retries and cancel outcomes; absent: a daemon
 
 
 class PingResult(Struct, omit_defaults=True):

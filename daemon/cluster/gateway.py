@@ -48,6 +48,7 @@ from client.wire.errors import (
 )
 from client.wire.messages import (
     ActiveLora,
+    GatewayStats,
     JobInfo,
     Preload,
     PreloadResult,
@@ -323,6 +324,7 @@ class ClusterRunner:
                             replicas=job.replicas,
                         ) from exc
                     self.retries += 1
+                    self.service.tel.metrics.cluster_retried()
                     job.state, job.step, job.forecast = "queued", None, None
         except asyncio.CancelledError:
             await self._answer_cancelled(job)
@@ -353,7 +355,9 @@ class ClusterRunner:
         try:
             outcome = await self._outcome(job, OUTCOME_WAIT_S)
             committed = outcome is not None and outcome[0] != "cancelled"
-            self.cancel_outcomes["no_word" if outcome is None else "too_late" if committed else "stopped"] += 1
+            word = "no_word" if outcome is None else "too_late" if committed else "stopped"
+            self.cancel_outcomes[word] += 1
+            self.service.tel.metrics.cluster_cancel(word)
             job.verdict.set_result(committed)
             if not committed:
                 self._fail(job, stopped)
@@ -609,6 +613,15 @@ class ClusterRunner:
             max_pixels=self.max_pixels(),
         )
 
+    def gateway_stats(self) -> GatewayStats:
+        """The gateway's own counts (the `gateway` part of its `status`)."""
+        return GatewayStats(
+            retries=self.retries,
+            cancels_stopped=self.cancel_outcomes["stopped"],
+            cancels_too_late=self.cancel_outcomes["too_late"],
+            cancels_no_word=self.cancel_outcomes["no_word"],
+        )
+
     def max_pixels(self) -> int:
         """The gateway's limit, or the smallest a replica reported (its memory): a render larger than that
         could land on a replica that refuses it."""
@@ -630,7 +643,9 @@ class GatewayServer(DaemonServer):
         replicas = self.runner.replica_statuses()
         roots = {r.output_root for r in replicas}
         root = roots.pop() if len(roots) == 1 else None  # where a batch through this gateway writes, if one place
-        return msgspec.structs.replace(base, model_loaded=bool(replicas), replicas=replicas, output_root=root)
+        return msgspec.structs.replace(
+            base, model_loaded=bool(replicas), replicas=replicas, output_root=root, gateway=self.runner.gateway_stats()
+        )
 
 
 async def serve_gateway(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from helpers.lora_factories import make_lora
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -55,7 +56,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gateway(root: Path, config, spans: InMemorySpanExporter):
+def start_gateway(root: Path, config, spans: InMemorySpanExporter, metrics: InMemoryMetricReader):
     """`easel gateway`'s server on a thread of this process (the test process is the Ray driver)."""
     from daemon.cluster.gateway import GatewayThread
     from daemon.config import ServerConfig
@@ -63,7 +64,9 @@ def start_gateway(root: Path, config, spans: InMemorySpanExporter):
 
     sock = root / "gw" / "easel.sock"
     sock.parent.mkdir(mode=0o700)
-    tel = setup_telemetry("easel-gateway", env={}, span_processors=[SimpleSpanProcessor(spans)])
+    tel = setup_telemetry(
+        "easel-gateway", env={}, span_processors=[SimpleSpanProcessor(spans)], metric_readers=[metrics]
+    )
     return GatewayThread(ServerConfig(socket_path=sock, drain_timeout_s=5), config, tel).start()
 
 
@@ -74,6 +77,7 @@ class Cluster:
         self.out = root / "out"
         self.traces = root / "replica-traces.jsonl"
         self.spans = InMemorySpanExporter()
+        self.metrics = InMemoryMetricReader()  # the gateway's metrics
         self.loras.mkdir()
         self.out.mkdir()
         self.gateway = None
@@ -84,6 +88,18 @@ class Cluster:
         from daemon.cluster.board import board_handle
 
         return ray.get(board_handle().snapshot.remote())
+
+    def cancel_counts(self) -> dict[str, int]:
+        """The gateway's `easel.cluster.cancels` metric, by `easel.cancel.outcome`, as an exporter reads it."""
+        data = self.metrics.get_metrics_data()
+        counts: dict[str, int] = {}
+        for rm in data.resource_metrics if data is not None else ():
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.name == "easel.cluster.cancels":
+                        for point in m.data.data_points:
+                            counts[point.attributes["easel.cancel.outcome"]] = point.value
+        return counts
 
     def replica_actor(self, replica_id: str):
         """The Ray actor of a replica (to kill it), by the name it reported to the board."""
@@ -126,7 +142,7 @@ def cluster(tmp_path_factory):
         c.http_url = f"http://127.0.0.1:{port}"
         app.deploy(config, replicas=REPLICAS, stacks_per_replica=4, env_vars={"EASEL_TRACES_FILE": str(c.traces)})
         c.config = config
-        c.gateway = start_gateway(c.root, config, c.spans)
+        c.gateway = start_gateway(c.root, config, c.spans, c.metrics)
         yield c
     finally:
         if c.gateway is not None:

@@ -82,11 +82,15 @@ def test_progress_and_cancel_cross_the_hop(cluster):
             assert r.steps == 3 and r.job.startswith(str(c.hello.connection))
 
             outcomes = cluster.gateway.server.runner.cancel_outcomes
-            stopped = outcomes["stopped"]
+            stopped, counted = outcomes["stopped"], cluster.cancel_counts().get("stopped", 0)
             long = await rendering(c, "long", stack, seed=2, request_id="long")
             cancel = await c.cancel("long")
             assert cancel.cancelled and cancel.state == "running"
             assert outcomes["stopped"] == stopped + 1, outcomes  # answered by the replica's word, not a timeout
+            # an operator sees it in `status` and in the metric
+            gateway = (await c.status()).gateway
+            assert gateway is not None and gateway.cancels_stopped == stopped + 1, gateway
+            assert cluster.cancel_counts()["stopped"] == counted + 1
             with pytest.raises(Cancelled):
                 await long
             # the replica stopped it too: no replica has a job in flight soon after
@@ -135,7 +139,7 @@ def test_a_cancel_the_replica_calls_too_late_answers_done_and_the_render_its_pic
             return state, err
 
     async def run():
-        before = dict(runner.cancel_outcomes)
+        before, counted = dict(runner.cancel_outcomes), cluster.cancel_counts()
         state, answer = await cancelled_with([("committed",), ("result", picture)])
         assert state == "done" and answer == msgspec.structs.replace(picture, job="test:1")
         state, answer = await cancelled_with([("cancelled",)])
@@ -147,6 +151,12 @@ def test_a_cancel_the_replica_calls_too_late_answers_done_and_the_render_its_pic
         assert state == "done" and answer == msgspec.structs.replace(picture, job="test:1")
         got = {k: runner.cancel_outcomes[k] - before.get(k, 0) for k in ("too_late", "stopped", "no_word")}
         assert got == {"too_late": 2, "stopped": 1, "no_word": 1}
+        metric = {k: cluster.cancel_counts().get(k, 0) - counted.get(k, 0) for k in got}
+        assert metric == got  # the metric an exporter reads, by easel.cancel.outcome
+        gateway = cluster.gateway.server.status().gateway  # and the gateway's `status`
+        shown = {"too_late": gateway.cancels_too_late, "stopped": gateway.cancels_stopped,
+                 "no_word": gateway.cancels_no_word}  # fmt: skip
+        assert {k: shown[k] - before.get(k, 0) for k in got} == got
 
     asyncio.run(asyncio.wait_for(run(), 30))
 
@@ -168,6 +178,7 @@ def test_easel_cancel_through_the_gateway_stops_another_clients_job_by_the_id_st
             long = await rendering(c, "operator", stack, seed=3)
             (job,) = [j.job for j in (await c.status()).queue if j.state == "running"]
             res = await asyncio.to_thread(CliRunner().invoke, cli, ["status", "--socket", socket])
+            assert "gateway: retries " in res.output and "cancels of replicas' renders: stopped " in res.output
             listed = [line.split() for line in res.output.splitlines() if line.strip().startswith(f"{job} ")]
             assert len(listed) == 1 and listed[0][4:6] == ["running,", "step"], res.output  # not start~? done~?
             assert listed[0][-1].startswith("done~") and listed[0][-1] != "done~?", res.output  # it has stepped
@@ -742,7 +753,7 @@ def test_a_replica_killed_mid_batch_loses_nothing(cluster):
     assert len(new) == 5 and set(new.values()) == {1}, new  # every item rendered exactly once
     retried = [k for k in new if len(after["attempts"][k]) > 1]
     assert retried and all(after["attempts"][k][0] == victim for k in retried)
-    assert renderer.runner.retries == len(retried)
+    assert renderer.runner.retries == len(retried) == renderer.runner.gateway_stats().retries
 
 
 def test_a_replica_that_cannot_load_the_model_is_reported_not_retried(cluster, tmp_path):
