@@ -312,7 +312,7 @@ class GatewayStats(Struct):
     retries: int  # renders sent to another replica after theirs died under them
     cancels_stopped: int  # the replica stopped the render before its picture was written: `cancelled`
     cancels_too_late: int  # past the replica's last check, its picture being written: answered `done`
-    cancels_no_word: int  # no word from the replica in time (a dead one): counted as stopped
+    cancels_no_word: int  # no word: the replica died (or lived, silent for 30 s): counted as stopped
 
 
 class StatusResult(Struct, omit_defaults=True):

@@ -37,6 +37,11 @@ class ClusterBoard:
     def gone(self, replica: str) -> None:
         self.replicas.pop(replica, None)
 
+    def actor_of(self, replica: str | None) -> str | None:
+        """The Ray actor name `replica` last reported (namespace "serve"), or None when it is unknown here."""
+        entry = self.replicas.get(replica) if replica is not None else None
+        return None if entry is None else entry[1].get("actor")
+
     def loaded(self, replica: str, stack_id: str) -> None:
         self.loads[(replica, stack_id)] += 1
 

@@ -15,7 +15,8 @@ cancels the stream (Serve cancels the replica's call, which cancels the runner's
 carried to the replica (what is left of it) and also watched here, so a request waiting in Ray's router
 queue still ends on time. A cancelled stream says nothing more, so a cancel of a render a replica has
 taken is answered by what the replica tells the board it came to: stopped, or too late (past its last
-check, its picture being written: the cancel answers `done` and the render its result).
+check, its picture being written: the cancel answers `done` and the render its result). A replica silent
+for OUTCOME_WAIT_S is looked up in Ray: a dead one counts as stopped, a live one is waited for.
 """
 
 from __future__ import annotations
@@ -74,9 +75,11 @@ FORWARD_SPAN = "easel.cluster.forward"
 MAX_ATTEMPTS = 2  # the first try and one retry on another replica
 ROUTE_LEARN_S = 3.0  # the longest a preload's answer waits for the router to know where its stack is
 ROUTE_PROBE_S = 0.05  # between two probes of where the router sends a stack
-OUTCOME_WAIT_S = 2.0  # the longest a cancel waits for its replica's word (a dead replica never gives it)
+OUTCOME_WAIT_S = 2.0  # a cancel waits this long for its replica's word before asking whether the replica lives
+STALLED_WAIT_S = 30.0  # the longest a cancel waits for the word of a replica that lives (a dead one never gives it)
 ANSWER_WAIT_S = 60.0  # the longest a render cancelled too late waits for its replica's answer
 OUTCOME_POLL_S = 0.02  # between two looks at the board for that word
+LIVENESS_POLL_S = 0.5  # between two asks, past OUTCOME_WAIT_S, whether the replica still lives
 
 
 @dataclass(eq=False, kw_only=True)
@@ -174,7 +177,8 @@ class ClusterRunner:
         self.renders_done = 0
         self.retries = 0
         # what the cancels of renders a replica had taken came to, by the replica's word: "stopped" before
-        # the picture was written, "too_late" (the render answered its picture), "no_word" (none came in time)
+        # the picture was written, "too_late" (the render answered its picture), "no_word" (its replica died,
+        # or lived and said nothing for STALLED_WAIT_S)
         self.cancel_outcomes: Counter[str] = Counter()
         self.preloads: dict[tuple[Any, Any], Any] = {}  # (owner, request id) -> the forwarded call, until answered
         self._seq = itertools.count(1)
@@ -346,14 +350,14 @@ class ClusterRunner:
 
     async def _answer_cancelled(self, job: ClusterJob) -> None:
         """Answer a cancelled render: `cancelled`, unless its replica says the cancel came too late, when it
-        answers what the replica answered (its result, as a daemon does). No word within OUTCOME_WAIT_S (a
-        dead or stalled replica) counts as stopped."""
+        answers what the replica answered (its result, as a daemon does). No word from a replica that died
+        (or one silent past STALLED_WAIT_S) counts as stopped."""
         stopped = job.reason or Cancelled(f"render cancelled at step {job.step or 0}", step=job.step or 0)
         if job.verdict is None or job.verdict.done():
             self._fail(job, stopped)
             return
         try:
-            outcome = await self._outcome(job, OUTCOME_WAIT_S)
+            outcome = await self._outcome(job, STALLED_WAIT_S)
             committed = outcome is not None and outcome[0] != "cancelled"
             word = "no_word" if outcome is None else "too_late" if committed else "stopped"
             self.cancel_outcomes[word] += 1
@@ -373,7 +377,7 @@ class ClusterRunner:
                 job,
                 ReplicaFailed(
                     f"render {job.job_id} was cancelled too late to stop on replica {job.replica}, and no answer "
-                    f"came from it within {ANSWER_WAIT_S:g}s",
+                    f"came from it (it died, or gave none within {ANSWER_WAIT_S:g}s)",
                     replica=job.replica,
                 ),
             )
@@ -382,8 +386,10 @@ class ClusterRunner:
 
     async def _outcome(self, job: ClusterJob, wait_s: float, *, answer: bool = False) -> tuple | None:
         """The board's word on `job`'s cancel (with `answer`, only the job's answer: a result or an error), or
-        None after `wait_s` (a board that cannot be asked gives no word either)."""
-        until = time.monotonic() + wait_s
+        None: after OUTCOME_WAIT_S once its replica is dead (a dead replica never gives it), else after
+        `wait_s`. A board that cannot be asked gives no word either."""
+        started = time.monotonic()
+        next_ask = started + OUTCOME_WAIT_S
         while True:
             try:
                 outcome = await self.board.outcome.remote(job.key)
@@ -392,9 +398,29 @@ class ClusterRunner:
                 outcome = None
             if outcome is not None and (not answer or outcome[0] in ("result", "error")):
                 return outcome
-            if time.monotonic() >= until:
+            now = time.monotonic()
+            if now - started >= wait_s:
+                log.warning("replica %s lives but said nothing of %s's cancel in %gs", job.replica, job.job_id, wait_s)
                 return None
+            if now >= next_ask:
+                if not await self._replica_lives(job.replica):
+                    return None
+                next_ask = now + LIVENESS_POLL_S
             await asyncio.sleep(OUTCOME_POLL_S)
+
+    async def _replica_lives(self, replica: str | None) -> bool:
+        """Whether `replica`'s actor is alive, by Ray's own record (a dead actor's name is released at once):
+        False for a replica the board does not know (gone, or never reported) or that cannot be asked."""
+        try:
+            name = await self.board.actor_of.remote(replica)
+            if name is None:
+                return False
+            import ray
+
+            await asyncio.get_running_loop().run_in_executor(None, lambda: ray.get_actor(name, namespace="serve"))
+            return True
+        except Exception:  # ValueError: no such actor (it died); any other: it cannot be told alive
+            return False
 
     @property
     def preloads_waiting(self) -> int:

@@ -175,14 +175,14 @@ class RenderReplica:
 
     async def render_events(self, payload: bytes, key: str, attempt: int, stack_id: str):
         """The render stream of `render`, routed as `stack_id` ("" when the caller gave none: computed here)."""
-        yield ("replica", self.replica_id, os.getpid())
-        self.board.took.remote(key, self.replica_id)
-        if attempt > 1:  # the first replica may have finished it before it died: answer that
-            done = await self.board.result.remote(key)
-            if done is not None:
-                yield ("result", done)
-                return
-        try:
+        try:  # a cancel from here until the job exists is answered "cancelled" on the board at once
+            yield ("replica", self.replica_id, os.getpid())
+            self.board.took.remote(key, self.replica_id)
+            if attempt > 1:  # the first replica may have finished it before it died: answer that
+                done = await self.board.result.remote(key)
+                if done is not None:
+                    yield ("result", done)
+                    return
             req = decode_request(payload)
             loop = asyncio.get_running_loop()
             prepared = self.service.prepare(req)  # the request's own errors (paths, limits) first

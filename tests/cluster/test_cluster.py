@@ -107,32 +107,43 @@ def test_progress_and_cancel_cross_the_hop(cluster):
 def test_a_cancel_the_replica_calls_too_late_answers_done_and_the_render_its_picture(cluster):
     """A cancelled stream says nothing more, so the gateway answers a cancel by the replica's word on the
     board: past its last check (its picture being written) the cancel answers `done` and the render its
-    result, as on a daemon; stopped, `cancelled`; no word in time (a dead replica), `cancelled` too; a
-    finished attempt's result on the board outranks a later attempt's `cancelled`. The words are posted
-    here as a replica posts them (the window is too short to hit on purpose)."""
+    result, as on a daemon; stopped, `cancelled`; no word from a dead replica, `cancelled` too; a live
+    replica's word is waited for past the first 2 s; a finished attempt's result on the board outranks a
+    later attempt's `cancelled`. The words are posted here as a replica posts them (the window is too
+    short to hit on purpose)."""
     from opentelemetry import trace as trace_api
 
     from client.client import build_render
     from client.wire.errors import Cancelled
     from client.wire.messages import RenderResult
-    from daemon.cluster.gateway import ClusterJob
+    from daemon.cluster.gateway import OUTCOME_WAIT_S, ClusterJob
     from daemon.runner import ResultListener
 
     runner = cluster.gateway.server.runner
     picture = RenderResult(64, 64, 1, 2, 3.5, "tiny", [], [], {}, False, image_path="/x.png", job="r-side")
 
-    async def cancelled_with(words: list[tuple], finished: RenderResult | None = None) -> tuple[str, object]:
+    async def cancelled_with(
+        words: list[tuple], finished: RenderResult | None = None, replica: str = "replica-x", after_s: float = 0.0
+    ) -> tuple[str, object]:
         job = ClusterJob(job_id="test:1", request=build_render("late"), listener=ResultListener())
-        job.span, job.replica, job.state = trace_api.get_tracer("t").start_span("t"), "replica-x", "running"
+        job.span, job.replica, job.state = trace_api.get_tracer("t").start_span("t"), replica, "running"
         job.cancel_event.set()
         job.verdict = asyncio.get_running_loop().create_future()
         if finished is not None:
             await runner.board.finished.remote(job.key, finished)
-        for word in words:
-            await runner.board.cancel_outcome.remote(job.key, word)
+
+        async def post() -> None:
+            await asyncio.sleep(after_s)
+            for word in words:
+                await runner.board.cancel_outcome.remote(job.key, word)
+
+        posting = asyncio.create_task(post())
+        if not after_s:
+            await posting
         answering = asyncio.create_task(runner._answer_cancelled(job))
         state = await runner.cancel_verdict(job, "running")
         await answering
+        await posting
         try:
             return state, await job.listener.result
         except Cancelled as err:
@@ -144,13 +155,19 @@ def test_a_cancel_the_replica_calls_too_late_answers_done_and_the_render_its_pic
         assert state == "done" and answer == msgspec.structs.replace(picture, job="test:1")
         state, answer = await cancelled_with([("cancelled",)])
         assert state == "running" and isinstance(answer, Cancelled)
-        state, answer = await cancelled_with([])
+        state, answer = await cancelled_with([])  # a replica the board does not know: dead
         assert state == "running" and isinstance(answer, Cancelled)
+        # a replica that lives but stalled past its last check says "too late" after OUTCOME_WAIT_S: its word
+        # is still waited for (Ray still has its actor), and the cancel answers `done`, the render its picture
+        (live, *_) = cluster.board()["replicas"]
+        state, answer = await cancelled_with([("committed",), ("result", picture)], replica=live,
+                                             after_s=OUTCOME_WAIT_S + 1.0)  # fmt: skip
+        assert state == "done" and answer == msgspec.structs.replace(picture, job="test:1")
         # an attempt of it finished (a retry cancelled as it answered the first attempt's stored result)
         state, answer = await cancelled_with([("cancelled",)], finished=picture)
         assert state == "done" and answer == msgspec.structs.replace(picture, job="test:1")
         got = {k: runner.cancel_outcomes[k] - before.get(k, 0) for k in ("too_late", "stopped", "no_word")}
-        assert got == {"too_late": 2, "stopped": 1, "no_word": 1}
+        assert got == {"too_late": 3, "stopped": 1, "no_word": 1}
         metric = {k: cluster.cancel_counts().get(k, 0) - counted.get(k, 0) for k in got}
         assert metric == got  # the metric an exporter reads, by easel.cancel.outcome
         gateway = cluster.gateway.server.status().gateway  # and the gateway's `status`
