@@ -400,7 +400,8 @@ class ClusterRunner:
                 return outcome
             now = time.monotonic()
             if now - started >= wait_s:
-                log.warning("replica %s lives but said nothing of %s's cancel in %gs", job.replica, job.job_id, wait_s)
+                what = "answer" if answer else "word on its cancel"
+                log.warning("replica %s lives but gave no %s for %s in %gs", job.replica, what, job.job_id, wait_s)
                 return None
             if now >= next_ask:
                 if not await self._replica_lives(job.replica):
