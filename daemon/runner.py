@@ -191,6 +191,7 @@ class RunnerStatus:
     model: ModelInfo | None = None
     preloads_waiting: int = 0  # preloads waiting for the render thread to be idle
     preloads_yielded: int = 0  # preload builds stopped for a render that arrived (each built again later)
+    preemptions: int = 0  # times a batch render yielded to interactive ones at a step boundary, since start
     lowrank_form: str | None = None  # the LoRA patcher's low-rank form (None: no patcher)
     heap: HeapStats | None = None  # the process's malloc counts (None: not glibc)
     output_root: str | None = None  # where relative output paths land and the only place it writes
@@ -211,6 +212,7 @@ class RenderRunner:
         self.running: RenderJob | None = None
         self.suspended: list[RenderJob] = []  # at most one: see the module docstring
         self.renders_done = 0
+        self.preemptions = 0  # batch renders suspended for interactive ones, all jobs together
         self._seq = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="easel-render")
         # reads and builds the LoRA stack of the job planned next while the current one renders; its
@@ -617,6 +619,8 @@ class RenderRunner:
             now = time.monotonic()
             if ran == 0 and not (nxt.deadline is not None and now > nxt.deadline):
                 job.preemptions += 1
+                self.preemptions += 1
+                self.service.tel.metrics.preempted()
                 job.state = "suspended"
                 self.suspended.append(job)
                 tell_optional(job, "suspended", i, n)
@@ -781,6 +785,7 @@ class RenderRunner:
             model=svc.model_info(),
             preloads_waiting=len(self.preloads),
             preloads_yielded=self.preloads.yielded,
+            preemptions=self.preemptions,
             heap=svc.heap_stats(),
             output_root=str(self.config.output_root),
             lora_roots=[str(p) for p in self.config.lora_roots],

@@ -706,6 +706,7 @@ class DaemonServer:
             model=run.model,
             preloads_waiting=run.preloads_waiting,
             preloads_yielded=run.preloads_yielded,
+            preemptions=run.preemptions,
             heap=run.heap,
             output_root=run.output_root,
             lora_roots=run.lora_roots,

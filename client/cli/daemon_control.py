@@ -103,6 +103,8 @@ def status_command(socket_path, as_json, timeout) -> None:
     preloads = f"  preloads waiting {st.preloads_waiting}" if st.preloads_waiting else ""
     if st.preloads_yielded:
         preloads += f"  preload builds yielded to renders {st.preloads_yielded}"
+    if st.preemptions:
+        preloads += f"  batch renders preempted {st.preemptions}"
     click.echo(
         f"queue {st.queue_depth}/{st.queue_capacity}{reserve}{preloads}"
         + ("  (shutting down)" if st.shutting_down else "")

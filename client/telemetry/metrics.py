@@ -35,6 +35,11 @@ class Metrics:
         self.stack_switches = meter.create_counter(
             "easel.lora.stack.switches", unit="{switch}", description="LoRA stack changes on the live model"
         )
+        self.preemptions = meter.create_counter(
+            "easel.render.preemptions",
+            unit="{preemption}",
+            description="Batch renders suspended at a step boundary for an interactive one",
+        )
         # LoRA cache: observed from the cache's own cumulative stats at each export (observe_lora_cache).
         self._cache_stats: Callable[[], LoraCacheStats] | None = None
         meter.create_observable_counter(
@@ -90,6 +95,9 @@ class Metrics:
 
     def set_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
+
+    def preempted(self) -> None:
+        self.preemptions.add(1)
 
     def stack_switched(self, count: int = 1) -> None:
         self.stack_switches.add(count)

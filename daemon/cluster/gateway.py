@@ -636,6 +636,7 @@ class ClusterRunner:
             model=None,
             preloads_waiting=self.preloads_waiting,
             preloads_yielded=sum(r.preloads_yielded for r in replicas),
+            preemptions=sum(r.preemptions for r in replicas),
             lora_roots=[str(p) for p in self.config.lora_roots],  # it reads each stack's files to route it
             max_pixels=self.max_pixels(),
         )

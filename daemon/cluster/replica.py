@@ -334,6 +334,7 @@ class RenderReplica:
             in_flight=run.in_flight,
             resident_stacks=run.resident_stacks,
             preloads_yielded=run.preloads_yielded,
+            preemptions=run.preemptions,
             heap=run.heap,
             output_root=run.output_root,
             lora_roots=run.lora_roots,

@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 
 from helpers.daemon_standin import serving, standin_service
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from server.test_runner import Recorder, lora, req, service_config, until
 
 from client.client import AsyncRenderClient
+from client.telemetry.config import TelemetryConfig
 from daemon.runner import Estimate, RenderJob, RenderRunner
 from daemon.scheduler import Policy
+from daemon.telemetry import setup_telemetry
 
 
 class Events(Recorder):
@@ -28,9 +31,9 @@ class Events(Recorder):
         self.events.append(("resumed", step, steps))
 
 
-def run(tmp, body, *, step_s: float = 0.05, **overrides):
+def run(tmp, body, *, step_s: float = 0.05, tel=None, **overrides):
     config = service_config(tmp, **overrides)
-    service = standin_service(config, step_s)
+    service = standin_service(config, step_s, tel)
 
     async def main():
         runner = RenderRunner(service, config)
@@ -108,10 +111,18 @@ def test_a_batch_job_is_preempted_at_most_max_preemptions_times(tmp_path):
             if k < 2:
                 await games[-1].answer
         await asyncio.gather(batch.answer, *(g.answer for g in games))
-        return order, batch
+        return order, batch, runner.status()
 
-    order, batch = run(tmp_path, body, max_preemptions=2)
+    reader = InMemoryMetricReader()
+    tel = setup_telemetry(config=TelemetryConfig(service_name="easel-test"), metric_readers=[reader])
+    order, batch, st = run(tmp_path, body, max_preemptions=2, tel=tel)
     assert batch.kinds.count("suspended") == batch.kinds.count("resumed") == 2
+    assert st.preemptions == 2  # the runner's count, which `status` carries
+    data = reader.get_metrics_data()  # and the metric an exporter reads
+    (metric,) = [m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+                 if m.name == "easel.render.preemptions"]  # fmt: skip
+    assert [p.value for p in metric.data.data_points] == [2]
+    tel.shutdown()
     assert order == ["game0", "game1", "batch", "game2"]  # the third one waited for the batch render
 
 
@@ -283,6 +294,7 @@ def test_over_the_socket_connections_share_fairly_and_queue_updates_and_preempti
             assert abs(a - b) <= 3, done  # fair_slack 1 + 1, + alice's head start
     kinds = [e.event for e in events["alice"] + events["bob"]]
     assert "queue_update" in kinds and kinds.count("suspended") == kinds.count("resumed") == 1
+    assert st.preemptions == 1  # the status reply counts it
     ups = [e for e in events["bob"] if e.event in ("queued", "queue_update")]
     assert all(e.position >= 1 for e in ups) and ups[0].event == "queued"
     assert [e.event for e in game_events][:2] == ["queued", "started"]

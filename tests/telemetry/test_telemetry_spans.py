@@ -325,12 +325,15 @@ def _metric_points(reader: InMemoryMetricReader) -> dict[str, list]:
     return out
 
 
-def test_a_gateways_retries_and_cancel_outcomes_are_counters_an_exporter_reads(tel):
+def test_preemptions_and_a_gateways_retries_and_cancel_outcomes_are_counters_an_exporter_reads(tel):
     tel.metrics.cluster_retried()
+    tel.metrics.preempted()
+    tel.metrics.preempted()
     for outcome in ("stopped", "stopped", "too_late", "no_word"):
         tel.metrics.cluster_cancel(outcome)
     pts = _metric_points(tel.reader)
     assert [p.value for p in pts["easel.cluster.retries"]] == [1]
+    assert [p.value for p in pts["easel.render.preemptions"]] == [2]
     by_outcome = {p.attributes["easel.cancel.outcome"]: p.value for p in pts["easel.cluster.cancels"]}
     assert by_outcome == {"stopped": 2, "too_late": 1, "no_word": 1}
 
