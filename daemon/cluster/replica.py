@@ -175,37 +175,35 @@ class RenderReplica:
 
     async def render_events(self, payload: bytes, key: str, attempt: int, stack_id: str):
         """The render stream of `render`, routed as `stack_id` ("" when the caller gave none: computed here)."""
-        try:  # a cancel from here until the job exists is answered "cancelled" on the board at once
-            yield ("replica", self.replica_id, os.getpid())
-            self.board.took.remote(key, self.replica_id)
-            if attempt > 1:  # the first replica may have finished it before it died: answer that
-                done = await self.board.result.remote(key)
-                if done is not None:
-                    yield ("result", done)
-                    return
-            req = decode_request(payload)
-            loop = asyncio.get_running_loop()
-            prepared = self.service.prepare(req)  # the request's own errors (paths, limits) first
-            paths = [str(it.path) for it in prepared.stack]
-            scales = [it.scale for it in prepared.stack]
-            if stack_id:
-                where = f"replica {self.replica_id}"
-                await loop.run_in_executor(
-                    None, functools.partial(self.ids.check_same, paths, scales, stack_id, where=where)
-                )
-            else:
-                stack_id = await loop.run_in_executor(None, self.ids.stack_id, paths, scales)
-            self._pending[stack_id] = prepared.stack
+        with self._cancelled_word(key):  # no job yet (its stack loading, say): a cancel stops nothing
             try:
-                await self.stack(stack_id)
-            finally:
-                self._pending.pop(stack_id, None)
-        except EaselError as err:
-            yield ("error", err.to_wire())
-            return
-        except (asyncio.CancelledError, GeneratorExit):  # before its job was made (its stack loading, say)
-            self.board.cancel_outcome.remote(key, ("cancelled",))
-            raise
+                yield ("replica", self.replica_id, os.getpid())
+                self.board.took.remote(key, self.replica_id)
+                if attempt > 1:  # the first replica may have finished it before it died: answer that
+                    done = await self.board.result.remote(key)
+                    if done is not None:
+                        yield ("result", done)
+                        return
+                req = decode_request(payload)
+                loop = asyncio.get_running_loop()
+                prepared = self.service.prepare(req)  # the request's own errors (paths, limits) first
+                paths = [str(it.path) for it in prepared.stack]
+                scales = [it.scale for it in prepared.stack]
+                if stack_id:
+                    where = f"replica {self.replica_id}"
+                    await loop.run_in_executor(
+                        None, functools.partial(self.ids.check_same, paths, scales, stack_id, where=where)
+                    )
+                else:
+                    stack_id = await loop.run_in_executor(None, self.ids.stack_id, paths, scales)
+                self._pending[stack_id] = prepared.stack
+                try:
+                    await self.stack(stack_id)
+                finally:
+                    self._pending.pop(stack_id, None)
+            except EaselError as err:
+                yield ("error", err.to_wire())
+                return
         parent = extract_context(req.trace_context)
         span = self.tel.tracer.start_span(
             REPLICA_SPAN, context=parent, kind=SpanKind.SERVER, attributes=self._span_attributes(key, attempt, stack_id)
@@ -236,11 +234,14 @@ class RenderReplica:
         except (asyncio.CancelledError, GeneratorExit):
             if job is not None:
                 self._settle_cancel(key, job, listener)
+            else:  # refused by the runner: nothing runs, nothing is written
+                self.board.cancel_outcome.remote(key, ("cancelled",))
             span.set_attribute("error.type", Cancelled.code)
             raise
         except Exception as exc:  # never leave the stream without an answer
             log.exception("replica %s: render %s failed", self.replica_id, key)
-            yield ("error", RenderFailed(f"render failed on replica {self.replica_id}: {exc}").to_wire())
+            with self._cancelled_word(key):
+                yield ("error", RenderFailed(f"render failed on replica {self.replica_id}: {exc}").to_wire())
         finally:
             span.end()
 
@@ -294,6 +295,16 @@ class RenderReplica:
         snap = self._snapshot()
         self.board.report.remote(self.replica_id, snap)
         return snap
+
+    @contextlib.contextmanager
+    def _cancelled_word(self, key: str):
+        """Where no job of this render runs (none made yet, or it failed), a cancel stops nothing and writes
+        nothing: tell the board "cancelled" at once, so the gateway does not wait for a word."""
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            self.board.cancel_outcome.remote(key, ("cancelled",))
+            raise
 
     def _settle_cancel(self, key: str, job: RenderJob, listener: HopListener) -> None:
         """Stop a job whose caller cancelled its stream, and tell the board what that came to: the gateway

@@ -178,6 +178,45 @@ def test_a_cancel_the_replica_calls_too_late_answers_done_and_the_render_its_pic
     asyncio.run(asyncio.wait_for(run(), 30))
 
 
+def test_a_cancel_as_a_replica_takes_a_new_stack_is_answered_by_its_word(cluster):
+    """A render of a stack no replica holds, cancelled the moment a replica takes it (its stack loading,
+    its job not made yet): the replica's word says it stopped, so the cancel is counted `stopped`, never
+    unheard, and the render answers `cancelled`."""
+    from helpers.lora_factories import make_lora
+
+    from client.client import AsyncRenderClient
+    from client.wire.errors import Cancelled
+
+    from .conftest import LAYOUT
+
+    runner = cluster.gateway.server.runner
+    paths = []
+    for i in range(3):
+        path = cluster.loras / f"fresh{i}.safetensors"
+        make_lora("kohya", path, LAYOUT, rank=32, alpha=32, seed=100 + i)
+        paths.append(str(path))
+
+    async def run():
+        before = dict(runner.cancel_outcomes)
+        async with AsyncRenderClient(cluster.gateway.socket, render_timeout=600) as c:
+            for i, path in enumerate(paths):
+                render = asyncio.create_task(c.send_render("fresh", lora_paths=[path], lora_scales=[1.0],
+                                                           request_id=f"fresh{i}", seed=i, width=64, height=64,
+                                                           steps=100))  # fmt: skip
+                for _ in range(3000):  # until a replica has taken it (its first event came back)
+                    if any(j.replica is not None for j in list(runner.jobs.values())):
+                        break
+                    await asyncio.sleep(0.002)
+                cancel = await c.cancel(f"fresh{i}")
+                assert cancel.job and cancel.state in ("queued", "running"), cancel
+                with pytest.raises(Cancelled):
+                    await render
+        got = {k: runner.cancel_outcomes[k] - before.get(k, 0) for k in ("stopped", "too_late", "no_word")}
+        assert got == {"stopped": 3, "too_late": 0, "no_word": 0}, got
+
+    asyncio.run(asyncio.wait_for(run(), 300))
+
+
 def test_easel_cancel_through_the_gateway_stops_another_clients_job_by_the_id_status_lists(cluster):
     """The operator's `easel cancel JOB` against the gateway socket: the job id from the gateway's `status`,
     the render sent by another connection, stopped on its replica; an unknown id fails the command."""
