@@ -132,9 +132,26 @@ async def handle(replica: RenderReplica, request: Request) -> Response:
     stack_id = serve.get_multiplexed_model_id()  # Serve's proxy read the header and routed by it ("": none)
 
     async def frames():
-        async for event in replica.render_events(body, f"http-{uuid.uuid4().hex}", 1, stack_id):
-            reply = reply_of(req.id, event)
-            if reply is not None and (req.progress or not isinstance(reply, Event)):
-                yield _frame(reply)
+        events = replica.render_events(body, f"http-{uuid.uuid4().hex}", 1, stack_id)
+        try:
+            async for event in events:
+                reply = reply_of(req.id, event)
+                if reply is not None and (req.progress or not isinstance(reply, Event)):
+                    yield _frame(reply)
+        finally:
+            await events.aclose()  # a client gone while a frame was sent: the render stops now
 
-    return StreamingResponse(frames(), media_type=CONTENT_TYPE, headers=headers)
+    return ClosingStreamingResponse(frames(), media_type=CONTENT_TYPE, headers=headers)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body when the response ends, however it ends. Starlette leaves
+    the body's generator suspended when the client goes away while a frame is being sent (the send raises,
+    or the call is cancelled there), and only garbage collection would close it, perhaps much later: until
+    then the render it streams would go on rendering for nobody."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
