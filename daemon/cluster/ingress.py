@@ -8,7 +8,8 @@ also reads `serve-multiplexed-model-id`) to a replica that holds the stack, and 
 
 The response body is the socket protocol's frames for that request (`event` frames when it asked for
 progress, then its `result` or `error`), so a client reads it with the wire code it already has
-(client/http_render.py). Closing the connection cancels the render (Serve cancels the replica's call).
+(client/http_render.py). Closing the connection cancels the render (Serve cancels the replica's call, or
+the next frame's send fails: the response closes the render's stream either way).
 
 Token: Ray 2.60's token authentication guards Ray's own RPC and dashboard, not Serve's HTTP proxy, which
 passes every request through to the application. So the route checks the `Authorization: Bearer <token>`
