@@ -164,8 +164,12 @@ class RenderReplica:
     async def render(self, payload: bytes, key: str, attempt: int):
         """Stream one render: ("replica", id), the runner's events, then ("result", RenderResult) or
         ("error", wire error). `key` identifies the request across attempts (the gateway's retry)."""
-        async for event in self.render_events(payload, key, attempt, serve.get_multiplexed_model_id()):
-            yield event
+        events = self.render_events(payload, key, attempt, serve.get_multiplexed_model_id())
+        try:
+            async for event in events:
+                yield event
+        finally:  # Serve's cancel lands at this generator's yield: close the render's stream now, not when
+            await events.aclose()  # garbage collection gets to it (its job is stopped as it closes)
 
     async def __call__(self, request: Any) -> Any:
         """An HTTP request through Serve's proxy: `POST /easel/render` (daemon/cluster/ingress.py)."""
