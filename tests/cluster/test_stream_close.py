@@ -1,5 +1,6 @@
-"""The HTTP route's response closes the render stream it sends the moment the response ends, whichever way
-the client went away: no render goes on for nobody until garbage collection gets to it."""
+"""A render's stream is closed the moment its caller goes away, not when garbage collection gets to it
+(until then its job would go on rendering for nobody): the HTTP route's response, whichever way the
+client went away, and a replica's `render` call, where Serve's cancel lands."""
 
 from __future__ import annotations
 
@@ -63,3 +64,25 @@ def test_a_client_gone_while_a_frame_is_sent_closes_the_stream_at_once(spec_vers
         return list(closed) if response.body_iterator is not None else []
 
     assert asyncio.run(asyncio.wait_for(run(), 30)) == ["closed"]
+
+
+def test_serves_cancel_at_the_replicas_yield_closes_the_render_stream_at_once(monkeypatch):
+    """Serve cancels a streaming call by throwing CancelledError in at the generator's yield; `render` then
+    closes the stream it relays (`render_events`, whose close stops the job) before the throw returns."""
+    from ray import serve
+
+    from daemon.cluster.replica import RenderReplica
+
+    closed: list[str] = []
+    replica = RenderReplica.__new__(RenderReplica)  # the call alone: no model behind it
+    replica.render_events = lambda payload, key, attempt, stack_id: _stream(closed)
+    monkeypatch.setattr(serve, "get_multiplexed_model_id", lambda: "")
+
+    async def run() -> list[str]:
+        call = replica.render(b"", "key", 1)
+        assert await call.__anext__() == b"frame 0"
+        with pytest.raises(asyncio.CancelledError):
+            await call.athrow(asyncio.CancelledError())
+        return list(closed)  # before the loop runs again, and while `call` is still referenced
+
+    assert asyncio.run(run()) == ["closed"]
