@@ -203,10 +203,12 @@ def test_a_cancel_as_a_replica_takes_a_new_stack_is_answered_by_its_word(cluster
                 render = asyncio.create_task(c.send_render("fresh", lora_paths=[path], lora_scales=[1.0],
                                                            request_id=f"fresh{i}", seed=i, width=64, height=64,
                                                            steps=100))  # fmt: skip
-                for _ in range(3000):  # until a replica has taken it (its first event came back)
+                for _ in range(30000):  # until a replica has taken it (its first event came back)
                     if any(j.replica is not None for j in list(runner.jobs.values())):
                         break
                     await asyncio.sleep(0.002)
+                else:
+                    raise AssertionError(f"no replica took fresh{i} in a minute")
                 cancel = await c.cancel(f"fresh{i}")
                 assert cancel.job and cancel.state in ("queued", "running"), cancel
                 with pytest.raises(Cancelled):
