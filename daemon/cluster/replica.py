@@ -219,8 +219,9 @@ class RenderReplica:
                 job = self.runner.submit(
                     req, listener, owner=f"r{attempt}", trace_parent=trace_api.set_span_in_context(span)
                 )
-            except EaselError as err:
-                yield ("error", err.to_wire())
+            except EaselError as err:  # refused by the runner: nothing runs, nothing is written
+                with self._cancelled_word(key):
+                    yield ("error", err.to_wire())
                 return
             while True:
                 event = await listener.events.get()
@@ -236,10 +237,8 @@ class RenderReplica:
                 if event[0] in FINAL:
                     return
         except (asyncio.CancelledError, GeneratorExit):
-            if job is not None:
+            if job is not None:  # (a refused job's cancel told the board at its error's yield)
                 self._settle_cancel(key, job, listener)
-            else:  # refused by the runner: nothing runs, nothing is written
-                self.board.cancel_outcome.remote(key, ("cancelled",))
             span.set_attribute("error.type", Cancelled.code)
             raise
         except Exception as exc:  # never leave the stream without an answer
