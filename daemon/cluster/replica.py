@@ -132,16 +132,21 @@ class RenderReplica:
 
     async def _load_stack(self, stack_id: str) -> StackHandle:
         """Take a stack in: read and parse its files now (off the render thread), so the render that asked
-        for it switches without waiting on the disk. Counted: the stack-load evidence the tests read."""
-        self.loads[stack_id] += 1
-        self.resident.add(stack_id)
+        for it switches without waiting on the disk. Counted: the stack-load evidence the tests read.
+
+        Recorded only once nothing can interrupt it: a load cancelled (its render's caller gone) or failed
+        is one Serve does not keep, and so never unloads, so a stack recorded before it would stay listed
+        as held (in `status`, and to the gateway's `holds` probe) for as long as the replica lives."""
         stack = self._pending.get(stack_id)
         entries: tuple[tuple[str, float], ...] = ()
         if stack is not None:
             entries = tuple((str(Path(it.path).resolve()), float(it.scale)) for it in stack)
             await asyncio.get_running_loop().run_in_executor(None, self.service.prefetch, stack)
+        handle = StackHandle(self, stack_id, entries)  # no await from here to Serve keeping it
+        self.loads[stack_id] += 1
+        self.resident.add(stack_id)
         self.board.loaded.remote(self.replica_id, stack_id)
-        return StackHandle(self, stack_id, entries)
+        return handle
 
     def unload_stack(self, stack_id: str, entries: tuple[tuple[str, float], ...]) -> None:
         """Serve unloaded `stack_id` (its LRU, bounded by `max_num_models_per_replica`): drop its built arrays
