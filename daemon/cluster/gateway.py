@@ -122,6 +122,11 @@ def _step_times(replicas: list[ReplicaStatus]) -> dict[tuple, StepTime]:
     return times
 
 
+def _stopped(job: ClusterJob) -> EaselError:
+    """The answer of a render its cancel stopped: the cancel's own reason (a deadline), else `cancelled`."""
+    return job.reason or Cancelled(f"render cancelled at step {job.step or 0}", step=job.step or 0)
+
+
 def _estimates(job: ClusterJob, times: dict[tuple, StepTime], now: float) -> dict[str, float | None]:
     """A forwarded job's estimated start and finish, in seconds from now: a queued one's from the last
     estimate its replica sent (less the time since); a running one's finish from the replica's step time
@@ -256,6 +261,7 @@ class ClusterRunner:
         )
         self.jobs[job.job_id] = job
         job.task = asyncio.get_running_loop().create_task(self._forward(job), name=f"easel-forward-{job.job_id}")
+        job.task.add_done_callback(lambda task: self._forward_ended(job, task))
         return job
 
     def get(self, job_id: str) -> ClusterJob | None:
@@ -348,11 +354,23 @@ class ClusterRunner:
                     ),
                 )
 
+    def _forward_ended(self, job: ClusterJob, task: asyncio.Task) -> None:
+        """Every forwarded render is answered. A forwarding task cancelled before it ever ran (a client that
+        drops a render as it sends it can put the render and its cancel in one read) ran none of its own
+        handling: its job is answered here, so it neither waits forever nor holds a slot of the limit."""
+        if job.state == "done":
+            return
+        if task.cancelled():
+            self._fail(job, _stopped(job))
+        else:
+            log.error("forwarding %s ended without answering it", job.job_id)
+            self._fail(job, ReplicaFailed(f"render {job.job_id}: the gateway's forwarding of it ended unanswered"))
+
     async def _answer_cancelled(self, job: ClusterJob) -> None:
         """Answer a cancelled render: `cancelled`, unless its replica says the cancel came too late, when it
         answers what the replica answered (its result, as a daemon does). No word from a replica that died
         (or one silent past STALLED_WAIT_S) counts as stopped."""
-        stopped = job.reason or Cancelled(f"render cancelled at step {job.step or 0}", step=job.step or 0)
+        stopped = _stopped(job)
         if job.verdict is None or job.verdict.done():
             self._fail(job, stopped)
             return

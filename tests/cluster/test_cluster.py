@@ -219,6 +219,34 @@ def test_a_cancel_as_a_replica_takes_a_new_stack_is_answered_by_its_word(cluster
     asyncio.run(asyncio.wait_for(run(), 300))
 
 
+def test_a_render_and_its_cancel_in_one_write_are_both_answered_and_leave_nothing_behind(cluster):
+    """A client that drops a render the moment it sends it (the async client sends the cancel by itself
+    when its caller's task is cancelled) can put both frames in one read: the gateway cancels the job
+    before its forwarding task ever ran. The render still answers `cancelled`, the cancel says so, and the
+    gateway holds no job for it (no slot of its limit lost, the id free again)."""
+    from helpers.wire_frames import connect, frame
+
+    from client.wire import framing
+    from client.wire.messages import CancelResult, Error, Result, decode_reply
+
+    render = {"op": "render", "id": 1, "prompt": "dropped", "width": 64, "height": 64, "steps": 1}
+    with connect(cluster.gateway.socket, timeout=60) as s:
+        s.sendall(frame(render) + frame({"op": "cancel", "id": 2, "target": 1}))
+        finals = {}
+        while len(finals) < 2:
+            reply = decode_reply(framing.recv_frame(s))
+            if isinstance(reply, (Result, Error)):
+                finals[reply.id] = reply
+        assert isinstance(finals[1], Error) and finals[1].error.code == "cancelled", finals[1]
+        cancel = msgspec.convert(finals[2].result, CancelResult)
+        assert cancel.cancelled and cancel.state == "queued", cancel
+        s.sendall(frame({**render, "id": 1, "prompt": "again"}))  # the id is free once its render answered
+        while not isinstance(reply := decode_reply(framing.recv_frame(s)), (Result, Error)):
+            pass
+        assert isinstance(reply, Result) and reply.id == 1, reply
+    assert cluster.gateway.server.runner.jobs == {}
+
+
 def test_easel_cancel_through_the_gateway_stops_another_clients_job_by_the_id_status_lists(cluster):
     """The operator's `easel cancel JOB` against the gateway socket: the job id from the gateway's `status`,
     the render sent by another connection, stopped on its replica; an unknown id fails the command."""
