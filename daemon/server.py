@@ -52,6 +52,7 @@ from client.wire.messages import (
     Ping,
     PingResult,
     Preload,
+    PreloadResult,
     Render,
     RenderResult,
     Reply,
@@ -173,6 +174,7 @@ class Connection:
     limited: bool = False  # admitted over the connection limit: ping, status, cancel and shutdown only
     last_active: float = field(default_factory=time.monotonic)  # last frame read or request answered
     dispatching: int = 0  # requests being answered right now
+    unstarted_preloads: set[Any] = field(default_factory=set)  # request ids of preloads whose work has not begun
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     _tasks: set[asyncio.Task] = field(default_factory=set)
@@ -580,8 +582,16 @@ class DaemonServer:
 
     async def _preload(self, conn: Connection, req: Preload, call: ServerCall) -> None:
         """Waits for an idle render thread: in the background, not holding up this connection. A preload
-        whose client goes away still runs (its stack is for the daemon's later renders)."""
-        work = functools.partial(self.runner.preload, req, owner=conn.conn_id)
+        whose client goes away still runs (its stack is for the daemon's later renders). One cancelled
+        before its work began (its cancel read with it, in one read) answers `cancelled` and does nothing."""
+
+        async def work() -> PreloadResult:
+            if req.id not in conn.unstarted_preloads:  # `_cancel` took it out
+                raise Cancelled("preload cancelled before it ran")
+            conn.unstarted_preloads.discard(req.id)
+            return await self.runner.preload(req, owner=conn.conn_id)
+
+        conn.unstarted_preloads.add(req.id)
         conn.spawn(self._answer(conn, req, call, "preload", work, record_preload))
 
     async def _inspect(self, conn: Connection, req: Inspect, call: ServerCall) -> None:
@@ -633,7 +643,11 @@ class DaemonServer:
         else:
             job, answered = conn.jobs.get(req.target), conn.answered.get(req.target)
             if job is None and conn.in_flight.get(req.target) == "preload":
-                state = self.runner.cancel_preload(conn.conn_id, req.target)
+                if req.target in conn.unstarted_preloads:  # its work not begun (read in the same read): dropped
+                    conn.unstarted_preloads.discard(req.target)
+                    state = "queued"
+                else:
+                    state = self.runner.cancel_preload(conn.conn_id, req.target)
                 return Result(id=req.id, op="cancel", result=CancelResult(state in ("queued", "running"), state, ""))
         if job is not None and job.state != "done":
             if job.cancel_event.is_set():

@@ -181,6 +181,36 @@ def test_a_waiting_preload_is_cancelled_by_its_request_id_on_its_connection_only
     assert (late.cancelled, late.state) == (False, "unknown")
 
 
+def test_a_preload_and_its_cancel_in_one_read_is_dropped_before_it_runs(traced_daemon):
+    """A client that drops a preload as it sends it can put the preload and its cancel in one read: the
+    cancel reaches the preload before its work began. It answers `cancelled` (state queued), the preload
+    `cancelled`, and nothing was built: the same preload sent again builds the stack."""
+    import msgspec
+    from helpers.wire_frames import connect, frame
+
+    from client.client import RenderClient
+    from client.wire import framing
+    from client.wire.messages import CancelResult, Error, Result, decode_reply
+
+    d = traced_daemon
+    lora = str(sorted(p for p in d.loras.rglob("*.safetensors"))[2])
+    preload = {"op": "preload", "id": "dropped", "lora_paths": [lora], "lora_scales": [0.47]}
+    with connect(d.socket, timeout=120) as s:
+        s.sendall(frame(preload) + frame({"op": "cancel", "id": "c", "target": "dropped"}))
+        finals: dict = {}
+        while len(finals) < 2:
+            reply = decode_reply(framing.recv_frame(s))
+            if isinstance(reply, (Result, Error)):
+                finals[reply.id] = reply
+    cancel = msgspec.convert(finals["c"].result, CancelResult)
+    assert (cancel.cancelled, cancel.state, cancel.job) == (True, "queued", "")
+    assert isinstance(finals["dropped"], Error) and finals["dropped"].error.code == "cancelled"
+    with RenderClient(d.socket) as c:
+        again = c.preload([lora], [0.47])
+        assert not c.status().preloads_waiting
+    assert again.built and again.resident
+
+
 def test_a_stack_whose_lora_the_daemon_refuses_fails_alone(traced_daemon):
     """`easel packs preload` with one pack LoRA corrupted: the stacks holding it fail with the daemon's
     code, the others are still preloaded, and the command exits 1 (run last: it rewrites a file)."""
