@@ -185,7 +185,8 @@ class ClusterRunner:
         # the picture was written, "too_late" (the render answered its picture), "no_word" (its replica died,
         # or lived and said nothing for STALLED_WAIT_S)
         self.cancel_outcomes: Counter[str] = Counter()
-        self.preloads: dict[tuple[Any, Any], Any] = {}  # (owner, request id) -> the forwarded call, until answered
+        self.preloads: dict[tuple[Any, Any], Any] = {}  # (owner, request id) -> the forwarded call (None: not
+        # sent yet), until answered
         self._seq = itertools.count(1)
         self._closed = False
         self._snapshot: dict[str, Any] = {"replicas": {}, "loads": []}
@@ -443,17 +444,20 @@ class ClusterRunner:
 
     @property
     def preloads_waiting(self) -> int:
-        """Preloads forwarded to a replica and not answered yet."""
+        """Preloads taken (being hashed here, or forwarded to a replica) and not answered yet."""
         return len(self.preloads)
 
     def cancel_preload(self, owner: Any, request_id: Any) -> str:
         """Cancel the forwarded preload `request_id` of `owner`: Serve cancels the replica's call, whose
         runner drops it if it is still waiting there or stops its build if it runs; its caller here gets
-        Cancelled. "queued" when it was still unanswered, "unknown" otherwise."""
-        call = self.preloads.pop((owner, request_id), None)
-        if call is None:
+        Cancelled (one whose files are still being hashed here is dropped before it is sent). "queued" when
+        it was still unanswered, "unknown" otherwise."""
+        key = (owner, request_id)
+        if key not in self.preloads:
             return "unknown"
-        call.cancel()
+        call = self.preloads.pop(key)
+        if call is not None:
+            call.cancel()
         return "queued"
 
     async def preload(self, request: Preload, owner: Any = None) -> PreloadResult:
@@ -463,18 +467,28 @@ class ClusterRunner:
         not retried: the next render of that stack builds it wherever it lands)."""
         if self._closed:
             raise ShuttingDown("the gateway is shutting down and accepts no new preloads")
-        stack_id = await asyncio.get_running_loop().run_in_executor(None, self._stack_id, request)
-        call = self.handle.options(multiplexed_model_id=stack_id).preload.remote(encode(request))
         key = (owner, request.id) if owner is not None else (object(), request.id)
-        self.preloads[key] = call
+        self.preloads[key] = None  # taken: a cancel while its files are hashed drops it before it is sent
         try:
-            kind, value = await call
-        except BaseException as exc:  # Serve's cancellation may surface as asyncio's own
-            if key not in self.preloads:  # cancel_preload took it out and cancelled the call
-                raise Cancelled("preload cancelled before it was answered") from None
-            if not isinstance(exc, Exception):
+            dropped = Cancelled("preload cancelled before it was sent to a replica")
+            try:
+                stack_id = await asyncio.get_running_loop().run_in_executor(None, self._stack_id, request)
+            except Exception:
+                if key not in self.preloads:  # cancel_preload took it out: it answers that, not the hash's error
+                    raise dropped from None
                 raise
-            raise ReplicaFailed(f"preload of stack {stack_id} failed in the cluster: {cause_of(exc)}") from exc
+            if key not in self.preloads:
+                raise dropped
+            call = self.handle.options(multiplexed_model_id=stack_id).preload.remote(encode(request))
+            self.preloads[key] = call
+            try:
+                kind, value = await call
+            except BaseException as exc:  # Serve's cancellation may surface as asyncio's own
+                if key not in self.preloads:  # cancel_preload took it out and cancelled the call
+                    raise Cancelled("preload cancelled before it was answered") from None
+                if not isinstance(exc, Exception):
+                    raise
+                raise ReplicaFailed(f"preload of stack {stack_id} failed in the cluster: {cause_of(exc)}") from exc
         finally:
             self.preloads.pop(key, None)
         if kind == "error":

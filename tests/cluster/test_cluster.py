@@ -695,6 +695,60 @@ def test_a_preload_cancelled_at_the_gateway_keeps_nothing_on_its_replica(cluster
     assert again.built and again.resident and not again.live, again
 
 
+def _preload_and_cancel(socket_path, preload: dict, gap_s: float | None) -> dict:
+    """Send `preload` and a cancel of it (in one write when `gap_s` is None, else `gap_s` apart) on a raw
+    connection; the two final answers by request id."""
+    from helpers.wire_frames import connect, frame
+
+    from client.wire import framing
+    from client.wire.messages import Error, Result, decode_reply
+
+    cancel = frame({"op": "cancel", "id": "c-" + preload["id"], "target": preload["id"]})
+    with connect(socket_path, timeout=120) as s:
+        if gap_s is None:
+            s.sendall(frame(preload) + cancel)
+        else:
+            s.sendall(frame(preload))
+            time.sleep(gap_s)
+            s.sendall(cancel)
+        finals: dict = {}
+        while len(finals) < 2:
+            reply = decode_reply(framing.recv_frame(s))
+            if isinstance(reply, (Result, Error)):
+                finals[reply.id] = reply
+    return finals
+
+
+@pytest.mark.parametrize("gap_s", [None, 0.02], ids=["in-one-read", "while-hashing"])
+def test_a_preload_cancelled_before_it_reaches_a_replica_is_dropped_and_builds_nothing(cluster, gap_s):
+    """A preload whose cancel comes before the gateway sent it on: read in the same read (its work not
+    begun), or while the gateway hashes its files (a fresh 176 MB file: a fraction of a second). The
+    cancel answers `cancelled` (state queued), the preload `cancelled`, and no replica built the stack: the
+    same preload sent again builds it."""
+    from helpers.lora_factories import make_lora
+
+    from client.client import RenderClient
+    from client.wire.messages import CancelResult
+
+    from .conftest import LAYOUT
+
+    name = "in-one-read" if gap_s is None else "while-hashing"
+    path = cluster.loras / f"dropped-{name}.safetensors"
+    make_lora("kohya", path, LAYOUT, rank=2048, alpha=2048, seed=80 + (gap_s is None), dtype="BF16")
+    preload = {"op": "preload", "id": name, "lora_paths": [str(path)], "lora_scales": [0.5]}
+    finals = _preload_and_cancel(cluster.gateway.socket, preload, gap_s)
+    cancel = msgspec.convert(finals["c-" + name].result, CancelResult)
+    assert (cancel.cancelled, cancel.state) == (True, "queued"), cancel
+    answer = finals[name]
+    assert answer.error.code == "cancelled", answer
+    where = "before it ran" if gap_s is None else "before it was sent to a replica"
+    assert where in answer.error.message, answer.error.message
+    with RenderClient(cluster.gateway.socket, render_timeout=600) as c:
+        again = c.preload([str(path)], [0.5])
+        assert c.status().preloads_waiting == 0
+    assert again.built and again.resident, again
+
+
 def test_a_hot_stack_spreads_to_an_idle_replica_instead_of_queueing_behind_its_holder(cluster):
     """Every render of one stack went to the replica holding it, however many waited there, while the
     other replica idled: a render sent while the holder is busy with another goes to the idle replica (one
