@@ -124,7 +124,7 @@ class RenderReplica:
         self.loads: Counter[str] = Counter()
         self.unloads: Counter[str] = Counter()  # stacks Serve unloaded (and the resident stacks dropped)
         self.resident: set[str] = set()
-        self._pending: dict[str, list[StackItem]] = {}  # stack id -> the stack of the request taking it in
+        self._pending: dict[str, list[list[StackItem]]] = {}  # stack id -> the stacks of the requests taking it in
         self.board = board_handle()
         self.board.report.remote(self.replica_id, self._snapshot())
 
@@ -137,7 +137,8 @@ class RenderReplica:
         Recorded only once nothing can interrupt it: a load cancelled (its render's caller gone) or failed
         is one Serve does not keep, and so never unloads, so a stack recorded before it would stay listed
         as held (in `status`, and to the gateway's `holds` probe) for as long as the replica lives."""
-        stack = self._pending.get(stack_id)
+        waiting = self._pending.get(stack_id)
+        stack = waiting[-1] if waiting else None
         entries: tuple[tuple[str, float], ...] = ()
         if stack is not None:
             entries = tuple((str(Path(it.path).resolve()), float(it.scale)) for it in stack)
@@ -160,6 +161,20 @@ class RenderReplica:
             log.info(
                 "replica %s: Serve unloaded stack %s; %d built stack(s) dropped", self.replica_id, stack_id, dropped
             )
+
+    async def _take_in(self, stack_id: str, stack: list[StackItem]) -> StackHandle:
+        """The multiplexed loader's call for a request's stack: the loader reads `stack`'s files (it is
+        given only the id). Requests of one stack can wait on it together, each leaving its stack for the
+        loader: each takes back only its own, so one cancelled while the loader runs for it (its caller
+        gone) does not leave the next request's load without files."""
+        waiting = self._pending.setdefault(stack_id, [])
+        waiting.append(stack)
+        try:
+            return await self.stack(stack_id)
+        finally:
+            del waiting[next(i for i, it in enumerate(waiting) if it is stack)]  # this request's, not an equal one
+            if not waiting and self._pending.get(stack_id) is waiting:
+                del self._pending[stack_id]
 
     async def stack(self, stack_id: str) -> StackHandle:  # replaced by the multiplexed loader
         raise NotImplementedError
@@ -205,11 +220,7 @@ class RenderReplica:
                     )
                 else:
                     stack_id = await loop.run_in_executor(None, self.ids.stack_id, paths, scales)
-                self._pending[stack_id] = prepared.stack
-                try:
-                    await self.stack(stack_id)
-                finally:
-                    self._pending.pop(stack_id, None)
+                await self._take_in(stack_id, prepared.stack)
             except EaselError as err:
                 yield ("error", err.to_wire())
                 return
@@ -266,11 +277,7 @@ class RenderReplica:
             paths, scales = [str(it.path) for it in stack], [it.scale for it in stack]
             check = functools.partial(self.ids.check_same, paths, scales, stack_id, where=f"replica {self.replica_id}")
             await asyncio.get_running_loop().run_in_executor(None, check)
-            self._pending[stack_id] = stack
-            try:
-                await self.stack(stack_id)
-            finally:
-                self._pending.pop(stack_id, None)
+            await self._take_in(stack_id, stack)
             result = await self.runner.preload(req)
         except EaselError as err:
             return ("error", err.to_wire())

@@ -46,7 +46,7 @@ def _replica(stack_id: str, tmp_path: Path):
     replica.board, replica.service = _Recorder(), _Files()
     path = tmp_path / "a.safetensors"
     path.write_bytes(b"")
-    replica._pending = {stack_id: [StackItem(path=path, scale=0.5)]}
+    replica._pending = {stack_id: [[StackItem(path=path, scale=0.5)]]}
     return replica, path
 
 
@@ -82,3 +82,37 @@ def test_a_load_that_completes_is_held_until_serve_unloads_it(tmp_path):
     handle.__del__()  # and garbage collection's: only the first counts
     assert replica.resident == set()
     assert replica.unloads == Counter({"1xabc": 1})
+
+
+def test_a_request_cancelled_while_its_stack_loads_leaves_the_next_ones_files_to_the_loader(tmp_path):
+    """Two requests of one stack: the first's load is cancelled while it reads the files (its caller gone);
+    the second, waiting on the loader's lock (Serve's multiplexed loader takes one load at a time), then
+    loads with its own files: the first one's clean-up took back only its own stack."""
+    from daemon.service import StackItem
+
+    replica, _ = _replica("1xabc", tmp_path)
+    replica._pending = {}
+    lock = asyncio.Lock()
+
+    async def loader(stack_id: str):  # Serve's multiplexed loader, as far as this needs: one load at a time
+        async with lock:
+            return await replica._load_stack(stack_id)
+
+    replica.stack = loader
+    first, second = ([StackItem(path=tmp_path / f"{n}.safetensors", scale=0.5)] for n in ("a", "b"))
+
+    async def run():
+        a = asyncio.create_task(replica._take_in("1xabc", first))
+        await asyncio.sleep(0)  # a's load reads the files
+        b = asyncio.create_task(replica._take_in("1xabc", second))
+        await asyncio.sleep(0)  # b waits on the loader's lock
+        a.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await a
+        replica.service.release.set()
+        return await b
+
+    handle = asyncio.run(asyncio.wait_for(run(), 30))
+    assert handle.entries == ((str((tmp_path / "b.safetensors").resolve()), 0.5),)
+    assert second in replica.service.read  # (the first's read went on in its thread, as a read does)
+    assert replica._pending == {}
