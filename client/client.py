@@ -506,6 +506,7 @@ class AsyncRenderClient(_Shared):
         self._lock: asyncio.Lock | None = None
         self._broken: EaselError | None = None
         self._cancelling: set[asyncio.Task] = set()  # cancels of requests whose callers gave up, being sent
+        self._connecting = asyncio.Lock()  # one connection at a time, however many calls need it at once
 
     async def __aenter__(self) -> AsyncRenderClient:
         await self._connect()
@@ -527,8 +528,11 @@ class AsyncRenderClient(_Shared):
             self._writer = None
 
     async def _connect(self) -> None:
-        if self._writer is not None and self._broken is None:
-            return
+        async with self._connecting:  # calls at once on a new (or broken) client share one connection
+            if self._writer is None or self._broken is not None:
+                await self._open()
+
+    async def _open(self) -> None:
         await self.close()
         self._broken = None
         try:
@@ -580,9 +584,9 @@ class AsyncRenderClient(_Shared):
             return await self._send(traced, timeout, on_progress)
 
     async def _send(self, msg: Any, timeout: float, on_progress: ProgressCallback | None) -> Any:
+        await self._connect()
         if msg.id in self._waiting:  # the daemon would refuse it; refusing here keeps the replies uncrossed
             raise DuplicateId(f"request id {msg.id!r} is already in flight on this connection", field="id", id=msg.id)
-        await self._connect()
         q: asyncio.Queue = asyncio.Queue()
         self._waiting[msg.id] = q
         op = type(msg).__struct_config__.tag

@@ -337,3 +337,25 @@ def test_the_sync_client_reconnects_to_a_restarted_daemon_as_the_async_one_does(
         assert c.send_render("after", width=64, height=64, steps=1).steps == 1
         assert c.status().renders_done == 1  # the new daemon rendered it
         c.close()
+
+
+def test_calls_at_once_on_a_new_async_client_share_one_connection(tmp_path):
+    """Three calls gathered on an async client nobody opened yet (and again once its connection broke):
+    each answered, over one connection to the daemon, not one socket each that the others overwrite."""
+    with serving(tmp_path) as d:
+
+        async def go() -> tuple[list, int, list, int]:
+            c = AsyncRenderClient(d.config.socket_path)
+            try:
+                first = await asyncio.gather(*(c.ping() for _ in range(3)))
+                held = len(d.server.connections)
+                c._broken = DaemonUnavailable("the daemon closed the connection")  # as the reader marks a break
+                again = await asyncio.gather(*(c.ping() for _ in range(3)))
+                await asyncio.sleep(0.2)  # the daemon has seen the first connection go
+                return first, held, again, len(d.server.connections)
+            finally:
+                await c.close()
+
+        first, held, again, after = asyncio.run(asyncio.wait_for(go(), 30))
+    assert [p.pong for p in first + again] == [True] * 6
+    assert (held, after) == (1, 1)
