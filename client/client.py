@@ -40,6 +40,7 @@ from client.telemetry import TRACER_NAME, client_span, inject_trace_context
 from client.wire import framing
 from client.wire.errors import (
     Busy,
+    Cancelled,
     DaemonUnavailable,
     DuplicateId,
     EaselError,
@@ -516,6 +517,15 @@ class AsyncRenderClient(_Shared):
         await self.close()
 
     async def close(self) -> None:
+        """Close the connection. Calls still waiting on it end at once with `Cancelled`: the daemon cancels
+        what a closed connection waited for. The client connects again on its next call."""
+        await self._disconnect()
+        if self._waiting:
+            self._broken = Cancelled("the client was closed while this request waited for its answer")
+            for q in self._waiting.values():
+                q.put_nowait(None)
+
+    async def _disconnect(self) -> None:
         if self._pump is not None:
             self._pump.cancel()
             with contextlib.suppress(BaseException):
@@ -533,7 +543,7 @@ class AsyncRenderClient(_Shared):
                 await self._open()
 
     async def _open(self) -> None:
-        await self.close()
+        await self._disconnect()
         self._broken = None
         try:
             self._reader, self._writer = await asyncio.wait_for(

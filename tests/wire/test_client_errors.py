@@ -359,3 +359,34 @@ def test_calls_at_once_on_a_new_async_client_share_one_connection(tmp_path):
         first, held, again, after = asyncio.run(asyncio.wait_for(go(), 30))
     assert [p.pong for p in first + again] == [True] * 6
     assert (held, after) == (1, 1)
+
+
+def test_closing_an_async_client_ends_the_calls_still_waiting_on_it_at_once(tmp_path):
+    """A render still waiting when its client is closed (an `async with` left while a task of it renders)
+    ends with `cancelled` at once, not after its whole render timeout; the daemon cancels the render."""
+    from client.wire.errors import Cancelled
+
+    with serving(tmp_path, step_s=0.2) as d:
+
+        async def go() -> tuple[BaseException | None, float]:
+            c = AsyncRenderClient(d.config.socket_path, render_timeout=60)
+            await c.ping()
+            render = asyncio.create_task(c.send_render("long", width=64, height=64, steps=50))
+            while not d.runner.jobs:
+                await asyncio.sleep(0.01)
+            t0 = time.monotonic()
+            await c.close()
+            try:
+                await asyncio.wait_for(render, 10)
+            except Exception as exc:  # noqa: BLE001 - what it ended with is the point
+                return exc, time.monotonic() - t0
+            return None, time.monotonic() - t0
+
+        error, took = asyncio.run(asyncio.wait_for(go(), 30))
+        for _ in range(100):  # the daemon cancels the render of the closed connection
+            if not d.runner.jobs:
+                break
+            time.sleep(0.05)
+        assert not d.runner.jobs
+    assert isinstance(error, Cancelled), error
+    assert took < 5, took
