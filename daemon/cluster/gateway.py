@@ -79,6 +79,7 @@ OUTCOME_WAIT_S = 2.0  # a cancel waits this long for its replica's word before a
 STALLED_WAIT_S = 30.0  # the longest a cancel waits for the word of a replica that lives (a dead one never gives it)
 ANSWER_WAIT_S = 60.0  # the longest a render cancelled too late waits for its replica's answer
 OUTCOME_POLL_S = 0.02  # between two looks at the board for that word
+PRELOAD_POLL_S = 0.05  # between two looks, in a drain, whether the preloads forwarded were answered
 LIVENESS_POLL_S = 0.5  # between two asks, past OUTCOME_WAIT_S, whether the replica still lives
 
 
@@ -187,6 +188,7 @@ class ClusterRunner:
         self.cancel_outcomes: Counter[str] = Counter()
         self.preloads: dict[tuple[Any, Any], Any] = {}  # (owner, request id) -> the forwarded call (None: not
         # sent yet), until answered
+        self._preloads_dropped: dict[tuple[Any, Any], EaselError] = {}  # what a preload taken out answers
         self._seq = itertools.count(1)
         self._closed = False
         self._snapshot: dict[str, Any] = {"replicas": {}, "loads": []}
@@ -208,11 +210,16 @@ class ClusterRunner:
         return False  # renders run on the replicas; nothing here can be caught inside a step
 
     async def drain(self, timeout_s: float) -> bool:
+        """Let the renders and preloads forwarded finish within `timeout_s` (a preload may be building on
+        its replica: the gateway cannot tell it from one still waiting there); then stop what is left."""
         self.stop_accepting()
+        deadline = time.monotonic() + timeout_s
         tasks = [j.task for j in self.jobs.values() if j.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
-        if not self.jobs:
+        while self.preloads and time.monotonic() < deadline:
+            await asyncio.sleep(PRELOAD_POLL_S)
+        if not self.jobs and not self.preloads:
             return True
         self.abort()
         tasks = [j.task for j in self.jobs.values() if j.task is not None]
@@ -226,6 +233,8 @@ class ClusterRunner:
             reason = ShuttingDown("the gateway shut down before this render started")
             stopped = reason if job.state == "queued" else Cancelled("the gateway was stopped")
             self.cancel(job, stopped, ask_replica=False)
+        for key in list(self.preloads):  # their replicas' calls cancelled: nothing kept
+            self._drop_preload(key, ShuttingDown("the gateway shut down before this preload was answered"))
 
     async def close(self, *, forced_grace_s: float = 2.0) -> None:
         self.abort()
@@ -442,6 +451,9 @@ class ClusterRunner:
         except Exception:  # ValueError: no such actor (it died); any other: it cannot be told alive
             return False
 
+    def _dropped(self, key: tuple[Any, Any], when: str) -> EaselError:
+        return self._preloads_dropped.get(key) or Cancelled(f"preload cancelled {when}")
+
     @property
     def preloads_waiting(self) -> int:
         """Preloads taken (being hashed here, or forwarded to a replica) and not answered yet."""
@@ -455,10 +467,17 @@ class ClusterRunner:
         key = (owner, request_id)
         if key not in self.preloads:
             return "unknown"
+        self._drop_preload(key, None)
+        return "queued"
+
+    def _drop_preload(self, key: tuple[Any, Any], why: EaselError | None) -> None:
+        """Take preload `key` out and cancel its replica's call (one not sent yet is not sent): it answers
+        `why` (None: Cancelled)."""
         call = self.preloads.pop(key)
+        if why is not None:
+            self._preloads_dropped[key] = why
         if call is not None:
             call.cancel()
-        return "queued"
 
     async def preload(self, request: Preload, owner: Any = None) -> PreloadResult:
         """Forward a `preload` as its stack's renders are routed (Serve's multiplexing by the stack id prefers
@@ -470,27 +489,27 @@ class ClusterRunner:
         key = (owner, request.id) if owner is not None else (object(), request.id)
         self.preloads[key] = None  # taken: a cancel while its files are hashed drops it before it is sent
         try:
-            dropped = Cancelled("preload cancelled before it was sent to a replica")
             try:
                 stack_id = await asyncio.get_running_loop().run_in_executor(None, self._stack_id, request)
             except Exception:
-                if key not in self.preloads:  # cancel_preload took it out: it answers that, not the hash's error
-                    raise dropped from None
+                if key not in self.preloads:  # dropped (its cancel, a shutdown): it answers that, not the hash's
+                    raise self._dropped(key, "before it was sent to a replica") from None
                 raise
             if key not in self.preloads:
-                raise dropped
+                raise self._dropped(key, "before it was sent to a replica")
             call = self.handle.options(multiplexed_model_id=stack_id).preload.remote(encode(request))
             self.preloads[key] = call
             try:
                 kind, value = await call
             except BaseException as exc:  # Serve's cancellation may surface as asyncio's own
-                if key not in self.preloads:  # cancel_preload took it out and cancelled the call
-                    raise Cancelled("preload cancelled before it was answered") from None
+                if key not in self.preloads:  # dropped, and its call cancelled
+                    raise self._dropped(key, "before it was answered") from None
                 if not isinstance(exc, Exception):
                     raise
                 raise ReplicaFailed(f"preload of stack {stack_id} failed in the cluster: {cause_of(exc)}") from exc
         finally:
             self.preloads.pop(key, None)
+            self._preloads_dropped.pop(key, None)
         if kind == "error":
             raise error_from_wire(value)
         if value.resident:

@@ -749,6 +749,56 @@ def test_a_preload_cancelled_before_it_reaches_a_replica_is_dropped_and_builds_n
     assert again.built and again.resident, again
 
 
+def test_a_gateway_shutting_down_answers_a_preload_still_waiting_on_a_busy_replica(cluster, tmp_path):
+    """A second gateway is shut down (1 s drain) while a preload it forwarded waits on a replica busy with
+    a long render: the drain stops it when its time is up, and the preload answers `shutting_down` (its
+    replica's call cancelled), instead of its connection being dropped unanswered once the drain gave up."""
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from client.client import AsyncRenderClient
+    from client.wire.errors import ShuttingDown
+
+    from .conftest import start_gateway
+
+    gateway = start_gateway(tmp_path, cluster.config, InMemorySpanExporter(), InMemoryMetricReader())
+    lora = str(cluster.loras / "s2.safetensors")
+
+    async def run() -> tuple[BaseException | None, float]:
+        async with AsyncRenderClient(cluster.gateway.socket, render_timeout=600) as busy:
+            holds = []
+            for i in range(2):  # one long render on each replica (the second goes to the idle one)
+                started = asyncio.Event()
+                holds.append(asyncio.ensure_future(busy.send_render(
+                    f"hold {i}", width=256, height=256, steps=100,
+                    on_progress=lambda ev, started=started: ev.event == "progress" and started.set(),
+                )))  # fmt: skip
+                await asyncio.wait_for(started.wait(), 120)
+            try:
+                async with AsyncRenderClient(gateway.socket, render_timeout=600) as c:
+                    preload = asyncio.ensure_future(c.preload([lora], [0.93]))
+                    while not (await c.status()).preloads_waiting:
+                        await asyncio.sleep(0.05)
+                    t0 = time.monotonic()
+                    assert (await c.shutdown(drain_timeout_s=1)).accepted
+                    try:
+                        await asyncio.wait_for(preload, 60)
+                    except Exception as exc:  # noqa: BLE001 - what it ended with is the point
+                        return exc, time.monotonic() - t0
+                    return None, time.monotonic() - t0
+            finally:
+                for hold in holds:
+                    hold.cancel()
+                await asyncio.gather(*holds, return_exceptions=True)
+
+    error, took = asyncio.run(asyncio.wait_for(run(), 300))
+    gateway.thread.join(30)
+    assert isinstance(error, ShuttingDown), error
+    assert "before this preload was answered" in error.message
+    assert took < 10, took
+    assert not gateway.thread.is_alive()
+
+
 def test_a_hot_stack_spreads_to_an_idle_replica_instead_of_queueing_behind_its_holder(cluster):
     """Every render of one stack went to the replica holding it, however many waited there, while the
     other replica idled: a render sent while the holder is busy with another goes to the idle replica (one
