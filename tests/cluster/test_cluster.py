@@ -224,26 +224,20 @@ def test_a_render_and_its_cancel_in_one_write_are_both_answered_and_leave_nothin
     when its caller's task is cancelled) can put both frames in one read: the gateway cancels the job
     before its forwarding task ever ran. The render still answers `cancelled`, the cancel says so, and the
     gateway holds no job for it (no slot of its limit lost, the id free again)."""
-    from helpers.wire_frames import connect, frame
+    from helpers.wire_frames import connect, final_replies, frame
 
-    from client.wire import framing
-    from client.wire.messages import CancelResult, Error, Result, decode_reply
+    from client.wire.messages import CancelResult, Error, Result
 
     render = {"op": "render", "id": 1, "prompt": "dropped", "width": 64, "height": 64, "steps": 1}
     with connect(cluster.gateway.socket, timeout=60) as s:
         s.sendall(frame(render) + frame({"op": "cancel", "id": 2, "target": 1}))
-        finals = {}
-        while len(finals) < 2:
-            reply = decode_reply(framing.recv_frame(s))
-            if isinstance(reply, (Result, Error)):
-                finals[reply.id] = reply
+        finals = final_replies(s, 2)
         assert isinstance(finals[1], Error) and finals[1].error.code == "cancelled", finals[1]
         cancel = msgspec.convert(finals[2].result, CancelResult)
         assert cancel.cancelled and cancel.state == "queued", cancel
         s.sendall(frame({**render, "id": 1, "prompt": "again"}))  # the id is free once its render answered
-        while not isinstance(reply := decode_reply(framing.recv_frame(s)), (Result, Error)):
-            pass
-        assert isinstance(reply, Result) and reply.id == 1, reply
+        reply = final_replies(s, 1)[1]
+        assert isinstance(reply, Result), reply
     assert cluster.gateway.server.runner.jobs == {}
 
 
@@ -698,10 +692,7 @@ def test_a_preload_cancelled_at_the_gateway_keeps_nothing_on_its_replica(cluster
 def _preload_and_cancel(socket_path, preload: dict, gap_s: float | None) -> dict:
     """Send `preload` and a cancel of it (in one write when `gap_s` is None, else `gap_s` apart) on a raw
     connection; the two final answers by request id."""
-    from helpers.wire_frames import connect, frame
-
-    from client.wire import framing
-    from client.wire.messages import Error, Result, decode_reply
+    from helpers.wire_frames import connect, final_replies, frame
 
     cancel = frame({"op": "cancel", "id": "c-" + preload["id"], "target": preload["id"]})
     with connect(socket_path, timeout=120) as s:
@@ -711,12 +702,7 @@ def _preload_and_cancel(socket_path, preload: dict, gap_s: float | None) -> dict
             s.sendall(frame(preload))
             time.sleep(gap_s)
             s.sendall(cancel)
-        finals: dict = {}
-        while len(finals) < 2:
-            reply = decode_reply(framing.recv_frame(s))
-            if isinstance(reply, (Result, Error)):
-                finals[reply.id] = reply
-    return finals
+        return final_replies(s, 2)
 
 
 @pytest.mark.parametrize("gap_s", [None, 0.02], ids=["in-one-read", "while-hashing"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 
 from client.wire import framing
-from client.wire.messages import PROTOCOL_VERSION, ConnectionLimits, Hello, decode_reply, encode
+from client.wire.messages import PROTOCOL_VERSION, ConnectionLimits, Error, Hello, Result, decode_reply, encode
 
 
 def frame(obj) -> bytes:
@@ -66,3 +66,13 @@ def raw_exchange(path: str | Path, data: bytes, *, half_close: bool = False) -> 
     finally:
         s.close()
     return replies
+
+
+def final_replies(s: socket.socket, count: int) -> dict:
+    """Read until `count` requests have their final answer (a result or an error; events skipped): by id."""
+    finals: dict = {}
+    while len(finals) < count:
+        reply = decode_reply(framing.recv_frame(s))
+        if isinstance(reply, (Result, Error)):
+            finals[reply.id] = reply
+    return finals

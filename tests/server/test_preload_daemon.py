@@ -186,22 +186,17 @@ def test_a_preload_and_its_cancel_in_one_read_is_dropped_before_it_runs(traced_d
     cancel reaches the preload before its work began. It answers `cancelled` (state queued), the preload
     `cancelled`, and nothing was built: the same preload sent again builds the stack."""
     import msgspec
-    from helpers.wire_frames import connect, frame
+    from helpers.wire_frames import connect, final_replies, frame
 
     from client.client import RenderClient
-    from client.wire import framing
-    from client.wire.messages import CancelResult, Error, Result, decode_reply
+    from client.wire.messages import CancelResult, Error
 
     d = traced_daemon
     lora = str(sorted(p for p in d.loras.rglob("*.safetensors"))[2])
     preload = {"op": "preload", "id": "dropped", "lora_paths": [lora], "lora_scales": [0.47]}
     with connect(d.socket, timeout=120) as s:
         s.sendall(frame(preload) + frame({"op": "cancel", "id": "c", "target": "dropped"}))
-        finals: dict = {}
-        while len(finals) < 2:
-            reply = decode_reply(framing.recv_frame(s))
-            if isinstance(reply, (Result, Error)):
-                finals[reply.id] = reply
+        finals = final_replies(s, 2)
     cancel = msgspec.convert(finals["c"].result, CancelResult)
     assert (cancel.cancelled, cancel.state, cancel.job) == (True, "queued", "")
     assert isinstance(finals["dropped"], Error) and finals["dropped"].error.code == "cancelled"
